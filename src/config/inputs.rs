@@ -1,0 +1,246 @@
+//! Stage 2: the merged configuration with every default filled in, deserialized from the
+//! merged TOML table. Field names are the configuration keys; unknown keys are rejected.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{FreeSpace, HumanDuration, Rate};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Inputs {
+    /// Folder on the target; unset means the etcd cluster ID.
+    pub cluster_name: Option<String>,
+    /// This node in logs, manifests and the election; unset means the host name.
+    pub node_name: Option<String>,
+    pub etcd: EtcdInputs,
+    pub snapshot: SnapshotInputs,
+    pub schedule: ScheduleInputs,
+    pub election: ElectionInputs,
+    pub guards: GuardsInputs,
+    pub priority: PriorityInputs,
+    pub compression: CompressionInputs,
+    pub encryption: EncryptionInputs,
+    pub verify: VerifyInputs,
+    pub import: ImportInputs,
+    pub retention: RetentionInputs,
+    #[serde(rename = "target")]
+    pub targets: Vec<TargetInputs>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdInputs {
+    pub endpoints: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// How long to wait for a TCP+TLS connection to an endpoint.
+    pub connect_timeout: HumanDuration,
+    /// Deadline for each small request (status, get); also the longest pause allowed
+    /// between two chunks of a snapshot stream.
+    pub request_timeout: HumanDuration,
+}
+
+impl Default for EtcdInputs {
+    fn default() -> Self {
+        EtcdInputs {
+            endpoints: vec!["https://localhost:2379".into()],
+            // Unset: the OpenShift host's own files when the endpoints are https
+            // (see `config::validate`); nothing for plain http.
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            connect_timeout: HumanDuration(std::time::Duration::from_secs(10)),
+            request_timeout: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotMethod {
+    /// etcd's snapshot API, streamed by this process.
+    Native,
+    /// The platform's `cluster-backup.sh`.
+    Script,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotInputs {
+    pub method: SnapshotMethod,
+    pub script: PathBuf,
+    /// Source of `static_kuberesources_<ts>.tar.gz`; empty means none (plain etcd).
+    pub static_resources_dir: PathBuf,
+    pub staging_dir: PathBuf,
+}
+
+impl Default for SnapshotInputs {
+    fn default() -> Self {
+        SnapshotInputs {
+            method: SnapshotMethod::Native,
+            script: "/usr/local/bin/cluster-backup.sh".into(),
+            static_resources_dir: "/etc/kubernetes".into(),
+            staging_dir: "/var/lib/etcd-backupd".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleInputs {
+    pub cron: String,
+    pub timezone: String,
+    pub jitter: HumanDuration,
+    pub after_upgrade: bool,
+}
+
+impl Default for ScheduleInputs {
+    fn default() -> Self {
+        ScheduleInputs {
+            cron: "0 30 2 * * *".into(),
+            timezone: "UTC".into(),
+            jitter: HumanDuration(std::time::Duration::from_secs(600)),
+            after_upgrade: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElectionInputs {
+    pub enabled: bool,
+    pub prefix: String,
+    pub lease_ttl: HumanDuration,
+}
+
+impl Default for ElectionInputs {
+    fn default() -> Self {
+        ElectionInputs {
+            enabled: true,
+            prefix: "/etcd-backupd".into(),
+            lease_ttl: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardsInputs {
+    pub min_cluster_age: HumanDuration,
+    pub skip_during_upgrade: bool,
+    pub min_free_space: FreeSpace,
+}
+
+impl Default for GuardsInputs {
+    fn default() -> Self {
+        GuardsInputs {
+            min_cluster_age: HumanDuration(std::time::Duration::from_secs(24 * 3600)),
+            skip_during_upgrade: true,
+            min_free_space: FreeSpace::TimesDbSize(2.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoClass {
+    Idle,
+    BestEffort,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityInputs {
+    pub io_class: IoClass,
+    pub nice: i32,
+    pub upload_rate_limit: Rate,
+}
+
+impl Default for PriorityInputs {
+    fn default() -> Self {
+        PriorityInputs {
+            io_class: IoClass::Idle,
+            nice: 10,
+            upload_rate_limit: Rate(None),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionInputs {
+    pub zstd_level: i32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionInputs {
+    pub age_recipients: Vec<String>,
+    pub age_recipients_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyInputs {
+    pub schedule: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportInputs {
+    pub dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionInputs {
+    pub keep_last: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+}
+
+impl Default for RetentionInputs {
+    fn default() -> Self {
+        RetentionInputs {
+            keep_last: 7,
+            keep_daily: 7,
+            keep_weekly: 4,
+            keep_monthly: 6,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyUpload {
+    #[default]
+    Size,
+    ReadBack,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetInputs {
+    /// Defaults to `target-<n>` (1-based, in merged order).
+    pub name: Option<String>,
+    pub url: String,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    #[serde(default = "default_proxy")]
+    pub proxy: String,
+    #[serde(default)]
+    pub verify_upload: VerifyUpload,
+}
+
+fn default_proxy() -> String {
+    "env".into()
+}

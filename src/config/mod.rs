@@ -1,0 +1,673 @@
+//! Configuration, loaded in three stages (the zincati pattern):
+//! 1. [`load`]: the main file and `config.d/*.toml` drop-ins, parsed and merged key by key,
+//!    each key remembering the file it came from;
+//! 2. [`inputs`]: the merged table deserialized into typed inputs with every default filled
+//!    in (unknown keys rejected, durations and sizes parsed);
+//! 3. [`Settings`]: validated, cross-checked, `{node_name}` expanded, ready to use.
+//!
+//! Every error is one line naming the file, the key and what is wrong.
+
+pub mod inputs;
+pub mod load;
+pub mod types;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use url::Url;
+
+pub use inputs::{
+    ElectionInputs, GuardsInputs, Inputs, IoClass, PriorityInputs, RetentionInputs, ScheduleInputs, SnapshotMethod,
+    VerifyUpload,
+};
+use load::Merged;
+use types::HumanDuration;
+
+/// The default main configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/etcd-backupd/config.toml";
+
+const OPENSHIFT_ETCD_CA: &str =
+    "/etc/kubernetes/static-pod-resources/etcd-certs/configmaps/etcd-all-bundles/server-ca-bundle.crt";
+const OPENSHIFT_ETCD_CERT: &str =
+    "/etc/kubernetes/static-pod-resources/etcd-certs/secrets/etcd-all-certs/etcd-peer-{node_name}.crt";
+const OPENSHIFT_ETCD_KEY: &str =
+    "/etc/kubernetes/static-pod-resources/etcd-certs/secrets/etcd-all-certs/etcd-peer-{node_name}.key";
+
+/// A configuration problem; always reported as one line and exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The validated configuration the program runs on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// The files read, in the order they were merged.
+    #[serde(skip)]
+    pub files: Vec<PathBuf>,
+    /// Folder on the target; `None` means the etcd cluster ID, learnt at run time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    pub node_name: String,
+    pub etcd: EtcdSettings,
+    pub snapshot: SnapshotSettings,
+    pub schedule: ScheduleInputs,
+    pub election: ElectionInputs,
+    pub guards: GuardsInputs,
+    pub priority: PriorityInputs,
+    pub retention: RetentionInputs,
+    #[serde(rename = "target")]
+    pub targets: Vec<TargetSettings>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<Url>,
+    #[serde(flatten)]
+    pub tls: Option<EtcdTls>,
+    pub connect_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key; absent when the server does not ask for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSettings {
+    pub method: SnapshotMethod,
+    pub script: PathBuf,
+    /// `None`: a plain etcd cluster, no static resources archive.
+    pub static_resources_dir: Option<PathBuf>,
+    pub staging_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetSettings {
+    pub name: String,
+    pub url: Url,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+    pub proxy: String,
+    pub verify_upload: VerifyUpload,
+}
+
+impl TargetSettings {
+    /// The files holding this target's secrets, with their keys.
+    pub fn secret_files(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        [
+            ("password_file", self.password_file.as_deref()),
+            ("token_file", self.token_file.as_deref()),
+            ("client_key_file", self.client_key_file.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(k, p)| p.map(|p| (k, p)))
+    }
+}
+
+impl Settings {
+    /// Loads `main` and its drop-ins and validates the result. This checks syntax and
+    /// meaning only; [`Settings::check_node_files`] checks the files the config names.
+    pub fn load(main: &Path) -> Result<Settings, ConfigError> {
+        if !main.exists() {
+            return Err(ConfigError(format!(
+                "{}: no such configuration file (give another with --config PATH)",
+                main.display()
+            )));
+        }
+        let merged = load::read_all(main).map_err(ConfigError)?;
+        Settings::from_merged(merged)
+    }
+
+    /// Validates configuration text given directly (for tests and `render`).
+    pub fn from_str_named(name: &str, text: &str) -> Result<Settings, ConfigError> {
+        let mut merged = Merged::default();
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError(format!("{name}: {}", e.message().replace('\n', " "))))?;
+        load::merge_into(&mut merged, Path::new(name), table).map_err(ConfigError)?;
+        merged.files.push(name.into());
+        Settings::from_merged(merged)
+    }
+
+    fn from_merged(merged: Merged) -> Result<Settings, ConfigError> {
+        let inputs: Inputs =
+            serde_path_to_error::deserialize(toml::Value::Table(merged.table.clone())).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                ConfigError(merged.error_at(&path, e.inner().to_string().replace('\n', " ")))
+            })?;
+        validate(inputs, &merged).map_err(ConfigError)
+    }
+
+    /// Checks what only the node can: secret files exist and are private.
+    pub fn check_node_files(&self) -> Result<(), ConfigError> {
+        for (i, t) in self.targets.iter().enumerate() {
+            for (key, path) in t.secret_files() {
+                check_secret_file(path).map_err(|e| ConfigError(format!("target[{i}].{key}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetSettings> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+/// A secret file must be a regular file that neither group nor others can read.
+pub fn check_secret_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("'{}': {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("'{}' is not a regular file", path.display()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "'{}' is readable by group or others (mode {mode:04o}); run chmod 600 on it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn host_name() -> Result<String, String> {
+    nix::unistd::gethostname()
+        .map_err(|e| format!("cannot read the host name: {e}"))?
+        .into_string()
+        .map_err(|_| "the host name is not UTF-8".to_string())
+}
+
+/// A name used in paths and keys: letters, digits, `.`, `_`, `-`, not starting with a dot.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 128 {
+        return Err("longer than 128 characters".into());
+    }
+    if name.starts_with('.') {
+        return Err(format!("{name:?} must not start with '.'"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Expands `{node_name}`; any other `{...}` is an error, as it is surely a typo.
+fn expand(path: &Path, node_name: &str) -> Result<PathBuf, String> {
+    let s = path.to_str().ok_or_else(|| format!("{path:?} is not UTF-8"))?;
+    let out = s.replace("{node_name}", node_name);
+    if let Some(start) = out.find('{') {
+        let end = out[start..].find('}').map(|e| start + e + 1).unwrap_or(out.len());
+        return Err(format!(
+            "unknown placeholder {:?} (only {{node_name}} is expanded)",
+            &out[start..end]
+        ));
+    }
+    Ok(PathBuf::from(out))
+}
+
+fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
+    let node_name = match inputs.node_name {
+        Some(n) => {
+            check_name(&n).map_err(|e| m.error_at("node_name", e))?;
+            n
+        }
+        None => {
+            let h = host_name()?;
+            check_name(&h).map_err(|e| format!("node_name: the host name is not usable ({e}); set node_name"))?;
+            h
+        }
+    };
+    if let Some(c) = &inputs.cluster_name {
+        check_name(c).map_err(|e| m.error_at("cluster_name", e))?;
+    }
+    let path = |key: &str, p: &Path| expand(p, &node_name).map_err(|e| m.error_at(key, e));
+    let opt_path = |key: &str, p: &Option<PathBuf>| -> Result<Option<PathBuf>, String> {
+        match p {
+            Some(p) if !p.as_os_str().is_empty() => Ok(Some(path(key, p)?)),
+            _ => Ok(None),
+        }
+    };
+
+    // etcd
+    let e = &inputs.etcd;
+    if e.endpoints.is_empty() {
+        return Err(m.error_at("etcd.endpoints", "at least one endpoint is needed"));
+    }
+    let mut endpoints = Vec::new();
+    for (i, raw) in e.endpoints.iter().enumerate() {
+        let key = format!("etcd.endpoints[{i}]");
+        let u = Url::parse(raw).map_err(|err| m.error_at(&key, err))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(m.error_at(
+                &key,
+                format!("scheme '{}' is not supported; use https:// or http://", u.scheme()),
+            ));
+        }
+        if u.host_str().is_none() || u.port_or_known_default().is_none() {
+            return Err(m.error_at(&key, "needs a host and port, e.g. https://localhost:2379"));
+        }
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(m.error_at(&key, "credentials in the URL are not allowed"));
+        }
+        if !matches!(u.path(), "" | "/") || u.query().is_some() {
+            return Err(m.error_at(&key, "must be scheme://host:port only, without a path"));
+        }
+        endpoints.push(u);
+    }
+    let https = endpoints[0].scheme() == "https";
+    if endpoints.iter().any(|u| (u.scheme() == "https") != https) {
+        return Err(m.error_at("etcd.endpoints", "mixes http:// and https:// endpoints"));
+    }
+    let ca = opt_path("etcd.ca_file", &e.ca_file)?;
+    let cert = opt_path("etcd.cert_file", &e.cert_file)?;
+    let key = opt_path("etcd.key_file", &e.key_file)?;
+    let tls = if https {
+        let unset = e.ca_file.is_none() && e.cert_file.is_none() && e.key_file.is_none();
+        let (ca, cert, key) = if unset {
+            // Nothing configured: the OpenShift control-plane host's own files.
+            (
+                Some(path("etcd.ca_file", Path::new(OPENSHIFT_ETCD_CA))?),
+                Some(path("etcd.cert_file", Path::new(OPENSHIFT_ETCD_CERT))?),
+                Some(path("etcd.key_file", Path::new(OPENSHIFT_ETCD_KEY))?),
+            )
+        } else {
+            (ca, cert, key)
+        };
+        let ca_file = ca.ok_or_else(|| m.error_at("etcd.ca_file", "required with https:// endpoints"))?;
+        if cert.is_some() != key.is_some() {
+            let missing = if cert.is_none() {
+                "etcd.cert_file"
+            } else {
+                "etcd.key_file"
+            };
+            return Err(m.error_at(missing, "cert_file and key_file go together; set both or neither"));
+        }
+        Some(EtcdTls {
+            ca_file,
+            cert_file: cert,
+            key_file: key,
+        })
+    } else {
+        for (k, v) in [
+            ("etcd.ca_file", &ca),
+            ("etcd.cert_file", &cert),
+            ("etcd.key_file", &key),
+        ] {
+            if v.is_some() {
+                return Err(m.error_at(
+                    k,
+                    "set, but the endpoints are plain http://; use https:// endpoints or remove it",
+                ));
+            }
+        }
+        None
+    };
+    if e.connect_timeout.0.is_zero() || e.request_timeout.0.is_zero() {
+        return Err(m.error_at("etcd", "connect_timeout and request_timeout must be above zero"));
+    }
+    let etcd = EtcdSettings {
+        endpoints,
+        tls,
+        connect_timeout: e.connect_timeout,
+        request_timeout: e.request_timeout,
+    };
+
+    // snapshot
+    let s = &inputs.snapshot;
+    let staging_dir = path("snapshot.staging_dir", &s.staging_dir)?;
+    if !staging_dir.is_absolute() {
+        return Err(m.error_at("snapshot.staging_dir", "must be an absolute path"));
+    }
+    let static_resources_dir = opt_path("snapshot.static_resources_dir", &Some(s.static_resources_dir.clone()))?;
+    if static_resources_dir.as_ref().is_some_and(|p| !p.is_absolute()) {
+        return Err(m.error_at(
+            "snapshot.static_resources_dir",
+            "must be an absolute path, or \"\" for none",
+        ));
+    }
+    let snapshot = SnapshotSettings {
+        method: s.method,
+        script: path("snapshot.script", &s.script)?,
+        static_resources_dir,
+        staging_dir,
+    };
+
+    // Features whose keys are part of the contract but which this version does not have:
+    // refusing a non-default value is safer than silently ignoring it (an operator who asks
+    // for encryption must never get plaintext without knowing).
+    if inputs.compression.zstd_level != 0 {
+        return Err(m.error_at(
+            "compression.zstd_level",
+            "compression is not implemented yet in this version; use 0",
+        ));
+    }
+    if !inputs.encryption.age_recipients.is_empty() || inputs.encryption.age_recipients_file.is_some() {
+        return Err(m.error_at(
+            "encryption",
+            "encryption is not implemented yet in this version; remove the keys",
+        ));
+    }
+    if !inputs.verify.schedule.is_empty() {
+        return Err(m.error_at(
+            "verify.schedule",
+            "restore drills are not implemented yet in this version; use \"\"",
+        ));
+    }
+    if !inputs.import.dirs.is_empty() {
+        return Err(m.error_at(
+            "import.dirs",
+            "importing local backup sets is not implemented yet; use []",
+        ));
+    }
+
+    // schedule and election: checked here so check-config catches them before the daemon.
+    let fields = inputs.schedule.cron.split_whitespace().count();
+    if !(fields == 5 || fields == 6) {
+        return Err(m.error_at(
+            "schedule.cron",
+            format!(
+                "{:?} has {fields} fields; write 6 (with seconds) or 5 (crontab)",
+                inputs.schedule.cron
+            ),
+        ));
+    }
+    let prefix = &inputs.election.prefix;
+    if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') || prefix.starts_with("/kubernetes.io") {
+        return Err(m.error_at(
+            "election.prefix",
+            format!("{prefix:?} must start with '/', not end with '/', and stay out of /kubernetes.io"),
+        ));
+    }
+    if inputs.election.lease_ttl.0.as_secs() < 2 {
+        return Err(m.error_at("election.lease_ttl", "must be at least 2s"));
+    }
+    if !(-20..=19).contains(&inputs.priority.nice) {
+        return Err(m.error_at("priority.nice", format!("{} is outside -20..19", inputs.priority.nice)));
+    }
+
+    // targets
+    if inputs.targets.is_empty() {
+        return Err(match m.files.first() {
+            Some(f) => format!(
+                "{}: no [[target]]: add one with a url (https://... or file:///...)",
+                f.display()
+            ),
+            None => "no [[target]]: add one with a url".into(),
+        });
+    }
+    let mut targets: Vec<TargetSettings> = Vec::new();
+    for (i, t) in inputs.targets.iter().enumerate() {
+        let at = |k: &str| format!("target[{i}].{k}");
+        let name = t.name.clone().unwrap_or_else(|| format!("target-{}", i + 1));
+        check_name(&name).map_err(|e| m.error_at(&at("name"), e))?;
+        if targets.iter().any(|o| o.name == name) {
+            return Err(m.error_at(&at("name"), format!("{name:?} is used by two targets")));
+        }
+        let url = parse_target_url(&t.url).map_err(|e| m.error_at(&at("url"), e))?;
+        let p = |k: &str, v: &Option<PathBuf>| opt_path(&at(k), v);
+        let target = TargetSettings {
+            name,
+            username: t.username.clone().filter(|u| !u.is_empty()),
+            password_file: p("password_file", &t.password_file)?,
+            token_file: p("token_file", &t.token_file)?,
+            ca_file: p("ca_file", &t.ca_file)?,
+            client_cert_file: p("client_cert_file", &t.client_cert_file)?,
+            client_key_file: p("client_key_file", &t.client_key_file)?,
+            proxy: t.proxy.clone(),
+            verify_upload: t.verify_upload,
+            url,
+        };
+        if target.url.scheme() == "file" {
+            let remote_only = [
+                ("username", target.username.is_some()),
+                ("password_file", target.password_file.is_some()),
+                ("token_file", target.token_file.is_some()),
+                ("ca_file", target.ca_file.is_some()),
+                ("client_cert_file", target.client_cert_file.is_some()),
+                ("client_key_file", target.client_key_file.is_some()),
+            ];
+            if let Some((k, _)) = remote_only.iter().find(|(_, set)| *set) {
+                return Err(m.error_at(&at(k), "does not apply to a file:// target"));
+            }
+        }
+        if target.password_file.is_some() && target.username.is_none() {
+            return Err(m.error_at(&at("password_file"), "needs username"));
+        }
+        if target.password_file.is_some() && target.token_file.is_some() {
+            return Err(m.error_at(&at("token_file"), "use either password_file or token_file, not both"));
+        }
+        if target.client_cert_file.is_some() != target.client_key_file.is_some() {
+            return Err(m.error_at(
+                &at("client_cert_file"),
+                "client_cert_file and client_key_file go together",
+            ));
+        }
+        match target.proxy.as_str() {
+            "env" | "none" => {}
+            other => {
+                let u =
+                    Url::parse(other).map_err(|e| m.error_at(&at("proxy"), format!("not env, none or a URL: {e}")))?;
+                if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                    return Err(m.error_at(&at("proxy"), "must be env, none, or http(s)://host:port"));
+                }
+            }
+        }
+        targets.push(target);
+    }
+
+    Ok(Settings {
+        files: m.files.clone(),
+        cluster_name: inputs.cluster_name,
+        node_name,
+        etcd,
+        snapshot,
+        schedule: inputs.schedule,
+        election: inputs.election,
+        guards: inputs.guards,
+        priority: inputs.priority,
+        retention: inputs.retention,
+        targets,
+    })
+}
+
+/// Parses a target URL without ever echoing it: it might hold a password.
+fn parse_target_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw).map_err(|e| e.to_string())?;
+    if url.password().is_some() {
+        return Err("a password in the URL is not allowed; use username and password_file".into());
+    }
+    match url.scheme() {
+        "http" | "https" => {
+            if url.host_str().is_none() {
+                return Err("needs a host".into());
+            }
+            if !url.username().is_empty() {
+                return Err("a user name in the URL is not allowed; use username".into());
+            }
+        }
+        "file" => {
+            if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                return Err("a file:// URL must name a local path (file:///path)".into());
+            }
+            if url.path() == "/" {
+                return Err("a file:// target must not be the root directory".into());
+            }
+        }
+        other => {
+            return Err(format!(
+                "scheme '{other}' is not supported; use https://, http:// or file:///"
+            ));
+        }
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    // A trailing slash makes relative joins keep the last segment.
+    let mut url = url;
+    if !url.path().ends_with('/') {
+        let p = format!("{}/", url.path());
+        url.set_path(&p);
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, String> {
+        Settings::from_str_named("config.toml", text).map_err(|e| e.0)
+    }
+
+    const MIN: &str = "node_name = \"n1\"\n[[target]]\nurl = \"file:///srv/backup\"\n";
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = load(MIN).unwrap();
+        assert_eq!(s.etcd.endpoints[0].as_str(), "https://localhost:2379/");
+        let tls = s.etcd.tls.unwrap();
+        assert!(tls.cert_file.unwrap().ends_with("etcd-peer-n1.crt"));
+        assert_eq!(s.snapshot.staging_dir, Path::new("/var/lib/etcd-backupd"));
+        assert_eq!(
+            s.snapshot.static_resources_dir.as_deref(),
+            Some(Path::new("/etc/kubernetes"))
+        );
+        assert_eq!(s.targets[0].name, "target-1");
+        assert_eq!(s.targets[0].url.as_str(), "file:///srv/backup/");
+        assert_eq!(s.retention.keep_last, 7);
+        assert_eq!(s.election.lease_ttl.0.as_secs(), 30);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_path() {
+        let e = load(&format!("{MIN}[etcd]\nendpoint = [\"http://a:1\"]\n")).unwrap_err();
+        assert!(
+            e.starts_with("config.toml: etcd.endpoint: unknown field `endpoint`"),
+            "{e}"
+        );
+        let e = load("node_name = \"n\"\nbogus = 1\n[[target]]\nurl = \"file:///x\"\n").unwrap_err();
+        assert!(e.contains("bogus") && e.starts_with("config.toml: "), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = load(&format!("{MIN}[election]\nlease_ttl = \"soon\"\n")).unwrap_err();
+        assert!(
+            e.starts_with("config.toml: election.lease_ttl: invalid duration \"soon\""),
+            "{e}"
+        );
+        let e = load("[[target]]\nurl = \"backups/here\"\n").unwrap_err();
+        assert_eq!(e, "config.toml: target[0].url: relative URL without a base");
+        let e = load("[[target]]\nname = \"x\"\n").unwrap_err();
+        assert!(e.starts_with("config.toml: target[0]: missing field `url`"), "{e}");
+    }
+
+    #[test]
+    fn passwords_in_urls_are_refused_without_echo() {
+        let e = load("[[target]]\nurl = \"https://u:hunter2@dav.example/\"\n").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("target[0].url"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_etcd_needs_no_tls_files() {
+        let s = load(&format!("{MIN}[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n")).unwrap();
+        assert!(s.etcd.tls.is_none());
+        let e = load(&format!(
+            "{MIN}[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nca_file = \"/ca\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("config.toml: etcd.ca_file: set, but the endpoints are plain http"),
+            "{e}"
+        );
+        let e = load(&format!("{MIN}[etcd]\nca_file = \"/ca\"\ncert_file = \"/c\"\n")).unwrap_err();
+        assert!(e.contains("etcd.key_file"), "{e}");
+    }
+
+    #[test]
+    fn node_name_is_expanded_and_other_placeholders_refused() {
+        let s = load(&format!(
+            "{MIN}[snapshot]\nstaging_dir = \"/var/lib/x-{{node_name}}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.snapshot.staging_dir, Path::new("/var/lib/x-n1"));
+        let e = load(&format!("{MIN}[snapshot]\nstaging_dir = \"/var/lib/{{node}}\"\n")).unwrap_err();
+        assert!(
+            e.starts_with("config.toml: snapshot.staging_dir: unknown placeholder \"{node}\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_static_resources_dir_means_none() {
+        let s = load(&format!("{MIN}[snapshot]\nstatic_resources_dir = \"\"\n")).unwrap();
+        assert!(s.snapshot.static_resources_dir.is_none());
+    }
+
+    #[test]
+    fn unbuilt_features_are_refused_not_ignored() {
+        let e = load(&format!("{MIN}[encryption]\nage_recipients = [\"age1x\"]\n")).unwrap_err();
+        assert!(e.contains("not implemented yet"), "{e}");
+        let e = load(&format!("{MIN}[compression]\nzstd_level = 3\n")).unwrap_err();
+        assert!(e.starts_with("config.toml: compression.zstd_level:"), "{e}");
+    }
+
+    #[test]
+    fn target_rules() {
+        let e = load("[[target]]\nurl = \"file:///a\"\nusername = \"u\"\n").unwrap_err();
+        assert!(
+            e.contains("target[0].username: does not apply to a file:// target"),
+            "{e}"
+        );
+        let e = load("[[target]]\nname=\"a\"\nurl = \"file:///a\"\n[[target]]\nname=\"a\"\nurl = \"file:///b\"\n");
+        // Same name in one file merges into one target rather than clashing.
+        assert_eq!(e.unwrap().targets.len(), 1);
+        let e = load("[[target]]\nurl = \"ftp://x/\"\n").unwrap_err();
+        assert!(e.contains("scheme 'ftp' is not supported"), "{e}");
+        let e = load("[[target]]\nurl = \"https://x/\"\npassword_file = \"/p\"\n").unwrap_err();
+        assert!(e.contains("target[0].password_file: needs username"), "{e}");
+        let e = load("[[target]]\nurl = \"https://x/\"\nproxy = \"sometimes\"\n").unwrap_err();
+        assert!(e.contains("target[0].proxy"), "{e}");
+        let e = load("node_name = \"n\"\n").unwrap_err();
+        assert!(e.contains("no [[target]]"), "{e}");
+    }
+
+    #[test]
+    fn secret_files_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "secret").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = check_secret_file(&p).unwrap_err();
+        assert!(e.contains("mode 0644") && !e.contains("secret\""), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        check_secret_file(&p).unwrap();
+        assert!(check_secret_file(&dir.path().join("missing")).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Talking to etcd: one connection to one configured endpoint at a time. There is no member
+//! discovery, so a snapshot always comes from the member the operator named.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use etcd_client::{Certificate, Client, Identity, TlsOptions};
+use url::Url;
+
+use crate::config::EtcdSettings;
+
+/// A client bound to exactly one member.
+pub struct Member {
+    pub client: Client,
+    pub endpoint: Url,
+    pub request_timeout: Duration,
+}
+
+/// What `Status` says about the member we are connected to.
+#[derive(Debug, Clone)]
+pub struct MemberStatus {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    pub version: String,
+    pub db_size: u64,
+    pub leader: u64,
+    pub revision: i64,
+    pub is_learner: bool,
+    pub errors: Vec<String>,
+}
+
+/// The OpenShift facts read from the ClusterVersion object, when the etcd holds one.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterVersion {
+    pub version: Option<String>,
+    pub cluster_id: Option<String>,
+}
+
+pub const CLUSTER_VERSION_KEY: &str = "/kubernetes.io/config.openshift.io/clusterversions/version";
+
+/// Runs `fut` with a deadline, naming `what` when it runs out.
+pub async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(d, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!("{what}: no answer within {}", humantime::format_duration(d))),
+    }
+}
+
+/// One line out of a transport error and its sources (tonic's errors nest several deep).
+fn flatten(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+fn tls_options(settings: &EtcdSettings, host: &str) -> Result<Option<TlsOptions>> {
+    let Some(tls) = &settings.tls else { return Ok(None) };
+    let ca = std::fs::read(&tls.ca_file).with_context(|| format!("etcd.ca_file '{}'", tls.ca_file.display()))?;
+    let mut opts = TlsOptions::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(host);
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        let c = std::fs::read(cert).with_context(|| format!("etcd.cert_file '{}'", cert.display()))?;
+        let k = std::fs::read(key).with_context(|| format!("etcd.key_file '{}'", key.display()))?;
+        opts = opts.identity(Identity::from_pem(c, k));
+    }
+    Ok(Some(opts))
+}
+
+impl Member {
+    /// Connects to `endpoint` only; connection and TLS errors surface here, not later.
+    pub async fn connect(settings: &EtcdSettings, endpoint: &Url) -> Result<Member> {
+        let shown = endpoint.as_str().trim_end_matches('/');
+        let host = endpoint
+            .host_str()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_string();
+        let mut ep = tonic::transport::Endpoint::from_shared(shown.to_string())
+            .map_err(|e| anyhow!("etcd endpoint '{shown}': {}", flatten(&e)))?
+            .connect_timeout(settings.connect_timeout.0)
+            .tcp_nodelay(true);
+        if let Some(tls) = tls_options(settings, &host)? {
+            ep = ep
+                .tls_config(tls)
+                .map_err(|e| anyhow!("etcd endpoint '{shown}': TLS configuration: {}", flatten(&e)))?;
+        }
+        let channel = within(
+            settings.connect_timeout.0 + Duration::from_secs(1),
+            &format!("etcd endpoint '{shown}'"),
+            async {
+                ep.connect()
+                    .await
+                    .map_err(|e| anyhow!("etcd endpoint '{shown}': cannot connect: {}", flatten(&e)))
+            },
+        )
+        .await?;
+        let client = Client::from_channel(etcd_client::Channel::Tonic(channel), None)
+            .await
+            .map_err(|e| anyhow!("etcd endpoint '{shown}': {}", flatten(&e)))?;
+        Ok(Member {
+            client,
+            endpoint: endpoint.clone(),
+            request_timeout: settings.request_timeout.0,
+        })
+    }
+
+    pub fn shown(&self) -> &str {
+        self.endpoint.as_str().trim_end_matches('/')
+    }
+
+    fn rpc_error(&self, what: &str, e: etcd_client::Error) -> anyhow::Error {
+        anyhow!("etcd endpoint '{}': {what}: {}", self.shown(), flatten(&e))
+    }
+
+    pub async fn status(&mut self) -> Result<MemberStatus> {
+        let what = format!("etcd endpoint '{}': status", self.shown());
+        let d = self.request_timeout;
+        let resp = within(d, &what, async {
+            self.client.status().await.map_err(|e| self.rpc_error("status", e))
+        })
+        .await?;
+        let header = resp
+            .header()
+            .ok_or_else(|| anyhow!("{what}: response without a header"))?;
+        Ok(MemberStatus {
+            member_id: header.member_id(),
+            cluster_id: header.cluster_id(),
+            version: resp.version().to_string(),
+            db_size: resp.db_size().max(0) as u64,
+            leader: resp.leader(),
+            revision: header.revision(),
+            is_learner: resp.is_learner(),
+            errors: resp.errors().to_vec(),
+        })
+    }
+
+    /// Reads a single key; `None` when absent.
+    pub async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+        let what = format!("etcd endpoint '{}': get '{key}'", self.shown());
+        let d = self.request_timeout;
+        let resp = within(d, &what, async {
+            self.client.get(key, None).await.map_err(|e| self.rpc_error("get", e))
+        })
+        .await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// The OpenShift version and cluster ID, if this etcd belongs to an OpenShift cluster.
+    pub async fn cluster_version(&mut self) -> Result<Option<ClusterVersion>> {
+        let Some(raw) = self.get(CLUSTER_VERSION_KEY).await? else {
+            return Ok(None);
+        };
+        Ok(Some(parse_cluster_version(&raw)))
+    }
+}
+
+/// Reads the fields we need out of the ClusterVersion JSON; tolerant of missing ones.
+pub fn parse_cluster_version(raw: &[u8]) -> ClusterVersion {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else {
+        tracing::warn!("the ClusterVersion object in etcd is not JSON; ignoring it");
+        return ClusterVersion::default();
+    };
+    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
+    ClusterVersion {
+        version: s("/status/desired/version"),
+        cluster_id: s("/spec/clusterID"),
+    }
+}
+
+/// Connects to the configured endpoints in order and returns the first that answers
+/// `Status`, with its status. Errors of every endpoint are reported together.
+pub async fn connect_first(settings: &EtcdSettings) -> Result<(Member, MemberStatus)> {
+    let mut errors = Vec::new();
+    for ep in &settings.endpoints {
+        match Member::connect(settings, ep).await {
+            Ok(mut m) => match m.status().await {
+                Ok(st) => return Ok((m, st)),
+                Err(e) => errors.push(format!("{e:#}")),
+            },
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    Err(anyhow!("no etcd endpoint answered: {}", errors.join("; ")))
+}
+
+pub fn hex_id(id: u64) -> String {
+    format!("{id:x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_version_fields() {
+        let cv = parse_cluster_version(
+            br#"{"spec":{"clusterID":"abc-123"},"status":{"desired":{"version":"4.15.4"},"history":[]}}"#,
+        );
+        assert_eq!(cv.version.as_deref(), Some("4.15.4"));
+        assert_eq!(cv.cluster_id.as_deref(), Some("abc-123"));
+        let cv = parse_cluster_version(b"\x00binary");
+        assert!(cv.version.is_none());
+    }
+}

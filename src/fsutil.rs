@@ -1,0 +1,159 @@
+//! Small filesystem helpers for the one rule every stored file follows: private (0600 files,
+//! 0700 directories), written under a temporary name, fsynced, then renamed into place.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Creates `path` and missing parents with mode 0700; an existing directory is made 0700.
+pub fn create_private_dir(path: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("cannot create directory '{}'", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot stat '{}'", path.display()))?;
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot chmod 0700 '{}'", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Creates a new file with mode 0600; fails if it exists.
+pub fn create_private_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create '{}'", path.display()))
+}
+
+/// Makes a rename or a new directory entry durable.
+pub fn fsync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync directory '{}'", path.display()))
+}
+
+/// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing anything: a plain
+/// rename(2) would silently replace an empty directory.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        from,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Writes `bytes` to a new private file and fsyncs it.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = create_private_file(path)?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write '{}'", path.display()))
+}
+
+/// Removes a directory tree, ignoring a missing one; for cleaning up after a failure.
+pub fn remove_dir_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove temporary directory");
+    }
+}
+
+/// A writer that hashes and counts what passes through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The inner writer, the byte count and the hex SHA-256.
+    pub fn finish(self) -> (W, u64, String) {
+        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `path`.
+pub fn free_space(path: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).with_context(|| format!("cannot statvfs '{}'", path.display()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Copies `from` to a new private file `to`, returning size and SHA-256 of what was written.
+pub fn copy_private(from: &Path, to: &Path) -> Result<(u64, String)> {
+    let mut src = File::open(from).with_context(|| format!("cannot open '{}'", from.display()))?;
+    let dst = create_private_file(to)?;
+    let mut w = HashingWriter::new(dst);
+    io::copy(&mut src, &mut w).with_context(|| format!("cannot copy '{}' to '{}'", from.display(), to.display()))?;
+    let (dst, size, sha) = w.finish();
+    dst.sync_all()
+        .with_context(|| format!("cannot fsync '{}'", to.display()))?;
+    Ok((size, sha))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_noreplace_refuses_an_existing_empty_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(a.exists());
+        std::fs::remove_dir(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert!(b.exists() && !a.exists());
+    }
+
+    #[test]
+    fn private_files_and_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("x/y");
+        create_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let f = dir.join("f");
+        write_private_file(&f, b"abc").unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(write_private_file(&f, b"again").is_err(), "never overwrites");
+        let (n, sha) = copy_private(&f, &dir.join("g")).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(sha, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+}

@@ -1,0 +1,192 @@
+//! `manifest.json` and `SHA256SUMS`: what a backup set says about itself. The manifest is
+//! written last; a set without one is incomplete.
+
+use serde::{Deserialize, Serialize};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const SHA256SUMS: &str = "SHA256SUMS";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What started a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    Schedule,
+    AfterUpgrade,
+    Manual,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub cluster_name: String,
+    pub trigger: Trigger,
+    pub node: String,
+    pub etcd: EtcdInfo,
+    /// Present when the etcd holds an OpenShift ClusterVersion.
+    pub openshift: Option<OpenShiftInfo>,
+    pub files: Vec<FileEntry>,
+    pub tool: ToolInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EtcdInfo {
+    /// The endpoint the snapshot was taken from.
+    pub endpoint: String,
+    /// Hex, as `etcdctl member list` prints them.
+    pub member_id: String,
+    pub cluster_id: String,
+    pub version: String,
+    /// The store revision the snapshot holds.
+    pub revision: i64,
+    /// The member's DB size when the backup started.
+    pub db_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenShiftInfo {
+    pub version: Option<String>,
+    pub cluster_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// The platform's name (`snapshot_<ts>.db`), which restore relies on.
+    pub name: String,
+    /// The name on the target (the same until compression or encryption append suffixes).
+    pub stored_name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub stored_size: u64,
+    pub stored_sha256: String,
+    pub compression: String,
+    pub encryption: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolInfo {
+    pub name: String,
+    pub version: String,
+}
+
+impl ToolInfo {
+    pub fn this() -> Self {
+        ToolInfo {
+            name: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+impl Manifest {
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("a manifest always serializes");
+        s.push('\n');
+        s
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("invalid manifest.json: {e}"))?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(format!(
+                "manifest.json format_version {} is not supported",
+                m.format_version
+            ));
+        }
+        Ok(m)
+    }
+
+    /// `sha256sum` format over the original files, which is what `sha256sum -c` checks
+    /// after `fetch` restores the original names.
+    pub fn sha256sums(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| format!("{}  {}\n", f.sha256, f.name))
+            .collect()
+    }
+
+    pub fn total_stored_size(&self) -> u64 {
+        self.files.iter().map(|f| f.stored_size).sum()
+    }
+
+    pub fn snapshot(&self) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.name.starts_with("snapshot_"))
+    }
+}
+
+/// The timestamp format of `cluster-backup.sh` (`date +%F_%H%M%S`), always UTC here.
+pub const TS_FORMAT: &str = "%F_%H%M%S";
+
+pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format(TS_FORMAT).to_string()
+}
+
+pub fn snapshot_name(ts: &str) -> String {
+    format!("snapshot_{ts}.db")
+}
+
+pub fn archive_name(ts: &str) -> String {
+    format!("static_kuberesources_{ts}.tar.gz")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            id: "2026-11-25_023012".into(),
+            created: "2026-11-25T02:30:12Z".into(),
+            cluster_name: "c".into(),
+            trigger: Trigger::Manual,
+            node: "n".into(),
+            etcd: EtcdInfo {
+                endpoint: "http://127.0.0.1:2379/".into(),
+                member_id: "8e9e05c52164694d".into(),
+                cluster_id: "cdf818194e3a8c32".into(),
+                version: "3.4.23".into(),
+                revision: 42,
+                db_size: 20480,
+            },
+            openshift: None,
+            files: vec![FileEntry {
+                name: "snapshot_2026-11-25_023012.db".into(),
+                stored_name: "snapshot_2026-11-25_023012.db".into(),
+                size: 3,
+                sha256: "ab".repeat(32),
+                stored_size: 3,
+                stored_sha256: "ab".repeat(32),
+                compression: "none".into(),
+                encryption: "none".into(),
+            }],
+            tool: ToolInfo::this(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_sums() {
+        let m = sample();
+        assert_eq!(Manifest::parse(m.to_json().as_bytes()).unwrap(), m);
+        assert_eq!(
+            m.sha256sums(),
+            format!("{}  snapshot_2026-11-25_023012.db\n", "ab".repeat(32))
+        );
+        let mut v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+        v["format_version"] = 99.into();
+        assert!(Manifest::parse(v.to_string().as_bytes()).unwrap_err().contains("99"));
+    }
+
+    #[test]
+    fn timestamps_use_the_platform_format() {
+        let t = chrono::DateTime::parse_from_rfc3339("2021-06-25T19:00:35Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(timestamp(t), "2021-06-25_190035");
+        assert_eq!(snapshot_name("x"), "snapshot_x.db");
+        assert_eq!(archive_name("x"), "static_kuberesources_x.tar.gz");
+    }
+}

@@ -1,0 +1,285 @@
+//! One backup run, the same for `backup` and (later) the daemon: connect to the configured
+//! etcd member, check free space, build the static resources archive, stream and verify the
+//! snapshot into staging, write the manifest, then store the set on every target
+//! independently.
+//!
+//! Staging layout (`snapshot.staging_dir`, 0700):
+//! - `tmp/<id>-<random>/`: a set being assembled; leftovers are removed at the next run;
+//! - `sets/<id>/`: a complete, verified set waiting for (or done with) delivery.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use chrono::Utc;
+
+use crate::config::{Settings, SnapshotMethod};
+use crate::error::Stop;
+use crate::etcd::{self, hex_id};
+use crate::fsutil;
+use crate::manifest::{self, EtcdInfo, FileEntry, MANIFEST, Manifest, OpenShiftInfo, SHA256SUMS, ToolInfo, Trigger};
+use crate::snapshot;
+use crate::static_resources;
+use crate::targets::{self, StagedSet, Target};
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub trigger: Trigger,
+    /// Store on this target only.
+    pub target: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct TargetOutcome {
+    pub name: String,
+    pub location: String,
+    pub result: Result<(), String>,
+}
+
+#[derive(Debug)]
+pub struct BackupReport {
+    pub manifest: Manifest,
+    pub duration: Duration,
+    pub snapshot_duration: Duration,
+    pub targets: Vec<TargetOutcome>,
+}
+
+impl BackupReport {
+    pub fn all_stored(&self) -> bool {
+        self.targets.iter().all(|t| t.result.is_ok())
+    }
+}
+
+fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Box<dyn Target>>> {
+    let chosen: Vec<_> = match only {
+        Some(name) => {
+            let t = settings.target(name).ok_or_else(|| {
+                let names: Vec<_> = settings.targets.iter().map(|t| t.name.as_str()).collect();
+                Stop::Usage(format!(
+                    "--target {name:?}: no such target (configured: {})",
+                    names.join(", ")
+                ))
+            })?;
+            vec![t]
+        }
+        None => settings.targets.iter().collect(),
+    };
+    chosen
+        .into_iter()
+        .map(|t| {
+            targets::open(t).map_err(|e| {
+                if t.url.scheme().starts_with("http") {
+                    anyhow!(Stop::NotImplemented(format!(
+                        "target '{}': http(s)/WebDAV delivery",
+                        t.name
+                    )))
+                } else {
+                    e
+                }
+            })
+        })
+        .collect()
+}
+
+/// Removes what an interrupted run of this node left in staging.
+fn clean_staging_tmp(tmp_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        tracing::info!(path = %entry.path().display(), "removing a leftover from an interrupted run");
+        fsutil::remove_dir_quietly(&entry.path());
+    }
+}
+
+/// Runs one backup. Returns the report even when some targets failed; the caller decides
+/// the exit code from it.
+pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<BackupReport> {
+    let started = Instant::now();
+    if settings.snapshot.method == SnapshotMethod::Script {
+        bail!(Stop::NotImplemented("snapshot.method = \"script\"".into()));
+    }
+    let targets = selected_targets(settings, opts.target.as_deref())?;
+
+    let staging = &settings.snapshot.staging_dir;
+    fsutil::create_private_dir(staging).context("snapshot.staging_dir")?;
+    let tmp_root = staging.join("tmp");
+    let sets_root = staging.join("sets");
+    fsutil::create_private_dir(&tmp_root).context("snapshot.staging_dir")?;
+    fsutil::create_private_dir(&sets_root).context("snapshot.staging_dir")?;
+    clean_staging_tmp(&tmp_root);
+
+    let (mut member, status) = etcd::connect_first(&settings.etcd).await?;
+    tracing::info!(
+        endpoint = member.shown(),
+        member_id = %hex_id(status.member_id),
+        cluster_id = %hex_id(status.cluster_id),
+        version = %status.version,
+        db_size = status.db_size,
+        "connected to etcd"
+    );
+
+    let free = fsutil::free_space(staging)?;
+    let needed = settings.guards.min_free_space.required(status.db_size);
+    if free < needed {
+        bail!(Stop::Skipped(format!(
+            "only {} free in snapshot.staging_dir '{}', guards.min_free_space ({}) asks for {}",
+            crate::config::types::Size(free),
+            staging.display(),
+            settings.guards.min_free_space,
+            crate::config::types::Size(needed)
+        )));
+    }
+
+    let openshift = match member.cluster_version().await {
+        Ok(cv) => cv,
+        Err(e) => {
+            tracing::warn!(error = %crate::error::one_line(&e), "cannot read the ClusterVersion; the manifest will not record the OpenShift version");
+            None
+        }
+    };
+    let cluster = settings
+        .cluster_name
+        .clone()
+        .unwrap_or_else(|| hex_id(status.cluster_id));
+
+    let created = Utc::now();
+    let id = manifest::timestamp(created);
+    let work = tmp_root.join(format!("{id}-{:08x}", rand::random::<u32>()));
+    fsutil::create_private_dir(&work)?;
+    let assembled = assemble(
+        settings,
+        &mut member,
+        &status,
+        &id,
+        created,
+        &cluster,
+        openshift,
+        opts.trigger,
+        &work,
+    )
+    .await;
+    let (manifest, snapshot_duration) = match assembled {
+        Ok(r) => r,
+        Err(e) => {
+            fsutil::remove_dir_quietly(&work);
+            return Err(e);
+        }
+    };
+    let staged_dir = sets_root.join(&id);
+    if let Err(e) = fsutil::rename_noreplace(&work, &staged_dir) {
+        fsutil::remove_dir_quietly(&work);
+        bail!("cannot move the set into '{}': {e}", staged_dir.display());
+    }
+    fsutil::fsync_dir(&sets_root)?;
+    let staged = StagedSet {
+        dir: staged_dir.clone(),
+        manifest: manifest.clone(),
+    };
+
+    let mut outcomes = Vec::new();
+    for t in &targets {
+        let location = t.describe(&cluster, &id);
+        let result = t.put_set(&cluster, &settings.node_name, &staged).await;
+        match &result {
+            Ok(()) => tracing::info!(target = t.name(), backup_id = %id, location = %location, "backup set stored"),
+            Err(e) => {
+                tracing::error!(target = t.name(), backup_id = %id, error = %crate::error::one_line(e), "cannot store the backup set")
+            }
+        }
+        outcomes.push(TargetOutcome {
+            name: t.name().to_string(),
+            location,
+            result: result.map_err(|e| crate::error::one_line(&e)),
+        });
+    }
+    // Without pending delivery (a later version), staging keeps nothing: the targets hold
+    // the copies.
+    fsutil::remove_dir_quietly(&staged_dir);
+
+    Ok(BackupReport {
+        manifest,
+        duration: started.elapsed(),
+        snapshot_duration,
+        targets: outcomes,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn assemble(
+    settings: &Settings,
+    member: &mut etcd::Member,
+    status: &etcd::MemberStatus,
+    id: &str,
+    created: chrono::DateTime<Utc>,
+    cluster: &str,
+    openshift: Option<etcd::ClusterVersion>,
+    trigger: Trigger,
+    work: &Path,
+) -> Result<(Manifest, Duration)> {
+    let ts = id;
+    let mut files = Vec::new();
+    // The archive first, as cluster-backup.sh does: it is cheap and fails fast on a bad tree.
+    if let Some(root) = &settings.snapshot.static_resources_dir {
+        let name = manifest::archive_name(ts);
+        let dest = work.join(&name);
+        let root = root.clone();
+        let (size, sha256) =
+            tokio::task::spawn_blocking(move || static_resources::write_archive(&root, &dest)).await??;
+        files.push(plain_entry(name, size, sha256));
+    }
+
+    let name = manifest::snapshot_name(ts);
+    let snap_started = Instant::now();
+    let taken = snapshot::take(member, &work.join(&name)).await?;
+    let snapshot_duration = snap_started.elapsed();
+    tracing::info!(
+        bytes = taken.verified.size,
+        sha256 = %taken.verified.sha256,
+        seconds = snapshot_duration.as_secs_f64(),
+        "snapshot streamed and its trailer verified"
+    );
+    files.insert(0, plain_entry(name, taken.verified.size, taken.verified.sha256.clone()));
+
+    let manifest = Manifest {
+        format_version: manifest::FORMAT_VERSION,
+        id: id.to_string(),
+        created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        cluster_name: cluster.to_string(),
+        trigger,
+        node: settings.node_name.clone(),
+        etcd: EtcdInfo {
+            endpoint: member.shown().to_string(),
+            member_id: hex_id(status.member_id),
+            cluster_id: hex_id(status.cluster_id),
+            version: status.version.clone(),
+            // etcd 3.5+ stamps the stream with the snapshot's revision; 3.4 does not, and
+            // then the revision seen just before the snapshot started is recorded.
+            revision: taken.revision.filter(|r| *r > 0).unwrap_or(status.revision),
+            db_size: status.db_size,
+        },
+        openshift: openshift.map(|cv| OpenShiftInfo {
+            version: cv.version,
+            cluster_id: cv.cluster_id,
+        }),
+        files,
+        tool: ToolInfo::this(),
+    };
+    fsutil::write_private_file(&work.join(SHA256SUMS), manifest.sha256sums().as_bytes())?;
+    fsutil::write_private_file(&work.join(MANIFEST), manifest.to_json().as_bytes())?;
+    fsutil::fsync_dir(work)?;
+    Ok((manifest, snapshot_duration))
+}
+
+fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry {
+    FileEntry {
+        stored_name: name.clone(),
+        name,
+        size,
+        stored_size: size,
+        stored_sha256: sha256.clone(),
+        sha256,
+        compression: "none".into(),
+        encryption: "none".into(),
+    }
+}

@@ -1,0 +1,246 @@
+//! The native snapshot: etcd's `Maintenance.Snapshot` stream written to staging at full speed
+//! (a throttled reader would hold etcd's bbolt read transaction open longer), hashed while it
+//! streams, and stored only if etcd's appended SHA-256 trailer matches.
+//!
+//! Memory stays flat: chunks go through a small bounded channel to a writer thread that
+//! hashes and writes them; nothing holds more than a few chunks.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+
+use crate::etcd::Member;
+use crate::fsutil;
+
+/// Length of the SHA-256 etcd appends to every snapshot.
+pub const TRAILER_LEN: usize = 32;
+
+/// Chunks in flight between the network and the disk (etcd sends 32 KiB chunks).
+const CHANNEL_CHUNKS: usize = 32;
+
+/// Verifies etcd's trailer while the snapshot streams: everything but the last 32 bytes is
+/// hashed; those 32 bytes must equal that hash.
+#[derive(Clone, Default)]
+pub struct TrailerCheck {
+    body: Sha256,
+    tail: Vec<u8>,
+    len: u64,
+}
+
+/// A verified snapshot's size and the SHA-256 of the whole file (trailer included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl TrailerCheck {
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.len += chunk.len() as u64;
+        let held = self.tail.len() + chunk.len();
+        if held <= TRAILER_LEN {
+            self.tail.extend_from_slice(chunk);
+            return;
+        }
+        let spill = held - TRAILER_LEN;
+        let from_tail = spill.min(self.tail.len());
+        self.body.update(&self.tail[..from_tail]);
+        let from_chunk = spill - from_tail;
+        self.body.update(&chunk[..from_chunk]);
+        let mut tail = Vec::with_capacity(TRAILER_LEN);
+        tail.extend_from_slice(&self.tail[from_tail..]);
+        tail.extend_from_slice(&chunk[from_chunk..]);
+        self.tail = tail;
+    }
+
+    pub fn finish(self) -> Result<Verified> {
+        if self.tail.len() < TRAILER_LEN {
+            bail!(
+                "snapshot is {} bytes, too short to hold etcd's SHA-256 trailer",
+                self.len
+            );
+        }
+        let body = self.body.clone().finalize();
+        if body.as_slice() != self.tail.as_slice() {
+            bail!(
+                "snapshot trailer mismatch: etcd's appended SHA-256 is {} but the data hashes to {} (corrupted in transit?)",
+                hex::encode(&self.tail),
+                hex::encode(body)
+            );
+        }
+        let mut full = self.body;
+        full.update(&self.tail);
+        Ok(Verified {
+            size: self.len,
+            sha256: hex::encode(full.finalize()),
+        })
+    }
+}
+
+/// Checks the trailer of a snapshot file on disk (streamed, constant memory).
+pub fn verify_file(path: &Path) -> Result<Verified> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+    let mut check = TrailerCheck::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("cannot read '{}'", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        check.update(&buf[..n]);
+    }
+    check.finish().with_context(|| format!("'{}'", path.display()))
+}
+
+/// What a snapshot run produced.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub path: PathBuf,
+    pub verified: Verified,
+    /// The store revision the snapshot holds, from the stream's header.
+    pub revision: Option<i64>,
+}
+
+/// Streams a snapshot from `member` into `dest` (a new 0600 file), verifying the trailer.
+/// On any failure nothing is left at `dest` or at its temporary name.
+pub async fn take(member: &mut Member, dest: &Path) -> Result<Taken> {
+    let part = dest.with_extension("db.part");
+    let result = stream_to(member, &part).await;
+    match result {
+        Ok((verified, revision)) => {
+            std::fs::rename(&part, dest)
+                .with_context(|| format!("cannot rename '{}' into place", part.display()))
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&part);
+                })?;
+            if let Some(dir) = dest.parent() {
+                fsutil::fsync_dir(dir)?;
+            }
+            Ok(Taken {
+                path: dest.to_path_buf(),
+                verified,
+                revision,
+            })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            Err(e)
+        }
+    }
+}
+
+async fn stream_to(member: &mut Member, part: &Path) -> Result<(Verified, Option<i64>)> {
+    let file = fsutil::create_private_file(part)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
+    let part_owned = part.to_path_buf();
+    // Hashing and writing happen on their own thread so the network side never waits for
+    // the disk more than the channel allows.
+    let writer = tokio::task::spawn_blocking(move || -> Result<Verified> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut check = TrailerCheck::default();
+        while let Some(chunk) = rx.blocking_recv() {
+            check.update(&chunk);
+            out.write_all(&chunk)
+                .with_context(|| format!("cannot write '{}'", part_owned.display()))?;
+        }
+        let file = out
+            .into_inner()
+            .map_err(|e| anyhow!("cannot write '{}': {}", part_owned.display(), e.error()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot fsync '{}'", part_owned.display()))?;
+        check.finish()
+    });
+
+    let shown = member.shown().to_string();
+    let idle = member.request_timeout;
+    let pump = async move {
+        let mut stream = crate::etcd::within(idle, &format!("etcd endpoint '{shown}': snapshot"), async {
+            member
+                .client
+                .snapshot()
+                .await
+                .map_err(|e| anyhow!("etcd endpoint '{shown}': snapshot: {e}"))
+        })
+        .await?;
+        let mut revision = None;
+        let mut last_remaining = None;
+        loop {
+            let msg = tokio::time::timeout(idle, stream.message())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "etcd endpoint '{shown}': snapshot stream stalled for {}",
+                        humantime::format_duration(idle)
+                    )
+                })?
+                .map_err(|e| {
+                    anyhow!(
+                        "etcd endpoint '{shown}': snapshot stream broke: {}",
+                        e.to_string().replace('\n', " ")
+                    )
+                })?;
+            let Some(msg) = msg else { break };
+            if revision.is_none() {
+                revision = msg.header().map(|h| h.revision());
+            }
+            last_remaining = Some(msg.remaining_bytes());
+            if !msg.blob().is_empty() && tx.send(msg.blob().to_vec()).await.is_err() {
+                // The writer stopped: its own error says why.
+                break;
+            }
+        }
+        drop(tx);
+        match last_remaining {
+            None => bail!("etcd endpoint '{shown}': snapshot stream ended without data"),
+            Some(n) if n != 0 => bail!("etcd endpoint '{shown}': snapshot stream ended with {n} bytes still to come"),
+            _ => Ok(revision),
+        }
+    };
+    let pumped = pump.await;
+    let written = writer.await.map_err(|e| anyhow!("snapshot writer failed: {e}"))?;
+    let revision = pumped?;
+    Ok((written?, revision))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_trailer(body: &[u8]) -> Vec<u8> {
+        let mut v = body.to_vec();
+        v.extend_from_slice(&Sha256::digest(body));
+        v
+    }
+
+    #[test]
+    fn trailer_verifies_across_any_chunking() {
+        let body: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let snap = with_trailer(&body);
+        for chunk in [1, 5, 31, 32, 33, 1000, 20_000] {
+            let mut c = TrailerCheck::default();
+            snap.chunks(chunk).for_each(|p| c.update(p));
+            let v = c.finish().unwrap();
+            assert_eq!(v.size, snap.len() as u64);
+            assert_eq!(v.sha256, hex::encode(Sha256::digest(&snap)));
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_caught() {
+        let body = vec![0x5au8; 4096];
+        let snap = with_trailer(&body);
+        for pos in [0, 100, 4095, 4096, snap.len() - 1] {
+            let mut bad = snap.clone();
+            bad[pos] ^= 1;
+            let mut c = TrailerCheck::default();
+            bad.chunks(100).for_each(|p| c.update(p));
+            let e = c.finish().unwrap_err().to_string();
+            assert!(e.contains("trailer mismatch"), "{e}");
+        }
+        let mut c = TrailerCheck::default();
+        c.update(&[1, 2, 3]);
+        assert!(c.finish().unwrap_err().to_string().contains("too short"));
+    }
+}
