@@ -1,0 +1,350 @@
+//! `backup` against real etcd: the stored set, its verification by the platform's own tools,
+//! and every bad input leaving nothing behind.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{CorruptingProxy, Etcd, Pki, Work, run, static_pod_fixture};
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn backup(cfg: &Path) -> crate::common::Run {
+    run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()])
+}
+
+fn only_set(w: &Work) -> PathBuf {
+    let sets = w.sets();
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    sets[0].clone()
+}
+
+/// Asserts a failed run left no set, no debris on the target and nothing in staging.
+fn assert_nothing_left(w: &Work) {
+    assert!(w.sets().is_empty(), "sets: {:?}", w.sets());
+    assert!(w.staging_files().is_empty(), "staging: {:?}", w.staging_files());
+}
+
+#[test]
+fn backup_of_a_real_etcd_is_complete_and_verifiable() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 3000, 200);
+    etcd.put(
+        None,
+        "/kubernetes.io/config.openshift.io/clusterversions/version",
+        r#"{"spec":{"clusterID":"c0ffee-id"},"status":{"desired":{"version":"4.15.4"},"history":[{"state":"Completed","version":"4.15.4"}]}}"#,
+    );
+    let w = Work::new();
+    let resources = w.path().join("etc-kubernetes");
+    static_pod_fixture(&resources, 7);
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("static_resources_dir = \"\"", &format!("static_resources_dir = \"{}\"", resources.display()));
+    std::fs::write(&cfg, text).unwrap();
+
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let set = only_set(&w);
+    let id = set.file_name().unwrap().to_str().unwrap().to_string();
+    assert_eq!(id.len(), "2026-11-25_023012".len(), "{id}");
+    assert!(r.stdout.contains(&format!("backup {id} of cluster test")), "{}", r.stdout);
+    assert!(r.stdout.contains("local: stored at file://"), "{}", r.stdout);
+
+    let snap = set.join(format!("snapshot_{id}.db"));
+    let archive = set.join(format!("static_kuberesources_{id}.tar.gz"));
+    let mut names: Vec<_> = std::fs::read_dir(&set).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "SHA256SUMS".to_string(),
+            "manifest.json".into(),
+            format!("snapshot_{id}.db"),
+            format!("static_kuberesources_{id}.tar.gz")
+        ]
+    );
+    for p in [&snap, &archive, &set.join("SHA256SUMS"), &set.join("manifest.json")] {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+    }
+    assert_eq!(mode(&set), 0o700);
+    assert_eq!(mode(set.parent().unwrap()), 0o700);
+
+    // The platform's tools accept it.
+    let out = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(&set).output().unwrap();
+    assert!(out.status.success(), "sha256sum -c: {}", String::from_utf8_lossy(&out.stdout));
+    let out = etcd.etcdctl(None).args(["snapshot", "status", "-w", "json"]).arg(&snap).output().unwrap();
+    assert!(out.status.success(), "etcdctl snapshot status: {}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["totalKey"].as_u64().unwrap() >= 3001, "{status}");
+
+    // etcd's trailer is kept and verifies.
+    let bytes = std::fs::read(&snap).unwrap();
+    let (body, trailer) = bytes.split_at(bytes.len() - 32);
+    assert_eq!(Sha256::digest(body).as_slice(), trailer);
+
+    // The archive holds exactly the four revision directories the manifests name.
+    let out = Command::new("tar").arg("-tzf").arg(&archive).output().unwrap();
+    assert!(out.status.success());
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let mut tops: Vec<&str> = listing.lines().filter_map(|l| l.split('/').nth(1)).filter(|s| !s.is_empty()).collect();
+    tops.sort();
+    tops.dedup();
+    assert_eq!(tops, vec!["etcd-pod-7", "kube-apiserver-pod-7", "kube-controller-manager-pod-7", "kube-scheduler-pod-7"]);
+    assert!(listing.lines().all(|l| l.starts_with("static-pod-resources/")), "{listing}");
+    assert!(listing.contains("static-pod-resources/etcd-pod-7/secrets/serving-cert/tls.key"), "{listing}");
+
+    // The manifest describes what is there.
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["id"], id.as_str());
+    assert_eq!(m["trigger"], "manual");
+    assert_eq!(m["node"], "node-a");
+    assert_eq!(m["cluster_name"], "test");
+    assert_eq!(m["etcd"]["version"], "3.4.23");
+    assert!(m["etcd"]["revision"].as_i64().unwrap() >= 31, "{m}");
+    assert_eq!(m["openshift"]["version"], "4.15.4");
+    assert_eq!(m["openshift"]["cluster_id"], "c0ffee-id");
+    assert_eq!(m["files"][0]["name"], format!("snapshot_{id}.db"));
+    assert_eq!(m["files"][0]["size"], bytes.len() as u64);
+    assert_eq!(m["files"][0]["sha256"], hex::encode(Sha256::digest(&bytes)));
+    assert_eq!(m["tool"]["name"], "etcd-backupd");
+
+    assert!(w.staging_files().is_empty(), "{:?}", w.staging_files());
+
+    let r = run(&["list", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains(&id) && r.stdout.contains("4.15.4"), "{}", r.stdout);
+    let r = run(&["list", "--json", "--config", cfg.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v[0]["manifest"]["id"], id.as_str());
+}
+
+#[test]
+fn backup_over_tls_with_a_client_certificate() {
+    let w = Work::new();
+    let pki = Pki::new(w.path(), "good");
+    let etcd = Etcd::start_with(Some(&pki));
+    etcd.fill(Some(&pki), 200, 100);
+    let cfg = w.write_config(&etcd.endpoint, Some(&pki), "");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let set = only_set(&w);
+    let out = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(&set).output().unwrap();
+    assert!(out.status.success());
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["etcd"]["endpoint"], etcd.endpoint.as_str());
+}
+
+#[test]
+fn tls_mistakes_fail_with_one_clear_line_and_leave_nothing() {
+    let w = Work::new();
+    let pki = Pki::new(w.path(), "good");
+    let other = Pki::new(w.path(), "other");
+    let tls_etcd = Etcd::start_with(Some(&pki));
+    let plain_etcd = Etcd::start();
+    let plain_port = plain_etcd.endpoint.rsplit(':').next().unwrap().to_string();
+
+    let cases: Vec<(String, String, &str)> = vec![
+        // wrong CA: the server's certificate does not chain to it
+        (
+            tls_etcd.endpoint.clone(),
+            format!(
+                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                other.ca.display(),
+                pki.client_cert.display(),
+                pki.client_key.display()
+            ),
+            "cannot connect",
+        ),
+        // no client certificate where the server requires one
+        (tls_etcd.endpoint.clone(), format!("ca_file = \"{}\"\n", pki.ca.display()), "etcd endpoint"),
+        // a client certificate file that does not exist
+        (
+            tls_etcd.endpoint.clone(),
+            format!(
+                "ca_file = \"{}\"\ncert_file = \"/nonexistent/etcd-peer.crt\"\nkey_file = \"{}\"\n",
+                pki.ca.display(),
+                pki.client_key.display()
+            ),
+            "etcd.cert_file '/nonexistent/etcd-peer.crt'",
+        ),
+        // TLS to a plain-http server
+        (
+            format!("https://127.0.0.1:{plain_port}"),
+            format!("ca_file = \"{}\"\n", pki.ca.display()),
+            "cannot connect",
+        ),
+        // nothing listening
+        (format!("http://127.0.0.1:{}", crate::common::free_port()), String::new(), "cannot connect"),
+    ];
+    for (endpoint, tls, expect) in cases {
+        let cfg = w.write_config(&endpoint, None, "");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("request_timeout = \"10s\"\n", &format!("request_timeout = \"5s\"\n{tls}"));
+        std::fs::write(&cfg, text).unwrap();
+        let r = backup(&cfg);
+        assert_eq!(r.code, 1, "{endpoint} {tls}: {}", r.all());
+        let last = r.stderr.trim().lines().last().unwrap();
+        assert!(last.starts_with("error: ") && last.contains(expect), "{endpoint} {tls}: {last}");
+        assert_nothing_left(&w);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_corrupted_in_transit_never_becomes_a_set() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 2000, 1000);
+    let w = Work::new();
+    for flip_at in [300_000u64, 1_500_000] {
+        let proxy = CorruptingProxy::start(&etcd.endpoint, flip_at).await;
+        let cfg = w.write_config(&format!("http://127.0.0.1:{}", proxy.port), None, "");
+        let r = tokio::task::spawn_blocking(move || backup(&cfg)).await.unwrap();
+        assert_eq!(r.code, 1, "flip at {flip_at}: {}", r.all());
+        // A flipped payload byte fails the trailer; a flipped framing byte breaks the stream.
+        assert!(
+            r.stderr.contains("trailer mismatch") || r.stderr.contains("snapshot stream"),
+            "flip at {flip_at}: {}",
+            r.stderr
+        );
+        assert_nothing_left(&w);
+    }
+    // The same etcd through an honest path works, so the failure above was the corruption.
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(w.sets().len(), 1);
+}
+
+fn mount_tmpfs(dir: &Path, opts: &str) -> TmpfsMount {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "these tests mount a small tmpfs and need root: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    TmpfsMount(dir.to_path_buf())
+}
+
+struct TmpfsMount(PathBuf);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn no_space_left_in_staging_fails_cleanly() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 2000, 1000);
+    let w = Work::new();
+    let _m = mount_tmpfs(&w.staging(), "size=1m,mode=0700");
+    // The free-space guard would skip the run; switch it off to hit ENOSPC mid-stream.
+    let cfg = w.write_config(&etcd.endpoint, None, "[guards]\nmin_free_space = \"0x\"\n");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+    assert_nothing_left(&w);
+
+    // With the guard on, the same run is skipped up front, with exit code 3.
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 3, "{}", r.all());
+    assert!(r.stderr.contains("guards.min_free_space"), "{}", r.stderr);
+    assert_nothing_left(&w);
+}
+
+#[test]
+fn unusable_staging_or_target_fails_cleanly() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+
+    // staging_dir below a regular file
+    std::fs::write(w.path().join("plainfile"), "x").unwrap();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("staging_dir = \"{}\"", w.staging().display()),
+        &format!("staging_dir = \"{}/plainfile/staging\"", w.path().display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let r = backup(&cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("snapshot.staging_dir") && r.stderr.contains("plainfile/staging"), "{}", r.stderr);
+
+    // a target on a read-only filesystem
+    let _ro = mount_tmpfs(&w.target_root(), "size=1m,ro");
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("target 'local'") || r.stdout.contains("local: FAILED"), "{}", r.all());
+    assert!(r.all().contains("Read-only file system"), "{}", r.all());
+    assert!(w.staging_files().is_empty(), "{:?}", w.staging_files());
+
+    // a target directory that does not exist (an unmounted mount point) is not created
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("/target\"", "/not-mounted\"");
+    std::fs::write(&cfg, text).unwrap();
+    let r = backup(&cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("not-mounted") && r.all().contains("No such file"), "{}", r.all());
+    assert!(!w.path().join("not-mounted").exists());
+}
+
+#[test]
+fn a_missing_static_pod_manifest_is_a_clear_error() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let resources = w.path().join("etc-kubernetes");
+    static_pod_fixture(&resources, 3);
+    std::fs::remove_file(resources.join("manifests/kube-scheduler-pod.yaml")).unwrap();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("static_resources_dir = \"\"", &format!("static_resources_dir = \"{}\"", resources.display()));
+    std::fs::write(&cfg, text).unwrap();
+    let r = backup(&cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("kube-scheduler-pod.yaml"), "{}", r.stderr);
+    assert_nothing_left(&w);
+}
+
+#[tokio::test]
+async fn an_existing_set_is_never_overwritten() {
+    use etcd_backupd::config::Settings;
+    use etcd_backupd::manifest::Manifest;
+    use etcd_backupd::targets::{self, StagedSet};
+
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let set = only_set(&w);
+    let before = std::fs::read(set.join("manifest.json")).unwrap();
+
+    // Stage a different set with the same id and try to store it.
+    let manifest = Manifest::parse(&before).unwrap();
+    let staged_dir = w.path().join("restage");
+    std::fs::create_dir(&staged_dir).unwrap();
+    for f in &manifest.files {
+        std::fs::copy(set.join(&f.stored_name), staged_dir.join(&f.stored_name)).unwrap();
+    }
+    let mut other = manifest.clone();
+    other.node = "node-b".into();
+    let settings = Settings::load(&cfg).unwrap();
+    let target = targets::open(&settings.targets[0]).unwrap();
+    let e = target.put_set("test", "node-b", &StagedSet { dir: staged_dir, manifest: other }).await.unwrap_err();
+    assert!(format!("{e:#}").contains("already exists"), "{e:#}");
+    assert_eq!(std::fs::read(set.join("manifest.json")).unwrap(), before);
+    let debris: Vec<_> = std::fs::read_dir(w.target_root().join("test")).unwrap().collect();
+    assert_eq!(debris.len(), 1, "no temporary directory may be left");
+}

@@ -1,0 +1,352 @@
+//! Test harness: real etcd processes on free loopback ports, TLS material made per test,
+//! the real binary run as a child process, and a corrupting TCP proxy for the one fault a
+//! real etcd does not produce on demand.
+
+use std::io::{BufRead, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// TLS material for one test: a CA, a server certificate for 127.0.0.1/localhost and a
+/// client certificate, all written as PEM files.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path, tag: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.distinguished_name.push(DnType::CommonName, format!("test-ca-{tag}"));
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+        let mut server = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        server.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        server.distinguished_name.push(DnType::CommonName, "etcd-server");
+        let server_key = KeyPair::generate().unwrap();
+        let server_cert = server.signed_by(&server_key, &ca).unwrap();
+
+        let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client.distinguished_name.push(DnType::CommonName, "etcd-peer-node-a");
+        let client_key = KeyPair::generate().unwrap();
+        let client_cert = client.signed_by(&client_key, &ca).unwrap();
+
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.join(format!("{tag}-{name}"));
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        Pki {
+            ca: write("ca.crt", &ca.pem(), 0o644),
+            server_cert: write("server.crt", &server_cert.pem(), 0o644),
+            server_key: write("server.key", &server_key.serialize_pem(), 0o600),
+            client_cert: write("client.crt", &client_cert.pem(), 0o644),
+            client_key: write("client.key", &client_key.serialize_pem(), 0o600),
+        }
+    }
+}
+
+/// A single-member etcd on loopback, killed and removed on drop.
+pub struct Etcd {
+    pub endpoint: String,
+    pub dir: TempDir,
+    child: Child,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// With `pki`, the client port speaks TLS and requires a client certificate.
+    pub fn start_with(pki: Option<&Pki>) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=test0")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster=test0=http://127.0.0.1:{peer}"))
+            .arg("--quota-backend-bytes=8589934592")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(p) = pki {
+            cmd.arg(format!("--cert-file={}", p.server_cert.display()))
+                .arg(format!("--key-file={}", p.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", p.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd.spawn().expect("etcd must be installed (Debian package etcd-server)");
+        let etcd = Etcd { endpoint, dir, child };
+        etcd.wait_ready();
+        etcd
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let log = self.dir.path().join("etcd.log");
+        while Instant::now() < deadline {
+            if let Ok(f) = std::fs::File::open(&log)
+                && std::io::BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains("ready to serve client requests"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("etcd did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+
+    /// Writes `count` keys of `value_len` bytes each with `etcdctl` (the real client).
+    pub fn fill(&self, pki: Option<&Pki>, count: usize, value_len: usize) {
+        // Batches of puts in transactions: fast enough for thousands of keys.
+        let value: String = (0..value_len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+        let mut start = 0;
+        while start < count {
+            let end = (start + 100).min(count);
+            let mut cmd = self.etcdctl(pki);
+            cmd.arg("txn").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+            let mut child = cmd.spawn().unwrap();
+            {
+                let stdin = child.stdin.as_mut().unwrap();
+                writeln!(stdin).unwrap(); // no compares
+                for i in start..end {
+                    writeln!(stdin, "put /registry/test/key-{i:06} {value}").unwrap();
+                }
+                writeln!(stdin).unwrap();
+                writeln!(stdin).unwrap();
+            }
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "etcdctl txn: {}", String::from_utf8_lossy(&out.stderr));
+            start = end;
+        }
+    }
+
+    pub fn etcdctl(&self, pki: Option<&Pki>) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint));
+        if let Some(p) = pki {
+            cmd.arg(format!("--cacert={}", p.ca.display()))
+                .arg(format!("--cert={}", p.client_cert.display()))
+                .arg(format!("--key={}", p.client_key.display()));
+        }
+        cmd
+    }
+
+    pub fn put(&self, pki: Option<&Pki>, key: &str, value: &str) {
+        let out = self.etcdctl(pki).args(["put", key, value]).output().unwrap();
+        assert!(out.status.success(), "etcdctl put: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The result of running the binary.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+pub fn run(args: &[&str]) -> Run {
+    run_env(args, &[])
+}
+
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"));
+    cmd.args(args).env_remove("ETCD_BACKUPD_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out: Output = cmd.output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A workspace for one test: a config file, staging and a file target.
+pub struct Work {
+    pub dir: TempDir,
+}
+
+impl Work {
+    pub fn new() -> Work {
+        let w = Work { dir: tempfile::tempdir().unwrap() };
+        std::fs::create_dir(w.target_root()).unwrap();
+        w
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path().join("config.toml")
+    }
+
+    pub fn staging(&self) -> PathBuf {
+        self.path().join("staging")
+    }
+
+    pub fn target_root(&self) -> PathBuf {
+        self.path().join("target")
+    }
+
+    /// Writes a config for a plain or TLS etcd and a local target; `extra` is appended.
+    pub fn write_config(&self, endpoint: &str, pki: Option<&Pki>, extra: &str) -> PathBuf {
+        let tls = match pki {
+            Some(p) => format!(
+                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                p.ca.display(),
+                p.client_cert.display(),
+                p.client_key.display()
+            ),
+            None => String::new(),
+        };
+        let text = format!(
+            "cluster_name = \"test\"\nnode_name = \"node-a\"\n\n[etcd]\nendpoints = [\"{endpoint}\"]\nconnect_timeout = \"3s\"\nrequest_timeout = \"10s\"\n{tls}\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n[[target]]\nname = \"local\"\nurl = \"file://{}\"\n{extra}",
+            self.staging().display(),
+            self.target_root().display()
+        );
+        std::fs::write(self.config(), text).unwrap();
+        self.config()
+    }
+
+    /// Complete set directories of cluster `test` on the target.
+    pub fn sets(&self) -> Vec<PathBuf> {
+        let dir = self.target_root().join("test");
+        let mut v: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(e) => e.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort();
+        v
+    }
+
+    /// Every path under the target and staging, for "nothing was left behind" checks.
+    pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else { return out };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(Work::files_under(&p));
+            }
+            out.push(p);
+        }
+        out.sort();
+        out
+    }
+
+    /// Files (not directories) left in staging.
+    pub fn staging_files(&self) -> Vec<PathBuf> {
+        Work::files_under(&self.staging()).into_iter().filter(|p| p.is_file()).collect()
+    }
+}
+
+/// A fixture of `/etc/kubernetes`: running manifests naming revision `rev` of each
+/// component, with an older and a newer revision also on disk.
+pub fn static_pod_fixture(root: &Path, rev: u32) {
+    let components = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"];
+    std::fs::create_dir_all(root.join("manifests")).unwrap();
+    for c in components {
+        let manifest = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {c}\nspec:\n  volumes:\n  - hostPath:\n      path: /etc/kubernetes/static-pod-resources/{c}-pod-{rev}\n    name: resource-dir\n  - hostPath:\n      path: /etc/kubernetes/static-pod-resources/{c}-certs\n    name: cert-dir\n"
+        );
+        std::fs::write(root.join("manifests").join(format!("{c}-pod.yaml")), manifest).unwrap();
+        for r in [rev - 1, rev, rev + 1] {
+            let d = root.join("static-pod-resources").join(format!("{c}-pod-{r}"));
+            std::fs::create_dir_all(d.join("configmaps/config")).unwrap();
+            std::fs::create_dir_all(d.join("secrets/serving-cert")).unwrap();
+            std::fs::write(d.join("configmaps/config/config.yaml"), format!("{c} revision {r}\n")).unwrap();
+            std::fs::write(d.join("secrets/serving-cert/tls.key"), "key material\n").unwrap();
+            std::fs::set_permissions(
+                d.join("secrets/serving-cert/tls.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(root.join("static-pod-resources").join(format!("{c}-certs"))).unwrap();
+    }
+}
+
+/// A TCP proxy that forwards both ways and flips one bit of the server's bytes at
+/// `flip_at`: corruption in transit, which a real etcd never produces on demand.
+pub struct CorruptingProxy {
+    pub port: u16,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl CorruptingProxy {
+    pub async fn start(upstream: &str, flip_at: u64) -> CorruptingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    c = listener.accept() => c.unwrap(),
+                    _ = &mut stopped => return,
+                };
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                tokio::spawn(async move {
+                    let mut seen = 0u64;
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if seen <= flip_at && flip_at < seen + n as u64 {
+                            buf[(flip_at - seen) as usize] ^= 0x10;
+                        }
+                        seen += n as u64;
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        CorruptingProxy { port, _stop: stop }
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests: one binary, a module per area, against real etcd processes and the real
+//! `etcd-backupd` binary.
+
+mod backup;
+mod cli_config;
+mod common;
