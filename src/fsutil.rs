@@ -106,6 +106,22 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// An exclusive lock on a file, held until dropped; `None` when another process holds it.
+pub fn try_lock(path: &Path) -> Result<Option<nix::fcntl::Flock<File>>> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open lock file '{}'", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(anyhow::anyhow!("cannot lock '{}': {e}", path.display())),
+    }
+}
+
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 pub fn free_space(path: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).with_context(|| format!("cannot statvfs '{}'", path.display()))?;

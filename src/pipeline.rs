@@ -107,6 +107,14 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
     let sets_root = staging.join("sets");
     fsutil::create_private_dir(&tmp_root).context("snapshot.staging_dir")?;
     fsutil::create_private_dir(&sets_root).context("snapshot.staging_dir")?;
+    // One run at a time per node: staging's tmp/ is cleaned below, which would pull files
+    // from under a concurrent run.
+    let _lock = fsutil::try_lock(&staging.join("lock"))?.ok_or_else(|| {
+        Stop::Skipped(format!(
+            "another backup is running on this node (it holds '{}')",
+            staging.join("lock").display()
+        ))
+    })?;
     clean_staging_tmp(&tmp_root);
 
     let (mut member, status) = etcd::connect_first(&settings.etcd).await?;

@@ -42,9 +42,10 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     let resources = w.path().join("etc-kubernetes");
     static_pod_fixture(&resources, 7);
     let cfg = w.write_config(&etcd.endpoint, None, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("static_resources_dir = \"\"", &format!("static_resources_dir = \"{}\"", resources.display()));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "static_resources_dir = \"\"",
+        &format!("static_resources_dir = \"{}\"", resources.display()),
+    );
     std::fs::write(&cfg, text).unwrap();
 
     let r = backup(&cfg);
@@ -52,12 +53,19 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     let set = only_set(&w);
     let id = set.file_name().unwrap().to_str().unwrap().to_string();
     assert_eq!(id.len(), "2026-11-25_023012".len(), "{id}");
-    assert!(r.stdout.contains(&format!("backup {id} of cluster test")), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("backup {id} of cluster test")),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("local: stored at file://"), "{}", r.stdout);
 
     let snap = set.join(format!("snapshot_{id}.db"));
     let archive = set.join(format!("static_kuberesources_{id}.tar.gz"));
-    let mut names: Vec<_> = std::fs::read_dir(&set).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(&set)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(
         names,
@@ -75,10 +83,28 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     assert_eq!(mode(set.parent().unwrap()), 0o700);
 
     // The platform's tools accept it.
-    let out = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(&set).output().unwrap();
-    assert!(out.status.success(), "sha256sum -c: {}", String::from_utf8_lossy(&out.stdout));
-    let out = etcd.etcdctl(None).args(["snapshot", "status", "-w", "json"]).arg(&snap).output().unwrap();
-    assert!(out.status.success(), "etcdctl snapshot status: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&set)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sha256sum -c: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = etcd
+        .etcdctl(None)
+        .args(["snapshot", "status", "-w", "json"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl snapshot status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(status["totalKey"].as_u64().unwrap() >= 3001, "{status}");
 
@@ -91,12 +117,30 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     let out = Command::new("tar").arg("-tzf").arg(&archive).output().unwrap();
     assert!(out.status.success());
     let listing = String::from_utf8(out.stdout).unwrap();
-    let mut tops: Vec<&str> = listing.lines().filter_map(|l| l.split('/').nth(1)).filter(|s| !s.is_empty()).collect();
+    let mut tops: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split('/').nth(1))
+        .filter(|s| !s.is_empty())
+        .collect();
     tops.sort();
     tops.dedup();
-    assert_eq!(tops, vec!["etcd-pod-7", "kube-apiserver-pod-7", "kube-controller-manager-pod-7", "kube-scheduler-pod-7"]);
-    assert!(listing.lines().all(|l| l.starts_with("static-pod-resources/")), "{listing}");
-    assert!(listing.contains("static-pod-resources/etcd-pod-7/secrets/serving-cert/tls.key"), "{listing}");
+    assert_eq!(
+        tops,
+        vec![
+            "etcd-pod-7",
+            "kube-apiserver-pod-7",
+            "kube-controller-manager-pod-7",
+            "kube-scheduler-pod-7"
+        ]
+    );
+    assert!(
+        listing.lines().all(|l| l.starts_with("static-pod-resources/")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("static-pod-resources/etcd-pod-7/secrets/serving-cert/tls.key"),
+        "{listing}"
+    );
 
     // The manifest describes what is there.
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
@@ -133,7 +177,12 @@ fn backup_over_tls_with_a_client_certificate() {
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     let set = only_set(&w);
-    let out = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(&set).output().unwrap();
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&set)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["etcd"]["endpoint"], etcd.endpoint.as_str());
@@ -161,7 +210,11 @@ fn tls_mistakes_fail_with_one_clear_line_and_leave_nothing() {
             "cannot connect",
         ),
         // no client certificate where the server requires one
-        (tls_etcd.endpoint.clone(), format!("ca_file = \"{}\"\n", pki.ca.display()), "etcd endpoint"),
+        (
+            tls_etcd.endpoint.clone(),
+            format!("ca_file = \"{}\"\n", pki.ca.display()),
+            "etcd endpoint",
+        ),
         // a client certificate file that does not exist
         (
             tls_etcd.endpoint.clone(),
@@ -179,18 +232,26 @@ fn tls_mistakes_fail_with_one_clear_line_and_leave_nothing() {
             "cannot connect",
         ),
         // nothing listening
-        (format!("http://127.0.0.1:{}", crate::common::free_port()), String::new(), "cannot connect"),
+        (
+            format!("http://127.0.0.1:{}", crate::common::free_port()),
+            String::new(),
+            "cannot connect",
+        ),
     ];
     for (endpoint, tls, expect) in cases {
         let cfg = w.write_config(&endpoint, None, "");
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("request_timeout = \"10s\"\n", &format!("request_timeout = \"5s\"\n{tls}"));
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "request_timeout = \"10s\"\n",
+            &format!("request_timeout = \"5s\"\n{tls}"),
+        );
         std::fs::write(&cfg, text).unwrap();
         let r = backup(&cfg);
         assert_eq!(r.code, 1, "{endpoint} {tls}: {}", r.all());
         let last = r.stderr.trim().lines().last().unwrap();
-        assert!(last.starts_with("error: ") && last.contains(expect), "{endpoint} {tls}: {last}");
+        assert!(
+            last.starts_with("error: ") && last.contains(expect),
+            "{endpoint} {tls}: {last}"
+        );
         assert_nothing_left(&w);
     }
 }
@@ -222,7 +283,11 @@ async fn a_snapshot_corrupted_in_transit_never_becomes_a_set() {
 
 fn mount_tmpfs(dir: &Path, opts: &str) -> TmpfsMount {
     std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).output().unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+        .arg(dir)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "these tests mount a small tmpfs and need root: {}",
@@ -276,24 +341,38 @@ fn unusable_staging_or_target_fails_cleanly() {
     std::fs::write(&cfg, text).unwrap();
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.stderr.contains("snapshot.staging_dir") && r.stderr.contains("plainfile/staging"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("snapshot.staging_dir") && r.stderr.contains("plainfile/staging"),
+        "{}",
+        r.stderr
+    );
 
     // a target on a read-only filesystem
     let _ro = mount_tmpfs(&w.target_root(), "size=1m,ro");
     let cfg = w.write_config(&etcd.endpoint, None, "");
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.stderr.contains("target 'local'") || r.stdout.contains("local: FAILED"), "{}", r.all());
+    assert!(
+        r.stderr.contains("target 'local'") || r.stdout.contains("local: FAILED"),
+        "{}",
+        r.all()
+    );
     assert!(r.all().contains("Read-only file system"), "{}", r.all());
     assert!(w.staging_files().is_empty(), "{:?}", w.staging_files());
 
     // a target directory that does not exist (an unmounted mount point) is not created
     let cfg = w.write_config(&etcd.endpoint, None, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("/target\"", "/not-mounted\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("/target\"", "/not-mounted\"");
     std::fs::write(&cfg, text).unwrap();
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.all().contains("not-mounted") && r.all().contains("No such file"), "{}", r.all());
+    assert!(
+        r.all().contains("not-mounted") && r.all().contains("No such file"),
+        "{}",
+        r.all()
+    );
     assert!(!w.path().join("not-mounted").exists());
 }
 
@@ -306,9 +385,10 @@ fn a_missing_static_pod_manifest_is_a_clear_error() {
     static_pod_fixture(&resources, 3);
     std::fs::remove_file(resources.join("manifests/kube-scheduler-pod.yaml")).unwrap();
     let cfg = w.write_config(&etcd.endpoint, None, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("static_resources_dir = \"\"", &format!("static_resources_dir = \"{}\"", resources.display()));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "static_resources_dir = \"\"",
+        &format!("static_resources_dir = \"{}\"", resources.display()),
+    );
     std::fs::write(&cfg, text).unwrap();
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
@@ -342,9 +422,44 @@ async fn an_existing_set_is_never_overwritten() {
     other.node = "node-b".into();
     let settings = Settings::load(&cfg).unwrap();
     let target = targets::open(&settings.targets[0]).unwrap();
-    let e = target.put_set("test", "node-b", &StagedSet { dir: staged_dir, manifest: other }).await.unwrap_err();
+    let e = target
+        .put_set(
+            "test",
+            "node-b",
+            &StagedSet {
+                dir: staged_dir,
+                manifest: other,
+            },
+        )
+        .await
+        .unwrap_err();
     assert!(format!("{e:#}").contains("already exists"), "{e:#}");
     assert_eq!(std::fs::read(set.join("manifest.json")).unwrap(), before);
     let debris: Vec<_> = std::fs::read_dir(w.target_root().join("test")).unwrap().collect();
     assert_eq!(debris.len(), 1, "no temporary directory may be left");
+}
+
+#[test]
+fn a_second_run_on_the_same_node_is_skipped_while_one_holds_staging() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    std::fs::create_dir_all(w.staging()).unwrap();
+    // Stand in for a run in progress: hold the same lock a run takes.
+    let held = etcd_backupd::fsutil::try_lock(&w.staging().join("lock"))
+        .unwrap()
+        .expect("free at first");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 3, "{}", r.all());
+    assert!(
+        r.stderr.contains("another backup is running on this node"),
+        "{}",
+        r.stderr
+    );
+    assert!(w.sets().is_empty());
+    drop(held);
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(w.sets().len(), 1);
 }

@@ -45,9 +45,18 @@ fn every_example_config_parses() {
 fn dropins_merge_in_lexical_order_and_errors_name_the_file() {
     let w = Work::new();
     let main = w.path().join("etc/config.toml");
-    write(&main, "node_name = \"n1\"\n[[target]]\nname = \"local\"\nurl = \"file:///srv/a\"\n");
-    write(&w.path().join("etc/config.d/20-b.toml"), "[election]\nlease_ttl = \"45s\"\n");
-    write(&w.path().join("etc/config.d/10-a.toml"), "[election]\nlease_ttl = \"40s\"\nprefix = \"/x\"\n");
+    write(
+        &main,
+        "node_name = \"n1\"\n[[target]]\nname = \"local\"\nurl = \"file:///srv/a\"\n",
+    );
+    write(
+        &w.path().join("etc/config.d/20-b.toml"),
+        "[election]\nlease_ttl = \"45s\"\n",
+    );
+    write(
+        &w.path().join("etc/config.d/10-a.toml"),
+        "[election]\nlease_ttl = \"40s\"\nprefix = \"/x\"\n",
+    );
     write(&w.path().join("etc/config.d/README"), "not toml, ignored\n");
     let cfg = main.to_str().unwrap();
     // --config after the subcommand, -v before it.
@@ -57,11 +66,17 @@ fn dropins_merge_in_lexical_order_and_errors_name_the_file() {
     assert!(r.stdout.contains("prefix = \"/x\""), "{}", r.stdout);
     assert!(r.stdout.contains("config.d/10-a.toml") && r.stdout.contains("config.d/20-b.toml"));
 
-    write(&w.path().join("etc/config.d/30-target.toml"), "[[target]]\nname = \"remote\"\nurl = \"backups/here\"\n");
+    write(
+        &w.path().join("etc/config.d/30-target.toml"),
+        "[[target]]\nname = \"remote\"\nurl = \"backups/here\"\n",
+    );
     let r = run(&["--config", cfg, "check-config"]);
     assert_eq!(r.code, 2, "{}", r.all());
     let line = r.stderr.trim();
-    assert!(line.ends_with("config.d/30-target.toml: target[0].url: relative URL without a base"), "{line}");
+    assert!(
+        line.ends_with("config.d/30-target.toml: target[0].url: relative URL without a base"),
+        "{line}"
+    );
     assert_eq!(line.lines().count(), 1);
 }
 
@@ -70,23 +85,49 @@ fn unknown_keys_and_bad_values_exit_2_with_one_line() {
     let w = Work::new();
     let cfg = w.config();
     for (text, expect) in [
-        ("[etcd]\nendpionts = [\"http://a:1\"]\n", "config.toml: etcd.endpionts: unknown field `endpionts`"),
-        ("[guards]\nmin_cluster_age = \"a day\"\n", "config.toml: guards.min_cluster_age: invalid duration"),
-        ("[priority]\nupload_rate_limit = \"fast\"\n", "config.toml: priority.upload_rate_limit: invalid rate"),
-        ("[guards]\nmin_free_space = \"lots\"\n", "config.toml: guards.min_free_space: invalid free space"),
-        ("[snapshot]\nmethod = \"magic\"\n", "config.toml: snapshot.method: unknown variant `magic`"),
+        (
+            "[etcd]\nendpionts = [\"http://a:1\"]\n",
+            "config.toml: etcd.endpionts: unknown field `endpionts`",
+        ),
+        (
+            "[guards]\nmin_cluster_age = \"a day\"\n",
+            "config.toml: guards.min_cluster_age: invalid duration",
+        ),
+        (
+            "[priority]\nupload_rate_limit = \"fast\"\n",
+            "config.toml: priority.upload_rate_limit: invalid rate",
+        ),
+        (
+            "[guards]\nmin_free_space = \"lots\"\n",
+            "config.toml: guards.min_free_space: invalid free space",
+        ),
+        (
+            "[snapshot]\nmethod = \"magic\"\n",
+            "config.toml: snapshot.method: unknown variant `magic`",
+        ),
         ("[schedule]\ncron = \"* * *\"\n", "config.toml: schedule.cron:"),
         ("[etcd\n", "config.toml: line 2:"),
     ] {
-        write(&cfg, &format!("node_name = \"n\"\n{text}\n[[target]]\nurl = \"file:///srv/x\"\n"));
+        write(
+            &cfg,
+            &format!("node_name = \"n\"\n{text}\n[[target]]\nurl = \"file:///srv/x\"\n"),
+        );
         let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
         assert_eq!(r.code, 2, "{text}: {}", r.all());
         assert!(r.stderr.contains(expect), "{text}: {}", r.stderr);
         assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
     }
-    let r = run(&["check-config", "--config", w.path().join("missing.toml").to_str().unwrap()]);
+    let r = run(&[
+        "check-config",
+        "--config",
+        w.path().join("missing.toml").to_str().unwrap(),
+    ]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("missing.toml: no such configuration file"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("missing.toml: no such configuration file"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -106,7 +147,11 @@ fn secrets_come_from_private_files_and_are_never_printed() {
     );
     let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 2, "{}", r.all());
-    assert!(r.stderr.contains("target[0].password_file") && r.stderr.contains("mode 0640"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("target[0].password_file") && r.stderr.contains("mode 0640"),
+        "{}",
+        r.stderr
+    );
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
     let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -124,8 +169,16 @@ fn node_name_expands_in_paths() {
     );
     let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stdout.contains("staging_dir = \"/var/lib/etcd-backupd/master-2\""), "{}", r.stdout);
-    assert!(r.stdout.contains("etcd-peer-master-2.crt") && r.stdout.contains("etcd-peer-master-2.key"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("staging_dir = \"/var/lib/etcd-backupd/master-2\""),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("etcd-peer-master-2.crt") && r.stdout.contains("etcd-peer-master-2.key"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]

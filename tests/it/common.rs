@@ -29,12 +29,16 @@ impl Pki {
     pub fn new(dir: &Path, tag: &str) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.distinguished_name.push(DnType::CommonName, format!("test-ca-{tag}"));
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("test-ca-{tag}"));
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
 
         let mut server = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        server.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
         server.distinguished_name.push(DnType::CommonName, "etcd-server");
         let server_key = KeyPair::generate().unwrap();
         let server_cert = server.signed_by(&server_key, &ca).unwrap();
@@ -96,7 +100,9 @@ impl Etcd {
                 .arg(format!("--trusted-ca-file={}", p.ca.display()))
                 .arg("--client-cert-auth");
         }
-        let child = cmd.spawn().expect("etcd must be installed (Debian package etcd-server)");
+        let child = cmd
+            .spawn()
+            .expect("etcd must be installed (Debian package etcd-server)");
         let etcd = Etcd { endpoint, dir, child };
         etcd.wait_ready();
         etcd
@@ -107,13 +113,19 @@ impl Etcd {
         let log = self.dir.path().join("etcd.log");
         while Instant::now() < deadline {
             if let Ok(f) = std::fs::File::open(&log)
-                && std::io::BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains("ready to serve client requests"))
+                && std::io::BufReader::new(f)
+                    .lines()
+                    .map_while(Result::ok)
+                    .any(|l| l.contains("ready to serve client requests"))
             {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        panic!(
+            "etcd did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     /// Writes `count` keys of `value_len` bytes each with `etcdctl` (the real client).
@@ -124,7 +136,10 @@ impl Etcd {
         while start < count {
             let end = (start + 100).min(count);
             let mut cmd = self.etcdctl(pki);
-            cmd.arg("txn").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+            cmd.arg("txn")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
             let mut child = cmd.spawn().unwrap();
             {
                 let stdin = child.stdin.as_mut().unwrap();
@@ -136,14 +151,19 @@ impl Etcd {
                 writeln!(stdin).unwrap();
             }
             let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "etcdctl txn: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "etcdctl txn: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             start = end;
         }
     }
 
     pub fn etcdctl(&self, pki: Option<&Pki>) -> Command {
         let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint));
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint));
         if let Some(p) = pki {
             cmd.arg(format!("--cacert={}", p.ca.display()))
                 .arg(format!("--cert={}", p.client_cert.display()))
@@ -154,7 +174,11 @@ impl Etcd {
 
     pub fn put(&self, pki: Option<&Pki>, key: &str, value: &str) {
         let out = self.etcdctl(pki).args(["put", key, value]).output().unwrap();
-        assert!(out.status.success(), "etcdctl put: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "etcdctl put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -203,7 +227,9 @@ pub struct Work {
 
 impl Work {
     pub fn new() -> Work {
-        let w = Work { dir: tempfile::tempdir().unwrap() };
+        let w = Work {
+            dir: tempfile::tempdir().unwrap(),
+        };
         std::fs::create_dir(w.target_root()).unwrap();
         w
     }
@@ -258,7 +284,9 @@ impl Work {
     /// Every path under the target and staging, for "nothing was left behind" checks.
     pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(dir) else { return out };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return out;
+        };
         for e in entries {
             let p = e.unwrap().path();
             if p.is_dir() {
@@ -270,9 +298,13 @@ impl Work {
         out
     }
 
-    /// Files (not directories) left in staging.
+    /// Files (not directories) left in staging, but for the run lock, which stays.
     pub fn staging_files(&self) -> Vec<PathBuf> {
-        Work::files_under(&self.staging()).into_iter().filter(|p| p.is_file()).collect()
+        let lock = self.staging().join("lock");
+        Work::files_under(&self.staging())
+            .into_iter()
+            .filter(|p| p.is_file() && *p != lock)
+            .collect()
     }
 }
 
