@@ -4,11 +4,12 @@
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use etcd_client::{Certificate, Client, Identity, TlsOptions};
 use url::Url;
 
 use crate::config::EtcdSettings;
+use crate::error::Stop;
 
 /// A client bound to exactly one member.
 pub struct Member {
@@ -61,23 +62,62 @@ fn flatten(e: &dyn std::error::Error) -> String {
     parts.join(": ").replace('\n', " ")
 }
 
-fn tls_options(settings: &EtcdSettings, host: &str) -> Result<Option<TlsOptions>> {
-    let Some(tls) = &settings.tls else { return Ok(None) };
-    let ca = std::fs::read(&tls.ca_file).with_context(|| format!("etcd.ca_file '{}'", tls.ca_file.display()))?;
-    let mut opts = TlsOptions::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(host);
-    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-        let c = std::fs::read(cert).with_context(|| format!("etcd.cert_file '{}'", cert.display()))?;
-        let k = std::fs::read(key).with_context(|| format!("etcd.key_file '{}'", key.display()))?;
-        opts = opts.identity(Identity::from_pem(c, k));
+/// The TLS files, read once per run: a missing or unreadable one is a configuration error
+/// (exit 2), not a failure of each endpoint in turn.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    ca: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsMaterial {
+    pub fn load(settings: &EtcdSettings) -> Result<Option<TlsMaterial>> {
+        let Some(tls) = &settings.tls else { return Ok(None) };
+        let read = |key: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Stop::Usage(format!("etcd.{key} '{}': {e}", path.display())))
+        };
+        let ca = read("ca_file", &tls.ca_file)?;
+        let identity = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => {
+                let cert = read("cert_file", cert)?;
+                crate::config::check_secret_file(key).map_err(|e| Stop::Usage(format!("etcd.key_file: {e}")))?;
+                Some((cert, read("key_file", key)?))
+            }
+            _ => None,
+        };
+        Ok(Some(TlsMaterial { ca, identity }))
     }
-    Ok(Some(opts))
+
+    fn options(&self, host: &str) -> TlsOptions {
+        let mut opts = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .domain_name(host);
+        if let Some((cert, key)) = &self.identity {
+            opts = opts.identity(Identity::from_pem(cert, key));
+        }
+        opts
+    }
+}
+
+/// The likely cause of a TLS error whose wording does not say it.
+fn tls_hint(msg: &str) -> &'static str {
+    if msg.contains("InvalidContentType") || msg.contains("corrupt message") || msg.contains("tls handshake eof") {
+        " (is the endpoint plain http:// rather than https://?)"
+    } else if msg.contains("UnknownIssuer") {
+        " (etcd.ca_file does not hold the CA that signed the server's certificate)"
+    } else if msg.contains("CertificateRequired")
+        || msg.contains("certificate required")
+        || msg.contains("BadCertificate")
+    {
+        " (the server wants a client certificate it trusts: check etcd.cert_file and etcd.key_file)"
+    } else {
+        ""
+    }
 }
 
 impl Member {
     /// Connects to `endpoint` only; connection and TLS errors surface here, not later.
-    pub async fn connect(settings: &EtcdSettings, endpoint: &Url) -> Result<Member> {
+    pub async fn connect(settings: &EtcdSettings, tls: Option<&TlsMaterial>, endpoint: &Url) -> Result<Member> {
         let shown = endpoint.as_str().trim_end_matches('/');
         let host = endpoint
             .host_str()
@@ -88,18 +128,19 @@ impl Member {
             .map_err(|e| anyhow!("etcd endpoint '{shown}': {}", flatten(&e)))?
             .connect_timeout(settings.connect_timeout.0)
             .tcp_nodelay(true);
-        if let Some(tls) = tls_options(settings, &host)? {
+        if let Some(tls) = tls {
             ep = ep
-                .tls_config(tls)
+                .tls_config(tls.options(&host))
                 .map_err(|e| anyhow!("etcd endpoint '{shown}': TLS configuration: {}", flatten(&e)))?;
         }
         let channel = within(
             settings.connect_timeout.0 + Duration::from_secs(1),
             &format!("etcd endpoint '{shown}'"),
             async {
-                ep.connect()
-                    .await
-                    .map_err(|e| anyhow!("etcd endpoint '{shown}': cannot connect: {}", flatten(&e)))
+                ep.connect().await.map_err(|e| {
+                    let msg = flatten(&e);
+                    anyhow!("etcd endpoint '{shown}': cannot connect: {msg}{}", tls_hint(&msg))
+                })
             },
         )
         .await?;
@@ -118,7 +159,13 @@ impl Member {
     }
 
     fn rpc_error(&self, what: &str, e: etcd_client::Error) -> anyhow::Error {
-        anyhow!("etcd endpoint '{}': {what}: {}", self.shown(), flatten(&e))
+        let msg = match &e {
+            // tonic's Status Display appends a Debug dump of its source; code and message do.
+            etcd_client::Error::GRpcStatus(status) => format!("{:?}: {}", status.code(), status.message()),
+            other => flatten(other),
+        };
+        let msg = msg.replace('\n', " ");
+        anyhow!("etcd endpoint '{}': {what}: {msg}{}", self.shown(), tls_hint(&msg))
     }
 
     pub async fn status(&mut self) -> Result<MemberStatus> {
@@ -179,11 +226,17 @@ pub fn parse_cluster_version(raw: &[u8]) -> ClusterVersion {
 /// Connects to the configured endpoints in order and returns the first that answers
 /// `Status`, with its status. Errors of every endpoint are reported together.
 pub async fn connect_first(settings: &EtcdSettings) -> Result<(Member, MemberStatus)> {
+    let tls = TlsMaterial::load(settings)?;
     let mut errors = Vec::new();
     for ep in &settings.endpoints {
-        match Member::connect(settings, ep).await {
+        match Member::connect(settings, tls.as_ref(), ep).await {
             Ok(mut m) => match m.status().await {
                 Ok(st) => return Ok((m, st)),
+                // TLS 1.3 servers reject a missing client certificate after the handshake, so
+                // the client only sees the connection go away: say what is likely.
+                Err(e) if tls.as_ref().is_some_and(|t| t.identity.is_none()) => errors.push(format!(
+                    "{e:#} (no client certificate is configured; if the server requires one, set etcd.cert_file and etcd.key_file)"
+                )),
                 Err(e) => errors.push(format!("{e:#}")),
             },
             Err(e) => errors.push(format!("{e:#}")),

@@ -44,14 +44,31 @@ pub fn fsync_dir(path: &Path) -> Result<()> {
 /// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing anything: a plain
 /// rename(2) would silently replace an empty directory.
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    nix::fcntl::renameat2(
+    match nix::fcntl::renameat2(
         nix::fcntl::AT_FDCWD,
         from,
         nix::fcntl::AT_FDCWD,
         to,
         nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(io::Error::from)
+    ) {
+        Ok(()) => Ok(()),
+        // NFS, 9p and many FUSE filesystems take no rename flags: check, then rename(2),
+        // which still refuses to replace a non-empty directory.
+        Err(nix::errno::Errno::EINVAL) => {
+            if std::fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "destination exists"));
+            }
+            std::fs::rename(from, to).map_err(|e| {
+                let clash = [nix::errno::Errno::ENOTEMPTY as i32, nix::errno::Errno::EEXIST as i32];
+                if e.raw_os_error().is_some_and(|code| clash.contains(&code)) {
+                    io::Error::new(io::ErrorKind::AlreadyExists, "destination exists")
+                } else {
+                    e
+                }
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes `bytes` to a new private file and fsyncs it.

@@ -31,14 +31,22 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                error::EXIT_USAGE
-            } else {
-                error::EXIT_OK
-            };
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(error::EXIT_OK);
+        }
+        Err(e) => {
+            // One line, as every other error: clap's text up to its usage block.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{} (see 'etcd-backupd --help')", parts.join(" "));
+            return ExitCode::from(error::EXIT_USAGE);
         }
     };
     init_logging(cli.verbose);

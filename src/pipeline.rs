@@ -81,14 +81,45 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Box<d
         .collect()
 }
 
-/// Removes what an interrupted run of this node left in staging.
-fn clean_staging_tmp(tmp_root: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp_root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        tracing::info!(path = %entry.path().display(), "removing a leftover from an interrupted run");
-        fsutil::remove_dir_quietly(&entry.path());
+/// Marks a directory as ours, so that a mistyped `staging_dir` (say `/var`) is refused
+/// instead of having its contents cleaned and its mode changed.
+const STAGING_MARKER: &str = ".etcd-backupd-staging";
+
+/// Makes sure `staging` is ours (new, empty, or marked), then creates it.
+fn prepare_staging(staging: &Path) -> Result<()> {
+    let marker = staging.join(STAGING_MARKER);
+    match std::fs::read_dir(staging) {
+        Ok(mut entries) => {
+            if !marker.exists() && entries.next().is_some() {
+                bail!(Stop::Usage(format!(
+                    "snapshot.staging_dir '{}' is not empty and has no {STAGING_MARKER} marker, so it does not look like etcd-backupd's staging directory; use a new or empty one",
+                    staging.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow!("snapshot.staging_dir '{}': {e}", staging.display())),
+    }
+    fsutil::create_private_dir(staging).context("snapshot.staging_dir")?;
+    if !marker.exists() {
+        fsutil::write_private_file(
+            &marker,
+            b"staging directory of etcd-backupd; its contents are managed\n",
+        )
+        .context("snapshot.staging_dir")?;
+    }
+    Ok(())
+}
+
+/// Removes what an interrupted run of this node left in staging. Without pending delivery
+/// (a later version), a set left in `sets/` has no use either.
+fn clean_staging_leftovers(dirs: &[&Path]) {
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for entry in entries.flatten() {
+            tracing::info!(path = %entry.path().display(), "removing a leftover from an interrupted run");
+            fsutil::remove_dir_quietly(&entry.path());
+        }
     }
 }
 
@@ -102,7 +133,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
     let targets = selected_targets(settings, opts.target.as_deref())?;
 
     let staging = &settings.snapshot.staging_dir;
-    fsutil::create_private_dir(staging).context("snapshot.staging_dir")?;
+    prepare_staging(staging)?;
     let tmp_root = staging.join("tmp");
     let sets_root = staging.join("sets");
     fsutil::create_private_dir(&tmp_root).context("snapshot.staging_dir")?;
@@ -115,7 +146,11 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
             staging.join("lock").display()
         ))
     })?;
-    clean_staging_tmp(&tmp_root);
+    clean_staging_leftovers(&[&tmp_root, &sets_root]);
+    // A target that cannot take the set should fail before a snapshot is taken for it.
+    for t in &targets {
+        t.preflight().await?;
+    }
 
     let (mut member, status) = etcd::connect_first(&settings.etcd).await?;
     tracing::info!(

@@ -166,6 +166,7 @@ async fn stream_to(member: &mut Member, part: &Path) -> Result<(Verified, Option
         .await?;
         let mut revision = None;
         let mut last_remaining = None;
+        let mut writer_gone = false;
         loop {
             let msg = tokio::time::timeout(idle, stream.message())
                 .await
@@ -187,21 +188,27 @@ async fn stream_to(member: &mut Member, part: &Path) -> Result<(Verified, Option
             }
             last_remaining = Some(msg.remaining_bytes());
             if !msg.blob().is_empty() && tx.send(msg.blob().to_vec()).await.is_err() {
-                // The writer stopped: its own error says why.
+                // The writer stopped: its own error (e.g. no space left) says why.
+                writer_gone = true;
                 break;
             }
         }
         drop(tx);
         match last_remaining {
+            _ if writer_gone => Ok((revision, true)),
             None => bail!("etcd endpoint '{shown}': snapshot stream ended without data"),
             Some(n) if n != 0 => bail!("etcd endpoint '{shown}': snapshot stream ended with {n} bytes still to come"),
-            _ => Ok(revision),
+            _ => Ok((revision, false)),
         }
     };
     let pumped = pump.await;
     let written = writer.await.map_err(|e| anyhow!("snapshot writer failed: {e}"))?;
-    let revision = pumped?;
-    Ok((written?, revision))
+    match (pumped, written) {
+        (Ok((revision, _)), Ok(verified)) => Ok((verified, revision)),
+        // A broken stream also fails the trailer check; the stream's error is the cause.
+        (Err(stream), _) => Err(stream),
+        (Ok(_), Err(write)) => Err(write),
+    }
 }
 
 #[cfg(test)]

@@ -35,12 +35,20 @@ impl Merged {
         }
     }
 
-    /// `file: key: message`, the one-line form of every configuration error.
-    pub fn error_at(&self, path: &str, msg: impl std::fmt::Display) -> String {
+    /// `file: key` for a merged key path: where to look to change it.
+    pub fn locate(&self, path: &str) -> String {
         match self.origin_of(path) {
             // The nearest origin may be a parent (a whole table): keep the rest of the path
             // so the message still names the exact key.
-            Some((prefix, o)) => format!("{}: {}{}: {}", o.file.display(), o.key, &path[prefix.len()..], msg),
+            Some((prefix, o)) => format!("{}: {}{}", o.file.display(), o.key, &path[prefix.len()..]),
+            None => path.to_string(),
+        }
+    }
+
+    /// `file: key: message`, the one-line form of every configuration error.
+    pub fn error_at(&self, path: &str, msg: impl std::fmt::Display) -> String {
+        match self.origin_of(path) {
+            Some(_) => format!("{}: {msg}", self.locate(path)),
             None if path.is_empty() => msg.to_string(),
             None => format!("{path}: {msg} (default value)"),
         }
@@ -179,6 +187,7 @@ fn merge_targets(merged: &mut Merged, file: &Path, value: Value) -> Result<(), S
         Some(Value::Array(list)) => list,
         _ => Vec::new(),
     };
+    let mut names_here: Vec<(String, usize)> = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let Value::Table(incoming) = item else {
             return Err(format!(
@@ -187,6 +196,16 @@ fn merge_targets(merged: &mut Merged, file: &Path, value: Value) -> Result<(), S
             ));
         };
         let name = incoming.get("name").and_then(Value::as_str).map(str::to_string);
+        if let Some(n) = &name {
+            // Within one file the same name twice is a copy-paste slip, not an override.
+            if let Some((_, j)) = names_here.iter().find(|(m, _)| m == n) {
+                return Err(format!(
+                    "{}: target[{i}].name: {n:?} is already used by target[{j}] in this file",
+                    file.display()
+                ));
+            }
+            names_here.push((n.clone(), i));
+        }
         let existing = name.as_deref().and_then(|n| {
             list.iter()
                 .position(|t| t.get("name").and_then(Value::as_str) == Some(n))

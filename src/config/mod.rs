@@ -58,6 +58,9 @@ pub struct Settings {
     pub retention: RetentionInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetSettings>,
+    /// Each secret file with where it was configured (`file: target[0].password_file`).
+    #[serde(skip)]
+    pub secret_files: Vec<(String, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,11 +128,13 @@ impl Settings {
     /// Loads `main` and its drop-ins and validates the result. This checks syntax and
     /// meaning only; [`Settings::check_node_files`] checks the files the config names.
     pub fn load(main: &Path) -> Result<Settings, ConfigError> {
-        if !main.exists() {
-            return Err(ConfigError(format!(
-                "{}: no such configuration file (give another with --config PATH)",
-                main.display()
-            )));
+        if let Err(e) = std::fs::metadata(main) {
+            let why = if e.kind() == std::io::ErrorKind::NotFound {
+                "no such configuration file (give another with --config PATH)".to_string()
+            } else {
+                e.to_string()
+            };
+            return Err(ConfigError(format!("{}: {why}", main.display())));
         }
         let merged = load::read_all(main).map_err(ConfigError)?;
         Settings::from_merged(merged)
@@ -158,10 +163,8 @@ impl Settings {
 
     /// Checks what only the node can: secret files exist and are private.
     pub fn check_node_files(&self) -> Result<(), ConfigError> {
-        for (i, t) in self.targets.iter().enumerate() {
-            for (key, path) in t.secret_files() {
-                check_secret_file(path).map_err(|e| ConfigError(format!("target[{i}].{key}: {e}")))?;
-            }
+        for (at, path) in &self.secret_files {
+            check_secret_file(path).map_err(|e| ConfigError(format!("{at}: {e}")))?;
         }
         Ok(())
     }
@@ -421,6 +424,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         });
     }
     let mut targets: Vec<TargetSettings> = Vec::new();
+    let mut secret_files = Vec::new();
     for (i, t) in inputs.targets.iter().enumerate() {
         let at = |k: &str| format!("target[{i}].{k}");
         let name = t.name.clone().unwrap_or_else(|| format!("target-{}", i + 1));
@@ -428,7 +432,8 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         if targets.iter().any(|o| o.name == name) {
             return Err(m.error_at(&at("name"), format!("{name:?} is used by two targets")));
         }
-        let url = parse_target_url(&t.url).map_err(|e| m.error_at(&at("url"), e))?;
+        let raw_url = t.url.replace("{node_name}", &node_name);
+        let url = parse_target_url(&raw_url).map_err(|e| m.error_at(&at("url"), e))?;
         let p = |k: &str, v: &Option<PathBuf>| opt_path(&at(k), v);
         let target = TargetSettings {
             name,
@@ -477,6 +482,9 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
                 }
             }
         }
+        for (key, path) in target.secret_files() {
+            secret_files.push((m.locate(&at(key)), path.to_path_buf()));
+        }
         targets.push(target);
     }
 
@@ -492,6 +500,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         priority: inputs.priority,
         retention: inputs.retention,
         targets,
+        secret_files,
     })
 }
 
@@ -646,8 +655,12 @@ mod tests {
             "{e}"
         );
         let e = load("[[target]]\nname=\"a\"\nurl = \"file:///a\"\n[[target]]\nname=\"a\"\nurl = \"file:///b\"\n");
-        // Same name in one file merges into one target rather than clashing.
-        assert_eq!(e.unwrap().targets.len(), 1);
+        assert_eq!(
+            e.unwrap_err(),
+            "config.toml: target[1].name: \"a\" is already used by target[0] in this file"
+        );
+        let s = load("node_name = \"m1\"\n[[target]]\nurl = \"file:///srv/{node_name}/x\"\n").unwrap();
+        assert_eq!(s.targets[0].url.as_str(), "file:///srv/m1/x/");
         let e = load("[[target]]\nurl = \"ftp://x/\"\n").unwrap_err();
         assert!(e.contains("scheme 'ftp' is not supported"), "{e}");
         let e = load("[[target]]\nurl = \"https://x/\"\npassword_file = \"/p\"\n").unwrap_err();

@@ -1,5 +1,5 @@
 //! A directory on this host (`file:///path`), e.g. an NFS mount. Sets are assembled in
-//! `<cluster>/<id>.partial-<node>-<random>/` and renamed to `<cluster>/<id>/` with
+//! `<cluster>/.<id>.partial-<node>-<random>/` and renamed to `<cluster>/<id>/` with
 //! `RENAME_NOREPLACE` once every file is copied, checked against the manifest and fsynced.
 
 use std::path::{Path, PathBuf};
@@ -60,7 +60,9 @@ impl FileTarget {
                 final_dir.display()
             );
         }
-        let tmp = cluster_dir.join(format!("{id}{PARTIAL_MARK}{node}-{:08x}", rand::random::<u32>()));
+        // Hidden, and named so that no reader takes it for a set even though it holds a
+        // manifest.json just before the rename.
+        let tmp = cluster_dir.join(format!(".{id}{PARTIAL_MARK}{node}-{:08x}", rand::random::<u32>()));
         fsutil::create_private_dir(&tmp).with_context(|| format!("target '{}'", self.name))?;
         let result = (|| -> Result<()> {
             for f in &set.manifest.files {
@@ -155,6 +157,10 @@ fn read_names(dir: &Path) -> Result<Vec<String>> {
 impl Target for FileTarget {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    async fn preflight(&self) -> Result<()> {
+        self.check_root()
     }
 
     fn describe(&self, cluster: &str, id: &str) -> String {

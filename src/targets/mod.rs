@@ -32,6 +32,8 @@ pub trait Target: Send + Sync {
     fn name(&self) -> &str;
     /// Where a set lands, for humans: `file:///srv/backup/prod/2026-11-25_023012/`.
     fn describe(&self, cluster: &str, id: &str) -> String;
+    /// Cheap checks that the target can take a set, run before the snapshot.
+    async fn preflight(&self) -> Result<()>;
     /// Stores `set` under `<cluster>/<id>/`; fails, leaving nothing visible, if a set with
     /// that id exists or anything goes wrong.
     async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()>;

@@ -148,7 +148,12 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     assert_eq!(m["trigger"], "manual");
     assert_eq!(m["node"], "node-a");
     assert_eq!(m["cluster_name"], "test");
-    assert_eq!(m["etcd"]["version"], "3.4.23");
+    let out = Command::new("etcd").arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd Version: ").map(str::to_string))
+        .unwrap();
+    assert_eq!(m["etcd"]["version"], version.as_str());
     assert!(m["etcd"]["revision"].as_i64().unwrap() >= 31, "{m}");
     assert_eq!(m["openshift"]["version"], "4.15.4");
     assert_eq!(m["openshift"]["cluster_id"], "c0ffee-id");
@@ -197,7 +202,7 @@ fn tls_mistakes_fail_with_one_clear_line_and_leave_nothing() {
     let plain_etcd = Etcd::start();
     let plain_port = plain_etcd.endpoint.rsplit(':').next().unwrap().to_string();
 
-    let cases: Vec<(String, String, &str)> = vec![
+    let cases: Vec<(String, String, &str, i32)> = vec![
         // wrong CA: the server's certificate does not chain to it
         (
             tls_etcd.endpoint.clone(),
@@ -207,13 +212,15 @@ fn tls_mistakes_fail_with_one_clear_line_and_leave_nothing() {
                 pki.client_cert.display(),
                 pki.client_key.display()
             ),
-            "cannot connect",
+            "etcd.ca_file does not hold the CA",
+            1,
         ),
         // no client certificate where the server requires one
         (
             tls_etcd.endpoint.clone(),
             format!("ca_file = \"{}\"\n", pki.ca.display()),
-            "etcd endpoint",
+            "no client certificate is configured",
+            1,
         ),
         // a client certificate file that does not exist
         (
@@ -224,21 +231,24 @@ fn tls_mistakes_fail_with_one_clear_line_and_leave_nothing() {
                 pki.client_key.display()
             ),
             "etcd.cert_file '/nonexistent/etcd-peer.crt'",
+            2,
         ),
         // TLS to a plain-http server
         (
             format!("https://127.0.0.1:{plain_port}"),
             format!("ca_file = \"{}\"\n", pki.ca.display()),
-            "cannot connect",
+            "is the endpoint plain http://",
+            1,
         ),
         // nothing listening
         (
             format!("http://127.0.0.1:{}", crate::common::free_port()),
             String::new(),
-            "cannot connect",
+            "Connection refused",
+            1,
         ),
     ];
-    for (endpoint, tls, expect) in cases {
+    for (endpoint, tls, expect, code) in cases {
         let cfg = w.write_config(&endpoint, None, "");
         let text = std::fs::read_to_string(&cfg).unwrap().replace(
             "request_timeout = \"10s\"\n",
@@ -246,8 +256,9 @@ fn tls_mistakes_fail_with_one_clear_line_and_leave_nothing() {
         );
         std::fs::write(&cfg, text).unwrap();
         let r = backup(&cfg);
-        assert_eq!(r.code, 1, "{endpoint} {tls}: {}", r.all());
+        assert_eq!(r.code, code, "{endpoint} {tls}: {}", r.all());
         let last = r.stderr.trim().lines().last().unwrap();
+        eprintln!("{last}");
         assert!(
             last.starts_with("error: ") && last.contains(expect),
             "{endpoint} {tls}: {last}"
@@ -446,6 +457,7 @@ fn a_second_run_on_the_same_node_is_skipped_while_one_holds_staging() {
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "");
     std::fs::create_dir_all(w.staging()).unwrap();
+    std::fs::write(w.staging().join(".etcd-backupd-staging"), "").unwrap();
     // Stand in for a run in progress: hold the same lock a run takes.
     let held = etcd_backupd::fsutil::try_lock(&w.staging().join("lock"))
         .unwrap()
@@ -462,4 +474,29 @@ fn a_second_run_on_the_same_node_is_skipped_while_one_holds_staging() {
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(w.sets().len(), 1);
+}
+
+#[test]
+fn a_staging_dir_that_is_not_ours_is_refused_untouched() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    // A mistyped staging_dir pointing at a directory with other contents, e.g. /var.
+    std::fs::create_dir_all(w.staging().join("tmp")).unwrap();
+    std::fs::write(w.staging().join("tmp/someone-elses-file"), "keep me").unwrap();
+    std::fs::set_permissions(w.staging(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let r = backup(&cfg);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("snapshot.staging_dir") && r.stderr.contains("marker"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.staging().join("tmp/someone-elses-file")).unwrap(),
+        "keep me"
+    );
+    assert_eq!(mode(&w.staging()), 0o755);
+    assert!(w.sets().is_empty());
 }

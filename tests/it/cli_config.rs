@@ -148,7 +148,7 @@ fn secrets_come_from_private_files_and_are_never_printed() {
     let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(
-        r.stderr.contains("target[0].password_file") && r.stderr.contains("mode 0640"),
+        r.stderr.contains("config.toml: target[0].password_file: ") && r.stderr.contains("mode 0640"),
         "{}",
         r.stderr
     );
@@ -199,6 +199,10 @@ fn commands_not_built_yet_exit_2_and_say_so() {
         assert_eq!(r.code, 2, "{args:?}: {}", r.all());
         assert!(r.stderr.contains("not implemented yet"), "{args:?}: {}", r.stderr);
     }
-    let r = run(&["frobnicate"]);
-    assert_eq!(r.code, 2);
+    for args in [vec!["frobnicate"], vec!["fetch"], vec!["backup", "--bogus"]] {
+        let r = run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.all());
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.starts_with("error: "), "{args:?}: {}", r.stderr);
+    }
 }

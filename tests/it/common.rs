@@ -298,12 +298,15 @@ impl Work {
         out
     }
 
-    /// Files (not directories) left in staging, but for the run lock, which stays.
+    /// Files (not directories) left in staging, but for the run lock and the marker, which stay.
     pub fn staging_files(&self) -> Vec<PathBuf> {
-        let lock = self.staging().join("lock");
+        let keep = [
+            self.staging().join("lock"),
+            self.staging().join(".etcd-backupd-staging"),
+        ];
         Work::files_under(&self.staging())
             .into_iter()
-            .filter(|p| p.is_file() && *p != lock)
+            .filter(|p| p.is_file() && !keep.contains(p))
             .collect()
     }
 }
