@@ -197,16 +197,7 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             .ok_or_else(|| Stop::Usage(format!("--target {name:?}: no such target")))?,
         None => &settings.targets[0],
     };
-    let target = targets::open(t).map_err(|e| {
-        if t.url.scheme().starts_with("http") {
-            anyhow::anyhow!(Stop::NotImplemented(format!(
-                "listing http(s)/WebDAV target '{}'",
-                t.name
-            )))
-        } else {
-            e
-        }
-    })?;
+    let target = targets::open(t)?;
     let sets = target.list_sets(settings.cluster_name.as_deref()).await?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -269,8 +260,14 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
         );
         for t in &settings.targets {
             let target = targets::open(t)?;
-            target.list_sets(settings.cluster_name.as_deref()).await?;
-            println!("ok: target '{}' is readable", t.name);
+            println!("target '{}': {}", t.name, target.route());
+            target.preflight().await?;
+            let sets = target.list_sets(settings.cluster_name.as_deref()).await?;
+            println!(
+                "ok: target '{}' answers and holds {} complete set(s)",
+                t.name,
+                sets.len()
+            );
         }
     }
     Ok(())

@@ -64,21 +64,14 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Box<d
         }
         None => settings.targets.iter().collect(),
     };
-    chosen
-        .into_iter()
-        .map(|t| {
-            targets::open(t).map_err(|e| {
-                if t.url.scheme().starts_with("http") {
-                    anyhow!(Stop::NotImplemented(format!(
-                        "target '{}': http(s)/WebDAV delivery",
-                        t.name
-                    )))
-                } else {
-                    e
-                }
-            })
-        })
-        .collect()
+    for t in chosen.iter().filter(|t| t.url.scheme() != "file") {
+        // Said on every run until encryption exists: the target sees every Secret.
+        tracing::warn!(
+            target = %t.name,
+            "uploading the snapshot unencrypted to a remote target: it holds every Secret of the cluster; client-side encryption is not available in this version"
+        );
+    }
+    chosen.into_iter().map(targets::open).collect()
 }
 
 /// Marks a directory as ours, so that a mistyped `staging_dir` (say `/var`) is refused
@@ -147,9 +140,18 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
         ))
     })?;
     clean_staging_leftovers(&[&tmp_root, &sets_root]);
-    // A target that cannot take the set should fail before a snapshot is taken for it.
+    // Targets that cannot take a set are known before a snapshot is taken; the others go on.
+    let mut unusable: Vec<Option<String>> = Vec::new();
     for t in &targets {
-        t.preflight().await?;
+        let check = t.preflight().await.map_err(|e| crate::error::one_line(&e));
+        if let Err(e) = &check {
+            tracing::error!(target = t.name(), error = %e, "target cannot take a backup set");
+        }
+        unusable.push(check.err());
+    }
+    if unusable.iter().all(Option::is_some) {
+        let why: Vec<String> = unusable.into_iter().flatten().collect();
+        bail!("no target can take a backup set: {}", why.join("; "));
     }
 
     let (mut member, status) = etcd::connect_first(&settings.etcd).await?;
@@ -221,8 +223,16 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
     };
 
     let mut outcomes = Vec::new();
-    for t in &targets {
+    for (t, preflight) in targets.iter().zip(unusable) {
         let location = t.describe(&cluster, &id);
+        if let Some(e) = preflight {
+            outcomes.push(TargetOutcome {
+                name: t.name().to_string(),
+                location,
+                result: Err(e),
+            });
+            continue;
+        }
         let result = t.put_set(&cluster, &settings.node_name, &staged).await;
         match &result {
             Ok(()) => tracing::info!(target = t.name(), backup_id = %id, location = %location, "backup set stored"),

@@ -237,10 +237,34 @@ pub struct TargetInputs {
     pub client_key_file: Option<PathBuf>,
     #[serde(default = "default_proxy")]
     pub proxy: String,
+    /// Password for a `proxy = "http://user@host:port"`.
+    pub proxy_password_file: Option<PathBuf>,
     #[serde(default)]
     pub verify_upload: VerifyUpload,
+    /// TCP + TLS connect, per attempt.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// The longest time without progress in either direction before an attempt is abandoned;
+    /// there is no total limit, so a big upload over a slow link is never cut.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Time this target may spend on retries within one run before it is given up.
+    #[serde(default = "default_retry_budget")]
+    pub retry_budget: HumanDuration,
 }
 
 fn default_proxy() -> String {
     "env".into()
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
+}
+
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+
+fn default_retry_budget() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(180))
 }

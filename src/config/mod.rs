@@ -108,7 +108,12 @@ pub struct TargetSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_key_file: Option<PathBuf>,
     pub proxy: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_password_file: Option<PathBuf>,
     pub verify_upload: VerifyUpload,
+    pub connect_timeout: HumanDuration,
+    pub idle_timeout: HumanDuration,
+    pub retry_budget: HumanDuration,
 }
 
 impl TargetSettings {
@@ -118,6 +123,7 @@ impl TargetSettings {
             ("password_file", self.password_file.as_deref()),
             ("token_file", self.token_file.as_deref()),
             ("client_key_file", self.client_key_file.as_deref()),
+            ("proxy_password_file", self.proxy_password_file.as_deref()),
         ]
         .into_iter()
         .filter_map(|(k, p)| p.map(|p| (k, p)))
@@ -444,7 +450,11 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
             client_cert_file: p("client_cert_file", &t.client_cert_file)?,
             client_key_file: p("client_key_file", &t.client_key_file)?,
             proxy: t.proxy.clone(),
+            proxy_password_file: p("proxy_password_file", &t.proxy_password_file)?,
             verify_upload: t.verify_upload,
+            connect_timeout: t.connect_timeout,
+            idle_timeout: t.idle_timeout,
+            retry_budget: t.retry_budget,
             url,
         };
         if target.url.scheme() == "file" {
@@ -455,6 +465,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
                 ("ca_file", target.ca_file.is_some()),
                 ("client_cert_file", target.client_cert_file.is_some()),
                 ("client_key_file", target.client_key_file.is_some()),
+                ("proxy_password_file", target.proxy_password_file.is_some()),
             ];
             if let Some((k, _)) = remote_only.iter().find(|(_, set)| *set) {
                 return Err(m.error_at(&at(k), "does not apply to a file:// target"));
@@ -480,6 +491,29 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
                 if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
                     return Err(m.error_at(&at("proxy"), "must be env, none, or http(s)://host:port"));
                 }
+                if u.password().is_some() {
+                    return Err(m.error_at(
+                        &at("proxy"),
+                        "a password in the URL is not allowed; use proxy_password_file",
+                    ));
+                }
+                if target.proxy_password_file.is_some() && u.username().is_empty() {
+                    return Err(m.error_at(
+                        &at("proxy_password_file"),
+                        "needs a user name in proxy (http://user@host:port)",
+                    ));
+                }
+            }
+        }
+        if target.proxy_password_file.is_some() && matches!(target.proxy.as_str(), "env" | "none") {
+            return Err(m.error_at(&at("proxy_password_file"), "needs an explicit proxy URL"));
+        }
+        for (k, d) in [
+            ("connect_timeout", target.connect_timeout),
+            ("idle_timeout", target.idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(m.error_at(&at(k), "must be above zero"));
             }
         }
         for (key, path) in target.secret_files() {

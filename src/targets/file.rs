@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 
-use super::{ListedSet, StagedSet, Target, safe_component};
+use super::{FileReader, ListedSet, StagedSet, Target, is_removable_debris, is_set_name, partial_name, safe_component};
 use crate::config::TargetSettings;
 use crate::fsutil;
 use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
@@ -17,9 +17,6 @@ pub struct FileTarget {
     name: String,
     root: PathBuf,
 }
-
-/// Marks a temporary set directory; never part of a complete set's name.
-pub const PARTIAL_MARK: &str = ".partial-";
 
 impl FileTarget {
     pub fn new(settings: &TargetSettings) -> Result<Self> {
@@ -62,7 +59,8 @@ impl FileTarget {
         }
         // Hidden, and named so that no reader takes it for a set even though it holds a
         // manifest.json just before the rename.
-        let tmp = cluster_dir.join(format!(".{id}{PARTIAL_MARK}{node}-{:08x}", rand::random::<u32>()));
+        self.remove_debris(&cluster_dir, node);
+        let tmp = cluster_dir.join(partial_name(id, node));
         fsutil::create_private_dir(&tmp).with_context(|| format!("target '{}'", self.name))?;
         let result = (|| -> Result<()> {
             for f in &set.manifest.files {
@@ -111,7 +109,7 @@ impl FileTarget {
                 continue;
             }
             for id in read_names(&dir)? {
-                if id.contains(PARTIAL_MARK) {
+                if !is_set_name(&id) {
                     continue;
                 }
                 let path = dir.join(&id).join(MANIFEST);
@@ -140,6 +138,38 @@ impl FileTarget {
     }
 }
 
+impl FileTarget {
+    /// Removes this node's leftover temporary sets, and other nodes' once a day old.
+    fn remove_debris(&self, cluster_dir: &Path, node: &str) {
+        let Ok(entries) = std::fs::read_dir(cluster_dir) else {
+            return;
+        };
+        let now = chrono::Utc::now();
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(chrono::DateTime::<chrono::Utc>::from);
+            if is_removable_debris(&name, node, modified, now) {
+                tracing::info!(target = %self.name, name = %name, "removing an incomplete set left by an earlier run");
+                fsutil::remove_dir_quietly(&entry.path());
+            }
+        }
+    }
+
+    /// `<root>/<cluster>/<id>`, refusing names that are not plain path components.
+    fn set_dir(&self, cluster: &str, id: &str) -> Result<PathBuf> {
+        if !safe_component(cluster) || !is_set_name(id) {
+            bail!("target '{}': {cluster:?}/{id:?} is not a valid set name", self.name);
+        }
+        Ok(self.root.join(cluster).join(id))
+    }
+}
+
 /// Directory entry names that are safe path components; others are skipped with a warning.
 fn read_names(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
@@ -159,6 +189,10 @@ impl Target for FileTarget {
         &self.name
     }
 
+    fn route(&self) -> String {
+        format!("local directory '{}'", self.root.display())
+    }
+
     async fn preflight(&self) -> Result<()> {
         self.check_root()
     }
@@ -170,6 +204,34 @@ impl Target for FileTarget {
     async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()> {
         let (this, cluster, node, set) = (self.clone(), cluster.to_string(), node.to_string(), set.clone());
         tokio::task::spawn_blocking(move || this.put_blocking(&cluster, &node, &set)).await?
+    }
+
+    async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
+        if !safe_component(name) {
+            bail!("target '{}': {name:?} is not a valid file name", self.name);
+        }
+        let path = self.set_dir(cluster, id)?.join(name);
+        let f = tokio::fs::File::open(&path)
+            .await
+            .with_context(|| format!("target '{}': cannot open '{}'", self.name, path.display()))?;
+        Ok(Box::pin(f))
+    }
+
+    async fn delete_set(&self, cluster: &str, id: &str) -> Result<()> {
+        let dir = self.set_dir(cluster, id)?;
+        // The manifest goes first, so that a deletion cut short never leaves a set that
+        // looks complete but lacks files.
+        match std::fs::remove_file(dir.join(MANIFEST)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!(
+                "target '{}': cannot remove '{}': {e}",
+                self.name,
+                dir.join(MANIFEST).display()
+            ),
+        }
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("target '{}': cannot remove '{}'", self.name, dir.display()))
     }
 
     async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {

@@ -1,13 +1,21 @@
 //! Where backup sets are stored. Each kind implements [`Target`]; [`open`] picks the kind by
-//! URL scheme. Every implementation stores a set atomically: under a temporary name first,
-//! `manifest.json` last, then moved into place without replacing anything.
+//! URL scheme (`file://` → [`file`], `http(s)://` → [`webdav`]). Every implementation stores
+//! a set atomically: under a hidden temporary name first, `manifest.json` last, then moved
+//! into place without replacing anything.
 
 pub mod file;
+pub mod propfind;
+pub mod proxy;
+pub mod retry;
+pub mod webdav;
 
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use anyhow::{Result, bail};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::io::AsyncRead;
 
 use crate::config::TargetSettings;
 use crate::manifest::Manifest;
@@ -27,28 +35,37 @@ pub struct ListedSet {
     pub manifest: Manifest,
 }
 
+/// A file being read from a target.
+pub type FileReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// The largest `manifest.json` a target may hand us.
+pub const MANIFEST_CAP: u64 = 1 << 20;
+
 #[async_trait]
 pub trait Target: Send + Sync {
     fn name(&self) -> &str;
     /// Where a set lands, for humans: `file:///srv/backup/prod/2026-11-25_023012/`.
     fn describe(&self, cluster: &str, id: &str) -> String;
+    /// How the target is reached (the proxy in effect, for remote ones).
+    fn route(&self) -> String;
     /// Cheap checks that the target can take a set, run before the snapshot.
     async fn preflight(&self) -> Result<()>;
     /// Stores `set` under `<cluster>/<id>/`; fails, leaving nothing visible, if a set with
-    /// that id exists or anything goes wrong.
+    /// that id exists or anything goes wrong. Removes debris of earlier runs first.
     async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()>;
     /// Complete sets, newest first; of one cluster folder, or of all when `cluster` is None.
     async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>>;
+    /// Opens one file of a complete set for reading.
+    async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader>;
+    /// Removes a complete set.
+    async fn delete_set(&self, cluster: &str, id: &str) -> Result<()>;
 }
 
 /// The target for `settings`, by URL scheme.
 pub fn open(settings: &TargetSettings) -> Result<Box<dyn Target>> {
     match settings.url.scheme() {
         "file" => Ok(Box::new(file::FileTarget::new(settings)?)),
-        "http" | "https" => bail!(
-            "target '{}': http(s)/WebDAV targets are not implemented yet in this version",
-            settings.name
-        ),
+        "http" | "https" => Ok(Box::new(webdav::DavTarget::new(settings)?)),
         other => bail!("target '{}': unsupported scheme '{other}'", settings.name),
     }
 }
@@ -60,4 +77,63 @@ pub fn safe_component(name: &str) -> bool {
         && name != ".."
         && !name.contains(['/', '\\'])
         && !name.chars().any(char::is_control)
+}
+
+/// Marks a temporary set directory; never part of a complete set's name.
+pub const PARTIAL_MARK: &str = ".partial-";
+
+/// The hidden temporary name a set is assembled under: `.<id>.partial-<node>-<random>`.
+pub fn partial_name(id: &str, node: &str) -> String {
+    format!(".{id}{PARTIAL_MARK}{node}-{:08x}", rand::random::<u32>())
+}
+
+/// How old another node's temporary set must be before this node removes it: that node may
+/// still be uploading.
+pub const FOREIGN_DEBRIS_AGE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// Should this node remove the entry `name` of a cluster folder as debris? Its own temporary
+/// sets always (it runs one backup at a time), other nodes' once a day old.
+pub fn is_removable_debris(name: &str, node: &str, modified: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let Some(pos) = rest.find(PARTIAL_MARK) else {
+        return false;
+    };
+    let tail = &rest[pos + PARTIAL_MARK.len()..];
+    let Some((owner, _random)) = tail.rsplit_once('-') else {
+        return false;
+    };
+    owner == node || modified.is_some_and(|m| now - m >= FOREIGN_DEBRIS_AGE)
+}
+
+/// Is `name` a complete set's folder name (not debris, not hidden)?
+pub fn is_set_name(name: &str) -> bool {
+    safe_component(name) && !name.starts_with('.') && !name.contains(PARTIAL_MARK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debris_rules() {
+        let now = Utc::now();
+        let old = Some(now - chrono::TimeDelta::hours(25));
+        let fresh = Some(now - chrono::TimeDelta::minutes(5));
+        let mine = partial_name("2026-11-25_023012", "master-0");
+        assert!(is_removable_debris(&mine, "master-0", fresh, now));
+        assert!(!is_removable_debris(&mine, "master-1", fresh, now));
+        assert!(!is_removable_debris(&mine, "master-1", None, now));
+        assert!(is_removable_debris(&mine, "master-1", old, now));
+        // Node names may contain '-'.
+        let dashed = partial_name("x", "ip-10-0-1-2");
+        assert!(is_removable_debris(&dashed, "ip-10-0-1-2", fresh, now));
+        assert!(!is_removable_debris(&dashed, "ip-10-0-1", fresh, now));
+        assert!(!is_removable_debris("2026-11-25_023012", "master-0", old, now));
+        assert!(!is_removable_debris(".hidden", "master-0", old, now));
+        assert!(is_set_name("2026-11-25_023012"));
+        assert!(!is_set_name(&mine));
+        assert!(!is_set_name(".."));
+    }
 }

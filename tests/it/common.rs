@@ -270,6 +270,17 @@ impl Work {
         self.config()
     }
 
+    /// Writes a config for a plain etcd with the given `[[target]]` blocks (and any other
+    /// keys after them).
+    pub fn write_config_targets(&self, endpoint: &str, targets: &str) -> PathBuf {
+        let text = format!(
+            "cluster_name = \"test\"\nnode_name = \"node-a\"\n\n[etcd]\nendpoints = [\"{endpoint}\"]\nconnect_timeout = \"3s\"\nrequest_timeout = \"10s\"\n\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n{targets}",
+            self.staging().display()
+        );
+        std::fs::write(self.config(), text).unwrap();
+        self.config()
+    }
+
     /// Complete set directories of cluster `test` on the target.
     pub fn sets(&self) -> Vec<PathBuf> {
         let dir = self.target_root().join("test");

@@ -4,3 +4,5 @@
 mod backup;
 mod cli_config;
 mod common;
+mod servers;
+mod webdav;

@@ -1,0 +1,236 @@
+//! Which proxy a target uses. Resolved once per target (a target is one host), the way curl
+//! resolves it, so that `check-config --connect` can show the choice and reqwest is handed
+//! an explicit proxy or none.
+//!
+//! curl's rules, for `proxy = "env"`: an `https://` URL uses `https_proxy`, then
+//! `HTTPS_PROXY`; an `http://` URL uses `http_proxy` only (curl ignores upper-case
+//! `HTTP_PROXY`, which a CGI request header could set); either falls back to `all_proxy`,
+//! then `ALL_PROXY`. `no_proxy`, then `NO_PROXY`, lists exceptions: `*` for every host, host
+//! names matching themselves and any subdomain (a leading dot is ignored), IP addresses and
+//! CIDR ranges matching IP-literal hosts (no DNS lookup, as in curl).
+
+use std::net::IpAddr;
+
+use url::Url;
+
+/// The proxy decision for one target.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProxyChoice {
+    Direct { why: String },
+    Via { url: Url, why: String },
+}
+
+impl ProxyChoice {
+    pub fn describe(&self) -> String {
+        match self {
+            ProxyChoice::Direct { why } => format!("direct ({why})"),
+            // The URL's user name is shown, never a password (refused by the config anyway).
+            ProxyChoice::Via { url, why } => format!("via {} ({why})", redact(url)),
+        }
+    }
+}
+
+fn redact(u: &Url) -> String {
+    let mut u = u.clone();
+    let _ = u.set_password(None);
+    u.as_str().trim_end_matches('/').to_string()
+}
+
+/// Environment access, injectable for tests.
+pub trait Env {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// Resolves `mode` ("env", "none" or a proxy URL) for `target`.
+pub fn choose(mode: &str, target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
+    match mode {
+        "none" => Ok(ProxyChoice::Direct {
+            why: "proxy = \"none\"".into(),
+        }),
+        "env" => from_env(target, env),
+        explicit => {
+            let url = Url::parse(explicit).map_err(|e| format!("proxy: {e}"))?;
+            Ok(ProxyChoice::Via {
+                url,
+                why: "this target's proxy setting".into(),
+            })
+        }
+    }
+}
+
+fn from_env(target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
+    let host = target
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_ascii_lowercase();
+    if let Some((var, list)) = ["no_proxy", "NO_PROXY"]
+        .iter()
+        .find_map(|k| env.var(k).map(|v| (*k, v)))
+        && let Some(entry) = no_proxy_match(&list, &host)
+    {
+        return Ok(ProxyChoice::Direct {
+            why: format!("{var} entry {entry:?} matches {host}"),
+        });
+    }
+    let candidates: &[&str] = if target.scheme() == "https" {
+        &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+    } else {
+        &["http_proxy", "all_proxy", "ALL_PROXY"]
+    };
+    for var in candidates {
+        if let Some(value) = env.var(var) {
+            // curl takes a bare host:port as http://host:port.
+            let with_scheme = if value.contains("://") {
+                value.clone()
+            } else {
+                format!("http://{value}")
+            };
+            let url = Url::parse(&with_scheme).map_err(|e| format!("{var}: not a proxy URL: {e}"))?;
+            if url.password().is_some() {
+                return Err(format!(
+                    "{var}: a password in the proxy URL is not supported; use the target's proxy and proxy_password_file"
+                ));
+            }
+            return Ok(ProxyChoice::Via {
+                url,
+                why: format!("from {var}"),
+            });
+        }
+    }
+    Ok(ProxyChoice::Direct {
+        why: "no proxy variable set".into(),
+    })
+}
+
+/// The `no_proxy` entry that exempts `host`, if any.
+pub fn no_proxy_match(list: &str, host: &str) -> Option<String> {
+    let host_ip: Option<IpAddr> = host.parse().ok();
+    for raw in list.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()) {
+        let entry = raw.to_ascii_lowercase();
+        if entry == "*" {
+            return Some(raw.to_string());
+        }
+        if let Some(ip) = host_ip {
+            if let Some((net, bits)) = entry.split_once('/') {
+                if let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u8>())
+                    && in_cidr(ip, net, bits)
+                {
+                    return Some(raw.to_string());
+                }
+                continue;
+            }
+            if entry.trim_matches(['[', ']']).parse::<IpAddr>().ok() == Some(ip) {
+                return Some(raw.to_string());
+            }
+            continue;
+        }
+        let name = entry.trim_start_matches('.');
+        // A port in the entry (`host:8443`) is ignored, as curl does for names.
+        let name = name.split(':').next().unwrap_or(name);
+        if !name.is_empty() && (host == name || host.ends_with(&format!(".{name}"))) {
+            return Some(raw.to_string());
+        }
+    }
+    None
+}
+
+fn in_cidr(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if bits <= 32 => {
+            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if bits <= 128 => {
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Fake(HashMap<&'static str, &'static str>);
+    impl Env for Fake {
+        fn var(&self, key: &str) -> Option<String> {
+            self.0.get(key).map(|s| s.to_string())
+        }
+    }
+
+    fn choose_with(vars: &[(&'static str, &'static str)], target: &str) -> ProxyChoice {
+        choose(
+            "env",
+            &Url::parse(target).unwrap(),
+            &Fake(vars.iter().cloned().collect()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn no_proxy_rules_follow_curl() {
+        let list = "localhost,.cluster.local,example.com,10.0.0.0/16,fd00::/8,192.168.1.5";
+        assert!(no_proxy_match(list, "localhost").is_some());
+        assert!(no_proxy_match(list, "svc.cluster.local").is_some());
+        assert!(no_proxy_match(list, "cluster.local").is_some());
+        assert!(no_proxy_match(list, "dav.example.com").is_some());
+        assert!(no_proxy_match(list, "example.com").is_some());
+        assert!(no_proxy_match(list, "notexample.com").is_none());
+        assert!(no_proxy_match(list, "10.0.200.7").is_some());
+        assert!(no_proxy_match(list, "10.1.0.1").is_none());
+        assert!(no_proxy_match(list, "fd00::1").is_some());
+        assert!(no_proxy_match(list, "192.168.1.5").is_some());
+        assert!(no_proxy_match(list, "192.168.1.6").is_none());
+        assert!(no_proxy_match("*", "anything.example").is_some());
+        assert!(no_proxy_match("", "a").is_none());
+    }
+
+    #[test]
+    fn variables_are_picked_like_curl() {
+        let v = [
+            ("HTTPS_PROXY", "http://p:3128"),
+            ("HTTP_PROXY", "http://upper:1"),
+            ("no_proxy", ".internal"),
+        ];
+        assert!(
+            matches!(choose_with(&v, "https://dav.example.com/"), ProxyChoice::Via { url, .. } if url.port() == Some(3128))
+        );
+        // Upper-case HTTP_PROXY is ignored for http:// targets.
+        assert!(matches!(
+            choose_with(&v, "http://dav.example.com/"),
+            ProxyChoice::Direct { .. }
+        ));
+        assert!(matches!(
+            choose_with(&v, "https://dav.internal/"),
+            ProxyChoice::Direct { .. }
+        ));
+        let v = [("https_proxy", "p2:8080"), ("HTTPS_PROXY", "http://ignored:1")];
+        match choose_with(&v, "https://x/") {
+            ProxyChoice::Via { url, why } => {
+                assert_eq!(url.as_str(), "http://p2:8080/");
+                assert_eq!(why, "from https_proxy");
+            }
+            other => panic!("{other:?}"),
+        }
+        let v = [("ALL_PROXY", "http://all:1")];
+        assert!(matches!(choose_with(&v, "http://x/"), ProxyChoice::Via { .. }));
+        let none = choose(
+            "none",
+            &Url::parse("https://x/").unwrap(),
+            &Fake([("HTTPS_PROXY", "http://p:1")].into()),
+        )
+        .unwrap();
+        assert!(matches!(none, ProxyChoice::Direct { .. }));
+    }
+}
