@@ -117,13 +117,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             let report = pipeline::run_backup(&settings, &opts).await?;
             print_backup_summary(&report)?;
             if !report.all_stored() {
-                let failed: Vec<_> = report
+                let failed: Vec<String> = report
                     .targets
                     .iter()
-                    .filter(|t| t.result.is_err())
-                    .map(|t| t.name.as_str())
+                    .filter_map(|t| t.result.as_ref().err().map(|e| format!("{} ({e})", t.name)))
                     .collect();
-                bail!("backup {} was not stored on: {}", report.manifest.id, failed.join(", "));
+                bail!("backup {} was not stored on: {}", report.manifest.id, failed.join("; "));
             }
             Ok(())
         }

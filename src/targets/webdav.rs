@@ -169,10 +169,15 @@ async fn watch_idle<T>(
     }
 }
 
+/// reqwest is built without a default crypto provider (aws-lc is slow to build): use ring,
+/// as tonic does. Idempotent; every HTTP client in the process needs it first.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl DavTarget {
     pub fn new(settings: &TargetSettings) -> Result<DavTarget> {
-        // reqwest is built without a default crypto provider: use ring, as tonic does.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let name = settings.name.clone();
         let proxy = proxy::choose(&settings.proxy, &settings.url, &proxy::ProcessEnv)
             .map_err(|e| anyhow!("target '{name}': {e}"))?;
@@ -540,8 +545,27 @@ impl DavTarget {
     }
 }
 
+/// What must be escaped in one path segment (RFC 3986 pchar), and `%` itself.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
 fn percent_encode(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 #[async_trait]

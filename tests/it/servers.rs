@@ -155,10 +155,6 @@ SSLCertificateKeyFile {key}
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
-
-    pub fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
-    }
 }
 
 impl Drop for Apache {
@@ -292,7 +288,6 @@ type Plan = Arc<dyn Fn(usize, &str, &str) -> Fault + Send + Sync>;
 /// Every answer closes its connection, so request boundaries stay simple.
 pub struct FaultProxy {
     pub port: u16,
-    pub count: Arc<AtomicUsize>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -301,6 +296,7 @@ impl FaultProxy {
         upstream: String,
         plan: impl Fn(usize, &str, &str) -> Fault + Send + Sync + 'static,
     ) -> FaultProxy {
+        etcd_backupd::targets::webdav::install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let count = Arc::new(AtomicUsize::new(0));
@@ -322,7 +318,6 @@ impl FaultProxy {
         });
         FaultProxy {
             port,
-            count,
             _stop: stop,
         }
     }

@@ -146,3 +146,280 @@ fn https_mod_dav_through_a_forward_proxy_arrives_complete() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(sets_on(&apache.root()).len(), 2);
 }
+
+#[test]
+fn proxy_modes_route_as_configured() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let apache = Apache::start();
+    let proxy = Tinyproxy::start();
+    let w = Work::new();
+    let purl = proxy.url();
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, bool);
+    let cases: Vec<Case> = vec![
+        // env, with NO_PROXY naming the server's address: direct
+        (
+            "env",
+            vec![("HTTPS_PROXY", purl.as_str()), ("NO_PROXY", "localhost,127.0.0.1")],
+            false,
+        ),
+        // env, with a CIDR covering it: direct
+        (
+            "env",
+            vec![("https_proxy", purl.as_str()), ("no_proxy", "10.0.0.0/8,127.0.0.0/8")],
+            false,
+        ),
+        // none ignores the variables
+        ("none", vec![("HTTPS_PROXY", purl.as_str())], false),
+        // an explicit proxy applies with no variables at all
+        (purl.as_str(), vec![], true),
+        // env with the variable: via the proxy
+        ("env", vec![("HTTPS_PROXY", purl.as_str())], true),
+    ];
+    for (i, (mode, env, via)) in cases.into_iter().enumerate() {
+        let cfg = w.write_config_targets(
+            &etcd.endpoint,
+            &apache_target(&apache, &w, &format!("proxy = \"{mode}\"")),
+        );
+        let before = proxy.requests();
+        let r = run_with(&["check-config", "--connect", "--config", cfg.to_str().unwrap()], &env);
+        assert_eq!(r.code, 0, "case {i}: {}", r.all());
+        let shown = if via { "via " } else { "direct (" };
+        assert!(r.stdout.contains(shown), "case {i}: {}", r.stdout);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let r = backup_env(&cfg, &env);
+        assert_eq!(r.code, 0, "case {i}: {}", r.all());
+        let used = proxy.requests() > before;
+        assert_eq!(used, via, "case {i} ({mode}, {env:?}): proxy used = {used}");
+    }
+    assert_eq!(sets_on(&apache.root()).len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_does_not_stop_the_others_and_rclone_works_too() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let rclone = Rclone::start();
+    // A server answering 500 to everything, and a port where nothing listens.
+    let broken = FaultProxy::start(rclone.url(), |_, _, _| Fault::Respond(500, "<h1>boom</h1>".into())).await;
+    let dead = format!("http://127.0.0.1:{}/", crate::common::free_port());
+    let w = Work::new();
+    let targets = format!(
+        "[[target]]\nname = \"broken\"\nurl = \"{}\"\nretry_budget = \"1s\"\n\n[[target]]\nname = \"dead\"\nurl = \"{dead}\"\nretry_budget = \"1s\"\nconnect_timeout = \"1s\"\n\n[[target]]\nname = \"rclone\"\nurl = \"{}\"\nverify_upload = \"read-back\"\n",
+        broken.url(),
+        rclone.url()
+    );
+    let cfg = w.write_config_targets(&etcd.endpoint, &targets);
+    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stdout.contains("rclone: stored at"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("broken: FAILED") && r.stdout.contains("500"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("dead: FAILED"), "{}", r.stdout);
+    assert!(r.stderr.contains("retrying"), "retries are logged: {}", r.stderr);
+    let sets = sets_on(&rclone.root());
+    assert_eq!(sets.len(), 1, "{:?}", entries_on(&rclone.root()));
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&sets[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+fn rclone_behind(fault: &FaultProxy, extra: &str) -> String {
+    format!("[[target]]\nname = \"faulty\"\nurl = \"{}\"\n{extra}\n", fault.url())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_5xx_cut_bodies_and_stalls_are_retried_to_success() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 300, 500);
+    let rclone = Rclone::start();
+    let w = Work::new();
+    let puts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p = puts.clone();
+    // The first three PUTs fail in three ways, then everything passes.
+    let fault = FaultProxy::start(rclone.url(), move |_, method, _| {
+        if method != "PUT" {
+            return Fault::Forward;
+        }
+        match p.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => Fault::Respond(503, "busy".into()),
+            1 => Fault::CutBody,
+            2 => Fault::Stall,
+            _ => Fault::Forward,
+        }
+    })
+    .await;
+    let cfg = w.write_config_targets(
+        &etcd.endpoint,
+        &rclone_behind(&fault, "idle_timeout = \"1s\"\nretry_budget = \"30s\""),
+    );
+    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(r.stderr.matches("retrying").count(), 3, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("503") && (r.stderr.contains("timed out") || r.stderr.contains("no progress for 1s")),
+        "{}",
+        r.stderr
+    );
+    let sets = sets_on(&rclone.root());
+    assert_eq!(sets.len(), 1, "{:?}", entries_on(&rclone.root()));
+    assert_eq!(
+        entries_on(&rclone.root()).len(),
+        1,
+        "no debris: {:?}",
+        entries_on(&rclone.root())
+    );
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&sets[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_errors_name_the_server_answer_and_leave_nothing_visible() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let rclone = Rclone::start();
+    let w = Work::new();
+    for (status, body, retried) in [
+        (
+            507u16,
+            "<html><body><h1>Insufficient Storage</h1><p>quota of 10 GiB exceeded</p></body></html>",
+            true,
+        ),
+        (403, "<html><p>forbidden by policy</p></html>", false),
+    ] {
+        let fault = FaultProxy::start(rclone.url(), move |_, method, _| {
+            if method == "PUT" {
+                Fault::Respond(status, body.to_string())
+            } else {
+                Fault::Forward
+            }
+        })
+        .await;
+        let cfg = w.write_config_targets(&etcd.endpoint, &rclone_behind(&fault, "retry_budget = \"2s\""));
+        let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 1, "{}", r.all());
+        let line = r.stderr.trim().lines().last().unwrap();
+        assert!(line.contains(&status.to_string()), "{line}");
+        let excerpt = if status == 507 {
+            "quota of 10 GiB exceeded"
+        } else {
+            "forbidden by policy"
+        };
+        assert!(r.stdout.contains(excerpt), "{}", r.stdout);
+        assert_eq!(r.stderr.contains("retrying"), retried, "{}", r.stderr);
+        assert!(sets_on(&rclone.root()).is_empty());
+        // The incomplete upload was removed.
+        assert!(
+            entries_on(&rclone.root()).is_empty(),
+            "{:?}",
+            entries_on(&rclone.root())
+        );
+        assert!(w.staging_files().is_empty(), "{:?}", w.staging_files());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_propfind_answers_are_refused() {
+    let rclone = Rclone::start();
+    let w = Work::new();
+    let traversal = r#"<?xml version="1.0"?><D:multistatus xmlns:D="DAV:"><D:response><D:href>/test/</D:href></D:response><D:response><D:href>/test/..%2F..%2Fetc/</D:href><D:propstat><D:prop><D:resourcetype><D:collection/></D:resourcetype></D:prop><D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response></D:multistatus>"#;
+    let laughs = r#"<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><D:multistatus xmlns:D="DAV:"><D:response><D:href>/test/&c;</D:href></D:response></D:multistatus>"#;
+    let cases: Vec<(Fault, &str)> = vec![
+        (Fault::Respond(207, traversal.to_string()), "'..' or '.'"),
+        (Fault::Respond(207, laughs.to_string()), "DOCTYPE"),
+        (Fault::Endless, "larger than"),
+    ];
+    for (fault, expect) in cases {
+        let f = fault.clone();
+        let proxy = FaultProxy::start(rclone.url(), move |_, method, _| {
+            if method == "PROPFIND" {
+                f.clone()
+            } else {
+                Fault::Forward
+            }
+        })
+        .await;
+        let cfg = w.write_config_targets("http://127.0.0.1:1", &rclone_behind(&proxy, "retry_budget = \"1s\""));
+        let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", cfg.to_str().unwrap()], &[]))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 1, "{fault:?}: {}", r.all());
+        assert!(r.stderr.contains(expect), "{fault:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans_up() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 500, 1000);
+    let rclone = Rclone::start();
+    let w = Work::new();
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stalled.clone();
+    let fault = FaultProxy::start(rclone.url(), move |_, method, path| {
+        if method == "PUT" && path.contains("snapshot_") && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Fault::Stall
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let cfg = w.write_config_targets(&etcd.endpoint, &rclone_behind(&fault, ""));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
+        .args(["backup", "--no-election", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stalled.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the upload never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    child.kill().unwrap(); // SIGKILL, mid-upload
+    child.wait().unwrap();
+
+    assert!(sets_on(&rclone.root()).is_empty());
+    let left = entries_on(&rclone.root());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].starts_with('.') && left[0].contains(".partial-node-a-"),
+        "{left:?}"
+    );
+    let cfg2 = cfg.clone();
+    let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", cfg2.to_str().unwrap()], &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stderr.contains("no complete backup sets"), "{}", r.all());
+
+    // The next run of the same node removes its own debris and completes.
+    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    let left = entries_on(&rclone.root());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(!left[0].starts_with('.'), "{left:?}");
+    assert_eq!(sets_on(&rclone.root()).len(), 1);
+}
