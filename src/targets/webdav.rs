@@ -108,7 +108,12 @@ fn flat(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = err.source();
     }
-    parts.join(": ").replace('\n', " ")
+    let mut line = parts.join(": ").replace('\n', " ");
+    if line.contains("tunnel error") {
+        // hyper does not pass on the proxy's status (often 407 or 403).
+        line.push_str(" (the proxy refused the CONNECT tunnel: check proxy credentials and its allowed ports)");
+    }
+    line
 }
 
 trait WithoutUrl {
@@ -131,6 +136,19 @@ impl WithoutUrl for reqwest::Error {
             "request failed"
         };
         kind.to_string()
+    }
+}
+
+/// The likely cause of a TLS error whose wording does not say it.
+fn tls_hint(msg: &str) -> &'static str {
+    if msg.contains("UnknownIssuer") {
+        " (the server's certificate is not signed by a trusted CA: set ca_file to its CA bundle)"
+    } else if msg.contains("CertificateRequired") {
+        " (the server wants a client certificate: set client_cert_file and client_key_file)"
+    } else if msg.contains("NotValidForName") {
+        " (the certificate does not name this host: use the name it was issued for in url)"
+    } else {
+        ""
     }
 }
 
@@ -289,6 +307,10 @@ impl DavTarget {
                     (format!("{status}: {}", excerpt(&body)), asks)
                 }
                 Ok(resp) => return Ok(resp),
+                // A certificate the other side rejects will not change by retrying.
+                Err(e) if e.contains("invalid peer certificate") || e.contains("fatal alert") => {
+                    bail!("target '{}': {what} '{url}': {e}{}", self.name, tls_hint(&e))
+                }
                 Err(e) => (e, None),
             };
             match self.backoff.next_delay(attempt, server_asks) {

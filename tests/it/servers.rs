@@ -53,6 +53,12 @@ pub struct Apache {
 
 impl Apache {
     pub fn start() -> Apache {
+        Apache::start_with(false)
+    }
+
+    /// With `require_client_cert`, TLS also demands a client certificate signed by the
+    /// test CA (the client certificate of `self.pki`).
+    pub fn start_with(require_client_cert: bool) -> Apache {
         let dir = open_tempdir();
         let d = dir.path();
         let pki = Pki::new(d, "apache");
@@ -105,6 +111,7 @@ DavLockDB {d}/lock/DavLock
 SSLEngine on
 SSLCertificateFile {cert}
 SSLCertificateKeyFile {key}
+{client_auth}
 <Directory {d}/www>
   Require all granted
 </Directory>
@@ -119,6 +126,11 @@ SSLCertificateKeyFile {key}
             d = d.display(),
             cert = pki.server_cert.display(),
             key = pki.server_key.display(),
+            client_auth = if require_client_cert {
+                format!("SSLVerifyClient require\nSSLCACertificateFile {}", pki.ca.display())
+            } else {
+                String::new()
+            },
         );
         std::fs::write(d.join("httpd.conf"), conf).unwrap();
         let child = Command::new("apache2")
@@ -223,6 +235,11 @@ pub struct Tinyproxy {
 
 impl Tinyproxy {
     pub fn start() -> Tinyproxy {
+        Tinyproxy::start_with(None)
+    }
+
+    /// With `auth`, the proxy demands Basic credentials `(user, password)`.
+    pub fn start_with(auth: Option<(&str, &str)>) -> Tinyproxy {
         let dir = open_tempdir();
         let d = dir.path();
         let port = free_port();
@@ -230,8 +247,9 @@ impl Tinyproxy {
         std::fs::write(&log, "").unwrap();
         std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
         let conf = format!(
-            "User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\nTimeout 600\nLogFile \"{}\"\nLogLevel Info\nMaxClients 50\n",
-            log.display()
+            "User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\nTimeout 600\nLogFile \"{}\"\nLogLevel Info\nMaxClients 50\n{}",
+            log.display(),
+            auth.map(|(u, p)| format!("BasicAuth {u} {p}\n")).unwrap_or_default()
         );
         std::fs::write(d.join("tinyproxy.conf"), conf).unwrap();
         let child = Command::new("tinyproxy")
@@ -282,7 +300,8 @@ pub enum Fault {
     Endless,
 }
 
-type Plan = Arc<dyn Fn(usize, &str, &str) -> Fault + Send + Sync>;
+/// Request number, method, path and the `Authorization` header, if any.
+type Plan = Arc<dyn Fn(usize, &str, &str, Option<&str>) -> Fault + Send + Sync>;
 
 /// An in-process HTTP/1.1 server in front of a real WebDAV server that injects faults.
 /// Every answer closes its connection, so request boundaries stay simple.
@@ -294,7 +313,7 @@ pub struct FaultProxy {
 impl FaultProxy {
     pub async fn start(
         upstream: String,
-        plan: impl Fn(usize, &str, &str) -> Fault + Send + Sync + 'static,
+        plan: impl Fn(usize, &str, &str, Option<&str>) -> Fault + Send + Sync + 'static,
     ) -> FaultProxy {
         etcd_backupd::targets::webdav::install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -316,10 +335,7 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy {
-            port,
-            _stop: stop,
-        }
+        FaultProxy { port, _stop: stop }
     }
 
     pub fn url(&self) -> String {
@@ -361,7 +377,11 @@ async fn serve_one(
         }
     }
     let n = count.fetch_add(1, Ordering::SeqCst);
-    let fault = plan(n, &method, &path);
+    let authorization = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.as_str());
+    let fault = plan(n, &method, &path, authorization);
     if let Fault::CutBody = fault {
         let mut part = vec![0u8; length.min(4096) / 2];
         let _ = sock.read_exact(&mut part).await;

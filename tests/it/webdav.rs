@@ -201,7 +201,7 @@ async fn a_failing_target_does_not_stop_the_others_and_rclone_works_too() {
     etcd.put(None, "k", "v");
     let rclone = Rclone::start();
     // A server answering 500 to everything, and a port where nothing listens.
-    let broken = FaultProxy::start(rclone.url(), |_, _, _| Fault::Respond(500, "<h1>boom</h1>".into())).await;
+    let broken = FaultProxy::start(rclone.url(), |_, _, _, _| Fault::Respond(500, "<h1>boom</h1>".into())).await;
     let dead = format!("http://127.0.0.1:{}/", crate::common::free_port());
     let w = Work::new();
     let targets = format!(
@@ -246,7 +246,7 @@ async fn bursts_of_5xx_cut_bodies_and_stalls_are_retried_to_success() {
     let puts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let p = puts.clone();
     // The first three PUTs fail in three ways, then everything passes.
-    let fault = FaultProxy::start(rclone.url(), move |_, method, _| {
+    let fault = FaultProxy::start(rclone.url(), move |_, method, _, _| {
         if method != "PUT" {
             return Fault::Forward;
         }
@@ -303,7 +303,7 @@ async fn final_errors_name_the_server_answer_and_leave_nothing_visible() {
         ),
         (403, "<html><p>forbidden by policy</p></html>", false),
     ] {
-        let fault = FaultProxy::start(rclone.url(), move |_, method, _| {
+        let fault = FaultProxy::start(rclone.url(), move |_, method, _, _| {
             if method == "PUT" {
                 Fault::Respond(status, body.to_string())
             } else {
@@ -349,7 +349,7 @@ async fn hostile_propfind_answers_are_refused() {
     ];
     for (fault, expect) in cases {
         let f = fault.clone();
-        let proxy = FaultProxy::start(rclone.url(), move |_, method, _| {
+        let proxy = FaultProxy::start(rclone.url(), move |_, method, _, _| {
             if method == "PROPFIND" {
                 f.clone()
             } else {
@@ -375,7 +375,7 @@ async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans
     let w = Work::new();
     let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stalled.clone();
-    let fault = FaultProxy::start(rclone.url(), move |_, method, path| {
+    let fault = FaultProxy::start(rclone.url(), move |_, method, path, _| {
         if method == "PUT" && path.contains("snapshot_") && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
             Fault::Stall
         } else {
@@ -422,4 +422,154 @@ async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(!left[0].starts_with('.'), "{left:?}");
     assert_eq!(sets_on(&rclone.root()).len(), 1);
+}
+
+fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_tokens_and_proxy_credentials_work_and_never_show() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let apache = Apache::start_with(true);
+    let proxy_password = "proxy-Pa55-never-printed";
+    let proxy = Tinyproxy::start_with(Some(("puser", proxy_password)));
+    let rclone = Rclone::start();
+    let token = "tok-9f8e7d6c5b4a-never-printed";
+    let expected = format!("Bearer {token}");
+    let bearer = FaultProxy::start(rclone.url(), move |_, _, _, auth| {
+        if auth == Some(expected.as_str()) {
+            Fault::Forward
+        } else {
+            Fault::Respond(401, "bad token".into())
+        }
+    })
+    .await;
+    let w = Work::new();
+    let key_text = std::fs::read_to_string(&apache.pki.client_key).unwrap();
+    let key_line = key_text.lines().nth(1).unwrap().to_string();
+    let secrets = [
+        apache.password.clone(),
+        token.to_string(),
+        proxy_password.to_string(),
+        key_line,
+    ];
+    let mut outputs = Vec::new();
+    let check = |r: &Run, outputs: &mut Vec<String>| outputs.push(r.all());
+
+    let client_tls = format!(
+        "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+        apache.pki.client_cert.display(),
+        apache.pki.client_key.display()
+    );
+    let proxy_pw = secret_file(w.path(), "proxy.password", proxy_password);
+    let token_file = secret_file(w.path(), "token", token);
+    let targets = format!(
+        "{}proxy = \"http://puser@127.0.0.1:{}\"\nproxy_password_file = \"{}\"\n\n[[target]]\nname = \"bearer\"\nurl = \"{}\"\ntoken_file = \"{}\"\nretry_budget = \"1s\"\n",
+        apache_target(&apache, &w, &client_tls),
+        proxy.port,
+        proxy_pw.display(),
+        bearer.url(),
+        token_file.display()
+    );
+    let cfg = w.write_config_targets(&etcd.endpoint, &targets);
+    let c = cfg.clone();
+    let r = tokio::task::spawn_blocking(move || backup_env(&c, &[])).await.unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    check(&r, &mut outputs);
+    assert_eq!(sets_on(&apache.root()).len(), 1);
+    assert_eq!(sets_on(&rclone.root()).len(), 1);
+    assert!(proxy.requests() > 0);
+    for args in [
+        vec!["check-config"],
+        vec!["check-config", "--connect"],
+        vec!["list", "--target", "offsite"],
+        vec!["list", "--json", "--target", "bearer"],
+    ] {
+        let mut a = args.clone();
+        a.extend(["-vv", "--config", cfg.to_str().unwrap()]);
+        let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+        let r = tokio::task::spawn_blocking(move || run_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 0, "{args:?}: {}", r.all());
+        check(&r, &mut outputs);
+    }
+
+    // Without the client certificate, or with a wrong token, or without the proxy
+    // password, the server or proxy refuses: exit 1, and still no secret in the output.
+    let no_client_cert = apache_target(&apache, &w, &format!("proxy = \"none\"\nretry_budget = \"1s\""));
+    let wrong_token = secret_file(w.path(), "wrong-token", "not-the-token");
+    let cases = [
+        (no_client_cert, "offsite"),
+        (
+            format!(
+                "[[target]]\nname = \"bearer\"\nurl = \"{}\"\ntoken_file = \"{}\"\nretry_budget = \"1s\"\n",
+                bearer.url(),
+                wrong_token.display()
+            ),
+            "401",
+        ),
+        (
+            apache_target(
+                &apache,
+                &w,
+                &format!(
+                    "{client_tls}proxy = \"http://puser@127.0.0.1:{}\"\nretry_budget = \"1s\"",
+                    proxy.port
+                ),
+            ),
+            "the proxy refused",
+        ),
+    ];
+    for (targets, expect) in cases {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let cfg = w.write_config_targets(&etcd.endpoint, &targets);
+        let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 1, "{}", r.all());
+        eprintln!("{}", r.stderr.trim().lines().last().unwrap_or_default());
+        assert!(r.stderr.contains(expect), "{expect}: {}", r.stderr);
+        check(&r, &mut outputs);
+    }
+    assert_eq!(sets_on(&apache.root()).len(), 1);
+    assert_eq!(sets_on(&rclone.root()).len(), 1);
+
+    // TLS verification is always on: without the extra CA, the server is not trusted.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let untrusted = format!(
+        "[[target]]\nname = \"untrusted\"\nurl = \"{}\"\nusername = \"{DAV_USER}\"\npassword_file = \"{}\"\nretry_budget = \"1s\"\n",
+        apache.url(),
+        apache.password_file(w.path()).display()
+    );
+    let cfg = w.write_config_targets(&etcd.endpoint, &untrusted);
+    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.all());
+    eprintln!("{}", r.stderr.trim().lines().last().unwrap_or_default());
+    assert!(r.stderr.to_lowercase().contains("certificate"), "{}", r.stderr);
+    check(&r, &mut outputs);
+
+    for out in &outputs {
+        for s in &secrets {
+            assert!(!out.contains(s.as_str()), "a secret leaked: {out}");
+        }
+    }
+    // Nor in any file the runs left in staging or on the targets.
+    for dir in [w.staging(), apache.root(), rclone.root()] {
+        for f in Work::files_under(&dir).into_iter().filter(|p| p.is_file()) {
+            let bytes = std::fs::read(&f).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            for s in &secrets {
+                assert!(!text.contains(s.as_str()), "a secret is in {}", f.display());
+            }
+        }
+    }
 }
