@@ -503,7 +503,7 @@ async fn client_certificates_tokens_and_proxy_credentials_work_and_never_show() 
 
     // Without the client certificate, or with a wrong token, or without the proxy
     // password, the server or proxy refuses: exit 1, and still no secret in the output.
-    let no_client_cert = apache_target(&apache, &w, &format!("proxy = \"none\"\nretry_budget = \"1s\""));
+    let no_client_cert = apache_target(&apache, &w, "proxy = \"none\"\nretry_budget = \"1s\"");
     let wrong_token = secret_file(w.path(), "wrong-token", "not-the-token");
     let cases = [
         (no_client_cert, "offsite"),
