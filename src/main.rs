@@ -12,8 +12,9 @@ fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
+    // rustls logs every failed handshake itself; our error line already says it, once.
     let filter = tracing_subscriber::EnvFilter::try_from_env("ETCD_BACKUPD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rustls=off")));
     // Under journald, the journal stamps every line itself.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
