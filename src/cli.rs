@@ -127,7 +127,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::List { json, target } => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = load(&cli)?;
             list(&settings, target.as_deref(), *json).await
         }
         Command::CheckConfig { connect } => {
@@ -247,27 +247,47 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     writeln!(out, "# secrets are read from the *_file paths below and never printed")?;
     writeln!(out, "{}", toml::to_string(settings)?)?;
     drop(out);
-    if connect {
-        let (member, status) = crate::etcd::connect_first(&settings.etcd).await?;
-        println!(
+    if !connect {
+        return Ok(());
+    }
+    // Every check runs and reports, so one failure does not hide the others.
+    let mut failed = Vec::new();
+    match crate::etcd::connect_first(&settings.etcd).await {
+        Ok((member, status)) => println!(
             "ok: etcd {} answers: member {}, cluster {}, etcd {}, DB {}",
             member.shown(),
             crate::etcd::hex_id(status.member_id),
             crate::etcd::hex_id(status.cluster_id),
             status.version,
             human(status.db_size)
-        );
-        for t in &settings.targets {
+        ),
+        Err(e) => {
+            println!("FAILED: etcd: {}", crate::error::one_line(&e));
+            failed.push("etcd".to_string());
+        }
+    }
+    for t in &settings.targets {
+        let checked = async {
             let target = targets::open(t)?;
             println!("target '{}': {}", t.name, target.route());
             target.preflight().await?;
-            let sets = target.list_sets(settings.cluster_name.as_deref()).await?;
-            println!(
+            target.list_sets(settings.cluster_name.as_deref()).await
+        }
+        .await;
+        match checked {
+            Ok(sets) => println!(
                 "ok: target '{}' answers and holds {} complete set(s)",
                 t.name,
                 sets.len()
-            );
+            ),
+            Err(e) => {
+                println!("FAILED: target '{}': {}", t.name, crate::error::one_line(&e));
+                failed.push(format!("target '{}'", t.name));
+            }
         }
+    }
+    if !failed.is_empty() {
+        bail!("check-config --connect: {} failed", failed.join(", "));
     }
     Ok(())
 }

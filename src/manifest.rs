@@ -88,6 +88,9 @@ impl Manifest {
         s
     }
 
+    /// Parses and checks a manifest, which may come from an untrusted server: file names
+    /// must be plain names with the platform's prefixes, and no text may hold control
+    /// characters (they would reach a terminal through `list`).
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("invalid manifest.json: {e}"))?;
         if m.format_version != FORMAT_VERSION {
@@ -95,6 +98,41 @@ impl Manifest {
                 "manifest.json format_version {} is not supported",
                 m.format_version
             ));
+        }
+        let plain = |s: &str| !s.is_empty() && !s.chars().any(char::is_control);
+        let texts = [
+            &m.id,
+            &m.created,
+            &m.cluster_name,
+            &m.node,
+            &m.etcd.endpoint,
+            &m.etcd.version,
+        ];
+        let os = m
+            .openshift
+            .iter()
+            .flat_map(|o| [o.version.as_deref(), o.cluster_id.as_deref()])
+            .flatten();
+        if !texts.iter().all(|t| plain(t)) || !os.into_iter().all(plain) {
+            return Err("invalid manifest.json: a text field is empty or holds control characters".into());
+        }
+        if !crate::targets::is_set_name(&m.id) {
+            return Err(format!("invalid manifest.json: id {:?} is not a set name", m.id));
+        }
+        for f in &m.files {
+            let named = |n: &str| {
+                crate::targets::safe_component(n)
+                    && (n.starts_with("snapshot_") || n.starts_with("static_kuberesources_"))
+            };
+            if !named(&f.name) || !named(&f.stored_name) {
+                return Err(format!(
+                    "invalid manifest.json: file name {:?} is not allowed",
+                    f.stored_name
+                ));
+            }
+        }
+        if m.snapshot().is_none() {
+            return Err("invalid manifest.json: no snapshot file".into());
         }
         Ok(m)
     }
@@ -178,6 +216,20 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
         v["format_version"] = 99.into();
         assert!(Manifest::parse(v.to_string().as_bytes()).unwrap_err().contains("99"));
+        for (path, bad) in [
+            ("/files/0/stored_name", "../../etc/passwd"),
+            ("/files/0/name", "snapshot_/x"),
+            ("/files/0/name", "evil.db"),
+            ("/node", "n\u{1b}[31m"),
+            ("/id", ".."),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+            *v.pointer_mut(path).unwrap() = bad.into();
+            assert!(
+                Manifest::parse(v.to_string().as_bytes()).is_err(),
+                "{path} = {bad:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -50,7 +50,14 @@ impl BackupReport {
     }
 }
 
-fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Box<dyn Target>>> {
+/// A target chosen for this run: opened, or the reason it could not be (a bad CA file, an
+/// unreadable secret...), which fails that target alone.
+struct Selected {
+    name: String,
+    target: std::result::Result<Box<dyn Target>, String>,
+}
+
+fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selected>> {
     let chosen: Vec<_> = match only {
         Some(name) => {
             let t = settings.target(name).ok_or_else(|| {
@@ -71,7 +78,13 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Box<d
             "uploading the snapshot unencrypted to a remote target: it holds every Secret of the cluster; client-side encryption is not available in this version"
         );
     }
-    chosen.into_iter().map(targets::open).collect()
+    Ok(chosen
+        .into_iter()
+        .map(|t| Selected {
+            name: t.name.clone(),
+            target: targets::open(t).map_err(|e| crate::error::one_line(&e)),
+        })
+        .collect())
 }
 
 /// Marks a directory as ours, so that a mistyped `staging_dir` (say `/var`) is refused
@@ -142,10 +155,13 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
     clean_staging_leftovers(&[&tmp_root, &sets_root]);
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
     let mut unusable: Vec<Option<String>> = Vec::new();
-    for t in &targets {
-        let check = t.preflight().await.map_err(|e| crate::error::one_line(&e));
+    for sel in &targets {
+        let check = match &sel.target {
+            Ok(t) => t.preflight().await.map_err(|e| crate::error::one_line(&e)),
+            Err(e) => Err(e.clone()),
+        };
         if let Err(e) = &check {
-            tracing::error!(target = t.name(), error = %e, "target cannot take a backup set");
+            tracing::error!(target = %sel.name, error = %e, "target cannot take a backup set");
         }
         unusable.push(check.err());
     }
@@ -223,16 +239,21 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
     };
 
     let mut outcomes = Vec::new();
-    for (t, preflight) in targets.iter().zip(unusable) {
+    for (sel, preflight) in targets.iter().zip(unusable) {
+        let t = match (&sel.target, preflight) {
+            (Ok(t), None) => t,
+            // An unopened target always has its reason recorded above.
+            (_, problem) => {
+                let e = problem.unwrap_or_default();
+                outcomes.push(TargetOutcome {
+                    name: sel.name.clone(),
+                    location: String::new(),
+                    result: Err(e),
+                });
+                continue;
+            }
+        };
         let location = t.describe(&cluster, &id);
-        if let Some(e) = preflight {
-            outcomes.push(TargetOutcome {
-                name: t.name().to_string(),
-                location,
-                result: Err(e),
-            });
-            continue;
-        }
         let result = t.put_set(&cluster, &settings.node_name, &staged).await;
         match &result {
             Ok(()) => tracing::info!(target = t.name(), backup_id = %id, location = %location, "backup set stored"),

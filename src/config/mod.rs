@@ -474,6 +474,12 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         if target.password_file.is_some() && target.username.is_none() {
             return Err(m.error_at(&at("password_file"), "needs username"));
         }
+        if target.token_file.is_some() && target.username.is_some() {
+            return Err(m.error_at(
+                &at("username"),
+                "does not go with token_file (Bearer auth has no user name)",
+            ));
+        }
         if target.password_file.is_some() && target.token_file.is_some() {
             return Err(m.error_at(&at("token_file"), "use either password_file or token_file, not both"));
         }

@@ -120,10 +120,17 @@ impl FileTarget {
                     Err(e) => bail!("target '{}': cannot read '{}': {e}", self.name, path.display()),
                 };
                 match Manifest::parse(&bytes) {
-                    Ok(m) if m.id == id => sets.push(ListedSet {
-                        cluster: c.clone(),
-                        manifest: m,
-                    }),
+                    // A manifest alone is not a set: every file must be there at its size.
+                    Ok(m) if m.id == id => match m.files.iter().find(|f| {
+                        std::fs::metadata(dir.join(&id).join(&f.stored_name)).map(|md| md.len()).ok()
+                            != Some(f.stored_size)
+                    }) {
+                        None => sets.push(ListedSet { cluster: c.clone(), manifest: m }),
+                        Some(f) => tracing::warn!(
+                            target = %self.name, path = %path.display(), file = %f.stored_name,
+                            "skipping an incomplete set: a file is missing or has the wrong size"
+                        ),
+                    },
                     Ok(m) => {
                         tracing::warn!(target = %self.name, path = %path.display(), manifest_id = %m.id, "manifest id does not match its folder; skipping it")
                     }

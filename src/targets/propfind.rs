@@ -48,6 +48,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<DavEntry>> {
     // Properties of the propstat being read; applied once its status is known.
     let mut pending: Partial = Partial::default();
     let mut entries = Vec::new();
+    let mut saw_root = false;
     loop {
         let event = reader
             .read_event_into(&mut buf)
@@ -56,6 +57,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<DavEntry>> {
             Event::Start(e) => {
                 let name = String::from_utf8_lossy(e.local_name().as_ref()).to_ascii_lowercase();
                 match name.as_str() {
+                    "multistatus" if stack.is_empty() => saw_root = true,
                     "response" => current = Some(Partial::default()),
                     "propstat" => pending = Partial::default(),
                     "collection" if stack.last().is_some_and(|p| p == "resourcetype") => pending.is_collection = true,
@@ -66,6 +68,9 @@ pub fn parse(body: &[u8]) -> Result<Vec<DavEntry>> {
             }
             Event::Empty(e) => {
                 let name = String::from_utf8_lossy(e.local_name().as_ref()).to_ascii_lowercase();
+                if name == "multistatus" && stack.is_empty() {
+                    saw_root = true;
+                }
                 if name == "collection" && stack.last().is_some_and(|p| p == "resourcetype") {
                     pending.is_collection = true;
                 }
@@ -132,6 +137,10 @@ pub fn parse(body: &[u8]) -> Result<Vec<DavEntry>> {
         }
         buf.clear();
     }
+    // A cut answer must not pass for a short listing.
+    if !stack.is_empty() || !saw_root {
+        bail!("invalid PROPFIND answer: not a complete <multistatus> document");
+    }
     Ok(entries)
 }
 
@@ -144,20 +153,29 @@ fn finish(p: Partial) -> Result<DavEntry> {
         Ok(u) => u.path().to_string(),
         Err(_) => href.clone(),
     };
-    let decoded = percent_encoding::percent_decode_str(&raw_path)
-        .decode_utf8()
-        .map_err(|_| anyhow!("invalid PROPFIND answer: href is not UTF-8"))?;
-    let path = decoded.trim_end_matches('/').to_string();
-    let name = path.rsplit('/').next().unwrap_or_default().to_string();
-    if !name.is_empty() && !safe_component(&name) {
-        bail!(
-            "the server sent an unsafe name {:?} in a PROPFIND answer",
-            name.escape_debug().to_string()
-        );
+    // Each segment is decoded on its own, so an encoded '/' (`%2F`) is refused, not split.
+    let mut segments = Vec::new();
+    for raw in raw_path.trim_end_matches('/').split('/').skip(1) {
+        let seg = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| anyhow!("invalid PROPFIND answer: href is not UTF-8"))?;
+        if seg == "." || seg == ".." {
+            bail!("the server sent a path with '..' or '.' in a PROPFIND answer");
+        }
+        if !seg.is_empty() && !safe_component(&seg) {
+            bail!(
+                "the server sent an unsafe name {:?} in a PROPFIND answer",
+                seg.escape_debug().to_string()
+            );
+        }
+        segments.push(seg.into_owned());
     }
-    if path.split('/').any(|seg| seg == ".." || seg == ".") {
-        bail!("the server sent a path with '..' or '.' in a PROPFIND answer");
-    }
+    let name = segments.last().cloned().unwrap_or_default();
+    let path = if segments.is_empty() {
+        String::new()
+    } else {
+        format!("/{}", segments.join("/"))
+    };
     let modified = p
         .modified
         .as_deref()
@@ -227,5 +245,11 @@ mod tests {
         let entity = r#"<multistatus xmlns="DAV:"><response><href>/dav/&foo;</href></response></multistatus>"#;
         assert!(parse(entity.as_bytes()).is_err());
         assert!(parse(b"<multistatus><response></multistatus>").is_err());
+        let cut = &APACHE.as_bytes()[..APACHE.len() - 40];
+        assert!(parse(cut).is_err(), "a truncated answer is an error");
+        assert!(parse(b"").is_err());
+        assert!(parse(b"<other xmlns=\"DAV:\"/>").is_err());
+        let encoded_slash = r#"<multistatus xmlns="DAV:"><response><href>/test/a%2Fb/</href></response></multistatus>"#;
+        assert!(parse(encoded_slash.as_bytes()).is_err());
     }
 }

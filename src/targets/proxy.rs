@@ -5,9 +5,10 @@
 //! curl's rules, for `proxy = "env"`: an `https://` URL uses `https_proxy`, then
 //! `HTTPS_PROXY`; an `http://` URL uses `http_proxy` only (curl ignores upper-case
 //! `HTTP_PROXY`, which a CGI request header could set); either falls back to `all_proxy`,
-//! then `ALL_PROXY`. `no_proxy`, then `NO_PROXY`, lists exceptions: `*` for every host, host
-//! names matching themselves and any subdomain (a leading dot is ignored), IP addresses and
-//! CIDR ranges matching IP-literal hosts (no DNS lookup, as in curl).
+//! then `ALL_PROXY`. `no_proxy`, then `NO_PROXY`, lists exceptions: `*` alone for every host;
+//! host names matching themselves and any subdomain (a leading dot, and a trailing dot on
+//! either side, are ignored); IP addresses and CIDR ranges matching IP-literal hosts (no DNS
+//! lookup, as in curl). An entry with a port (`host:8443`) applies to that port only.
 
 use std::net::IpAddr;
 
@@ -72,10 +73,11 @@ fn from_env(target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
         .unwrap_or_default()
         .trim_matches(['[', ']'])
         .to_ascii_lowercase();
+    let port = target.port_or_known_default().unwrap_or(0);
     if let Some((var, list)) = ["no_proxy", "NO_PROXY"]
         .iter()
         .find_map(|k| env.var(k).map(|v| (*k, v)))
-        && let Some(entry) = no_proxy_match(&list, &host)
+        && let Some(entry) = no_proxy_match(&list, &host, port)
     {
         return Ok(ProxyChoice::Direct {
             why: format!("{var} entry {entry:?} matches {host}"),
@@ -111,14 +113,15 @@ fn from_env(target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
     })
 }
 
-/// The `no_proxy` entry that exempts `host`, if any.
-pub fn no_proxy_match(list: &str, host: &str) -> Option<String> {
+/// The `no_proxy` entry that exempts `host` (on `port`), if any.
+pub fn no_proxy_match(list: &str, host: &str, port: u16) -> Option<String> {
+    if list.trim() == "*" {
+        return Some("*".into());
+    }
+    let host = host.trim_end_matches('.');
     let host_ip: Option<IpAddr> = host.parse().ok();
     for raw in list.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()) {
         let entry = raw.to_ascii_lowercase();
-        if entry == "*" {
-            return Some(raw.to_string());
-        }
         if let Some(ip) = host_ip {
             if let Some((net, bits)) = entry.split_once('/') {
                 if let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u8>())
@@ -128,19 +131,39 @@ pub fn no_proxy_match(list: &str, host: &str) -> Option<String> {
                 }
                 continue;
             }
-            if entry.trim_matches(['[', ']']).parse::<IpAddr>().ok() == Some(ip) {
+            let (addr, entry_port) = split_port(&entry);
+            if addr.parse::<IpAddr>().ok() == Some(ip) && entry_port.is_none_or(|p| p == port) {
                 return Some(raw.to_string());
             }
             continue;
         }
-        let name = entry.trim_start_matches('.');
-        // A port in the entry (`host:8443`) is ignored, as curl does for names.
-        let name = name.split(':').next().unwrap_or(name);
-        if !name.is_empty() && (host == name || host.ends_with(&format!(".{name}"))) {
+        let (name, entry_port) = split_port(&entry);
+        let name = name.trim_start_matches('.').trim_end_matches('.');
+        if !name.is_empty()
+            && (host == name || host.ends_with(&format!(".{name}")))
+            && entry_port.is_none_or(|p| p == port)
+        {
             return Some(raw.to_string());
         }
     }
     None
+}
+
+/// `host:port`, `[v6]:port`, or a bare host/address (a bare IPv6 address has no port).
+fn split_port(entry: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = entry.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((addr, tail)) => (addr, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (rest, None),
+        };
+    }
+    match entry.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (entry, None),
+        },
+        _ => (entry, None),
+    }
 }
 
 fn in_cidr(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
@@ -180,20 +203,28 @@ mod tests {
 
     #[test]
     fn no_proxy_rules_follow_curl() {
-        let list = "localhost,.cluster.local,example.com,10.0.0.0/16,fd00::/8,192.168.1.5";
-        assert!(no_proxy_match(list, "localhost").is_some());
-        assert!(no_proxy_match(list, "svc.cluster.local").is_some());
-        assert!(no_proxy_match(list, "cluster.local").is_some());
-        assert!(no_proxy_match(list, "dav.example.com").is_some());
-        assert!(no_proxy_match(list, "example.com").is_some());
-        assert!(no_proxy_match(list, "notexample.com").is_none());
-        assert!(no_proxy_match(list, "10.0.200.7").is_some());
-        assert!(no_proxy_match(list, "10.1.0.1").is_none());
-        assert!(no_proxy_match(list, "fd00::1").is_some());
-        assert!(no_proxy_match(list, "192.168.1.5").is_some());
-        assert!(no_proxy_match(list, "192.168.1.6").is_none());
-        assert!(no_proxy_match("*", "anything.example").is_some());
-        assert!(no_proxy_match("", "a").is_none());
+        let list = "localhost,.cluster.local,example.com.,10.0.0.0/16,fd00::/8,192.168.1.5,dav.internal:8443";
+        let m = |h: &str| no_proxy_match(list, h, 443).is_some();
+        assert!(m("localhost"));
+        assert!(m("svc.cluster.local"));
+        assert!(m("cluster.local"));
+        assert!(m("dav.example.com"));
+        assert!(m("dav.example.com."), "a trailing dot on the host is ignored");
+        assert!(m("example.com"));
+        assert!(!m("notexample.com"));
+        assert!(m("10.0.200.7"));
+        assert!(!m("10.1.0.1"));
+        assert!(m("fd00::1"));
+        assert!(m("192.168.1.5"));
+        assert!(!m("192.168.1.6"));
+        assert!(!m("dav.internal"), "the entry names another port");
+        assert!(no_proxy_match(list, "dav.internal", 8443).is_some());
+        assert!(no_proxy_match("*", "anything.example", 443).is_some());
+        assert!(
+            no_proxy_match("a.example,*", "other.example", 443).is_none(),
+            "'*' counts only alone"
+        );
+        assert!(no_proxy_match("", "a", 443).is_none());
     }
 
     #[test]
@@ -225,6 +256,19 @@ mod tests {
         }
         let v = [("ALL_PROXY", "http://all:1")];
         assert!(matches!(choose_with(&v, "http://x/"), ProxyChoice::Via { .. }));
+        let v = [("HTTPS_PROXY", "socks5://p:1080")];
+        assert!(
+            choose(
+                "env",
+                &Url::parse("https://x/").unwrap(),
+                &Fake(v.into_iter().collect())
+            )
+            .is_err()
+        );
+        // Credentials in the variable are used, and never shown.
+        let v = [("HTTPS_PROXY", "http://u:s3cret@p:3128")];
+        let c = choose_with(&v, "https://x/");
+        assert!(!c.describe().contains("s3cret"), "{}", c.describe());
         let none = choose(
             "none",
             &Url::parse("https://x/").unwrap(),

@@ -2,8 +2,8 @@
 //! collection `<cluster>/.<id>.partial-<node>-<random>/` (files streamed from staging with
 //! their `Content-Length`, `manifest.json` last), checked with `PROPFIND` (sizes, and with
 //! `verify_upload = "read-back"` the SHA-256 of every file read back), then `MOVE`d to
-//! `<cluster>/<id>/` with `Overwrite: F`, so an existing set is never replaced and a cut
-//! upload never looks like a set.
+//! `<cluster>/<id>/` with `Overwrite: F` and checked again there, so an existing set is never
+//! replaced and a cut upload never looks like a set.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +19,10 @@ use url::Url;
 use super::propfind::{self, DavEntry};
 use super::proxy::{self, ProxyChoice};
 use super::retry::{self, Backoff};
-use super::{FileReader, ListedSet, MANIFEST_CAP, StagedSet, Target, is_removable_debris, is_set_name, partial_name};
+use super::{
+    FileReader, ListedSet, MANIFEST_CAP, StagedSet, Target, is_removable_debris, is_set_name, partial_name,
+    safe_component,
+};
 use crate::config::{TargetSettings, VerifyUpload};
 use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
 
@@ -40,6 +43,8 @@ pub struct DavTarget {
     base: Url,
     client: reqwest::Client,
     auth: Auth,
+    /// Secret values that must never reach a log or an error, even echoed by a server.
+    secrets: Vec<String>,
     verify: VerifyUpload,
     idle: Duration,
     backoff: Backoff,
@@ -76,33 +81,16 @@ fn excerpt(body: &[u8]) -> String {
     squeezed.chars().take(EXCERPT_LEN).collect()
 }
 
-/// Reads a body, refusing one larger than `cap`.
-async fn read_capped(resp: Response, cap: u64, what: &str) -> Result<Vec<u8>> {
-    if resp.content_length().is_some_and(|n| n > cap) {
-        bail!("{what}: the answer is larger than {cap} bytes; refusing it");
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| anyhow!("{what}: reading the answer: {}", flat(&e)))?;
-        if body.len() as u64 + chunk.len() as u64 > cap {
-            bail!("{what}: the answer is larger than {cap} bytes; refusing it");
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 /// An error and its sources on one line, without the URL reqwest repeats in each.
 fn flat(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        let mut s = err.to_string();
-        if let Some(re) = err.downcast_ref::<reqwest::Error>() {
-            // reqwest's Display includes the URL; ours already names it.
-            s = re.without_url_ref_display();
-        }
+        let s = match err.downcast_ref::<reqwest::Error>() {
+            // reqwest's Display includes the URL; our messages already name it.
+            Some(re) => reqwest_kind(re).to_string(),
+            None => err.to_string(),
+        };
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
@@ -116,26 +104,19 @@ fn flat(e: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
-trait WithoutUrl {
-    fn without_url_ref_display(&self) -> String;
-}
-
-impl WithoutUrl for reqwest::Error {
-    fn without_url_ref_display(&self) -> String {
-        let kind = if self.is_connect() {
-            "cannot connect"
-        } else if self.is_timeout() {
-            "timed out"
-        } else if self.is_body() {
-            "request body failed"
-        } else if self.is_decode() {
-            "cannot decode the answer"
-        } else if self.is_redirect() {
-            "redirect"
-        } else {
-            "request failed"
-        };
-        kind.to_string()
+fn reqwest_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_connect() {
+        "cannot connect"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_body() {
+        "request body failed"
+    } else if e.is_decode() {
+        "cannot decode the answer"
+    } else if e.is_redirect() {
+        "redirect"
+    } else {
+        "request failed"
     }
 }
 
@@ -152,6 +133,11 @@ fn tls_hint(msg: &str) -> &'static str {
     }
 }
 
+/// Errors that no retry will change: a rejected certificate, a proxy refusing the tunnel.
+fn permanent_transport_error(msg: &str) -> bool {
+    msg.contains("invalid peer certificate") || msg.contains("fatal alert") || msg.contains("tunnel error")
+}
+
 /// A request body that counts what has been sent, for the idle watchdog.
 fn counting_body(file: tokio::fs::File, sent: Arc<AtomicU64>) -> reqwest::Body {
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |chunk| {
@@ -160,8 +146,10 @@ fn counting_body(file: tokio::fs::File, sent: Arc<AtomicU64>) -> reqwest::Body {
     reqwest::Body::wrap_stream(stream)
 }
 
-/// Runs `fut`, failing it when `progress` has not moved for `idle`: a per-phase timeout
-/// instead of a total one, so a multi-GiB upload on a slow link is never cut.
+/// Runs `fut` (a request, until the answer's headers), failing it when `progress` has not
+/// moved for `idle`: the body being sent moves it; waiting for the answer after the body is
+/// sent may take `idle` too. There is no total limit, so a multi-GiB upload over a slow link
+/// is never cut while it moves.
 async fn watch_idle<T>(
     fut: impl std::future::Future<Output = reqwest::Result<T>>,
     progress: &AtomicU64,
@@ -170,7 +158,7 @@ async fn watch_idle<T>(
     tokio::pin!(fut);
     let mut last = progress.load(Ordering::Relaxed);
     let mut last_change = Instant::now();
-    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+    let mut tick = tokio::time::interval((idle / 8).max(Duration::from_millis(20)));
     loop {
         tokio::select! {
             out = &mut fut => return out.map_err(|e| flat(&e)),
@@ -187,6 +175,41 @@ async fn watch_idle<T>(
     }
 }
 
+/// The next chunk of an answer's body, or an error after `idle` without one.
+async fn next_chunk<S>(stream: &mut S, idle: Duration, what: &str) -> Result<Option<bytes::Bytes>>
+where
+    S: futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+{
+    match tokio::time::timeout(idle, stream.next()).await {
+        Err(_) => bail!("{what}: no data for {}", humantime::format_duration(idle)),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Err(e))) => bail!("{what}: reading the answer: {}", flat(&e)),
+    }
+}
+
+/// Reads a body, refusing one larger than `cap`.
+async fn read_capped(resp: Response, cap: u64, idle: Duration, what: &str) -> Result<Vec<u8>> {
+    if resp.content_length().is_some_and(|n| n > cap) {
+        bail!("{what}: the answer is larger than {cap} bytes; refusing it");
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = next_chunk(&mut stream, idle, what).await? {
+        if body.len() as u64 + chunk.len() as u64 > cap {
+            bail!("{what}: the answer is larger than {cap} bytes; refusing it");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Is `host` this machine? Credentials may cross plain http only there.
+fn is_loopback(host: &str) -> bool {
+    let h = host.trim_matches(['[', ']']);
+    h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// reqwest is built without a default crypto provider (aws-lc is slow to build): use ring,
 /// as tonic does. Idempotent; every HTTP client in the process needs it first.
 pub fn install_crypto_provider() {
@@ -199,9 +222,9 @@ impl DavTarget {
         let name = settings.name.clone();
         let proxy = proxy::choose(&settings.proxy, &settings.url, &proxy::ProcessEnv)
             .map_err(|e| anyhow!("target '{name}': {e}"))?;
+        let mut secrets = Vec::new();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout.0)
-            .read_timeout(settings.idle_timeout.0)
             // A redirect cannot replay a streamed PUT; a moved server is a configuration
             // matter, reported with its Location.
             .redirect(reqwest::redirect::Policy::none())
@@ -212,18 +235,25 @@ impl DavTarget {
             ProxyChoice::Direct { .. } => builder.no_proxy(),
             ProxyChoice::Via { url, .. } => {
                 let mut p = reqwest::Proxy::all(url.as_str()).map_err(|e| anyhow!("target '{name}': proxy: {e}"))?;
+                if let Some(pw) = url.password() {
+                    secrets.push(pw.to_string());
+                }
                 if let Some(file) = &settings.proxy_password_file {
                     let password = read_secret(file, "proxy_password_file", &name)?;
                     p = p.basic_auth(url.username(), &password);
+                    secrets.push(password);
                 }
                 builder.proxy(p)
             }
         };
         if let Some(ca) = &settings.ca_file {
             let pem = std::fs::read(ca).with_context(|| format!("target '{name}': ca_file '{}'", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow!("target '{name}': ca_file '{}': {e}", ca.display()))?
-            {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow!("target '{name}': ca_file '{}': {e}", ca.display()))?;
+            if certs.is_empty() {
+                bail!("target '{name}': ca_file '{}' holds no PEM certificate", ca.display());
+            }
+            for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
@@ -241,18 +271,33 @@ impl DavTarget {
             .build()
             .map_err(|e| anyhow!("target '{name}': cannot set up HTTP: {}", flat(&e)))?;
         let auth = match (&settings.username, &settings.password_file, &settings.token_file) {
-            (Some(user), Some(pw), _) => Auth::Basic {
-                user: user.clone(),
-                password: read_secret(pw, "password_file", &name)?,
-            },
-            (_, _, Some(token)) => Auth::Bearer(read_secret(token, "token_file", &name)?),
+            (Some(user), Some(pw), _) => {
+                let password = read_secret(pw, "password_file", &name)?;
+                secrets.push(password.clone());
+                Auth::Basic {
+                    user: user.clone(),
+                    password,
+                }
+            }
+            (_, _, Some(token)) => {
+                let token = read_secret(token, "token_file", &name)?;
+                secrets.push(token.clone());
+                Auth::Bearer(token)
+            }
             _ => Auth::None,
         };
+        if !matches!(auth, Auth::None)
+            && settings.url.scheme() == "http"
+            && !is_loopback(settings.url.host_str().unwrap_or_default())
+        {
+            bail!("target '{name}': credentials over plain http:// would cross the network in clear; use https://");
+        }
         Ok(DavTarget {
             name,
             base: settings.url.clone(),
             client,
             auth,
+            secrets,
             verify: settings.verify_upload,
             idle: settings.idle_timeout.0,
             backoff: Backoff::new(settings.retry_budget.0),
@@ -260,11 +305,28 @@ impl DavTarget {
         })
     }
 
-    /// `base/seg1/seg2[/]`, each segment percent-encoded.
-    fn url(&self, segments: &[&str], collection: bool) -> Url {
+    /// Removes every known secret from text that came from a server, which might echo our
+    /// request headers back.
+    fn scrub(&self, text: String) -> String {
+        self.secrets.iter().fold(text, |t, s| {
+            if s.len() >= 4 {
+                t.replace(s.as_str(), "[redacted]")
+            } else {
+                t
+            }
+        })
+    }
+
+    /// `base/seg1/seg2[/]`, each segment percent-encoded; every segment must be a plain name.
+    fn url(&self, segments: &[&str], collection: bool) -> Result<Url> {
+        if let Some(bad) = segments.iter().find(|s| !safe_component(s)) {
+            bail!("target '{}': {bad:?} is not a usable name", self.name);
+        }
         let mut u = self.base.clone();
         {
-            let mut path = u.path_segments_mut().expect("http(s) URLs have a path");
+            let mut path = u
+                .path_segments_mut()
+                .map_err(|_| anyhow!("target '{}': URL has no path", self.name))?;
             path.pop_if_empty();
             for s in segments {
                 path.push(s);
@@ -273,7 +335,7 @@ impl DavTarget {
                 path.push("");
             }
         }
-        u
+        Ok(u)
     }
 
     fn request(&self, method: Method, url: &Url) -> RequestBuilder {
@@ -286,13 +348,14 @@ impl DavTarget {
     }
 
     /// Sends the request `make` builds, retrying what is worth retrying within the budget.
-    /// Returns the first final answer, whatever its status; the caller judges it.
-    async fn send(
+    /// Returns the first final answer, whatever its status, and whether it came after a
+    /// retry (a non-idempotent request may then have taken effect already).
+    async fn send_counted(
         &self,
         what: &str,
         url: &Url,
         make: impl Fn(Arc<AtomicU64>) -> Result<RequestBuilder>,
-    ) -> Result<Response> {
+    ) -> Result<(Response, bool)> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -302,13 +365,12 @@ impl DavTarget {
             let (why, server_asks) = match outcome {
                 Ok(resp) if retry::retryable_status(resp.status()) => {
                     let status = resp.status();
-                    let asks = retry::retry_after(resp.headers());
-                    let body = read_capped(resp, 64 * 1024, what).await.unwrap_or_default();
-                    (format!("{status}: {}", excerpt(&body)), asks)
+                    let asks = retry::retry_after(resp.headers(), chrono::Utc::now());
+                    let body = read_capped(resp, 64 * 1024, self.idle, what).await.unwrap_or_default();
+                    (format!("{status}: {}", self.scrub(excerpt(&body))), asks)
                 }
-                Ok(resp) => return Ok(resp),
-                // A certificate the other side rejects will not change by retrying.
-                Err(e) if e.contains("invalid peer certificate") || e.contains("fatal alert") => {
+                Ok(resp) => return Ok((resp, attempt > 1)),
+                Err(e) if permanent_transport_error(&e) => {
                     bail!("target '{}': {what} '{url}': {e}{}", self.name, tls_hint(&e))
                 }
                 Err(e) => (e, None),
@@ -330,6 +392,15 @@ impl DavTarget {
         }
     }
 
+    async fn send(
+        &self,
+        what: &str,
+        url: &Url,
+        make: impl Fn(Arc<AtomicU64>) -> Result<RequestBuilder>,
+    ) -> Result<Response> {
+        Ok(self.send_counted(what, url, make).await?.0)
+    }
+
     /// Fails with the server's status and an excerpt of its body unless `ok` accepts it.
     async fn expect(&self, what: &str, url: &Url, resp: Response, ok: &[StatusCode]) -> Result<Response> {
         let status = resp.status();
@@ -341,12 +412,12 @@ impl DavTarget {
             .get(header::LOCATION)
             .and_then(|l| l.to_str().ok())
             .map(str::to_string);
-        let body = read_capped(resp, 64 * 1024, what).await.unwrap_or_default();
+        let body = read_capped(resp, 64 * 1024, self.idle, what).await.unwrap_or_default();
         let mut msg = format!("target '{}': {what} '{url}': {status}", self.name);
         if let Some(loc) = location {
-            msg.push_str(&format!(" (Location: {loc}; point the target url there)"));
+            msg.push_str(&format!(" (Location: {}; point the target url there)", self.scrub(loc)));
         }
-        let ex = excerpt(&body);
+        let ex = self.scrub(excerpt(&body));
         if !ex.is_empty() {
             msg.push_str(&format!(": {ex}"));
         }
@@ -368,8 +439,9 @@ impl DavTarget {
             return Ok(None);
         }
         let resp = self.expect("PROPFIND", url, resp, &[StatusCode::MULTI_STATUS]).await?;
-        let body = read_capped(resp, PROPFIND_CAP, &format!("target '{}': PROPFIND '{url}'", self.name)).await?;
-        let entries = propfind::parse(&body).with_context(|| format!("target '{}': PROPFIND '{url}'", self.name))?;
+        let what = format!("target '{}': PROPFIND '{url}'", self.name);
+        let body = read_capped(resp, PROPFIND_CAP, self.idle, &what).await?;
+        let entries = propfind::parse(&body).with_context(|| what.clone())?;
         Ok(Some(entries))
     }
 
@@ -385,23 +457,27 @@ impl DavTarget {
             .map(|entries| entries.into_iter().filter(|e| e.path != own).collect()))
     }
 
-    async fn mkcol(&self, url: &Url, may_exist: bool) -> Result<()> {
+    /// Creates a collection. `405` means it exists: fine for the cluster folder, and for a
+    /// temporary one (random name) it can only be our own earlier attempt whose answer was lost.
+    async fn mkcol(&self, url: &Url) -> Result<()> {
         let method = Method::from_bytes(b"MKCOL").expect("valid method");
         let resp = self
             .send("MKCOL", url, |_| Ok(self.request(method.clone(), url)))
             .await?;
-        let ok: &[StatusCode] = if may_exist {
-            &[StatusCode::CREATED, StatusCode::METHOD_NOT_ALLOWED]
-        } else {
-            &[StatusCode::CREATED]
-        };
-        self.expect("MKCOL", url, resp, ok).await.map(|_| ())
+        self.expect(
+            "MKCOL",
+            url,
+            resp,
+            &[StatusCode::CREATED, StatusCode::METHOD_NOT_ALLOWED],
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn put_file(&self, url: &Url, path: &std::path::Path, size: u64) -> Result<()> {
         let resp = self
             .send("PUT", url, |progress| {
-                // Reopened for every attempt: a retry starts the stream again.
+                // Reopened for every attempt: a retry streams the file again.
                 let file = std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
                 Ok(self
                     .request(Method::PUT, url)
@@ -453,6 +529,12 @@ impl DavTarget {
         .map(|_| ())
     }
 
+    /// Removes a set folder so that it never looks complete while going: manifest first.
+    async fn delete_collection(&self, collection: &Url) -> Result<()> {
+        self.delete(&join(collection, MANIFEST)?).await?;
+        self.delete(collection).await
+    }
+
     async fn get(&self, url: &Url) -> Result<Response> {
         let resp = self.send("GET", url, |_| Ok(self.request(Method::GET, url))).await?;
         self.expect("GET", url, resp, &[StatusCode::OK]).await
@@ -461,11 +543,11 @@ impl DavTarget {
     /// Streams a file back and returns its size and SHA-256.
     async fn read_back(&self, url: &Url) -> Result<(u64, String)> {
         let resp = self.get(url).await?;
+        let what = format!("target '{}': GET '{url}'", self.name);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| anyhow!("target '{}': GET '{url}': {}", self.name, flat(&e)))?;
+        while let Some(chunk) = next_chunk(&mut stream, self.idle, &what).await? {
             size += chunk.len() as u64;
             hasher.update(&chunk);
         }
@@ -473,16 +555,17 @@ impl DavTarget {
     }
 
     /// Removes this node's leftover temporary sets, and other nodes' once a day old.
-    async fn remove_debris(&self, cluster_url: &Url, entries: &[DavEntry], node: &str) {
+    async fn remove_debris(&self, cluster: &str, entries: &[DavEntry], node: &str) {
         let now = chrono::Utc::now();
         for e in entries
             .iter()
             .filter(|e| is_removable_debris(&e.name, node, e.modified, now))
         {
-            let url = cluster_url
-                .join(&format!("{}/", percent_encode(&e.name)))
-                .unwrap_or_else(|_| cluster_url.clone());
-            match self.delete(&url).await {
+            let removed = match self.url(&[cluster, &e.name], true) {
+                Ok(url) => self.delete(&url).await,
+                Err(err) => Err(err),
+            };
+            match removed {
                 Ok(()) => {
                     tracing::info!(target = %self.name, name = %e.name, "removed an incomplete set left by an earlier run")
                 }
@@ -493,12 +576,55 @@ impl DavTarget {
         }
     }
 
+    /// Checks that every file of `manifest` is in `collection` with its stored size (and,
+    /// with `read_back`, its SHA-256); `extra` names more files that must be there.
+    async fn check_landed(
+        &self,
+        collection: &Url,
+        manifest: &Manifest,
+        extra: &[(&str, usize)],
+        read_back: bool,
+    ) -> Result<()> {
+        let landed = self
+            .children(collection)
+            .await?
+            .ok_or_else(|| anyhow!("target '{}': '{collection}' vanished", self.name))?;
+        let expected = manifest
+            .files
+            .iter()
+            .map(|f| (f.stored_name.as_str(), f.stored_size))
+            .chain(extra.iter().map(|(n, s)| (*n, *s as u64)));
+        for (name, want) in expected {
+            let size = landed.iter().find(|e| e.name == name).and_then(|e| e.size);
+            if size != Some(want) {
+                bail!(
+                    "target '{}': '{name}' in '{collection}' has size {} but {want} bytes were sent",
+                    self.name,
+                    size.map_or("unknown".to_string(), |s| s.to_string())
+                );
+            }
+        }
+        if read_back {
+            for f in &manifest.files {
+                let (n, sha) = self.read_back(&join(collection, &f.stored_name)?).await?;
+                if n != f.stored_size || sha != f.stored_sha256 {
+                    bail!(
+                        "target '{}': '{}' reads back as {n} bytes with SHA-256 {sha}, not what was sent",
+                        self.name,
+                        f.stored_name
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn upload(&self, tmp: &Url, set: &StagedSet) -> Result<()> {
-        self.mkcol(tmp, false).await?;
+        self.mkcol(tmp).await?;
         for f in &set.manifest.files {
             let started = Instant::now();
             self.put_file(
-                &self.join(tmp, &f.stored_name),
+                &join(tmp, &f.stored_name)?,
                 &set.dir.join(&f.stored_name),
                 f.stored_size,
             )
@@ -509,62 +635,61 @@ impl DavTarget {
                 mib_per_s = format!("{:.1}", f.stored_size as f64 / secs / 1048576.0), "uploaded"
             );
         }
-        self.put_bytes(&self.join(tmp, SHA256SUMS), set.manifest.sha256sums().as_bytes())
-            .await?;
+        let sums = set.manifest.sha256sums();
+        self.put_bytes(&join(tmp, SHA256SUMS)?, sums.as_bytes()).await?;
         // Checked before the manifest goes up: the manifest is the last thing written.
-        let landed = self
-            .children(tmp)
-            .await?
-            .ok_or_else(|| anyhow!("target '{}': '{tmp}' vanished", self.name))?;
-        for f in &set.manifest.files {
-            let size = landed.iter().find(|e| e.name == f.stored_name).and_then(|e| e.size);
-            if size != Some(f.stored_size) {
-                bail!(
-                    "target '{}': '{}' landed with size {} but {} bytes were sent",
-                    self.name,
-                    f.stored_name,
-                    size.map_or("unknown".to_string(), |s| s.to_string()),
-                    f.stored_size
-                );
-            }
-            if self.verify == VerifyUpload::ReadBack {
-                let (n, sha) = self.read_back(&self.join(tmp, &f.stored_name)).await?;
-                if n != f.stored_size || sha != f.stored_sha256 {
-                    bail!(
-                        "target '{}': '{}' reads back as {n} bytes with SHA-256 {sha}, not what was sent",
-                        self.name,
-                        f.stored_name
-                    );
-                }
-            }
-        }
-        self.put_bytes(&self.join(tmp, MANIFEST), set.manifest.to_json().as_bytes())
+        self.check_landed(
+            tmp,
+            &set.manifest,
+            &[(SHA256SUMS, sums.len())],
+            self.verify == VerifyUpload::ReadBack,
+        )
+        .await?;
+        self.put_bytes(&join(tmp, MANIFEST)?, set.manifest.to_json().as_bytes())
             .await
     }
 
-    fn join(&self, collection: &Url, name: &str) -> Url {
-        collection
-            .join(&percent_encode(name))
-            .unwrap_or_else(|_| collection.clone())
-    }
-
-    async fn move_no_overwrite(&self, from: &Url, to: &Url) -> Result<()> {
+    /// `MOVE` without overwriting. When the answer to an earlier attempt was lost, the move
+    /// may have happened already: a 404/412 after a retry is success if the destination holds
+    /// exactly our manifest.
+    async fn move_no_overwrite(&self, from: &Url, to: &Url, manifest: &Manifest) -> Result<()> {
         let method = Method::from_bytes(b"MOVE").expect("valid method");
-        let resp = self
-            .send("MOVE", from, |_| {
+        let (resp, retried) = self
+            .send_counted("MOVE", from, |_| {
                 Ok(self
                     .request(method.clone(), from)
                     .header("Destination", to.as_str())
                     .header("Overwrite", "F"))
             })
             .await?;
-        if resp.status() == StatusCode::PRECONDITION_FAILED {
+        let status = resp.status();
+        if retried && (status == StatusCode::NOT_FOUND || status == StatusCode::PRECONDITION_FAILED) {
+            let url = join(to, MANIFEST)?;
+            let resp = self.send("GET", &url, |_| Ok(self.request(Method::GET, &url))).await?;
+            if resp.status() == StatusCode::OK {
+                let body = read_capped(resp, MANIFEST_CAP, self.idle, "GET manifest").await?;
+                if Manifest::parse(&body).ok().as_ref() == Some(manifest) {
+                    return Ok(());
+                }
+            }
+        }
+        if status == StatusCode::PRECONDITION_FAILED {
             bail!("target '{}': a set already exists at '{to}'", self.name);
         }
         self.expect("MOVE", from, resp, &[StatusCode::CREATED, StatusCode::NO_CONTENT])
             .await
             .map(|_| ())
     }
+}
+
+/// A file in a collection; the name must be a plain path component.
+fn join(collection: &Url, name: &str) -> Result<Url> {
+    if !safe_component(name) {
+        bail!("{name:?} is not a usable file name");
+    }
+    collection
+        .join(&percent_encode(name))
+        .map_err(|e| anyhow!("cannot build a URL for {name:?}: {e}"))
 }
 
 /// What must be escaped in one path segment (RFC 3986 pchar), and `%` itself.
@@ -597,7 +722,9 @@ impl Target for DavTarget {
     }
 
     fn describe(&self, cluster: &str, id: &str) -> String {
-        self.url(&[cluster, id], true).to_string()
+        self.url(&[cluster, id], true)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| format!("{}{cluster}/{id}/", self.base))
     }
 
     fn route(&self) -> String {
@@ -617,29 +744,48 @@ impl Target for DavTarget {
 
     async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()> {
         let id = &set.manifest.id;
-        let cluster_url = self.url(&[cluster], true);
-        self.mkcol(&cluster_url, true).await?;
+        let cluster_url = self.url(&[cluster], true)?;
+        self.mkcol(&cluster_url).await?;
         let entries = self.children(&cluster_url).await?.unwrap_or_default();
-        self.remove_debris(&cluster_url, &entries, node).await;
-        let final_url = self.url(&[cluster, id], true);
+        self.remove_debris(cluster, &entries, node).await;
+        let final_url = self.url(&[cluster, id], true)?;
         if entries.iter().any(|e| e.name == *id) {
             bail!(
                 "target '{}': a set with id '{id}' already exists at '{final_url}'",
                 self.name
             );
         }
-        let tmp = self.url(&[cluster, &partial_name(id, node)], true);
-        let result = async {
+        let tmp = self.url(&[cluster, &partial_name(id, node)], true)?;
+        let uploaded = async {
             self.upload(&tmp, set).await?;
-            self.move_no_overwrite(&tmp, &final_url).await
+            self.move_no_overwrite(&tmp, &final_url, &set.manifest).await
         }
         .await;
-        if result.is_err()
-            && let Err(e) = self.delete(&tmp).await
-        {
-            tracing::warn!(target = %self.name, error = %crate::error::one_line(&e), "cannot remove the incomplete upload");
+        if let Err(e) = uploaded {
+            if let Err(d) = self.delete(&tmp).await {
+                tracing::warn!(target = %self.name, error = %crate::error::one_line(&d), "cannot remove the incomplete upload");
+            }
+            return Err(e);
         }
-        result
+        // A server whose MOVE is a copy (across devices, or an object store) may have moved
+        // part of it: check the set where it landed, and take it down if it is incomplete.
+        let sums_len = set.manifest.sha256sums().len();
+        let json_len = set.manifest.to_json().len();
+        if let Err(e) = self
+            .check_landed(
+                &final_url,
+                &set.manifest,
+                &[(SHA256SUMS, sums_len), (MANIFEST, json_len)],
+                false,
+            )
+            .await
+        {
+            if let Err(d) = self.delete_collection(&final_url).await {
+                tracing::warn!(target = %self.name, error = %crate::error::one_line(&d), "cannot remove an incomplete set");
+            }
+            return Err(e.context("the set was incomplete after MOVE and has been removed"));
+        }
+        Ok(())
     }
 
     async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
@@ -656,29 +802,39 @@ impl Target for DavTarget {
         };
         let mut sets = Vec::new();
         for c in clusters {
-            let Some(entries) = self.children(&self.url(&[&c], true)).await? else {
+            let Some(entries) = self.children(&self.url(&[&c], true)?).await? else {
                 continue;
             };
             for e in entries.into_iter().filter(|e| e.is_collection && is_set_name(&e.name)) {
-                let url = self.url(&[&c, &e.name, MANIFEST], false);
+                let set_url = self.url(&[&c, &e.name], true)?;
+                let url = join(&set_url, MANIFEST)?;
                 let resp = self.send("GET", &url, |_| Ok(self.request(Method::GET, &url))).await?;
                 if resp.status() == StatusCode::NOT_FOUND {
                     continue; // not a complete set
                 }
                 let resp = self.expect("GET", &url, resp, &[StatusCode::OK]).await?;
-                let body = read_capped(resp, MANIFEST_CAP, &format!("target '{}': GET '{url}'", self.name)).await?;
-                match Manifest::parse(&body) {
-                    Ok(m) if m.id == e.name => sets.push(ListedSet {
-                        cluster: c.clone(),
-                        manifest: m,
-                    }),
+                let what = format!("target '{}': GET '{url}'", self.name);
+                let body = read_capped(resp, MANIFEST_CAP, self.idle, &what).await?;
+                let m = match Manifest::parse(&body) {
+                    Ok(m) if m.id == e.name => m,
                     Ok(_) => {
-                        tracing::warn!(target = %self.name, url = %url, "manifest id does not match its folder; skipping it")
+                        tracing::warn!(target = %self.name, url = %url, "manifest id does not match its folder; skipping it");
+                        continue;
                     }
                     Err(err) => {
-                        tracing::warn!(target = %self.name, url = %url, error = %err, "skipping a set with an unreadable manifest")
+                        tracing::warn!(target = %self.name, url = %url, error = %err, "skipping a set with an unreadable manifest");
+                        continue;
                     }
+                };
+                // A manifest alone is not a set: every file must be there at its size.
+                if let Err(err) = self.check_landed(&set_url, &m, &[], false).await {
+                    tracing::warn!(target = %self.name, error = %crate::error::one_line(&err), "skipping an incomplete set");
+                    continue;
                 }
+                sets.push(ListedSet {
+                    cluster: c.clone(),
+                    manifest: m,
+                });
             }
         }
         sets.sort_by(|a, b| b.manifest.id.cmp(&a.manifest.id).then(a.cluster.cmp(&b.cluster)));
@@ -686,16 +842,51 @@ impl Target for DavTarget {
     }
 
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
-        let url = self.url(&[cluster, id, name], false);
+        let url = self.url(&[cluster, id, name], false)?;
         let resp = self.get(&url).await?;
-        let target = self.name.clone();
+        let (target, idle) = (self.name.clone(), self.idle);
         let stream = resp
             .bytes_stream()
             .map_err(move |e| std::io::Error::other(format!("target '{target}': {}", flat(&e))));
+        // A stalled body fails after `idle` rather than hanging a reader forever.
+        let stream = futures_util::stream::unfold(Box::pin(stream), move |mut s| async move {
+            match tokio::time::timeout(idle, s.next()).await {
+                Ok(Some(item)) => Some((item, s)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no data from the server",
+                    )),
+                    s,
+                )),
+            }
+        });
         Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
     }
 
     async fn delete_set(&self, cluster: &str, id: &str) -> Result<()> {
-        self.delete(&self.url(&[cluster, id], true)).await
+        if !is_set_name(id) {
+            bail!("target '{}': {id:?} is not a set name", self.name);
+        }
+        self.delete_collection(&self.url(&[cluster, id], true)?).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_one_short_line() {
+        let e = excerpt(b"<html>\n<body><h1>507</h1>\n<p>quota\texceeded</p></body></html>");
+        assert_eq!(e, "507 quota exceeded");
+        assert!(excerpt(&vec![b'a'; 10_000]).len() <= EXCERPT_LEN);
+    }
+
+    #[test]
+    fn only_loopback_may_see_credentials_in_clear() {
+        assert!(is_loopback("127.0.0.1") && is_loopback("localhost") && is_loopback("[::1]"));
+        assert!(!is_loopback("dav.example.com") && !is_loopback("10.0.0.1"));
     }
 }

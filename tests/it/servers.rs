@@ -203,6 +203,8 @@ impl Rclone {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--config")
             .arg(d.join("rclone.conf"))
+            // The tests change files behind rclone's back; it must not serve a stale listing.
+            .args(["--dir-cache-time", "0s"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("rclone.log")).unwrap())
             .spawn()
@@ -298,6 +300,13 @@ pub enum Fault {
     /// Answer 207 with a body of this many bytes, sent without a length, until the client
     /// stops reading.
     Endless,
+    /// Read the request body slowly (16 KiB per pause), then forward it.
+    Slow(Duration),
+    /// Forward the request, then drop the connection without passing the answer on: the
+    /// request took effect but its answer was lost.
+    ForwardThenCut,
+    /// Answer 429 with `Retry-After: <secs>`.
+    TooMany(u64),
 }
 
 /// Request number, method, path and the `Authorization` header, if any.
@@ -316,7 +325,12 @@ impl FaultProxy {
         plan: impl Fn(usize, &str, &str, Option<&str>) -> Fault + Send + Sync + 'static,
     ) -> FaultProxy {
         etcd_backupd::targets::webdav::install_crypto_provider();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A small receive buffer, so that what the client has sent is close to what this
+        // server has read: the slow-reader fault then really slows the sender.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(64).unwrap();
         let port = listener.local_addr().unwrap().port();
         let count = Arc::new(AtomicUsize::new(0));
         let plan: Plan = Arc::new(plan);
@@ -388,9 +402,16 @@ async fn serve_one(
         return Ok(()); // drop: the connection is cut mid-body
     }
     let mut body = vec![0u8; length];
-    sock.read_exact(&mut body).await?;
+    if let Fault::Slow(pause) = fault {
+        for chunk in body.chunks_mut(16 * 1024) {
+            sock.read_exact(chunk).await?;
+            tokio::time::sleep(pause).await;
+        }
+    } else {
+        sock.read_exact(&mut body).await?;
+    }
     match fault {
-        Fault::Forward => {
+        Fault::Forward | Fault::Slow(_) | Fault::ForwardThenCut => {
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
             let mut rb = client
                 .request(m, format!("{}{}", upstream.trim_end_matches('/'), path))
@@ -415,6 +436,9 @@ async fn serve_one(
                 Ok(r) => r,
                 Err(_) => return Ok(()),
             };
+            if let Fault::ForwardThenCut = fault {
+                return Ok(());
+            }
             let status = resp.status();
             let bytes = resp.bytes().await.unwrap_or_default();
             let out = format!(
@@ -430,6 +454,12 @@ async fn serve_one(
             let out = format!(
                 "HTTP/1.1 {code} Fault\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
                 text.len()
+            );
+            sock.write_all(out.as_bytes()).await?;
+        }
+        Fault::TooMany(secs) => {
+            let out = format!(
+                "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {secs}\r\nContent-Length: 4\r\nConnection: close\r\n\r\nslow"
             );
             sock.write_all(out.as_bytes()).await?;
         }

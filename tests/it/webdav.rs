@@ -209,12 +209,23 @@ async fn a_failing_target_does_not_stop_the_others_and_rclone_works_too() {
         broken.url(),
         rclone.url()
     );
+    let bad_ca = w.path().join("not-a-ca.pem");
+    std::fs::write(&bad_ca, "this is not PEM\n").unwrap();
+    let targets = format!(
+        "{targets}\n[[target]]\nname = \"badca\"\nurl = \"https://127.0.0.1:9/\"\nca_file = \"{}\"\nretry_budget = \"1s\"\n",
+        bad_ca.display()
+    );
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
     let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
         .await
         .unwrap();
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stdout.contains("rclone: stored at"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("badca: FAILED") && r.stdout.contains("ca_file"),
+        "{}",
+        r.stdout
+    );
     assert!(
         r.stdout.contains("broken: FAILED") && r.stdout.contains("500"),
         "{}",
@@ -343,7 +354,7 @@ async fn hostile_propfind_answers_are_refused() {
     let traversal = r#"<?xml version="1.0"?><D:multistatus xmlns:D="DAV:"><D:response><D:href>/test/</D:href></D:response><D:response><D:href>/test/..%2F..%2Fetc/</D:href><D:propstat><D:prop><D:resourcetype><D:collection/></D:resourcetype></D:prop><D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response></D:multistatus>"#;
     let laughs = r#"<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><D:multistatus xmlns:D="DAV:"><D:response><D:href>/test/&c;</D:href></D:response></D:multistatus>"#;
     let cases: Vec<(Fault, &str)> = vec![
-        (Fault::Respond(207, traversal.to_string()), "'..' or '.'"),
+        (Fault::Respond(207, traversal.to_string()), "unsafe name"),
         (Fault::Respond(207, laughs.to_string()), "DOCTYPE"),
         (Fault::Endless, "larger than"),
     ];
@@ -572,4 +583,149 @@ async fn client_certificates_tokens_and_proxy_credentials_work_and_never_show() 
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_and_429_still_succeed() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 300, 1000);
+    let rclone = Rclone::start();
+    let w = Work::new();
+    let (mkcols, moves) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let (mk, mv) = (mkcols.clone(), moves.clone());
+    let puts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p = puts.clone();
+    let fault = FaultProxy::start(rclone.url(), move |_, method, path, _| {
+        use std::sync::atomic::Ordering::SeqCst;
+        match method {
+            // The temporary collection is made, but the answer is lost.
+            "MKCOL" if path.contains(".partial-") && mk.fetch_add(1, SeqCst) == 0 => Fault::ForwardThenCut,
+            // The first snapshot PUT is told to come back in a second.
+            "PUT" if path.contains("snapshot_") && p.fetch_add(1, SeqCst) == 0 => Fault::TooMany(1),
+            // The set is moved, but the answer is lost: the retry finds it moved.
+            "MOVE" if mv.fetch_add(1, SeqCst) == 0 => Fault::ForwardThenCut,
+            _ => Fault::Forward,
+        }
+    })
+    .await;
+    let cfg = w.write_config_targets(
+        &etcd.endpoint,
+        &rclone_behind(&fault, "idle_timeout = \"1s\"\nretry_budget = \"30s\""),
+    );
+    let started = std::time::Instant::now();
+    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "Retry-After was not honoured"
+    );
+    assert_eq!(puts.load(std::sync::atomic::Ordering::SeqCst), 2, "{}", r.stderr);
+    assert!(r.stderr.contains("429"), "{}", r.stderr);
+    assert_eq!(moves.load(std::sync::atomic::Ordering::SeqCst), 2, "{}", r.stderr);
+    let sets = sets_on(&rclone.root());
+    assert_eq!(sets.len(), 1, "{:?}", entries_on(&rclone.root()));
+    assert_eq!(entries_on(&rclone.root()).len(), 1, "{:?}", entries_on(&rclone.root()));
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&sets[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let rclone = Rclone::start();
+    let w = Work::new();
+    let cfg = w.write_config_targets(
+        &etcd.endpoint,
+        &format!("[[target]]\nname = \"r\"\nurl = \"{}\"\n", rclone.url()),
+    );
+    let c = cfg.clone();
+    let r = tokio::task::spawn_blocking(move || backup_env(&c, &[])).await.unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    let set = sets_on(&rclone.root()).pop().unwrap();
+    // A set whose snapshot went missing (a MOVE that copied only part of it) is not listed.
+    let snapshot = std::fs::read_dir(&set)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_str().unwrap().contains("snapshot_"))
+        .unwrap();
+    let kept = std::fs::read(&snapshot).unwrap();
+    std::fs::remove_file(&snapshot).unwrap();
+    let c = cfg.clone();
+    let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", c.to_str().unwrap()], &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stderr.contains("no complete backup sets") && r.stderr.contains("incomplete"),
+        "{}",
+        r.all()
+    );
+    std::fs::write(&snapshot, &kept).unwrap();
+
+    // A listing cut short is an error, not a shorter list.
+    let truncated = r#"<?xml version="1.0"?><D:multistatus xmlns:D="DAV:"><D:response><D:href>/test/</D:href>"#;
+    let proxy = FaultProxy::start(rclone.url(), move |_, m, _, _| {
+        if m == "PROPFIND" {
+            Fault::Respond(207, truncated.into())
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let cfg = w.write_config_targets("http://127.0.0.1:1", &rclone_behind(&proxy, ""));
+    let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", cfg.to_str().unwrap()], &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("not a complete <multistatus> document"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_longer_than_idle_timeout_is_never_cut_while_it_moves() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 6000, 1000);
+    let rclone = Rclone::start();
+    let w = Work::new();
+    // The server reads 16 KiB every 20 ms (~800 KB/s): the ~6 MB snapshot takes ~8 s, longer
+    // than idle_timeout, but never stops moving for that long (6 s also covers the client's
+    // socket buffer draining at the end, which the client cannot see).
+    let fault = FaultProxy::start(rclone.url(), |_, method, path, _| {
+        if method == "PUT" && path.contains("snapshot_") {
+            Fault::Slow(std::time::Duration::from_millis(20))
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let cfg = w.write_config_targets(
+        &etcd.endpoint,
+        &rclone_behind(&fault, "idle_timeout = \"6s\"\nretry_budget = \"1s\""),
+    );
+    let started = std::time::Instant::now();
+    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(6),
+        "the upload was not slow: {:?}",
+        started.elapsed()
+    );
+    assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
+    assert_eq!(sets_on(&rclone.root()).len(), 1);
 }
