@@ -122,10 +122,15 @@ impl FileTarget {
                 match Manifest::parse(&bytes) {
                     // A manifest alone is not a set: every file must be there at its size.
                     Ok(m) if m.id == id => match m.files.iter().find(|f| {
-                        std::fs::metadata(dir.join(&id).join(&f.stored_name)).map(|md| md.len()).ok()
+                        std::fs::metadata(dir.join(&id).join(&f.stored_name))
+                            .map(|md| md.len())
+                            .ok()
                             != Some(f.stored_size)
                     }) {
-                        None => sets.push(ListedSet { cluster: c.clone(), manifest: m }),
+                        None => sets.push(ListedSet {
+                            cluster: c.clone(),
+                            manifest: m,
+                        }),
                         Some(f) => tracing::warn!(
                             target = %self.name, path = %path.display(), file = %f.stored_name,
                             "skipping an incomplete set: a file is missing or has the wrong size"

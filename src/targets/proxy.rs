@@ -96,11 +96,10 @@ fn from_env(target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
             } else {
                 format!("http://{value}")
             };
-            let url = Url::parse(&with_scheme).map_err(|e| format!("{var}: not a proxy URL: {e}"))?;
-            if url.password().is_some() {
-                return Err(format!(
-                    "{var}: a password in the proxy URL is not supported; use the target's proxy and proxy_password_file"
-                ));
+            // The value may hold credentials: never echo it.
+            let url = Url::parse(&with_scheme).map_err(|_| format!("{var}: not a proxy URL"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(format!("{var}: only http:// and https:// proxies are supported"));
             }
             return Ok(ProxyChoice::Via {
                 url,

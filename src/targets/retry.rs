@@ -99,7 +99,11 @@ mod tests {
             b.next_delay(1, Some(Duration::from_secs(2))),
             Some(Duration::from_secs(2))
         );
-        assert_eq!(b.next_delay(1, Some(Duration::from_secs(2))), None, "over the budget");
+        assert_eq!(b.next_delay(2, Some(Duration::from_secs(4))), None, "past the budget");
+        std::thread::sleep(Duration::from_millis(200));
+        // The budget counts the time since the first failure, not only the waits.
+        assert_eq!(b.next_delay(3, Some(Duration::from_millis(2850))), None);
+        assert!(b.next_delay(3, Some(Duration::from_millis(2500))).is_some());
     }
 
     #[test]
