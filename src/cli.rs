@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Settings};
 use crate::error::Stop;
 use crate::manifest::Trigger;
-use crate::pipeline::{self, BackupOptions, BackupReport};
+use crate::pipeline::{BackupOptions, BackupReport};
+use crate::runner;
 use crate::targets;
 
 #[derive(Debug, Parser)]
@@ -107,24 +108,41 @@ pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Backup { no_election, target } => {
             let settings = load(&cli)?;
-            if settings.election.enabled && !no_election {
-                tracing::warn!("the election is not implemented yet in this version; backing up without it");
-            }
             let opts = BackupOptions {
                 trigger: Trigger::Manual,
                 target: target.clone(),
             };
-            let report = pipeline::run_backup(&settings, &opts).await?;
-            print_backup_summary(&report)?;
-            if !report.all_stored() {
-                let failed: Vec<String> = report
-                    .targets
-                    .iter()
-                    .filter_map(|t| t.result.as_ref().err().map(|e| format!("{} ({e})", t.name)))
-                    .collect();
-                bail!("backup {} was not stored on: {}", report.manifest.id, failed.join("; "));
+            let cancel = crate::daemon::cancel_on_signals();
+            // A manual run competes like a scheduled one, but does not wait: if another node
+            // holds the lock, this one is skipped.
+            let run = format!(
+                "manual-{}-{}",
+                settings.node_name,
+                crate::manifest::timestamp(chrono::Utc::now())
+            );
+            let elect = settings.election.enabled && !no_election;
+            let (started, t0) = (chrono::Utc::now(), std::time::Instant::now());
+            let outcome = runner::run_once(&settings, &opts, &run, elect, std::time::Duration::ZERO, &cancel).await;
+            runner::remember(
+                &settings.snapshot.staging_dir,
+                runner::record(Trigger::Manual, &run, started, t0, &outcome),
+            );
+            match outcome? {
+                runner::Outcome::Ran(report) => {
+                    print_backup_summary(&report)?;
+                    if !report.all_stored() {
+                        let failed: Vec<String> = report
+                            .targets
+                            .iter()
+                            .filter_map(|t| t.result.as_ref().err().map(|e| format!("{} ({e})", t.name)))
+                            .collect();
+                        bail!("backup {} was not stored on: {}", report.manifest.id, failed.join("; "));
+                    }
+                    Ok(())
+                }
+                runner::Outcome::Skipped(reason) => bail!(Stop::Skipped(reason)),
+                runner::Outcome::Elsewhere(rec) => bail!(Stop::Skipped(format!("node {} ran this backup", rec.node))),
             }
-            Ok(())
         }
         Command::List { json, target } => {
             let settings = load(&cli)?;
@@ -134,11 +152,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load(&cli)?;
             check_config(&settings, *connect).await
         }
-        Command::Daemon => bail!(Stop::NotImplemented("daemon".into())),
+        Command::Daemon => {
+            let settings = load(&cli)?;
+            crate::daemon::run(cli.config.clone(), settings).await
+        }
         Command::Fetch { .. } => bail!(Stop::NotImplemented("fetch".into())),
         Command::Verify { .. } => bail!(Stop::NotImplemented("verify".into())),
         Command::Prune { .. } => bail!(Stop::NotImplemented("prune".into())),
-        Command::Status { .. } => bail!(Stop::NotImplemented("status".into())),
+        Command::Status { json } => {
+            let settings = Settings::load(&cli.config)?;
+            status(&settings, *json).await
+        }
         Command::Render { .. } => bail!(Stop::NotImplemented("render machineconfig".into())),
     }
 }
@@ -288,6 +312,96 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     }
     if !failed.is_empty() {
         bail!("check-config --connect: {} failed", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `status`: this node's runs from its state file (works with the daemon stopped), the next
+/// scheduled run, and, when etcd answers, the cluster's current runner and last run.
+async fn status(settings: &Settings, json: bool) -> Result<()> {
+    let state = crate::state::State::load(&settings.snapshot.staging_dir);
+    let schedule = crate::schedule::Schedule::new(
+        &settings.schedule.cron,
+        &settings.schedule.timezone,
+        settings.schedule.jitter.0,
+    )
+    .map_err(|e| Stop::Usage(format!("schedule: {e}")))?;
+    let next = schedule
+        .next_at(chrono::Utc::now())
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let cluster = async {
+        let (member, _) = crate::etcd::connect_first(&settings.etcd).await?;
+        let mut e = crate::election::Election::new(
+            member.client.clone(),
+            &settings.election.prefix,
+            &settings.node_name,
+            settings.election.lease_ttl.0,
+        );
+        Ok::<_, anyhow::Error>((e.last().await?, e.runner().await?))
+    };
+    let (last, runner, etcd_error) = match tokio::time::timeout(
+        settings.etcd.connect_timeout.0 + settings.etcd.request_timeout.0,
+        cluster,
+    )
+    .await
+    {
+        Ok(Ok((last, runner))) => (last, runner, None),
+        Ok(Err(e)) => (None, None, Some(crate::error::one_line(&e))),
+        Err(_) => (None, None, Some("etcd did not answer in time".to_string())),
+    };
+    if json {
+        let v = serde_json::json!({
+            "node": settings.node_name,
+            "next_run": next,
+            "runs": state.runs,
+            "cluster_last_run": last,
+            "current_runner": runner,
+            "etcd_error": etcd_error,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("node        {}", settings.node_name);
+    println!(
+        "schedule    {}; next run {}",
+        schedule.describe(),
+        next.as_deref().unwrap_or("none")
+    );
+    match &runner {
+        Some(r) => println!("running     {r}"),
+        None if etcd_error.is_none() => println!("running     nothing"),
+        None => {}
+    }
+    match &last {
+        Some(r) => println!(
+            "cluster     last run {} by {}: {}{}",
+            r.run,
+            r.node,
+            r.result,
+            r.id.as_ref().map(|i| format!(", set {i}")).unwrap_or_default()
+        ),
+        None if etcd_error.is_none() => println!("cluster     no run recorded yet"),
+        None => {}
+    }
+    if let Some(e) = &etcd_error {
+        println!("cluster     unknown: {e}");
+    }
+    if state.runs.is_empty() {
+        println!("this node   no run yet");
+    }
+    for r in state.runs.iter().take(5) {
+        let size = r.bytes.map(|b| format!(", {}", human(b))).unwrap_or_default();
+        let why = r.reason.as_ref().map(|x| format!(": {x}")).unwrap_or_default();
+        println!(
+            "this node   {} {} {}{}{} ({:.1} s){}",
+            r.started,
+            r.trigger,
+            r.result,
+            r.id.as_ref().map(|i| format!(" {i}")).unwrap_or_default(),
+            size,
+            r.duration_s,
+            why
+        );
     }
     Ok(())
 }

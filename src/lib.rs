@@ -16,11 +16,18 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod election;
 pub mod error;
 pub mod etcd;
 pub mod fsutil;
+pub mod guards;
 pub mod manifest;
+pub mod notify;
 pub mod pipeline;
+pub mod runner;
+pub mod schedule;
 pub mod snapshot;
+pub mod state;
 pub mod static_resources;
 pub mod targets;

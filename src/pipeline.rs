@@ -92,7 +92,7 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
 const STAGING_MARKER: &str = ".etcd-backupd-staging";
 
 /// Makes sure `staging` is ours (new, empty, or marked), then creates it.
-fn prepare_staging(staging: &Path) -> Result<()> {
+pub fn prepare_staging(staging: &Path) -> Result<()> {
     let marker = staging.join(STAGING_MARKER);
     match std::fs::read_dir(staging) {
         Ok(mut entries) => {
@@ -179,18 +179,6 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
         db_size = status.db_size,
         "connected to etcd"
     );
-
-    let free = fsutil::free_space(staging)?;
-    let needed = settings.guards.min_free_space.required(status.db_size);
-    if free < needed {
-        bail!(Stop::Skipped(format!(
-            "only {} free in snapshot.staging_dir '{}', guards.min_free_space ({}) asks for {}",
-            crate::config::types::Size(free),
-            staging.display(),
-            settings.guards.min_free_space,
-            crate::config::types::Size(needed)
-        )));
-    }
 
     let openshift = match member.cluster_version().await {
         Ok(cv) => cv,

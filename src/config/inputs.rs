@@ -132,6 +132,9 @@ pub struct GuardsInputs {
     pub min_cluster_age: HumanDuration,
     pub skip_during_upgrade: bool,
     pub min_free_space: FreeSpace,
+    /// When the cluster was installed (RFC 3339), for clusters without a ClusterVersion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Default for GuardsInputs {
@@ -140,6 +143,7 @@ impl Default for GuardsInputs {
             min_cluster_age: HumanDuration(std::time::Duration::from_secs(24 * 3600)),
             skip_during_upgrade: true,
             min_free_space: FreeSpace::TimesDbSize(2.0),
+            installed_at: None,
         }
     }
 }

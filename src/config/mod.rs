@@ -13,6 +13,7 @@ pub mod types;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::Serialize;
 use url::Url;
@@ -395,16 +396,21 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     }
 
     // schedule and election: checked here so check-config catches them before the daemon.
-    let fields = inputs.schedule.cron.split_whitespace().count();
-    if !(fields == 5 || fields == 6) {
+    if chrono_tz::Tz::from_str(&inputs.schedule.timezone).is_err() {
         return Err(m.error_at(
-            "schedule.cron",
+            "schedule.timezone",
             format!(
-                "{:?} has {fields} fields; write 6 (with seconds) or 5 (crontab)",
-                inputs.schedule.cron
+                "{:?} is not an IANA time zone name (e.g. \"UTC\", \"Europe/Berlin\")",
+                inputs.schedule.timezone
             ),
         ));
     }
+    crate::schedule::Schedule::new(
+        &inputs.schedule.cron,
+        &inputs.schedule.timezone,
+        inputs.schedule.jitter.0,
+    )
+    .map_err(|e| m.error_at("schedule.cron", e))?;
     let prefix = &inputs.election.prefix;
     if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') || prefix.starts_with("/kubernetes.io") {
         return Err(m.error_at(

@@ -186,11 +186,9 @@ fn commands_not_built_yet_exit_2_and_say_so() {
     let w = Work::new();
     let cfg = w.write_config("http://127.0.0.1:1", None, "");
     for args in [
-        vec!["daemon"],
         vec!["fetch", "latest", "--to", "/tmp/x"],
         vec!["verify", "latest"],
         vec!["prune", "--dry-run"],
-        vec!["status"],
         vec!["render", "machineconfig"],
     ] {
         let mut a = args.clone();

@@ -309,11 +309,13 @@ impl Work {
         out
     }
 
-    /// Files (not directories) left in staging, but for the run lock and the marker, which stay.
+    /// Files (not directories) left in staging, but for the run lock, the marker and the node's
+    /// state file, which stay.
     pub fn staging_files(&self) -> Vec<PathBuf> {
         let keep = [
             self.staging().join("lock"),
             self.staging().join(".etcd-backupd-staging"),
+            self.staging().join("state.json"),
         ];
         Work::files_under(&self.staging())
             .into_iter()

@@ -1,0 +1,250 @@
+//! `etcd-backupd daemon`: wait for each scheduled run (and for a just-completed upgrade),
+//! run it through [`runner`](crate::runner), report to systemd and the journal.
+//!
+//! Signals: SIGTERM/SIGINT stop the daemon; a backup in flight is abandoned at once (its
+//! temporary set stays hidden and is removed by the next run), the election lease is
+//! revoked, and the process exits within a second or two, well under the unit's
+//! `TimeoutStopSec`. SIGHUP reloads the configuration; an invalid one is logged and the old
+//! one kept.
+//!
+//! A run whose time passed while the node was down is not made up (the next slot is
+//! computed from now), and runs never overlap: the loop waits for a run to finish before it
+//! computes the next one.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use chrono::Utc;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::manifest::Trigger;
+use crate::pipeline::BackupOptions;
+use crate::runner::{self, Outcome};
+use crate::schedule::Schedule;
+use crate::state::State;
+use crate::{etcd, guards, notify};
+
+/// How often the daemon looks at the ClusterVersion for a completed upgrade while idle.
+const UPGRADE_POLL: Duration = Duration::from_secs(30);
+/// How long a node waits for another holder of the run lock before giving the run up.
+const WAIT_FOR_HOLDER: Duration = Duration::from_secs(6 * 3600);
+
+/// A token cancelled by SIGTERM or SIGINT.
+pub fn cancel_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+fn schedule_of(s: &Settings) -> Result<Schedule> {
+    Schedule::new(&s.schedule.cron, &s.schedule.timezone, s.schedule.jitter.0)
+        .map_err(|e| anyhow::anyhow!("schedule: {e}"))
+}
+
+fn last_summary(staging: &std::path::Path) -> String {
+    match State::load(staging).runs.first() {
+        Some(r) => match (&r.result[..], &r.id) {
+            ("ok", Some(id)) => format!(
+                "last ok {id} ({}, {:.0} s)",
+                crate::config::types::Size(r.bytes.unwrap_or(0)),
+                r.duration_s
+            ),
+            (result, _) => format!(
+                "last {result}{}",
+                r.reason.as_ref().map(|x| format!(": {x}")).unwrap_or_default()
+            ),
+        },
+        None => "no run yet".into(),
+    }
+}
+
+/// Runs the daemon until SIGTERM.
+pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
+    let stop = cancel_on_signals();
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut settings = initial;
+    let mut schedule = schedule_of(&settings)?;
+
+    if let Some(every) = notify::watchdog_interval() {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                notify::watchdog();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    // READY once the configuration is valid and etcd answers.
+    let seed = loop {
+        match etcd::connect_first(&settings.etcd).await {
+            Ok((_, status)) => {
+                break settings
+                    .cluster_name
+                    .clone()
+                    .unwrap_or_else(|| etcd::hex_id(status.cluster_id));
+            }
+            Err(e) => {
+                let msg = format!("waiting for etcd: {}", crate::error::one_line(&e));
+                tracing::warn!("{msg}");
+                notify::status(&msg);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.cancelled() => { notify::stopping(); return Ok(()); }
+                }
+            }
+        }
+    };
+    notify::ready("started");
+    tracing::info!(schedule = %schedule.describe(), node = %settings.node_name, "daemon started");
+
+    let mut after = Utc::now();
+    loop {
+        let Some(slot) = schedule.next_slot(after, &seed) else {
+            anyhow::bail!("schedule {} has no next run", schedule.describe());
+        };
+        let staging = settings.snapshot.staging_dir.clone();
+        let mut state = State::load(&staging);
+        state.next_run = Some(slot.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        let _ = crate::pipeline::prepare_staging(&staging).and_then(|_| state.save(&staging));
+        let idle = format!(
+            "idle; next run {} UTC; {}",
+            slot.at.format("%Y-%m-%d %H:%M:%S"),
+            last_summary(&staging)
+        );
+        notify::status(&idle);
+        tracing::info!(next_run = %slot.at, start = %slot.start, "waiting for the next run");
+
+        // Sleep until the slot, waking for SIGHUP, SIGTERM and upgrade checks.
+        let wake = loop {
+            let until = (slot.start - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            if until.is_zero() {
+                break Wake::Slot;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(until.min(UPGRADE_POLL)) => {
+                    if settings.schedule.after_upgrade && let Some(version) = pending_upgrade(&settings).await {
+                        break Wake::Upgrade(version);
+                    }
+                }
+                _ = hup.recv() => break Wake::Reload,
+                _ = stop.cancelled() => break Wake::Stop,
+            }
+        };
+        let (trigger, run) = match wake {
+            Wake::Stop => break,
+            Wake::Reload => {
+                notify::reloading();
+                match Settings::load(&config).and_then(|s| s.check_node_files().map(|_| s)) {
+                    Ok(s) => match schedule_of(&s) {
+                        Ok(sch) => {
+                            tracing::info!("configuration reloaded");
+                            settings = s;
+                            schedule = sch;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %crate::error::one_line(&e), "new configuration rejected; keeping the old one")
+                        }
+                    },
+                    Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the old one"),
+                }
+                notify::ready("reloaded");
+                continue;
+            }
+            Wake::Upgrade(version) => (Trigger::AfterUpgrade, format!("upgrade-{version}")),
+            Wake::Slot => (Trigger::Schedule, crate::election::run_key(slot.at)),
+        };
+
+        notify::status(&format!("backing up (run {run})"));
+        let (started, t0) = (Utc::now(), Instant::now());
+        let opts = BackupOptions { trigger, target: None };
+        let outcome = runner::run_once(
+            &settings,
+            &opts,
+            &run,
+            settings.election.enabled,
+            WAIT_FOR_HOLDER,
+            &stop,
+        )
+        .await;
+        log_outcome(&run, &outcome, t0);
+        runner::remember(&staging, runner::record(trigger, &run, started, t0, &outcome));
+        if trigger == Trigger::Schedule {
+            // The next slot is computed from now: a run is never made up twice, never overlaps.
+            after = slot.at.max(Utc::now());
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+    }
+    notify::stopping();
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+enum Wake {
+    Slot,
+    Upgrade(String),
+    Reload,
+    Stop,
+}
+
+/// A completed upgrade this node has not seen backed up: its version.
+async fn pending_upgrade(settings: &Settings) -> Option<String> {
+    let (mut member, _) = etcd::connect_first(&settings.etcd).await.ok()?;
+    let raw = member.get(etcd::CLUSTER_VERSION_KEY).await.ok()??;
+    let cv: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    let version = guards::completed_upgrade(&cv)?;
+    let run = format!("upgrade-{version}");
+    let state = State::load(&settings.snapshot.staging_dir);
+    // Once per cluster and version: the election marker covers the cluster, this the node.
+    if state
+        .runs
+        .iter()
+        .any(|r| r.run == run && r.result != "failed" && r.result != "skipped")
+    {
+        return None;
+    }
+    Some(version)
+}
+
+/// One line per run, with fields journald can index.
+fn log_outcome(run: &str, outcome: &Result<Outcome>, t0: Instant) {
+    let seconds = t0.elapsed().as_secs_f64();
+    match outcome {
+        Ok(Outcome::Ran(r)) if r.all_stored() => tracing::info!(
+            message_id = crate::notify::MESSAGE_ID_SUCCEEDED, run, backup_id = %r.manifest.id,
+            bytes = r.manifest.total_stored_size(), seconds, "backup succeeded"
+        ),
+        Ok(Outcome::Ran(r)) => tracing::error!(
+            message_id = crate::notify::MESSAGE_ID_FAILED, run, backup_id = %r.manifest.id, seconds,
+            failed_targets = %r.targets.iter().filter(|t| t.result.is_err()).map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
+            "backup failed on some targets"
+        ),
+        Ok(Outcome::Skipped(reason)) => {
+            tracing::warn!(message_id = crate::notify::MESSAGE_ID_SKIPPED, run, reason = %reason, "backup skipped")
+        }
+        Ok(Outcome::Elsewhere(rec)) => {
+            tracing::info!(run, node = %rec.node, result = %rec.result, "another node ran this backup")
+        }
+        Err(e) => tracing::error!(
+            message_id = crate::notify::MESSAGE_ID_FAILED, run, seconds, error = %crate::error::one_line(e), "backup failed"
+        ),
+    }
+}

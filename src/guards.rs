@@ -1,0 +1,223 @@
+//! Is a backup safe and useful now? Each guard that fails gives a reason, and the run is
+//! skipped (exit code 3, result "skipped"), not failed. The cluster-wide facts come straight
+//! from etcd: the ClusterVersion and ClusterOperator objects the API server stores as JSON.
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use etcd_client::{AlarmAction, AlarmType};
+use serde_json::Value;
+
+use crate::config::Settings;
+use crate::config::types::Size;
+use crate::etcd::{CLUSTER_VERSION_KEY, Member, MemberStatus};
+
+/// The ClusterOperators whose `Progressing=True` makes the platform's own script refuse.
+pub const OPERATORS: [&str; 4] = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"];
+
+pub fn operator_key(name: &str) -> String {
+    format!("/kubernetes.io/config.openshift.io/clusteroperators/{name}")
+}
+
+/// When the cluster finished installing: the oldest history entry's completion time.
+pub fn install_time(cv: &Value) -> Option<DateTime<Utc>> {
+    let history = cv.pointer("/status/history")?.as_array()?;
+    let oldest = history.last()?;
+    let t = oldest.get("completionTime")?.as_str()?;
+    DateTime::parse_from_rfc3339(t).ok().map(|t| t.to_utc())
+}
+
+/// Why an upgrade counts as in progress, if it does.
+pub fn upgrade_in_progress(cv: &Value) -> Option<String> {
+    let newest = cv.pointer("/status/history/0")?;
+    let state = newest.get("state").and_then(Value::as_str).unwrap_or("");
+    let version = newest.get("version").and_then(Value::as_str).unwrap_or("");
+    let desired = cv
+        .pointer("/status/desired/version")
+        .and_then(Value::as_str)
+        .unwrap_or(version);
+    if state == "Partial" {
+        return Some(format!(
+            "an upgrade to {version} is in progress (ClusterVersion history state Partial)"
+        ));
+    }
+    if desired != version {
+        return Some(format!("an upgrade from {version} to {desired} is starting"));
+    }
+    None
+}
+
+/// The version of a just-completed upgrade: the newest history entry, when `Completed` and
+/// not the install itself.
+pub fn completed_upgrade(cv: &Value) -> Option<String> {
+    let history = cv.pointer("/status/history")?.as_array()?;
+    let newest = history.first()?;
+    if history.len() < 2 || newest.get("state").and_then(Value::as_str) != Some("Completed") {
+        return None;
+    }
+    newest.get("version").and_then(Value::as_str).map(str::to_string)
+}
+
+pub fn progressing(co: &Value) -> bool {
+    co.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Progressing")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            })
+        })
+}
+
+/// The cluster-wide facts the guards look at.
+#[derive(Debug, Default)]
+pub struct Facts {
+    pub cluster_version: Option<Value>,
+    pub operators: Vec<(String, Value)>,
+    pub alarms: Vec<String>,
+}
+
+pub async fn gather(member: &mut Member) -> Result<Facts> {
+    let parse = |raw: Option<Vec<u8>>| raw.and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let cluster_version = parse(member.get(CLUSTER_VERSION_KEY).await?);
+    let mut operators = Vec::new();
+    for name in OPERATORS {
+        if let Some(v) = parse(member.get(&operator_key(name)).await?) {
+            operators.push((name.to_string(), v));
+        }
+    }
+    let d = member.request_timeout;
+    let resp = crate::etcd::within(d, "etcd alarm list", async {
+        member
+            .client
+            .alarm(AlarmAction::Get, AlarmType::None, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .await?;
+    let alarms = resp
+        .alarms()
+        .iter()
+        .map(|a| format!("{:?} on member {:x}", a.alarm(), a.member_id()))
+        .collect();
+    Ok(Facts {
+        cluster_version,
+        operators,
+        alarms,
+    })
+}
+
+/// The first guard that says no, as a reason to skip; `None` when the run may go ahead.
+/// `free` is the free space in staging, in bytes.
+pub fn check(
+    settings: &Settings,
+    facts: &Facts,
+    status: &MemberStatus,
+    free: u64,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    let g = &settings.guards;
+    if !status.errors.is_empty() {
+        return Some(format!(
+            "this node's etcd member is unhealthy: {}",
+            status.errors.join("; ")
+        ));
+    }
+    if let Some(a) = facts.alarms.first() {
+        return Some(format!("etcd raises an alarm: {a}"));
+    }
+    let installed = facts.cluster_version.as_ref().and_then(install_time).or(g.installed_at);
+    match installed {
+        Some(t) if now - t < chrono::TimeDelta::from_std(g.min_cluster_age.0).unwrap_or(chrono::TimeDelta::MAX) => {
+            return Some(format!(
+                "the cluster was installed at {} ({} ago), less than guards.min_cluster_age ({})",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                humantime::format_duration((now - t).to_std().unwrap_or_default()),
+                g.min_cluster_age
+            ));
+        }
+        Some(_) => {}
+        None => tracing::debug!(
+            "no install time known (no ClusterVersion, no guards.installed_at): min_cluster_age does not apply"
+        ),
+    }
+    if g.skip_during_upgrade
+        && let Some(reason) = facts.cluster_version.as_ref().and_then(upgrade_in_progress)
+    {
+        return Some(reason);
+    }
+    if let Some((name, _)) = facts.operators.iter().find(|(_, co)| progressing(co)) {
+        return Some(format!("ClusterOperator {name} is Progressing=True"));
+    }
+    let needed = g.min_free_space.required(status.db_size);
+    if free < needed {
+        return Some(format!(
+            "only {} free in snapshot.staging_dir, guards.min_free_space ({}) asks for {}",
+            Size(free),
+            g.min_free_space,
+            Size(needed)
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cv(history: Value, desired: &str) -> Value {
+        json!({"spec": {"clusterID": "id"}, "status": {"desired": {"version": desired}, "history": history}})
+    }
+
+    #[test]
+    fn install_time_and_upgrades() {
+        let installed = cv(
+            json!([{"state": "Completed", "version": "4.15.4", "startedTime": "2026-11-25T00:00:00Z", "completionTime": "2026-11-25T01:00:00Z"}]),
+            "4.15.4",
+        );
+        assert_eq!(
+            install_time(&installed).unwrap().to_rfc3339(),
+            "2026-11-25T01:00:00+00:00"
+        );
+        assert!(upgrade_in_progress(&installed).is_none());
+        assert!(completed_upgrade(&installed).is_none(), "the install is not an upgrade");
+
+        let upgrading = cv(
+            json!([
+                {"state": "Partial", "version": "4.15.5", "completionTime": null},
+                {"state": "Completed", "version": "4.15.4", "completionTime": "2026-01-01T00:00:00Z"}
+            ]),
+            "4.15.5",
+        );
+        assert!(upgrade_in_progress(&upgrading).unwrap().contains("4.15.5"));
+        assert_eq!(
+            install_time(&upgrading).unwrap().to_rfc3339(),
+            "2026-01-01T00:00:00+00:00"
+        );
+        assert!(completed_upgrade(&upgrading).is_none());
+
+        let starting = cv(
+            json!([{"state": "Completed", "version": "4.15.4", "completionTime": "2026-01-01T00:00:00Z"}]),
+            "4.15.5",
+        );
+        assert!(upgrade_in_progress(&starting).unwrap().contains("starting"));
+
+        let done = cv(
+            json!([
+                {"state": "Completed", "version": "4.15.5", "completionTime": "2026-11-25T03:00:00Z"},
+                {"state": "Completed", "version": "4.15.4", "completionTime": "2026-01-01T00:00:00Z"}
+            ]),
+            "4.15.5",
+        );
+        assert_eq!(completed_upgrade(&done).as_deref(), Some("4.15.5"));
+        assert!(upgrade_in_progress(&done).is_none());
+    }
+
+    #[test]
+    fn operators_progressing() {
+        let co = json!({"status": {"conditions": [{"type": "Available", "status": "True"}, {"type": "Progressing", "status": "True"}]}});
+        assert!(progressing(&co));
+        let co = json!({"status": {"conditions": [{"type": "Progressing", "status": "False"}]}});
+        assert!(!progressing(&co));
+    }
+}

@@ -1,0 +1,69 @@
+//! The node's own record of its last runs, kept in `<staging_dir>/state.json` so `status`
+//! works with the daemon stopped. Written atomically (temporary file, fsync, rename).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+/// How many runs are kept.
+const KEEP_RUNS: usize = 20;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Newest first.
+    pub runs: Vec<RunState>,
+    /// The next scheduled run, RFC 3339 UTC, as the daemon last computed it.
+    pub next_run: Option<String>,
+    /// Is a backup running on this node right now?
+    pub running: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunState {
+    pub run: String,
+    pub trigger: String,
+    pub started: String,
+    pub finished: String,
+    /// `ok`, `failed`, `skipped`, or `done-elsewhere` (another node took this run).
+    pub result: String,
+    pub reason: Option<String>,
+    pub id: Option<String>,
+    pub bytes: Option<u64>,
+    pub duration_s: f64,
+    pub targets: Vec<TargetState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetState {
+    pub name: String,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+pub fn path(staging: &Path) -> PathBuf {
+    staging.join("state.json")
+}
+
+impl State {
+    pub fn load(staging: &Path) -> State {
+        std::fs::read(path(staging))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save(&self, staging: &Path) -> Result<()> {
+        let tmp = staging.join(".state.json.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        fsutil::write_private_file(&tmp, &serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, path(staging)).with_context(|| format!("cannot write '{}'", path(staging).display()))
+    }
+
+    pub fn push(&mut self, run: RunState) {
+        self.runs.insert(0, run);
+        self.runs.truncate(KEEP_RUNS);
+    }
+}
