@@ -115,6 +115,9 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     tracing::info!(schedule = %schedule.describe(), node = %settings.node_name, "daemon started");
 
     let mut after = Utc::now();
+    // Checked at start (an upgrade may have completed while the daemon was down), then every
+    // UPGRADE_POLL while idle.
+    let mut next_upgrade_check = tokio::time::Instant::now();
     loop {
         let Some(slot) = schedule.next_slot(after, &seed) else {
             anyhow::bail!("schedule {} has no next run", schedule.describe());
@@ -133,16 +136,18 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
 
         // Sleep until the slot, waking for SIGHUP, SIGTERM and upgrade checks.
         let wake = loop {
+            if settings.schedule.after_upgrade && tokio::time::Instant::now() >= next_upgrade_check {
+                next_upgrade_check = tokio::time::Instant::now() + UPGRADE_POLL;
+                if let Some(version) = pending_upgrade(&settings).await {
+                    break Wake::Upgrade(version);
+                }
+            }
             let until = (slot.start - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             if until.is_zero() {
                 break Wake::Slot;
             }
             tokio::select! {
-                _ = tokio::time::sleep(until.min(UPGRADE_POLL)) => {
-                    if settings.schedule.after_upgrade && let Some(version) = pending_upgrade(&settings).await {
-                        break Wake::Upgrade(version);
-                    }
-                }
+                _ = tokio::time::sleep(until.min(UPGRADE_POLL)) => {}
                 _ = hup.recv() => break Wake::Reload,
                 _ = stop.cancelled() => break Wake::Stop,
             }

@@ -163,7 +163,7 @@ impl Settings {
             serde_path_to_error::deserialize(toml::Value::Table(merged.table.clone())).map_err(|e| {
                 let path = e.path().to_string();
                 let path = if path == "." { String::new() } else { path };
-                ConfigError(merged.error_at(&path, e.inner().to_string().replace('\n', " ")))
+                ConfigError(merged.error_at(&path, e.inner().to_string().replace('\n', " ").trim_end()))
             })?;
         validate(inputs, &merged).map_err(ConfigError)
     }

@@ -398,3 +398,94 @@ impl CorruptingProxy {
         CorruptingProxy { port, _stop: stop }
     }
 }
+
+/// A 3-member (or n-member) etcd cluster on loopback; each member killed on drop.
+pub struct EtcdCluster {
+    pub endpoints: Vec<String>,
+    pub dir: TempDir,
+    children: Vec<Option<Child>>,
+}
+
+impl EtcdCluster {
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let mut children = Vec::new();
+        let mut endpoints = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
+            let child = Command::new("etcd")
+                .arg(format!("--name=m{i}"))
+                .arg(format!("--data-dir={}", dir.path().join(format!("m{i}")).display()))
+                .arg(format!("--listen-client-urls={endpoint}"))
+                .arg(format!("--advertise-client-urls={endpoint}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--initial-cluster-state=new")
+                .arg("--heartbeat-interval=50")
+                .arg("--election-timeout=500")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd");
+            children.push(Some(child));
+            endpoints.push(endpoint);
+        }
+        let cluster = EtcdCluster {
+            endpoints,
+            dir,
+            children,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (i, ep) in cluster.endpoints.iter().enumerate() {
+            loop {
+                let out = Command::new("etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .args([&format!("--endpoints={ep}"), "endpoint", "health"])
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "member {i} did not start: {}",
+                    std::fs::read_to_string(cluster.dir.path().join(format!("m{i}.log"))).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cluster
+    }
+
+    pub fn etcdctl(&self) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints.join(",")));
+        cmd
+    }
+
+    /// Stops member `i` (SIGKILL).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

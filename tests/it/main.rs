@@ -4,5 +4,6 @@
 mod backup;
 mod cli_config;
 mod common;
+mod daemon;
 mod servers;
 mod webdav;

@@ -1,0 +1,390 @@
+//! The daemon as systemd runs it: real processes against a real 3-member etcd cluster on
+//! loopback, a fast schedule, SIGKILL of the winner, a stopped member, a test NOTIFY_SOCKET,
+//! and guards fed with ClusterVersion/ClusterOperator JSON written into etcd.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::common::{Etcd, EtcdCluster, Work, run};
+use crate::servers::{Fault, FaultProxy, Rclone};
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(cfg: &Path, log: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"));
+        cmd.args(["daemon", "--config", cfg.to_str().unwrap()])
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env("ETCD_BACKUPD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// SIGTERM, then the exit code (within `within`).
+    fn stop(&mut self, within: Duration) -> Option<i32> {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_config(w: &Work, i: usize, endpoint: &str, cron: &str, targets: &str) -> PathBuf {
+    let cfg = w.path().join(format!("node-{i}.toml"));
+    let text = format!(
+        "cluster_name = \"test\"\nnode_name = \"node-{i}\"\n\n[etcd]\nendpoints = [\"{endpoint}\"]\nconnect_timeout = \"2s\"\nrequest_timeout = \"5s\"\n\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n[schedule]\ncron = \"{cron}\"\ntimezone = \"UTC\"\njitter = \"0s\"\n\n[election]\nlease_ttl = \"3s\"\n\n{targets}",
+        w.path().join(format!("staging-{i}")).display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn file_target(w: &Work) -> String {
+    format!(
+        "[[target]]\nname = \"shared\"\nurl = \"file://{}\"\n",
+        w.target_root().display()
+    )
+}
+
+/// The run markers the election left in etcd: run -> JSON record.
+fn markers(cluster_ctl: &mut Command) -> BTreeMap<String, serde_json::Value> {
+    let out = cluster_ctl
+        .args(["get", "--prefix", "/etcd-backupd/runs/"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| {
+            (
+                c[0].trim_start_matches("/etcd-backupd/runs/").to_string(),
+                serde_json::from_str(c[1]).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn set_ids(w: &Work) -> Vec<String> {
+    w.sets()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn three_daemons_take_exactly_one_backup_per_run_even_with_a_member_down() {
+    let mut cluster = EtcdCluster::start(3);
+    let w = Work::new();
+    let mut daemons: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let cfg = node_config(&w, i, &cluster.endpoints[i], "*/4 * * * * *", &file_target(&w));
+            Daemon::start(&cfg, w.path().join(format!("daemon-{i}.log")), &[])
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(13));
+    let before_stop = markers(&mut cluster.etcdctl()).len();
+    // One member goes away; its daemon cannot reach etcd, the other two carry on.
+    cluster.stop(2);
+    let stopped_at = chrono::Utc::now();
+    std::thread::sleep(Duration::from_secs(10));
+    for d in &mut daemons {
+        assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    }
+
+    let mut ctl = cluster.etcdctl();
+    ctl.arg(format!("--endpoints={},{}", cluster.endpoints[0], cluster.endpoints[1]));
+    let marks = markers(&mut ctl);
+    assert!(
+        before_stop >= 2,
+        "runs before the stop: {before_stop}; {}",
+        daemons[0].log()
+    );
+    assert!(marks.len() >= before_stop + 2, "runs went on after the stop: {marks:?}");
+    let ids = set_ids(&w);
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "no duplicate ids");
+    // Exactly one set per run: every marker names a set, and there are no other sets.
+    let marked: HashSet<String> = marks
+        .values()
+        .filter_map(|m| m["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(marked.len(), marks.len(), "one set per run: {marks:?}");
+    assert_eq!(
+        marked,
+        ids.iter().cloned().collect::<HashSet<_>>(),
+        "sets {ids:?} vs runs {marks:?}"
+    );
+    for m in marks.values() {
+        assert_eq!(m["result"], "ok", "{m}");
+    }
+    // After the stop, node-2's daemon could not take part; the runs were still taken.
+    let after: Vec<_> = marks
+        .values()
+        .filter(|m| m["finished"].as_str().unwrap() > stopped_at.to_rfc3339().as_str())
+        .collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|m| m["node"] != "node-2"),
+        "{after:?}"
+    );
+    // Every node's status shows the cluster's runs; the lock is free again.
+    let out = ctl.args(["get", "/etcd-backupd/lock"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "the lock was released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_winner_is_replaced_and_its_run_completed_by_another_node() {
+    let cluster = EtcdCluster::start(3);
+    let rclone = Rclone::start();
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stalled.clone();
+    // The first snapshot upload hangs: that node is killed mid-run.
+    let fault = FaultProxy::start(rclone.url(), move |_, method, path, _| {
+        if method == "PUT" && path.contains("snapshot_") && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Fault::Stall
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let w = Work::new();
+    let target = format!("[[target]]\nname = \"dav\"\nurl = \"{}\"\n", fault.url());
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let cfg = node_config(&w, i, &cluster.endpoints[i], "*/20 * * * * *", &target);
+            Daemon::start(&cfg, w.path().join(format!("daemon-{i}.log")), &[])
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !stalled.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "no upload started: {}", daemons[0].log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = cluster
+        .etcdctl()
+        .args(["get", "--print-value-only", "/etcd-backupd/lock"])
+        .output()
+        .unwrap();
+    let lock: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the winner holds the lock");
+    let winner = lock["node"].as_str().unwrap().to_string();
+    let run = lock["run"].as_str().unwrap().to_string();
+    let i: usize = winner.trim_start_matches("node-").parse().unwrap();
+    daemons[i].signal(Signal::SIGKILL);
+    let killed_at = Instant::now();
+
+    // Another node completes the same run once the winner's 3 s lease expires.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        let m = markers(&mut cluster.etcdctl());
+        if let Some(r) = m.get(&run) {
+            break r.clone();
+        }
+        assert!(Instant::now() < deadline, "nobody took over run {run}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(15),
+        "took over in {:?}",
+        killed_at.elapsed()
+    );
+    assert_ne!(record["node"], winner.as_str());
+    assert_eq!(record["result"], "ok", "{record}");
+    let id = record["id"].as_str().unwrap();
+    let sets: Vec<String> = std::fs::read_dir(rclone.root().join("test"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(sets, vec![id.to_string()], "exactly one visible set for that run");
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let sock_path = w.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 * * *", &file_target(&w));
+    let mut d = Daemon::start(
+        &cfg,
+        w.path().join("daemon.log"),
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut seen = String::new();
+    let receive_until = |want: &str, seen: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut buf = [0u8; 4096];
+        while !seen.contains(want) {
+            assert!(Instant::now() < deadline, "no {want:?}; got {seen:?}");
+            if let Ok(n) = sock.recv(&mut buf) {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+            }
+        }
+    };
+    receive_until("READY=1", &mut seen);
+    receive_until("STATUS=idle; next run", &mut seen);
+    receive_until("WATCHDOG=1", &mut seen);
+    assert!(seen.contains("03:00:00 UTC"), "{seen}");
+
+    // SIGHUP with a broken config keeps the old one; with a good one, reloads.
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("bogus_key = 1\n{good}")).unwrap();
+    d.signal(Signal::SIGHUP);
+    receive_until("RELOADING=1", &mut seen);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("new configuration rejected") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&cfg, good.replace("0 0 3 * * *", "0 15 4 * * *")).unwrap();
+    d.signal(Signal::SIGHUP);
+    receive_until("04:15:00 UTC", &mut seen);
+    assert!(
+        d.log().contains("new configuration rejected") && d.log().contains("bogus_key"),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("configuration reloaded"), "{}", d.log());
+
+    let code = d.stop(Duration::from_secs(5));
+    receive_until("STOPPING=1", &mut seen);
+    assert_eq!(code, Some(0), "{}", d.log());
+
+    // status works with the daemon stopped.
+    let r = run(&["status", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout.contains("next run") && r.stdout.contains("0 15 4 * * * (UTC)"),
+        "{}",
+        r.stdout
+    );
+}
+
+fn put_json(etcd: &Etcd, key: &str, v: serde_json::Value) {
+    etcd.put(None, key, &v.to_string());
+}
+
+const CV: &str = "/kubernetes.io/config.openshift.io/clusterversions/version";
+
+#[test]
+fn guards_skip_with_reasons_and_a_completed_upgrade_is_backed_up_once() {
+    use serde_json::json;
+    let etcd = Etcd::start();
+    let w = Work::new();
+    let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &file_target(&w));
+    let backup = || run(&["backup", "--config", cfg.to_str().unwrap()]);
+    let two_hours_ago = (chrono::Utc::now() - chrono::TimeDelta::hours(2)).to_rfc3339();
+    let cases = [
+        (
+            json!({"spec": {"clusterID": "c"}, "status": {"desired": {"version": "4.15.4"}, "history": [
+                {"state": "Completed", "version": "4.15.4", "completionTime": two_hours_ago}]}}),
+            "less than guards.min_cluster_age",
+        ),
+        (
+            json!({"spec": {"clusterID": "c"}, "status": {"desired": {"version": "4.15.5"}, "history": [
+                {"state": "Partial", "version": "4.15.5", "completionTime": null},
+                {"state": "Completed", "version": "4.15.4", "completionTime": "2026-01-01T00:00:00Z"}]}}),
+            "upgrade to 4.15.5 is in progress",
+        ),
+    ];
+    for (cv, reason) in cases {
+        put_json(&etcd, CV, cv);
+        let r = backup();
+        assert_eq!(r.code, 3, "{}", r.all());
+        assert!(r.stderr.contains(reason), "{reason}: {}", r.stderr);
+    }
+    let done = json!({"spec": {"clusterID": "c"}, "status": {"desired": {"version": "4.15.5"}, "history": [
+        {"state": "Completed", "version": "4.15.5", "completionTime": "2026-11-01T00:00:00Z"},
+        {"state": "Completed", "version": "4.15.4", "completionTime": "2026-01-01T00:00:00Z"}]}});
+    put_json(&etcd, CV, done);
+    put_json(
+        &etcd,
+        "/kubernetes.io/config.openshift.io/clusteroperators/kube-apiserver",
+        json!({"status": {"conditions": [{"type": "Progressing", "status": "True"}]}}),
+    );
+    let r = backup();
+    assert_eq!(r.code, 3, "{}", r.all());
+    assert!(
+        r.stderr.contains("ClusterOperator kube-apiserver is Progressing=True"),
+        "{}",
+        r.stderr
+    );
+    put_json(
+        &etcd,
+        "/kubernetes.io/config.openshift.io/clusteroperators/kube-apiserver",
+        json!({"status": {"conditions": [{"type": "Progressing", "status": "False"}]}}),
+    );
+    assert!(w.sets().is_empty());
+
+    // Two daemons see the completed upgrade at start: one after-upgrade backup between them.
+    let cfg1 = node_config(&w, 1, &etcd.endpoint, "0 0 3 1 1 *", &file_target(&w));
+    let mut a = Daemon::start(&cfg, w.path().join("a.log"), &[]);
+    let mut b = Daemon::start(&cfg1, w.path().join("b.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while w.sets().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no after-upgrade backup: {}\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(a.stop(Duration::from_secs(5)), Some(0));
+    assert_eq!(b.stop(Duration::from_secs(5)), Some(0));
+    let sets = w.sets();
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(sets[0].join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["trigger"], "after-upgrade");
+    assert_eq!(m["openshift"]["version"], "4.15.5");
+    assert_eq!(m["openshift"]["cluster_id"], "c");
+}
