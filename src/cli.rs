@@ -108,6 +108,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Backup { no_election, target } => {
             let settings = load(&cli)?;
+            crate::priority::apply(&settings.priority);
             let opts = BackupOptions {
                 trigger: Trigger::Manual,
                 target: target.clone(),
@@ -220,7 +221,7 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             .ok_or_else(|| Stop::Usage(format!("--target {name:?}: no such target")))?,
         None => &settings.targets[0],
     };
-    let target = targets::open(t)?;
+    let target = targets::open(t, None)?;
     let sets = target.list_sets(settings.cluster_name.as_deref()).await?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -292,7 +293,7 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     }
     for t in &settings.targets {
         let checked = async {
-            let target = targets::open(t)?;
+            let target = targets::open(t, None)?;
             println!("target '{}': {}", t.name, target.route());
             target.preflight().await?;
             target.list_sets(settings.cluster_name.as_deref()).await

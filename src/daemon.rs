@@ -76,6 +76,8 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     let stop = cancel_on_signals();
     let mut hup = signal(SignalKind::hangup())?;
     let mut settings = initial;
+    crate::priority::apply(&settings.priority);
+    log_io_scheduler(&settings);
     let mut schedule = schedule_of(&settings)?;
 
     if let Some(every) = notify::watchdog_interval() {
@@ -201,6 +203,21 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     notify::stopping();
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// I/O priorities only bite under BFQ/CFQ: say which scheduler staging is on.
+pub fn log_io_scheduler(settings: &Settings) {
+    let staging = &settings.snapshot.staging_dir;
+    match crate::priority::io_scheduler(staging) {
+        Some(s) if s == "bfq" || s == "cfq" => {
+            tracing::info!(scheduler = %s, "staging disk's I/O scheduler honours priority.io_class")
+        }
+        Some(s) => tracing::info!(
+            scheduler = %s,
+            "staging disk's I/O scheduler ignores priority.io_class; the unit's IOWeight and bandwidth limits still apply"
+        ),
+        None => tracing::info!(path = %staging.display(), "cannot tell the staging disk's I/O scheduler"),
+    }
 }
 
 enum Wake {

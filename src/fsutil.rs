@@ -146,11 +146,30 @@ pub fn free_space(path: &Path) -> Result<u64> {
 }
 
 /// Copies `from` to a new private file `to`, returning size and SHA-256 of what was written.
-pub fn copy_private(from: &Path, to: &Path) -> Result<(u64, String)> {
+/// With `rate`, the copy is paced to that many bytes per second.
+pub fn copy_private(from: &Path, to: &Path, rate: Option<u64>) -> Result<(u64, String)> {
     let mut src = File::open(from).with_context(|| format!("cannot open '{}'", from.display()))?;
     let dst = create_private_file(to)?;
     let mut w = HashingWriter::new(dst);
-    io::copy(&mut src, &mut w).with_context(|| format!("cannot copy '{}' to '{}'", from.display(), to.display()))?;
+    let copied = match rate {
+        None => io::copy(&mut src, &mut w).map(|_| ()),
+        Some(rate) => {
+            let mut pace = crate::priority::Pace::new(rate);
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = match io::Read::read(&mut src, &mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                };
+                std::thread::sleep(pace.delay_for(n));
+                if let Err(e) = w.write_all(&buf[..n]) {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    copied.with_context(|| format!("cannot copy '{}' to '{}'", from.display(), to.display()))?;
     let (dst, size, sha) = w.finish();
     dst.sync_all()
         .with_context(|| format!("cannot fsync '{}'", to.display()))?;
@@ -185,7 +204,7 @@ mod tests {
         write_private_file(&f, b"abc").unwrap();
         assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(write_private_file(&f, b"again").is_err(), "never overwrites");
-        let (n, sha) = copy_private(&f, &dir.join("g")).unwrap();
+        let (n, sha) = copy_private(&f, &dir.join("g"), None).unwrap();
         assert_eq!(n, 3);
         assert_eq!(sha, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }

@@ -25,6 +25,7 @@ pub mod guards;
 pub mod manifest;
 pub mod notify;
 pub mod pipeline;
+pub mod priority;
 pub mod runner;
 pub mod schedule;
 pub mod snapshot;

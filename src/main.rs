@@ -7,6 +7,7 @@ use etcd_backupd::cli::{self, Cli};
 use etcd_backupd::error;
 
 fn init_logging(verbose: u8) {
+    use tracing_subscriber::prelude::*;
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -15,18 +16,24 @@ fn init_logging(verbose: u8) {
     // rustls logs every failed handshake itself; our error line already says it, once.
     let filter = tracing_subscriber::EnvFilter::try_from_env("ETCD_BACKUPD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rustls=off")));
-    // Under journald, the journal stamps every line itself.
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
+    // Under systemd (stderr connected to the journal), log to the journal natively, so
+    // fields such as BACKUP_ID, BYTES, TARGET and MESSAGE_ID can be queried with journalctl.
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journal) = tracing_journald::layer()
+    {
+        let journal = journal
+            .with_field_prefix(None)
+            .with_syslog_identifier("etcd-backupd".into());
+        tracing_subscriber::registry().with(filter).with(journal).init();
+        return;
+    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    if journald {
-        builder.without_time().with_ansi(false).init();
-    } else {
-        builder.with_ansi(ansi).init();
-    }
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }
 
 fn main() -> ExitCode {

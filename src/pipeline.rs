@@ -82,7 +82,7 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
         .into_iter()
         .map(|t| Selected {
             name: t.name.clone(),
-            target: targets::open(t).map_err(|e| crate::error::one_line(&e)),
+            target: targets::open(t, settings.priority.upload_rate_limit.0).map_err(|e| crate::error::one_line(&e)),
         })
         .collect())
 }

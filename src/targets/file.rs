@@ -16,10 +16,11 @@ use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
 pub struct FileTarget {
     name: String,
     root: PathBuf,
+    rate: Option<u64>,
 }
 
 impl FileTarget {
-    pub fn new(settings: &TargetSettings) -> Result<Self> {
+    pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<Self> {
         let root = settings
             .url
             .to_file_path()
@@ -27,6 +28,7 @@ impl FileTarget {
         Ok(FileTarget {
             name: settings.name.clone(),
             root,
+            rate,
         })
     }
 
@@ -64,7 +66,8 @@ impl FileTarget {
         fsutil::create_private_dir(&tmp).with_context(|| format!("target '{}'", self.name))?;
         let result = (|| -> Result<()> {
             for f in &set.manifest.files {
-                let (size, sha) = fsutil::copy_private(&set.dir.join(&f.stored_name), &tmp.join(&f.stored_name))?;
+                let (size, sha) =
+                    fsutil::copy_private(&set.dir.join(&f.stored_name), &tmp.join(&f.stored_name), self.rate)?;
                 if size != f.stored_size || sha != f.stored_sha256 {
                     bail!(
                         "'{}' landed as {size} bytes with SHA-256 {sha}, expected {} bytes with {}",

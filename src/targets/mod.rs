@@ -61,11 +61,11 @@ pub trait Target: Send + Sync {
     async fn delete_set(&self, cluster: &str, id: &str) -> Result<()>;
 }
 
-/// The target for `settings`, by URL scheme.
-pub fn open(settings: &TargetSettings) -> Result<Box<dyn Target>> {
+/// The target for `settings`, by URL scheme; `rate` caps what is written to it (bytes/s).
+pub fn open(settings: &TargetSettings, rate: Option<u64>) -> Result<Box<dyn Target>> {
     match settings.url.scheme() {
-        "file" => Ok(Box::new(file::FileTarget::new(settings)?)),
-        "http" | "https" => Ok(Box::new(webdav::DavTarget::new(settings)?)),
+        "file" => Ok(Box::new(file::FileTarget::new(settings, rate)?)),
+        "http" | "https" => Ok(Box::new(webdav::DavTarget::new(settings, rate)?)),
         other => bail!("target '{}': unsupported scheme '{other}'", settings.name),
     }
 }

@@ -49,6 +49,7 @@ pub struct DavTarget {
     idle: Duration,
     backoff: Backoff,
     proxy: ProxyChoice,
+    rate: Option<u64>,
 }
 
 fn read_secret(path: &std::path::Path, key: &str, target: &str) -> Result<String> {
@@ -139,10 +140,23 @@ fn permanent_transport_error(msg: &str) -> bool {
 }
 
 /// A request body that counts what has been sent, for the idle watchdog.
-fn counting_body(file: tokio::fs::File, sent: Arc<AtomicU64>) -> reqwest::Body {
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |chunk| {
-        sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-    });
+/// With `rate`, the body is paced to that many bytes per second (`upload_rate_limit`).
+fn counting_body(file: tokio::fs::File, sent: Arc<AtomicU64>, rate: Option<u64>) -> reqwest::Body {
+    let mut pace = rate.map(crate::priority::Pace::new);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)
+        .inspect_ok(move |chunk| {
+            sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        })
+        .then(move |chunk| {
+            let wait = match (&chunk, pace.as_mut()) {
+                (Ok(c), Some(p)) => p.delay_for(c.len()),
+                _ => Duration::ZERO,
+            };
+            async move {
+                tokio::time::sleep(wait).await;
+                chunk
+            }
+        });
     reqwest::Body::wrap_stream(stream)
 }
 
@@ -157,7 +171,7 @@ async fn watch_idle<T>(
 ) -> std::result::Result<T, String> {
     tokio::pin!(fut);
     let mut last = progress.load(Ordering::Relaxed);
-    let mut last_change = Instant::now();
+    let mut last_change = tokio::time::Instant::now();
     let mut tick = tokio::time::interval((idle / 8).max(Duration::from_millis(20)));
     loop {
         tokio::select! {
@@ -166,7 +180,7 @@ async fn watch_idle<T>(
                 let now = progress.load(Ordering::Relaxed);
                 if now != last {
                     last = now;
-                    last_change = Instant::now();
+                    last_change = tokio::time::Instant::now();
                 } else if last_change.elapsed() >= idle {
                     return Err(format!("no progress for {}", humantime::format_duration(idle)));
                 }
@@ -217,7 +231,7 @@ pub fn install_crypto_provider() {
 }
 
 impl DavTarget {
-    pub fn new(settings: &TargetSettings) -> Result<DavTarget> {
+    pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<DavTarget> {
         install_crypto_provider();
         let name = settings.name.clone();
         let proxy = proxy::choose(&settings.proxy, &settings.url, &proxy::ProcessEnv)
@@ -302,6 +316,7 @@ impl DavTarget {
             idle: settings.idle_timeout.0,
             backoff: Backoff::new(settings.retry_budget.0),
             proxy,
+            rate,
         })
     }
 
@@ -483,7 +498,7 @@ impl DavTarget {
                     .request(Method::PUT, url)
                     .header(header::CONTENT_LENGTH, size)
                     .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .body(counting_body(tokio::fs::File::from_std(file), progress)))
+                    .body(counting_body(tokio::fs::File::from_std(file), progress, self.rate)))
             })
             .await?;
         self.expect(
@@ -882,6 +897,33 @@ mod tests {
         let e = excerpt(b"<html>\n<body><h1>507</h1>\n<p>quota\texceeded</p></body></html>");
         assert_eq!(e, "507 quota exceeded");
         assert!(excerpt(&vec![b'a'; 10_000]).len() <= EXCERPT_LEN);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_watch_fires_only_without_progress() {
+        let idle = Duration::from_secs(60);
+        let stuck = AtomicU64::new(0);
+        let started = tokio::time::Instant::now();
+        let e = watch_idle(std::future::pending::<reqwest::Result<()>>(), &stuck, idle)
+            .await
+            .unwrap_err();
+        assert_eq!(e, "no progress for 1m");
+        assert!(started.elapsed() >= idle && started.elapsed() < idle * 2);
+
+        // A slow but moving request may take far longer than `idle` in all.
+        let moving = Arc::new(AtomicU64::new(0));
+        let m = moving.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                m.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let long = async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            Ok::<_, reqwest::Error>("done")
+        };
+        assert_eq!(watch_idle(long, &moving, idle).await.unwrap(), "done");
     }
 
     #[test]

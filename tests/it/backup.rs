@@ -432,7 +432,7 @@ async fn an_existing_set_is_never_overwritten() {
     let mut other = manifest.clone();
     other.node = "node-b".into();
     let settings = Settings::load(&cfg).unwrap();
-    let target = targets::open(&settings.targets[0]).unwrap();
+    let target = targets::open(&settings.targets[0], None).unwrap();
     let e = target
         .put_set(
             "test",
@@ -499,4 +499,28 @@ fn a_staging_dir_that_is_not_ours_is_refused_untouched() {
     );
     assert_eq!(mode(&w.staging()), 0o755);
     assert!(w.sets().is_empty());
+}
+
+#[test]
+fn upload_rate_limit_paces_what_is_written_to_a_target() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 500, 1000);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "[priority]\nupload_rate_limit = \"256KiB/s\"\n");
+    let started = std::time::Instant::now();
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let set = only_set(&w);
+    let bytes: u64 = std::fs::read_dir(&set)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .filter(|n| *n > 4096)
+        .sum();
+    let floor = std::time::Duration::from_secs_f64(bytes as f64 / (256.0 * 1024.0) * 0.9);
+    assert!(bytes > 300_000, "{bytes}");
+    assert!(
+        started.elapsed() >= floor,
+        "{bytes} bytes in {:?}, expected at least {floor:?}",
+        started.elapsed()
+    );
 }

@@ -274,6 +274,28 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
     receive_until("WATCHDOG=1", &mut seen);
     assert!(seen.contains("03:00:00 UTC"), "{seen}");
 
+    // [priority] defaults: I/O class idle and nice 10, on the daemon's threads.
+    let pid = d.child.id().to_string();
+    let out = Command::new("ionice").args(["-p", &pid]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "idle",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let nice: i32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(nice, 10, "{stat}");
+    assert!(d.log().contains("I/O scheduler"), "{}", d.log());
+
     // SIGHUP with a broken config keeps the old one; with a good one, reloads.
     let good = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, format!("bogus_key = 1\n{good}")).unwrap();

@@ -1,0 +1,117 @@
+//! Low priority for backup work: the I/O class (`ioprio_set`, idle or best-effort 7) and
+//! `nice` from `[priority]`, set on every thread of the process (both are per thread on
+//! Linux, and threads started later inherit them). The snapshot pull is never rate-limited
+//! (a long read transaction makes etcd's database grow); `upload_rate_limit` applies to
+//! what is written to targets.
+//!
+//! I/O priorities only take effect under the BFQ (or legacy CFQ) scheduler; RHCOS often uses
+//! `none` or `mq-deadline` on NVMe and virtio disks, so the scheduler of the staging disk is
+//! logged at start.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::{IoClass, PriorityInputs};
+
+const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+const IOPRIO_CLASS_BE: libc::c_int = 2;
+const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+
+fn threads() -> Vec<libc::c_int> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Applies `[priority]` to every thread; failures are logged (a container may forbid them).
+pub fn apply(p: &PriorityInputs) {
+    let ioprio = match p.io_class {
+        IoClass::Idle => Some(IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT),
+        IoClass::BestEffort => Some((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7),
+        IoClass::None => None,
+    };
+    for tid in threads() {
+        if let Some(prio) = ioprio {
+            // SAFETY: a plain syscall with integer arguments.
+            let rc = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, prio) };
+            if rc != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "cannot set the I/O priority");
+            }
+        }
+        // SAFETY: setpriority with integer arguments; `which` is PRIO_PROCESS.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, p.nice) };
+        if rc != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), nice = p.nice, "cannot set the nice value");
+        }
+    }
+}
+
+/// The I/O scheduler of the disk holding `path` (`[mq-deadline] none` -> `mq-deadline`).
+pub fn io_scheduler(path: &Path) -> Option<String> {
+    let mut p = path;
+    while !p.exists() {
+        p = p.parent()?;
+    }
+    let dev = nix::sys::stat::stat(p).ok()?.st_dev;
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    // A partition's queue is its parent disk's.
+    let text = std::fs::read_to_string(sys.join("queue/scheduler"))
+        .ok()
+        .or_else(|| std::fs::read_to_string(sys.parent()?.join("queue/scheduler")).ok())?;
+    let chosen = text.split_whitespace().find(|s| s.starts_with('['))?;
+    Some(chosen.trim_matches(['[', ']']).to_string())
+}
+
+/// Paces writes to at most `bytes_per_sec`, measured from the first byte.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    rate: u64,
+    started: Option<Instant>,
+    sent: u64,
+}
+
+impl Pace {
+    pub fn new(bytes_per_sec: u64) -> Pace {
+        Pace {
+            rate: bytes_per_sec.max(1),
+            started: None,
+            sent: 0,
+        }
+    }
+
+    /// Records `n` more bytes and returns how long to wait before sending them.
+    pub fn delay_for(&mut self, n: usize) -> Duration {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        self.sent += n as u64;
+        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        due.saturating_sub(started.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_spreads_bytes_over_time() {
+        let mut p = Pace::new(1000);
+        assert!(p.delay_for(500) > Duration::from_millis(450));
+        assert!(p.delay_for(500) > Duration::from_millis(950));
+        let mut fast = Pace::new(u64::MAX);
+        assert_eq!(fast.delay_for(1 << 20), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_scheduler_of_some_disk_is_found_or_none() {
+        // Containers may have no /sys/dev/block entry; the answer is then None, not a panic.
+        if let Some(s) = io_scheduler(Path::new("/")) {
+            assert!(!s.is_empty() && !s.contains('['));
+        }
+    }
+}
