@@ -136,9 +136,14 @@ pub fn check(
             ));
         }
         Some(_) => {}
-        None => tracing::debug!(
-            "no install time known (no ClusterVersion, no guards.installed_at): min_cluster_age does not apply"
-        ),
+        None => {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(
+                    "no install time known (no ClusterVersion in etcd, no guards.installed_at): min_cluster_age does not apply"
+                );
+            }
+        }
     }
     if g.skip_during_upgrade
         && let Some(reason) = facts.cluster_version.as_ref().and_then(upgrade_in_progress)

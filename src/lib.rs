@@ -1,17 +1,20 @@
 //! etcd-backupd: scheduled, verified, off-cluster etcd backups for OpenShift and any
 //! etcd-backed Kubernetes control plane.
 //!
-//! The map, in the order a backup flows through it:
+//! The map, in the order a run flows through it:
 //! - [`cli`]: the command line and what each command does; `main.rs` only parses, sets up
-//!   logging and maps errors to exit codes ([`error`]).
+//!   logging (journald or stderr) and maps errors to exit codes ([`error`]).
 //! - [`config`]: the configuration in three stages (TOML fragments, merged inputs with
 //!   defaults, validated [`config::Settings`]).
-//! - [`pipeline`]: one backup run, from etcd to every target.
+//! - [`daemon`]: the service loop: [`schedule`], signals, [`notify`] (sd_notify), the
+//!   after-upgrade check; [`state`] keeps the node's record of its runs for `status`.
+//! - [`runner`]: one run: [`guards`], then [`election`] through etcd, then the pipeline.
+//! - [`pipeline`]: one backup, from etcd to every target, at the [`priority`] configured.
 //! - [`etcd`]: a client bound to one configured member (no discovery).
 //! - [`snapshot`]: the native snapshot stream, hashed while it flows, its trailer verified.
 //! - [`static_resources`]: the `static_kuberesources_<ts>.tar.gz` archive.
 //! - [`manifest`]: `manifest.json` and `SHA256SUMS`, what a set says about itself.
-//! - [`targets`]: where sets are stored, atomically; one implementation per URL scheme.
+//! - [`targets`]: where sets are stored, atomically; `file://` and HTTP/WebDAV.
 //! - [`fsutil`]: private files, fsync and no-replace renames.
 
 pub mod cli;
