@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Settings};
 use crate::error::Stop;
 use crate::manifest::Trigger;
-use crate::pipeline::{BackupOptions, BackupReport};
+use crate::pipeline::BackupReport;
 use crate::runner;
 use crate::targets;
 
@@ -109,10 +109,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Backup { no_election, target } => {
             let settings = load(&cli)?;
             crate::priority::apply(&settings.priority);
-            let opts = BackupOptions {
-                trigger: Trigger::Manual,
-                target: target.clone(),
-            };
             let cancel = crate::daemon::cancel_on_signals();
             // A manual run competes like a scheduled one, but does not wait: if another node
             // holds the lock, this one is skipped.
@@ -123,7 +119,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             let elect = settings.election.enabled && !no_election;
             let (started, t0) = (chrono::Utc::now(), std::time::Instant::now());
-            let outcome = runner::run_once(&settings, &opts, &run, elect, std::time::Duration::ZERO, &cancel).await;
+            let outcome = runner::run_once(
+                &settings,
+                Trigger::Manual,
+                target.clone(),
+                &run,
+                elect,
+                std::time::Duration::ZERO,
+                &cancel,
+            )
+            .await;
             runner::remember(
                 &settings.snapshot.staging_dir,
                 runner::record(Trigger::Manual, &run, started, t0, &outcome),
@@ -337,6 +342,7 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
             &settings.election.prefix,
             &settings.node_name,
             settings.election.lease_ttl.0,
+            settings.etcd.request_timeout.0,
         );
         Ok::<_, anyhow::Error>((e.last().await?, e.runner().await?))
     };
@@ -386,6 +392,9 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
     }
     if let Some(e) = &etcd_error {
         println!("cluster     unknown: {e}");
+    }
+    if let Some(r) = &state.running {
+        println!("this node   running {r}");
     }
     if state.runs.is_empty() {
         println!("this node   no run yet");

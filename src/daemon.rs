@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::manifest::Trigger;
-use crate::pipeline::BackupOptions;
 use crate::runner::{self, Outcome};
 use crate::schedule::Schedule;
 use crate::state::State;
@@ -29,6 +28,8 @@ use crate::{etcd, guards, notify};
 
 /// How often the daemon looks at the ClusterVersion for a completed upgrade while idle.
 const UPGRADE_POLL: Duration = Duration::from_secs(30);
+/// How soon a skipped after-upgrade backup is tried again.
+const UPGRADE_RETRY: Duration = Duration::from_secs(300);
 /// How long a node waits for another holder of the run lock before giving the run up.
 const WAIT_FOR_HOLDER: Duration = Duration::from_secs(6 * 3600);
 
@@ -44,6 +45,7 @@ pub fn cancel_on_signals() -> CancellationToken {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
         }
+        notify::stopping();
         t.cancel();
     });
     token
@@ -164,6 +166,9 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                             tracing::info!("configuration reloaded");
                             settings = s;
                             schedule = sch;
+                            crate::priority::apply(&settings.priority);
+                            // A new schedule starts from now: no run in the past is made up.
+                            after = after.max(Utc::now());
                         }
                         Err(e) => {
                             tracing::error!(error = %crate::error::one_line(&e), "new configuration rejected; keeping the old one")
@@ -178,12 +183,15 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             Wake::Slot => (Trigger::Schedule, crate::election::run_key(slot.at)),
         };
 
-        notify::status(&format!("backing up (run {run})"));
+        notify::status(&format!("running {run}: guards, election, backup"));
+        let mut st = State::load(&staging);
+        st.running = Some(run.clone());
+        let _ = st.save(&staging);
         let (started, t0) = (Utc::now(), Instant::now());
-        let opts = BackupOptions { trigger, target: None };
         let outcome = runner::run_once(
             &settings,
-            &opts,
+            trigger,
+            None,
             &run,
             settings.election.enabled,
             WAIT_FOR_HOLDER,
@@ -191,7 +199,22 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         )
         .await;
         log_outcome(&run, &outcome, t0);
-        runner::remember(&staging, runner::record(trigger, &run, started, t0, &outcome));
+        let upgrade_skipped = trigger == Trigger::AfterUpgrade && matches!(outcome, Ok(Outcome::Skipped(_)));
+        if upgrade_skipped {
+            // Retried until the guards pass, but not every 30 s into the state file's history.
+            next_upgrade_check = tokio::time::Instant::now() + UPGRADE_RETRY;
+        } else {
+            runner::remember(&staging, runner::record(trigger, &run, started, t0, &outcome));
+        }
+        if let Some(version) = run.strip_prefix("upgrade-")
+            && matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_)))
+        {
+            let mut state = State::load(&staging);
+            if !state.upgrades_done.iter().any(|v| v == version) {
+                state.upgrades_done.push(version.to_string());
+                let _ = state.save(&staging);
+            }
+        }
         if trigger == Trigger::Schedule {
             // The next slot is computed from now: a run is never made up twice, never overlaps.
             after = slot.at.max(Utc::now());
@@ -235,12 +258,9 @@ async fn pending_upgrade(settings: &Settings) -> Option<String> {
     let version = guards::completed_upgrade(&cv)?;
     let run = format!("upgrade-{version}");
     let state = State::load(&settings.snapshot.staging_dir);
-    // Once per cluster and version: the election marker covers the cluster, this the node.
-    if state
-        .runs
-        .iter()
-        .any(|r| r.run == run && r.result != "failed" && r.result != "skipped")
-    {
+    // Once per cluster and version: the election marker covers the cluster for 7 days, the
+    // node's list of done upgrades for ever.
+    if state.upgrades_done.contains(&version) || state.runs.iter().any(|r| r.run == run && r.result == "ok") {
         return None;
     }
     Some(version)

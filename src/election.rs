@@ -12,7 +12,12 @@
 //!
 //! The current raft leader is the busiest member, so a node whose member leads waits a
 //! little before competing; a learner or an unhealthy member never competes.
+//!
+//! Safety margin: the runner treats its lock as lost once half the lease TTL has passed
+//! without a confirmed renewal, well before etcd can expire it and a waiter can take over,
+//! and the pipeline checks that before anything is moved into place on a target.
 
+use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -24,6 +29,8 @@ use crate::etcd::MemberStatus;
 
 /// How long a finished run's marker is kept.
 const MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often a waiting node looks at the lock.
+const WAIT_POLL: Duration = Duration::from_secs(1);
 
 /// The record of a completed run, kept at `<prefix>/runs/<run>` and `<prefix>/last`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,15 +56,17 @@ pub struct Election {
     prefix: String,
     node: String,
     ttl: Duration,
+    /// Deadline of every single request: a partition must not hang the daemon.
+    timeout: Duration,
 }
 
 /// The outcome of competing for a run.
 pub enum Claim {
-    /// This node runs it; `lost` fires if the lease cannot be kept alive.
+    /// This node runs it; `lost` fires if the lock may no longer be ours.
     Won(Held),
     /// Another node already completed it.
     Done(RunRecord),
-    /// This node does not compete (learner, unhealthy member) or gave up waiting.
+    /// This node does not compete (learner, unhealthy member), or gave up waiting.
     Skip(String),
 }
 
@@ -81,13 +90,24 @@ pub fn run_key(at: chrono::DateTime<chrono::Utc>) -> String {
     at.format("%Y%m%dT%H%M%SZ").to_string()
 }
 
+async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T> {
+    match tokio::time::timeout(d, fut).await {
+        Ok(r) => r.map_err(|e| anyhow!("etcd {what}: {e}")),
+        Err(_) => Err(anyhow!(
+            "etcd {what}: no answer within {}",
+            humantime::format_duration(d)
+        )),
+    }
+}
+
 impl Election {
-    pub fn new(client: Client, prefix: &str, node: &str, ttl: Duration) -> Election {
+    pub fn new(client: Client, prefix: &str, node: &str, ttl: Duration, timeout: Duration) -> Election {
         Election {
             client,
             prefix: prefix.to_string(),
             node: node.to_string(),
             ttl,
+            timeout,
         }
     }
 
@@ -96,15 +116,11 @@ impl Election {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
-        let resp = self
-            .client
-            .get(key, None)
-            .await
-            .with_context(|| format!("etcd get '{key}'"))?;
-        match resp.kvs().first() {
-            None => Ok(None),
-            Some(kv) => Ok(serde_json::from_slice(kv.value()).ok()),
-        }
+        let resp = within(self.timeout, &format!("get '{key}'"), self.client.get(key, None)).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
     }
 
     /// The last completed run, for `status`.
@@ -122,8 +138,15 @@ impl Election {
             .map(|l| format!("{} (run {})", l.node, l.run)))
     }
 
+    /// The record of `run`, if some node completed it.
+    pub async fn done(&mut self, run: &str) -> Result<Option<RunRecord>> {
+        let key = self.key(&format!("runs/{run}"));
+        self.get_json(&key).await
+    }
+
     /// Competes for `run` until this node wins it, another completes it, or `wait_max`
-    /// passes. `members` is the number of voting members, for the leader's head start.
+    /// passes. Transient etcd errors while waiting (a leader change, a member going away)
+    /// are logged and waited out, so a dead runner's run is still taken over.
     pub async fn contend(
         &mut self,
         run: &str,
@@ -154,94 +177,109 @@ impl Election {
             }
         }
         let deadline = tokio::time::Instant::now() + wait_max;
-        let lock_key = self.key("lock");
-        let done_key = self.key(&format!("runs/{run}"));
         let mut holder = String::from("none");
         let mut announced = false;
         loop {
-            if let Some(rec) = self.get_json::<RunRecord>(&done_key).await? {
-                return Ok(Claim::Done(rec));
-            }
-            let lease = self
-                .client
-                .lease_grant(self.ttl.as_secs().max(2) as i64, None)
-                .await
-                .context("etcd lease grant")?
-                .id();
-            let value = serde_json::to_vec(&LockValue {
-                node: self.node.clone(),
-                run: run.to_string(),
-            })?;
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(lock_key.clone(), CompareOp::Equal, 0),
-                    Compare::create_revision(done_key.clone(), CompareOp::Equal, 0),
-                ])
-                .and_then([TxnOp::put(
-                    lock_key.clone(),
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            let won = self
-                .client
-                .txn(txn)
-                .await
-                .context("etcd txn on the run lock")?
-                .succeeded();
-            if won {
-                tracing::info!(run, node = %self.node, "won the election for this run");
-                return Ok(Claim::Won(self.hold(lease, run).await?));
-            }
-            let _ = self.client.lease_revoke(lease).await;
-            if !announced {
-                if let Some(l) = self.get_json::<LockValue>(&lock_key).await? {
-                    holder = format!("node {} (run {})", l.node, l.run);
+            match self.try_claim(run).await {
+                Ok(Attempt::Won(held)) => return Ok(Claim::Won(held)),
+                Ok(Attempt::Done(rec)) => return Ok(Claim::Done(rec)),
+                Ok(Attempt::Taken(by)) => {
+                    holder = by;
+                    if !announced {
+                        tracing::info!(run, holder = %holder, "another node holds the run lock; waiting");
+                        announced = true;
+                    }
                 }
-                tracing::info!(run, holder = %holder, "another node holds the run lock; waiting");
-                announced = true;
+                Err(e) if wait_max.is_zero() => return Err(e),
+                Err(e) => tracing::warn!(run, error = %crate::error::one_line(&e), "election: etcd error; retrying"),
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Claim::Skip(format!("another backup holds the run lock: {holder}")));
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(WAIT_POLL) => {}
                 _ = cancel.cancelled() => return Ok(Claim::Skip("stopping".into())),
             }
         }
     }
 
+    /// One look at the lock: reads first, and only asks for a lease (a raft write) when the
+    /// lock is free, so waiting nodes cost etcd only reads.
+    async fn try_claim(&mut self, run: &str) -> Result<Attempt> {
+        if let Some(rec) = self.done(run).await? {
+            return Ok(Attempt::Done(rec));
+        }
+        let lock_key = self.key("lock");
+        if let Some(l) = self.get_json::<LockValue>(&lock_key).await? {
+            return Ok(Attempt::Taken(format!("node {} (run {})", l.node, l.run)));
+        }
+        let ttl = self.ttl.as_secs().max(2) as i64;
+        let lease = within(self.timeout, "lease grant", self.client.lease_grant(ttl, None))
+            .await?
+            .id();
+        let value = serde_json::to_vec(&LockValue {
+            node: self.node.clone(),
+            run: run.to_string(),
+        })?;
+        let done_key = self.key(&format!("runs/{run}"));
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(lock_key.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(done_key, CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(lock_key, value, Some(PutOptions::new().with_lease(lease)))]);
+        let won = match within(self.timeout, "txn on the run lock", self.client.txn(txn)).await {
+            Ok(resp) => resp.succeeded(),
+            Err(e) => {
+                let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
+                return Err(e);
+            }
+        };
+        if !won {
+            let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
+            return Ok(Attempt::Taken("another node, just now".into()));
+        }
+        tracing::info!(run, node = %self.node, "won the election for this run");
+        match self.hold(lease, run).await {
+            Ok(held) => Ok(Attempt::Won(held)),
+            Err(e) => {
+                let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
+                Err(e)
+            }
+        }
+    }
+
     async fn hold(&mut self, lease: i64, run: &str) -> Result<Held> {
-        let (mut keeper, mut stream) = self
-            .client
-            .lease_keep_alive(lease)
-            .await
-            .context("etcd lease keep-alive")?;
+        let (mut keeper, mut stream) =
+            within(self.timeout, "lease keep-alive", self.client.lease_keep_alive(lease)).await?;
         let lost = CancellationToken::new();
         let lost_signal = lost.clone();
-        let every = (self.ttl / 3).max(Duration::from_millis(500));
-        let ttl = self.ttl;
+        // Renew often; give up the lock at half the TTL without a confirmed renewal, long
+        // before etcd can expire the lease and let another node in.
+        let every = (self.ttl / 5).max(Duration::from_millis(200));
+        let margin = self.ttl / 2;
         let keepalive = tokio::spawn(async move {
-            let mut last_ok = tokio::time::Instant::now();
+            let mut confirmed = tokio::time::Instant::now();
             loop {
-                tokio::time::sleep(every).await;
                 let renewed = async {
                     keeper.keep_alive().await?;
                     stream.message().await
                 };
                 match tokio::time::timeout(every, renewed).await {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
-                    Ok(Ok(Some(_))) | Ok(Ok(None)) => {
-                        tracing::error!("the election lease expired; another node may take over this run");
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => confirmed = tokio::time::Instant::now(),
+                    Ok(Ok(_)) => {
+                        tracing::error!("the election lease is gone; abandoning this run to another node");
                         lost_signal.cancel();
                         return;
                     }
-                    _ if last_ok.elapsed() >= ttl => {
-                        tracing::error!("cannot keep the election lease alive; another node may take over this run");
-                        lost_signal.cancel();
-                        return;
-                    }
-                    _ => tracing::warn!("an election lease keep-alive failed; retrying"),
+                    _ => tracing::warn!("an election lease renewal failed; retrying"),
                 }
+                if confirmed.elapsed() >= margin {
+                    tracing::error!("cannot renew the election lease; abandoning this run to another node");
+                    lost_signal.cancel();
+                    return;
+                }
+                tokio::time::sleep(every).await;
             }
         });
         Ok(Held {
@@ -253,14 +291,39 @@ impl Election {
     }
 
     /// Marks the run done (if this node still holds the lock), records it as the last run,
-    /// and releases the lock.
+    /// and releases the lock. Retried while the lock is still ours: a run recorded late is
+    /// better than a run backed up twice.
     pub async fn finish(&mut self, held: Held, record: &RunRecord) -> Result<()> {
-        let marker_lease = self
-            .client
-            .lease_grant(MARKER_TTL.as_secs() as i64, None)
-            .await
-            .context("etcd lease grant")?
-            .id();
+        let mut last_error = None;
+        while !held.lost.is_cancelled() {
+            match self.record_txn(&held, record).await {
+                Ok(true) => {
+                    self.release(held).await;
+                    return Ok(());
+                }
+                Ok(false) => {
+                    self.release(held).await;
+                    return Err(anyhow!("lost the run lock before the run was recorded"));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::one_line(&e), "cannot record the run yet; retrying");
+                    last_error = Some(e);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.release(held).await;
+        Err(last_error.unwrap_or_else(|| anyhow!("lost the run lock before the run was recorded")))
+    }
+
+    async fn record_txn(&mut self, held: &Held, record: &RunRecord) -> Result<bool> {
+        let marker_lease = within(
+            self.timeout,
+            "lease grant",
+            self.client.lease_grant(MARKER_TTL.as_secs() as i64, None),
+        )
+        .await?
+        .id();
         let rec = serde_json::to_vec(record)?;
         let lock_key = self.key("lock");
         let txn = Txn::new()
@@ -274,24 +337,23 @@ impl Election {
                 TxnOp::put(self.key("last"), rec, None),
                 TxnOp::delete(lock_key, None),
             ]);
-        let done = self
-            .client
-            .txn(txn)
+        let done = within(self.timeout, "txn to record the run", self.client.txn(txn))
             .await
-            .context("etcd txn to record the run")?
-            .succeeded();
-        self.release(held).await;
-        if !done {
-            return Err(anyhow!("lost the run lock before the run was recorded"));
-        }
-        Ok(())
+            .context("recording")?;
+        Ok(done.succeeded())
     }
 
     /// Gives the lock up at once (on failure or shutdown) so another node can take over.
     pub async fn release(&mut self, held: Held) {
         held.keepalive.abort();
-        if let Err(e) = self.client.lease_revoke(held.lease).await {
-            tracing::warn!(error = %e, "cannot revoke the election lease; it expires by itself");
+        if let Err(e) = within(self.timeout, "lease revoke", self.client.lease_revoke(held.lease)).await {
+            tracing::warn!(error = %crate::error::one_line(&e), "cannot revoke the election lease; it expires by itself");
         }
     }
+}
+
+enum Attempt {
+    Won(Held),
+    Done(RunRecord),
+    Taken(String),
 }

@@ -125,6 +125,14 @@ pub fn check(
     if let Some(a) = facts.alarms.first() {
         return Some(format!("etcd raises an alarm: {a}"));
     }
+    if let Some(cv) = &facts.cluster_version
+        && install_time(cv).is_none()
+        && cv.pointer("/status/history/0").is_some()
+    {
+        return Some(
+            "the cluster is still installing (its first ClusterVersion history entry has no completionTime)".into(),
+        );
+    }
     let installed = facts.cluster_version.as_ref().and_then(install_time).or(g.installed_at);
     match installed {
         Some(t) if now - t < chrono::TimeDelta::from_std(g.min_cluster_age.0).unwrap_or(chrono::TimeDelta::MAX) => {

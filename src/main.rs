@@ -6,6 +6,21 @@ use clap::Parser;
 use etcd_backupd::cli::{self, Cli};
 use etcd_backupd::error;
 
+/// systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it connected; it is ours only if
+/// stderr is still that stream (a child of a journald-logged shell inherits the variable).
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr()) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
+    }
+}
+
 fn init_logging(verbose: u8) {
     use tracing_subscriber::prelude::*;
     let default = match verbose {
@@ -18,7 +33,7 @@ fn init_logging(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rustls=off")));
     // Under systemd (stderr connected to the journal), log to the journal natively, so
     // fields such as BACKUP_ID, BYTES, TARGET and MESSAGE_ID can be queried with journalctl.
-    if std::env::var_os("JOURNAL_STREAM").is_some()
+    if stderr_is_journal()
         && let Ok(journal) = tracing_journald::layer()
     {
         let journal = journal
@@ -65,7 +80,11 @@ fn main() -> ExitCode {
             return ExitCode::from(error::EXIT_FAILED);
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let result = runtime.block_on(cli::run(cli));
+    // Blocking work abandoned on SIGTERM (a copy to a target, which will not be moved into
+    // place) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::from(error::EXIT_OK),
         Err(e) => {
             eprintln!("error: {}", error::one_line(&e));

@@ -34,7 +34,7 @@ pub fn reloading() {
 
 /// How often to send `WATCHDOG=1`, when systemd asks for it: half its timeout.
 pub fn watchdog_interval() -> Option<Duration> {
-    sd_notify::watchdog_enabled().map(|d| d / 2)
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero()).map(|d| d / 2)
 }
 
 pub fn watchdog() {

@@ -27,6 +27,9 @@ pub struct BackupOptions {
     pub trigger: Trigger,
     /// Store on this target only.
     pub target: Option<String>,
+    /// Fired when the run must not publish any more sets (stopped, or the election lock
+    /// may be lost): no set is moved into place after it.
+    pub abort: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Debug)]
@@ -74,7 +77,7 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
     for t in chosen.iter().filter(|t| t.url.scheme() != "file") {
         // Said on every run until encryption exists: the target sees every Secret.
         tracing::warn!(
-            target = %t.name,
+            target_name = %t.name,
             "uploading the snapshot unencrypted to a remote target: it holds every Secret of the cluster; client-side encryption is not available in this version"
         );
     }
@@ -161,7 +164,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
             Err(e) => Err(e.clone()),
         };
         if let Err(e) = &check {
-            tracing::error!(target = %sel.name, error = %e, "target cannot take a backup set");
+            tracing::error!(target_name = %sel.name, error = %e, "target cannot take a backup set");
         }
         unusable.push(check.err());
     }
@@ -242,11 +245,17 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
             }
         };
         let location = t.describe(&cluster, &id);
-        let result = t.put_set(&cluster, &settings.node_name, &staged).await;
+        let result = if opts.abort.is_cancelled() {
+            Err(anyhow!("the run was stopped before this target was written"))
+        } else {
+            t.put_set(&cluster, &settings.node_name, &staged, &opts.abort).await
+        };
         match &result {
-            Ok(()) => tracing::info!(target = t.name(), backup_id = %id, location = %location, "backup set stored"),
+            Ok(()) => {
+                tracing::info!(target_name = t.name(), backup_id = %id, location = %location, "backup set stored")
+            }
             Err(e) => {
-                tracing::error!(target = t.name(), backup_id = %id, error = %crate::error::one_line(e), "cannot store the backup set")
+                tracing::error!(target_name = t.name(), backup_id = %id, error = %crate::error::one_line(e), "cannot store the backup set")
             }
         }
         outcomes.push(TargetOutcome {

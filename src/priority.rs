@@ -35,6 +35,7 @@ pub fn apply(p: &PriorityInputs) {
         IoClass::BestEffort => Some((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7),
         IoClass::None => None,
     };
+    let _ = CONFIGURED.set(ioprio);
     for tid in threads() {
         if let Some(prio) = ioprio {
             // SAFETY: a plain syscall with integer arguments.
@@ -49,6 +50,28 @@ pub fn apply(p: &PriorityInputs) {
             tracing::warn!(error = %std::io::Error::last_os_error(), nice = p.nice, "cannot set the nice value");
         }
     }
+}
+
+/// The I/O priority `apply` set, to restore after [`full_io_for_this_thread`].
+static CONFIGURED: std::sync::OnceLock<Option<libc::c_int>> = std::sync::OnceLock::new();
+
+fn set_this_thread(prio: libc::c_int) {
+    // SAFETY: a plain syscall with integer arguments; 0 is the calling thread.
+    unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prio) };
+}
+
+/// Runs `f` on this thread at normal I/O priority: the snapshot pull writes to staging at
+/// full speed (a starved writer would hold etcd's read transaction open).
+pub fn full_io_for_this_thread<T>(f: impl FnOnce() -> T) -> T {
+    let configured = CONFIGURED.get().copied().flatten();
+    if configured.is_some() {
+        set_this_thread((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 4);
+    }
+    let out = f();
+    if let Some(prio) = configured {
+        set_this_thread(prio);
+    }
+    out
 }
 
 /// The I/O scheduler of the disk holding `path` (`[mq-deadline] none` -> `mq-deadline`).

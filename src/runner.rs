@@ -34,67 +34,128 @@ fn staging_free(staging: &Path) -> Result<u64> {
 }
 
 /// Runs `run` once. `wait_max` bounds how long this node waits for another holder of the run
-/// lock (zero: give up at once, as a manual `backup` does).
+/// lock (zero: give up at once, as a manual `backup` does). `cancel` stops the run (SIGTERM).
 pub async fn run_once(
     settings: &Settings,
-    opts: &BackupOptions,
+    trigger: Trigger,
+    target: Option<String>,
     run: &str,
     elect: bool,
     wait_max: Duration,
     cancel: &CancellationToken,
 ) -> Result<Outcome> {
     let (mut member, status) = etcd::connect_first(&settings.etcd).await?;
-    let facts = guards::gather(&mut member).await?;
-    let free = staging_free(&settings.snapshot.staging_dir)?;
-    if let Some(reason) = guards::check(settings, &facts, &status, free, Utc::now()) {
-        return Ok(Outcome::Skipped(reason));
-    }
-    if !elect {
-        return Ok(Outcome::Ran(Box::new(pipeline::run_backup(settings, opts).await?)));
-    }
     let mut election = Election::new(
         member.client.clone(),
         &settings.election.prefix,
         &settings.node_name,
         settings.election.lease_ttl.0,
+        settings.etcd.request_timeout.0,
     );
+    // A run another node finished needs no guard check (nor a skip record).
+    if elect && let Some(rec) = election.done(run).await? {
+        return Ok(Outcome::Elsewhere(rec));
+    }
+    if let Some(reason) = check_guards(settings, &mut member, &status).await? {
+        return Ok(Outcome::Skipped(reason));
+    }
+    if !elect {
+        let abort = cancel.child_token();
+        let opts = BackupOptions {
+            trigger,
+            target,
+            abort: abort.clone(),
+        };
+        return tokio::select! {
+            r = pipeline::run_backup(settings, &opts) => r.map(|r| Outcome::Ran(Box::new(r))),
+            _ = cancel.cancelled() => {
+                abort.cancel();
+                Err(anyhow!("stopped while backing up; the incomplete set stays hidden and is removed by the next run"))
+            }
+        };
+    }
+    let waited = Instant::now();
     let held = match election.contend(run, &status, wait_max, cancel).await? {
         Claim::Won(held) => held,
         Claim::Done(rec) => return Ok(Outcome::Elsewhere(rec)),
         Claim::Skip(reason) => return Ok(Outcome::Skipped(reason)),
     };
-    let lost = held.lost.clone();
-    let result = tokio::select! {
-        r = pipeline::run_backup(settings, opts) => r,
-        _ = lost.cancelled() => Err(anyhow!("lost the election lease mid-run; another node takes this run over")),
-        _ = cancel.cancelled() => Err(anyhow!("stopped while backing up; the incomplete set stays hidden and is removed by the next run")),
+    let record = |result: String, id: Option<String>| RunRecord {
+        run: run.to_string(),
+        node: settings.node_name.clone(),
+        id,
+        result,
+        finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
+    // After a long wait (a dead runner), the cluster may have changed: look again.
+    if waited.elapsed() > settings.election.lease_ttl.0 {
+        let recheck = async {
+            let (mut m, st) = etcd::connect_first(&settings.etcd).await?;
+            check_guards(settings, &mut m, &st).await
+        };
+        if let Ok(Some(reason)) = recheck.await {
+            if let Err(e) = election.finish(held, &record(format!("skipped: {reason}"), None)).await {
+                tracing::warn!(error = %crate::error::one_line(&e), "cannot record the skipped run");
+            }
+            return Ok(Outcome::Skipped(reason));
+        }
+    }
+    // The pipeline stops publishing as soon as the lock may be lost or the run is stopped.
+    let abort = CancellationToken::new();
+    let (lost, stop) = (held.lost.clone(), cancel.clone());
+    let watcher = {
+        let abort = abort.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => {}
+                _ = stop.cancelled() => {}
+            }
+            abort.cancel();
+        })
+    };
+    let opts = BackupOptions {
+        trigger,
+        target,
+        abort: abort.clone(),
+    };
+    let result = tokio::select! {
+        r = pipeline::run_backup(settings, &opts) => r,
+        _ = abort.cancelled() => Err(if held.lost.is_cancelled() {
+            anyhow!("the election lock may be lost mid-run; another node takes this run over")
+        } else {
+            anyhow!("stopped while backing up; the incomplete set stays hidden and is removed by the next run")
+        }),
+    };
+    watcher.abort();
     match result {
         Ok(report) => {
-            let record = RunRecord {
-                run: run.to_string(),
-                node: settings.node_name.clone(),
-                id: Some(report.manifest.id.clone()),
-                result: if report.all_stored() {
-                    "ok".into()
-                } else {
-                    "failed".into()
-                },
-                finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            };
-            if let Err(e) = election.finish(held, &record).await {
+            let result = if report.all_stored() { "ok" } else { "failed" };
+            if let Err(e) = election
+                .finish(held, &record(result.into(), Some(report.manifest.id.clone())))
+                .await
+            {
                 tracing::error!(error = %crate::error::one_line(&e), "cannot record the run in etcd");
             }
             Ok(Outcome::Ran(Box::new(report)))
         }
         Err(e) => {
-            // Let another node take the run at once rather than after the lease expires...
-            // unless it failed for a reason every node would share; either way it is retried
-            // by whoever holds the lock next.
+            // The lock goes at once, so another node can take the run over without waiting
+            // for the lease to expire.
             election.release(held).await;
             Err(e)
         }
     }
+}
+
+/// The guards, with the facts read from this node's member; `Some(reason)` skips the run.
+async fn check_guards(
+    settings: &Settings,
+    member: &mut etcd::Member,
+    status: &etcd::MemberStatus,
+) -> Result<Option<String>> {
+    let facts = guards::gather(member).await?;
+    let free = staging_free(&settings.snapshot.staging_dir)?;
+    Ok(guards::check(settings, &facts, status, free, Utc::now()))
 }
 
 /// The node-local record of a run's outcome.

@@ -40,12 +40,16 @@ impl Schedule {
         }
         let cron = Cron::from_str(pattern).map_err(|e| format!("{pattern:?}: {e}"))?;
         let tz = Tz::from_str(timezone).map_err(|_| format!("{timezone:?} is not an IANA time zone name"))?;
-        Ok(Schedule {
+        let s = Schedule {
             cron,
             pattern: pattern.to_string(),
             tz,
             jitter,
-        })
+        };
+        if s.next_at(Utc::now()).is_none() {
+            return Err(format!("{pattern:?} never matches"));
+        }
+        Ok(s)
     }
 
     /// The first scheduled time strictly after `after`.
@@ -108,6 +112,11 @@ mod tests {
         assert!(Schedule::new("0 0 0 * * * 2030", "UTC", Duration::ZERO).is_err());
         assert!(Schedule::new("0 61 * * *", "UTC", Duration::ZERO).is_err());
         assert!(Schedule::new("0 2 * * *", "Mars/Base", Duration::ZERO).is_err());
+        assert!(
+            Schedule::new("0 0 0 30 2 *", "UTC", Duration::ZERO)
+                .unwrap_err()
+                .contains("never matches")
+        );
     }
 
     #[test]

@@ -138,19 +138,7 @@ async fn stream_to(member: &mut Member, part: &Path) -> Result<(Verified, Option
     // Hashing and writing happen on their own thread so the network side never waits for
     // the disk more than the channel allows.
     let writer = tokio::task::spawn_blocking(move || -> Result<Verified> {
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let mut check = TrailerCheck::default();
-        while let Some(chunk) = rx.blocking_recv() {
-            check.update(&chunk);
-            out.write_all(&chunk)
-                .with_context(|| format!("cannot write '{}'", part_owned.display()))?;
-        }
-        let file = out
-            .into_inner()
-            .map_err(|e| anyhow!("cannot write '{}': {}", part_owned.display(), e.error()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot fsync '{}'", part_owned.display()))?;
-        check.finish()
+        crate::priority::full_io_for_this_thread(|| write_snapshot(file, &mut rx, &part_owned))
     });
 
     let shown = member.shown().to_string();
@@ -209,6 +197,23 @@ async fn stream_to(member: &mut Member, part: &Path) -> Result<(Verified, Option
         (Err(stream), _) => Err(stream),
         (Ok(_), Err(write)) => Err(write),
     }
+}
+
+/// The writer side: hashes and writes each chunk, then fsyncs and checks the trailer.
+fn write_snapshot(file: std::fs::File, rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>, part: &Path) -> Result<Verified> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut check = TrailerCheck::default();
+    while let Some(chunk) = rx.blocking_recv() {
+        check.update(&chunk);
+        out.write_all(&chunk)
+            .with_context(|| format!("cannot write '{}'", part.display()))?;
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| anyhow!("cannot write '{}': {}", part.display(), e.error()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot fsync '{}'", part.display()))?;
+    check.finish()
 }
 
 #[cfg(test)]

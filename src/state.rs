@@ -19,6 +19,10 @@ pub struct State {
     pub next_run: Option<String>,
     /// Is a backup running on this node right now?
     pub running: Option<String>,
+    /// Versions whose after-upgrade backup is done (here or by another node); kept whole,
+    /// so an upgrade is backed up once however old its run record gets.
+    #[serde(default)]
+    pub upgrades_done: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,7 +60,7 @@ impl State {
     }
 
     pub fn save(&self, staging: &Path) -> Result<()> {
-        let tmp = staging.join(".state.json.tmp");
+        let tmp = staging.join(format!(".state.json.{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         fsutil::write_private_file(&tmp, &serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(&tmp, path(staging)).with_context(|| format!("cannot write '{}'", path(staging).display()))

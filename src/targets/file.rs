@@ -11,6 +11,7 @@ use super::{FileReader, ListedSet, StagedSet, Target, is_removable_debris, is_se
 use crate::config::TargetSettings;
 use crate::fsutil;
 use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct FileTarget {
@@ -46,7 +47,7 @@ impl FileTarget {
         }
     }
 
-    fn put_blocking(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()> {
+    fn put_blocking(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
         self.check_root()?;
         let id = &set.manifest.id;
         let cluster_dir = self.root.join(cluster);
@@ -81,6 +82,9 @@ impl FileTarget {
             // The manifest goes last: a directory holding one is a complete set.
             fsutil::write_private_file(&tmp.join(MANIFEST), set.manifest.to_json().as_bytes())?;
             fsutil::fsync_dir(&tmp)?;
+            if abort.is_cancelled() {
+                bail!("the run was stopped before the set was moved into place");
+            }
             fsutil::rename_noreplace(&tmp, &final_dir).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     anyhow!("a set with id '{id}' already exists at '{}'", final_dir.display())
@@ -135,15 +139,15 @@ impl FileTarget {
                             manifest: m,
                         }),
                         Some(f) => tracing::warn!(
-                            target = %self.name, path = %path.display(), file = %f.stored_name,
+                            target_name = %self.name, path = %path.display(), file = %f.stored_name,
                             "skipping an incomplete set: a file is missing or has the wrong size"
                         ),
                     },
                     Ok(m) => {
-                        tracing::warn!(target = %self.name, path = %path.display(), manifest_id = %m.id, "manifest id does not match its folder; skipping it")
+                        tracing::warn!(target_name = %self.name, path = %path.display(), manifest_id = %m.id, "manifest id does not match its folder; skipping it")
                     }
                     Err(e) => {
-                        tracing::warn!(target = %self.name, path = %path.display(), error = %e, "skipping a set with an unreadable manifest")
+                        tracing::warn!(target_name = %self.name, path = %path.display(), error = %e, "skipping a set with an unreadable manifest")
                     }
                 }
             }
@@ -170,7 +174,7 @@ impl FileTarget {
                 .ok()
                 .map(chrono::DateTime::<chrono::Utc>::from);
             if is_removable_debris(&name, node, modified, now) {
-                tracing::info!(target = %self.name, name = %name, "removing an incomplete set left by an earlier run");
+                tracing::info!(target_name = %self.name, name = %name, "removing an incomplete set left by an earlier run");
                 fsutil::remove_dir_quietly(&entry.path());
             }
         }
@@ -216,9 +220,15 @@ impl Target for FileTarget {
         format!("file://{}/", self.root.join(cluster).join(id).display())
     }
 
-    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()> {
-        let (this, cluster, node, set) = (self.clone(), cluster.to_string(), node.to_string(), set.clone());
-        tokio::task::spawn_blocking(move || this.put_blocking(&cluster, &node, &set)).await?
+    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
+        let (this, cluster, node, set, abort) = (
+            self.clone(),
+            cluster.to_string(),
+            node.to_string(),
+            set.clone(),
+            abort.clone(),
+        );
+        tokio::task::spawn_blocking(move || this.put_blocking(&cluster, &node, &set, &abort)).await?
     }
 
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {

@@ -16,6 +16,7 @@ use anyhow::{Result, bail};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::io::AsyncRead;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::TargetSettings;
 use crate::manifest::Manifest;
@@ -51,8 +52,10 @@ pub trait Target: Send + Sync {
     /// Cheap checks that the target can take a set, run before the snapshot.
     async fn preflight(&self) -> Result<()>;
     /// Stores `set` under `<cluster>/<id>/`; fails, leaving nothing visible, if a set with
-    /// that id exists or anything goes wrong. Removes debris of earlier runs first.
-    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()>;
+    /// that id exists or anything goes wrong. Removes debris of earlier runs first. Once
+    /// `abort` fires (the run was stopped, or its election lock may be lost), the set is
+    /// not moved into place.
+    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()>;
     /// Complete sets, newest first; of one cluster folder, or of all when `cluster` is None.
     async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>>;
     /// Opens one file of a complete set for reading.

@@ -25,6 +25,7 @@ use super::{
 };
 use crate::config::{TargetSettings, VerifyUpload};
 use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
+use tokio_util::sync::CancellationToken;
 
 /// The largest PROPFIND answer read; a server sending more is refused.
 const PROPFIND_CAP: u64 = 16 << 20;
@@ -393,7 +394,7 @@ impl DavTarget {
             match self.backoff.next_delay(attempt, server_asks) {
                 Some(delay) => {
                     tracing::warn!(
-                        target = %self.name, attempt, delay_ms = delay.as_millis() as u64, error = %why,
+                        target_name = %self.name, attempt, delay_ms = delay.as_millis() as u64, error = %why,
                         "{what} '{url}' failed; retrying"
                     );
                     tokio::time::sleep(delay).await;
@@ -582,10 +583,10 @@ impl DavTarget {
             };
             match removed {
                 Ok(()) => {
-                    tracing::info!(target = %self.name, name = %e.name, "removed an incomplete set left by an earlier run")
+                    tracing::info!(target_name = %self.name, name = %e.name, "removed an incomplete set left by an earlier run")
                 }
                 Err(err) => {
-                    tracing::warn!(target = %self.name, error = %crate::error::one_line(&err), "cannot remove an incomplete set")
+                    tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&err), "cannot remove an incomplete set")
                 }
             }
         }
@@ -646,7 +647,7 @@ impl DavTarget {
             .await?;
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             tracing::info!(
-                target = %self.name, file = %f.stored_name, bytes = f.stored_size,
+                target_name = %self.name, file = %f.stored_name, bytes = f.stored_size,
                 mib_per_s = format!("{:.1}", f.stored_size as f64 / secs / 1048576.0), "uploaded"
             );
         }
@@ -757,7 +758,7 @@ impl Target for DavTarget {
         }
     }
 
-    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet) -> Result<()> {
+    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
         let id = &set.manifest.id;
         let cluster_url = self.url(&[cluster], true)?;
         self.mkcol(&cluster_url).await?;
@@ -773,12 +774,15 @@ impl Target for DavTarget {
         let tmp = self.url(&[cluster, &partial_name(id, node)], true)?;
         let uploaded = async {
             self.upload(&tmp, set).await?;
+            if abort.is_cancelled() {
+                bail!("the run was stopped before the set was moved into place");
+            }
             self.move_no_overwrite(&tmp, &final_url, &set.manifest).await
         }
         .await;
         if let Err(e) = uploaded {
             if let Err(d) = self.delete(&tmp).await {
-                tracing::warn!(target = %self.name, error = %crate::error::one_line(&d), "cannot remove the incomplete upload");
+                tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&d), "cannot remove the incomplete upload");
             }
             return Err(e);
         }
@@ -796,7 +800,7 @@ impl Target for DavTarget {
             .await
         {
             if let Err(d) = self.delete_collection(&final_url).await {
-                tracing::warn!(target = %self.name, error = %crate::error::one_line(&d), "cannot remove an incomplete set");
+                tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&d), "cannot remove an incomplete set");
             }
             return Err(e.context("the set was incomplete after MOVE and has been removed"));
         }
@@ -833,17 +837,17 @@ impl Target for DavTarget {
                 let m = match Manifest::parse(&body) {
                     Ok(m) if m.id == e.name => m,
                     Ok(_) => {
-                        tracing::warn!(target = %self.name, url = %url, "manifest id does not match its folder; skipping it");
+                        tracing::warn!(target_name = %self.name, url = %url, "manifest id does not match its folder; skipping it");
                         continue;
                     }
                     Err(err) => {
-                        tracing::warn!(target = %self.name, url = %url, error = %err, "skipping a set with an unreadable manifest");
+                        tracing::warn!(target_name = %self.name, url = %url, error = %err, "skipping a set with an unreadable manifest");
                         continue;
                     }
                 };
                 // A manifest alone is not a set: every file must be there at its size.
                 if let Err(err) = self.check_landed(&set_url, &m, &[], false).await {
-                    tracing::warn!(target = %self.name, error = %crate::error::one_line(&err), "skipping an incomplete set");
+                    tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&err), "skipping an incomplete set");
                     continue;
                 }
                 sets.push(ListedSet {

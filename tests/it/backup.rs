@@ -36,7 +36,7 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     etcd.put(
         None,
         "/kubernetes.io/config.openshift.io/clusterversions/version",
-        r#"{"spec":{"clusterID":"c0ffee-id"},"status":{"desired":{"version":"4.15.4"},"history":[{"state":"Completed","version":"4.15.4"}]}}"#,
+        r#"{"spec":{"clusterID":"c0ffee-id"},"status":{"desired":{"version":"4.15.4"},"history":[{"state":"Completed","version":"4.15.4","completionTime":"2026-01-01T00:00:00Z"}]}}"#,
     );
     let w = Work::new();
     let resources = w.path().join("etc-kubernetes");
@@ -441,6 +441,7 @@ async fn an_existing_set_is_never_overwritten() {
                 dir: staged_dir,
                 manifest: other,
             },
+            &tokio_util::sync::CancellationToken::new(),
         )
         .await
         .unwrap_err();

@@ -22,6 +22,7 @@ impl Daemon {
     fn start(cfg: &Path, log: PathBuf, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"));
         cmd.args(["daemon", "--config", cfg.to_str().unwrap()])
+            .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env("ETCD_BACKUPD_LOG", "info")
@@ -158,9 +159,12 @@ fn three_daemons_take_exactly_one_backup_per_run_even_with_a_member_down() {
         assert_eq!(m["result"], "ok", "{m}");
     }
     // After the stop, node-2's daemon could not take part; the runs were still taken.
+    let finished =
+        |m: &serde_json::Value| chrono::DateTime::parse_from_rfc3339(m["finished"].as_str().unwrap()).unwrap();
+    // Runs well after the stop (records have whole seconds).
     let after: Vec<_> = marks
         .values()
-        .filter(|m| m["finished"].as_str().unwrap() > stopped_at.to_rfc3339().as_str())
+        .filter(|m| finished(m) > stopped_at + chrono::TimeDelta::seconds(1))
         .collect();
     assert!(
         !after.is_empty() && after.iter().all(|m| m["node"] != "node-2"),
@@ -409,4 +413,62 @@ fn guards_skip_with_reasons_and_a_completed_upgrade_is_backed_up_once() {
     assert_eq!(m["trigger"], "after-upgrade");
     assert_eq!(m["openshift"]["version"], "4.15.5");
     assert_eq!(m["openshift"]["cluster_id"], "c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_backup_exits_fast_releases_the_lock_and_leaves_no_set() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let rclone = Rclone::start();
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stalled.clone();
+    let fault = FaultProxy::start(rclone.url(), move |_, method, path, _| {
+        if method == "PUT" && path.contains("snapshot_") {
+            s.store(true, std::sync::atomic::Ordering::SeqCst);
+            Fault::Stall
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let w = Work::new();
+    let target = format!("[[target]]\nname = \"dav\"\nurl = \"{}\"\n", fault.url());
+    let cfg = node_config(&w, 0, &etcd.endpoint, "*/3 * * * * *", &target);
+    let mut d = Daemon::start(&cfg, w.path().join("daemon.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stalled.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "no upload started: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lock = etcd
+        .etcdctl(None)
+        .args(["get", "--print-value-only", "/etcd-backupd/lock"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&lock.stdout).contains("node-0"),
+        "the runner holds the lock"
+    );
+    let t0 = Instant::now();
+    let code = tokio::task::spawn_blocking(move || {
+        let code = d.stop(Duration::from_secs(10));
+        (code, d.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "{}", code.1);
+    assert!(t0.elapsed() < Duration::from_secs(4), "stopped in {:?}", t0.elapsed());
+    let lock = etcd.etcdctl(None).args(["get", "/etcd-backupd/lock"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&lock.stdout).trim().is_empty(),
+        "the lease was revoked"
+    );
+    let visible: Vec<String> = std::fs::read_dir(rclone.root().join("test"))
+        .map(|e| {
+            e.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(visible.is_empty(), "{visible:?}");
 }
