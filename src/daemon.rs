@@ -116,6 +116,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         }
     };
     notify::ready("started");
+    let cv_changed = watch_cluster_version(&settings, stop.clone());
     tracing::info!(schedule = %schedule.describe(), node = %settings.node_name, "daemon started");
 
     let mut after = Utc::now();
@@ -152,6 +153,10 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(until.min(UPGRADE_POLL)) => {}
+                _ = cv_changed.notified() => {
+                    // Checked right away on the next turn of this loop.
+                    next_upgrade_check = tokio::time::Instant::now();
+                }
                 _ = hup.recv() => break Wake::Reload,
                 _ = stop.cancelled() => break Wake::Stop,
             }
@@ -248,6 +253,39 @@ enum Wake {
     Upgrade(String),
     Reload,
     Stop,
+}
+
+/// Watches the ClusterVersion key and signals each change, reconnecting as needed; the
+/// 30-second poll stays as the fallback.
+fn watch_cluster_version(settings: &Settings, stop: CancellationToken) -> std::sync::Arc<tokio::sync::Notify> {
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signal = changed.clone();
+    let etcd_settings = settings.etcd.clone();
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            let watched = async {
+                let (mut member, _) = etcd::connect_first(&etcd_settings).await?;
+                let mut stream = member.client.watch(etcd::CLUSTER_VERSION_KEY, None).await?;
+                while let Some(resp) = stream.message().await? {
+                    if !resp.events().is_empty() {
+                        signal.notify_one();
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            };
+            tokio::select! {
+                r = watched => if let Err(e) = r {
+                    tracing::debug!(error = %crate::error::one_line(&e), "ClusterVersion watch ended; restarting");
+                },
+                _ = stop.cancelled() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    changed
 }
 
 /// A completed upgrade this node has not seen backed up: its version.

@@ -405,14 +405,43 @@ fn guards_skip_with_reasons_and_a_completed_upgrade_is_backed_up_once() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(w.sets().len(), 1, "{:?}", w.sets());
+    let first = w.sets()[0].clone();
+
+    // The next upgrade completes while the daemons run: the watch on the ClusterVersion sees
+    // it well before the 30 s poll would.
+    put_json(
+        &etcd,
+        CV,
+        json!({"spec": {"clusterID": "c"}, "status": {"desired": {"version": "4.15.6"}, "history": [
+            {"state": "Completed", "version": "4.15.6", "completionTime": "2026-11-20T00:00:00Z"},
+            {"state": "Completed", "version": "4.15.5", "completionTime": "2026-11-01T00:00:00Z"},
+            {"state": "Completed", "version": "4.15.4", "completionTime": "2026-01-01T00:00:00Z"}]}}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while w.sets().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new upgrade was not noticed: {}\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(a.stop(Duration::from_secs(5)), Some(0));
     assert_eq!(b.stop(Duration::from_secs(5)), Some(0));
-    let sets = w.sets();
-    assert_eq!(sets.len(), 1, "{sets:?}");
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(sets[0].join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(w.sets().len(), 2, "{:?}", w.sets());
+    let manifest = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let m = manifest(&first);
     assert_eq!(m["trigger"], "after-upgrade");
     assert_eq!(m["openshift"]["version"], "4.15.5");
     assert_eq!(m["openshift"]["cluster_id"], "c");
+    let second = w.sets().into_iter().find(|p| *p != first).unwrap();
+    assert_eq!(manifest(&second)["trigger"], "after-upgrade");
+    assert_eq!(manifest(&second)["openshift"]["version"], "4.15.6");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
