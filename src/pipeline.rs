@@ -245,6 +245,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
             }
         };
         let location = t.describe(&cluster, &id);
+        crate::notify::status(&format!("backing up {id}: storing on target '{}'", t.name()));
         let result = if opts.abort.is_cancelled() {
             Err(anyhow!("the run was stopped before this target was written"))
         } else {
@@ -302,6 +303,10 @@ async fn assemble(
 
     let name = manifest::snapshot_name(ts);
     let snap_started = Instant::now();
+    crate::notify::status(&format!(
+        "backing up {id}: streaming the snapshot from {}",
+        member.shown()
+    ));
     let taken = snapshot::take(member, &work.join(&name)).await?;
     let snapshot_duration = snap_started.elapsed();
     tracing::info!(
