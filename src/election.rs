@@ -138,6 +138,11 @@ impl Election {
             .map(|l| format!("{} (run {})", l.node, l.run)))
     }
 
+    async fn voting_members(&mut self) -> Result<usize> {
+        let list = within(self.timeout, "member list", self.client.member_list()).await?;
+        Ok(list.members().iter().filter(|m| !m.is_learner()).count())
+    }
+
     /// The record of `run`, if some node completed it.
     pub async fn done(&mut self, run: &str) -> Result<Option<RunRecord>> {
         let key = self.key(&format!("runs/{run}"));
@@ -163,8 +168,9 @@ impl Election {
                 status.errors.join("; ")
             )));
         }
-        if status.leader == status.member_id {
-            // Let a follower take it; the leader competes after a head start.
+        // For a scheduled run, let a follower take it: the leader competes after a head start.
+        // A manual run (no waiting) or a single-member cluster has no one to wait for.
+        if status.leader == status.member_id && !wait_max.is_zero() && self.voting_members().await.unwrap_or(1) > 1 {
             let head_start = (self.ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
             tracing::info!(
                 run,

@@ -83,17 +83,7 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     assert_eq!(mode(set.parent().unwrap()), 0o700);
 
     // The platform's tools accept it.
-    let out = Command::new("sha256sum")
-        .arg("-c")
-        .arg("SHA256SUMS")
-        .current_dir(&set)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sha256sum -c: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    crate::common::assert_sha256sums(&set);
     let out = etcd
         .etcdctl(None)
         .args(["snapshot", "status", "-w", "json"])
@@ -182,13 +172,7 @@ fn backup_over_tls_with_a_client_certificate() {
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     let set = only_set(&w);
-    let out = Command::new("sha256sum")
-        .arg("-c")
-        .arg("SHA256SUMS")
-        .current_dir(&set)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    crate::common::assert_sha256sums(&set);
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["etcd"]["endpoint"], etcd.endpoint.as_str());
 }

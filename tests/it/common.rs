@@ -189,6 +189,23 @@ impl Drop for Etcd {
     }
 }
 
+/// `sha256sum -c SHA256SUMS` (the real tool) passes in `dir`.
+pub fn assert_sha256sums(dir: &Path) {
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sha256sum -c in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The result of running the binary.
 pub struct Run {
     pub code: i32,

@@ -115,13 +115,7 @@ fn https_mod_dav_through_a_forward_proxy_arrives_complete() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = Command::new("sha256sum")
-        .arg("-c")
-        .arg("SHA256SUMS")
-        .current_dir(dl.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    crate::common::assert_sha256sums(dl.path());
 
     // list reads the set back through the same path.
     let r = run_with(
@@ -235,13 +229,7 @@ async fn a_failing_target_does_not_stop_the_others_and_rclone_works_too() {
     assert!(r.stderr.contains("retrying"), "retries are logged: {}", r.stderr);
     let sets = sets_on(&rclone.root());
     assert_eq!(sets.len(), 1, "{:?}", entries_on(&rclone.root()));
-    let out = Command::new("sha256sum")
-        .arg("-c")
-        .arg("SHA256SUMS")
-        .current_dir(&sets[0])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    crate::common::assert_sha256sums(&sets[0]);
 }
 
 fn rclone_behind(fault: &FaultProxy, extra: &str) -> String {
@@ -291,13 +279,7 @@ async fn bursts_of_5xx_cut_bodies_and_stalls_are_retried_to_success() {
         "no debris: {:?}",
         entries_on(&rclone.root())
     );
-    let out = Command::new("sha256sum")
-        .arg("-c")
-        .arg("SHA256SUMS")
-        .current_dir(&sets[0])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    crate::common::assert_sha256sums(&sets[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,13 +612,7 @@ async fn lost_answers_and_429_still_succeed() {
     let sets = sets_on(&rclone.root());
     assert_eq!(sets.len(), 1, "{:?}", entries_on(&rclone.root()));
     assert_eq!(entries_on(&rclone.root()).len(), 1, "{:?}", entries_on(&rclone.root()));
-    let out = Command::new("sha256sum")
-        .arg("-c")
-        .arg("SHA256SUMS")
-        .current_dir(&sets[0])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    crate::common::assert_sha256sums(&sets[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
