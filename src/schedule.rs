@@ -70,8 +70,14 @@ impl Schedule {
         })
     }
 
+    /// The delay for the run at `at`: below `jitter`, and below half the gap to the run after
+    /// it, so a frequent schedule is never pushed past its next run.
     fn jitter_for(&self, seed: &str, at: DateTime<Utc>) -> chrono::TimeDelta {
-        let millis = self.jitter.as_millis() as u64;
+        let gap = self
+            .next_at(at)
+            .map(|n| (n - at).num_milliseconds().max(0) as u64 / 2)
+            .unwrap_or(u64::MAX);
+        let millis = (self.jitter.as_millis() as u64).min(gap);
         if millis == 0 {
             return chrono::TimeDelta::zero();
         }
@@ -142,6 +148,12 @@ mod tests {
         assert_eq!(a, s.next_slot(after, "cluster-a").unwrap(), "same cluster, same start");
         assert_eq!(a.at, t("2026-11-25T02:30:00Z"));
         assert!(a.start >= a.at && a.start < a.at + chrono::TimeDelta::seconds(600));
+        // A schedule every 10 s never waits past half of that, whatever `jitter` says.
+        let fast = Schedule::new("*/10 * * * * *", "UTC", Duration::from_secs(600)).unwrap();
+        for i in 0..20 {
+            let slot = fast.next_slot(after, &format!("c{i}")).unwrap();
+            assert!(slot.start - slot.at < chrono::TimeDelta::seconds(5), "{slot:?}");
+        }
         let starts: std::collections::HashSet<_> = (0..20)
             .map(|i| s.next_slot(after, &format!("c{i}")).unwrap().start)
             .collect();
