@@ -705,3 +705,48 @@ async fn an_upload_longer_than_idle_timeout_is_never_cut_while_it_moves() {
     assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
     assert_eq!(sets_on(&rclone.root()).len(), 1);
 }
+
+/// The target abstraction's read and delete, for both kinds of target, through the library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_a_file_and_delete_a_set_on_both_kinds_of_target() {
+    use etcd_backupd::config::Settings;
+    use sha2::{Digest, Sha256};
+    use tokio::io::AsyncReadExt;
+
+    let etcd = Etcd::start();
+    etcd.fill(None, 200, 500);
+    let rclone = Rclone::start();
+    let w = Work::new();
+    let targets = format!(
+        "[[target]]\nname = \"local\"\nurl = \"file://{}\"\n\n[[target]]\nname = \"dav\"\nurl = \"{}\"\n",
+        w.target_root().display(),
+        rclone.url()
+    );
+    let cfg = w.write_config_targets(&etcd.endpoint, &targets);
+    let c = cfg.clone();
+    let r = tokio::task::spawn_blocking(move || backup_env(&c, &[])).await.unwrap();
+    assert_eq!(r.code, 0, "{}", r.all());
+    let settings = Settings::load(&cfg).unwrap();
+    for t in &settings.targets {
+        let target = etcd_backupd::targets::open(t, None).unwrap();
+        let sets = target.list_sets(Some("test")).await.unwrap();
+        assert_eq!(sets.len(), 1, "{}", t.name);
+        let m = &sets[0].manifest;
+        let snap = m.snapshot().unwrap();
+        let mut reader = target.open_file("test", &m.id, &snap.stored_name).await.unwrap();
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes).await.unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), snap.stored_sha256, "{}", t.name);
+        // Names that are not plain file names are refused, not resolved.
+        assert!(
+            target.open_file("test", &m.id, "../manifest.json").await.is_err(),
+            "{}",
+            t.name
+        );
+        assert!(target.delete_set("test", "..").await.is_err(), "{}", t.name);
+        target.delete_set("test", &m.id).await.unwrap();
+        assert!(target.list_sets(Some("test")).await.unwrap().is_empty(), "{}", t.name);
+    }
+    assert!(sets_on(&rclone.root()).is_empty());
+    assert!(w.sets().is_empty());
+}
