@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The largest PROPFIND answer read; a server sending more is refused.
 const PROPFIND_CAP: u64 = 16 << 20;
+/// The answers to a PUT that mean it was stored.
+const PUT_OK: [StatusCode; 3] = [StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK];
 /// How much of an error answer's body goes into the error message.
 const EXCERPT_LEN: usize = 200;
 
@@ -417,6 +419,18 @@ impl DavTarget {
         Ok(self.send_counted(what, url, make).await?.0)
     }
 
+    /// `send`, then `expect`: the answer, if its status is one of `ok`.
+    async fn call(
+        &self,
+        what: &str,
+        url: &Url,
+        ok: &[StatusCode],
+        make: impl Fn(Arc<AtomicU64>) -> Result<RequestBuilder>,
+    ) -> Result<Response> {
+        let resp = self.send(what, url, make).await?;
+        self.expect(what, url, resp, ok).await
+    }
+
     /// Fails with the server's status and an excerpt of its body unless `ok` accepts it.
     async fn expect(&self, what: &str, url: &Url, resp: Response, ok: &[StatusCode]) -> Result<Response> {
         let status = resp.status();
@@ -477,72 +491,42 @@ impl DavTarget {
     /// temporary one (random name) it can only be our own earlier attempt whose answer was lost.
     async fn mkcol(&self, url: &Url) -> Result<()> {
         let method = Method::from_bytes(b"MKCOL").expect("valid method");
-        let resp = self
-            .send("MKCOL", url, |_| Ok(self.request(method.clone(), url)))
-            .await?;
-        self.expect(
-            "MKCOL",
-            url,
-            resp,
-            &[StatusCode::CREATED, StatusCode::METHOD_NOT_ALLOWED],
-        )
-        .await
-        .map(|_| ())
+        let ok = [StatusCode::CREATED, StatusCode::METHOD_NOT_ALLOWED];
+        self.call("MKCOL", url, &ok, |_| Ok(self.request(method.clone(), url)))
+            .await
+            .map(|_| ())
     }
 
     async fn put_file(&self, url: &Url, path: &std::path::Path, size: u64) -> Result<()> {
-        let resp = self
-            .send("PUT", url, |progress| {
-                // Reopened for every attempt: a retry streams the file again.
-                let file = std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
-                Ok(self
-                    .request(Method::PUT, url)
-                    .header(header::CONTENT_LENGTH, size)
-                    .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .body(counting_body(tokio::fs::File::from_std(file), progress, self.rate)))
-            })
-            .await?;
-        self.expect(
-            "PUT",
-            url,
-            resp,
-            &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
-        )
+        self.call("PUT", url, &PUT_OK, |progress| {
+            // Reopened for every attempt: a retry streams the file again.
+            let file = std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+            Ok(self
+                .request(Method::PUT, url)
+                .header(header::CONTENT_LENGTH, size)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(counting_body(tokio::fs::File::from_std(file), progress, self.rate)))
+        })
         .await
         .map(|_| ())
     }
 
     async fn put_bytes(&self, url: &Url, bytes: &[u8]) -> Result<()> {
-        let resp = self
-            .send("PUT", url, |_| {
-                Ok(self
-                    .request(Method::PUT, url)
-                    .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .body(bytes.to_vec()))
-            })
-            .await?;
-        self.expect(
-            "PUT",
-            url,
-            resp,
-            &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
-        )
+        self.call("PUT", url, &PUT_OK, |_| {
+            Ok(self
+                .request(Method::PUT, url)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(bytes.to_vec()))
+        })
         .await
         .map(|_| ())
     }
 
     async fn delete(&self, url: &Url) -> Result<()> {
-        let resp = self
-            .send("DELETE", url, |_| Ok(self.request(Method::DELETE, url)))
-            .await?;
-        self.expect(
-            "DELETE",
-            url,
-            resp,
-            &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND],
-        )
-        .await
-        .map(|_| ())
+        let ok = [StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND];
+        self.call("DELETE", url, &ok, |_| Ok(self.request(Method::DELETE, url)))
+            .await
+            .map(|_| ())
     }
 
     /// Removes a set folder so that it never looks complete while going: manifest first.
@@ -552,8 +536,8 @@ impl DavTarget {
     }
 
     async fn get(&self, url: &Url) -> Result<Response> {
-        let resp = self.send("GET", url, |_| Ok(self.request(Method::GET, url))).await?;
-        self.expect("GET", url, resp, &[StatusCode::OK]).await
+        self.call("GET", url, &[StatusCode::OK], |_| Ok(self.request(Method::GET, url)))
+            .await
     }
 
     /// Streams a file back and returns its size and SHA-256.
