@@ -95,6 +95,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         });
     }
 
+    crate::pipeline::prepare_staging(&settings.snapshot.staging_dir)?;
     // READY once the configuration is valid and etcd answers.
     let seed = loop {
         match etcd::connect_first(&settings.etcd).await {
@@ -104,6 +105,8 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                     .clone()
                     .unwrap_or_else(|| etcd::hex_id(status.cluster_id));
             }
+            // A missing TLS file will not appear by waiting: a configuration error, exit 2.
+            Err(e) if crate::error::exit_code(&e) == crate::error::EXIT_USAGE => return Err(e),
             Err(e) => {
                 let msg = format!("waiting for etcd: {}", crate::error::one_line(&e));
                 tracing::warn!("{msg}");
@@ -204,11 +207,13 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         )
         .await;
         log_outcome(&run, &outcome, t0);
-        let upgrade_skipped = trigger == Trigger::AfterUpgrade && matches!(outcome, Ok(Outcome::Skipped(_)));
-        if upgrade_skipped {
-            // Retried until the guards pass, but not every 30 s into the state file's history.
+        if trigger == Trigger::AfterUpgrade && !matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_))) {
+            // A skipped or failed after-upgrade backup is tried again, but not every 30 s.
             next_upgrade_check = tokio::time::Instant::now() + UPGRADE_RETRY;
-        } else {
+        }
+        let upgrade_skipped = trigger == Trigger::AfterUpgrade && matches!(outcome, Ok(Outcome::Skipped(_)));
+        // A skipped after-upgrade attempt is logged, but kept out of the history of runs.
+        if !upgrade_skipped {
             runner::remember(&staging, runner::record(trigger, &run, started, t0, &outcome));
         }
         if let Some(version) = run.strip_prefix("upgrade-")

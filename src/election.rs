@@ -352,7 +352,9 @@ impl Election {
     /// Gives the lock up at once (on failure or shutdown) so another node can take over.
     pub async fn release(&mut self, held: Held) {
         held.keepalive.abort();
-        if let Err(e) = within(self.timeout, "lease revoke", self.client.lease_revoke(held.lease)).await {
+        // Bounded tightly: this runs on SIGTERM, and the lease expires by itself anyway.
+        let d = self.timeout.min(Duration::from_secs(2));
+        if let Err(e) = within(d, "lease revoke", self.client.lease_revoke(held.lease)).await {
             tracing::warn!(error = %crate::error::one_line(&e), "cannot revoke the election lease; it expires by itself");
         }
     }

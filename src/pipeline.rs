@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::Utc;
 
-use crate::config::{Settings, SnapshotMethod};
+use crate::config::Settings;
 use crate::error::Stop;
 use crate::etcd::{self, hex_id};
 use crate::fsutil;
@@ -136,9 +136,6 @@ fn clean_staging_leftovers(dirs: &[&Path]) {
 /// the exit code from it.
 pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<BackupReport> {
     let started = Instant::now();
-    if settings.snapshot.method == SnapshotMethod::Script {
-        bail!(Stop::NotImplemented("snapshot.method = \"script\"".into()));
-    }
     let targets = selected_targets(settings, opts.target.as_deref())?;
 
     let staging = &settings.snapshot.staging_dir;

@@ -297,7 +297,8 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     let cert = opt_path("etcd.cert_file", &e.cert_file)?;
     let key = opt_path("etcd.key_file", &e.key_file)?;
     let tls = if https {
-        let unset = e.ca_file.is_none() && e.cert_file.is_none() && e.key_file.is_none();
+        // Unset or "" alike: the defaults apply only when none of the three is given.
+        let unset = ca.is_none() && cert.is_none() && key.is_none();
         let (ca, cert, key) = if unset {
             // Nothing configured: the OpenShift control-plane host's own files.
             (
@@ -358,6 +359,12 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         return Err(m.error_at(
             "snapshot.static_resources_dir",
             "must be an absolute path, or \"\" for none",
+        ));
+    }
+    if s.method == SnapshotMethod::Script {
+        return Err(m.error_at(
+            "snapshot.method",
+            "\"script\" (cluster-backup.sh) is not implemented yet in this version; use \"native\"",
         ));
     }
     let snapshot = SnapshotSettings {
@@ -677,6 +684,17 @@ mod tests {
             e.starts_with("config.toml: snapshot.staging_dir: unknown placeholder \"{node}\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn script_method_is_refused_and_empty_tls_paths_mean_unset() {
+        let e = load(&format!("{MIN}[snapshot]\nmethod = \"script\"\n")).unwrap_err();
+        assert!(e.starts_with("config.toml: snapshot.method: \"script\""), "{e}");
+        let s = load(&format!(
+            "{MIN}[etcd]\nca_file = \"\"\ncert_file = \"\"\nkey_file = \"\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.etcd.tls.unwrap().ca_file, Path::new(OPENSHIFT_ETCD_CA));
     }
 
     #[test]
