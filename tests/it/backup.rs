@@ -42,11 +42,7 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     let resources = w.path().join("etc-kubernetes");
     static_pod_fixture(&resources, 7);
     let cfg = w.write_config(&etcd.endpoint, None, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "static_resources_dir = \"\"",
-        &format!("static_resources_dir = \"{}\"", resources.display()),
-    );
-    std::fs::write(&cfg, text).unwrap();
+    w.set_static_resources_dir(&resources);
 
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -380,11 +376,7 @@ fn a_missing_static_pod_manifest_is_a_clear_error() {
     static_pod_fixture(&resources, 3);
     std::fs::remove_file(resources.join("manifests/kube-scheduler-pod.yaml")).unwrap();
     let cfg = w.write_config(&etcd.endpoint, None, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "static_resources_dir = \"\"",
-        &format!("static_resources_dir = \"{}\"", resources.display()),
-    );
-    std::fs::write(&cfg, text).unwrap();
+    w.set_static_resources_dir(&resources);
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("kube-scheduler-pod.yaml"), "{}", r.stderr);

@@ -287,6 +287,15 @@ impl Work {
         self.config()
     }
 
+    /// Points `snapshot.static_resources_dir` of the written config at `dir`.
+    pub fn set_static_resources_dir(&self, dir: &Path) {
+        let text = std::fs::read_to_string(self.config()).unwrap().replace(
+            "static_resources_dir = \"\"",
+            &format!("static_resources_dir = \"{}\"", dir.display()),
+        );
+        std::fs::write(self.config(), text).unwrap();
+    }
+
     /// Writes a config for a plain etcd with the given `[[target]]` blocks (and any other
     /// keys after them).
     pub fn write_config_targets(&self, endpoint: &str, targets: &str) -> PathBuf {

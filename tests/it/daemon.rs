@@ -182,17 +182,8 @@ fn three_daemons_take_exactly_one_backup_per_run_even_with_a_member_down() {
 async fn a_killed_winner_is_replaced_and_its_run_completed_by_another_node() {
     let cluster = EtcdCluster::start(3);
     let rclone = Rclone::start();
-    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s = stalled.clone();
     // The first snapshot upload hangs: that node is killed mid-run.
-    let fault = FaultProxy::start(rclone.url(), move |_, method, path, _| {
-        if method == "PUT" && path.contains("snapshot_") && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            Fault::Stall
-        } else {
-            Fault::Forward
-        }
-    })
-    .await;
+    let (fault, stalled) = FaultProxy::stalling_first_snapshot(rclone.url()).await;
     let w = Work::new();
     let target = format!("[[target]]\nname = \"dav\"\nurl = \"{}\"\n", fault.url());
     let daemons: Vec<Daemon> = (0..3)

@@ -355,6 +355,22 @@ impl FaultProxy {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/", self.port)
     }
+
+    /// Forwards everything but the first snapshot upload, which never gets an answer; the
+    /// flag tells when that upload has arrived.
+    pub async fn stalling_first_snapshot(upstream: String) -> (FaultProxy, Arc<std::sync::atomic::AtomicBool>) {
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stalled.clone();
+        let proxy = FaultProxy::start(upstream, move |_, method, path, _| {
+            if method == "PUT" && path.contains("snapshot_") && !s.swap(true, Ordering::SeqCst) {
+                Fault::Stall
+            } else {
+                Fault::Forward
+            }
+        })
+        .await;
+        (proxy, stalled)
+    }
 }
 
 async fn serve_one(

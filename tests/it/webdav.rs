@@ -30,6 +30,13 @@ fn backup_env(cfg: &Path, env: &[(&str, &str)]) -> Run {
     run_with(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], env)
 }
 
+/// `backup_env` from an async test, off the runtime's threads.
+async fn backup_async(cfg: PathBuf) -> Run {
+    tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
+        .await
+        .unwrap()
+}
+
 fn apache_target(apache: &Apache, w: &Work, extra: &str) -> String {
     format!(
         "[[target]]\nname = \"offsite\"\nurl = \"{}\"\nusername = \"{DAV_USER}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n{extra}\n",
@@ -210,9 +217,7 @@ async fn a_failing_target_does_not_stop_the_others_and_rclone_works_too() {
         bad_ca.display()
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
-    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-        .await
-        .unwrap();
+    let r = backup_async(cfg).await;
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stdout.contains("rclone: stored at"), "{}", r.stdout);
     assert!(
@@ -261,9 +266,7 @@ async fn bursts_of_5xx_cut_bodies_and_stalls_are_retried_to_success() {
         &etcd.endpoint,
         &rclone_behind(&fault, "idle_timeout = \"1s\"\nretry_budget = \"30s\""),
     );
-    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-        .await
-        .unwrap();
+    let r = backup_async(cfg).await;
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(r.stderr.matches("retrying").count(), 3, "{}", r.stderr);
     assert!(
@@ -305,9 +308,7 @@ async fn final_errors_name_the_server_answer_and_leave_nothing_visible() {
         })
         .await;
         let cfg = w.write_config_targets(&etcd.endpoint, &rclone_behind(&fault, "retry_budget = \"2s\""));
-        let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-            .await
-            .unwrap();
+        let r = backup_async(cfg).await;
         assert_eq!(r.code, 1, "{}", r.all());
         let line = r.stderr.trim().lines().last().unwrap();
         assert!(line.contains(&status.to_string()), "{line}");
@@ -366,16 +367,7 @@ async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans
     etcd.fill(None, 500, 1000);
     let rclone = Rclone::start();
     let w = Work::new();
-    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s = stalled.clone();
-    let fault = FaultProxy::start(rclone.url(), move |_, method, path, _| {
-        if method == "PUT" && path.contains("snapshot_") && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            Fault::Stall
-        } else {
-            Fault::Forward
-        }
-    })
-    .await;
+    let (fault, stalled) = FaultProxy::stalling_first_snapshot(rclone.url()).await;
     let cfg = w.write_config_targets(&etcd.endpoint, &rclone_behind(&fault, ""));
     let mut child = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
         .args(["backup", "--no-election", "--config", cfg.to_str().unwrap()])
@@ -407,9 +399,7 @@ async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans
     assert!(r.stderr.contains("no complete backup sets"), "{}", r.all());
 
     // The next run of the same node removes its own debris and completes.
-    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-        .await
-        .unwrap();
+    let r = backup_async(cfg).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let left = entries_on(&rclone.root());
     assert_eq!(left.len(), 1, "{left:?}");
@@ -472,7 +462,7 @@ async fn client_certificates_tokens_and_proxy_credentials_work_and_never_show() 
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
     let c = cfg.clone();
-    let r = tokio::task::spawn_blocking(move || backup_env(&c, &[])).await.unwrap();
+    let r = backup_async(c).await;
     assert_eq!(r.code, 0, "{}", r.all());
     check(&r, &mut outputs);
     assert_eq!(sets_on(&apache.root()).len(), 1);
@@ -523,9 +513,7 @@ async fn client_certificates_tokens_and_proxy_credentials_work_and_never_show() 
     for (targets, expect) in cases {
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let cfg = w.write_config_targets(&etcd.endpoint, &targets);
-        let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-            .await
-            .unwrap();
+        let r = backup_async(cfg).await;
         assert_eq!(r.code, 1, "{}", r.all());
         eprintln!("{}", r.stderr.trim().lines().last().unwrap_or_default());
         assert!(r.stderr.contains(expect), "{expect}: {}", r.stderr);
@@ -542,9 +530,7 @@ async fn client_certificates_tokens_and_proxy_credentials_work_and_never_show() 
         apache.password_file(w.path()).display()
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &untrusted);
-    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-        .await
-        .unwrap();
+    let r = backup_async(cfg).await;
     assert_eq!(r.code, 1, "{}", r.all());
     eprintln!("{}", r.stderr.trim().lines().last().unwrap_or_default());
     assert!(r.stderr.to_lowercase().contains("certificate"), "{}", r.stderr);
@@ -598,9 +584,7 @@ async fn lost_answers_and_429_still_succeed() {
         &rclone_behind(&fault, "idle_timeout = \"1s\"\nretry_budget = \"30s\""),
     );
     let started = std::time::Instant::now();
-    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-        .await
-        .unwrap();
+    let r = backup_async(cfg).await;
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
         started.elapsed() >= std::time::Duration::from_secs(1),
@@ -626,7 +610,7 @@ async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
         &format!("[[target]]\nname = \"r\"\nurl = \"{}\"\n", rclone.url()),
     );
     let c = cfg.clone();
-    let r = tokio::task::spawn_blocking(move || backup_env(&c, &[])).await.unwrap();
+    let r = backup_async(c).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let set = sets_on(&rclone.root()).pop().unwrap();
     // A set whose snapshot went missing (a MOVE that copied only part of it) is not listed.
@@ -693,9 +677,7 @@ async fn an_upload_longer_than_idle_timeout_is_never_cut_while_it_moves() {
         &rclone_behind(&fault, "idle_timeout = \"6s\"\nretry_budget = \"1s\""),
     );
     let started = std::time::Instant::now();
-    let r = tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
-        .await
-        .unwrap();
+    let r = backup_async(cfg).await;
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
         started.elapsed() > std::time::Duration::from_secs(6),
@@ -724,7 +706,7 @@ async fn read_a_file_and_delete_a_set_on_both_kinds_of_target() {
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
     let c = cfg.clone();
-    let r = tokio::task::spawn_blocking(move || backup_env(&c, &[])).await.unwrap();
+    let r = backup_async(c).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let settings = Settings::load(&cfg).unwrap();
     for t in &settings.targets {
