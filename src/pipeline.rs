@@ -134,7 +134,9 @@ fn clean_staging_leftovers(dirs: &[&Path]) {
 
 /// Runs one backup. Returns the report even when some targets failed; the caller decides
 /// the exit code from it.
-pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<BackupReport> {
+/// `member` is the connection the caller checked the guards (and won the election) on: the
+/// same member serves the whole run.
+pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut etcd::Member) -> Result<BackupReport> {
     let started = Instant::now();
     let targets = selected_targets(settings, opts.target.as_deref())?;
 
@@ -170,7 +172,8 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
         bail!("no target can take a backup set: {}", why.join("; "));
     }
 
-    let (mut member, status) = etcd::connect_first(&settings.etcd).await?;
+    // Fresh: the revision and DB size just before the snapshot, not from before a wait.
+    let status = member.status().await?;
     tracing::info!(
         endpoint = member.shown(),
         member_id = %hex_id(status.member_id),
@@ -198,7 +201,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions) -> Result<Bac
     fsutil::create_private_dir(&work)?;
     let assembled = assemble(
         settings,
-        &mut member,
+        member,
         &status,
         &id,
         created,

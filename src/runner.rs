@@ -67,7 +67,7 @@ pub async fn run_once(
             abort: abort.clone(),
         };
         return tokio::select! {
-            r = pipeline::run_backup(settings, &opts) => r.map(|r| Outcome::Ran(Box::new(r))),
+            r = pipeline::run_backup(settings, &opts, &mut member) => r.map(|r| Outcome::Ran(Box::new(r))),
             _ = cancel.cancelled() => {
                 abort.cancel();
                 Err(anyhow!("stopped while backing up; the incomplete set stays hidden and is removed by the next run"))
@@ -119,7 +119,7 @@ pub async fn run_once(
         abort: abort.clone(),
     };
     let result = tokio::select! {
-        r = pipeline::run_backup(settings, &opts) => r,
+        r = pipeline::run_backup(settings, &opts, &mut member) => r,
         _ = abort.cancelled() => Err(if held.lost.is_cancelled() {
             anyhow!("the election lock may be lost mid-run; another node takes this run over")
         } else {
