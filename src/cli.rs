@@ -142,7 +142,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                             .iter()
                             .filter_map(|t| t.result.as_ref().err().map(|e| format!("{} ({e})", t.name)))
                             .collect();
-                        bail!("backup {} was not stored on: {}", report.manifest.id, failed.join("; "));
+                        bail!(
+                            "backup {} was not stored on: {} (it stays in staging and is delivered by the next run or the daemon)",
+                            report.manifest.id,
+                            failed.join("; ")
+                        );
                     }
                     Ok(())
                 }
@@ -356,10 +360,19 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
         Ok(Err(e)) => (None, None, Some(crate::error::one_line(&e))),
         Err(_) => (None, None, Some("etcd did not answer in time".to_string())),
     };
+    let staged = crate::delivery::scan(&settings.snapshot.staging_dir);
+    let pending: Vec<_> = staged
+        .iter()
+        .filter(|s| !s.pending.is_empty())
+        .map(|s| serde_json::json!({"id": s.id(), "targets": s.pending, "bytes": s.set.manifest.total_stored_size()}))
+        .collect();
+    let local: Vec<&str> = staged.iter().filter(|s| s.pending.is_empty()).map(|s| s.id()).collect();
     if json {
         let v = serde_json::json!({
             "node": settings.node_name,
             "next_run": next,
+            "pending": pending,
+            "local_copies": local,
             "runs": state.runs,
             "cluster_last_run": last,
             "current_runner": runner,
@@ -395,6 +408,20 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
     }
     if let Some(r) = &state.running {
         println!("this node   running {r}");
+    }
+    if pending.is_empty() {
+        println!("pending     none");
+    }
+    for s in staged.iter().filter(|s| !s.pending.is_empty()) {
+        println!(
+            "pending     {} ({}) for {}",
+            s.id(),
+            human(s.set.manifest.total_stored_size()),
+            s.pending.join(", ")
+        );
+    }
+    if !local.is_empty() {
+        println!("local copy  {}", local.join(", "));
     }
     if state.runs.is_empty() {
         println!("this node   no run yet");

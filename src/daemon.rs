@@ -122,6 +122,10 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     let cv_changed = watch_cluster_version(&settings, stop.clone());
     tracing::info!(schedule = %schedule.describe(), node = %settings.node_name, "daemon started");
 
+    // Sets a previous daemon could not deliver are retried right away.
+    let mut delivery_backoff = settings.delivery.retry_interval.0;
+    let mut next_delivery =
+        (crate::delivery::pending(&settings.snapshot.staging_dir).0 > 0).then(tokio::time::Instant::now);
     let mut after = Utc::now();
     // Checked at start (an upgrade may have completed while the daemon was down), then every
     // UPGRADE_POLL while idle.
@@ -134,10 +138,16 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         let mut state = State::load(&staging);
         state.next_run = Some(slot.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         let _ = crate::pipeline::prepare_staging(&staging).and_then(|_| state.save(&staging));
+        let (pending_sets, _) = crate::delivery::pending(&staging);
         let idle = format!(
-            "idle; next run {} UTC; {}",
+            "idle; next run {} UTC; {}{}",
             slot.at.format("%Y-%m-%d %H:%M:%S"),
-            last_summary(&staging)
+            last_summary(&staging),
+            if pending_sets > 0 {
+                format!("; {pending_sets} set(s) pending delivery")
+            } else {
+                String::new()
+            }
         );
         notify::status(&idle);
         tracing::info!(next_run = %slot.at, start = %slot.start, "waiting for the next run");
@@ -154,8 +164,13 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             if until.is_zero() {
                 break Wake::Slot;
             }
+            let to_delivery = match next_delivery {
+                Some(at) if tokio::time::Instant::now() >= at => break Wake::Deliver,
+                Some(at) => at.saturating_duration_since(tokio::time::Instant::now()),
+                None => Duration::MAX,
+            };
             tokio::select! {
-                _ = tokio::time::sleep(until.min(UPGRADE_POLL)) => {}
+                _ = tokio::time::sleep(until.min(UPGRADE_POLL).min(to_delivery)) => {}
                 _ = cv_changed.notified() => {
                     // Checked right away on the next turn of this loop.
                     next_upgrade_check = tokio::time::Instant::now();
@@ -185,6 +200,37 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                     Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the old one"),
                 }
                 notify::ready("reloaded");
+                continue;
+            }
+            Wake::Deliver => {
+                notify::status("delivering pending backup sets");
+                next_delivery = match crate::delivery::retry(&settings, &stop).await {
+                    Ok(r) if r.pending == 0 => {
+                        tracing::info!(delivered = r.delivered, "every pending backup set is delivered");
+                        delivery_backoff = settings.delivery.retry_interval.0;
+                        None
+                    }
+                    Ok(r) => {
+                        if !r.busy {
+                            delivery_backoff = (delivery_backoff * 2).min(settings.delivery.retry_max.0);
+                        }
+                        tracing::warn!(
+                            delivered = r.delivered,
+                            failed = r.failed,
+                            pending = r.pending,
+                            retry_in_s = delivery_backoff.as_secs(),
+                            "backup sets still pending delivery"
+                        );
+                        Some(tokio::time::Instant::now() + delivery_backoff)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %crate::error::one_line(&e), "cannot retry pending deliveries");
+                        Some(tokio::time::Instant::now() + delivery_backoff)
+                    }
+                };
+                if stop.is_cancelled() {
+                    break;
+                }
                 continue;
             }
             Wake::Upgrade(version) => (Trigger::AfterUpgrade, format!("upgrade-{version}")),
@@ -225,6 +271,11 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                 let _ = state.save(&staging);
             }
         }
+        // A run's own delivery pass covered older pending sets too; what is left waits for
+        // the timer, starting again from the shortest interval.
+        delivery_backoff = settings.delivery.retry_interval.0;
+        next_delivery =
+            (crate::delivery::pending(&staging).0 > 0).then(|| tokio::time::Instant::now() + delivery_backoff);
         if trigger == Trigger::Schedule {
             // The next slot is computed from now: a run is never made up twice, never overlaps.
             after = slot.at.max(Utc::now());
@@ -255,6 +306,7 @@ pub fn log_io_scheduler(settings: &Settings) {
 
 enum Wake {
     Slot,
+    Deliver,
     Upgrade(String),
     Reload,
     Stop,

@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod delivery;
 pub mod election;
 pub mod error;
 pub mod etcd;
@@ -29,6 +30,7 @@ pub mod manifest;
 pub mod notify;
 pub mod pipeline;
 pub mod priority;
+pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod snapshot;

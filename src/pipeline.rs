@@ -5,8 +5,10 @@
 //!
 //! Staging layout (`snapshot.staging_dir`, 0700):
 //! - `tmp/<id>-<random>/`: a set being assembled; leftovers are removed at the next run;
-//! - `sets/<id>/`: a complete, verified set waiting for (or done with) delivery.
+//! - `sets/<id>/`: a complete, verified set waiting for (or done with) delivery; see
+//!   [`crate::delivery`].
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,13 +16,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use chrono::Utc;
 
 use crate::config::Settings;
+use crate::delivery;
 use crate::error::Stop;
 use crate::etcd::{self, hex_id};
 use crate::fsutil;
 use crate::manifest::{self, EtcdInfo, FileEntry, MANIFEST, Manifest, OpenShiftInfo, SHA256SUMS, ToolInfo, Trigger};
 use crate::snapshot;
 use crate::static_resources;
-use crate::targets::{self, StagedSet, Target};
+use crate::targets::{self, Target};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -120,8 +123,7 @@ pub fn prepare_staging(staging: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes what an interrupted run of this node left in staging. Without pending delivery
-/// (a later version), a set left in `sets/` has no use either.
+/// Removes the half-assembled sets an interrupted run of this node left in staging.
 fn clean_staging_leftovers(dirs: &[&Path]) {
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
@@ -154,7 +156,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             staging.join("lock").display()
         ))
     })?;
-    clean_staging_leftovers(&[&tmp_root, &sets_root]);
+    clean_staging_leftovers(&[&tmp_root]);
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
     let mut unusable: Vec<Option<String>> = Vec::new();
     for sel in &targets {
@@ -195,7 +197,13 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         .clone()
         .unwrap_or_else(|| hex_id(status.cluster_id));
 
-    let created = Utc::now();
+    // Ids have one-second resolution: a set still staged under this second's id (a run
+    // killed a moment ago) makes this one wait for the next second.
+    let mut created = Utc::now();
+    while sets_root.join(manifest::timestamp(created)).exists() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        created = Utc::now();
+    }
     let id = manifest::timestamp(created);
     let work = tmp_root.join(format!("{id}-{:08x}", rand::random::<u32>()));
     fsutil::create_private_dir(&work)?;
@@ -224,50 +232,36 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         bail!("cannot move the set into '{}': {e}", staged_dir.display());
     }
     fsutil::fsync_dir(&sets_root)?;
-    let staged = StagedSet {
-        dir: staged_dir.clone(),
-        manifest: manifest.clone(),
-    };
-
-    let mut outcomes = Vec::new();
-    for (sel, preflight) in targets.iter().zip(unusable) {
-        let t = match (&sel.target, preflight) {
-            (Ok(t), None) => t,
-            // An unopened target always has its reason recorded above.
-            (_, problem) => {
-                let e = problem.unwrap_or_default();
-                outcomes.push(TargetOutcome {
-                    name: sel.name.clone(),
-                    location: String::new(),
-                    result: Err(e),
-                });
-                continue;
-            }
+    // Owed to every target chosen for this run; a delivery pass then stores the sets still
+    // waiting in staging, oldest first, this one last.
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    delivery::mark(&staged_dir, &names)?;
+    let mut opened = BTreeMap::new();
+    for (sel, preflight) in targets.into_iter().zip(unusable) {
+        let usable = match (sel.target, preflight) {
+            (Ok(t), None) => Ok(t),
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
         };
-        let location = t.describe(&cluster, &id);
-        crate::notify::status(&format!("backing up {id}: storing on target '{}'", t.name()));
-        let result = if opts.abort.is_cancelled() {
-            Err(anyhow!("the run was stopped before this target was written"))
-        } else {
-            t.put_set(&cluster, &settings.node_name, &staged, &opts.abort).await
-        };
-        match &result {
-            Ok(()) => {
-                tracing::info!(target_name = t.name(), backup_id = %id, location = %location, "backup set stored")
-            }
-            Err(e) => {
-                tracing::error!(target_name = t.name(), backup_id = %id, error = %crate::error::one_line(e), "cannot store the backup set")
-            }
-        }
-        outcomes.push(TargetOutcome {
-            name: t.name().to_string(),
-            location,
-            result: result.map_err(|e| crate::error::one_line(&e)),
-        });
+        opened.insert(sel.name, usable);
     }
-    // Without pending delivery (a later version), staging keeps nothing: the targets hold
-    // the copies.
-    fsutil::remove_dir_quietly(&staged_dir);
+    let results = delivery::pass(settings, &opened, &opts.abort).await;
+    let outcomes: Vec<TargetOutcome> = names
+        .iter()
+        .map(|name| {
+            let mine = results.iter().find(|d| d.id == id && &d.target == name);
+            TargetOutcome {
+                name: name.clone(),
+                location: mine.map(|d| d.location.clone()).unwrap_or_default(),
+                result: mine
+                    .map(|d| d.result.clone())
+                    .unwrap_or_else(|| Err("not attempted".into())),
+            }
+        })
+        .collect();
+    if !opts.abort.is_cancelled() {
+        delivery::apply_retention(settings, &opened, &results).await;
+    }
+    delivery::tidy(settings);
 
     Ok(BackupReport {
         manifest,

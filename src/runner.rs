@@ -154,7 +154,10 @@ async fn check_guards(
     status: &etcd::MemberStatus,
 ) -> Result<Option<String>> {
     let facts = guards::gather(member).await?;
-    let free = staging_free(&settings.snapshot.staging_dir)?;
+    // Staged sets must never be what stops the next backup: drop them first if they would.
+    let staging = &settings.snapshot.staging_dir;
+    let needed = settings.guards.min_free_space.required(status.db_size);
+    let free = crate::delivery::make_room(staging, needed, || staging_free(staging))?;
     Ok(guards::check(settings, &facts, status, free, Utc::now()))
 }
 

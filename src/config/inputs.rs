@@ -25,6 +25,7 @@ pub struct Inputs {
     pub verify: VerifyInputs,
     pub import: ImportInputs,
     pub retention: RetentionInputs,
+    pub delivery: DeliveryInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetInputs>,
 }
@@ -190,7 +191,12 @@ pub struct EncryptionInputs {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VerifyInputs {
+    /// Cron for a periodic restore drill of the newest set; empty = never.
     pub schedule: String,
+    /// Where `etcd` and `etcdutl` (or, for etcd 3.4, `etcdctl`) are; empty = `PATH`.
+    pub bin_dir: Option<PathBuf>,
+    /// Where a drill restores the snapshot; empty = the system's temporary directory.
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -206,6 +212,10 @@ pub struct RetentionInputs {
     pub keep_daily: u32,
     pub keep_weekly: u32,
     pub keep_monthly: u32,
+    /// Sets older than this go even when a keep rule matches; unset = no cap.
+    pub max_age: Option<HumanDuration>,
+    /// Never fewer sets than this on a target (the newest ones).
+    pub min_keep: u32,
 }
 
 impl Default for RetentionInputs {
@@ -215,6 +225,32 @@ impl Default for RetentionInputs {
             keep_daily: 7,
             keep_weekly: 4,
             keep_monthly: 6,
+            max_age: None,
+            min_keep: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryInputs {
+    /// Verified sets kept in staging for targets that could not take them; the oldest
+    /// beyond this are dropped (with an error in the journal).
+    pub max_pending: u32,
+    /// Delivered sets kept in staging for a fast local restore.
+    pub keep_local: u32,
+    /// First wait before retrying pending deliveries; doubles up to `retry_max`.
+    pub retry_interval: HumanDuration,
+    pub retry_max: HumanDuration,
+}
+
+impl Default for DeliveryInputs {
+    fn default() -> Self {
+        DeliveryInputs {
+            max_pending: 3,
+            keep_local: 1,
+            retry_interval: HumanDuration(std::time::Duration::from_secs(5 * 60)),
+            retry_max: HumanDuration(std::time::Duration::from_secs(2 * 3600)),
         }
     }
 }

@@ -19,8 +19,8 @@ use serde::Serialize;
 use url::Url;
 
 pub use inputs::{
-    ElectionInputs, GuardsInputs, Inputs, IoClass, PriorityInputs, RetentionInputs, ScheduleInputs, SnapshotMethod,
-    VerifyUpload,
+    DeliveryInputs, ElectionInputs, GuardsInputs, Inputs, IoClass, PriorityInputs, RetentionInputs, ScheduleInputs,
+    SnapshotMethod, VerifyInputs, VerifyUpload,
 };
 use load::Merged;
 use types::HumanDuration;
@@ -57,6 +57,8 @@ pub struct Settings {
     pub guards: GuardsInputs,
     pub priority: PriorityInputs,
     pub retention: RetentionInputs,
+    pub delivery: DeliveryInputs,
+    pub verify: VerifyInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetSettings>,
     /// Each secret file with where it was configured (`file: target[0].password_file`).
@@ -132,6 +134,24 @@ impl TargetSettings {
 }
 
 impl Settings {
+    /// The `[retention]` policy.
+    pub fn retention_policy(&self) -> crate::retention::Policy {
+        let r = &self.retention;
+        crate::retention::Policy {
+            keep_last: r.keep_last,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            max_age: r.max_age.map(|d| d.0),
+            min_keep: r.min_keep,
+        }
+    }
+
+    /// The time zone retention counts days, weeks and months in: the schedule's.
+    pub fn time_zone(&self) -> chrono_tz::Tz {
+        self.schedule.timezone.parse().unwrap_or(chrono_tz::Tz::UTC)
+    }
+
     /// Loads `main` and its drop-ins and validates the result. This checks syntax and
     /// meaning only; [`Settings::check_node_files`] checks the files the config names.
     pub fn load(main: &Path) -> Result<Settings, ConfigError> {
@@ -390,10 +410,23 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         ));
     }
     if !inputs.verify.schedule.is_empty() {
-        return Err(m.error_at(
-            "verify.schedule",
-            "restore drills are not implemented yet in this version; use \"\"",
-        ));
+        crate::schedule::Schedule::new(
+            &inputs.verify.schedule,
+            &inputs.schedule.timezone,
+            std::time::Duration::ZERO,
+        )
+        .map_err(|e| m.error_at("verify.schedule", e))?;
+    }
+    if inputs.retention.max_age.is_some_and(|d| d.0.is_zero()) {
+        return Err(m.error_at("retention.max_age", "must be above zero (leave it out for no cap)"));
+    }
+    for (k, d) in [
+        ("delivery.retry_interval", inputs.delivery.retry_interval),
+        ("delivery.retry_max", inputs.delivery.retry_max),
+    ] {
+        if d.0.is_zero() {
+            return Err(m.error_at(k, "must be above zero"));
+        }
     }
     if !inputs.import.dirs.is_empty() {
         return Err(m.error_at(
@@ -552,6 +585,8 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         guards: inputs.guards,
         priority: inputs.priority,
         retention: inputs.retention,
+        delivery: inputs.delivery,
+        verify: inputs.verify,
         targets,
         secret_files,
     })

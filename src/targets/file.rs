@@ -62,7 +62,7 @@ impl FileTarget {
         }
         // Hidden, and named so that no reader takes it for a set even though it holds a
         // manifest.json just before the rename.
-        self.remove_debris(&cluster_dir, node);
+        self.remove_debris_in(&cluster_dir, node);
         let tmp = cluster_dir.join(partial_name(id, node));
         fsutil::create_private_dir(&tmp).with_context(|| format!("target '{}'", self.name))?;
         let result = (|| -> Result<()> {
@@ -159,10 +159,11 @@ impl FileTarget {
 
 impl FileTarget {
     /// Removes this node's leftover temporary sets, and other nodes' once a day old.
-    fn remove_debris(&self, cluster_dir: &Path, node: &str) {
+    fn remove_debris_in(&self, cluster_dir: &Path, node: &str) -> usize {
         let Ok(entries) = std::fs::read_dir(cluster_dir) else {
-            return;
+            return 0;
         };
+        let mut removed = 0;
         let now = chrono::Utc::now();
         for entry in entries.flatten() {
             let Ok(name) = entry.file_name().into_string() else {
@@ -176,8 +177,10 @@ impl FileTarget {
             if is_removable_debris(&name, node, modified, now) {
                 tracing::info!(target_name = %self.name, name = %name, "removing an incomplete set left by an earlier run");
                 fsutil::remove_dir_quietly(&entry.path());
+                removed += 1;
             }
         }
+        removed
     }
 
     /// `<root>/<cluster>/<id>`, refusing names that are not plain path components.
@@ -262,5 +265,14 @@ impl Target for FileTarget {
     async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
         let (this, cluster) = (self.clone(), cluster.map(str::to_string));
         tokio::task::spawn_blocking(move || this.list_blocking(cluster.as_deref())).await?
+    }
+
+    async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize> {
+        if !safe_component(cluster) {
+            bail!("target '{}': {cluster:?} is not a valid cluster folder name", self.name);
+        }
+        self.check_root()?;
+        let (this, dir, node) = (self.clone(), self.root.join(cluster), node.to_string());
+        Ok(tokio::task::spawn_blocking(move || this.remove_debris_in(&dir, &node)).await?)
     }
 }

@@ -62,6 +62,9 @@ pub trait Target: Send + Sync {
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader>;
     /// Removes a complete set.
     async fn delete_set(&self, cluster: &str, id: &str) -> Result<()>;
+    /// Removes incomplete temporary sets in `cluster` (see [`is_removable_debris`]); returns
+    /// how many went.
+    async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize>;
 }
 
 /// The target for `settings`, by URL scheme; `rate` caps what is written to it (bytes/s).

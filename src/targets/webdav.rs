@@ -555,8 +555,9 @@ impl DavTarget {
     }
 
     /// Removes this node's leftover temporary sets, and other nodes' once a day old.
-    async fn remove_debris(&self, cluster: &str, entries: &[DavEntry], node: &str) {
+    async fn remove_debris_among(&self, cluster: &str, entries: &[DavEntry], node: &str) -> usize {
         let now = chrono::Utc::now();
+        let mut count = 0;
         for e in entries
             .iter()
             .filter(|e| is_removable_debris(&e.name, node, e.modified, now))
@@ -567,6 +568,7 @@ impl DavTarget {
             };
             match removed {
                 Ok(()) => {
+                    count += 1;
                     tracing::info!(target_name = %self.name, name = %e.name, "removed an incomplete set left by an earlier run")
                 }
                 Err(err) => {
@@ -574,6 +576,7 @@ impl DavTarget {
                 }
             }
         }
+        count
     }
 
     /// Checks that every file of `manifest` is in `collection` with its stored size (and,
@@ -747,7 +750,7 @@ impl Target for DavTarget {
         let cluster_url = self.url(&[cluster], true)?;
         self.mkcol(&cluster_url).await?;
         let entries = self.children(&cluster_url).await?.unwrap_or_default();
-        self.remove_debris(cluster, &entries, node).await;
+        self.remove_debris_among(cluster, &entries, node).await;
         let final_url = self.url(&[cluster, id], true)?;
         if entries.iter().any(|e| e.name == *id) {
             bail!(
@@ -873,6 +876,11 @@ impl Target for DavTarget {
             bail!("target '{}': {id:?} is not a set name", self.name);
         }
         self.delete_collection(&self.url(&[cluster, id], true)?).await
+    }
+
+    async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize> {
+        let entries = self.children(&self.url(&[cluster], true)?).await?.unwrap_or_default();
+        Ok(self.remove_debris_among(cluster, &entries, node).await)
     }
 }
 

@@ -148,7 +148,10 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     assert_eq!(m["files"][0]["sha256"], hex::encode(Sha256::digest(&bytes)));
     assert_eq!(m["tool"]["name"], "etcd-backupd");
 
-    assert!(w.staging_files().is_empty(), "{:?}", w.staging_files());
+    // Staging keeps the delivered set as the local copy (delivery.keep_local = 1), owed to
+    // no target, and nothing half-assembled.
+    assert!(w.staging_tmp_files().is_empty(), "{:?}", w.staging_tmp_files());
+    assert_eq!(w.staged(), vec![(id.clone(), vec![])]);
 
     let r = run(&["list", "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -349,7 +352,11 @@ fn unusable_staging_or_target_fails_cleanly() {
         r.all()
     );
     assert!(r.all().contains("Read-only file system"), "{}", r.all());
-    assert!(w.staging_files().is_empty(), "{:?}", w.staging_files());
+    // The verified set waits in staging for the target.
+    assert!(w.staging_tmp_files().is_empty(), "{:?}", w.staging_tmp_files());
+    let staged = w.staged();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    assert_eq!(staged[0].1, ["local"]);
 
     // a target directory that does not exist (an unmounted mount point) is not created
     let cfg = w.write_config(&etcd.endpoint, None, "");

@@ -337,6 +337,43 @@ impl Work {
 
     /// Files (not directories) left in staging, but for the run lock, the marker and the node's
     /// state file, which stay.
+    /// Files of half-assembled sets: there must never be any once a run has ended.
+    pub fn staging_tmp_files(&self) -> Vec<PathBuf> {
+        Work::files_under(&self.staging().join("tmp"))
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect()
+    }
+
+    /// The complete sets in staging, oldest first, each with the targets still owed it.
+    pub fn staged(&self) -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.staging().join("sets")) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().into_string().unwrap();
+            assert!(
+                e.path().join("manifest.json").is_file(),
+                "staged set {id} has no manifest"
+            );
+            let pending = std::fs::read(e.path().join(".delivery.json"))
+                .map(|b| {
+                    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                    v["pending"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_str().unwrap().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((id, pending));
+        }
+        out.sort();
+        out
+    }
+
     pub fn staging_files(&self) -> Vec<PathBuf> {
         let keep = [
             self.staging().join("lock"),

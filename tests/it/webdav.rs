@@ -326,7 +326,13 @@ async fn final_errors_name_the_server_answer_and_leave_nothing_visible() {
             "{:?}",
             entries_on(&rclone.root())
         );
-        assert!(w.staging_files().is_empty(), "{:?}", w.staging_files());
+        // Every set taken waits in staging for the target, none half-assembled.
+        assert!(w.staging_tmp_files().is_empty(), "{:?}", w.staging_tmp_files());
+        assert!(
+            w.staged().iter().all(|(_, pending)| pending == &["faulty".to_string()]),
+            "{:?}",
+            w.staged()
+        );
     }
 }
 
@@ -398,13 +404,18 @@ async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("no complete backup sets"), "{}", r.all());
 
-    // The next run of the same node removes its own debris and completes.
+    // The killed run's verified set waits in staging. The next run of the same node removes
+    // its own debris, delivers that set first, then its own.
+    let staged = w.staged();
+    assert_eq!(staged.len(), 1, "{staged:?}");
     let r = backup_async(cfg).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let left = entries_on(&rclone.root());
-    assert_eq!(left.len(), 1, "{left:?}");
-    assert!(!left[0].starts_with('.'), "{left:?}");
-    assert_eq!(sets_on(&rclone.root()).len(), 1);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
+    assert_eq!(sets_on(&rclone.root()).len(), 2);
+    assert!(left.contains(&staged[0].0), "{left:?}");
+    assert!(w.staged().iter().all(|(_, pending)| pending.is_empty()));
 }
 
 fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {

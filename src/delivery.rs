@@ -1,0 +1,392 @@
+//! Delivery of verified sets from staging to the targets, surviving targets that are down.
+//!
+//! Every set taken waits in `<staging_dir>/sets/<id>/` with a `.delivery.json` naming the
+//! targets still owed a copy. A delivery pass walks the staged sets oldest first and stores
+//! each on the targets it is owed to; a target that fails is given up for the rest of the
+//! pass (it is down: later sets would only spend its retry budget again). A set the target
+//! already holds with the same manifest (an answer lost after the final move) counts as
+//! delivered, so nothing is stored twice. Passes run after each backup, on the daemon's
+//! backoff timer, and when the daemon starts.
+//!
+//! Staging stays bounded: at most `delivery.max_pending` sets wait (the oldest beyond are
+//! dropped, with an error), delivered sets are kept for a fast local restore up to
+//! `delivery.keep_local`, and before a snapshot, staged sets are dropped (delivered ones
+//! first, then the oldest pending) until `guards.min_free_space` holds again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::fsutil;
+use crate::manifest::{MANIFEST, Manifest};
+use crate::targets::{self, StagedSet, Target};
+
+const DELIVERY_FILE: &str = ".delivery.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct DeliveryState {
+    /// Targets still owed this set.
+    pending: Vec<String>,
+}
+
+/// A complete set in staging.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub set: StagedSet,
+    pub pending: Vec<String>,
+}
+
+impl Staged {
+    pub fn id(&self) -> &str {
+        &self.set.manifest.id
+    }
+
+    fn bytes(&self) -> u64 {
+        self.set.manifest.total_stored_size()
+    }
+}
+
+pub fn sets_root(staging: &Path) -> PathBuf {
+    staging.join("sets")
+}
+
+/// Records which targets are still owed the set in `dir` (atomically).
+pub fn mark(dir: &Path, pending: &[String]) -> Result<()> {
+    let tmp = dir.join(format!("{DELIVERY_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let state = DeliveryState {
+        pending: pending.to_vec(),
+    };
+    fsutil::write_private_file(&tmp, &serde_json::to_vec(&state)?)?;
+    std::fs::rename(&tmp, dir.join(DELIVERY_FILE)).with_context(|| format!("cannot update '{}'", dir.display()))
+}
+
+/// The complete sets in staging, oldest first. A directory without a readable manifest is
+/// not a set (a cut-short move): it is removed.
+pub fn scan(staging: &Path) -> Vec<Staged> {
+    let root = sets_root(staging);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Vec::new();
+    };
+    let mut sets = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let manifest = std::fs::read(dir.join(MANIFEST))
+            .map_err(|e| e.to_string())
+            .and_then(|b| Manifest::parse(&b));
+        let manifest = match manifest {
+            Ok(m) if entry.file_name().to_str() == Some(m.id.as_str()) => m,
+            _ => {
+                tracing::warn!(path = %dir.display(), "removing an incomplete set from staging");
+                fsutil::remove_dir_quietly(&dir);
+                continue;
+            }
+        };
+        // No delivery file: the set was staged by a run that stopped before recording
+        // anything; it is owed to nobody it can name, so it is a local copy only.
+        let pending = std::fs::read(dir.join(DELIVERY_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<DeliveryState>(&b).ok())
+            .map(|d| d.pending)
+            .unwrap_or_default();
+        sets.push(Staged {
+            set: StagedSet { dir, manifest },
+            pending,
+        });
+    }
+    sets.sort_by(|a, b| a.set.manifest.id.cmp(&b.set.manifest.id));
+    sets
+}
+
+/// How many staged sets still wait for a target, and their bytes.
+pub fn pending(staging: &Path) -> (usize, u64) {
+    let sets: Vec<_> = scan(staging).into_iter().filter(|s| !s.pending.is_empty()).collect();
+    (sets.len(), sets.iter().map(Staged::bytes).sum())
+}
+
+/// The outcome of storing one set on one target in a pass.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub id: String,
+    pub cluster: String,
+    pub target: String,
+    pub location: String,
+    pub result: Result<(), String>,
+}
+
+/// Does `target` already hold exactly this set? (An earlier attempt's final answer was lost.)
+async fn already_there(target: &dyn Target, set: &StagedSet) -> bool {
+    use tokio::io::AsyncReadExt;
+    let m = &set.manifest;
+    let Ok(reader) = target.open_file(&m.cluster_name, &m.id, MANIFEST).await else {
+        return false;
+    };
+    let mut bytes = Vec::new();
+    if reader
+        .take(targets::MANIFEST_CAP)
+        .read_to_end(&mut bytes)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    Manifest::parse(&bytes).is_ok_and(|theirs| theirs == *m)
+}
+
+/// Applies retention on each target that took a set in this pass and owes nothing more
+/// (a target still missing a newer set is not pruned: its newest backup failed).
+pub async fn apply_retention(
+    settings: &Settings,
+    opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
+    results: &[Delivered],
+) {
+    let policy = settings.retention_policy();
+    let staged = scan(&settings.snapshot.staging_dir);
+    for (name, target) in opened {
+        let Ok(target) = target else { continue };
+        if staged.iter().any(|s| s.pending.contains(name)) {
+            continue;
+        }
+        let clusters: std::collections::BTreeSet<&str> = results
+            .iter()
+            .filter(|d| &d.target == name && d.result.is_ok())
+            .map(|d| d.cluster.as_str())
+            .collect();
+        for cluster in clusters {
+            crate::notify::status(&format!("applying retention on target '{name}'"));
+            match crate::retention::prune_target(
+                target.as_ref(),
+                cluster,
+                &settings.node_name,
+                &policy,
+                settings.time_zone(),
+                false,
+            )
+            .await
+            {
+                Ok(r) => tracing::info!(
+                    target_name = %name, cluster = %cluster, kept = r.decisions.iter().filter(|d| d.keep).count(),
+                    deleted = r.deleted.len(), debris_removed = r.debris_removed, errors = r.errors.len(),
+                    "retention applied"
+                ),
+                Err(e) => {
+                    tracing::error!(target_name = %name, error = %crate::error::one_line(&e), "cannot apply retention")
+                }
+            }
+        }
+    }
+}
+
+/// One delivery pass over every staged set, oldest first. `opened` are the targets usable in
+/// this pass by name; a name mapped to an error fails at once with that error. Targets no
+/// longer configured are dropped from the sets owed to them.
+pub async fn pass(
+    settings: &Settings,
+    opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
+    abort: &CancellationToken,
+) -> Vec<Delivered> {
+    let staging = &settings.snapshot.staging_dir;
+    let mut down: BTreeMap<String, String> = BTreeMap::new();
+    let mut results = Vec::new();
+    for mut staged in scan(staging) {
+        if staged.pending.is_empty() {
+            continue;
+        }
+        let before = staged.pending.clone();
+        let m = staged.set.manifest.clone();
+        let mut still = Vec::new();
+        for name in &before {
+            if settings.target(name).is_none() {
+                tracing::warn!(backup_id = %m.id, target_name = %name, "target no longer configured; the set is not delivered to it");
+                continue;
+            }
+            let Some(opened) = opened.get(name) else {
+                // Not part of this pass (`backup --target` chose another).
+                still.push(name.clone());
+                continue;
+            };
+            let target = match opened {
+                Ok(t) => t,
+                Err(e) => {
+                    down.entry(name.clone()).or_insert_with(|| e.clone());
+                    still.push(name.clone());
+                    results.push(Delivered {
+                        id: m.id.clone(),
+                        cluster: m.cluster_name.clone(),
+                        target: name.clone(),
+                        location: String::new(),
+                        result: Err(e.clone()),
+                    });
+                    continue;
+                }
+            };
+            if let Some(why) = down.get(name) {
+                still.push(name.clone());
+                results.push(Delivered {
+                    id: m.id.clone(),
+                    cluster: m.cluster_name.clone(),
+                    target: name.clone(),
+                    location: String::new(),
+                    result: Err(format!("not tried: the target failed earlier in this pass ({why})")),
+                });
+                continue;
+            }
+            let location = target.describe(&m.cluster_name, &m.id);
+            crate::notify::status(&format!("storing {} on target '{name}'", m.id));
+            let result = if abort.is_cancelled() {
+                Err(anyhow::anyhow!("the run was stopped before this target was written"))
+            } else {
+                target
+                    .put_set(&m.cluster_name, &settings.node_name, &staged.set, abort)
+                    .await
+            };
+            let result = match result {
+                Err(e) if !abort.is_cancelled() && already_there(target.as_ref(), &staged.set).await => {
+                    tracing::info!(target_name = %name, backup_id = %m.id, "the target already holds this set (an earlier answer was lost)");
+                    let _ = e;
+                    Ok(())
+                }
+                other => other.map_err(|e| crate::error::one_line(&e)),
+            };
+            match &result {
+                Ok(()) => {
+                    tracing::info!(target_name = %name, backup_id = %m.id, location = %location, "backup set stored")
+                }
+                Err(e) => {
+                    tracing::error!(target_name = %name, backup_id = %m.id, error = %e, "cannot store the backup set; it stays pending in staging");
+                    down.insert(name.clone(), e.clone());
+                    still.push(name.clone());
+                }
+            }
+            results.push(Delivered {
+                id: m.id.clone(),
+                cluster: m.cluster_name.clone(),
+                target: name.clone(),
+                location,
+                result,
+            });
+        }
+        if still != before {
+            staged.pending = still;
+            if let Err(e) = mark(&staged.set.dir, &staged.pending) {
+                tracing::error!(backup_id = %m.id, error = %crate::error::one_line(&e), "cannot record the delivery state");
+            }
+        }
+    }
+    results
+}
+
+/// Opens the named targets for a pass.
+pub fn open_targets<'a>(
+    settings: &Settings,
+    names: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, std::result::Result<Box<dyn Target>, String>> {
+    names
+        .into_iter()
+        .filter_map(|n| settings.target(n))
+        .map(|t| {
+            (
+                t.name.clone(),
+                targets::open(t, settings.priority.upload_rate_limit.0).map_err(|e| crate::error::one_line(&e)),
+            )
+        })
+        .collect()
+}
+
+/// Bounds staging after a pass: pending sets beyond `max_pending` go (oldest first, each
+/// with an error), delivered sets beyond `keep_local` go (oldest first).
+pub fn tidy(settings: &Settings) {
+    let sets = scan(&settings.snapshot.staging_dir);
+    let (pending, delivered): (Vec<_>, Vec<_>) = sets.into_iter().partition(|s| !s.pending.is_empty());
+    let max_pending = settings.delivery.max_pending as usize;
+    if pending.len() > max_pending {
+        for s in &pending[..pending.len() - max_pending] {
+            tracing::error!(
+                backup_id = %s.id(), targets = %s.pending.join(", "),
+                "dropping an undelivered backup set from staging: more than delivery.max_pending ({max_pending}) sets wait; these targets never got it"
+            );
+            fsutil::remove_dir_quietly(&s.set.dir);
+        }
+    }
+    let keep_local = settings.delivery.keep_local as usize;
+    if delivered.len() > keep_local {
+        for s in &delivered[..delivered.len() - keep_local] {
+            tracing::debug!(backup_id = %s.id(), "removing a delivered set from staging");
+            fsutil::remove_dir_quietly(&s.set.dir);
+        }
+    }
+}
+
+/// Frees staging for a snapshot that needs `needed` bytes: drops delivered local copies
+/// first, then pending sets oldest first (with an error), until `free()` reports enough or
+/// nothing staged is left.
+pub fn make_room(staging: &Path, needed: u64, free: impl Fn() -> Result<u64>) -> Result<u64> {
+    let mut available = free()?;
+    if available >= needed {
+        return Ok(available);
+    }
+    let sets = scan(staging);
+    let (pending, delivered): (Vec<_>, Vec<_>) = sets.into_iter().partition(|s| !s.pending.is_empty());
+    for s in delivered.iter().chain(pending.iter()) {
+        if available >= needed {
+            break;
+        }
+        if s.pending.is_empty() {
+            tracing::info!(backup_id = %s.id(), "removing a local copy from staging to make room for the next snapshot");
+        } else {
+            tracing::error!(
+                backup_id = %s.id(), targets = %s.pending.join(", "),
+                "dropping an undelivered backup set from staging: the staging filesystem is below guards.min_free_space; these targets never got it"
+            );
+        }
+        fsutil::remove_dir_quietly(&s.set.dir);
+        available = free()?;
+    }
+    Ok(available)
+}
+
+/// What a retry pass did.
+#[derive(Debug, Default)]
+pub struct Retried {
+    pub delivered: usize,
+    pub failed: usize,
+    /// Sets still waiting afterwards.
+    pub pending: usize,
+    /// A backup holds staging; nothing was tried.
+    pub busy: bool,
+}
+
+/// A delivery pass outside a backup run (the daemon's timer, its start): takes the staging
+/// lock so it never races a run, then applies retention and bounds staging as a run does.
+pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Retried> {
+    let staging = &settings.snapshot.staging_dir;
+    crate::pipeline::prepare_staging(staging)?;
+    let Some(_lock) = fsutil::try_lock(&staging.join("lock"))? else {
+        return Ok(Retried {
+            busy: true,
+            pending: pending(staging).0,
+            ..Retried::default()
+        });
+    };
+    let staged = scan(staging);
+    let names: std::collections::BTreeSet<&str> = staged
+        .iter()
+        .flat_map(|s| s.pending.iter().map(String::as_str))
+        .collect();
+    let opened = open_targets(settings, names);
+    let results = pass(settings, &opened, abort).await;
+    if !abort.is_cancelled() {
+        apply_retention(settings, &opened, &results).await;
+    }
+    tidy(settings);
+    Ok(Retried {
+        delivered: results.iter().filter(|d| d.result.is_ok()).count(),
+        failed: results.iter().filter(|d| d.result.is_err()).count(),
+        pending: pending(staging).0,
+        busy: false,
+    })
+}
