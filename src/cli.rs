@@ -54,24 +54,45 @@ pub enum Command {
     },
     /// Download and verify one set, ready for the restore script.
     Fetch {
+        /// A set id (see `list`) or `latest`.
         id: String,
-        #[arg(long, value_name = "DIR")]
-        to: Option<PathBuf>,
+        /// Where to put the files; must be empty or missing.
+        #[arg(long, value_name = "DIR", default_value = crate::restore::DEFAULT_FETCH_DIR)]
+        to: PathBuf,
+        /// Fetch even when the set's OpenShift version differs from the running cluster's.
         #[arg(long)]
         allow_version_mismatch: bool,
+        /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
         #[arg(long)]
         force: bool,
+        /// The target to read (default: the first).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
     },
     /// Verify a stored set without keeping it.
     Verify {
+        /// A set id (see `list`) or `latest`.
         id: String,
+        /// Also restore it into a throwaway etcd on loopback (a restore drill).
         #[arg(long)]
         deep: bool,
+        /// The target to read (default: the first).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Apply retention now.
     Prune {
+        /// Print the plan, delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Prune even though this node's newest backup failed or was skipped.
+        #[arg(long)]
+        force: bool,
+        /// Only this target (default: every target).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
     },
     /// Last run, next run, current runner, pending uploads.
     Status {
@@ -166,9 +187,24 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load(&cli)?;
             crate::daemon::run(cli.config.clone(), settings).await
         }
-        Command::Fetch { .. } => bail!(Stop::NotImplemented("fetch".into())),
-        Command::Verify { .. } => bail!(Stop::NotImplemented("verify".into())),
-        Command::Prune { .. } => bail!(Stop::NotImplemented("prune".into())),
+        Command::Fetch {
+            id,
+            to,
+            allow_version_mismatch,
+            force,
+            target,
+        } => {
+            let settings = Settings::load(&cli.config)?;
+            fetch(&settings, id, to, *allow_version_mismatch, *force, target.as_deref()).await
+        }
+        Command::Verify { id, deep, target, json } => {
+            let settings = Settings::load(&cli.config)?;
+            verify(&settings, id, *deep, target.as_deref(), *json).await
+        }
+        Command::Prune { dry_run, force, target } => {
+            let settings = Settings::load(&cli.config)?;
+            prune(&settings, *dry_run, *force, target.as_deref()).await
+        }
         Command::Status { json } => {
             let settings = Settings::load(&cli.config)?;
             status(&settings, *json).await
@@ -232,19 +268,46 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
     };
     let target = targets::open(t, None)?;
     let sets = target.list_sets(settings.cluster_name.as_deref()).await?;
+    // What retention would do with each set, per cluster folder, as of now.
+    let mut reasons = std::collections::HashMap::new();
+    let clusters: std::collections::BTreeSet<&str> = sets.iter().map(|s| s.cluster.as_str()).collect();
+    for c in clusters {
+        let of_cluster: Vec<_> = sets
+            .iter()
+            .filter(|s| s.cluster == c && s.manifest.cluster_name == c)
+            .filter_map(|s| crate::retention::created_of(&s.manifest).map(|t| (s.manifest.id.clone(), t)))
+            .collect();
+        for d in crate::retention::plan(
+            &of_cluster,
+            &settings.retention_policy(),
+            chrono::Utc::now(),
+            settings.time_zone(),
+        ) {
+            reasons.insert((c.to_string(), d.id.clone()), d);
+        }
+    }
+    let reason_of = |s: &targets::ListedSet| {
+        reasons
+            .get(&(s.cluster.clone(), s.manifest.id.clone()))
+            .map(|d| d.summary())
+            .unwrap_or_else(|| "keep: not counted (other cluster in its manifest)".into())
+    };
     let mut out = std::io::stdout().lock();
     if json {
         let v: Vec<_> = sets
             .iter()
-            .map(|s| serde_json::json!({"cluster": s.cluster, "manifest": s.manifest}))
+            .map(|s| {
+                let d = reasons.get(&(s.cluster.clone(), s.manifest.id.clone()));
+                serde_json::json!({"cluster": s.cluster, "manifest": s.manifest, "retention": d})
+            })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     writeln!(
         out,
-        "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} TRIGGER",
-        "CLUSTER", "ID", "CREATED", "VERSION", "REVISION", "SIZE", "NODE"
+        "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} {:<13} RETENTION",
+        "CLUSTER", "ID", "CREATED", "VERSION", "REVISION", "SIZE", "NODE", "TRIGGER"
     )?;
     for s in &sets {
         let m = &s.manifest;
@@ -255,7 +318,7 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             .unwrap_or_else(|| format!("etcd-{}", m.etcd.version));
         writeln!(
             out,
-            "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} {}",
+            "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} {:<13} {}",
             s.cluster,
             m.id,
             m.created,
@@ -263,11 +326,235 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             m.etcd.revision,
             human(m.total_stored_size()),
             m.node,
-            serde_json::to_value(m.trigger)?.as_str().unwrap_or_default()
+            serde_json::to_value(m.trigger)?.as_str().unwrap_or_default(),
+            reason_of(s)
         )?;
     }
     if sets.is_empty() {
         eprintln!("no complete backup sets on target '{}'", t.name);
+    }
+    Ok(())
+}
+
+async fn fetch(
+    settings: &Settings,
+    id: &str,
+    dir: &std::path::Path,
+    allow_version_mismatch: bool,
+    force: bool,
+    target: Option<&str>,
+) -> Result<()> {
+    use crate::restore;
+    let located = restore::locate(settings, target, id).await?;
+    let m = &located.manifest;
+    let set_version = m.openshift.as_ref().and_then(|o| o.version.clone());
+    match restore::running_version(settings).await {
+        Ok(running) => {
+            if let Err(why) = restore::check_versions(set_version.as_deref(), running.as_deref()) {
+                if !allow_version_mismatch {
+                    bail!(Stop::Usage(format!("refusing set {}: {why}", m.id)));
+                }
+                tracing::warn!("{why}; fetching anyway (--allow-version-mismatch)");
+            }
+        }
+        Err(e) => {
+            if let Some(v) = &set_version {
+                tracing::warn!(
+                    "cannot read the running cluster's version ({}); restore this set only onto OpenShift {v}",
+                    crate::error::one_line(&e)
+                );
+            }
+        }
+    }
+    let removed = restore::prepare_fetch_dir(dir, force)?;
+    for p in &removed {
+        eprintln!("removed {} (--force)", p.display());
+    }
+    let files = restore::download(&located, dir).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "fetched set {} of cluster {} (taken {} on {}, {}) from target '{}'",
+        m.id,
+        located.cluster,
+        m.created,
+        m.node,
+        set_version
+            .as_deref()
+            .map(|v| format!("OpenShift {v}"))
+            .unwrap_or_else(|| format!("etcd {}", m.etcd.version)),
+        located.target.name()
+    )?;
+    for (c, path) in &files {
+        writeln!(
+            out,
+            "  {}  {}  sha256 {}{}",
+            path.display(),
+            human(c.size),
+            c.sha256,
+            c.also.as_ref().map(|a| format!("; {a}")).unwrap_or_default()
+        )?;
+    }
+    let snapshot = files
+        .iter()
+        .find(|(c, _)| c.name.starts_with("snapshot_"))
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_default();
+    if files.iter().any(|(c, _)| c.name.starts_with("static_kuberesources_")) {
+        writeln!(
+            out,
+            "next: on the recovery control-plane host, as root, follow the platform's restore procedure:\n  sudo -E /usr/local/bin/cluster-restore.sh {}",
+            dir.display()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "next: restore the snapshot into a new data directory for each member, e.g.\n  etcdutl snapshot restore {snapshot} --data-dir /var/lib/etcd-restored --name NAME --initial-cluster NAME=https://HOST:2380 --initial-advertise-peer-urls https://HOST:2380"
+        )?;
+    }
+    Ok(())
+}
+
+async fn verify(settings: &Settings, id: &str, deep: bool, target: Option<&str>, json: bool) -> Result<()> {
+    use crate::restore;
+    let located = restore::locate(settings, target, id).await?;
+    let checked = restore::verify(&located).await?;
+    let drill = if deep {
+        let result = restore::drill(settings, &located).await;
+        crate::runner::remember_drill(settings, &located.manifest.id, &result);
+        Some(result?)
+    } else {
+        None
+    };
+    let m = &located.manifest;
+    if json {
+        let v = serde_json::json!({"id": m.id, "cluster": located.cluster, "target": located.target.name(), "files": checked, "drill": drill});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "set {} of cluster {} on target '{}': OK",
+        m.id,
+        located.cluster,
+        located.target.name()
+    )?;
+    for c in &checked {
+        writeln!(
+            out,
+            "  {}  {}  sha256 matches manifest and SHA256SUMS{}",
+            c.name,
+            human(c.size),
+            c.also.as_ref().map(|a| format!("; {a}")).unwrap_or_default()
+        )?;
+    }
+    if let Some(d) = drill {
+        writeln!(
+            out,
+            "  restore drill: etcd {} opened the restored snapshot in {:.1}s: revision {}, {} keys ({} under /kubernetes.io/, {} namespaces){}",
+            d.etcd_version,
+            d.seconds,
+            d.revision,
+            d.keys,
+            d.kubernetes_keys,
+            d.namespaces,
+            d.cluster_version
+                .as_ref()
+                .map(|v| format!(", ClusterVersion {v}"))
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}
+
+/// The cluster folder retention works on: `cluster_name`, or the etcd cluster ID.
+async fn cluster_folder(settings: &Settings) -> Result<String> {
+    if let Some(c) = &settings.cluster_name {
+        return Ok(c.clone());
+    }
+    let within = settings.etcd.connect_timeout.0 + settings.etcd.request_timeout.0;
+    match tokio::time::timeout(within, crate::etcd::connect_first(&settings.etcd)).await {
+        Ok(Ok((_, status))) => Ok(crate::etcd::hex_id(status.cluster_id)),
+        Ok(Err(e)) => bail!(Stop::Usage(format!(
+            "cluster_name is not set and etcd cannot tell the cluster ID ({}); set cluster_name",
+            crate::error::one_line(&e)
+        ))),
+        Err(_) => bail!(Stop::Usage(
+            "cluster_name is not set and etcd did not answer in time; set cluster_name".into()
+        )),
+    }
+}
+
+async fn prune(settings: &Settings, dry_run: bool, force: bool, only: Option<&str>) -> Result<()> {
+    let state = crate::state::State::load(&settings.snapshot.staging_dir);
+    if let Some(r) = state.runs.first()
+        && (r.result == "failed" || r.result == "skipped")
+        && !force
+        && !dry_run
+    {
+        bail!(Stop::Usage(format!(
+            "this node's newest backup ({}) {}; retention deletes nothing until a backup succeeds (--force to prune anyway)",
+            r.run, r.result
+        )));
+    }
+    let cluster = cluster_folder(settings).await?;
+    let policy = settings.retention_policy();
+    let chosen: Vec<_> = match only {
+        Some(name) => vec![
+            settings
+                .target(name)
+                .ok_or_else(|| Stop::Usage(format!("--target {name:?}: no such target")))?,
+        ],
+        None => settings.targets.iter().collect(),
+    };
+    let mut failed = Vec::new();
+    for t in chosen {
+        let report = async {
+            let target = targets::open(t, None)?;
+            crate::retention::prune_target(
+                target.as_ref(),
+                &cluster,
+                &settings.node_name,
+                &policy,
+                settings.time_zone(),
+                dry_run,
+            )
+            .await
+        }
+        .await;
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                println!("target '{}': FAILED: {}", t.name, crate::error::one_line(&e));
+                failed.push(t.name.clone());
+                continue;
+            }
+        };
+        let verb = if dry_run { "would delete" } else { "deleted" };
+        println!(
+            "target '{}', cluster {}: {} set(s), keep {}, {verb} {}",
+            t.name,
+            cluster,
+            report.decisions.len(),
+            report.decisions.iter().filter(|d| d.keep).count(),
+            report.decisions.iter().filter(|d| !d.keep).count()
+        );
+        for d in &report.decisions {
+            println!("  {}  {}", d.id, d.summary());
+        }
+        if report.debris_removed > 0 {
+            println!("  removed {} incomplete upload(s)", report.debris_removed);
+        }
+        for e in &report.errors {
+            println!("  FAILED: {e}");
+        }
+        if !report.errors.is_empty() {
+            failed.push(t.name.clone());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("prune failed on: {}", failed.join(", "));
     }
     Ok(())
 }
@@ -330,14 +617,10 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
 /// scheduled run, and, when etcd answers, the cluster's current runner and last run.
 async fn status(settings: &Settings, json: bool) -> Result<()> {
     let state = crate::state::State::load(&settings.snapshot.staging_dir);
-    let schedule = crate::schedule::Schedule::new(
-        &settings.schedule.cron,
-        &settings.schedule.timezone,
-        settings.schedule.jitter.0,
-    )
-    .map_err(|e| Stop::Usage(format!("schedule: {e}")))?;
+    let schedule = crate::daemon::schedule_of(settings).map_err(|e| Stop::Usage(e.to_string()))?;
     let next = schedule
-        .next_at(chrono::Utc::now())
+        .as_ref()
+        .and_then(|s| s.next_at(chrono::Utc::now()))
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     let cluster = async {
         let (member, _) = crate::etcd::connect_first(&settings.etcd).await?;
@@ -373,6 +656,7 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
             "next_run": next,
             "pending": pending,
             "local_copies": local,
+            "last_drill": state.last_drill,
             "runs": state.runs,
             "cluster_last_run": last,
             "current_runner": runner,
@@ -384,7 +668,10 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
     println!("node        {}", settings.node_name);
     println!(
         "schedule    {}; next run {}",
-        schedule.describe(),
+        schedule
+            .as_ref()
+            .map(|s| s.describe())
+            .unwrap_or_else(|| "none (schedule.cron is empty)".into()),
         next.as_deref().unwrap_or("none")
     );
     match &runner {
@@ -422,6 +709,15 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
     }
     if !local.is_empty() {
         println!("local copy  {}", local.join(", "));
+    }
+    if let Some(d) = &state.last_drill {
+        println!(
+            "drill       {} of {}: {}: {}",
+            d.finished,
+            d.id,
+            if d.ok { "ok" } else { "FAILED" },
+            d.summary
+        );
     }
     if state.runs.is_empty() {
         println!("this node   no run yet");

@@ -51,9 +51,23 @@ pub fn cancel_on_signals() -> CancellationToken {
     token
 }
 
-fn schedule_of(s: &Settings) -> Result<Schedule> {
+/// The backup schedule; `None` when `schedule.cron` is empty (a host that takes no backups).
+pub fn schedule_of(s: &Settings) -> Result<Option<Schedule>> {
+    if s.schedule.cron.is_empty() {
+        return Ok(None);
+    }
     Schedule::new(&s.schedule.cron, &s.schedule.timezone, s.schedule.jitter.0)
+        .map(Some)
         .map_err(|e| anyhow::anyhow!("schedule: {e}"))
+}
+
+fn drill_schedule_of(s: &Settings) -> Result<Option<Schedule>> {
+    if s.verify.schedule.is_empty() {
+        return Ok(None);
+    }
+    Schedule::new(&s.verify.schedule, &s.schedule.timezone, Duration::ZERO)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("verify.schedule: {e}"))
 }
 
 fn last_summary(staging: &std::path::Path) -> String {
@@ -81,6 +95,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     crate::priority::apply(&settings.priority);
     log_io_scheduler(&settings);
     let mut schedule = schedule_of(&settings)?;
+    let mut drills = drill_schedule_of(&settings)?;
 
     if let Some(every) = notify::watchdog_interval() {
         let stop = stop.clone();
@@ -96,8 +111,11 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     }
 
     crate::pipeline::prepare_staging(&settings.snapshot.staging_dir)?;
-    // READY once the configuration is valid and etcd answers.
+    // READY once the configuration is valid and etcd answers (when this host takes backups).
     let seed = loop {
+        if schedule.is_none() {
+            break String::new();
+        }
         match etcd::connect_first(&settings.etcd).await {
             Ok((_, status)) => {
                 break settings
@@ -119,8 +137,17 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         }
     };
     notify::ready("started");
-    let cv_changed = watch_cluster_version(&settings, stop.clone());
-    tracing::info!(schedule = %schedule.describe(), node = %settings.node_name, "daemon started");
+    let cv_changed = if schedule.is_some() {
+        watch_cluster_version(&settings, stop.clone())
+    } else {
+        std::sync::Arc::new(tokio::sync::Notify::new())
+    };
+    tracing::info!(
+        schedule = %schedule.as_ref().map(|s| s.describe()).unwrap_or_else(|| "none".into()),
+        drills = %drills.as_ref().map(|s| s.describe()).unwrap_or_else(|| "none".into()),
+        node = %settings.node_name, "daemon started"
+    );
+    let mut next_drill = drills.as_ref().and_then(|d| d.next_at(Utc::now()));
 
     // Sets a previous daemon could not deliver are retried right away.
     let mut delivery_backoff = settings.delivery.retry_interval.0;
@@ -131,17 +158,22 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     // UPGRADE_POLL while idle.
     let mut next_upgrade_check = tokio::time::Instant::now();
     loop {
-        let Some(slot) = schedule.next_slot(after, &seed) else {
-            anyhow::bail!("schedule {} has no next run", schedule.describe());
+        let slot = match &schedule {
+            Some(s) => Some(
+                s.next_slot(after, &seed)
+                    .ok_or_else(|| anyhow::anyhow!("schedule {} has no next run", s.describe()))?,
+            ),
+            None => None,
         };
         let staging = settings.snapshot.staging_dir.clone();
         let mut state = State::load(&staging);
-        state.next_run = Some(slot.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        state.next_run = slot.map(|s| s.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         let _ = crate::pipeline::prepare_staging(&staging).and_then(|_| state.save(&staging));
         let (pending_sets, _) = crate::delivery::pending(&staging);
         let idle = format!(
-            "idle; next run {} UTC; {}{}",
-            slot.at.format("%Y-%m-%d %H:%M:%S"),
+            "idle; next run {}; {}{}",
+            slot.map(|s| format!("{} UTC", s.at.format("%Y-%m-%d %H:%M:%S")))
+                .unwrap_or_else(|| "none".into()),
             last_summary(&staging),
             if pending_sets > 0 {
                 format!("; {pending_sets} set(s) pending delivery")
@@ -150,27 +182,40 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
         );
         notify::status(&idle);
-        tracing::info!(next_run = %slot.at, start = %slot.start, "waiting for the next run");
+        if let Some(slot) = slot {
+            tracing::info!(next_run = %slot.at, start = %slot.start, "waiting for the next run");
+        }
 
         // Sleep until the slot, waking for SIGHUP, SIGTERM and upgrade checks.
         let wake = loop {
-            if settings.schedule.after_upgrade && tokio::time::Instant::now() >= next_upgrade_check {
+            if schedule.is_some()
+                && settings.schedule.after_upgrade
+                && tokio::time::Instant::now() >= next_upgrade_check
+            {
                 next_upgrade_check = tokio::time::Instant::now() + UPGRADE_POLL;
                 if let Some(version) = pending_upgrade(&settings).await {
                     break Wake::Upgrade(version);
                 }
             }
-            let until = (slot.start - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let until = match slot {
+                Some(slot) => (slot.start - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                None => Duration::MAX,
+            };
             if until.is_zero() {
                 break Wake::Slot;
             }
+            let to_drill = match next_drill {
+                Some(at) if at <= Utc::now() => break Wake::Drill,
+                Some(at) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                None => Duration::MAX,
+            };
             let to_delivery = match next_delivery {
                 Some(at) if tokio::time::Instant::now() >= at => break Wake::Deliver,
                 Some(at) => at.saturating_duration_since(tokio::time::Instant::now()),
                 None => Duration::MAX,
             };
             tokio::select! {
-                _ = tokio::time::sleep(until.min(UPGRADE_POLL).min(to_delivery)) => {}
+                _ = tokio::time::sleep(until.min(UPGRADE_POLL).min(to_delivery).min(to_drill)) => {}
                 _ = cv_changed.notified() => {
                     // Checked right away on the next turn of this loop.
                     next_upgrade_check = tokio::time::Instant::now();
@@ -184,11 +229,13 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             Wake::Reload => {
                 notify::reloading();
                 match Settings::load(&config).and_then(|s| s.check_node_files().map(|_| s)) {
-                    Ok(s) => match schedule_of(&s) {
-                        Ok(sch) => {
+                    Ok(s) => match schedule_of(&s).and_then(|sch| Ok((sch, drill_schedule_of(&s)?))) {
+                        Ok((sch, dr)) => {
                             tracing::info!("configuration reloaded");
                             settings = s;
                             schedule = sch;
+                            next_drill = dr.as_ref().and_then(|d| d.next_at(Utc::now()));
+                            drills = dr;
                             crate::priority::apply(&settings.priority);
                             // A new schedule starts from now: no run in the past is made up.
                             after = after.max(Utc::now());
@@ -200,6 +247,26 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                     Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the old one"),
                 }
                 notify::ready("reloaded");
+                continue;
+            }
+            Wake::Drill => {
+                notify::status("restore drill of the newest set");
+                let located = crate::restore::locate(&settings, None, "latest").await;
+                let (id, result) = match located {
+                    Ok(l) => (
+                        l.manifest.id.clone(),
+                        tokio::select! {
+                            r = crate::restore::drill(&settings, &l) => r,
+                            _ = stop.cancelled() => Err(anyhow::anyhow!("stopped during the drill")),
+                        },
+                    ),
+                    Err(e) => ("latest".to_string(), Err(e)),
+                };
+                runner::remember_drill(&settings, &id, &result);
+                next_drill = drills.as_ref().and_then(|d| d.next_at(Utc::now()));
+                if stop.is_cancelled() {
+                    break;
+                }
                 continue;
             }
             Wake::Deliver => {
@@ -234,7 +301,10 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                 continue;
             }
             Wake::Upgrade(version) => (Trigger::AfterUpgrade, format!("upgrade-{version}")),
-            Wake::Slot => (Trigger::Schedule, crate::election::run_key(slot.at)),
+            Wake::Slot => match slot {
+                Some(slot) => (Trigger::Schedule, crate::election::run_key(slot.at)),
+                None => continue,
+            },
         };
 
         notify::status(&format!("running {run}: guards, election, backup"));
@@ -276,7 +346,9 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         delivery_backoff = settings.delivery.retry_interval.0;
         next_delivery =
             (crate::delivery::pending(&staging).0 > 0).then(|| tokio::time::Instant::now() + delivery_backoff);
-        if trigger == Trigger::Schedule {
+        if trigger == Trigger::Schedule
+            && let Some(slot) = slot
+        {
             // The next slot is computed from now: a run is never made up twice, never overlaps.
             after = slot.at.max(Utc::now());
         }
@@ -307,6 +379,7 @@ pub fn log_io_scheduler(settings: &Settings) {
 enum Wake {
     Slot,
     Deliver,
+    Drill,
     Upgrade(String),
     Reload,
     Stop,

@@ -15,6 +15,9 @@
 //! - [`static_resources`]: the `static_kuberesources_<ts>.tar.gz` archive.
 //! - [`manifest`]: `manifest.json` and `SHA256SUMS`, what a set says about itself.
 //! - [`targets`]: where sets are stored, atomically; `file://` and HTTP/WebDAV.
+//! - [`delivery`]: staged sets owed to targets, delivered oldest first, bounded.
+//! - [`retention`]: which sets to keep (restic `forget` semantics), and pruning a target.
+//! - [`restore`]: `fetch`, `verify` and the restore drill.
 //! - [`fsutil`]: private files, fsync and no-replace renames.
 
 pub mod cli;
@@ -30,6 +33,7 @@ pub mod manifest;
 pub mod notify;
 pub mod pipeline;
 pub mod priority;
+pub mod restore;
 pub mod retention;
 pub mod runner;
 pub mod schedule;

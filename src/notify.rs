@@ -45,3 +45,5 @@ pub fn watchdog() {
 pub const MESSAGE_ID_SUCCEEDED: &str = "4f2e7a6c1b9d4e0f8a3c5d7e9f1a2b3c";
 pub const MESSAGE_ID_FAILED: &str = "9c1d3e5f7a9b4c2d8e0f1a3b5c7d9e1f";
 pub const MESSAGE_ID_SKIPPED: &str = "2b4d6f8a0c1e4f3a9b5d7c1e3f5a7b9d";
+pub const MESSAGE_ID_DRILL_OK: &str = "63446c00bcf941aaa413bb3bca484e30";
+pub const MESSAGE_ID_DRILL_FAILED: &str = "e228669480914016ac2f833bb3f6f23b";

@@ -230,3 +230,41 @@ pub fn remember(staging: &Path, run: RunState) {
         tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
     }
 }
+
+/// Records a restore drill's result in the state file and the journal.
+pub fn remember_drill(settings: &Settings, id: &str, result: &Result<crate::restore::Drill>) {
+    let summary = match result {
+        Ok(d) => {
+            tracing::info!(
+                message_id = crate::notify::MESSAGE_ID_DRILL_OK, backup_id = %id, revision = d.revision, keys = d.keys,
+                namespaces = d.namespaces, seconds = d.seconds, "restore drill succeeded"
+            );
+            format!(
+                "revision {}, {} keys, {} namespaces{}",
+                d.revision,
+                d.keys,
+                d.namespaces,
+                d.cluster_version.as_ref().map(|v| format!(", ClusterVersion {v}")).unwrap_or_default()
+            )
+        }
+        Err(e) => {
+            let e = crate::error::one_line(e);
+            tracing::error!(message_id = crate::notify::MESSAGE_ID_DRILL_FAILED, backup_id = %id, error = %e, "restore drill failed");
+            e
+        }
+    };
+    let staging = &settings.snapshot.staging_dir;
+    if pipeline::prepare_staging(staging).is_err() {
+        return;
+    }
+    let mut state = State::load(staging);
+    state.last_drill = Some(crate::state::DrillState {
+        id: id.to_string(),
+        finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ok: result.is_ok(),
+        summary,
+    });
+    if let Err(e) = state.save(staging) {
+        tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+    }
+}

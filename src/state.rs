@@ -23,6 +23,18 @@ pub struct State {
     /// so an upgrade is backed up once however old its run record gets.
     #[serde(default)]
     pub upgrades_done: Vec<String>,
+    /// The newest restore drill run on this host.
+    #[serde(default)]
+    pub last_drill: Option<DrillState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrillState {
+    pub id: String,
+    pub finished: String,
+    pub ok: bool,
+    /// What the restored etcd served, or why the drill failed.
+    pub summary: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -445,12 +445,15 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
             ),
         ));
     }
-    crate::schedule::Schedule::new(
-        &inputs.schedule.cron,
-        &inputs.schedule.timezone,
-        inputs.schedule.jitter.0,
-    )
-    .map_err(|e| m.error_at("schedule.cron", e))?;
+    // Empty: this host takes no backups (a drill host with only a target configured).
+    if !inputs.schedule.cron.is_empty() {
+        crate::schedule::Schedule::new(
+            &inputs.schedule.cron,
+            &inputs.schedule.timezone,
+            inputs.schedule.jitter.0,
+        )
+        .map_err(|e| m.error_at("schedule.cron", e))?;
+    }
     let prefix = &inputs.election.prefix;
     if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') || prefix.starts_with("/kubernetes.io") {
         return Err(m.error_at(

@@ -1,0 +1,581 @@
+//! The restore side: find a set on a target, stream it back with every check (`verify`),
+//! lay it out for the platform's restore script (`fetch`), and prove it opens in a
+//! throwaway etcd (`verify --deep`, the restore drill).
+//!
+//! Checks on every file, while it streams: its size and SHA-256 against the manifest, the
+//! manifest against `SHA256SUMS`, etcd's SHA-256 trailer of the snapshot, and that the
+//! static resources archive is a complete, readable tar.gz. Nothing is written under its
+//! final name before every check passed. These checks catch corruption and truncation;
+//! a server that rewrites a set consistently (manifest, sums and data) is outside what
+//! unsigned sets can detect.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Settings;
+use crate::error::Stop;
+use crate::fsutil;
+use crate::manifest::{FileEntry, Manifest, SHA256SUMS};
+use crate::targets::{self, Target};
+
+/// Where `fetch` puts a set by default: the directory the platform's documentation uses.
+pub const DEFAULT_FETCH_DIR: &str = "/home/core/assets/backup";
+const SUMS_CAP: u64 = 64 * 1024;
+
+/// A set found on a target.
+pub struct Located {
+    pub target: Box<dyn Target>,
+    pub cluster: String,
+    pub manifest: Manifest,
+}
+
+/// Finds set `id` (or the newest, for `latest`) on the target named `target` (default: the
+/// first configured), in the configured cluster's folder, or in any when none is configured.
+pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Result<Located> {
+    let ts = match target {
+        Some(name) => settings
+            .target(name)
+            .ok_or_else(|| Stop::Usage(format!("--target {name:?}: no such target")))?,
+        None => &settings.targets[0],
+    };
+    let t = targets::open(ts, None)?;
+    let sets = t.list_sets(settings.cluster_name.as_deref()).await?;
+    let chosen: Vec<_> = if id == "latest" {
+        let clusters: std::collections::BTreeSet<&str> = sets.iter().map(|s| s.cluster.as_str()).collect();
+        if clusters.len() > 1 {
+            bail!(Stop::Usage(format!(
+                "target '{}' holds sets of several clusters ({}); set cluster_name to choose one",
+                ts.name,
+                clusters.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        sets.into_iter().take(1).collect()
+    } else {
+        sets.into_iter().filter(|s| s.manifest.id == id).collect()
+    };
+    match chosen.len() {
+        0 if id == "latest" => bail!("target '{}' holds no complete backup set", ts.name),
+        0 => bail!(
+            "target '{}' holds no complete backup set '{id}' (see `etcd-backupd list`)",
+            ts.name
+        ),
+        1 => {}
+        _ => bail!(Stop::Usage(format!(
+            "set '{id}' exists for several clusters on target '{}'; set cluster_name to choose one",
+            ts.name
+        ))),
+    }
+    let s = chosen.into_iter().next().expect("one set");
+    Ok(Located {
+        target: t,
+        cluster: s.cluster,
+        manifest: s.manifest,
+    })
+}
+
+/// What checking one file found.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedFile {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    /// What was proven beyond size and hash.
+    pub also: Option<String>,
+}
+
+/// Reads `SHA256SUMS` from the target and checks it says what the manifest says.
+async fn check_sums(located: &Located) -> Result<()> {
+    let m = &located.manifest;
+    let mut r = located
+        .target
+        .open_file(&located.cluster, &m.id, SHA256SUMS)
+        .await?
+        .take(SUMS_CAP + 1);
+    let mut text = String::new();
+    r.read_to_string(&mut text)
+        .await
+        .with_context(|| format!("cannot read {SHA256SUMS}"))?;
+    if text.len() as u64 > SUMS_CAP {
+        bail!("{SHA256SUMS} is larger than {SUMS_CAP} bytes");
+    }
+    let mut listed = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (hash, name) = line
+            .split_once("  ")
+            .ok_or_else(|| anyhow!("{SHA256SUMS}: malformed line {:?}", line.chars().take(80).collect::<String>()))?;
+        listed.insert(name.to_string(), hash.to_ascii_lowercase());
+    }
+    let expected: BTreeMap<String, String> = m.files.iter().map(|f| (f.name.clone(), f.sha256.clone())).collect();
+    if listed != expected {
+        bail!("{SHA256SUMS} does not agree with manifest.json: the set was altered");
+    }
+    Ok(())
+}
+
+/// Checks the tar.gz stream fed through `rx` to its end: every member readable, gzip CRC
+/// and length correct.
+fn check_archive(reader: impl Read) -> Result<usize> {
+    let mut gz = flate2::read::GzDecoder::new(reader);
+    let mut count = 0;
+    {
+        let mut archive = tar::Archive::new(&mut gz);
+        for entry in archive.entries().context("not a tar archive")? {
+            let mut entry = entry.context("corrupt tar archive")?;
+            std::io::copy(&mut entry, &mut std::io::sink()).context("corrupt tar archive")?;
+            count += 1;
+        }
+    }
+    // Reading to the end makes the decoder check the gzip trailer (CRC and length).
+    std::io::copy(&mut gz, &mut std::io::sink()).context("corrupt gzip stream")?;
+    if count == 0 {
+        bail!("the archive holds no files");
+    }
+    Ok(count)
+}
+
+/// Streams one file from the target, checking it; writes it to `out` when given.
+async fn check_file(located: &Located, f: &FileEntry, mut out: Option<&mut tokio::fs::File>) -> Result<CheckedFile> {
+    if f.compression != "none" || f.encryption != "none" {
+        bail!(
+            "'{}' is stored with compression {:?} and encryption {:?}, which this version cannot read",
+            f.stored_name,
+            f.compression,
+            f.encryption
+        );
+    }
+    let m = &located.manifest;
+    let mut reader = located
+        .target
+        .open_file(&located.cluster, &m.id, &f.stored_name)
+        .await?;
+    let is_snapshot = f.name.starts_with("snapshot_");
+    let mut trailer = is_snapshot.then(crate::snapshot::TrailerCheck::default);
+    // The archive check reads through a pipe on a blocking thread, so nothing is buffered.
+    let (mut archive_tx, archive_job) = if f.name.starts_with("static_kuberesources_") {
+        let (rx, tx) = tokio::io::simplex(1 << 20);
+        let job = tokio::task::spawn_blocking(move || check_archive(tokio_util::io::SyncIoBridge::new(rx)));
+        (Some(tx), Some(job))
+    } else {
+        (None, None)
+    };
+    let mut hash = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let streamed: Result<()> = async {
+        loop {
+            let n = reader.read(&mut buf).await.context("download failed")?;
+            if n == 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            size += n as u64;
+            if size > f.stored_size {
+                bail!("longer than the {} bytes the manifest records", f.stored_size);
+            }
+            hash.update(chunk);
+            if let Some(t) = &mut trailer {
+                t.update(chunk);
+            }
+            if let Some(tx) = &mut archive_tx {
+                // A broken pipe means the checker already failed; its error is reported.
+                if tx.write_all(chunk).await.is_err() {
+                    archive_tx = None;
+                }
+            }
+            if let Some(out) = out.as_deref_mut() {
+                out.write_all(chunk).await.context("cannot write")?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(archive_tx);
+    let archive = match archive_job {
+        Some(job) => Some(job.await?),
+        None => None,
+    };
+    streamed.with_context(|| format!("'{}'", f.stored_name))?;
+    let sha = hex::encode(hash.finalize());
+    if size != f.stored_size {
+        bail!(
+            "'{}' is {size} bytes, the manifest records {}: truncated",
+            f.stored_name,
+            f.stored_size
+        );
+    }
+    if sha != f.stored_sha256 || sha != f.sha256 {
+        bail!(
+            "'{}' has SHA-256 {sha}, the manifest records {}: the file was altered or corrupted",
+            f.stored_name,
+            f.stored_sha256
+        );
+    }
+    let also = if let Some(t) = trailer {
+        t.finish().with_context(|| format!("'{}'", f.stored_name))?;
+        Some("etcd's snapshot trailer verified".to_string())
+    } else if let Some(a) = archive {
+        let members = a.with_context(|| format!("'{}'", f.stored_name))?;
+        Some(format!("readable tar.gz, {members} entries"))
+    } else {
+        None
+    };
+    Ok(CheckedFile {
+        name: f.name.clone(),
+        size,
+        sha256: sha,
+        also,
+    })
+}
+
+/// `verify`: streams the whole set and checks it, writing nothing.
+pub async fn verify(located: &Located) -> Result<Vec<CheckedFile>> {
+    check_sums(located).await?;
+    let mut checked = Vec::new();
+    for f in &located.manifest.files {
+        crate::notify::status(&format!("verifying {}", f.stored_name));
+        checked.push(check_file(located, f, None).await?);
+    }
+    Ok(checked)
+}
+
+/// Downloads and checks the set into `dir` under temporary names (0600), then renames each
+/// file to its original name once all of them passed. On failure nothing is left.
+pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile, PathBuf)>> {
+    check_sums(located).await?;
+    let mut temps: Vec<PathBuf> = Vec::new();
+    let mut renamed: Vec<PathBuf> = Vec::new();
+    let result = async {
+        let mut checked = Vec::new();
+        for f in &located.manifest.files {
+            let tmp = dir.join(format!(".{}.partial-{:08x}", f.name, rand::random::<u32>()));
+            let std_file = fsutil::create_private_file(&tmp)?;
+            temps.push(tmp.clone());
+            let mut file = tokio::fs::File::from_std(std_file);
+            crate::notify::status(&format!("fetching {}", f.stored_name));
+            let c = check_file(located, f, Some(&mut file)).await?;
+            file.sync_all()
+                .await
+                .with_context(|| format!("cannot write '{}'", tmp.display()))?;
+            checked.push((c, dir.join(&f.name)));
+        }
+        for (tmp, (_, dest)) in temps.iter().zip(&checked) {
+            fsutil::rename_noreplace(tmp, dest).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow!("'{}' already exists", dest.display())
+                } else {
+                    anyhow!("cannot rename '{}' to '{}': {e}", tmp.display(), dest.display())
+                }
+            })?;
+            renamed.push(dest.clone());
+        }
+        fsutil::fsync_dir(dir)?;
+        Ok(checked)
+    }
+    .await;
+    if result.is_err() {
+        // Half a set under final names would look complete to the restore script.
+        for p in temps.iter().chain(&renamed) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
+}
+
+/// Files `cluster-restore.sh` would pick up from `dir`.
+fn restore_candidates(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read '{}'", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if (name.starts_with("snapshot") && name.ends_with(".db"))
+            || (name.starts_with("static_kuberesources") && name.ends_with(".tar.gz"))
+        {
+            found.push(e.path());
+        }
+    }
+    Ok(found)
+}
+
+/// Makes `dir` ready to receive one set: created (0700) when missing; refused when not empty,
+/// unless `force`, which removes only the files the restore script would pick up instead.
+pub fn prepare_fetch_dir(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_none() {
+                return Ok(Vec::new());
+            }
+            if !force {
+                bail!(Stop::Usage(format!(
+                    "'{}' is not empty; the restore script picks the newest snapshot*.db and static_kuberesources*.tar.gz in it, so it must hold exactly one set: use an empty directory, or --force to remove those files first",
+                    dir.display()
+                )));
+            }
+            let removed = restore_candidates(dir)?;
+            for p in &removed {
+                std::fs::remove_file(p).with_context(|| format!("cannot remove '{}'", p.display()))?;
+            }
+            Ok(removed)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create '{}'", dir.display()))?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .with_context(|| format!("cannot set the mode of '{}'", dir.display()))?;
+            Ok(Vec::new())
+        }
+        Err(e) => Err(anyhow!("cannot read '{}': {e}", dir.display())),
+    }
+}
+
+/// The running cluster's OpenShift version, read from etcd when it answers in time.
+pub async fn running_version(settings: &Settings) -> Result<Option<String>> {
+    let within = settings.etcd.connect_timeout.0 + settings.etcd.request_timeout.0;
+    let read = async {
+        let (mut member, _) = crate::etcd::connect_first(&settings.etcd).await?;
+        Ok::<_, anyhow::Error>(member.cluster_version().await?.and_then(|cv| cv.version))
+    };
+    match tokio::time::timeout(within, read).await {
+        Ok(r) => r,
+        Err(_) => bail!("etcd did not answer within {}", humantime::format_duration(within)),
+    }
+}
+
+/// The same-z-stream rule: `Err` with the refusal when the versions differ.
+pub fn check_versions(set: Option<&str>, running: Option<&str>) -> Result<(), String> {
+    match (set, running) {
+        (Some(s), Some(r)) if s != r => Err(format!(
+            "the set was taken on OpenShift {s} but the cluster runs {r}; a restore needs a backup of the same release (use a set taken on {r}, or --allow-version-mismatch if you know why)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+// ---- the restore drill ----
+
+/// What a restore drill found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drill {
+    pub id: String,
+    pub etcd_version: String,
+    pub revision: i64,
+    pub keys: i64,
+    pub kubernetes_keys: i64,
+    pub namespaces: i64,
+    pub cluster_version: Option<String>,
+    pub seconds: f64,
+}
+
+fn find_tool(settings: &Settings, name: &str) -> Option<PathBuf> {
+    if let Some(dir) = &settings.verify.bin_dir {
+        let p = dir.join(name);
+        return p.is_file().then_some(p);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A throwaway etcd: killed and waited for when dropped.
+struct Throwaway(std::process::Child);
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        bail!("{what} failed ({}): {}", out.status, last.trim());
+    }
+    Ok(())
+}
+
+/// The restore drill: fetch the set into a scratch directory, restore the snapshot with
+/// the etcd tooling, start a throwaway etcd on loopback, and read what it serves.
+pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
+    let started = Instant::now();
+    let etcd_bin = find_tool(settings, "etcd")
+        .ok_or_else(|| anyhow!("the restore drill needs the etcd binary (set verify.bin_dir, or put it in PATH)"))?;
+    let (restorer, is_etcdutl) = match find_tool(settings, "etcdutl") {
+        Some(p) => (p, true),
+        None => (
+            find_tool(settings, "etcdctl").ok_or_else(|| {
+                anyhow!("the restore drill needs etcdutl (etcd 3.5+) or etcdctl (3.4) (set verify.bin_dir, or put it in PATH)")
+            })?,
+            false,
+        ),
+    };
+    let scratch_parent = settings.verify.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let scratch = tempfile::Builder::new()
+        .prefix("etcd-backupd-drill-")
+        .tempdir_in(&scratch_parent)
+        .with_context(|| format!("verify.scratch_dir '{}'", scratch_parent.display()))?;
+    let files = download(located, scratch.path()).await?;
+    let snapshot = files
+        .iter()
+        .find(|(c, _)| c.name.starts_with("snapshot_"))
+        .map(|(_, p)| p.clone())
+        .ok_or_else(|| anyhow!("the set has no snapshot"))?;
+    let data = scratch.path().join("data");
+    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let client = format!("http://127.0.0.1:{client_port}");
+    let mut restore = Command::new(&restorer);
+    if !is_etcdutl {
+        restore.env("ETCDCTL_API", "3");
+    }
+    restore
+        .arg("snapshot")
+        .arg("restore")
+        .arg(&snapshot)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--name", "drill", "--initial-cluster"])
+        .arg(format!("drill={peer}"))
+        .arg("--initial-advertise-peer-urls")
+        .arg(&peer);
+    let tool = restorer.file_name().unwrap_or_default().to_string_lossy().to_string();
+    crate::notify::status(&format!("restore drill: {tool} snapshot restore"));
+    tokio::task::spawn_blocking(move || run_tool(&mut restore, &format!("{tool} snapshot restore"))).await??;
+
+    let log = std::fs::File::create(scratch.path().join("etcd.log"))?;
+    let child = Command::new(&etcd_bin)
+        .args(["--name", "drill", "--data-dir"])
+        .arg(&data)
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .arg("--initial-cluster")
+        .arg(format!("drill={peer}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start '{}'", etcd_bin.display()))?;
+    let mut etcd = Throwaway(child);
+    crate::notify::status("restore drill: reading the restored etcd");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut client_conn = loop {
+        if let Ok(Some(status)) = etcd.0.try_wait() {
+            let log = std::fs::read_to_string(scratch.path().join("etcd.log")).unwrap_or_default();
+            let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+            bail!("the throwaway etcd exited ({status}) on the restored data: {last}");
+        }
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(10));
+        if let Ok(mut c) = etcd_client::Client::connect([client.as_str()], Some(opts)).await
+            && c.status().await.is_ok()
+        {
+            break c;
+        }
+        if Instant::now() > deadline {
+            bail!("the throwaway etcd did not answer within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let status = client_conn.status().await?;
+    let count = |prefix: &str| {
+        let mut c = client_conn.clone();
+        let prefix = prefix.to_string();
+        async move {
+            let opts = if prefix.is_empty() {
+                etcd_client::GetOptions::new().with_all_keys().with_count_only()
+            } else {
+                etcd_client::GetOptions::new().with_prefix().with_count_only()
+            };
+            let key = if prefix.is_empty() { vec![0u8] } else { prefix.into_bytes() };
+            let r = c.get(key, Some(opts)).await?;
+            Ok::<_, anyhow::Error>((r.count(), r.header().map(|h| h.revision()).unwrap_or(0)))
+        }
+    };
+    let (keys, revision) = count("").await?;
+    let (kubernetes_keys, _) = count("/kubernetes.io/").await?;
+    let (namespaces, _) = count("/kubernetes.io/namespaces/").await?;
+    let cv = client_conn.get(crate::etcd::CLUSTER_VERSION_KEY, None).await?;
+    let cluster_version = cv
+        .kvs()
+        .first()
+        .map(|kv| crate::etcd::parse_cluster_version(kv.value()).version.unwrap_or_default());
+    drop(etcd);
+
+    let m = &located.manifest;
+    if revision < m.etcd.revision {
+        bail!(
+            "the restored etcd is at revision {revision}, below the {} the manifest records",
+            m.etcd.revision
+        );
+    }
+    if m.openshift.is_some() {
+        if cluster_version.is_none() {
+            bail!("the restored etcd holds no ClusterVersion, but the set was taken on OpenShift");
+        }
+        if namespaces == 0 {
+            bail!("the restored etcd holds no /kubernetes.io/namespaces/ keys");
+        }
+    }
+    Ok(Drill {
+        id: m.id.clone(),
+        etcd_version: status.version().to_string(),
+        revision,
+        keys,
+        kubernetes_keys,
+        namespaces,
+        cluster_version,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_must_match_when_both_are_known() {
+        assert!(check_versions(Some("4.15.4"), Some("4.15.4")).is_ok());
+        let e = check_versions(Some("4.15.4"), Some("4.15.5")).unwrap_err();
+        assert!(e.contains("4.15.4") && e.contains("4.15.5") && e.contains("--allow-version-mismatch"));
+        assert!(check_versions(None, Some("4.15.5")).is_ok());
+        assert!(check_versions(Some("4.15.4"), None).is_ok());
+    }
+
+    #[test]
+    fn archive_check_needs_a_complete_tar_gz() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"hello").unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        {
+            let mut t = tar::Builder::new(&mut gz);
+            t.append_path_with_name(dir.path().join("a"), "a").unwrap();
+            t.finish().unwrap();
+        }
+        let bytes = gz.finish().unwrap();
+        assert_eq!(check_archive(&bytes[..]).unwrap(), 1);
+        assert!(check_archive(&bytes[..bytes.len() - 4]).is_err());
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        assert!(check_archive(&flipped[..]).is_err());
+        assert!(check_archive(&b"not gzip"[..]).is_err());
+    }
+}
