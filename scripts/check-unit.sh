@@ -3,30 +3,27 @@
 #
 # Runs `systemd-analyze verify` on copies of the shipped unit files and fails (exit 1,
 # showing the output) if it exits non-zero or prints anything at all: warnings count.
-# verify insists that every ExecStart= binary exists, so the copies run BINARY (an absolute
-# path, e.g. target/release/etcd-backupd, or /bin/true) in place of
-# /usr/local/bin/etcd-backupd.
+# verify insists that every ExecStart= binary exists, so the copies run BINARY (e.g.
+# target/release/etcd-backupd, or /bin/true) in place of /usr/local/bin/etcd-backupd.
 #
 # Without UNIT arguments it checks systemd/etcd-backupd.service and
 # packaging/etcd-backupd-install.service together, then etcd-backupd.service again with
 # the systemd/native-only.conf drop-in applied.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 if [ $# -lt 1 ]; then
   echo "usage: $0 BINARY [UNIT...]" >&2
   exit 2
 fi
-binary=$1
-shift
-case "$binary" in
-  /*) ;;
-  *) binary="$(cd "$(dirname "$binary")" && pwd)/$(basename "$binary")" ;;
-esac
-if [ ! -x "$binary" ]; then
-  echo "$0: $binary: not an executable file" >&2
+if [ ! -f "$1" ] || [ ! -x "$1" ]; then
+  echo "$0: $1: not an executable file" >&2
   exit 2
 fi
+binary=$(realpath "$1")
+shift
+units=()
+for unit in "$@"; do units+=("$(realpath "$unit")"); done
+cd "$(dirname "$0")/.."
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -50,8 +47,8 @@ verify() {
   echo "ok: systemd-analyze verify $* (no output)"
 }
 
-if [ $# -gt 0 ]; then
-  verify "$tmp/given" "$@"
+if [ ${#units[@]} -gt 0 ]; then
+  verify "$tmp/given" "${units[@]}"
   exit 0
 fi
 

@@ -108,9 +108,12 @@ async fn check_sums(located: &Located) -> Result<()> {
     }
     let mut listed = BTreeMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let (hash, name) = line
-            .split_once("  ")
-            .ok_or_else(|| anyhow!("{SHA256SUMS}: malformed line {:?}", line.chars().take(80).collect::<String>()))?;
+        let (hash, name) = line.split_once("  ").ok_or_else(|| {
+            anyhow!(
+                "{SHA256SUMS}: malformed line {:?}",
+                line.chars().take(80).collect::<String>()
+            )
+        })?;
         listed.insert(name.to_string(), hash.to_ascii_lowercase());
     }
     let expected: BTreeMap<String, String> = m.files.iter().map(|f| (f.name.clone(), f.sha256.clone())).collect();
@@ -160,7 +163,8 @@ async fn check_file(located: &Located, f: &FileEntry, mut out: Option<&mut tokio
     let mut trailer = is_snapshot.then(crate::snapshot::TrailerCheck::default);
     // The archive check reads through a pipe on a blocking thread, so nothing is buffered.
     let (mut archive_tx, archive_job) = if f.name.starts_with("static_kuberesources_") {
-        let (rx, tx) = tokio::io::simplex(1 << 20);
+        // A duplex pipe: dropping either end ends the other (EOF, or a broken pipe).
+        let (tx, rx) = tokio::io::duplex(1 << 20);
         let job = tokio::task::spawn_blocking(move || check_archive(tokio_util::io::SyncIoBridge::new(rx)));
         (Some(tx), Some(job))
     } else {
@@ -478,7 +482,12 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
     let mut client_conn = loop {
         if let Ok(Some(status)) = etcd.0.try_wait() {
             let log = std::fs::read_to_string(scratch.path().join("etcd.log")).unwrap_or_default();
-            let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .to_string();
             bail!("the throwaway etcd exited ({status}) on the restored data: {last}");
         }
         let opts = etcd_client::ConnectOptions::new()
@@ -504,7 +513,11 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
             } else {
                 etcd_client::GetOptions::new().with_prefix().with_count_only()
             };
-            let key = if prefix.is_empty() { vec![0u8] } else { prefix.into_bytes() };
+            let key = if prefix.is_empty() {
+                vec![0u8]
+            } else {
+                prefix.into_bytes()
+            };
             let r = c.get(key, Some(opts)).await?;
             Ok::<_, anyhow::Error>((r.count(), r.header().map(|h| h.revision()).unwrap_or(0)))
         }
@@ -513,10 +526,11 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
     let (kubernetes_keys, _) = count("/kubernetes.io/").await?;
     let (namespaces, _) = count("/kubernetes.io/namespaces/").await?;
     let cv = client_conn.get(crate::etcd::CLUSTER_VERSION_KEY, None).await?;
-    let cluster_version = cv
-        .kvs()
-        .first()
-        .map(|kv| crate::etcd::parse_cluster_version(kv.value()).version.unwrap_or_default());
+    let cluster_version = cv.kvs().first().map(|kv| {
+        crate::etcd::parse_cluster_version(kv.value())
+            .version
+            .unwrap_or_default()
+    });
     drop(etcd);
 
     let m = &located.manifest;

@@ -64,6 +64,9 @@ impl Decision {
     }
 }
 
+/// The bucket a set falls into for one rule.
+type BucketOf<'a> = dyn Fn(&Decision) -> String + 'a;
+
 /// Decides every set; `sets` are (id, creation time) in any order. Returns newest first.
 pub fn plan(sets: &[(String, DateTime<Utc>)], policy: &Policy, now: DateTime<Utc>, tz: Tz) -> Vec<Decision> {
     let mut out: Vec<Decision> = sets
@@ -88,7 +91,7 @@ pub fn plan(sets: &[(String, DateTime<Utc>)], policy: &Policy, now: DateTime<Utc
     }
 
     let local = |t: DateTime<Utc>| t.with_timezone(&tz).date_naive();
-    let rules: [(u32, &str, &dyn Fn(&Decision) -> String); 4] = [
+    let rules: [(u32, &str, &BucketOf); 4] = [
         (policy.keep_last, "last", &|d| d.id.clone()),
         (policy.keep_daily, "daily", &|d| {
             local(d.created).format("%F").to_string()

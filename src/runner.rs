@@ -244,7 +244,10 @@ pub fn remember_drill(settings: &Settings, id: &str, result: &Result<crate::rest
                 d.revision,
                 d.keys,
                 d.namespaces,
-                d.cluster_version.as_ref().map(|v| format!(", ClusterVersion {v}")).unwrap_or_default()
+                d.cluster_version
+                    .as_ref()
+                    .map(|v| format!(", ClusterVersion {v}"))
+                    .unwrap_or_default()
             )
         }
         Err(e) => {

@@ -78,14 +78,25 @@ impl Etcd {
 
     /// With `pki`, the client port speaks TLS and requires a client certificate.
     pub fn start_with(pki: Option<&Pki>) -> Etcd {
+        Etcd::spawn(pki, None, free_port())
+    }
+
+    /// An etcd serving a data directory made by `snapshot restore --name test0
+    /// --initial-cluster test0=http://127.0.0.1:<peer>`.
+    pub fn start_restored(data: &Path, peer: u16) -> Etcd {
+        Etcd::spawn(None, Some(data), peer)
+    }
+
+    fn spawn(pki: Option<&Pki>, data: Option<&Path>, peer: u16) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
+        let client = free_port();
+        let data = data.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("data"));
         let scheme = if pki.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
         let mut cmd = Command::new("etcd");
         cmd.arg("--name=test0")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={endpoint}"))
             .arg(format!("--advertise-client-urls={endpoint}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))

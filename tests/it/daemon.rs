@@ -492,3 +492,41 @@ async fn sigterm_mid_backup_exits_fast_releases_the_lock_and_leaves_no_set() {
         .unwrap_or_default();
     assert!(visible.is_empty(), "{visible:?}");
 }
+
+#[test]
+fn a_restarted_daemon_delivers_what_a_down_target_left_pending() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    // The target is a mount point that is not mounted yet: the backup stays pending.
+    let mount = w.path().join("mnt");
+    let target = format!("[[target]]\nname = \"nfs\"\nurl = \"file://{}\"\n", mount.display());
+    let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &target);
+    let r = run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let staging = w.path().join("staging-0");
+    let pending: Vec<_> = std::fs::read_dir(staging.join("sets")).unwrap().flatten().collect();
+    assert_eq!(pending.len(), 1);
+    let id = pending[0].file_name().into_string().unwrap();
+
+    // The filesystem comes back; a daemon started now delivers the set without a new run.
+    std::fs::create_dir(&mount).unwrap();
+    let mut d = Daemon::start(&cfg, w.path().join("daemon.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mount.join("test").join(&id).join("manifest.json").exists() {
+        assert!(Instant::now() < deadline, "not delivered: {}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("every pending backup set is delivered") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    let status = run(&["status", "--json", "--config", cfg.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["pending"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(v["local_copies"][0], id.as_str(), "{v}");
+    // Only the one set: the daemon took no backup of its own.
+    assert_eq!(std::fs::read_dir(mount.join("test")).unwrap().count(), 1);
+}

@@ -5,5 +5,6 @@ mod backup;
 mod cli_config;
 mod common;
 mod daemon;
+mod restore;
 mod servers;
 mod webdav;

@@ -1,0 +1,538 @@
+//! The second half of a backup's life: retention on a month of sets, delivery to a target
+//! that was down, and the restore side (`fetch`, `verify`, `verify --deep`) against a real
+//! etcd, Apache mod_dav and the etcd tools.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use etcd_backupd::manifest::{EtcdInfo, FORMAT_VERSION, FileEntry, Manifest, ToolInfo, Trigger};
+
+use crate::common::{Etcd, Run, Work, free_port, run_env, static_pod_fixture};
+use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone};
+
+/// Runs the binary with no proxy environment.
+fn cli(args: &[&str]) -> Run {
+    let clean: Vec<(&str, &str)> = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ]
+    .iter()
+    .map(|k| (*k, ""))
+    .collect();
+    run_env(args, &clean)
+}
+
+async fn cli_async(args: Vec<String>) -> Run {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&a)
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str], cfg: &Path) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+    v.push("--config".into());
+    v.push(cfg.to_str().unwrap().into());
+    v
+}
+
+/// Writes a complete set of `cluster` straight onto a file target, as if taken at `created`.
+fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chrono::Utc>) -> String {
+    let id = etcd_backupd::manifest::timestamp(created);
+    let dir = root.join(cluster).join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = format!("snapshot_{id}.db");
+    let data = format!("not a real snapshot {id}");
+    std::fs::write(dir.join(&name), &data).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data.as_bytes()));
+    let m = Manifest {
+        format_version: FORMAT_VERSION,
+        id: id.clone(),
+        created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        cluster_name: cluster.into(),
+        trigger: Trigger::Schedule,
+        node: "node-a".into(),
+        etcd: EtcdInfo {
+            endpoint: "http://127.0.0.1:2379".into(),
+            member_id: "1".into(),
+            cluster_id: "2".into(),
+            version: "3.4.23".into(),
+            revision: 1,
+            db_size: 1,
+        },
+        openshift: None,
+        files: vec![FileEntry {
+            name: name.clone(),
+            stored_name: name,
+            size: data.len() as u64,
+            sha256: sha.clone(),
+            stored_size: data.len() as u64,
+            stored_sha256: sha,
+            compression: "none".into(),
+            encryption: "none".into(),
+        }],
+        tool: ToolInfo::this(),
+    };
+    std::fs::write(dir.join("SHA256SUMS"), m.sha256sums()).unwrap();
+    std::fs::write(dir.join("manifest.json"), m.to_json()).unwrap();
+    id
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|e| e.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_simulated_month_is_pruned_to_exactly_the_policy() {
+    let w = Work::new();
+    let root = w.target_root();
+    // 35 nightly sets, 02:30 UTC, ending Wednesday 2026-11-25; plus another cluster's sets.
+    let last = chrono::DateTime::parse_from_rfc3339("2026-11-25T02:30:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    for day in 0..35 {
+        fake_set(&root, "test", last - chrono::TimeDelta::days(day));
+    }
+    let other: Vec<String> = (0..10)
+        .map(|d| fake_set(&root, "other", last - chrono::TimeDelta::days(d)))
+        .collect();
+    // Debris: this node's, another node's fresh one, another node's day-old one.
+    for name in [
+        ".2026-11-25_023000.partial-node-a-0000abcd",
+        ".2026-11-25_023000.partial-node-b-0000abcd",
+    ] {
+        std::fs::create_dir_all(root.join("test").join(name)).unwrap();
+    }
+    let old_debris = root.join("test").join(".2026-11-20_023000.partial-node-b-00001234");
+    std::fs::create_dir_all(&old_debris).unwrap();
+    let status = Command::new("touch")
+        .args(["-d", "3 days ago"])
+        .arg(&old_debris)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Retention counts in the schedule's zone; "now" is the real clock, so no max_age here.
+    let cfg = w.write_config(
+        "http://127.0.0.1:1",
+        None,
+        "\n[retention]\nkeep_last = 3\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 2\nmin_keep = 0\n",
+    );
+    let before = names_in(&root.join("test"));
+
+    // The plan, with reasons, changes nothing.
+    let r = cli(&args(&["prune", "--dry-run"], &cfg)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("35 set(s), keep 10, would delete 25"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(
+            "2026-11-25_023000  keep: last 1, daily 2026-11-25, weekly 2026-W48, monthly 2026-11, newest set"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("2026-10-31_023000  keep: monthly 2026-10"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("2026-11-01_023000  delete: matches no keep rule"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(names_in(&root.join("test")), before);
+
+    // `list` shows the same reasons.
+    let r = cli(&args(&["list"], &cfg).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.code, 0, "{}", r.all());
+    let line = r.stdout.lines().find(|l| l.contains("2026-11-15_023000")).unwrap();
+    assert!(line.ends_with("keep: weekly 2026-W46"), "{line}");
+
+    let r = cli(&args(&["prune"], &cfg).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.code, 0, "{}", r.all());
+    let want = [
+        ".2026-11-25_023000.partial-node-b-0000abcd", // another node's, still fresh
+        "2026-10-31_023000",
+        "2026-11-08_023000",
+        "2026-11-15_023000",
+        "2026-11-19_023000",
+        "2026-11-20_023000",
+        "2026-11-21_023000",
+        "2026-11-22_023000",
+        "2026-11-23_023000",
+        "2026-11-24_023000",
+        "2026-11-25_023000",
+    ];
+    assert_eq!(names_in(&root.join("test")), want);
+    assert!(r.stdout.contains("removed 2 incomplete upload(s)"), "{}", r.stdout);
+    // Another cluster's folder is never touched.
+    let mut other_sorted = other.clone();
+    other_sorted.sort();
+    assert_eq!(names_in(&root.join("other")), other_sorted);
+    // Pruning again is a no-op.
+    let r = cli(&args(&["prune"], &cfg).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(names_in(&root.join("test")), want);
+
+    // After a failed backup on this node, prune deletes nothing unless forced.
+    let r = cli(&args(&["backup", "--no-election"], &cfg)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(r.code, 1, "{}", r.all());
+    let strict = w.write_config(
+        "http://127.0.0.1:1",
+        None,
+        "\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 0\n",
+    );
+    let r = cli(&args(&["prune"], &strict).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("newest backup") && r.stderr.contains("failed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(names_in(&root.join("test")), want);
+    let r = cli(&args(&["prune", "--force"], &strict)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        names_in(&root.join("test")),
+        [".2026-11-25_023000.partial-node-b-0000abcd", "2026-11-25_023000"]
+    );
+}
+
+fn dav_sets(root: &Path) -> Vec<String> {
+    names_in(&root.join("test"))
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 200, 300);
+    let rclone = Rclone::start();
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    let fault = FaultProxy::start(rclone.url(), move |_, _, _, _| {
+        if d.load(Ordering::SeqCst) {
+            Fault::Respond(503, "<p>maintenance</p>".into())
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let w = Work::new();
+    let cfg = w.write_config_targets(
+        &etcd.endpoint,
+        &format!(
+            "[[target]]\nname = \"dav\"\nurl = \"{}\"\nretry_budget = \"1s\"\n",
+            fault.url()
+        ),
+    );
+    let mut taken = Vec::new();
+    for run in 1..=3 {
+        let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+        assert_eq!(r.code, 1, "{}", r.all());
+        assert!(r.stderr.contains("503"), "{}", r.stderr);
+        assert!(r.stderr.contains("stays in staging"), "{}", r.stderr);
+        let staged = w.staged();
+        assert_eq!(staged.len(), run, "{staged:?}");
+        assert!(staged.iter().all(|(_, p)| p == &["dav".to_string()]), "{staged:?}");
+        taken.push(staged.last().unwrap().0.clone());
+        etcd.put(None, &format!("run-{run}"), "x");
+    }
+    assert!(dav_sets(&rclone.root()).is_empty());
+    let r = cli_async(args(&["status", "--json"], &cfg)).await;
+    let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(status["pending"].as_array().unwrap().len(), 3, "{status}");
+
+    down.store(false, Ordering::SeqCst);
+    let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    assert_eq!(r.code, 0, "{}", r.all());
+    let new_id = w.staged().last().unwrap().0.clone();
+    taken.push(new_id);
+    let mut want = taken.clone();
+    want.sort();
+    assert_eq!(dav_sets(&rclone.root()), want, "every set delivered, each once");
+    // Oldest first: the log shows them stored in id order.
+    let stored: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("backup set stored"))
+        .map(|l| {
+            let i = l.find("backup_id=").unwrap() + "backup_id=".len();
+            &l[i..i + 17]
+        })
+        .collect();
+    assert_eq!(stored, want.iter().map(String::as_str).collect::<Vec<_>>());
+    for id in &want {
+        crate::common::assert_sha256sums(&rclone.root().join("test").join(id));
+    }
+    // Nothing is owed any more; staging keeps one local copy, the newest.
+    assert_eq!(w.staged(), vec![(want.last().unwrap().clone(), vec![])]);
+    assert!(
+        names_in(&rclone.root().join("test"))
+            .iter()
+            .all(|n| !n.starts_with('.'))
+    );
+
+    // max_pending bounds what waits: with 1, a second failed run drops the older set.
+    down.store(true, Ordering::SeqCst);
+    let text = std::fs::read_to_string(&cfg).unwrap() + "\n[delivery]\nmax_pending = 1\n";
+    std::fs::write(&cfg, text).unwrap();
+    let r1 = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    assert_eq!(r1.code, 1, "{}", r1.all());
+    let r2 = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    assert_eq!(r2.code, 1, "{}", r2.all());
+    assert!(r2.stderr.contains("delivery.max_pending (1)"), "{}", r2.stderr);
+    let staged = w.staged();
+    assert_eq!(staged.iter().filter(|(_, p)| !p.is_empty()).count(), 1, "{staged:?}");
+}
+
+/// Puts a ClusterVersion for `version` into `etcd`.
+fn cluster_version(etcd: &Etcd, version: &str) {
+    etcd.put(
+        None,
+        "/kubernetes.io/config.openshift.io/clusterversions/version",
+        &format!(
+            r#"{{"spec":{{"clusterID":"c0ffee"}},"status":{{"desired":{{"version":"{version}"}},"history":[{{"state":"Completed","version":"{version}","completionTime":"2026-01-01T00:00:00Z"}}]}}}}"#
+        ),
+    );
+}
+
+/// Which files `cluster-restore.sh` would take from `dir`: the version-sorted last
+/// `snapshot*.db` and `static_kuberesources*.tar.gz`, each picked on its own.
+fn restore_script_picks(dir: &Path) -> (String, String) {
+    let pick = |pattern: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("ls -1 {pattern} 2>/dev/null | sort -V | tail -n 1"))
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    (pick("snapshot*.db"), pick("static_kuberesources*.tar.gz"))
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refused() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 500, 200);
+    for i in 0..5 {
+        etcd.put(None, &format!("/kubernetes.io/namespaces/ns-{i}"), "{}");
+    }
+    cluster_version(&etcd, "4.15.4");
+    let apache = Apache::start();
+    let w = Work::new();
+    let resources = w.path().join("etc-kubernetes");
+    static_pod_fixture(&resources, 3);
+    let target = format!(
+        "[[target]]\nname = \"offsite\"\nurl = \"{}\"\nusername = \"{DAV_USER}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n",
+        apache.url(),
+        apache.password_file(w.path()).display(),
+        apache.pki.ca.display()
+    );
+    let cfg = w.write_config_targets(&etcd.endpoint, &target);
+    w.set_static_resources_dir(&resources);
+    let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    assert_eq!(r.code, 0, "{}", r.all());
+    let id = dav_sets(&apache.root()).pop().unwrap();
+
+    // Into a directory that does not exist yet.
+    let dir = w.path().join("assets/backup");
+    let r = cli_async(args(&["fetch", "latest", "--to", dir.to_str().unwrap()], &cfg)).await;
+    assert_eq!(r.code, 0, "{}", r.all());
+    let snapshot = format!("snapshot_{id}.db");
+    let archive = format!("static_kuberesources_{id}.tar.gz");
+    let mut want = vec![snapshot.clone(), archive.clone()];
+    want.sort();
+    assert_eq!(names_in(&dir), want);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join(&snapshot)), 0o600);
+    assert_eq!(mode(&dir.join(&archive)), 0o600);
+    assert_eq!(restore_script_picks(&dir), (snapshot.clone(), archive.clone()));
+    assert!(r.stdout.contains("cluster-restore.sh"), "{}", r.stdout);
+    assert!(r.stdout.contains("etcd's snapshot trailer verified"), "{}", r.stdout);
+    // The fetched files are byte for byte what the target holds.
+    for f in [&snapshot, &archive] {
+        assert_eq!(
+            std::fs::read(dir.join(f)).unwrap(),
+            std::fs::read(apache.root().join("test").join(&id).join(f)).unwrap()
+        );
+    }
+
+    // Restored with etcdctl into a new etcd, the original keys are served.
+    let data = w.path().join("restored");
+    let peer = free_port();
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore"])
+        .arg(dir.join(&snapshot))
+        .arg(format!("--data-dir={}", data.display()))
+        .args([
+            "--name=test0",
+            &format!("--initial-cluster=test0=http://127.0.0.1:{peer}"),
+        ])
+        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restored = Etcd::start_restored(&data, peer);
+    let out = restored
+        .etcdctl(None)
+        .args(["get", "--prefix", "/kubernetes.io/namespaces/", "--keys-only"])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 5, "{keys}");
+    drop(restored);
+
+    // A non-empty directory is refused and left alone; --force replaces the set in it.
+    let r = cli_async(args(&["fetch", &id, "--to", dir.to_str().unwrap()], &cfg)).await;
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("is not empty"), "{}", r.stderr);
+    assert_eq!(names_in(&dir), want);
+    std::fs::write(dir.join("snapshot_2020-01-01_000000.db"), "old").unwrap();
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    let r = cli_async(args(&["fetch", &id, "--to", dir.to_str().unwrap(), "--force"], &cfg)).await;
+    assert_eq!(r.code, 0, "{}", r.all());
+    let mut with_notes = want.clone();
+    with_notes.push("notes.txt".into());
+    with_notes.sort();
+    assert_eq!(names_in(&dir), with_notes);
+
+    // `verify` and the restore drill (etcdctl 3.4's snapshot restore + a throwaway etcd).
+    let r = cli_async(args(&["verify", "latest", "--deep"], &cfg)).await;
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains(": OK"), "{}", r.stdout);
+    assert!(r.stdout.contains("5 namespaces"), "{}", r.stdout);
+    assert!(r.stdout.contains("ClusterVersion 4.15.4"), "{}", r.stdout);
+    let r = cli_async(args(&["status", "--json"], &cfg)).await;
+    let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(status["last_drill"]["ok"], true, "{status}");
+
+    // The running cluster moved on to 4.15.5: the 4.15.4 set is refused.
+    cluster_version(&etcd, "4.15.5");
+    let other = w.path().join("other");
+    let r = cli_async(args(&["fetch", &id, "--to", other.to_str().unwrap()], &cfg)).await;
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("4.15.4") && r.stderr.contains("4.15.5"),
+        "{}",
+        r.stderr
+    );
+    assert!(!other.exists() || names_in(&other).is_empty());
+    let r = cli_async(args(
+        &[
+            "fetch",
+            &id,
+            "--to",
+            other.to_str().unwrap(),
+            "--allow-version-mismatch",
+        ],
+        &cfg,
+    ))
+    .await;
+    assert_eq!(r.code, 0, "{}", r.all());
+
+    // One byte changed on the server: verify and fetch both catch it, fetch leaves nothing.
+    let stored = apache.root().join("test").join(&id).join(&snapshot);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[4096] ^= 0x01;
+    std::fs::write(&stored, &bytes).unwrap();
+    let r = cli_async(args(&["verify", &id], &cfg)).await;
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(&snapshot) && r.stderr.contains("altered or corrupted"),
+        "{}",
+        r.stderr
+    );
+    let third = w.path().join("third");
+    let r = cli_async(args(
+        &[
+            "fetch",
+            &id,
+            "--to",
+            third.to_str().unwrap(),
+            "--allow-version-mismatch",
+        ],
+        &cfg,
+    ))
+    .await;
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(names_in(&third).is_empty(), "{:?}", names_in(&third));
+}
+
+/// A truncated archive is caught even though its manifest and sums were rewritten to match
+/// (a consistent server-side truncation): the tar.gz check still fails.
+#[test]
+fn verify_catches_a_truncated_archive_with_matching_sums() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let resources = w.path().join("etc-kubernetes");
+    static_pod_fixture(&resources, 3);
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    w.set_static_resources_dir(&resources);
+    let r = cli(&args(&["backup", "--no-election"], &cfg)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(r.code, 0, "{}", r.all());
+    let set: PathBuf = w.sets().pop().unwrap();
+    let id = set.file_name().unwrap().to_str().unwrap().to_string();
+    let archive = set.join(format!("static_kuberesources_{id}.tar.gz"));
+    let bytes = std::fs::read(&archive).unwrap();
+    let cut = &bytes[..bytes.len() / 2];
+    std::fs::write(&archive, cut).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(cut));
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["name"].as_str().unwrap().starts_with("static_") {
+            f["size"] = cut.len().into();
+            f["stored_size"] = cut.len().into();
+            f["sha256"] = sha.clone().into();
+            f["stored_sha256"] = sha.clone().into();
+        }
+    }
+    let m: Manifest = serde_json::from_value(m).unwrap();
+    std::fs::write(set.join("manifest.json"), m.to_json()).unwrap();
+    std::fs::write(set.join("SHA256SUMS"), m.sha256sums()).unwrap();
+    let r = cli(&args(&["verify", &id], &cfg)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("static_kuberesources") && r.stderr.contains("corrupt"),
+        "{}",
+        r.stderr
+    );
+}
