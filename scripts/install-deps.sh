@@ -2,11 +2,13 @@
 # Installs what building and testing etcd-backupd needs on Debian 12 / Ubuntu:
 # a real etcd and etcdctl, Apache httpd (mod_dav), rclone and tinyproxy for the integration
 # tests (which start their own instances on free loopback ports), protoc for the etcd gRPC
-# client's build, a C toolchain, and Rust (through rustup) when cargo is missing.
+# client's build, systemd-analyze and ignition-validate for the shipped unit and the rendered
+# MachineConfig, a C toolchain, and Rust (through rustup) when cargo is missing.
 set -euo pipefail
 
 packages=(etcd-server etcd-client protobuf-compiler build-essential ca-certificates curl tar coreutils mount
-          apache2 apache2-utils tinyproxy rclone)
+          apache2 apache2-utils tinyproxy rclone
+          systemd ignition python3-yaml)   # systemd-analyze verify, ignition-validate, YAML parsing
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 

@@ -115,7 +115,20 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum RenderWhat {
     /// A MachineConfig rolling the daemon out to control-plane nodes.
-    Machineconfig,
+    Machineconfig {
+        /// The image the install unit copies the binary from (best pinned by digest).
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
+        /// Ignition spec version of the embedded config.
+        #[arg(long, value_name = "X.Y.Z", default_value = crate::render::DEFAULT_IGNITION)]
+        ignition_version: String,
+        /// Also embed the secret files the configuration names (readable by cluster admins).
+        #[arg(long)]
+        include_secrets: bool,
+        /// The MachineConfig's name.
+        #[arg(long, default_value = "99-master-etcd-backupd")]
+        name: String,
+    },
 }
 
 fn load(cli: &Cli) -> Result<Settings> {
@@ -209,7 +222,30 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = Settings::load(&cli.config)?;
             status(&settings, *json).await
         }
-        Command::Render { .. } => bail!(Stop::NotImplemented("render machineconfig".into())),
+        Command::Render {
+            what:
+                RenderWhat::Machineconfig {
+                    image,
+                    ignition_version,
+                    include_secrets,
+                    name,
+                },
+        } => {
+            // Syntax and meaning only: the node-side paths it names need not exist here.
+            let settings = Settings::load(&cli.config)?;
+            let opts = crate::render::Options {
+                ignition_version,
+                image: image.as_deref(),
+                include_secrets: *include_secrets,
+                name,
+            };
+            let (yaml, warnings) = crate::render::machineconfig(&settings, &opts)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            std::io::stdout().lock().write_all(yaml.as_bytes())?;
+            Ok(())
+        }
     }
 }
 

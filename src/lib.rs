@@ -33,6 +33,7 @@ pub mod manifest;
 pub mod notify;
 pub mod pipeline;
 pub mod priority;
+pub mod render;
 pub mod restore;
 pub mod retention;
 pub mod runner;
