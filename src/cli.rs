@@ -167,6 +167,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 &settings.snapshot.staging_dir,
                 runner::record(Trigger::Manual, &run, started, t0, &outcome),
             );
+            crate::metrics::refresh(&settings);
             match outcome? {
                 runner::Outcome::Ran(report) => {
                     print_backup_summary(&report)?;

@@ -136,6 +136,9 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
         }
     };
+    if let Some(addr) = &settings.metrics.listen {
+        crate::metrics::serve(addr, settings.snapshot.staging_dir.clone(), stop.clone()).await?;
+    }
     notify::ready("started");
     let cv_changed = if schedule.is_some() {
         watch_cluster_version(&settings, stop.clone())
@@ -182,6 +185,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
         );
         notify::status(&idle);
+        crate::metrics::refresh(&settings);
         if let Some(slot) = slot {
             tracing::info!(next_run = %slot.at, start = %slot.start, "waiting for the next run");
         }
@@ -311,6 +315,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         let mut st = State::load(&staging);
         st.running = Some(run.clone());
         let _ = st.save(&staging);
+        crate::metrics::refresh(&settings);
         let (started, t0) = (Utc::now(), Instant::now());
         let outcome = runner::run_once(
             &settings,
@@ -331,6 +336,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         // A skipped after-upgrade attempt is logged, but kept out of the history of runs.
         if !upgrade_skipped {
             runner::remember(&staging, runner::record(trigger, &run, started, t0, &outcome));
+            crate::metrics::refresh(&settings);
         }
         if let Some(version) = run.strip_prefix("upgrade-")
             && matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_)))

@@ -18,6 +18,7 @@
 //! - [`delivery`]: staged sets owed to targets, delivered oldest first, bounded.
 //! - [`retention`]: which sets to keep (restic `forget` semantics), and pruning a target.
 //! - [`restore`]: `fetch`, `verify` and the restore drill.
+//! - [`metrics`]: Prometheus text, as a textfile-collector file and on `GET /metrics`.
 //! - [`fsutil`]: private files, fsync and no-replace renames.
 
 pub mod cli;
@@ -30,6 +31,7 @@ pub mod etcd;
 pub mod fsutil;
 pub mod guards;
 pub mod manifest;
+pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod priority;

@@ -270,4 +270,5 @@ pub fn remember_drill(settings: &Settings, id: &str, result: &Result<crate::rest
     if let Err(e) = state.save(staging) {
         tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
     }
+    crate::metrics::refresh(settings);
 }

@@ -1,6 +1,7 @@
 //! The node's own record of its last runs, kept in `<staging_dir>/state.json` so `status`
 //! works with the daemon stopped. Written atomically (temporary file, fsync, rename).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -26,6 +27,34 @@ pub struct State {
     /// The newest restore drill run on this host.
     #[serde(default)]
     pub last_drill: Option<DrillState>,
+    /// Runs by result since the state file was created (Prometheus counters).
+    #[serde(default)]
+    pub runs_total: BTreeMap<String, u64>,
+    /// Skipped runs by kind of reason.
+    #[serde(default)]
+    pub skips_total: BTreeMap<String, u64>,
+}
+
+/// A short, stable label for a skip reason (the metrics' `reason`).
+pub fn skip_kind(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("upgrade") {
+        "upgrade"
+    } else if r.contains("install") || r.contains("min_cluster_age") {
+        "cluster_age"
+    } else if r.contains("free") {
+        "free_space"
+    } else if r.contains("progressing") {
+        "operator_progressing"
+    } else if r.contains("alarm") {
+        "etcd_alarm"
+    } else if r.contains("learner") || r.contains("member") {
+        "member"
+    } else if r.contains("another backup") || r.contains("holds the run lock") || r.contains("lock") {
+        "busy"
+    } else {
+        "other"
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +108,11 @@ impl State {
     }
 
     pub fn push(&mut self, run: RunState) {
+        *self.runs_total.entry(run.result.clone()).or_default() += 1;
+        if run.result == "skipped" {
+            let kind = skip_kind(run.reason.as_deref().unwrap_or_default());
+            *self.skips_total.entry(kind.to_string()).or_default() += 1;
+        }
         self.runs.insert(0, run);
         self.runs.truncate(KEEP_RUNS);
     }

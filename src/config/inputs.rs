@@ -26,6 +26,7 @@ pub struct Inputs {
     pub import: ImportInputs,
     pub retention: RetentionInputs,
     pub delivery: DeliveryInputs,
+    pub metrics: MetricsInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetInputs>,
 }
@@ -229,6 +230,18 @@ impl Default for RetentionInputs {
             min_keep: 3,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsInputs {
+    /// A node_exporter textfile-collector file (`.../etcd-backupd.prom`), rewritten
+    /// atomically on every change; unset = none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub textfile: Option<PathBuf>,
+    /// `ADDRESS:PORT` where the daemon answers `GET /metrics`; unset = none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

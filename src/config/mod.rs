@@ -19,8 +19,8 @@ use serde::Serialize;
 use url::Url;
 
 pub use inputs::{
-    DeliveryInputs, ElectionInputs, GuardsInputs, Inputs, IoClass, PriorityInputs, RetentionInputs, ScheduleInputs,
-    SnapshotMethod, VerifyInputs, VerifyUpload,
+    DeliveryInputs, ElectionInputs, GuardsInputs, Inputs, IoClass, MetricsInputs, PriorityInputs, RetentionInputs,
+    ScheduleInputs, SnapshotMethod, VerifyInputs, VerifyUpload,
 };
 use load::Merged;
 use types::HumanDuration;
@@ -58,6 +58,7 @@ pub struct Settings {
     pub priority: PriorityInputs,
     pub retention: RetentionInputs,
     pub delivery: DeliveryInputs,
+    pub metrics: MetricsInputs,
     pub verify: VerifyInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetSettings>,
@@ -417,6 +418,17 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         )
         .map_err(|e| m.error_at("verify.schedule", e))?;
     }
+    if let Some(listen) = &inputs.metrics.listen
+        && listen.parse::<std::net::SocketAddr>().is_err()
+    {
+        return Err(m.error_at(
+            "metrics.listen",
+            format!("{listen:?} is not ADDRESS:PORT (e.g. \"127.0.0.1:9979\")"),
+        ));
+    }
+    if inputs.metrics.textfile.as_ref().is_some_and(|p| !p.is_absolute()) {
+        return Err(m.error_at("metrics.textfile", "must be an absolute path"));
+    }
     if inputs.retention.max_age.is_some_and(|d| d.0.is_zero()) {
         return Err(m.error_at("retention.max_age", "must be above zero (leave it out for no cap)"));
     }
@@ -589,6 +601,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         priority: inputs.priority,
         retention: inputs.retention,
         delivery: inputs.delivery,
+        metrics: inputs.metrics,
         verify: inputs.verify,
         targets,
         secret_files,

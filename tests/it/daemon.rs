@@ -500,7 +500,11 @@ fn a_restarted_daemon_delivers_what_a_down_target_left_pending() {
     let w = Work::new();
     // The target is a mount point that is not mounted yet: the backup stays pending.
     let mount = w.path().join("mnt");
-    let target = format!("[[target]]\nname = \"nfs\"\nurl = \"file://{}\"\n", mount.display());
+    let metrics_port = crate::common::free_port();
+    let target = format!(
+        "[[target]]\nname = \"nfs\"\nurl = \"file://{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        mount.display()
+    );
     let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &target);
     let r = run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.all());
@@ -522,6 +526,15 @@ fn a_restarted_daemon_delivers_what_a_down_target_left_pending() {
         assert!(Instant::now() < deadline, "{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Scraped over HTTP from the running daemon: nothing pending any more.
+    let out = Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{metrics_port}/metrics")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", d.log());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\netcd_backupd_pending_sets 0\n"), "{text}");
+    assert!(text.contains("# TYPE etcd_backupd_runs_total counter"), "{text}");
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
     let status = run(&["status", "--json", "--config", cfg.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();

@@ -536,3 +536,56 @@ fn verify_catches_a_truncated_archive_with_matching_sums() {
         r.stderr
     );
 }
+
+/// Parses Prometheus text into name{labels} -> value.
+fn metrics_of(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_after_a_successful_and_a_failed_run() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let prom = w.path().join("etcd-backupd.prom");
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        &format!("\n[metrics]\ntextfile = \"{}\"\n", prom.display()),
+    );
+    let started = chrono::Utc::now().timestamp() as f64;
+    let r = cli(&args(&["backup", "--no-election"], &cfg)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(r.code, 0, "{}", r.all());
+    let m = metrics_of(&std::fs::read_to_string(&prom).unwrap());
+    assert_eq!(m["etcd_backupd_last_attempt_success"], 1.0, "{m:?}");
+    assert!(m["etcd_backupd_last_success_timestamp_seconds"] >= started, "{m:?}");
+    assert!(m["etcd_backupd_last_bytes"] > 0.0, "{m:?}");
+    assert_eq!(m["etcd_backupd_pending_sets"], 0.0);
+    assert_eq!(m["etcd_backupd_runs_total{result=\"ok\"}"], 1.0);
+    assert_eq!(m["etcd_backupd_is_runner"], 0.0);
+    let success_at = m["etcd_backupd_last_success_timestamp_seconds"];
+
+    // The target's filesystem goes away: the run fails and its set waits in staging.
+    let target = w.target_root();
+    std::fs::rename(&target, w.path().join("unmounted")).unwrap();
+    let r = cli(&args(&["backup", "--no-election"], &cfg)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(r.code, 1, "{}", r.all());
+    let m = metrics_of(&std::fs::read_to_string(&prom).unwrap());
+    assert_eq!(m["etcd_backupd_last_attempt_success"], 0.0, "{m:?}");
+    assert_eq!(m["etcd_backupd_last_success_timestamp_seconds"], success_at);
+    assert_eq!(m["etcd_backupd_pending_sets"], 1.0);
+    assert_eq!(m["etcd_backupd_runs_total{result=\"failed\"}"], 1.0);
+    assert_eq!(m["etcd_backupd_runs_total{result=\"ok\"}"], 1.0);
+}
