@@ -11,6 +11,7 @@
 //! - [`runner`]: one run: [`guards`], then [`election`] through etcd, then the pipeline.
 //! - [`pipeline`]: one backup, from etcd to every target, at the [`priority`] configured.
 //! - [`etcd`]: a client bound to one configured member (no discovery).
+//! - [`script`]: `method = "script"`, the platform's `cluster-backup.sh` run and checked.
 //! - [`snapshot`]: the native snapshot stream, hashed while it flows, its trailer verified.
 //! - [`static_resources`]: the `static_kuberesources_<ts>.tar.gz` archive.
 //! - [`manifest`]: `manifest.json` and `SHA256SUMS`, what a set says about itself.
@@ -40,6 +41,7 @@ pub mod restore;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
+pub mod script;
 pub mod snapshot;
 pub mod state;
 pub mod static_resources;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::Utc;
 
-use crate::config::Settings;
+use crate::config::{Settings, SnapshotMethod};
 use crate::delivery;
 use crate::error::Stop;
 use crate::etcd::{self, hex_id};
@@ -284,33 +284,29 @@ async fn assemble(
     trigger: Trigger,
     work: &Path,
 ) -> Result<(Manifest, Duration)> {
-    let ts = id;
-    let mut files = Vec::new();
-    // The archive first, as cluster-backup.sh does: it is cheap and fails fast on a bad tree.
-    if let Some(root) = &settings.snapshot.static_resources_dir {
-        let name = manifest::archive_name(ts);
-        let dest = work.join(&name);
-        let root = root.clone();
-        let (size, sha256) =
-            tokio::task::spawn_blocking(move || static_resources::write_archive(&root, &dest)).await??;
-        files.push(plain_entry(name, size, sha256));
-    }
-
-    let name = manifest::snapshot_name(ts);
     let snap_started = Instant::now();
-    crate::notify::status(&format!(
-        "backing up {id}: streaming the snapshot from {}",
-        member.shown()
-    ));
-    let taken = snapshot::take(member, &work.join(&name)).await?;
+    let (id, created, files, stream_revision) = match settings.snapshot.method {
+        SnapshotMethod::Native => {
+            let (files, revision) = take_native(settings, member, id, work).await?;
+            (id.to_string(), created, files, revision)
+        }
+        SnapshotMethod::Script => {
+            crate::notify::status(&format!("backing up: running {}", settings.snapshot.script.display()));
+            let produced = crate::script::take(settings, work).await?;
+            // The script's own timestamp names the set, as its file names do.
+            let created = chrono::NaiveDateTime::parse_from_str(&produced.ts, manifest::TS_FORMAT)
+                .map(|t| t.and_utc())
+                .unwrap_or(created);
+            let files = produced
+                .files
+                .into_iter()
+                .map(|(name, size, sha)| plain_entry(name, size, sha))
+                .collect();
+            (produced.ts, created, files, None)
+        }
+    };
     let snapshot_duration = snap_started.elapsed();
-    tracing::info!(
-        bytes = taken.verified.size,
-        sha256 = %taken.verified.sha256,
-        seconds = snapshot_duration.as_secs_f64(),
-        "snapshot streamed and its trailer verified"
-    );
-    files.insert(0, plain_entry(name, taken.verified.size, taken.verified.sha256.clone()));
+    let id = id.as_str();
 
     let manifest = Manifest {
         format_version: manifest::FORMAT_VERSION,
@@ -326,7 +322,7 @@ async fn assemble(
             version: status.version.clone(),
             // etcd 3.5+ stamps the stream with the snapshot's revision; 3.4 does not, and
             // then the revision seen just before the snapshot started is recorded.
-            revision: taken.revision.filter(|r| *r > 0).unwrap_or(status.revision),
+            revision: stream_revision.filter(|r| *r > 0).unwrap_or(status.revision),
             db_size: status.db_size,
         },
         openshift: openshift.map(|cv| OpenShiftInfo {
@@ -340,6 +336,41 @@ async fn assemble(
     fsutil::write_private_file(&work.join(MANIFEST), manifest.to_json().as_bytes())?;
     fsutil::fsync_dir(work)?;
     Ok((manifest, snapshot_duration))
+}
+
+/// The native method: the archive (first, as cluster-backup.sh does: it is cheap and fails
+/// fast on a bad tree), then the verified snapshot stream. Returns the files and the revision
+/// the stream was stamped with (etcd 3.5+).
+async fn take_native(
+    settings: &Settings,
+    member: &mut etcd::Member,
+    ts: &str,
+    work: &Path,
+) -> Result<(Vec<FileEntry>, Option<i64>)> {
+    let mut files = Vec::new();
+    if let Some(root) = &settings.snapshot.static_resources_dir {
+        let name = manifest::archive_name(ts);
+        let dest = work.join(&name);
+        let root = root.clone();
+        let (size, sha256) =
+            tokio::task::spawn_blocking(move || static_resources::write_archive(&root, &dest)).await??;
+        files.push(plain_entry(name, size, sha256));
+    }
+    let name = manifest::snapshot_name(ts);
+    let started = Instant::now();
+    crate::notify::status(&format!(
+        "backing up {ts}: streaming the snapshot from {}",
+        member.shown()
+    ));
+    let taken = snapshot::take(member, &work.join(&name)).await?;
+    tracing::info!(
+        bytes = taken.verified.size,
+        sha256 = %taken.verified.sha256,
+        seconds = started.elapsed().as_secs_f64(),
+        "snapshot streamed and its trailer verified"
+    );
+    files.insert(0, plain_entry(name, taken.verified.size, taken.verified.sha256.clone()));
+    Ok((files, taken.revision))
 }
 
 fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry {

@@ -125,7 +125,7 @@ async fn check_sums(located: &Located) -> Result<()> {
 
 /// Checks the tar.gz stream fed through `rx` to its end: every member readable, gzip CRC
 /// and length correct.
-fn check_archive(reader: impl Read) -> Result<usize> {
+pub fn check_archive(reader: impl Read) -> Result<usize> {
     let mut gz = flate2::read::GzDecoder::new(reader);
     let mut count = 0;
     {

@@ -77,6 +77,10 @@ pub struct SnapshotInputs {
     /// Source of `static_kuberesources_<ts>.tar.gz`; empty means none (plain etcd).
     pub static_resources_dir: PathBuf,
     pub staging_dir: PathBuf,
+    /// `method = "script"`: how long the script may run before it is killed.
+    pub script_timeout: HumanDuration,
+    /// `method = "script"`: accept `__POSSIBLY_DIRTY__` files (`cluster-backup.sh --force`).
+    pub allow_dirty: bool,
 }
 
 impl Default for SnapshotInputs {
@@ -86,6 +90,8 @@ impl Default for SnapshotInputs {
             script: "/usr/local/bin/cluster-backup.sh".into(),
             static_resources_dir: "/etc/kubernetes".into(),
             staging_dir: "/var/lib/etcd-backupd".into(),
+            script_timeout: HumanDuration(std::time::Duration::from_secs(30 * 60)),
+            allow_dirty: false,
         }
     }
 }

@@ -93,6 +93,8 @@ pub struct SnapshotSettings {
     /// `None`: a plain etcd cluster, no static resources archive.
     pub static_resources_dir: Option<PathBuf>,
     pub staging_dir: PathBuf,
+    pub script_timeout: HumanDuration,
+    pub allow_dirty: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -382,17 +384,16 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
             "must be an absolute path, or \"\" for none",
         ));
     }
-    if s.method == SnapshotMethod::Script {
-        return Err(m.error_at(
-            "snapshot.method",
-            "\"script\" (cluster-backup.sh) is not implemented yet in this version; use \"native\"",
-        ));
+    if s.script_timeout.0.is_zero() {
+        return Err(m.error_at("snapshot.script_timeout", "must be above zero"));
     }
     let snapshot = SnapshotSettings {
         method: s.method,
         script: path("snapshot.script", &s.script)?,
         static_resources_dir,
         staging_dir,
+        script_timeout: s.script_timeout,
+        allow_dirty: s.allow_dirty,
     };
 
     // Features whose keys are part of the contract but which this version does not have:
@@ -738,9 +739,15 @@ mod tests {
     }
 
     #[test]
-    fn script_method_is_refused_and_empty_tls_paths_mean_unset() {
-        let e = load(&format!("{MIN}[snapshot]\nmethod = \"script\"\n")).unwrap_err();
-        assert!(e.starts_with("config.toml: snapshot.method: \"script\""), "{e}");
+    fn script_method_settings_and_empty_tls_paths_mean_unset() {
+        let s = load(&format!(
+            "{MIN}[snapshot]\nmethod = \"script\"\nscript_timeout = \"5m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.snapshot.method, SnapshotMethod::Script);
+        assert_eq!(s.snapshot.script_timeout.0, std::time::Duration::from_secs(300));
+        let e = load(&format!("{MIN}[snapshot]\nmethod = \"bash\"\n")).unwrap_err();
+        assert!(e.starts_with("config.toml: snapshot.method: "), "{e}");
         let s = load(&format!(
             "{MIN}[etcd]\nca_file = \"\"\ncert_file = \"\"\nkey_file = \"\"\n"
         ))

@@ -7,5 +7,6 @@ mod common;
 mod daemon;
 mod render;
 mod restore;
+mod script;
 mod servers;
 mod webdav;

@@ -1,0 +1,183 @@
+//! `snapshot.method = "script"`: the platform's own `cluster-backup.sh` takes the set, and
+//! etcd-backupd checks and ships it like one of its own.
+//!
+//! The script runs with the daemon's environment (so `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`
+//! from `/etc/mco/proxy.env` reach the `podman` pull it does), minus systemd's notify and
+//! watchdog variables (the script is not the service), at the process's I/O and CPU priority
+//! (children inherit both), into a fresh directory under staging, with
+//! `snapshot.script_timeout`. Every line it prints goes to the journal. Afterwards exactly
+//! one `snapshot_<ts>.db` and at most one `static_kuberesources_<ts>.tar.gz` must be there,
+//! with one timestamp; `__POSSIBLY_DIRTY__` files (its `--force`) are refused unless
+//! `snapshot.allow_dirty`. The snapshot's etcd trailer and the archive are verified before
+//! anything is shipped.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::AsyncBufReadExt;
+
+use crate::config::Settings;
+
+/// What the script produced, moved into the set's directory.
+pub struct Produced {
+    /// The timestamp in the script's file names (`%F_%H%M%S`), which becomes the set's id.
+    pub ts: String,
+    /// (name, size, sha256), the snapshot first.
+    pub files: Vec<(String, u64, String)>,
+}
+
+const DIRTY: &str = "__POSSIBLY_DIRTY__";
+
+/// Runs the script into `work/script-out/`, checks what it left, and moves the files into
+/// `work`.
+pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
+    let script = &settings.snapshot.script;
+    let out_dir = work.join("script-out");
+    let mut cmd = tokio::process::Command::new(script);
+    cmd.arg(&out_dir)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills what it started too (etcdctl, podman).
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("snapshot.script '{}': cannot run it", script.display()))?;
+    let (stdout, stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+    let last_line = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let relay = |stream: Box<dyn tokio::io::AsyncRead + Send + Unpin>, name: &'static str| {
+        let last = last_line.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(target: "cluster-backup.sh", stream = name, "{line}");
+                if !line.trim().is_empty() {
+                    *last.lock().unwrap() = line;
+                }
+            }
+        })
+    };
+    let out_task = relay(Box::new(stdout), "stdout");
+    let err_task = relay(Box::new(stderr), "stderr");
+    let timeout = settings.snapshot.script_timeout.0;
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(s) => s.context("snapshot.script: waiting for it failed")?,
+        Err(_) => {
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            bail!(
+                "snapshot.script '{}' did not finish within snapshot.script_timeout ({})",
+                script.display(),
+                humantime::format_duration(timeout)
+            );
+        }
+    };
+    let _ = tokio::join!(out_task, err_task);
+    if !status.success() {
+        let last = last_line.lock().unwrap().clone();
+        bail!(
+            "snapshot.script '{}' failed ({status}){}",
+            script.display(),
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!(": {last}")
+            }
+        );
+    }
+    let produced = collect(&out_dir, settings.snapshot.allow_dirty)?;
+    // Checked before anything is shipped: etcdctl 3.4 saves a corrupted stream without
+    // complaint.
+    let mut files = Vec::new();
+    for name in &produced.1 {
+        let from = out_dir.join(name);
+        let to = work.join(name);
+        let check = from.clone();
+        let is_snapshot = name.starts_with("snapshot");
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            if is_snapshot {
+                crate::snapshot::verify_file(&check)?;
+            } else {
+                let f = std::fs::File::open(&check)?;
+                crate::restore::check_archive(std::io::BufReader::new(f))
+                    .with_context(|| format!("'{}'", check.display()))?;
+            }
+            Ok(())
+        })
+        .await??;
+        std::fs::rename(&from, &to).with_context(|| format!("cannot move '{}' into the set", from.display()))?;
+        let (size, sha) = hash_file(&to)?;
+        files.push((name.clone(), size, sha));
+    }
+    std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let _ = std::fs::remove_dir_all(&out_dir);
+    Ok(Produced { ts: produced.0, files })
+}
+
+fn hash_file(p: &Path) -> Result<(u64, String)> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("cannot open '{}'", p.display()))?;
+    let mut h = crate::fsutil::HashingWriter::new(std::io::sink());
+    std::io::copy(&mut f, &mut h)?;
+    let (_, size, sha) = h.finish();
+    // The script writes 0600 already; make sure, the set's files are private.
+    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok((size, sha))
+}
+
+/// The timestamp and file names (snapshot first) the script left in `dir`.
+fn collect(dir: &Path, allow_dirty: bool) -> Result<(String, Vec<String>)> {
+    let mut snapshots = Vec::new();
+    let mut archives = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("the script left no '{}'", dir.display()))? {
+        let name = e?.file_name().to_string_lossy().to_string();
+        if let Some(rest) = name.strip_prefix("snapshot_").and_then(|r| r.strip_suffix(".db")) {
+            snapshots.push((rest.to_string(), name));
+        } else if let Some(rest) = name
+            .strip_prefix("static_kuberesources_")
+            .and_then(|r| r.strip_suffix(".tar.gz"))
+        {
+            archives.push((rest.to_string(), name));
+        } else {
+            tracing::warn!(file = %name, "ignoring an unexpected file the script left");
+        }
+    }
+    let [(ts, snapshot)] = <[_; 1]>::try_from(snapshots)
+        .map_err(|v: Vec<_>| anyhow!("the script left {} snapshot_*.db files, expected one", v.len()))?;
+    if archives.len() > 1 {
+        bail!(
+            "the script left {} static_kuberesources_*.tar.gz files, expected one",
+            archives.len()
+        );
+    }
+    if let Some((archive_ts, _)) = archives.first()
+        && archive_ts != &ts
+    {
+        bail!("the script's files carry two timestamps ({ts} and {archive_ts})");
+    }
+    let clean_ts = match ts.strip_suffix(DIRTY) {
+        Some(clean) if allow_dirty => {
+            tracing::warn!("the script marked this backup {DIRTY} (its --force skipped its checks)");
+            clean.to_string()
+        }
+        Some(_) => bail!(
+            "the script produced {DIRTY} files (its pre-checks were skipped); set snapshot.allow_dirty = true to accept them"
+        ),
+        None => ts.clone(),
+    };
+    if chrono::NaiveDateTime::parse_from_str(&clean_ts, crate::manifest::TS_FORMAT).is_err() {
+        bail!("the script's timestamp {clean_ts:?} is not %F_%H%M%S");
+    }
+    let mut names = vec![snapshot];
+    names.extend(archives.into_iter().map(|(_, n)| n));
+    Ok((clean_ts, names))
+}
