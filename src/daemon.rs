@@ -30,6 +30,8 @@ use crate::{etcd, guards, notify};
 const UPGRADE_POLL: Duration = Duration::from_secs(30);
 /// How soon a skipped after-upgrade backup is tried again.
 const UPGRADE_RETRY: Duration = Duration::from_secs(300);
+/// How often the import directories are looked at.
+const IMPORT_POLL: Duration = Duration::from_secs(60);
 /// How long a node waits for another holder of the run lock before giving the run up.
 const WAIT_FOR_HOLDER: Duration = Duration::from_secs(6 * 3600);
 
@@ -151,6 +153,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         node = %settings.node_name, "daemon started"
     );
     let mut next_drill = drills.as_ref().and_then(|d| d.next_at(Utc::now()));
+    let mut next_import = tokio::time::Instant::now();
 
     // Sets a previous daemon could not deliver are retried right away.
     let mut delivery_backoff = settings.delivery.retry_interval.0;
@@ -208,6 +211,13 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             if until.is_zero() {
                 break Wake::Slot;
             }
+            let to_import = if settings.import.dirs.is_empty() {
+                Duration::MAX
+            } else if tokio::time::Instant::now() >= next_import {
+                break Wake::Import;
+            } else {
+                next_import.saturating_duration_since(tokio::time::Instant::now())
+            };
             let to_drill = match next_drill {
                 Some(at) if at <= Utc::now() => break Wake::Drill,
                 Some(at) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
@@ -219,7 +229,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                 None => Duration::MAX,
             };
             tokio::select! {
-                _ = tokio::time::sleep(until.min(UPGRADE_POLL).min(to_delivery).min(to_drill)) => {}
+                _ = tokio::time::sleep(until.min(UPGRADE_POLL).min(to_delivery).min(to_drill).min(to_import)) => {}
                 _ = cv_changed.notified() => {
                     // Checked right away on the next turn of this loop.
                     next_upgrade_check = tokio::time::Instant::now();
@@ -251,6 +261,23 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                     Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the old one"),
                 }
                 notify::ready("reloaded");
+                continue;
+            }
+            Wake::Import => {
+                next_import = tokio::time::Instant::now() + IMPORT_POLL;
+                let cluster = settings.cluster_name.clone().unwrap_or_else(|| seed.clone());
+                if cluster.is_empty() {
+                    tracing::warn!("import.dirs needs cluster_name on a host that takes no backups");
+                } else if let Err(e) = crate::import::run(&settings, &cluster, &stop).await {
+                    tracing::error!(error = %crate::error::one_line(&e), "cannot import platform backup sets");
+                }
+                // Sets still owed to a target are retried by the delivery timer.
+                if crate::delivery::pending(&settings.snapshot.staging_dir).0 > 0 && next_delivery.is_none() {
+                    next_delivery = Some(tokio::time::Instant::now() + delivery_backoff);
+                }
+                if stop.is_cancelled() {
+                    break;
+                }
                 continue;
             }
             Wake::Drill => {
@@ -384,6 +411,7 @@ pub fn log_io_scheduler(settings: &Settings) {
 
 enum Wake {
     Slot,
+    Import,
     Deliver,
     Drill,
     Upgrade(String),

@@ -14,6 +14,7 @@
 //! - [`script`]: `method = "script"`, the platform's `cluster-backup.sh` run and checked.
 //! - [`snapshot`]: the native snapshot stream, hashed while it flows, its trailer verified.
 //! - [`static_resources`]: the `static_kuberesources_<ts>.tar.gz` archive.
+//! - [`import`]: the platform's own local backup sets, shipped like ours.
 //! - [`manifest`]: `manifest.json` and `SHA256SUMS`, what a set says about itself.
 //! - [`targets`]: where sets are stored, atomically; `file://` and HTTP/WebDAV.
 //! - [`delivery`]: staged sets owed to targets, delivered oldest first, bounded.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod etcd;
 pub mod fsutil;
 pub mod guards;
+pub mod import;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;

@@ -14,6 +14,8 @@ pub enum Trigger {
     Schedule,
     AfterUpgrade,
     Manual,
+    /// A set the platform wrote on the node (e.g. before an upgrade), shipped as it is.
+    Imported,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -373,7 +373,7 @@ async fn take_native(
     Ok((files, taken.revision))
 }
 
-fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry {
+pub(crate) fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry {
     FileEntry {
         stored_name: name.clone(),
         name,

@@ -33,6 +33,10 @@ pub struct State {
     /// Skipped runs by kind of reason.
     #[serde(default)]
     pub skips_total: BTreeMap<String, u64>,
+    /// Platform backup sets already imported (or found unusable), by path and size: each
+    /// is shipped once.
+    #[serde(default)]
+    pub imported: Vec<String>,
 }
 
 /// A short, stable label for a skip reason (the metrics' `reason`).

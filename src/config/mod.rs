@@ -19,8 +19,8 @@ use serde::Serialize;
 use url::Url;
 
 pub use inputs::{
-    DeliveryInputs, ElectionInputs, GuardsInputs, Inputs, IoClass, MetricsInputs, PriorityInputs, RetentionInputs,
-    ScheduleInputs, SnapshotMethod, VerifyInputs, VerifyUpload,
+    DeliveryInputs, ElectionInputs, GuardsInputs, ImportInputs, Inputs, IoClass, MetricsInputs, PriorityInputs,
+    RetentionInputs, ScheduleInputs, SnapshotMethod, VerifyInputs, VerifyUpload,
 };
 use load::Merged;
 use types::HumanDuration;
@@ -59,6 +59,7 @@ pub struct Settings {
     pub retention: RetentionInputs,
     pub delivery: DeliveryInputs,
     pub metrics: MetricsInputs,
+    pub import: ImportInputs,
     pub verify: VerifyInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetSettings>,
@@ -441,11 +442,8 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
             return Err(m.error_at(k, "must be above zero"));
         }
     }
-    if !inputs.import.dirs.is_empty() {
-        return Err(m.error_at(
-            "import.dirs",
-            "importing local backup sets is not implemented yet; use []",
-        ));
+    if let Some(bad) = inputs.import.dirs.iter().find(|d| !d.is_absolute()) {
+        return Err(m.error_at("import.dirs", format!("'{}' must be an absolute path", bad.display())));
     }
 
     // schedule and election: checked here so check-config catches them before the daemon.
@@ -603,6 +601,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         retention: inputs.retention,
         delivery: inputs.delivery,
         metrics: inputs.metrics,
+        import: inputs.import,
         verify: inputs.verify,
         targets,
         secret_files,

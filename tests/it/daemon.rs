@@ -543,3 +543,77 @@ fn a_restarted_daemon_delivers_what_a_down_target_left_pending() {
     // Only the one set: the daemon took no backup of its own.
     assert_eq!(std::fs::read_dir(mount.join("test")).unwrap().count(), 1);
 }
+
+#[test]
+fn platform_backup_sets_are_imported_once_and_verified_first() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 100, 100);
+    let w = Work::new();
+    let k8s = w.path().join("etc-kubernetes");
+    crate::common::static_pod_fixture(&k8s, 2);
+    let import = w.path().join("cluster-backup");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cluster-backup.sh");
+    // What the platform leaves before upgrades, made by the stand-in of its script: one good
+    // set, one whose snapshot was corrupted in transit (a second later: its own timestamp).
+    let take = |dir: &str, corrupt: bool| {
+        let mut cmd = Command::new(&script);
+        cmd.arg(import.join(dir))
+            .env("STANDIN_ENDPOINT", &etcd.endpoint)
+            .env("STANDIN_K8S_DIR", &k8s);
+        if corrupt {
+            cmd.env("STANDIN_CORRUPT", "1");
+        }
+        assert!(cmd.output().unwrap().status.success());
+    };
+    take("upgrade-backup-a", false);
+    std::thread::sleep(Duration::from_millis(1100));
+    take("upgrade-backup-b", true);
+    let good: Vec<String> = std::fs::read_dir(import.join("upgrade-backup-a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let snapshot = good.iter().find(|n| n.starts_with("snapshot_")).unwrap().clone();
+    let id = snapshot
+        .trim_start_matches("snapshot_")
+        .trim_end_matches(".db")
+        .to_string();
+
+    let extra = format!("{}\n[import]\ndirs = [\"{}\"]\n", file_target(&w), import.display());
+    let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &extra);
+    let sets = w.target_root().join("test");
+    let mut d = Daemon::start(&cfg, w.path().join("daemon-1.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("cannot import a platform backup set") || !sets.join(&id).join("manifest.json").exists() {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.log().contains("snapshot trailer mismatch"), "{}", d.log());
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    // Only the good set, under its original names and timestamp, marked imported.
+    assert_eq!(std::fs::read_dir(&sets).unwrap().count(), 1);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sets.join(&id).join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["trigger"], "imported");
+    for name in &good {
+        assert_eq!(
+            std::fs::read(sets.join(&id).join(name)).unwrap(),
+            std::fs::read(import.join("upgrade-backup-a").join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    crate::common::assert_sha256sums(&sets.join(&id));
+    // The platform's own files stay where they were.
+    assert!(import.join("upgrade-backup-a").join(&snapshot).is_file());
+
+    // A restarted daemon imports nothing again.
+    let mut d = Daemon::start(&cfg, w.path().join("daemon-2.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !d.log().contains("waiting for the next run") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    assert!(!d.log().contains("import"), "{}", d.log());
+    assert_eq!(std::fs::read_dir(&sets).unwrap().count(), 1);
+}

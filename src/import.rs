@@ -1,0 +1,218 @@
+//! `[import] dirs`: ship the platform's own local backups off the node. Before a minor
+//! upgrade OpenShift writes a set with `cluster-backup.sh` on one control-plane node, under
+//! `/etc/kubernetes/cluster-backup/` (e.g. `upgrade-backup-<ts>/`), and nothing copies it off
+//! the host. Each directory named here, and each directory directly inside it, holding
+//! exactly one `snapshot_<ts>.db` (and at most one `static_kuberesources_<ts>.tar.gz` with
+//! the same timestamp) is a set: its files are copied into staging (the originals stay),
+//! verified (etcd's trailer, the archive readable), and delivered like a set of ours, with
+//! trigger `imported`, their original names, and the timestamp as id. Each is imported once:
+//! its path and size are remembered in `state.json`, as are sets that fail verification
+//! (logged once, not retried every poll).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+
+use crate::config::Settings;
+use crate::manifest::{self, EtcdInfo, MANIFEST, Manifest, SHA256SUMS, ToolInfo, Trigger};
+use crate::state::State;
+use crate::{delivery, fsutil};
+
+/// A platform set found on disk.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub dir: PathBuf,
+    pub ts: String,
+    /// Snapshot first.
+    pub files: Vec<String>,
+    /// What identifies it in `state.imported`.
+    pub key: String,
+}
+
+fn set_in(dir: &Path) -> Option<Found> {
+    let mut snapshots = Vec::new();
+    let mut archives = Vec::new();
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(ts) = name.strip_prefix("snapshot_").and_then(|r| r.strip_suffix(".db")) {
+            snapshots.push((ts.to_string(), name));
+        } else if let Some(ts) = name
+            .strip_prefix("static_kuberesources_")
+            .and_then(|r| r.strip_suffix(".tar.gz"))
+        {
+            archives.push((ts.to_string(), name));
+        }
+    }
+    let [(ts, snapshot)] = <[_; 1]>::try_from(snapshots).ok()?;
+    let mut files = vec![snapshot.clone()];
+    match archives.as_slice() {
+        [] => {}
+        [(a_ts, a)] if *a_ts == ts => files.push(a.clone()),
+        _ => return None,
+    }
+    let size = std::fs::metadata(dir.join(&snapshot)).ok()?.len();
+    Some(Found {
+        key: format!("{}:{size}", dir.join(&snapshot).display()),
+        dir: dir.to_path_buf(),
+        ts,
+        files,
+    })
+}
+
+/// The platform sets under the configured directories that were not imported yet.
+pub fn scan(settings: &Settings) -> Vec<Found> {
+    let done = State::load(&settings.snapshot.staging_dir).imported;
+    let mut found = Vec::new();
+    for root in &settings.import.dirs {
+        let mut dirs = vec![root.clone()];
+        if let Ok(entries) = std::fs::read_dir(root) {
+            let mut subs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+            subs.sort();
+            dirs.extend(subs);
+        }
+        found.extend(dirs.iter().filter_map(|d| set_in(d)));
+    }
+    found.retain(|f| !done.contains(&f.key));
+    found
+}
+
+fn remember(settings: &Settings, key: &str) {
+    let staging = &settings.snapshot.staging_dir;
+    let mut state = State::load(staging);
+    if !state.imported.iter().any(|k| k == key) {
+        state.imported.push(key.to_string());
+        if let Err(e) = state.save(staging) {
+            tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+        }
+    }
+}
+
+/// Copies and verifies one platform set into `sets/<ts>/`, owed to every target.
+async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo) -> Result<()> {
+    let staging = &settings.snapshot.staging_dir;
+    let id = found.ts.clone();
+    if chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT).is_err() {
+        bail!("timestamp {id:?} is not %F_%H%M%S");
+    }
+    let sets_root = delivery::sets_root(staging);
+    if sets_root.join(&id).exists() {
+        bail!("a set with id {id} is already in staging");
+    }
+    let work = staging
+        .join("tmp")
+        .join(format!("import-{id}-{:08x}", rand::random::<u32>()));
+    fsutil::create_private_dir(&work)?;
+    let result = async {
+        let mut files = Vec::new();
+        for name in &found.files {
+            let (from, to) = (found.dir.join(name), work.join(name));
+            let is_snapshot = name.starts_with("snapshot_");
+            let entry = tokio::task::spawn_blocking(move || -> Result<_> {
+                let (size, sha) = fsutil::copy_private(&from, &to, None)?;
+                if is_snapshot {
+                    crate::snapshot::verify_file(&to)?;
+                } else {
+                    let f = std::fs::File::open(&to)?;
+                    crate::restore::check_archive(std::io::BufReader::new(f))
+                        .with_context(|| format!("'{}'", from.display()))?;
+                }
+                Ok((size, sha))
+            })
+            .await??;
+            files.push(crate::pipeline::plain_entry(name.clone(), entry.0, entry.1));
+        }
+        let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
+            .map(|t| t.and_utc())
+            .unwrap_or_else(|_| Utc::now());
+        let m = Manifest {
+            format_version: manifest::FORMAT_VERSION,
+            id: id.clone(),
+            created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            cluster_name: cluster.to_string(),
+            trigger: Trigger::Imported,
+            node: settings.node_name.clone(),
+            etcd,
+            // The platform's set does not say which release it was taken on.
+            openshift: None,
+            files,
+            tool: ToolInfo::this(),
+        };
+        fsutil::write_private_file(&work.join(SHA256SUMS), m.sha256sums().as_bytes())?;
+        fsutil::write_private_file(&work.join(MANIFEST), m.to_json().as_bytes())?;
+        let names: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
+        delivery::mark(&work, &names)?;
+        fsutil::fsync_dir(&work)?;
+        fsutil::rename_noreplace(&work, &sets_root.join(&id))
+            .with_context(|| format!("cannot move the set into '{}'", sets_root.join(&id).display()))?;
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        fsutil::remove_dir_quietly(&work);
+    }
+    result
+}
+
+/// Imports every new platform set, then runs a delivery pass. Returns how many were staged.
+pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::CancellationToken) -> Result<usize> {
+    let found = scan(settings);
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let staging = &settings.snapshot.staging_dir;
+    crate::pipeline::prepare_staging(staging)?;
+    fsutil::create_private_dir(&staging.join("tmp"))?;
+    fsutil::create_private_dir(&delivery::sets_root(staging))?;
+    let Some(lock) = fsutil::try_lock(&staging.join("lock"))? else {
+        return Ok(0); // a backup runs; the next poll imports
+    };
+    // The member's identity for the manifest, when etcd answers; the revision is unknown.
+    let etcd = match tokio::time::timeout(
+        settings.etcd.connect_timeout.0 + settings.etcd.request_timeout.0,
+        crate::etcd::connect_first(&settings.etcd),
+    )
+    .await
+    {
+        Ok(Ok((member, status))) => EtcdInfo {
+            endpoint: member.shown().to_string(),
+            member_id: crate::etcd::hex_id(status.member_id),
+            cluster_id: crate::etcd::hex_id(status.cluster_id),
+            version: status.version.clone(),
+            revision: 0,
+            db_size: status.db_size,
+        },
+        _ => EtcdInfo {
+            endpoint: "unknown".into(),
+            member_id: "unknown".into(),
+            cluster_id: "unknown".into(),
+            version: "unknown".into(),
+            revision: 0,
+            db_size: 0,
+        },
+    };
+    let mut staged = 0;
+    for f in &found {
+        match stage(settings, f, cluster, etcd.clone()).await {
+            Ok(()) => {
+                tracing::info!(path = %f.dir.display(), backup_id = %f.ts, "imported a platform backup set; delivering it");
+                staged += 1;
+            }
+            Err(e) => tracing::error!(
+                path = %f.dir.display(), error = %crate::error::one_line(&e),
+                "cannot import a platform backup set; it is not tried again"
+            ),
+        }
+        remember(settings, &f.key);
+    }
+    drop(lock);
+    if staged > 0 {
+        let retried = delivery::retry(settings, abort).await?;
+        tracing::info!(
+            delivered = retried.delivered,
+            pending = retried.pending,
+            "imported sets delivered"
+        );
+    }
+    Ok(staged)
+}
