@@ -65,6 +65,9 @@ pub enum Command {
         /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
         #[arg(long)]
         force: bool,
+        /// age identity file (private key) for an encrypted set; must not be group/other readable.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
         /// The target to read (default: the first).
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
@@ -76,6 +79,9 @@ pub enum Command {
         /// Also restore it into a throwaway etcd on loopback (a restore drill).
         #[arg(long)]
         deep: bool,
+        /// age identity file (private key) for an encrypted set; must not be group/other readable.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
         /// The target to read (default: the first).
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
@@ -207,13 +213,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             allow_version_mismatch,
             force,
             target,
+            identity,
         } => {
             let settings = Settings::load(&cli.config)?;
-            fetch(&settings, id, to, *allow_version_mismatch, *force, target.as_deref()).await
+            let identity = read_identity(identity.as_deref())?;
+            fetch(
+                &settings,
+                id,
+                to,
+                *allow_version_mismatch,
+                *force,
+                target.as_deref(),
+                identity,
+            )
+            .await
         }
-        Command::Verify { id, deep, target, json } => {
+        Command::Verify {
+            id,
+            deep,
+            target,
+            json,
+            identity,
+        } => {
             let settings = Settings::load(&cli.config)?;
-            verify(&settings, id, *deep, target.as_deref(), *json).await
+            let identity = read_identity(identity.as_deref().or(settings.verify.identity_file.as_deref()))?;
+            verify(&settings, id, *deep, target.as_deref(), *json, identity).await
         }
         Command::Prune { dry_run, force, target } => {
             let settings = Settings::load(&cli.config)?;
@@ -373,6 +397,15 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
     Ok(())
 }
 
+/// The text of an age identity file, refused when group or others can read it.
+pub fn read_identity(path: Option<&std::path::Path>) -> Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    config::check_secret_file(path).map_err(|e| Stop::Usage(format!("--identity: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Stop::Usage(format!("--identity: cannot read '{}': {e}", path.display())))?;
+    Ok(Some(text))
+}
+
 async fn fetch(
     settings: &Settings,
     id: &str,
@@ -380,9 +413,11 @@ async fn fetch(
     allow_version_mismatch: bool,
     force: bool,
     target: Option<&str>,
+    identity: Option<String>,
 ) -> Result<()> {
     use crate::restore;
-    let located = restore::locate(settings, target, id).await?;
+    let mut located = restore::locate(settings, target, id).await?;
+    located.identity = identity;
     let m = &located.manifest;
     let set_version = m.openshift.as_ref().and_then(|o| o.version.clone());
     match restore::running_version(settings).await {
@@ -452,9 +487,17 @@ async fn fetch(
     Ok(())
 }
 
-async fn verify(settings: &Settings, id: &str, deep: bool, target: Option<&str>, json: bool) -> Result<()> {
+async fn verify(
+    settings: &Settings,
+    id: &str,
+    deep: bool,
+    target: Option<&str>,
+    json: bool,
+    identity: Option<String>,
+) -> Result<()> {
     use crate::restore;
-    let located = restore::locate(settings, target, id).await?;
+    let mut located = restore::locate(settings, target, id).await?;
+    located.identity = identity;
     let checked = restore::verify(&located).await?;
     let drill = if deep {
         let result = restore::drill(settings, &located).await;

@@ -282,7 +282,13 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
             Wake::Drill => {
                 notify::status("restore drill of the newest set");
-                let located = crate::restore::locate(&settings, None, "latest").await;
+                let located = match crate::cli::read_identity(settings.verify.identity_file.as_deref()) {
+                    Ok(identity) => crate::restore::locate(&settings, None, "latest").await.map(|mut l| {
+                        l.identity = identity;
+                        l
+                    }),
+                    Err(e) => Err(e),
+                };
                 let (id, result) = match located {
                     Ok(l) => (
                         l.manifest.id.clone(),

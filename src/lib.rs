@@ -15,6 +15,7 @@
 //! - [`snapshot`]: the native snapshot stream, hashed while it flows, its trailer verified.
 //! - [`static_resources`]: the `static_kuberesources_<ts>.tar.gz` archive.
 //! - [`import`]: the platform's own local backup sets, shipped like ours.
+//! - [`envelope`]: zstd compression and age encryption of stored files.
 //! - [`manifest`]: `manifest.json` and `SHA256SUMS`, what a set says about itself.
 //! - [`targets`]: where sets are stored, atomically; `file://` and HTTP/WebDAV.
 //! - [`delivery`]: staged sets owed to targets, delivered oldest first, bounded.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod delivery;
 pub mod election;
+pub mod envelope;
 pub mod error;
 pub mod etcd;
 pub mod fsutil;

@@ -77,11 +77,14 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
         }
         None => settings.targets.iter().collect(),
     };
-    for t in chosen.iter().filter(|t| t.url.scheme() != "file") {
-        // Said on every run until encryption exists: the target sees every Secret.
+    for t in chosen
+        .iter()
+        .filter(|t| t.url.scheme() != "file" && !settings.encrypts())
+    {
+        // Said on every run: the target sees every Secret.
         tracing::warn!(
             target_name = %t.name,
-            "uploading the snapshot unencrypted to a remote target: it holds every Secret of the cluster; client-side encryption is not available in this version"
+            "uploading the snapshot unencrypted to a remote target: it holds every Secret of the cluster; set [encryption] age_recipients"
         );
     }
     Ok(chosen
@@ -307,6 +310,7 @@ async fn assemble(
     };
     let snapshot_duration = snap_started.elapsed();
     let id = id.as_str();
+    let files = seal_files(settings, work, files).await?;
 
     let manifest = Manifest {
         format_version: manifest::FORMAT_VERSION,
@@ -336,6 +340,42 @@ async fn assemble(
     fsutil::write_private_file(&work.join(MANIFEST), manifest.to_json().as_bytes())?;
     fsutil::fsync_dir(work)?;
     Ok((manifest, snapshot_duration))
+}
+
+/// Compresses and/or encrypts each verified file in `work` (see [`crate::envelope`]); the
+/// originals go, the manifest keeps their names, sizes and hashes.
+async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
+    let seal = settings.seal()?;
+    if seal.is_plain() {
+        return Ok(files);
+    }
+    let mut sealed = Vec::new();
+    for mut f in files {
+        let src = work.join(&f.stored_name);
+        let stored_name = format!("{}{}", f.name, seal.suffix());
+        let dst = work.join(&stored_name);
+        let (s2, started) = (seal.clone(), Instant::now());
+        crate::notify::status(&format!("sealing {stored_name}"));
+        let (size, sha) = tokio::task::spawn_blocking(move || {
+            let r = crate::envelope::seal_file(&src, &dst, &s2);
+            if r.is_ok() {
+                let _ = std::fs::remove_file(&src);
+            }
+            r
+        })
+        .await??;
+        tracing::info!(
+            file = %stored_name, original_bytes = f.size, stored_bytes = size,
+            seconds = started.elapsed().as_secs_f64(), "sealed"
+        );
+        f.stored_name = stored_name;
+        f.stored_size = size;
+        f.stored_sha256 = sha;
+        f.compression = if seal.zstd_level.is_some() { "zstd" } else { "none" }.into();
+        f.encryption = if seal.recipients.is_empty() { "none" } else { "age" }.into();
+        sealed.push(f);
+    }
+    Ok(sealed)
 }
 
 /// The native method: the archive (first, as cluster-backup.sh does: it is cheap and fails

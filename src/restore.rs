@@ -35,6 +35,8 @@ pub struct Located {
     pub target: Box<dyn Target>,
     pub cluster: String,
     pub manifest: Manifest,
+    /// The text of an age identity file, for encrypted sets.
+    pub identity: Option<String>,
 }
 
 /// Finds set `id` (or the newest, for `latest`) on the target named `target` (default: the
@@ -78,6 +80,7 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
         target: t,
         cluster: s.cluster,
         manifest: s.manifest,
+        identity: None,
     })
 }
 
@@ -147,12 +150,11 @@ pub fn check_archive(reader: impl Read) -> Result<usize> {
 /// Streams one file from the target, checking it; writes it to `out` when given.
 async fn check_file(located: &Located, f: &FileEntry, mut out: Option<&mut tokio::fs::File>) -> Result<CheckedFile> {
     if f.compression != "none" || f.encryption != "none" {
-        bail!(
-            "'{}' is stored with compression {:?} and encryption {:?}, which this version cannot read",
-            f.stored_name,
-            f.compression,
-            f.encryption
-        );
+        let std_out = match out {
+            Some(o) => Some(o.try_clone().await?.into_std().await),
+            None => None,
+        };
+        return check_sealed(located, f, std_out).await;
     }
     let m = &located.manifest;
     let mut reader = located
@@ -237,6 +239,122 @@ async fn check_file(located: &Located, f: &FileEntry, mut out: Option<&mut tokio
         sha256: sha,
         also,
     })
+}
+
+/// Counts and hashes what is read through it, failing past `cap` bytes.
+struct Tee<R> {
+    inner: R,
+    hash: Sha256,
+    size: u64,
+    cap: u64,
+    trailer: Option<crate::snapshot::TrailerCheck>,
+    out: Option<std::fs::File>,
+}
+
+impl<R: Read> Tee<R> {
+    fn new(inner: R, cap: u64) -> Self {
+        Tee {
+            inner,
+            hash: Sha256::new(),
+            size: 0,
+            cap,
+            trailer: None,
+            out: None,
+        }
+    }
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let chunk = &buf[..n];
+        self.size += n as u64;
+        if self.size > self.cap {
+            return Err(std::io::Error::other(format!(
+                "longer than the {} bytes the manifest records",
+                self.cap
+            )));
+        }
+        self.hash.update(chunk);
+        if let Some(t) = &mut self.trailer {
+            t.update(chunk);
+        }
+        if let Some(o) = &mut self.out {
+            std::io::Write::write_all(o, chunk)?;
+        }
+        Ok(n)
+    }
+}
+
+/// A compressed and/or encrypted file: the stored bytes are hashed as they arrive, then
+/// decrypted and decompressed on a blocking thread, and the original bytes checked (and
+/// written to `out`) like a plain file's.
+async fn check_sealed(located: &Located, f: &FileEntry, out: Option<std::fs::File>) -> Result<CheckedFile> {
+    let m = &located.manifest;
+    let reader = located
+        .target
+        .open_file(&located.cluster, &m.id, &f.stored_name)
+        .await?;
+    let (f2, identity) = (f.clone(), located.identity.clone());
+    let checked = tokio::task::spawn_blocking(move || -> Result<CheckedFile> {
+        let f = f2;
+        let mut stored = Tee::new(tokio_util::io::SyncIoBridge::new(reader), f.stored_size);
+        let (size, sha, also) = {
+            let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
+            let mut plain = Tee::new(plain, f.size);
+            plain.out = out;
+            if f.name.starts_with("snapshot_") {
+                plain.trailer = Some(crate::snapshot::TrailerCheck::default());
+            }
+            let also = if f.name.starts_with("static_kuberesources_") {
+                let members = check_archive(&mut plain)?;
+                std::io::copy(&mut plain, &mut std::io::sink())?;
+                Some(format!("readable tar.gz, {members} entries"))
+            } else {
+                std::io::copy(&mut plain, &mut std::io::sink())?;
+                None
+            };
+            let also = match plain.trailer.take() {
+                Some(t) => {
+                    t.finish()?;
+                    Some("etcd's snapshot trailer verified".to_string())
+                }
+                None => also,
+            };
+            if let Some(o) = plain.out.take() {
+                o.sync_all()?;
+            }
+            (plain.size, hex::encode(plain.hash.clone().finalize()), also)
+        };
+        // Whatever follows the end of the compressed or encrypted stream is read too.
+        std::io::copy(&mut stored, &mut std::io::sink())?;
+        let stored_sha = hex::encode(stored.hash.finalize());
+        if stored.size != f.stored_size || stored_sha != f.stored_sha256 {
+            bail!(
+                "'{}' is {} bytes with SHA-256 {stored_sha}, the manifest records {} bytes with {}: the file was altered or corrupted",
+                f.stored_name,
+                stored.size,
+                f.stored_size,
+                f.stored_sha256
+            );
+        }
+        if size != f.size || sha != f.sha256 {
+            bail!(
+                "'{}' opens to {size} bytes with SHA-256 {sha}, the manifest records {} bytes with {}",
+                f.stored_name,
+                f.size,
+                f.sha256
+            );
+        }
+        Ok(CheckedFile {
+            name: f.name.clone(),
+            size,
+            sha256: sha,
+            also,
+        })
+    })
+    .await?;
+    checked.with_context(|| format!("'{}'", f.stored_name))
 }
 
 /// `verify`: streams the whole set and checks it, writing nothing.

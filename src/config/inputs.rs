@@ -204,6 +204,8 @@ pub struct VerifyInputs {
     pub bin_dir: Option<PathBuf>,
     /// Where a drill restores the snapshot; empty = the system's temporary directory.
     pub scratch_dir: Option<PathBuf>,
+    /// age identity for drills of encrypted sets (a secret: 0600).
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

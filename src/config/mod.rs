@@ -19,8 +19,8 @@ use serde::Serialize;
 use url::Url;
 
 pub use inputs::{
-    DeliveryInputs, ElectionInputs, GuardsInputs, ImportInputs, Inputs, IoClass, MetricsInputs, PriorityInputs,
-    RetentionInputs, ScheduleInputs, SnapshotMethod, VerifyInputs, VerifyUpload,
+    CompressionInputs, DeliveryInputs, ElectionInputs, EncryptionInputs, GuardsInputs, ImportInputs, Inputs, IoClass,
+    MetricsInputs, PriorityInputs, RetentionInputs, ScheduleInputs, SnapshotMethod, VerifyInputs, VerifyUpload,
 };
 use load::Merged;
 use types::HumanDuration;
@@ -60,6 +60,8 @@ pub struct Settings {
     pub delivery: DeliveryInputs,
     pub metrics: MetricsInputs,
     pub import: ImportInputs,
+    pub compression: CompressionInputs,
+    pub encryption: EncryptionInputs,
     pub verify: VerifyInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetSettings>,
@@ -138,6 +140,26 @@ impl TargetSettings {
 }
 
 impl Settings {
+    /// How stored files are sealed; reads `encryption.age_recipients_file`.
+    pub fn seal(&self) -> anyhow::Result<crate::envelope::Seal> {
+        let mut recipients = self.encryption.age_recipients.clone();
+        if let Some(p) = &self.encryption.age_recipients_file {
+            recipients.extend(
+                crate::envelope::read_recipients_file(p)
+                    .map_err(|e| anyhow::anyhow!("encryption.age_recipients_file: {e:#}"))?,
+            );
+        }
+        Ok(crate::envelope::Seal {
+            zstd_level: (self.compression.zstd_level > 0).then_some(self.compression.zstd_level),
+            recipients,
+        })
+    }
+
+    /// Are stored sets encrypted?
+    pub fn encrypts(&self) -> bool {
+        !self.encryption.age_recipients.is_empty() || self.encryption.age_recipients_file.is_some()
+    }
+
     /// The `[retention]` policy.
     pub fn retention_policy(&self) -> crate::retention::Policy {
         let r = &self.retention;
@@ -400,47 +422,22 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     // Features whose keys are part of the contract but which this version does not have:
     // refusing a non-default value is safer than silently ignoring it (an operator who asks
     // for encryption must never get plaintext without knowing).
-    if inputs.compression.zstd_level != 0 {
+    if !(0..=22).contains(&inputs.compression.zstd_level) {
         return Err(m.error_at(
             "compression.zstd_level",
-            "compression is not implemented yet in this version; use 0",
+            format!(
+                "{} is not a zstd level: 0 (off) or 1 to 22",
+                inputs.compression.zstd_level
+            ),
         ));
     }
-    if !inputs.encryption.age_recipients.is_empty() || inputs.encryption.age_recipients_file.is_some() {
-        return Err(m.error_at(
-            "encryption",
-            "encryption is not implemented yet in this version; remove the keys",
-        ));
+    for (i, r) in inputs.encryption.age_recipients.iter().enumerate() {
+        crate::envelope::parse_recipient(r).map_err(|e| m.error_at(&format!("encryption.age_recipients[{i}]"), e))?;
     }
-    if !inputs.verify.schedule.is_empty() {
-        crate::schedule::Schedule::new(
-            &inputs.verify.schedule,
-            &inputs.schedule.timezone,
-            std::time::Duration::ZERO,
-        )
-        .map_err(|e| m.error_at("verify.schedule", e))?;
-    }
-    if let Some(listen) = &inputs.metrics.listen
-        && listen.parse::<std::net::SocketAddr>().is_err()
+    if let Some(p) = &inputs.encryption.age_recipients_file
+        && !p.is_absolute()
     {
-        return Err(m.error_at(
-            "metrics.listen",
-            format!("{listen:?} is not ADDRESS:PORT (e.g. \"127.0.0.1:9979\")"),
-        ));
-    }
-    if inputs.metrics.textfile.as_ref().is_some_and(|p| !p.is_absolute()) {
-        return Err(m.error_at("metrics.textfile", "must be an absolute path"));
-    }
-    if inputs.retention.max_age.is_some_and(|d| d.0.is_zero()) {
-        return Err(m.error_at("retention.max_age", "must be above zero (leave it out for no cap)"));
-    }
-    for (k, d) in [
-        ("delivery.retry_interval", inputs.delivery.retry_interval),
-        ("delivery.retry_max", inputs.delivery.retry_max),
-    ] {
-        if d.0.is_zero() {
-            return Err(m.error_at(k, "must be above zero"));
-        }
+        return Err(m.error_at("encryption.age_recipients_file", "must be an absolute path"));
     }
     if let Some(bad) = inputs.import.dirs.iter().find(|d| !d.is_absolute()) {
         return Err(m.error_at("import.dirs", format!("'{}' must be an absolute path", bad.display())));
@@ -602,6 +599,8 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         delivery: inputs.delivery,
         metrics: inputs.metrics,
         import: inputs.import,
+        compression: inputs.compression,
+        encryption: inputs.encryption,
         verify: inputs.verify,
         targets,
         secret_files,
@@ -761,10 +760,11 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_features_are_refused_not_ignored() {
+    fn bad_recipients_and_levels_are_refused() {
         let e = load(&format!("{MIN}[encryption]\nage_recipients = [\"age1x\"]\n")).unwrap_err();
-        assert!(e.contains("not implemented yet"), "{e}");
-        let e = load(&format!("{MIN}[compression]\nzstd_level = 3\n")).unwrap_err();
+        assert!(e.starts_with("config.toml: encryption.age_recipients[0]:"), "{e}");
+        assert!(e.contains("not an age recipient"), "{e}");
+        let e = load(&format!("{MIN}[compression]\nzstd_level = 23\n")).unwrap_err();
         assert!(e.starts_with("config.toml: compression.zstd_level:"), "{e}");
     }
 

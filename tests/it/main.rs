@@ -8,5 +8,6 @@ mod daemon;
 mod render;
 mod restore;
 mod script;
+mod seal;
 mod servers;
 mod webdav;

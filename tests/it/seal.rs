@@ -1,0 +1,210 @@
+//! Compressed and encrypted sets: what lands on the target opens with the standard `age` and
+//! `zstd` tools to the bytes `SHA256SUMS` names, and `fetch` restores the originals.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{Etcd, Work, run, static_pod_fixture};
+
+fn sh(cmd: &str) -> Vec<u8> {
+    let out = Command::new("bash")
+        .args(["-c", cmd])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// name -> sha256 from a SHA256SUMS file.
+fn sums(set: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(set.join("SHA256SUMS"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (h, n) = l.split_once("  ").unwrap();
+            (n.to_string(), h.to_string())
+        })
+        .collect()
+}
+
+fn only_set(w: &Work) -> (PathBuf, String) {
+    let sets = w.sets();
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    let id = sets[0].file_name().unwrap().to_str().unwrap().to_string();
+    (sets[0].clone(), id)
+}
+
+#[test]
+fn sealed_sets_open_with_age_and_zstd_and_fetch_restores_the_originals() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 2000, 300);
+    etcd.put(None, "/kubernetes.io/secrets/default/db", "super-secret-value-1234");
+    let w = Work::new();
+    let k8s = w.path().join("etc-kubernetes");
+    static_pod_fixture(&k8s, 5);
+    let key = w.path().join("age.key");
+    sh(&format!("age-keygen -o {} 2>/dev/null", key.display()));
+    let recipient = String::from_utf8(sh(&format!("age-keygen -y {}", key.display()))).unwrap();
+    let ssh_key = w.path().join("id_ed25519");
+    sh(&format!("ssh-keygen -q -t ed25519 -N '' -f {}", ssh_key.display()));
+    let ssh_pub = std::fs::read_to_string(ssh_key.with_extension("pub")).unwrap();
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        &format!(
+            "\n[compression]\nzstd_level = 3\n\n[encryption]\nage_recipients = [\"{}\", \"{}\"]\n",
+            recipient.trim(),
+            ssh_pub.trim()
+        ),
+    );
+    w.set_static_resources_dir(&k8s);
+    let r = run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let (set, id) = only_set(&w);
+    let snap = format!("snapshot_{id}.db");
+    let archive = format!("static_kuberesources_{id}.tar.gz");
+    let stored_snap = set.join(format!("{snap}.zst.age"));
+    let stored_archive = set.join(format!("{archive}.zst.age"));
+    assert!(stored_snap.is_file() && stored_archive.is_file());
+    assert!(!set.join(&snap).exists());
+    // The target sees ciphertext only.
+    let bytes = std::fs::read(&stored_snap).unwrap();
+    assert!(bytes.starts_with(b"age-encryption.org/v1\n"));
+    assert!(!bytes.windows(23).any(|w| w == b"super-secret-value-1234"));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["files"][0]["compression"], "zstd");
+    assert_eq!(m["files"][0]["encryption"], "age");
+    assert_eq!(m["files"][0]["stored_sha256"], hex::encode(Sha256::digest(&bytes)));
+
+    // The standard tools open it, with either identity, to the bytes SHA256SUMS names.
+    let want = sums(&set);
+    for identity in [&key, &ssh_key] {
+        for (stored, name) in [(&stored_snap, &snap), (&stored_archive, &archive)] {
+            let plain = sh(&format!(
+                "age -d -i {} {} | zstd -d -c",
+                identity.display(),
+                stored.display()
+            ));
+            assert_eq!(hex::encode(Sha256::digest(&plain)), want[name.as_str()], "{name}");
+        }
+    }
+    let ratio = std::fs::metadata(&stored_snap).unwrap().len() as f64 / m["files"][0]["size"].as_f64().unwrap();
+    assert!(ratio < 0.9, "a snapshot of repetitive values compresses: {ratio}");
+
+    // fetch: without the identity it says what is missing; with a readable-by-all one it refuses.
+    let dir = w.path().join("restore");
+    let r = run(&[
+        "fetch",
+        &id,
+        "--to",
+        dir.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("--identity"), "{}", r.stderr);
+    assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = run(&[
+        "fetch",
+        &id,
+        "--to",
+        dir.to_str().unwrap(),
+        "--identity",
+        key.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("readable by group or others"), "{}", r.stderr);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = run(&[
+        "fetch",
+        &id,
+        "--to",
+        dir.to_str().unwrap(),
+        "--identity",
+        key.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut expected = vec![snap.clone(), archive.clone()];
+    expected.sort();
+    assert_eq!(names, expected);
+    for name in &names {
+        let got = hex::encode(Sha256::digest(std::fs::read(dir.join(name)).unwrap()));
+        assert_eq!(got, want[name.as_str()], "{name}");
+    }
+    let r = run(&[
+        "verify",
+        &id,
+        "--identity",
+        ssh_key.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("etcd's snapshot trailer verified"), "{}", r.stdout);
+    // A wrong identity is told apart from a damaged file.
+    let other = w.path().join("other.key");
+    sh(&format!(
+        "age-keygen -o {} 2>/dev/null && chmod 600 {}",
+        other.display(),
+        other.display()
+    ));
+    let r = run(&[
+        "verify",
+        &id,
+        "--identity",
+        other.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("cannot decrypt"), "{}", r.stderr);
+}
+
+#[test]
+fn compression_alone_opens_with_zstd() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 500, 300);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "\n[compression]\nzstd_level = 3\n");
+    let r = run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let (set, id) = only_set(&w);
+    let stored = set.join(format!("snapshot_{id}.db.zst"));
+    let plain = sh(&format!("zstd -d -c {}", stored.display()));
+    assert_eq!(
+        hex::encode(Sha256::digest(&plain)),
+        sums(&set)[&format!("snapshot_{id}.db")]
+    );
+    let dir = w.path().join("restore");
+    let r = run(&[
+        "fetch",
+        "latest",
+        "--to",
+        dir.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(std::fs::read(dir.join(format!("snapshot_{id}.db"))).unwrap(), plain);
+    // One flipped byte of the compressed file is caught.
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&stored, &bytes).unwrap();
+    let r = run(&["verify", &id, "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.all());
+}
