@@ -5,6 +5,7 @@ mod backup;
 mod cli_config;
 mod common;
 mod daemon;
+mod props;
 mod render;
 mod restore;
 mod script;
