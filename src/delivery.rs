@@ -80,9 +80,10 @@ pub fn scan(staging: &Path) -> Vec<Staged> {
             .and_then(|b| Manifest::parse(&b));
         let manifest = match manifest {
             Ok(m) if entry.file_name().to_str() == Some(m.id.as_str()) => m,
+            // Left alone (a newer format, or damage): readers must never delete, and a
+            // set is only ever moved here complete.
             _ => {
-                tracing::warn!(path = %dir.display(), "removing an incomplete set from staging");
-                fsutil::remove_dir_quietly(&dir);
+                tracing::warn!(path = %dir.display(), "skipping an unreadable set in staging");
                 continue;
             }
         };
@@ -100,6 +101,11 @@ pub fn scan(staging: &Path) -> Vec<Staged> {
     }
     sets.sort_by(|a, b| a.set.manifest.id.cmp(&b.set.manifest.id));
     sets
+}
+
+/// Bytes of every complete set in staging (delivered or not).
+pub fn staged_bytes(staging: &Path) -> u64 {
+    scan(staging).iter().map(Staged::bytes).sum()
 }
 
 /// How many staged sets still wait for a target, and their bytes.
@@ -330,6 +336,10 @@ pub fn make_room(staging: &Path, needed: u64, free: impl Fn() -> Result<u64>) ->
         return Ok(available);
     }
     let sets = scan(staging);
+    // Nothing is dropped when dropping everything would still not be enough.
+    if available + sets.iter().map(Staged::bytes).sum::<u64>() < needed {
+        return Ok(available);
+    }
     let (pending, delivered): (Vec<_>, Vec<_>) = sets.into_iter().partition(|s| !s.pending.is_empty());
     for s in delivered.iter().chain(pending.iter()) {
         if available >= needed {

@@ -216,7 +216,13 @@ pub fn parse_cluster_version(raw: &[u8]) -> ClusterVersion {
         tracing::warn!("the ClusterVersion object in etcd is not JSON; ignoring it");
         return ClusterVersion::default();
     };
-    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
+    // Empty or odd values would make the manifest unreadable later: treat them as absent.
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(|x| x.as_str())
+            .filter(|x| !x.is_empty() && !x.chars().any(char::is_control))
+            .map(str::to_string)
+    };
     ClusterVersion {
         version: s("/status/desired/version"),
         cluster_id: s("/spec/clusterID"),

@@ -19,6 +19,11 @@ use crate::manifest::{self, EtcdInfo, MANIFEST, Manifest, SHA256SUMS, ToolInfo, 
 use crate::state::State;
 use crate::{delivery, fsutil};
 
+/// A set whose files fail verification: remembered, so it is not tried again.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unusable(String);
+
 /// A platform set found on disk.
 #[derive(Debug, Clone)]
 pub struct Found {
@@ -110,13 +115,15 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             let is_snapshot = name.starts_with("snapshot_");
             let entry = tokio::task::spawn_blocking(move || -> Result<_> {
                 let (size, sha) = fsutil::copy_private(&from, &to, None)?;
-                if is_snapshot {
-                    crate::snapshot::verify_file(&to)?;
+                let verified = if is_snapshot {
+                    crate::snapshot::verify_file(&to).map(|_| ())
                 } else {
-                    let f = std::fs::File::open(&to)?;
-                    crate::restore::check_archive(std::io::BufReader::new(f))
-                        .with_context(|| format!("'{}'", from.display()))?;
-                }
+                    std::fs::File::open(&to)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|f| crate::restore::check_archive(std::io::BufReader::new(f)).map(|_| ()))
+                        .with_context(|| format!("'{}'", from.display()))
+                };
+                verified.map_err(|e| anyhow::Error::new(Unusable(crate::error::one_line(&e))))?;
                 Ok((size, sha))
             })
             .await??;
@@ -198,10 +205,19 @@ pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::C
                 tracing::info!(path = %f.dir.display(), backup_id = %f.ts, "imported a platform backup set; delivering it");
                 staged += 1;
             }
-            Err(e) => tracing::error!(
-                path = %f.dir.display(), error = %crate::error::one_line(&e),
-                "cannot import a platform backup set; it is not tried again"
-            ),
+            Err(e) if e.downcast_ref::<Unusable>().is_some() => {
+                tracing::error!(
+                    path = %f.dir.display(), error = %crate::error::one_line(&e),
+                    "cannot import a platform backup set: it fails verification; it is not tried again"
+                );
+                remember(settings, &f.key);
+                continue;
+            }
+            // Disk full, an id already staged...: tried again at the next poll.
+            Err(e) => {
+                tracing::error!(path = %f.dir.display(), error = %crate::error::one_line(&e), "cannot import a platform backup set now");
+                continue;
+            }
         }
         remember(settings, &f.key);
     }

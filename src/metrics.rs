@@ -140,7 +140,14 @@ pub async fn serve(addr: &str, staging: std::path::PathBuf, stop: CancellationTo
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = tokio::select! {
-                s = listener.accept() => match s { Ok(s) => s, Err(_) => continue },
+                s = listener.accept() => match s {
+                    Ok(s) => s,
+                    // Out of file descriptors, say: do not spin.
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
                 _ = stop.cancelled() => return,
             };
             let staging = staging.clone();

@@ -189,6 +189,9 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         "connected to etcd"
     );
 
+    let needed = settings.guards.min_free_space.required(status.db_size);
+    delivery::make_room(staging, needed, || fsutil::free_space(staging))?;
+
     let openshift = match member.cluster_version().await {
         Ok(cv) => cv,
         Err(e) => {
@@ -230,16 +233,22 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             return Err(e);
         }
     };
+    // The script method names the set after the script's own timestamp.
+    let id = manifest.id.clone();
+    // Owed to every target chosen for this run, recorded before the set becomes visible in
+    // sets/ (a set there without it would count as delivered); a delivery pass then stores
+    // the sets still waiting in staging, oldest first, this one last.
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    if let Err(e) = delivery::mark(&work, &names) {
+        fsutil::remove_dir_quietly(&work);
+        return Err(e);
+    }
     let staged_dir = sets_root.join(&id);
     if let Err(e) = fsutil::rename_noreplace(&work, &staged_dir) {
         fsutil::remove_dir_quietly(&work);
         bail!("cannot move the set into '{}': {e}", staged_dir.display());
     }
     fsutil::fsync_dir(&sets_root)?;
-    // Owed to every target chosen for this run; a delivery pass then stores the sets still
-    // waiting in staging, oldest first, this one last.
-    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    delivery::mark(&staged_dir, &names)?;
     let mut opened = BTreeMap::new();
     for (sel, preflight) in targets.into_iter().zip(unusable) {
         let usable = match (sel.target, preflight) {

@@ -98,6 +98,28 @@ pub fn ignition(settings: &Settings, opts: &Options) -> Result<(Value, Vec<Strin
             paths.join(", ")
         ));
     }
+    // Files the configuration names on the node that are not secrets: not embedded, so say so.
+    let mut node_files: Vec<String> = Vec::new();
+    for t in &settings.targets {
+        node_files.extend(
+            [&t.ca_file, &t.client_cert_file]
+                .into_iter()
+                .flatten()
+                .map(|p| p.display().to_string()),
+        );
+    }
+    node_files.extend(
+        [&settings.encryption.age_recipients_file, &settings.verify.identity_file]
+            .into_iter()
+            .flatten()
+            .map(|p| p.display().to_string()),
+    );
+    if !node_files.is_empty() {
+        warnings.push(format!(
+            "the configuration names these node-side files, which are not in the MachineConfig: {}",
+            node_files.join(", ")
+        ));
+    }
     let config = json!({
         "ignition": {"version": opts.ignition_version},
         "storage": {"files": files},

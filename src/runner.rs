@@ -154,10 +154,10 @@ async fn check_guards(
     status: &etcd::MemberStatus,
 ) -> Result<Option<String>> {
     let facts = guards::gather(member).await?;
-    // Staged sets must never be what stops the next backup: drop them first if they would.
+    // Staged sets must never be what stops the next backup: the space they hold counts as
+    // free here; the runner drops them (see `delivery::make_room`) only once it has won.
     let staging = &settings.snapshot.staging_dir;
-    let needed = settings.guards.min_free_space.required(status.db_size);
-    let free = crate::delivery::make_room(staging, needed, || staging_free(staging))?;
+    let free = staging_free(staging)? + crate::delivery::staged_bytes(staging);
     Ok(guards::check(settings, &facts, status, free, Utc::now()))
 }
 

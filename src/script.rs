@@ -39,6 +39,8 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
+        // Its `date` names the files; set ids are UTC (RHCOS runs in UTC anyway).
+        .env("TZ", "UTC")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -48,6 +50,9 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
     let mut child = cmd
         .spawn()
         .with_context(|| format!("snapshot.script '{}': cannot run it", script.display()))?;
+    // Whatever the script started dies with the run: on return, error, or a dropped future
+    // (SIGTERM, a lost election lock).
+    let _group = child.id().map(GroupKiller);
     let (stdout, stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
     let last_line = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let relay = |stream: Box<dyn tokio::io::AsyncRead + Send + Unpin>, name: &'static str| {
@@ -68,12 +73,7 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
     let status = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(s) => s.context("snapshot.script: waiting for it failed")?,
         Err(_) => {
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            kill_group(child.id());
             let _ = child.kill().await;
             bail!(
                 "snapshot.script '{}' did not finish within snapshot.script_timeout ({})",
@@ -82,7 +82,12 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
             );
         }
     };
-    let _ = tokio::join!(out_task, err_task);
+    // A child left behind may hold the pipes open: do not wait for it.
+    kill_group(child.id());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = tokio::join!(out_task, err_task);
+    })
+    .await;
     if !status.success() {
         let last = last_line.lock().unwrap().clone();
         bail!(
@@ -122,6 +127,24 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
     std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let _ = std::fs::remove_dir_all(&out_dir);
     Ok(Produced { ts: produced.0, files })
+}
+
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Kills the script's process group when dropped.
+struct GroupKiller(u32);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        kill_group(Some(self.0));
+    }
 }
 
 fn hash_file(p: &Path) -> Result<(u64, String)> {

@@ -419,9 +419,6 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         allow_dirty: s.allow_dirty,
     };
 
-    // Features whose keys are part of the contract but which this version does not have:
-    // refusing a non-default value is safer than silently ignoring it (an operator who asks
-    // for encryption must never get plaintext without knowing).
     if !(0..=22).contains(&inputs.compression.zstd_level) {
         return Err(m.error_at(
             "compression.zstd_level",
@@ -438,6 +435,42 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         && !p.is_absolute()
     {
         return Err(m.error_at("encryption.age_recipients_file", "must be an absolute path"));
+    }
+    if !inputs.verify.schedule.is_empty() {
+        crate::schedule::Schedule::new(
+            &inputs.verify.schedule,
+            &inputs.schedule.timezone,
+            std::time::Duration::ZERO,
+        )
+        .map_err(|e| m.error_at("verify.schedule", e))?;
+    }
+    if let Some(listen) = &inputs.metrics.listen
+        && listen.parse::<std::net::SocketAddr>().is_err()
+    {
+        return Err(m.error_at(
+            "metrics.listen",
+            format!("{listen:?} is not ADDRESS:PORT (e.g. \"127.0.0.1:9979\")"),
+        ));
+    }
+    if inputs.metrics.textfile.as_ref().is_some_and(|p| !p.is_absolute()) {
+        return Err(m.error_at("metrics.textfile", "must be an absolute path"));
+    }
+    if inputs.retention.max_age.is_some_and(|d| d.0.is_zero()) {
+        return Err(m.error_at("retention.max_age", "must be above zero (leave it out for no cap)"));
+    }
+    if inputs.delivery.max_pending == 0 {
+        return Err(m.error_at(
+            "delivery.max_pending",
+            "must be at least 1 (the set just taken waits there when a target is down)",
+        ));
+    }
+    for (k, d) in [
+        ("delivery.retry_interval", inputs.delivery.retry_interval),
+        ("delivery.retry_max", inputs.delivery.retry_max),
+    ] {
+        if d.0.is_zero() {
+            return Err(m.error_at(k, "must be above zero"));
+        }
     }
     if let Some(bad) = inputs.import.dirs.iter().find(|d| !d.is_absolute()) {
         return Err(m.error_at("import.dirs", format!("'{}' must be an absolute path", bad.display())));
@@ -757,6 +790,22 @@ mod tests {
     fn empty_static_resources_dir_means_none() {
         let s = load(&format!("{MIN}[snapshot]\nstatic_resources_dir = \"\"\n")).unwrap();
         assert!(s.snapshot.static_resources_dir.is_none());
+    }
+
+    #[test]
+    fn delivery_metrics_and_drill_keys_are_checked() {
+        for (text, key) in [
+            ("[delivery]\nmax_pending = 0\n", "delivery.max_pending"),
+            ("[delivery]\nretry_interval = \"0s\"\n", "delivery.retry_interval"),
+            ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
+            ("[metrics]\ntextfile = \"rel.prom\"\n", "metrics.textfile"),
+            ("[retention]\nmax_age = \"0s\"\n", "retention.max_age"),
+            ("[verify]\nschedule = \"every night\"\n", "verify.schedule"),
+            ("[import]\ndirs = [\"rel\"]\n", "import.dirs"),
+        ] {
+            let e = load(&format!("{MIN}{text}")).unwrap_err();
+            assert!(e.starts_with(&format!("config.toml: {key}:")), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -47,8 +47,17 @@ fn the_platform_script_produces_a_complete_verified_set() {
     let k8s = w.path().join("etc-kubernetes");
     static_pod_fixture(&k8s, 4);
     let cfg = script_config(&w, &etcd, &fixture(), "");
-    let r = backup(&cfg, &etcd, &k8s, &[]);
+    // The script's timestamp is a second or more after the run started, and the node's zone
+    // is not UTC: the set is still named and staged by the script's UTC timestamp.
+    let started = chrono::Utc::now();
+    let r = backup(
+        &cfg,
+        &etcd,
+        &k8s,
+        &[("STANDIN_DELAY_START", "1.2"), ("TZ", "America/New_York")],
+    );
     assert_eq!(r.code, 0, "{}", r.all());
+    assert!(w.staged().iter().all(|(_, p)| p.is_empty()), "{:?}", w.staged());
     // The script's output reached the log line by line.
     assert!(
         r.stderr
@@ -77,6 +86,14 @@ fn the_platform_script_produces_a_complete_verified_set() {
     crate::common::assert_sha256sums(&sets[0]);
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(sets[0].join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["id"], id.as_str());
+    let at = chrono::NaiveDateTime::parse_from_str(&id, "%F_%H%M%S")
+        .unwrap()
+        .and_utc();
+    assert!(
+        at > started && at < started + chrono::TimeDelta::seconds(60),
+        "{id} vs {started}"
+    );
+    assert_eq!(w.staged(), vec![(id.clone(), vec![])]);
     assert!(m["etcd"]["revision"].as_i64().unwrap() > 0);
     let out = std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
