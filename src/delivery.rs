@@ -215,32 +215,25 @@ pub async fn pass(
                 still.push(name.clone());
                 continue;
             };
-            let target = match opened {
-                Ok(t) => t,
-                Err(e) => {
-                    down.entry(name.clone()).or_insert_with(|| e.clone());
-                    still.push(name.clone());
-                    results.push(Delivered {
-                        id: m.id.clone(),
-                        cluster: m.cluster_name.clone(),
-                        target: name.clone(),
-                        location: String::new(),
-                        result: Err(e.clone()),
-                    });
-                    continue;
-                }
+            // A target that cannot be opened, or failed earlier in this pass, is not tried.
+            let skipped = match (opened, down.get(name)) {
+                (Err(e), _) => Some(e.clone()),
+                (Ok(_), Some(why)) => Some(format!("not tried: the target failed earlier in this pass ({why})")),
+                (Ok(_), None) => None,
             };
-            if let Some(why) = down.get(name) {
+            if let Some(why) = skipped {
+                down.entry(name.clone()).or_insert_with(|| why.clone());
                 still.push(name.clone());
                 results.push(Delivered {
                     id: m.id.clone(),
                     cluster: m.cluster_name.clone(),
                     target: name.clone(),
                     location: String::new(),
-                    result: Err(format!("not tried: the target failed earlier in this pass ({why})")),
+                    result: Err(why),
                 });
                 continue;
             }
+            let Ok(target) = opened else { continue };
             let location = target.describe(&m.cluster_name, &m.id);
             crate::notify::status(&format!("storing {} on target '{name}'", m.id));
             let result = if abort.is_cancelled() {
