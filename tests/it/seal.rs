@@ -155,6 +155,27 @@ fn sealed_sets_open_with_age_and_zstd_and_fetch_restores_the_originals() {
     ]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.contains("etcd's snapshot trailer verified"), "{}", r.stdout);
+    // The private key appears in no output and no file etcd-backupd wrote.
+    let secret_key = std::fs::read_to_string(&key).unwrap();
+    let secret_line = secret_key
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap()
+        .to_string();
+    for out in [&r.stdout, &r.stderr] {
+        assert!(!out.contains(&secret_line));
+    }
+    for f in Work::files_under(w.path())
+        .into_iter()
+        .filter(|p| p.is_file() && *p != key && !p.starts_with(w.path().join("restore")))
+    {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(secret_line.len()).any(|x| x == secret_line.as_bytes()),
+            "{}",
+            f.display()
+        );
+    }
     // A wrong identity is told apart from a damaged file.
     let other = w.path().join("other.key");
     sh(&format!(
