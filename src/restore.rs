@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::config::Settings;
 use crate::error::Stop;
@@ -147,98 +147,14 @@ pub fn check_archive(reader: impl Read) -> Result<usize> {
     Ok(count)
 }
 
-/// Streams one file from the target, checking it; writes it to `out` when given.
-async fn check_file(located: &Located, f: &FileEntry, mut out: Option<&mut tokio::fs::File>) -> Result<CheckedFile> {
-    if f.compression != "none" || f.encryption != "none" {
-        let std_out = match out {
-            Some(o) => Some(o.try_clone().await?.into_std().await),
-            None => None,
-        };
-        return check_sealed(located, f, std_out).await;
-    }
-    let m = &located.manifest;
-    let mut reader = located
-        .target
-        .open_file(&located.cluster, &m.id, &f.stored_name)
-        .await?;
-    let is_snapshot = f.name.starts_with("snapshot_");
-    let mut trailer = is_snapshot.then(crate::snapshot::TrailerCheck::default);
-    // The archive check reads through a pipe on a blocking thread, so nothing is buffered.
-    let (mut archive_tx, archive_job) = if f.name.starts_with("static_kuberesources_") {
-        // A duplex pipe: dropping either end ends the other (EOF, or a broken pipe).
-        let (tx, rx) = tokio::io::duplex(1 << 20);
-        let job = tokio::task::spawn_blocking(move || check_archive(tokio_util::io::SyncIoBridge::new(rx)));
-        (Some(tx), Some(job))
-    } else {
-        (None, None)
-    };
-    let mut hash = Sha256::new();
-    let mut size = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    let streamed: Result<()> = async {
-        loop {
-            let n = reader.read(&mut buf).await.context("download failed")?;
-            if n == 0 {
-                break;
-            }
-            let chunk = &buf[..n];
-            size += n as u64;
-            if size > f.stored_size {
-                bail!("longer than the {} bytes the manifest records", f.stored_size);
-            }
-            hash.update(chunk);
-            if let Some(t) = &mut trailer {
-                t.update(chunk);
-            }
-            if let Some(tx) = &mut archive_tx {
-                // A broken pipe means the checker already failed; its error is reported.
-                if tx.write_all(chunk).await.is_err() {
-                    archive_tx = None;
-                }
-            }
-            if let Some(out) = out.as_deref_mut() {
-                out.write_all(chunk).await.context("cannot write")?;
-            }
-        }
-        Ok(())
-    }
-    .await;
-    drop(archive_tx);
-    let archive = match archive_job {
-        Some(job) => Some(job.await?),
+/// Streams one file from the target, checking it; writes the original bytes to `out` when
+/// given.
+async fn check_file(located: &Located, f: &FileEntry, out: Option<&mut tokio::fs::File>) -> Result<CheckedFile> {
+    let std_out = match out {
+        Some(o) => Some(o.try_clone().await?.into_std().await),
         None => None,
     };
-    streamed.with_context(|| format!("'{}'", f.stored_name))?;
-    let sha = hex::encode(hash.finalize());
-    if size != f.stored_size {
-        bail!(
-            "'{}' is {size} bytes, the manifest records {}: truncated",
-            f.stored_name,
-            f.stored_size
-        );
-    }
-    if sha != f.stored_sha256 || sha != f.sha256 {
-        bail!(
-            "'{}' has SHA-256 {sha}, the manifest records {}: the file was altered or corrupted",
-            f.stored_name,
-            f.stored_sha256
-        );
-    }
-    let also = if let Some(t) = trailer {
-        t.finish().with_context(|| format!("'{}'", f.stored_name))?;
-        Some("etcd's snapshot trailer verified".to_string())
-    } else if let Some(a) = archive {
-        let members = a.with_context(|| format!("'{}'", f.stored_name))?;
-        Some(format!("readable tar.gz, {members} entries"))
-    } else {
-        None
-    };
-    Ok(CheckedFile {
-        name: f.name.clone(),
-        size,
-        sha256: sha,
-        also,
-    })
+    check_stream(located, f, std_out).await
 }
 
 /// Counts and hashes what is read through it, failing past `cap` bytes.
@@ -286,10 +202,10 @@ impl<R: Read> Read for Tee<R> {
     }
 }
 
-/// A compressed and/or encrypted file: the stored bytes are hashed as they arrive, then
-/// decrypted and decompressed on a blocking thread, and the original bytes checked (and
-/// written to `out`) like a plain file's.
-async fn check_sealed(located: &Located, f: &FileEntry, out: Option<std::fs::File>) -> Result<CheckedFile> {
+/// One file, plain or sealed, on a blocking thread: the stored bytes are counted and hashed
+/// as they arrive; then (decrypted and decompressed when sealed) the original bytes are
+/// counted, hashed, checked for etcd's trailer or as a tar.gz, and written to `out`.
+async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::File>) -> Result<CheckedFile> {
     let m = &located.manifest;
     let reader = located
         .target
@@ -299,7 +215,7 @@ async fn check_sealed(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
     let checked = tokio::task::spawn_blocking(move || -> Result<CheckedFile> {
         let f = f2;
         let mut stored = Tee::new(tokio_util::io::SyncIoBridge::new(reader), f.stored_size);
-        let (size, sha, also) = {
+        let (size, sha, (also, trailer)) = {
             let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
             let mut plain = Tee::new(plain, f.size);
             plain.out = out;
@@ -314,17 +230,11 @@ async fn check_sealed(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
                 std::io::copy(&mut plain, &mut std::io::sink())?;
                 None
             };
-            let also = match plain.trailer.take() {
-                Some(t) => {
-                    t.finish()?;
-                    Some("etcd's snapshot trailer verified".to_string())
-                }
-                None => also,
-            };
             if let Some(o) = plain.out.take() {
                 o.sync_all()?;
             }
-            (plain.size, hex::encode(plain.hash.clone().finalize()), also)
+            let trailer = plain.trailer.take();
+            (plain.size, hex::encode(plain.hash.clone().finalize()), (also, trailer))
         };
         // Whatever follows the end of the compressed or encrypted stream is read too.
         std::io::copy(&mut stored, &mut std::io::sink())?;
@@ -346,6 +256,14 @@ async fn check_sealed(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
                 f.sha256
             );
         }
+        // Checked after the hashes: a file altered on the target is reported as such.
+        let also = match trailer {
+            Some(t) => {
+                t.finish()?;
+                Some("etcd's snapshot trailer verified".to_string())
+            }
+            None => also,
+        };
         Ok(CheckedFile {
             name: f.name.clone(),
             size,
@@ -382,10 +300,8 @@ pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile,
             temps.push(tmp.clone());
             let mut file = tokio::fs::File::from_std(std_file);
             crate::notify::status(&format!("fetching {}", f.stored_name));
+            // Written and fsynced by the check itself.
             let c = check_file(located, f, Some(&mut file)).await?;
-            file.sync_all()
-                .await
-                .with_context(|| format!("cannot write '{}'", tmp.display()))?;
             checked.push((c, dir.join(&f.name)));
         }
         for (tmp, (_, dest)) in temps.iter().zip(&checked) {

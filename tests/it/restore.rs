@@ -87,6 +87,11 @@ fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chrono::Utc>) 
     id
 }
 
+/// `cli` with `--config cfg` appended.
+fn cli_cfg(list: &[&str], cfg: &Path) -> Run {
+    cli(&args(list, cfg).iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn names_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|e| e.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
@@ -160,12 +165,12 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
     assert_eq!(names_in(&root.join("test")), before);
 
     // `list` shows the same reasons.
-    let r = cli(&args(&["list"], &cfg).iter().map(String::as_str).collect::<Vec<_>>());
+    let r = cli_cfg(&["list"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     let line = r.stdout.lines().find(|l| l.contains("2026-11-15_023000")).unwrap();
     assert!(line.ends_with("keep: weekly 2026-W46"), "{line}");
 
-    let r = cli(&args(&["prune"], &cfg).iter().map(String::as_str).collect::<Vec<_>>());
+    let r = cli_cfg(&["prune"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     let want = [
         ".2026-11-25_023000.partial-node-b-0000abcd", // another node's, still fresh
@@ -187,7 +192,7 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
     other_sorted.sort();
     assert_eq!(names_in(&root.join("other")), other_sorted);
     // Pruning again is a no-op.
-    let r = cli(&args(&["prune"], &cfg).iter().map(String::as_str).collect::<Vec<_>>());
+    let r = cli_cfg(&["prune"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(names_in(&root.join("test")), want);
 
@@ -202,7 +207,7 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
         None,
         "\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 0\n",
     );
-    let r = cli(&args(&["prune"], &strict).iter().map(String::as_str).collect::<Vec<_>>());
+    let r = cli_cfg(&["prune"], &strict);
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(
         r.stderr.contains("newest backup") && r.stderr.contains("failed"),
