@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::fsutil;
 use crate::manifest::{MANIFEST, Manifest};
-use crate::targets::{self, StagedSet, Target};
+use crate::targets::{self, Draft, Sent, StagedSet, Target};
 
 const DELIVERY_FILE: &str = ".delivery.json";
 
@@ -189,11 +189,14 @@ pub async fn apply_retention(
 
 /// One delivery pass over every staged set, oldest first. `opened` are the targets usable in
 /// this pass by name; a name mapped to an error fails at once with that error. Targets no
-/// longer configured are dropped from the sets owed to them.
+/// longer configured are dropped from the sets owed to them. `early` are sets already
+/// begun on a target (the pipelined upload of a run), by target name: they are finished
+/// when their set comes up, and removed if it is not delivered in this pass.
 pub async fn pass(
     settings: &Settings,
     opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
     abort: &CancellationToken,
+    mut early: BTreeMap<String, Early>,
 ) -> Vec<Delivered> {
     let staging = &settings.snapshot.staging_dir;
     let mut down: BTreeMap<String, String> = BTreeMap::new();
@@ -236,12 +239,21 @@ pub async fn pass(
             let Ok(target) = opened else { continue };
             let location = target.describe(&m.cluster_name, &m.id);
             crate::notify::status(&format!("storing {} on target '{name}'", m.id));
-            let result = if abort.is_cancelled() {
-                Err(anyhow::anyhow!("the run was stopped before this target was written"))
-            } else {
-                target
-                    .put_set(&m.cluster_name, &settings.node_name, &staged.set, abort)
-                    .await
+            let begun = match early.get(name) {
+                Some(e) if e.draft.id == m.id => early.remove(name),
+                _ => None,
+            };
+            let result = match begun {
+                _ if abort.is_cancelled() => Err(anyhow::anyhow!("the run was stopped before this target was written")),
+                Some(e) => {
+                    let draft = e.settle(name).await;
+                    target.finish_set(draft, &staged.set, abort).await
+                }
+                None => {
+                    target
+                        .put_set(&m.cluster_name, &settings.node_name, &staged.set, abort)
+                        .await
+                }
             };
             let result = match result {
                 Err(e) if !abort.is_cancelled() && already_there(target.as_ref(), &staged.set).await => {
@@ -276,7 +288,49 @@ pub async fn pass(
             }
         }
     }
+    discard_drafts(opened, early).await;
     results
+}
+
+/// A set begun on a target before its snapshot was taken, and the upload that follows the
+/// snapshot into it.
+pub struct Early {
+    pub draft: Draft,
+    pub sent: tokio::sync::oneshot::Receiver<Result<Sent>>,
+}
+
+impl Early {
+    /// Waits for the upload that follows the snapshot; the draft then lists it if it
+    /// succeeded (otherwise the file is stored from staging like any other).
+    async fn settle(self, target_name: &str) -> Draft {
+        let mut draft = self.draft;
+        match self.sent.await {
+            Ok(Ok(sent)) => draft.sent.push(sent),
+            Ok(Err(e)) => tracing::warn!(
+                target_name = %target_name, error = %crate::error::one_line(&e),
+                "the upload that followed the snapshot failed; the file is stored from staging"
+            ),
+            // No snapshot file was handed over.
+            Err(_) => {}
+        }
+        draft
+    }
+}
+
+/// Removes drafts that will not be finished, once their uploads have ended (best effort:
+/// a leftover is debris the next run removes).
+pub async fn discard_drafts(
+    opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
+    early: BTreeMap<String, Early>,
+) {
+    for (name, e) in early {
+        let draft = e.settle(&name).await;
+        if let Some(Ok(target)) = opened.get(&name)
+            && let Err(e) = target.discard(draft).await
+        {
+            tracing::warn!(target_name = %name, error = %crate::error::one_line(&e), "cannot remove an unfinished upload");
+        }
+    }
 }
 
 /// Opens the named targets for a pass.
@@ -381,7 +435,7 @@ pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Ret
         .flat_map(|s| s.pending.iter().map(String::as_str))
         .collect();
     let opened = open_targets(settings, names);
-    let results = pass(settings, &opened, abort).await;
+    let results = pass(settings, &opened, abort, BTreeMap::new()).await;
     if !abort.is_cancelled() {
         apply_retention(settings, &opened, &results).await;
     }

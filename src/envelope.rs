@@ -1,7 +1,8 @@
 //! Compression and encryption of stored files: `snapshot_<ts>.db` becomes
 //! `snapshot_<ts>.db.zst` (zstd), `.age` (age, to the configured public keys), or
-//! `.zst.age` (compressed, then encrypted). Sealing happens in staging after the snapshot's
-//! trailer verified, so a node keeps only public keys and a target sees only ciphertext;
+//! `.zst.age` (compressed, then encrypted). The snapshot is sealed as it streams (see
+//! [`crate::snapshot`]), other files in staging; a node keeps only public keys and a target
+//! sees only ciphertext;
 //! opening is streamed (`fetch`, `verify`), with the identity given on the command line.
 //! Both tools' formats are standard: `age -d` and `zstd -d` open what is stored.
 
@@ -24,6 +25,16 @@ pub struct Seal {
 impl Seal {
     pub fn is_plain(&self) -> bool {
         self.zstd_level.is_none() && self.recipients.is_empty()
+    }
+
+    /// The manifest's `compression` value.
+    pub fn compression(&self) -> &'static str {
+        if self.zstd_level.is_some() { "zstd" } else { "none" }
+    }
+
+    /// The manifest's `encryption` value.
+    pub fn encryption(&self) -> &'static str {
+        if self.recipients.is_empty() { "none" } else { "age" }
     }
 
     /// `.zst`, `.age` or `.zst.age`.
@@ -80,8 +91,73 @@ pub fn read_recipients_file(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// A writer that seals what goes through it: zstd, then age, as configured.
+pub enum Sealer<W: Write> {
+    Plain(W),
+    Zstd(zstd::Encoder<'static, W>),
+    Age(age::stream::StreamWriter<W>),
+    ZstdAge(zstd::Encoder<'static, age::stream::StreamWriter<W>>),
+}
+
+impl<W: Write> Sealer<W> {
+    pub fn new(out: W, seal: &Seal) -> Result<Self> {
+        let encryptor = if seal.recipients.is_empty() {
+            None
+        } else {
+            let parsed: Vec<Box<dyn age::Recipient + Send>> = seal
+                .recipients
+                .iter()
+                .map(|r| parse_recipient(r).map_err(|e| anyhow!("encryption: {e}")))
+                .collect::<Result<_>>()?;
+            Some(
+                age::Encryptor::with_recipients(parsed.iter().map(|r| r.as_ref() as &dyn age::Recipient))
+                    .map_err(|e| anyhow!("encryption: {e}"))?,
+            )
+        };
+        Ok(match (seal.zstd_level, encryptor) {
+            (None, None) => Sealer::Plain(out),
+            (Some(level), None) => Sealer::Zstd(zstd_encoder(out, level)?),
+            (None, Some(e)) => Sealer::Age(e.wrap_output(out)?),
+            (Some(level), Some(e)) => Sealer::ZstdAge(zstd_encoder(e.wrap_output(out)?, level)?),
+        })
+    }
+
+    /// Writes the final frames and returns the inner writer.
+    pub fn finish(self) -> std::io::Result<W> {
+        match self {
+            Sealer::Plain(w) => Ok(w),
+            Sealer::Zstd(z) => z.finish(),
+            Sealer::Age(a) => a.finish(),
+            Sealer::ZstdAge(z) => z.finish()?.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Sealer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sealer::Plain(w) => w.write(buf),
+            Sealer::Zstd(z) => z.write(buf),
+            Sealer::Age(a) => a.write(buf),
+            Sealer::ZstdAge(z) => z.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sealer::Plain(w) => w.flush(),
+            Sealer::Zstd(z) => z.flush(),
+            Sealer::Age(a) => a.flush(),
+            Sealer::ZstdAge(z) => z.flush(),
+        }
+    }
+}
+
 /// Writes `src` sealed to `dst` (0600). Returns the stored size and SHA-256.
 pub fn seal_file(src: &Path, dst: &Path, seal: &Seal) -> Result<(u64, String)> {
+    if seal.is_plain() {
+        bail!("nothing to seal");
+    }
     let mut input = std::io::BufReader::with_capacity(
         1 << 20,
         std::fs::File::open(src).with_context(|| format!("cannot open '{}'", src.display()))?,
@@ -90,39 +166,9 @@ pub fn seal_file(src: &Path, dst: &Path, seal: &Seal) -> Result<(u64, String)> {
         1 << 20,
         fsutil::create_private_file(dst)?,
     ));
-    let encryptor = if seal.recipients.is_empty() {
-        None
-    } else {
-        let parsed: Vec<Box<dyn age::Recipient + Send>> = seal
-            .recipients
-            .iter()
-            .map(|r| parse_recipient(r).map_err(|e| anyhow!("encryption: {e}")))
-            .collect::<Result<_>>()?;
-        Some(
-            age::Encryptor::with_recipients(parsed.iter().map(|r| r.as_ref() as &dyn age::Recipient))
-                .map_err(|e| anyhow!("encryption: {e}"))?,
-        )
-    };
-    let level = seal.zstd_level.unwrap_or(3);
-    let out = match (seal.zstd_level.is_some(), encryptor) {
-        (true, None) => {
-            let mut z = zstd_encoder(out, level)?;
-            std::io::copy(&mut input, &mut z)?;
-            z.finish()?
-        }
-        (false, Some(e)) => {
-            let mut w = e.wrap_output(out)?;
-            std::io::copy(&mut input, &mut w)?;
-            w.finish()?
-        }
-        (true, Some(e)) => {
-            let mut z = zstd_encoder(e.wrap_output(out)?, level)?;
-            std::io::copy(&mut input, &mut z)?;
-            z.finish()?.finish()?
-        }
-        (false, None) => bail!("nothing to seal"),
-    };
-    let (buffered, size, sha) = out.finish();
+    let mut sealer = Sealer::new(out, seal)?;
+    std::io::copy(&mut input, &mut sealer)?;
+    let (buffered, size, sha) = sealer.finish()?.finish();
     let file = buffered.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     Ok((size, sha))

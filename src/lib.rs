@@ -12,7 +12,8 @@
 //! - [`pipeline`]: one backup, from etcd to every target, at the [`priority`] configured.
 //! - [`etcd`]: a client bound to one configured member (no discovery).
 //! - [`script`]: `method = "script"`, the platform's `cluster-backup.sh` run and checked.
-//! - [`snapshot`]: the native snapshot stream, hashed while it flows, its trailer verified.
+//! - [`snapshot`]: the native snapshot stream, hashed and sealed while it flows, its
+//!   trailer verified; [`growing`] lets uploads follow its file while it is written.
 //! - [`static_resources`]: the `static_kuberesources_<ts>.tar.gz` archive.
 //! - [`import`]: the platform's own local backup sets, shipped like ours.
 //! - [`envelope`]: zstd compression and age encryption of stored files.
@@ -33,6 +34,7 @@ pub mod envelope;
 pub mod error;
 pub mod etcd;
 pub mod fsutil;
+pub mod growing;
 pub mod guards;
 pub mod import;
 pub mod manifest;

@@ -1,7 +1,12 @@
-//! One backup run, the same for `backup` and (later) the daemon: connect to the configured
-//! etcd member, check free space, build the static resources archive, stream and verify the
+//! One backup run, the same for `backup` and the daemon: connect to the configured etcd
+//! member, check free space, build the static resources archive, stream and verify the
 //! snapshot into staging, write the manifest, then store the set on every target
 //! independently.
+//!
+//! Pipelined: the snapshot's upload to each target that owes nothing older starts with the
+//! stream and follows its staging file as it grows ([`crate::growing`]), so a run takes
+//! about as long as the slower of the two. The set is still moved into place only after the
+//! trailer and every hash verified; a failed verification aborts those uploads.
 //!
 //! Staging layout (`snapshot.staging_dir`, 0700):
 //! - `tmp/<id>-<random>/`: a set being assembled; leftovers are removed at the next run;
@@ -23,7 +28,8 @@ use crate::fsutil;
 use crate::manifest::{self, EtcdInfo, FileEntry, MANIFEST, Manifest, OpenShiftInfo, SHA256SUMS, ToolInfo, Trigger};
 use crate::snapshot;
 use crate::static_resources;
-use crate::targets::{self, Target};
+use crate::growing::Follower;
+use crate::targets::{self, Draft, Sent, Target};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -214,41 +220,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     let id = manifest::timestamp(created);
     let work = tmp_root.join(format!("{id}-{:08x}", rand::random::<u32>()));
     fsutil::create_private_dir(&work)?;
-    let assembled = assemble(
-        settings,
-        member,
-        &status,
-        &id,
-        created,
-        &cluster,
-        openshift,
-        opts.trigger,
-        &work,
-    )
-    .await;
-    let (manifest, snapshot_duration) = match assembled {
-        Ok(r) => r,
-        Err(e) => {
-            fsutil::remove_dir_quietly(&work);
-            return Err(e);
-        }
-    };
-    // The script method names the set after the script's own timestamp.
-    let id = manifest.id.clone();
-    // Owed to every target chosen for this run, recorded before the set becomes visible in
-    // sets/ (a set there without it would count as delivered); a delivery pass then stores
-    // the sets still waiting in staging, oldest first, this one last.
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    if let Err(e) = delivery::mark(&work, &names) {
-        fsutil::remove_dir_quietly(&work);
-        return Err(e);
-    }
-    let staged_dir = sets_root.join(&id);
-    if let Err(e) = fsutil::rename_noreplace(&work, &staged_dir) {
-        fsutil::remove_dir_quietly(&work);
-        bail!("cannot move the set into '{}': {e}", staged_dir.display());
-    }
-    fsutil::fsync_dir(&sets_root)?;
     let mut opened = BTreeMap::new();
     for (sel, preflight) in targets.into_iter().zip(unusable) {
         let usable = match (sel.target, preflight) {
@@ -257,31 +229,83 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         };
         opened.insert(sel.name, usable);
     }
-    let results = delivery::pass(settings, &opened, &opts.abort).await;
-    let outcomes: Vec<TargetOutcome> = names
-        .iter()
-        .map(|name| {
-            let mine = results.iter().find(|d| d.id == id && &d.target == name);
-            TargetOutcome {
-                name: name.clone(),
-                location: mine.map(|d| d.location.clone()).unwrap_or_default(),
-                result: mine
-                    .map(|d| d.result.clone())
-                    .unwrap_or_else(|| Err("not attempted".into())),
-            }
-        })
-        .collect();
-    if !opts.abort.is_cancelled() {
-        delivery::apply_retention(settings, &opened, &results).await;
+    // The snapshot's uploads run beside the rest of the run: they follow its staging file
+    // while it streams, and the delivery pass waits for each before it finishes that set.
+    let drafts = begin_early(settings, &opened, &cluster, &id).await;
+    let (follow_tx, follow_rx) = tokio::sync::oneshot::channel();
+    let mut uploads = BTreeMap::new();
+    let mut early = BTreeMap::new();
+    for (name, draft) in drafts {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        uploads.insert(name.clone(), (draft.clone(), tx));
+        early.insert(name, delivery::Early { draft, sent: rx });
     }
-    delivery::tidy(settings);
+    let run = async {
+        let assembled = assemble(
+            settings,
+            member,
+            &status,
+            &id,
+            created,
+            &cluster,
+            openshift,
+            opts.trigger,
+            &work,
+            Some(follow_tx),
+        )
+        .await;
+        let (manifest, snapshot_duration) = match assembled {
+            Ok(r) => r,
+            Err(e) => {
+                fsutil::remove_dir_quietly(&work);
+                delivery::discard_drafts(&opened, early).await;
+                return Err(e);
+            }
+        };
+        // The script method names the set after the script's own timestamp.
+        let id = manifest.id.clone();
+        // Owed to every target chosen for this run, recorded before the set becomes visible in
+        // sets/ (a set there without it would count as delivered); a delivery pass then stores
+        // the sets still waiting in staging, oldest first, this one last.
+        let staged_dir = sets_root.join(&id);
+        let staged = delivery::mark(&work, &names).and_then(|()| {
+            fsutil::rename_noreplace(&work, &staged_dir)
+                .map_err(|e| anyhow::anyhow!("cannot move the set into '{}': {e}", staged_dir.display()))
+        });
+        if let Err(e) = staged {
+            fsutil::remove_dir_quietly(&work);
+            delivery::discard_drafts(&opened, early).await;
+            return Err(e);
+        }
+        fsutil::fsync_dir(&sets_root)?;
+        let results = delivery::pass(settings, &opened, &opts.abort, early).await;
+        let outcomes: Vec<TargetOutcome> = names
+            .iter()
+            .map(|name| {
+                let mine = results.iter().find(|d| d.id == id && &d.target == name);
+                TargetOutcome {
+                    name: name.clone(),
+                    location: mine.map(|d| d.location.clone()).unwrap_or_default(),
+                    result: mine
+                        .map(|d| d.result.clone())
+                        .unwrap_or_else(|| Err("not attempted".into())),
+                }
+            })
+            .collect();
+        if !opts.abort.is_cancelled() {
+            delivery::apply_retention(settings, &opened, &results).await;
+        }
+        delivery::tidy(settings);
 
-    Ok(BackupReport {
-        manifest,
-        duration: started.elapsed(),
-        snapshot_duration,
-        targets: outcomes,
-    })
+        Ok(BackupReport {
+            manifest,
+            duration: started.elapsed(),
+            snapshot_duration,
+            targets: outcomes,
+        })
+    };
+    let ((), report) = tokio::join!(follow_snapshot(&opened, uploads, follow_rx), run);
+    report
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -295,11 +319,15 @@ async fn assemble(
     openshift: Option<etcd::ClusterVersion>,
     trigger: Trigger,
     work: &Path,
+    follow: Option<FollowTx>,
 ) -> Result<(Manifest, Duration)> {
     let snap_started = Instant::now();
+    // The native method's own stream time (its uploads may take longer).
+    let mut snapshot_duration = None;
     let (id, created, files, stream_revision) = match settings.snapshot.method {
         SnapshotMethod::Native => {
-            let (files, revision) = take_native(settings, member, id, work).await?;
+            let (files, revision, streamed) = take_native(settings, member, id, work, follow).await?;
+            snapshot_duration = Some(streamed);
             (id.to_string(), created, files, revision)
         }
         SnapshotMethod::Script => {
@@ -317,7 +345,7 @@ async fn assemble(
             (produced.ts, created, files, None)
         }
     };
-    let snapshot_duration = snap_started.elapsed();
+    let snapshot_duration = snapshot_duration.unwrap_or_else(|| snap_started.elapsed());
     let id = id.as_str();
     let files = seal_files(settings, work, files).await?;
 
@@ -351,8 +379,8 @@ async fn assemble(
     Ok((manifest, snapshot_duration))
 }
 
-/// Compresses and/or encrypts each verified file in `work` (see [`crate::envelope`]); the
-/// originals go, the manifest keeps their names, sizes and hashes.
+/// Compresses and/or encrypts each verified file in `work` not sealed yet (see
+/// [`crate::envelope`]); the originals go, the manifest keeps their names, sizes and hashes.
 async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
     let seal = settings.seal()?;
     if seal.is_plain() {
@@ -360,6 +388,11 @@ async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> 
     }
     let mut sealed = Vec::new();
     for mut f in files {
+        if f.stored_name != f.name {
+            // Sealed as it streamed (the snapshot).
+            sealed.push(f);
+            continue;
+        }
         let src = work.join(&f.stored_name);
         let stored_name = format!("{}{}", f.name, seal.suffix());
         let dst = work.join(&stored_name);
@@ -380,22 +413,88 @@ async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> 
         f.stored_name = stored_name;
         f.stored_size = size;
         f.stored_sha256 = sha;
-        f.compression = if seal.zstd_level.is_some() { "zstd" } else { "none" }.into();
-        f.encryption = if seal.recipients.is_empty() { "none" } else { "age" }.into();
+        f.compression = seal.compression().into();
+        f.encryption = seal.encryption().into();
         sealed.push(f);
     }
     Ok(sealed)
 }
 
+/// The targets of a run by name, or why each cannot be used.
+type Opened = BTreeMap<String, std::result::Result<Box<dyn Target>, String>>;
+
+/// Begins the set on every target that can take the snapshot while it streams: the
+/// native method only (the script writes its own files), usable targets only, and only
+/// those owing no older set (delivery stays oldest first; those get it after the snapshot).
+async fn begin_early(settings: &Settings, opened: &Opened, cluster: &str, id: &str) -> BTreeMap<String, Draft> {
+    let mut drafts = BTreeMap::new();
+    if settings.snapshot.method != SnapshotMethod::Native {
+        return drafts;
+    }
+    let owed: std::collections::BTreeSet<String> = delivery::scan(&settings.snapshot.staging_dir)
+        .into_iter()
+        .flat_map(|s| s.pending)
+        .collect();
+    for (name, target) in opened {
+        let Ok(target) = target else { continue };
+        if owed.contains(name) {
+            tracing::info!(target_name = %name, "the target owes older sets; this one is stored after the snapshot");
+            continue;
+        }
+        match target.begin_set(cluster, &settings.node_name, id).await {
+            Ok(d) => {
+                drafts.insert(name.clone(), d);
+            }
+            Err(e) => tracing::warn!(
+                target_name = %name, error = %crate::error::one_line(&e),
+                "cannot begin the upload now; the set is stored after the snapshot"
+            ),
+        }
+    }
+    drafts
+}
+
+/// Hands the growing snapshot file (and its stored name) to the uploads that follow it.
+type FollowTx = tokio::sync::oneshot::Sender<(Follower, String)>;
+
+/// The uploads that follow the snapshot: each begun draft gets the snapshot file as it is
+/// written, and its result goes to the delivery pass. Ends at once if no snapshot file is
+/// handed over (the run failed first, or the script method made the files).
+async fn follow_snapshot(
+    opened: &Opened,
+    uploads: BTreeMap<String, (Draft, tokio::sync::oneshot::Sender<Result<Sent>>)>,
+    follow: tokio::sync::oneshot::Receiver<(Follower, String)>,
+) {
+    if uploads.is_empty() {
+        return;
+    }
+    let Ok((follower, stored_name)) = follow.await else {
+        return;
+    };
+    let each = uploads.into_iter().filter_map(|(target_name, (draft, tx))| {
+        let Some(Ok(target)) = opened.get(&target_name) else {
+            return None;
+        };
+        let (follower, stored_name) = (follower.clone(), stored_name.clone());
+        Some(async move {
+            tracing::info!(target_name = %target_name, file = %stored_name, "uploading while the snapshot streams");
+            let _ = tx.send(target.put_growing(&draft, &stored_name, follower).await);
+        })
+    });
+    futures_util::future::join_all(each).await;
+}
+
 /// The native method: the archive (first, as cluster-backup.sh does: it is cheap and fails
-/// fast on a bad tree), then the verified snapshot stream. Returns the files and the revision
-/// the stream was stamped with (etcd 3.5+).
+/// fast on a bad tree), then the snapshot stream, verified and sealed as it flows; `follow`
+/// gets its file for the uploads that follow it. Returns the files, the revision the stream
+/// was stamped with (etcd 3.5+) and how long the stream took.
 async fn take_native(
     settings: &Settings,
     member: &mut etcd::Member,
     ts: &str,
     work: &Path,
-) -> Result<(Vec<FileEntry>, Option<i64>)> {
+    follow: Option<FollowTx>,
+) -> Result<(Vec<FileEntry>, Option<i64>, Duration)> {
     let mut files = Vec::new();
     if let Some(root) = &settings.snapshot.static_resources_dir {
         let name = manifest::archive_name(ts);
@@ -405,21 +504,41 @@ async fn take_native(
             tokio::task::spawn_blocking(move || static_resources::write_archive(&root, &dest)).await??;
         files.push(plain_entry(name, size, sha256));
     }
+    let seal = settings.seal()?;
     let name = manifest::snapshot_name(ts);
+    let stored_name = format!("{name}{}", seal.suffix());
     let started = Instant::now();
     crate::notify::status(&format!(
         "backing up {ts}: streaming the snapshot from {}",
         member.shown()
     ));
-    let taken = snapshot::take(member, &work.join(&name)).await?;
+    let pending = snapshot::Pending::create(&work.join(&stored_name), &seal)?;
+    if let Some(tx) = follow {
+        let _ = tx.send((pending.follower(), stored_name.clone()));
+    }
+    let taken = pending.stream(member).await?;
+    let streamed = started.elapsed();
     tracing::info!(
         bytes = taken.verified.size,
         sha256 = %taken.verified.sha256,
-        seconds = started.elapsed().as_secs_f64(),
+        stored_bytes = taken.stored.size,
+        seconds = streamed.as_secs_f64(),
         "snapshot streamed and its trailer verified"
     );
-    files.insert(0, plain_entry(name, taken.verified.size, taken.verified.sha256.clone()));
-    Ok((files, taken.revision))
+    files.insert(
+        0,
+        FileEntry {
+            name,
+            size: taken.verified.size,
+            sha256: taken.verified.sha256,
+            stored_name,
+            stored_size: taken.stored.size,
+            stored_sha256: taken.stored.sha256,
+            compression: seal.compression().into(),
+            encryption: seal.encryption().into(),
+        },
+    );
+    Ok((files, taken.revision, streamed))
 }
 
 pub(crate) fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry {

@@ -3,7 +3,9 @@
 //! streams, and stored only if etcd's appended SHA-256 trailer matches.
 //!
 //! Memory stays flat: chunks go through a small bounded channel to a writer thread that
-//! hashes and writes them; nothing holds more than a few chunks.
+//! hashes, seals (zstd, age) and writes them; nothing holds more than a few chunks. Uploads
+//! may follow the file as it grows (see [`crate::growing`]); it is completed for them only
+//! after the trailer verified.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
+use crate::envelope::{Seal, Sealer};
 use crate::etcd::Member;
 use crate::fsutil;
+use crate::growing::{Follower, Publisher};
 
 /// Length of the SHA-256 etcd appends to every snapshot.
 pub const TRAILER_LEN: usize = 32;
@@ -98,47 +102,92 @@ pub fn verify_file(path: &Path) -> Result<Verified> {
 #[derive(Debug, Clone)]
 pub struct Taken {
     pub path: PathBuf,
+    /// The snapshot as etcd sent it (its trailer verified).
     pub verified: Verified,
+    /// What was stored: the same as `verified` unless sealed.
+    pub stored: Verified,
     /// The store revision the snapshot holds, from the stream's header.
     pub revision: Option<i64>,
 }
 
-/// Streams a snapshot from `member` into `dest` (a new 0600 file), verifying the trailer.
-/// On any failure nothing is left at `dest` or at its temporary name.
-pub async fn take(member: &mut Member, dest: &Path) -> Result<Taken> {
-    let part = dest.with_extension("db.part");
-    let result = stream_to(member, &part).await;
-    match result {
-        Ok((verified, revision)) => {
-            std::fs::rename(&part, dest)
-                .with_context(|| format!("cannot rename '{}' into place", part.display()))
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_file(&part);
-                })?;
-            if let Some(dir) = dest.parent() {
-                fsutil::fsync_dir(dir)?;
+/// A snapshot about to be streamed into `dest` (sealed as configured); its file can be
+/// followed by uploads while it is written (see [`crate::growing`]).
+pub struct Pending {
+    part: PathBuf,
+    dest: PathBuf,
+    publisher: Publisher,
+    seal: Seal,
+}
+
+impl Pending {
+    /// Creates the temporary file (`<dest>.part`, 0600).
+    pub fn create(dest: &Path, seal: &Seal) -> Result<Pending> {
+        let part = PathBuf::from(format!("{}.part", dest.display()));
+        // A sealed file's hash differs from the stream's: it is computed as it is written.
+        let publisher = Publisher::create(&part, !seal.is_plain())?;
+        Ok(Pending {
+            part,
+            dest: dest.to_path_buf(),
+            publisher,
+            seal: seal.clone(),
+        })
+    }
+
+    pub fn follower(&self) -> Follower {
+        self.publisher.follower()
+    }
+
+    /// Streams the snapshot from `member`, verifying the trailer. On any failure nothing is
+    /// left at `dest` or at its temporary name, and followers fail.
+    pub async fn stream(self, member: &mut Member) -> Result<Taken> {
+        let Pending {
+            part,
+            dest,
+            publisher,
+            seal,
+        } = self;
+        match stream_to(member, publisher, &part, seal).await {
+            Ok((verified, stored, revision)) => {
+                std::fs::rename(&part, &dest)
+                    .with_context(|| format!("cannot rename '{}' into place", part.display()))
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(&part);
+                    })?;
+                if let Some(dir) = dest.parent() {
+                    fsutil::fsync_dir(dir)?;
+                }
+                Ok(Taken {
+                    path: dest,
+                    verified,
+                    stored,
+                    revision,
+                })
             }
-            Ok(Taken {
-                path: dest.to_path_buf(),
-                verified,
-                revision,
-            })
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            Err(e)
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                Err(e)
+            }
         }
     }
 }
 
-async fn stream_to(member: &mut Member, part: &Path) -> Result<(Verified, Option<i64>)> {
-    let file = fsutil::create_private_file(part)?;
+/// Streams a plain snapshot from `member` into `dest` (a new 0600 file).
+pub async fn take(member: &mut Member, dest: &Path) -> Result<Taken> {
+    Pending::create(dest, &Seal::default())?.stream(member).await
+}
+
+async fn stream_to(
+    member: &mut Member,
+    publisher: Publisher,
+    part: &Path,
+    seal: Seal,
+) -> Result<(Verified, Verified, Option<i64>)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
     let part_owned = part.to_path_buf();
-    // Hashing and writing happen on their own thread so the network side never waits for
-    // the disk more than the channel allows.
-    let writer = tokio::task::spawn_blocking(move || -> Result<Verified> {
-        crate::priority::full_io_for_this_thread(|| write_snapshot(file, &mut rx, &part_owned))
+    // Hashing, sealing and writing happen on their own thread so the network side never
+    // waits for the disk more than the channel allows.
+    let writer = tokio::task::spawn_blocking(move || -> Result<(Verified, Verified)> {
+        crate::priority::full_io_for_this_thread(|| write_snapshot(publisher, &seal, &mut rx, &part_owned))
     });
 
     let shown = member.shown().to_string();
@@ -192,28 +241,42 @@ async fn stream_to(member: &mut Member, part: &Path) -> Result<(Verified, Option
     let pumped = pump.await;
     let written = writer.await.map_err(|e| anyhow!("snapshot writer failed: {e}"))?;
     match (pumped, written) {
-        (Ok((revision, _)), Ok(verified)) => Ok((verified, revision)),
+        (Ok((revision, _)), Ok((verified, stored))) => Ok((verified, stored, revision)),
         // A broken stream also fails the trailer check; the stream's error is the cause.
         (Err(stream), _) => Err(stream),
         (Ok(_), Err(write)) => Err(write),
     }
 }
 
-/// The writer side: hashes and writes each chunk, then fsyncs and checks the trailer.
-fn write_snapshot(file: std::fs::File, rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>, part: &Path) -> Result<Verified> {
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+/// The writer side: hashes each chunk for the trailer check, seals and writes it; then
+/// checks the trailer, and only then completes the file (fsync, and followers may finish).
+/// Returning an error drops the publisher unfinished, which fails every follower.
+fn write_snapshot(
+    publisher: Publisher,
+    seal: &Seal,
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+    part: &Path,
+) -> Result<(Verified, Verified)> {
+    let cannot_write = |e: std::io::Error| anyhow!("cannot write '{}': {e}", part.display());
+    let mut out = Sealer::new(std::io::BufWriter::with_capacity(1 << 20, publisher), seal)?;
     let mut check = TrailerCheck::default();
     while let Some(chunk) = rx.blocking_recv() {
         check.update(&chunk);
-        out.write_all(&chunk)
-            .with_context(|| format!("cannot write '{}'", part.display()))?;
+        out.write_all(&chunk).map_err(cannot_write)?;
     }
-    let file = out
+    let verified = check.finish()?;
+    let buffered = out.finish().map_err(cannot_write)?;
+    let mut publisher = buffered
         .into_inner()
         .map_err(|e| anyhow!("cannot write '{}': {}", part.display(), e.error()))?;
-    file.sync_all()
+    let (size, sha) = publisher
+        .complete()
         .with_context(|| format!("cannot fsync '{}'", part.display()))?;
-    check.finish()
+    let stored = match sha {
+        Some(sha256) => Verified { size, sha256 },
+        None => verified.clone(),
+    };
+    Ok((verified, stored))
 }
 
 #[cfg(test)]

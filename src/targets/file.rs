@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 
-use super::{FileReader, ListedSet, StagedSet, Target, is_removable_debris, is_set_name, partial_name, safe_component};
+use super::{Draft, FileReader, ListedSet, Sent, StagedSet, Target, is_removable_debris, is_set_name, partial_name, safe_component};
 use crate::config::TargetSettings;
 use crate::fsutil;
+use crate::growing::Follower;
+use sha2::{Digest, Sha256};
 use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
 use tokio_util::sync::CancellationToken;
 
@@ -47,9 +49,8 @@ impl FileTarget {
         }
     }
 
-    fn put_blocking(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
+    fn begin_blocking(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
         self.check_root()?;
-        let id = &set.manifest.id;
         let cluster_dir = self.root.join(cluster);
         fsutil::create_private_dir(&cluster_dir).with_context(|| format!("target '{}'", self.name))?;
         let final_dir = cluster_dir.join(id);
@@ -63,10 +64,26 @@ impl FileTarget {
         // Hidden, and named so that no reader takes it for a set even though it holds a
         // manifest.json just before the rename.
         self.remove_debris_in(&cluster_dir, node);
-        let tmp = cluster_dir.join(partial_name(id, node));
-        fsutil::create_private_dir(&tmp).with_context(|| format!("target '{}'", self.name))?;
+        let folder = partial_name(id, node);
+        fsutil::create_private_dir(&cluster_dir.join(&folder)).with_context(|| format!("target '{}'", self.name))?;
+        Ok(Draft {
+            cluster: cluster.to_string(),
+            id: id.to_string(),
+            folder,
+            sent: Vec::new(),
+        })
+    }
+
+    fn finish_blocking(&self, draft: &Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
+        let id = &set.manifest.id;
+        let cluster_dir = self.root.join(&draft.cluster);
+        let final_dir = cluster_dir.join(id);
+        let tmp = cluster_dir.join(&draft.folder);
         let result = (|| -> Result<()> {
             for f in &set.manifest.files {
+                if draft.has(f) {
+                    continue;
+                }
                 let (size, sha) =
                     fsutil::copy_private(&set.dir.join(&f.stored_name), &tmp.join(&f.stored_name), self.rate)?;
                 if size != f.stored_size || sha != f.stored_sha256 {
@@ -98,6 +115,40 @@ impl FileTarget {
             fsutil::remove_dir_quietly(&tmp);
         }
         result.with_context(|| format!("target '{}'", self.name))
+    }
+
+    /// Copies a growing file into the draft as it is written (async: it waits on the writer).
+    async fn copy_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        if !safe_component(name) {
+            bail!("{name:?} is not a valid file name");
+        }
+        let path = self.root.join(&draft.cluster).join(&draft.folder).join(name);
+        let mut out = tokio::fs::File::from_std(fsutil::create_private_file(&path)?);
+        let mut hash = Sha256::new();
+        let mut pace = self.rate.map(crate::priority::Pace::new);
+        let mut size = 0u64;
+        let mut chunks = std::pin::pin!(file.stream(1 << 20));
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            if let Some(p) = pace.as_mut() {
+                tokio::time::sleep(p.delay_for(chunk.len())).await;
+            }
+            out.write_all(&chunk)
+                .await
+                .with_context(|| format!("cannot write '{}'", path.display()))?;
+            hash.update(&chunk);
+            size += chunk.len() as u64;
+        }
+        out.sync_all()
+            .await
+            .with_context(|| format!("cannot fsync '{}'", path.display()))?;
+        Ok(Sent {
+            name: name.to_string(),
+            size,
+            sha256: Some(hex::encode(hash.finalize())),
+        })
     }
 
     fn list_blocking(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
@@ -223,15 +274,25 @@ impl Target for FileTarget {
         format!("file://{}/", self.root.join(cluster).join(id).display())
     }
 
-    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        let (this, cluster, node, set, abort) = (
-            self.clone(),
-            cluster.to_string(),
-            node.to_string(),
-            set.clone(),
-            abort.clone(),
-        );
-        tokio::task::spawn_blocking(move || this.put_blocking(&cluster, &node, &set, &abort)).await?
+    async fn begin_set(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
+        let (this, cluster, node, id) = (self.clone(), cluster.to_string(), node.to_string(), id.to_string());
+        tokio::task::spawn_blocking(move || this.begin_blocking(&cluster, &node, &id)).await?
+    }
+
+    async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
+        self.copy_growing(draft, name, file)
+            .await
+            .with_context(|| format!("target '{}'", self.name))
+    }
+
+    async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
+        let (this, set, abort) = (self.clone(), set.clone(), abort.clone());
+        tokio::task::spawn_blocking(move || this.finish_blocking(&draft, &set, &abort)).await?
+    }
+
+    async fn discard(&self, draft: Draft) -> Result<()> {
+        let dir = self.root.join(&draft.cluster).join(&draft.folder);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("target '{}': cannot remove '{}'", self.name, dir.display()))
     }
 
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {

@@ -19,6 +19,7 @@ use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TargetSettings;
+use crate::growing::Follower;
 use crate::manifest::Manifest;
 
 /// A complete set waiting in staging: its directory holds every file the manifest lists
@@ -34,6 +35,36 @@ pub struct StagedSet {
 pub struct ListedSet {
     pub cluster: String,
     pub manifest: Manifest,
+}
+
+/// A set being assembled on a target, under its hidden temporary name.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub cluster: String,
+    pub id: String,
+    /// The temporary folder's name in the cluster folder ([`partial_name`]).
+    pub folder: String,
+    /// Files already uploaded into it.
+    pub sent: Vec<Sent>,
+}
+
+/// A file uploaded into a draft: its size, and its SHA-256 where the target computed it.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub name: String,
+    pub size: u64,
+    pub sha256: Option<String>,
+}
+
+impl Draft {
+    /// Was `f` already uploaded, exactly?
+    pub fn has(&self, f: &crate::manifest::FileEntry) -> bool {
+        self.sent.iter().any(|s| {
+            s.name == f.stored_name
+                && s.size == f.stored_size
+                && s.sha256.as_ref().is_none_or(|h| *h == f.stored_sha256)
+        })
+    }
 }
 
 /// A file being read from a target.
@@ -55,7 +86,21 @@ pub trait Target: Send + Sync {
     /// that id exists or anything goes wrong. Removes debris of earlier runs first. Once
     /// `abort` fires (the run was stopped, or its election lock may be lost), the set is
     /// not moved into place.
-    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()>;
+    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
+        let draft = self.begin_set(cluster, node, &set.manifest.id).await?;
+        self.finish_set(draft, set, abort).await
+    }
+    /// The first half of `put_set`: removes debris, checks that no set `id` exists, and
+    /// creates the hidden temporary folder the set is assembled in.
+    async fn begin_set(&self, cluster: &str, node: &str, id: &str) -> Result<Draft>;
+    /// Uploads `file` into the draft while it is still being written (the pipelined path);
+    /// fails, sending nothing more, if its writer fails. Returns what was sent.
+    async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent>;
+    /// The second half of `put_set`: uploads what the draft lacks, checks it, writes the
+    /// manifest and moves the set into place. On failure the draft is removed.
+    async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()>;
+    /// Removes a draft that will not be finished.
+    async fn discard(&self, draft: Draft) -> Result<()>;
     /// Complete sets, newest first; of one cluster folder, or of all when `cluster` is None.
     async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>>;
     /// Opens one file of a complete set for reading.

@@ -20,10 +20,11 @@ use super::propfind::{self, DavEntry};
 use super::proxy::{self, ProxyChoice};
 use super::retry::{self, Backoff};
 use super::{
-    FileReader, ListedSet, MANIFEST_CAP, StagedSet, Target, is_removable_debris, is_set_name, partial_name,
+    Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, StagedSet, Target, is_removable_debris, is_set_name, partial_name,
     safe_component,
 };
 use crate::config::{TargetSettings, VerifyUpload};
+use crate::growing::Follower;
 use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
 use tokio_util::sync::CancellationToken;
 
@@ -144,9 +145,12 @@ fn permanent_transport_error(msg: &str) -> bool {
 
 /// A request body that counts what has been sent, for the idle watchdog.
 /// With `rate`, the body is paced to that many bytes per second (`upload_rate_limit`).
-fn counting_body(file: tokio::fs::File, sent: Arc<AtomicU64>, rate: Option<u64>) -> reqwest::Body {
+fn counting_body<S>(chunks: S, sent: Arc<AtomicU64>, rate: Option<u64>) -> reqwest::Body
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+{
     let mut pace = rate.map(crate::priority::Pace::new);
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)
+    let stream = chunks
         .inspect_ok(move |chunk| {
             sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         })
@@ -505,7 +509,11 @@ impl DavTarget {
                 .request(Method::PUT, url)
                 .header(header::CONTENT_LENGTH, size)
                 .header(header::CONTENT_TYPE, "application/octet-stream")
-                .body(counting_body(tokio::fs::File::from_std(file), progress, self.rate)))
+                .body(counting_body(
+                    tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024),
+                    progress,
+                    self.rate,
+                )))
         })
         .await
         .map(|_| ())
@@ -622,9 +630,11 @@ impl DavTarget {
         Ok(())
     }
 
-    async fn upload(&self, tmp: &Url, set: &StagedSet) -> Result<()> {
-        self.mkcol(tmp).await?;
+    async fn upload(&self, tmp: &Url, set: &StagedSet, draft: &Draft) -> Result<()> {
         for f in &set.manifest.files {
+            if draft.has(f) {
+                continue;
+            }
             let started = Instant::now();
             self.put_file(
                 &join(tmp, &f.stored_name)?,
@@ -745,22 +755,65 @@ impl Target for DavTarget {
         }
     }
 
-    async fn put_set(&self, cluster: &str, node: &str, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        let id = &set.manifest.id;
+    async fn begin_set(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
         let cluster_url = self.url(&[cluster], true)?;
         self.mkcol(&cluster_url).await?;
         let entries = self.children(&cluster_url).await?.unwrap_or_default();
         self.remove_debris_among(cluster, &entries, node).await;
-        let final_url = self.url(&[cluster, id], true)?;
         if entries.iter().any(|e| e.name == *id) {
             bail!(
-                "target '{}': a set with id '{id}' already exists at '{final_url}'",
-                self.name
+                "target '{}': a set with id '{id}' already exists at '{}'",
+                self.name,
+                self.url(&[cluster, id], true)?
             );
         }
-        let tmp = self.url(&[cluster, &partial_name(id, node)], true)?;
+        let folder = partial_name(id, node);
+        self.mkcol(&self.url(&[cluster, &folder], true)?).await?;
+        Ok(Draft {
+            cluster: cluster.to_string(),
+            id: id.to_string(),
+            folder,
+            sent: Vec::new(),
+        })
+    }
+
+    async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
+        let url = join(&self.url(&[&draft.cluster, &draft.folder], true)?, name)?;
+        let started = Instant::now();
+        // The length is not known yet: the body goes chunked, and ends only once the writer
+        // has verified the file.
+        let put = self.call("PUT", &url, &PUT_OK, |progress| {
+            Ok(self
+                .request(Method::PUT, &url)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(counting_body(file.stream(256 * 1024), progress.clone(), self.rate)))
+        });
+        tokio::select! {
+            r = put => { r?; }
+            _ = file.failed() => bail!("target '{}': PUT '{url}': {}", self.name, crate::growing::ABANDONED),
+        }
+        let size = file
+            .finished()
+            .await
+            .ok_or_else(|| anyhow!("target '{}': PUT '{url}': {}", self.name, crate::growing::ABANDONED))?;
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        tracing::info!(
+            target_name = %self.name, file = %name, bytes = size,
+            mib_per_s = format!("{:.1}", size as f64 / secs / 1048576.0), "uploaded while it was written"
+        );
+        Ok(Sent {
+            name: name.to_string(),
+            size,
+            sha256: None,
+        })
+    }
+
+    async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
+        let (cluster, id) = (&draft.cluster, &set.manifest.id);
+        let final_url = self.url(&[cluster, id], true)?;
+        let tmp = self.url(&[cluster, &draft.folder], true)?;
         let uploaded = async {
-            self.upload(&tmp, set).await?;
+            self.upload(&tmp, set, &draft).await?;
             if abort.is_cancelled() {
                 bail!("the run was stopped before the set was moved into place");
             }
@@ -792,6 +845,10 @@ impl Target for DavTarget {
             return Err(e.context("the set was incomplete after MOVE and has been removed"));
         }
         Ok(())
+    }
+
+    async fn discard(&self, draft: Draft) -> Result<()> {
+        self.delete(&self.url(&[&draft.cluster, &draft.folder], true)?).await
     }
 
     async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {

@@ -398,10 +398,14 @@ async fn serve_one(
     );
     let mut headers = Vec::new();
     let mut length = 0usize;
+    let mut chunked = false;
     for l in lines.filter(|l| !l.is_empty()) {
         if let Some((k, v)) = l.split_once(':') {
             if k.eq_ignore_ascii_case("content-length") {
                 length = v.trim().parse().unwrap_or(0);
+            }
+            if k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked") {
+                chunked = true;
             }
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
@@ -413,19 +417,19 @@ async fn serve_one(
         .map(|(_, v)| v.as_str());
     let fault = plan(n, &method, &path, authorization);
     if let Fault::CutBody = fault {
-        let mut part = vec![0u8; length.min(4096) / 2];
+        let mut part = vec![0u8; if chunked { 2048 } else { length.min(4096) / 2 }];
         let _ = sock.read_exact(&mut part).await;
         return Ok(()); // drop: the connection is cut mid-body
     }
-    let mut body = vec![0u8; length];
-    if let Fault::Slow(pause) = fault {
-        for chunk in body.chunks_mut(16 * 1024) {
-            sock.read_exact(chunk).await?;
-            tokio::time::sleep(pause).await;
-        }
+    let pause = match fault {
+        Fault::Slow(p) => Some(p),
+        _ => None,
+    };
+    let body = if chunked {
+        read_chunked(&mut sock, pause).await?
     } else {
-        sock.read_exact(&mut body).await?;
-    }
+        read_slowly(&mut sock, length, pause).await?
+    };
     match fault {
         Fault::Forward | Fault::Slow(_) | Fault::ForwardThenCut => {
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
@@ -434,7 +438,7 @@ async fn serve_one(
                 .body(body);
             for (k, v) in &headers {
                 let lk = k.to_ascii_lowercase();
-                if lk == "host" || lk == "content-length" || lk == "connection" {
+                if lk == "host" || lk == "content-length" || lk == "connection" || lk == "transfer-encoding" {
                     continue;
                 }
                 // MOVE names its destination by absolute URL: point it at the upstream.
@@ -492,4 +496,48 @@ async fn serve_one(
         Fault::CutBody => unreachable!(),
     }
     sock.shutdown().await
+}
+
+/// Reads `n` bytes, pausing after every 16 KiB when `pause` is set (a slow reader).
+async fn read_slowly(sock: &mut tokio::net::TcpStream, n: usize, pause: Option<Duration>) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut body = vec![0u8; n];
+    for chunk in body.chunks_mut(16 * 1024) {
+        sock.read_exact(chunk).await?;
+        if let Some(p) = pause {
+            tokio::time::sleep(p).await;
+        }
+    }
+    Ok(body)
+}
+
+/// Reads one CRLF-terminated line.
+async fn read_line(sock: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    while !line.ends_with(b"\r\n") {
+        let mut b = [0u8; 1];
+        if sock.read(&mut b).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line[..line.len() - 2]).to_string())
+}
+
+/// Decodes a chunked request body (the pipelined upload sends one: its length is not known
+/// when it starts).
+async fn read_chunked(sock: &mut tokio::net::TcpStream, pause: Option<Duration>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(sock).await?;
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| std::io::Error::other(format!("bad chunk size line {line:?}")))?;
+        if size == 0 {
+            while !read_line(sock).await?.is_empty() {}
+            return Ok(body);
+        }
+        body.extend(read_slowly(sock, size, pause).await?);
+        read_line(sock).await?;
+    }
 }

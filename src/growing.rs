@@ -1,0 +1,249 @@
+//! A staging file that uploads read while it is still being written: the pipelined path.
+//!
+//! The writer ([`Publisher`]) publishes how many bytes are on disk after every write; each
+//! [`Follower`] reads up to that point with `pread` and waits for more. A follower never
+//! slows the writer: it reads the file (page cache), not a channel the writer would have to
+//! feed, so a slow or rate-limited upload only falls behind.
+//!
+//! The end is published only once the writer has verified what it wrote ([`Publisher::complete`]);
+//! a writer dropped before that publishes a failure, and followers end with an error, which
+//! aborts the request that carries their bytes.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::fsutil;
+
+/// How far the file has been written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Growth {
+    /// Still being written; this many bytes are in the file.
+    Writing(u64),
+    /// Written, verified and fsynced: the file's final size.
+    Done(u64),
+    /// The writer failed (or its data did not verify): the file must not be stored.
+    Failed,
+}
+
+/// What followers see when the writer fails.
+pub const ABANDONED: &str = "the file being uploaded failed verification while it was written; the upload was abandoned";
+
+/// The writer side of a growing file (a new 0600 file).
+pub struct Publisher {
+    file: File,
+    written: u64,
+    hash: Option<Sha256>,
+    tx: watch::Sender<Growth>,
+    reader: Arc<File>,
+    done: bool,
+}
+
+impl Publisher {
+    /// Creates `path`; with `hash`, the SHA-256 of what is written is computed on the way.
+    pub fn create(path: &Path, hash: bool) -> Result<Publisher> {
+        let file = fsutil::create_private_file(path)?;
+        let reader = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+        let (tx, _) = watch::channel(Growth::Writing(0));
+        Ok(Publisher {
+            file,
+            written: 0,
+            hash: hash.then(Sha256::new),
+            tx,
+            reader: Arc::new(reader),
+            done: false,
+        })
+    }
+
+    /// A reader of this file; it keeps its own descriptor, so a rename does not disturb it.
+    pub fn follower(&self) -> Follower {
+        Follower {
+            file: self.reader.clone(),
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// fsyncs the file and tells followers it is complete. Returns its size and, if asked
+    /// for at creation, its SHA-256.
+    pub fn complete(&mut self) -> io::Result<(u64, Option<String>)> {
+        self.file.sync_all()?;
+        self.done = true;
+        self.tx.send_replace(Growth::Done(self.written));
+        Ok((self.written, self.hash.take().map(|h| hex::encode(h.finalize()))))
+    }
+}
+
+impl Write for Publisher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
+        self.written += n as u64;
+        self.tx.send_replace(Growth::Writing(self.written));
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if !self.done {
+            self.tx.send_replace(Growth::Failed);
+        }
+    }
+}
+
+/// The reader side of a growing file.
+#[derive(Clone)]
+pub struct Follower {
+    file: Arc<File>,
+    rx: watch::Receiver<Growth>,
+}
+
+impl Follower {
+    /// The file from its first byte, in chunks of at most `chunk` bytes, as it is written;
+    /// ends after the last byte once the writer completed, or with an error if it failed.
+    /// Every call starts again from the first byte (a retried request sends it all again).
+    pub fn stream(&self, chunk: usize) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let state = (self.file.clone(), self.rx.clone(), 0u64);
+        futures_util::stream::try_unfold(state, move |(file, mut rx, offset)| async move {
+            loop {
+                let growth = *rx.borrow_and_update();
+                let end = match growth {
+                    Growth::Failed => return Err(io::Error::other(ABANDONED)),
+                    Growth::Writing(n) | Growth::Done(n) => n,
+                };
+                if offset < end {
+                    let len = (end - offset).min(chunk as u64) as usize;
+                    let f = file.clone();
+                    let buf = tokio::task::spawn_blocking(move || {
+                        let mut b = vec![0u8; len];
+                        f.read_exact_at(&mut b, offset).map(|_| b)
+                    })
+                    .await
+                    .map_err(io::Error::other)??;
+                    return Ok(Some((Bytes::from(buf), (file, rx, offset + len as u64))));
+                }
+                if matches!(growth, Growth::Done(_)) {
+                    return Ok(None);
+                }
+                // The writer is gone once `changed` fails; its last word is then final.
+                if rx.changed().await.is_err() && *rx.borrow() == growth {
+                    return Err(io::Error::other(ABANDONED));
+                }
+            }
+        })
+    }
+
+    /// Resolves once the writer has failed; never if it completes.
+    pub async fn failed(&self) {
+        let mut rx = self.rx.clone();
+        loop {
+            if *rx.borrow_and_update() == Growth::Failed {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                if *rx.borrow() == Growth::Failed {
+                    return;
+                }
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The file's final size once the writer completed; `None` if it failed.
+    pub async fn finished(&self) -> Option<u64> {
+        let mut rx = self.rx.clone();
+        loop {
+            match *rx.borrow_and_update() {
+                Growth::Done(n) => return Some(n),
+                Growth::Failed => return None,
+                Growth::Writing(_) => {}
+            }
+            if rx.changed().await.is_err() {
+                return match *rx.borrow() {
+                    Growth::Done(n) => Some(n),
+                    _ => None,
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    async fn collect(f: &Follower) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut s = std::pin::pin!(f.stream(7));
+        while let Some(chunk) = s.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_follower_reads_bytes_before_the_writer_finishes_and_ends_at_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.part");
+        let mut p = Publisher::create(&path, true).unwrap();
+        let f = p.follower();
+        p.write_all(b"first part;").unwrap();
+        // The follower sees what is written while the writer is still open.
+        let mut s = std::pin::pin!(f.stream(1 << 20));
+        let early = s.next().await.unwrap().unwrap();
+        assert_eq!(&early[..], b"first part;");
+        // A rename does not disturb it (the staged file is renamed into place).
+        std::fs::rename(&path, dir.path().join("f")).unwrap();
+        let reader = tokio::spawn({
+            let f = f.clone();
+            async move { collect(&f).await }
+        });
+        p.write_all(b" second part").unwrap();
+        let (size, sha) = p.complete().unwrap();
+        drop(p);
+        let all = reader.await.unwrap().unwrap();
+        assert_eq!(all, b"first part; second part");
+        assert_eq!(size, all.len() as u64);
+        assert_eq!(sha.unwrap(), hex::encode(Sha256::digest(&all)));
+        assert_eq!(f.finished().await, Some(size));
+    }
+
+    #[tokio::test]
+    async fn a_writer_dropped_before_completion_fails_every_follower() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Publisher::create(&dir.path().join("f"), false).unwrap();
+        let f = p.follower();
+        p.write_all(&[1u8; 100]).unwrap();
+        let reader = tokio::spawn({
+            let f = f.clone();
+            async move { collect(&f).await }
+        });
+        let watcher = tokio::spawn({
+            let f = f.clone();
+            async move { f.failed().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(p);
+        let err = reader.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("abandoned"), "{err}");
+        watcher.await.unwrap();
+        assert_eq!(f.finished().await, None);
+        // A new stream after the failure fails at once too.
+        assert!(collect(&f).await.is_err());
+    }
+}
