@@ -35,7 +35,8 @@ pub enum Growth {
 }
 
 /// What followers see when the writer fails.
-pub const ABANDONED: &str = "the file being uploaded failed verification while it was written; the upload was abandoned";
+pub const ABANDONED: &str =
+    "the file being uploaded failed verification while it was written; the upload was abandoned";
 
 /// The writer side of a growing file (a new 0600 file).
 pub struct Publisher {

@@ -25,10 +25,10 @@ use crate::delivery;
 use crate::error::Stop;
 use crate::etcd::{self, hex_id};
 use crate::fsutil;
+use crate::growing::Follower;
 use crate::manifest::{self, EtcdInfo, FileEntry, MANIFEST, Manifest, OpenShiftInfo, SHA256SUMS, ToolInfo, Trigger};
 use crate::snapshot;
 use crate::static_resources;
-use crate::growing::Follower;
 use crate::targets::{self, Draft, Sent, Target};
 
 #[derive(Debug, Clone)]

@@ -7,12 +7,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 
-use super::{Draft, FileReader, ListedSet, Sent, StagedSet, Target, is_removable_debris, is_set_name, partial_name, safe_component};
+use super::{
+    Draft, FileReader, ListedSet, Sent, StagedSet, Target, is_removable_debris, is_set_name, partial_name,
+    safe_component,
+};
 use crate::config::TargetSettings;
 use crate::fsutil;
 use crate::growing::Follower;
-use sha2::{Digest, Sha256};
 use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
@@ -292,7 +295,8 @@ impl Target for FileTarget {
 
     async fn discard(&self, draft: Draft) -> Result<()> {
         let dir = self.root.join(&draft.cluster).join(&draft.folder);
-        std::fs::remove_dir_all(&dir).with_context(|| format!("target '{}': cannot remove '{}'", self.name, dir.display()))
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("target '{}': cannot remove '{}'", self.name, dir.display()))
     }
 
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {

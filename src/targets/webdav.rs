@@ -20,8 +20,8 @@ use super::propfind::{self, DavEntry};
 use super::proxy::{self, ProxyChoice};
 use super::retry::{self, Backoff};
 use super::{
-    Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, StagedSet, Target, is_removable_debris, is_set_name, partial_name,
-    safe_component,
+    Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, StagedSet, Target, is_removable_debris, is_set_name,
+    partial_name, safe_component,
 };
 use crate::config::{TargetSettings, VerifyUpload};
 use crate::growing::Follower;

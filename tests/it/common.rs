@@ -433,7 +433,14 @@ pub struct CorruptingProxy {
 
 impl CorruptingProxy {
     pub async fn start(upstream: &str, flip_at: u64) -> CorruptingProxy {
+        Self::start_with(upstream, Some(flip_at), None).await
+    }
+
+    /// Flips the byte at `flip_at` (if any) of what etcd sends, and paces what etcd sends
+    /// to `rate` bytes per second (if set): a slow etcd.
+    pub async fn start_with(upstream: &str, flip_at: Option<u64>, rate: Option<u64>) -> CorruptingProxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let flip_at = flip_at.unwrap_or(u64::MAX);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let upstream = upstream.trim_start_matches("http://").to_string();
@@ -453,7 +460,12 @@ impl CorruptingProxy {
                 tokio::spawn(async move {
                     let mut seen = 0u64;
                     let mut buf = vec![0u8; 16384];
+                    let started = std::time::Instant::now();
                     loop {
+                        if let Some(rate) = rate {
+                            let due = std::time::Duration::from_secs_f64(seen as f64 / rate as f64);
+                            tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+                        }
                         let n = match sr.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,

@@ -8,7 +8,7 @@ use crate::common::{Etcd, Run, Work, run_env};
 use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone, Tinyproxy};
 
 /// Runs the binary with a clean proxy environment plus `env`.
-fn run_with(args: &[&str], env: &[(&str, &str)]) -> Run {
+pub(crate) fn run_with(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut all: Vec<(&str, &str)> = [
         "HTTPS_PROXY",
         "https_proxy",
@@ -26,18 +26,18 @@ fn run_with(args: &[&str], env: &[(&str, &str)]) -> Run {
     run_env(args, &all)
 }
 
-fn backup_env(cfg: &Path, env: &[(&str, &str)]) -> Run {
+pub(crate) fn backup_env(cfg: &Path, env: &[(&str, &str)]) -> Run {
     run_with(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], env)
 }
 
 /// `backup_env` from an async test, off the runtime's threads.
-async fn backup_async(cfg: PathBuf) -> Run {
+pub(crate) async fn backup_async(cfg: PathBuf) -> Run {
     tokio::task::spawn_blocking(move || backup_env(&cfg, &[]))
         .await
         .unwrap()
 }
 
-fn apache_target(apache: &Apache, w: &Work, extra: &str) -> String {
+pub(crate) fn apache_target(apache: &Apache, w: &Work, extra: &str) -> String {
     format!(
         "[[target]]\nname = \"offsite\"\nurl = \"{}\"\nusername = \"{DAV_USER}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n{extra}\n",
         apache.url(),
@@ -47,7 +47,7 @@ fn apache_target(apache: &Apache, w: &Work, extra: &str) -> String {
 }
 
 /// Complete sets (folders with a manifest) of cluster `test` under a server's root.
-fn sets_on(root: &Path) -> Vec<PathBuf> {
+pub(crate) fn sets_on(root: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(root.join("test"))
         .map(|e| {
             e.map(|e| e.unwrap().path())
@@ -61,7 +61,7 @@ fn sets_on(root: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn entries_on(root: &Path) -> Vec<String> {
+pub(crate) fn entries_on(root: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(root.join("test"))
         .map(|e| e.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
         .unwrap_or_default();
