@@ -9,7 +9,8 @@ set -euo pipefail
 packages=(etcd-server etcd-client protobuf-compiler build-essential ca-certificates curl tar coreutils mount
           apache2 apache2-utils tinyproxy rclone
           systemd ignition python3-yaml    # systemd-analyze verify, ignition-validate, YAML parsing
-          age zstd openssh-client)         # the standard tools that must open sealed sets
+          age zstd openssh-client          # the standard tools that must open sealed sets
+          faketime)                        # libfaketime: the clock-jump tests
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 

@@ -216,7 +216,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             identity,
         } => {
             let settings = Settings::load(&cli.config)?;
-            let identity = read_identity(identity.as_deref())?;
+            let identity = read_identity(identity.as_deref(), "--identity")?;
             fetch(
                 &settings,
                 id,
@@ -236,7 +236,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             identity,
         } => {
             let settings = Settings::load(&cli.config)?;
-            let identity = read_identity(identity.as_deref().or(settings.verify.identity_file.as_deref()))?;
+            let identity = match identity {
+                Some(p) => read_identity(Some(p), "--identity")?,
+                None => read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?,
+            };
             verify(&settings, id, *deep, target.as_deref(), *json, identity).await
         }
         Command::Prune { dry_run, force, target } => {
@@ -398,11 +401,12 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
 }
 
 /// The text of an age identity file, refused when group or others can read it.
-pub fn read_identity(path: Option<&std::path::Path>) -> Result<Option<String>> {
+/// Reads an age identity file; `key` names where its path came from in errors.
+pub fn read_identity(path: Option<&std::path::Path>, key: &str) -> Result<Option<String>> {
     let Some(path) = path else { return Ok(None) };
-    config::check_secret_file(path).map_err(|e| Stop::Usage(format!("--identity: {e}")))?;
+    config::check_secret_file(path).map_err(|e| Stop::Usage(format!("{key}: {e}")))?;
     let text = std::fs::read_to_string(path)
-        .map_err(|e| Stop::Usage(format!("--identity: cannot read '{}': {e}", path.display())))?;
+        .map_err(|e| Stop::Usage(format!("{key}: cannot read '{}': {e}", path.display())))?;
     Ok(Some(text))
 }
 

@@ -282,13 +282,14 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
             Wake::Drill => {
                 notify::status("restore drill of the newest set");
-                let located = match crate::cli::read_identity(settings.verify.identity_file.as_deref()) {
-                    Ok(identity) => crate::restore::locate(&settings, None, "latest").await.map(|mut l| {
-                        l.identity = identity;
-                        l
-                    }),
-                    Err(e) => Err(e),
-                };
+                let located =
+                    match crate::cli::read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file") {
+                        Ok(identity) => crate::restore::locate(&settings, None, "latest").await.map(|mut l| {
+                            l.identity = identity;
+                            l
+                        }),
+                        Err(e) => Err(e),
+                    };
                 let (id, result) = match located {
                     Ok(l) => (
                         l.manifest.id.clone(),

@@ -139,6 +139,22 @@ pub fn try_lock(path: &Path) -> Result<Option<nix::fcntl::Flock<File>>> {
     }
 }
 
+/// Starts writing `len` bytes of `file` from `offset` back to disk without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a large file's final fsync then waits only
+/// for its tail. Best effort; an error only means the fsync does it all.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor this function borrows; no memory is passed.
+    let _ = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 pub fn free_space(path: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).with_context(|| format!("cannot statvfs '{}'", path.display()))?;

@@ -34,6 +34,10 @@ pub enum Growth {
     Failed,
 }
 
+/// Written data is handed to the kernel's writeback every this many bytes, so that the
+/// fsync at the end finds little left to write instead of the whole file.
+const WRITEBACK_STEP: u64 = 16 << 20;
+
 /// What followers see when the writer fails.
 pub const ABANDONED: &str =
     "the file being uploaded failed verification while it was written; the upload was abandoned";
@@ -42,6 +46,8 @@ pub const ABANDONED: &str =
 pub struct Publisher {
     file: File,
     written: u64,
+    /// Bytes handed to the kernel's writeback so far (see [`WRITEBACK_STEP`]).
+    flushed: u64,
     hash: Option<Sha256>,
     tx: watch::Sender<Growth>,
     reader: Arc<File>,
@@ -57,6 +63,7 @@ impl Publisher {
         Ok(Publisher {
             file,
             written: 0,
+            flushed: 0,
             hash: hash.then(Sha256::new),
             tx,
             reader: Arc::new(reader),
@@ -72,12 +79,15 @@ impl Publisher {
         }
     }
 
-    /// fsyncs the file and tells followers it is complete. Returns its size and, if asked
-    /// for at creation, its SHA-256.
+    /// Tells followers the file is complete, then fsyncs it. Returns its size and, if
+    /// asked for at creation, its SHA-256.
+    /// Followers may finish while the fsync runs: what they send is not stored anywhere
+    /// until this returns and the caller moves the set on.
     pub fn complete(&mut self) -> io::Result<(u64, Option<String>)> {
-        self.file.sync_all()?;
+        self.file.flush()?;
         self.done = true;
         self.tx.send_replace(Growth::Done(self.written));
+        self.file.sync_all()?;
         Ok((self.written, self.hash.take().map(|h| hex::encode(h.finalize()))))
     }
 }
@@ -90,6 +100,10 @@ impl Write for Publisher {
         }
         self.written += n as u64;
         self.tx.send_replace(Growth::Writing(self.written));
+        if self.written - self.flushed >= WRITEBACK_STEP {
+            fsutil::start_writeback(&self.file, self.flushed, self.written - self.flushed);
+            self.flushed = self.written;
+        }
         Ok(n)
     }
 

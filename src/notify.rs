@@ -8,6 +8,10 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 fn send(states: &[NotifyState]) {
+    // An empty NOTIFY_SOCKET means "not under systemd", as sd_notify(3) treats it.
+    if std::env::var_os("NOTIFY_SOCKET").is_some_and(|s| s.is_empty()) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }

@@ -44,7 +44,19 @@ pub async fn run_once(
     wait_max: Duration,
     cancel: &CancellationToken,
 ) -> Result<Outcome> {
-    let (mut member, status) = etcd::connect_first(&settings.etcd).await?;
+    let (mut member, status) = match etcd::connect_first(&settings.etcd).await {
+        Ok(c) => c,
+        // In an elected run a node whose member is down steps aside: it cannot take a
+        // snapshot, and the other nodes (whose members answer) take the run. A manual
+        // `--no-election` run fails instead: the operator asked for this node.
+        Err(e) if elect => {
+            return Ok(Outcome::Skipped(format!(
+                "this node's etcd member does not answer; another node takes the run ({})",
+                crate::error::one_line(&e)
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     let mut election = Election::new(
         member.client.clone(),
         &settings.election.prefix,

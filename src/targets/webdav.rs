@@ -56,7 +56,11 @@ pub struct DavTarget {
     rate: Option<u64>,
 }
 
+/// Reads a secret file; one readable by group or others is refused (exit 2), whichever
+/// command reads it.
 fn read_secret(path: &std::path::Path, key: &str, target: &str) -> Result<String> {
+    crate::config::check_secret_file(path)
+        .map_err(|e| crate::error::Stop::Usage(format!("target '{target}': {key}: {e}")))?;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("target '{target}': {key} '{}'", path.display()))?;
     let secret = text.trim_end_matches(['\n', '\r']).to_string();

@@ -5,6 +5,7 @@ mod backup;
 mod cli_config;
 mod common;
 mod daemon;
+mod faults;
 mod pipeline;
 mod props;
 mod render;

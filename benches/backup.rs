@@ -1,0 +1,693 @@
+//! The backup benchmark: `cargo bench --bench backup [-- --size-gib 4] [--idle-secs 180]`.
+//!
+//! Starts a real etcd and Apache mod_dav (HTTPS, Basic auth) on loopback, fills etcd with
+//! Kubernetes-like objects until its database holds about `--size-gib` GiB, then runs each
+//! way of taking an off-host backup once and prints one table: wall time, peak RSS and CPU
+//! seconds (from `wait4`, children included), and the ratios to the naive pipeline and to
+//! the raw snapshot stream. Then the idle daemon's RSS and CPU, and etcd put latency with
+//! and without a backup running. Nothing here asserts: it reports (see README "Performance").
+//!
+//! Each etcd-backupd run's log is kept in `target/bench-logs/<case>.log`.
+//!
+//! Needs what the tests need (`scripts/install-deps.sh`: etcd, etcdctl, apache2, curl) and
+//! about 4× the database size free under `$TMPDIR`.
+
+#[path = "../tests/it/common.rs"]
+#[allow(dead_code)]
+mod common;
+#[path = "../tests/it/servers.rs"]
+#[allow(dead_code)]
+mod servers;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Etcd;
+use servers::{Apache, DAV_USER};
+
+const MIB: f64 = 1048576.0;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--raw-stream") {
+        raw_stream(&args[2]);
+        return;
+    }
+    // `cargo test --all-targets` runs bench targets too, without `--bench`: do nothing then.
+    if !args.iter().any(|a| a == "--bench") {
+        println!("the backup benchmark runs with: cargo bench --bench backup");
+        return;
+    }
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse::<f64>().unwrap_or_else(|_| panic!("{name} takes a number")))
+    };
+    let size_gib = flag("--size-gib").unwrap_or(1.0);
+    let idle_secs = flag("--idle-secs").unwrap_or(180.0) as u64;
+    Bench::new(size_gib).run(idle_secs);
+}
+
+/// The snapshot stream read and thrown away: the source's limit (run as a child process so
+/// that it is measured like the others).
+fn raw_stream(endpoint: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+        let mut stream = client.snapshot().await.unwrap();
+        let mut n = 0usize;
+        while let Some(msg) = stream.message().await.unwrap() {
+            n += msg.blob().len();
+        }
+        assert!(n > 0);
+    });
+}
+
+/// Wall time, CPU seconds (user + system) and peak RSS of one child and what it waited for.
+#[derive(Clone, Copy)]
+struct Measured {
+    wall: f64,
+    cpu: f64,
+    rss_mib: f64,
+}
+
+// The child is reaped by wait4 (for its rusage), which clippy does not see.
+#[allow(clippy::zombie_processes)]
+fn measure(cmd: &mut Command) -> Measured {
+    let started = Instant::now();
+    let child = cmd.stdout(Stdio::null()).spawn().expect("spawn");
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, with valid pointers.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed (status {status})"
+    );
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Measured {
+        wall,
+        cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
+        rss_mib: ru.ru_maxrss as f64 / 1024.0,
+    }
+}
+
+struct Bench {
+    etcd: Etcd,
+    apache: Apache,
+    work: tempfile::TempDir,
+    size_gib: f64,
+    rt: tokio::runtime::Runtime,
+}
+
+struct Row {
+    name: &'static str,
+    m: Measured,
+    /// Bytes that went to the server (or to disk, for etcdctl alone).
+    stored: Option<u64>,
+}
+
+impl Bench {
+    fn new(size_gib: f64) -> Bench {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        etcd_backupd::targets::webdav::install_crypto_provider();
+        Bench {
+            etcd: Etcd::start(),
+            apache: Apache::start(),
+            work: tempfile::tempdir().unwrap(),
+            size_gib,
+            rt,
+        }
+    }
+
+    fn w(&self) -> &Path {
+        self.work.path()
+    }
+
+    fn etcdctl(&self) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.etcd.endpoint))
+            .stderr(Stdio::null());
+        c
+    }
+
+    fn curl_put(&self, file: &Path, name: &str) -> String {
+        format!(
+            "curl -sS --fail --cacert {} -u {DAV_USER}:{} -T {} {}{name}",
+            self.apache.pki.ca.display(),
+            self.apache.password,
+            file.display(),
+            self.apache.url()
+        )
+    }
+
+    /// Empties the server between cases.
+    fn clear_server(&self) -> u64 {
+        let root = self.apache.root();
+        let bytes = du(&root);
+        for e in std::fs::read_dir(&root).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+        bytes
+    }
+
+    fn config(&self, tag: &str, extra: &str) -> PathBuf {
+        let pw = self.apache.password_file(self.w());
+        let text = format!(
+            "cluster_name = \"bench\"\nnode_name = \"bench-0\"\n\n[etcd]\nendpoints = [\"{}\"]\n\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n[delivery]\nkeep_local = 0\n\n[[target]]\nname = \"dav\"\nurl = \"{}\"\nusername = \"{DAV_USER}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n\n{extra}\n",
+            self.etcd.endpoint,
+            self.w().join(format!("staging-{tag}")).display(),
+            self.apache.url(),
+            pw.display(),
+            self.apache.pki.ca.display()
+        );
+        let p = self.w().join(format!("{tag}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn backupd(&self, cfg: &Path) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"));
+        c.args(["backup", "--no-election", "--config"])
+            .arg(cfg)
+            .env("HTTPS_PROXY", "")
+            .env("https_proxy", "")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+
+    fn run(self, idle_secs: u64) {
+        let fill = self.fill();
+        let db = self.db_size();
+        println!(
+            "etcd: {:.2} GiB database ({} keys, {:.0} MiB of values, filled at {:.0} MiB/s)\n",
+            db as f64 / MIB / 1024.0,
+            fill.keys,
+            fill.bytes as f64 / MIB,
+            fill.bytes as f64 / MIB / fill.secs
+        );
+        let mut rows = Vec::new();
+
+        let local = self.w().join("etcdctl.db");
+        let m = measure(self.etcdctl().arg("snapshot").arg("save").arg(&local));
+        rows.push(Row {
+            name: "etcdctl snapshot save (local disk)",
+            m,
+            stored: Some(std::fs::metadata(&local).unwrap().len()),
+        });
+
+        let naive = self.w().join("naive.db");
+        let script = format!(
+            "set -e; ETCDCTL_API=3 etcdctl --endpoints={e} snapshot save {f} >/dev/null; cd {d} && sha256sum naive.db > naive.db.sha256; {put1}; {put2}",
+            e = self.etcd.endpoint,
+            f = naive.display(),
+            d = self.w().display(),
+            put1 = self.curl_put(&naive, "naive.db"),
+            put2 = self.curl_put(&self.w().join("naive.db.sha256"), "naive.db.sha256"),
+        );
+        let m = measure(Command::new("sh").args(["-c", &script]).stderr(Stdio::null()));
+        std::fs::remove_file(&naive).unwrap();
+        rows.push(Row {
+            name: "naive: etcdctl save + sha256sum + curl -T",
+            m,
+            stored: Some(self.clear_server()),
+        });
+
+        let recipient = age::x25519::Identity::generate().to_public().to_string();
+        for (name, tag, extra) in [
+            ("etcd-backupd backup, plain", "plain", String::new()),
+            (
+                "etcd-backupd backup, plain, nice 0 (no low priority)",
+                "plain-nice0",
+                "[priority]\nnice = 0\nio_class = \"none\"\n".to_string(),
+            ),
+            (
+                "etcd-backupd backup, zstd 3",
+                "zstd",
+                "[compression]\nzstd_level = 3\n".to_string(),
+            ),
+            (
+                "etcd-backupd backup, zstd 3 + age",
+                "zstd-age",
+                format!("[compression]\nzstd_level = 3\n\n[encryption]\nage_recipients = [\"{recipient}\"]\n"),
+            ),
+        ] {
+            let cfg = self.config(tag, &extra);
+            let log = std::fs::File::create(logs_dir().join(format!("{tag}.log"))).unwrap();
+            let m = measure(self.backupd(&cfg).stderr(log));
+            let stored = self.clear_server();
+            assert!(stored > 0, "{name}: nothing stored");
+            rows.push(Row {
+                name,
+                m,
+                stored: Some(stored),
+            });
+        }
+
+        // The same, to a local directory: the tool's own cost without a server on this host.
+        let dir = self.w().join("file-target");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = self.config("file", "");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("url = \"{}\"", self.apache.url()),
+            &format!("url = \"file://{}\"", dir.display()),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let log = std::fs::File::create(logs_dir().join("file.log")).unwrap();
+        let m = measure(self.backupd(&cfg).stderr(log));
+        let stored = du(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        rows.push(Row {
+            name: "etcd-backupd backup, plain, to file:// (no server on this host)",
+            m,
+            stored: Some(stored),
+        });
+
+        let me = std::env::current_exe().unwrap();
+        let m = measure(Command::new(me).args(["--raw-stream", &self.etcd.endpoint]));
+        rows.push(Row {
+            name: "raw snapshot stream to /dev/null",
+            m,
+            stored: None,
+        });
+        let m = measure(Command::new("sh").args(["-c", &self.curl_put(&local, "raw.db")]));
+        rows.push(Row {
+            name: "curl -T of the same bytes",
+            m,
+            stored: Some(self.clear_server()),
+        });
+        print_table(&rows, std::fs::metadata(&local).unwrap().len());
+        std::fs::remove_file(&local).unwrap();
+
+        self.idle(idle_secs);
+        self.latency();
+    }
+
+    fn db_size(&self) -> u64 {
+        self.rt.block_on(async {
+            let mut c = etcd_client::Client::connect([self.etcd.endpoint.as_str()], None)
+                .await
+                .unwrap();
+            c.status().await.unwrap().db_size() as u64
+        })
+    }
+
+    /// Puts Kubernetes-like objects (see [`object`]) from 16 concurrent writers until the
+    /// database reaches the size asked for.
+    fn fill(&self) -> Filled {
+        let target = (self.size_gib * 1024.0 * MIB) as u64;
+        let started = Instant::now();
+        let (keys, bytes) = self.rt.block_on(async {
+            let client = etcd_client::Client::connect([self.etcd.endpoint.as_str()], None)
+                .await
+                .unwrap();
+            let mut total = (0u64, 0u64);
+            loop {
+                let mut tasks = Vec::new();
+                for w in 0..16u64 {
+                    let mut kv = client.kv_client();
+                    let seed = total.0 * 31 + w + 1;
+                    tasks.push(tokio::spawn(async move {
+                        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+                        let (mut k, mut b) = (0u64, 0u64);
+                        for i in 0..200 {
+                            let (key, value) = object(&mut rng, seed * 1000 + i);
+                            b += value.len() as u64;
+                            kv.put(key, value, None).await.unwrap();
+                            k += 1;
+                        }
+                        (k, b)
+                    }));
+                }
+                for t in tasks {
+                    let (k, b) = t.await.unwrap();
+                    total.0 += k;
+                    total.1 += b;
+                }
+                let mut c = client.clone();
+                if c.status().await.unwrap().db_size() as u64 >= target {
+                    return total;
+                }
+            }
+        });
+        Filled {
+            keys,
+            bytes,
+            secs: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// The daemon between runs: RSS sampled every second, CPU from /proc.
+    fn idle(&self, secs: u64) {
+        let cfg = self.config("idle", "[schedule]\ncron = \"0 0 3 1 1 *\"\n");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
+            .args(["daemon", "--config"])
+            .arg(&cfg)
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_secs(5)); // started, connected, settled
+        let cpu0 = proc_cpu(pid);
+        let mut rss: Vec<f64> = Vec::new();
+        for _ in 0..secs {
+            std::thread::sleep(Duration::from_secs(1));
+            rss.push(proc_rss_mib(pid));
+        }
+        let cpu = proc_cpu(pid) - cpu0;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let max = rss.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "\nidle daemon over {secs} s: RSS {:.1} MiB (max {max:.1}), CPU {cpu:.2} s ({:.3}% of one core)",
+            rss.iter().sum::<f64>() / rss.len().max(1) as f64,
+            cpu / secs as f64 * 100.0
+        );
+    }
+
+    /// etcd put latency under a small concurrent load (8 writers of 1 KiB values), without
+    /// and with a plain backup running.
+    fn latency(&self) {
+        let quiet = self.load(|| true, Duration::from_secs(10));
+        let cfg = self.config("latency", "");
+        let mut backup = self.backupd(&cfg).spawn().unwrap();
+        let busy = self.load(|| backup.try_wait().unwrap().is_some(), Duration::from_secs(3));
+        self.clear_server();
+        println!("\netcd put latency, 8 concurrent writers of 1 KiB values:");
+        println!("| | puts | p50 ms | p99 ms | max ms |");
+        println!("|---|---:|---:|---:|---:|");
+        for (name, l) in [("no backup running", quiet), ("during etcd-backupd backup", busy)] {
+            println!(
+                "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+                l.len(),
+                pct(&l, 0.50),
+                pct(&l, 0.99),
+                l.last().copied().unwrap_or(0.0)
+            );
+        }
+    }
+
+    /// Runs the load until `done` says so (and at least `min`); sorted latencies in ms.
+    fn load(&self, mut done: impl FnMut() -> bool, min: Duration) -> Vec<f64> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let endpoint = self.etcd.endpoint.clone();
+        let s = stop.clone();
+        let handle = self.rt.spawn(async move {
+            let client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+            let tasks: Vec<_> = (0..8)
+                .map(|w| {
+                    let mut kv = client.kv_client();
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        let value = vec![b'x'; 1024];
+                        let mut i = 0u64;
+                        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                            let t = Instant::now();
+                            kv.put(format!("/bench/load/{w}/{}", i % 1000), value.clone(), None)
+                                .await
+                                .unwrap();
+                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                            i += 1;
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        });
+        let started = Instant::now();
+        while !(done() && started.elapsed() >= min) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut l = self.rt.block_on(handle).unwrap();
+        l.sort_by(f64::total_cmp);
+        l
+    }
+}
+
+/// Where each etcd-backupd run's log goes: `target/bench-logs/<case>.log`.
+fn logs_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Filled {
+    keys: u64,
+    bytes: u64,
+    secs: f64,
+}
+
+fn print_table(rows: &[Row], snapshot_bytes: u64) {
+    let naive = rows.iter().find(|r| r.name.starts_with("naive")).unwrap().m.wall;
+    let raw = rows.iter().find(|r| r.name.starts_with("raw")).unwrap().m.wall;
+    println!(
+        "snapshot: {:.0} MiB; machine: {} cores, {}\n",
+        snapshot_bytes as f64 / MIB,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cpu_model()
+    );
+    println!("| way | wall s | vs naive | vs raw stream | peak RSS MiB | CPU s | stored MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.2} | {:.2}× | {:.2}× | {:.1} | {:.2} | {} |",
+            r.name,
+            r.m.wall,
+            r.m.wall / naive,
+            r.m.wall / raw,
+            r.m.rss_mib,
+            r.m.cpu,
+            r.stored.map_or("–".to_string(), |b| format!("{:.0}", b as f64 / MIB))
+        );
+    }
+}
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn du(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| {
+                    let e = e.unwrap();
+                    let m = e.metadata().unwrap();
+                    if m.is_dir() { du(&e.path()) } else { m.len() }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn proc_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / tick
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// A small deterministic generator (xorshift64*): the data is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn hex(&mut self, len: usize) -> String {
+        (0..len)
+            .map(|_| char::from(b"0123456789abcdef"[self.below(16) as usize]))
+            .collect()
+    }
+
+    fn uid(&mut self) -> String {
+        format!(
+            "{}-{}-{}-{}-{}",
+            self.hex(8),
+            self.hex(4),
+            self.hex(4),
+            self.hex(4),
+            self.hex(12)
+        )
+    }
+
+    /// Random bytes as base64 (Secret data: incompressible beyond base64's own 4/3).
+    fn b64(&mut self, len: usize) -> String {
+        use base64::Engine;
+        let bytes: Vec<u8> = (0..len).map(|_| self.next() as u8).collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+}
+
+const NAMESPACES: [&str; 12] = [
+    "openshift-etcd",
+    "openshift-kube-apiserver",
+    "openshift-monitoring",
+    "openshift-ingress",
+    "openshift-console",
+    "openshift-authentication",
+    "openshift-machine-api",
+    "openshift-image-registry",
+    "payments",
+    "checkout",
+    "search",
+    "default",
+];
+
+/// One Kubernetes-like object: a key under `/kubernetes.io/` and a JSON value shaped like
+/// the API server's (metadata with uids, labels, managedFields; spec/data by kind). The mix
+/// (by count): pods 30%, events 25%, configmaps 20%, secrets 15%, CRD-like schemas 10%.
+fn object(rng: &mut Rng, n: u64) -> (String, String) {
+    let ns = NAMESPACES[rng.below(NAMESPACES.len() as u64) as usize];
+    let app = ["api", "web", "worker", "cache", "operator", "controller"][rng.below(6) as usize];
+    let name = format!("{app}-{}-{}", rng.hex(10), rng.hex(5));
+    let meta = format!(
+        r#""metadata":{{"name":"{name}","namespace":"{ns}","uid":"{}","resourceVersion":"{}","creationTimestamp":"2026-11-{:02}T{:02}:{:02}:{:02}Z","labels":{{"app":"{app}","pod-template-hash":"{}","app.kubernetes.io/part-of":"{ns}"}},"annotations":{{"openshift.io/scc":"restricted-v2","k8s.ovn.org/pod-networks":"{{\"default\":{{\"ip_addresses\":[\"10.128.{}.{}/23\"],\"mac_address\":\"0a:58:0a:80:{:02x}:{:02x}\"}}}}"}},"managedFields":[{{"manager":"kube-controller-manager","operation":"Update","apiVersion":"v1","time":"2026-11-20T10:00:00Z","fieldsType":"FieldsV1","fieldsV1":{{"f:metadata":{{"f:labels":{{".":{{}},"f:app":{{}}}}}},"f:spec":{{"f:containers":{{}}}}}}}}]}}"#,
+        rng.uid(),
+        100000 + n,
+        1 + rng.below(28),
+        rng.below(24),
+        rng.below(60),
+        rng.below(60),
+        rng.hex(10),
+        rng.below(256),
+        rng.below(256),
+        rng.below(256),
+        rng.below(256)
+    );
+    let kind = rng.below(100);
+    if kind < 30 {
+        let containers: Vec<String> = (0..1 + rng.below(4))
+            .map(|i| {
+                format!(
+                    r#"{{"name":"c{i}","image":"quay.io/openshift-release-dev/ocp-v4.0-art-dev@sha256:{}","args":["--v=2","--port={}"],"env":[{{"name":"POD_NAME","valueFrom":{{"fieldRef":{{"fieldPath":"metadata.name"}}}}}},{{"name":"GOMAXPROCS","value":"{}"}}],"resources":{{"requests":{{"cpu":"{}m","memory":"{}Mi"}}}},"volumeMounts":[{{"name":"kube-api-access-{}","readOnly":true,"mountPath":"/var/run/secrets/kubernetes.io/serviceaccount"}}],"terminationMessagePolicy":"FallbackToLogsOnError","imagePullPolicy":"IfNotPresent"}}"#,
+                    rng.hex(64),
+                    8000 + rng.below(1000),
+                    1 + rng.below(8),
+                    10 + rng.below(500),
+                    50 + rng.below(2000),
+                    rng.hex(5)
+                )
+            })
+            .collect();
+        let v = format!(
+            r#"{{"kind":"Pod","apiVersion":"v1",{meta},"spec":{{"containers":[{}],"nodeName":"master-{}","serviceAccountName":"{app}","priorityClassName":"system-cluster-critical"}},"status":{{"phase":"Running","podIP":"10.128.{}.{}","startTime":"2026-11-20T10:00:00Z"}}}}"#,
+            containers.join(","),
+            rng.below(3),
+            rng.below(256),
+            rng.below(256)
+        );
+        (format!("/kubernetes.io/pods/{ns}/{name}"), v)
+    } else if kind < 55 {
+        let v = format!(
+            r#"{{"kind":"Event","apiVersion":"v1",{meta},"involvedObject":{{"kind":"Pod","namespace":"{ns}","name":"{name}","uid":"{}"}},"reason":"{}","message":"{} {}","source":{{"component":"kubelet","host":"master-{}"}},"count":{},"type":"Normal"}}"#,
+            rng.uid(),
+            ["Pulled", "Created", "Started", "Scheduled", "BackOff"][rng.below(5) as usize],
+            "Container image already present on machine; pulled in",
+            rng.below(10000),
+            rng.below(3),
+            1 + rng.below(50)
+        );
+        (format!("/kubernetes.io/events/{ns}/{name}.{}", rng.hex(16)), v)
+    } else if kind < 75 {
+        let lines: Vec<String> = (0..20 + rng.below(400))
+            .map(|i| {
+                let len = 1 + rng.below(24) as usize;
+                format!("    setting_{i}: {}", rng.hex(len))
+            })
+            .collect();
+        let v = format!(
+            r#"{{"kind":"ConfigMap","apiVersion":"v1",{meta},"data":{{"config.yaml":"apiVersion: v1\nkind: Config\nsettings:\n{}\n"}}}}"#,
+            lines.join("\\n")
+        );
+        (format!("/kubernetes.io/configmaps/{ns}/{name}"), v)
+    } else if kind < 90 {
+        let crt = 1200 + rng.below(2000) as usize;
+        let v = format!(
+            r#"{{"kind":"Secret","apiVersion":"v1",{meta},"type":"kubernetes.io/tls","data":{{"tls.crt":"{}","tls.key":"{}"}}}}"#,
+            rng.b64(crt),
+            rng.b64(1190)
+        );
+        (format!("/kubernetes.io/secrets/{ns}/{name}"), v)
+    } else {
+        let props: Vec<String> = (0..50 + rng.below(600))
+            .map(|i| {
+                format!(
+                    r#""field{i}":{{"description":"{} controls how the operator reconciles the {} of this resource; see the documentation for details.","type":"{}"}}"#,
+                    rng.hex(6),
+                    ["replicas", "routes", "certificates", "storage"][rng.below(4) as usize],
+                    ["string", "integer", "boolean", "object"][rng.below(4) as usize]
+                )
+            })
+            .collect();
+        let v = format!(
+            r#"{{"kind":"CustomResourceDefinition","apiVersion":"apiextensions.k8s.io/v1",{meta},"spec":{{"group":"{app}.openshift.io","versions":[{{"name":"v1","served":true,"storage":true,"schema":{{"openAPIV3Schema":{{"type":"object","properties":{{{}}}}}}}}}]}}}}"#,
+            props.join(",")
+        );
+        (
+            format!("/kubernetes.io/apiextensions.k8s.io/customresourcedefinitions/{name}"),
+            v,
+        )
+    }
+}
