@@ -2,9 +2,9 @@
 //!
 //! Starts a real etcd and Apache mod_dav (HTTPS, Basic auth) on loopback, fills etcd with
 //! Kubernetes-like objects until its database holds about `--size-gib` GiB, then runs each
-//! way of taking an off-host backup once and prints one table: wall time, peak RSS and CPU
-//! seconds (from `wait4`, children included), and the ratios to the naive pipeline and to
-//! the raw snapshot stream. Then the idle daemon's RSS and CPU, and etcd put latency with
+//! way of taking an off-host backup once and prints one table: wall time, peak RSS (the
+//! largest process's VmHWM, polled), CPU seconds (from `wait4`, children included), and the
+//! ratios to the naive pipeline and to the raw snapshot stream. Then the idle daemon's RSS and CPU, and etcd put latency with
 //! and without a backup running. Nothing here asserts: it reports (see README "Performance").
 //!
 //! Each etcd-backupd run's log is kept in `target/bench-logs/<case>.log`.
@@ -81,13 +81,33 @@ struct Measured {
 fn measure(cmd: &mut Command) -> Measured {
     let started = Instant::now();
     let child = cmd.stdout(Stdio::null()).spawn().expect("spawn");
+    let root = child.id();
+    // Peak RSS is each process's own high-water mark (VmHWM), polled while it runs:
+    // wait4's ru_maxrss would also count the memory the child shared with this process
+    // between spawn and exec.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poll = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for pid in tree(root) {
+                    peak = peak.max(vm_kib(pid, "VmHWM:"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
     let mut status = 0;
     // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: waits for our own child, with valid pointers.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let pid = unsafe { libc::wait4(root as i32, &mut status, 0, &mut ru) };
     let wall = started.elapsed().as_secs_f64();
-    assert_eq!(pid, child.id() as i32);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak_kib = poll.join().unwrap();
+    assert_eq!(pid, root as i32);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{cmd:?} failed (status {status})"
@@ -96,8 +116,40 @@ fn measure(cmd: &mut Command) -> Measured {
     Measured {
         wall,
         cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
-        rss_mib: ru.ru_maxrss as f64 / 1024.0,
+        rss_mib: peak_kib as f64 / 1024.0,
     }
+}
+
+/// `root` and its descendants, from /proc.
+fn tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// A `Vm...:` line of /proc/<pid>/status, in KiB (0 once the process is gone).
+fn vm_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 struct Bench {
@@ -509,13 +561,7 @@ fn du(dir: &Path) -> u64 {
 }
 
 fn proc_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    vm_kib(pid, "VmRSS:") as f64 / 1024.0
 }
 
 fn proc_cpu(pid: u32) -> f64 {

@@ -215,7 +215,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             target,
             identity,
         } => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = load(&cli)?;
             let identity = read_identity(identity.as_deref(), "--identity")?;
             fetch(
                 &settings,
@@ -235,7 +235,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
             identity,
         } => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = load(&cli)?;
             let identity = match identity {
                 Some(p) => read_identity(Some(p), "--identity")?,
                 None => read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?,
@@ -243,7 +243,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             verify(&settings, id, *deep, target.as_deref(), *json, identity).await
         }
         Command::Prune { dry_run, force, target } => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = load(&cli)?;
             prune(&settings, *dry_run, *force, target.as_deref()).await
         }
         Command::Status { json } => {
@@ -666,6 +666,8 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
             status.version,
             human(status.db_size)
         ),
+        // A usage error (a loose key file) is the configuration's fault: exit 2 at once.
+        Err(e) if e.downcast_ref::<Stop>().is_some_and(|s| matches!(s, Stop::Usage(_))) => return Err(e),
         Err(e) => {
             println!("FAILED: etcd: {}", crate::error::one_line(&e));
             failed.push("etcd".to_string());

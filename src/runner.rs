@@ -48,8 +48,15 @@ pub async fn run_once(
         Ok(c) => c,
         // In an elected run a node whose member is down steps aside: it cannot take a
         // snapshot, and the other nodes (whose members answer) take the run. A manual
-        // `--no-election` run fails instead: the operator asked for this node.
-        Err(e) if elect => {
+        // `--no-election` run fails instead: the operator asked for this node. A usage error
+        // (a loose key file) is never a skip.
+        Err(e)
+            if elect
+                && !matches!(
+                    e.downcast_ref::<crate::error::Stop>(),
+                    Some(crate::error::Stop::Usage(_))
+                ) =>
+        {
             return Ok(Outcome::Skipped(format!(
                 "this node's etcd member does not answer; another node takes the run ({})",
                 crate::error::one_line(&e)

@@ -152,10 +152,7 @@ impl Drop for Proc {
     }
 }
 
-/// Runs the binary to its end and returns its peak RSS in KiB (`wait4`'s rusage of exactly
-/// this child, so other tests' children do not count).
-// The child is reaped by wait4 (for its rusage), which clippy does not see.
-#[allow(clippy::zombie_processes)]
+/// Runs the binary to its end and returns its peak RSS in KiB (its VmHWM, polled).
 fn run_rss(args: &[&str]) -> (Run, u64) {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
@@ -178,23 +175,34 @@ fn run_rss(args: &[&str]) -> (Run, u64) {
         let _ = std::io::Read::read_to_string(&mut err, &mut s);
         s
     });
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    // SAFETY: a zeroed rusage is a valid value; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
+    // The high-water mark of the child's own memory, read while it runs: wait4's ru_maxrss
+    // would also count this (large, multi-threaded) test process, whose memory the child
+    // shares between spawn and exec.
+    let hwm = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+    };
+    let mut peak = 0u64;
+    let status = loop {
+        if let Some(kib) = hwm(child.id()) {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     };
     let run = Run {
-        code,
+        code: status.code().unwrap_or(-1),
         stdout: t_out.join().unwrap(),
         stderr: t_err.join().unwrap(),
     };
-    (run, usage.ru_maxrss as u64)
+    (run, peak)
 }
 
 // ---------------------------------------------------------------------------------------
