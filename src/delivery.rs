@@ -292,6 +292,19 @@ pub async fn pass(
     results
 }
 
+/// Stops delivering the staged sets of `run` (its runner lost the lock; the node that takes
+/// the run over stores its own set): they stay as local copies.
+pub fn abandon_run(staging: &Path, run: &str) {
+    for staged in scan(staging) {
+        if staged.set.manifest.run.as_deref() == Some(run) && !staged.pending.is_empty() {
+            tracing::warn!(backup_id = %staged.set.manifest.id, run = %run, "the run was given up to another node; this node's set stays a local copy and is not delivered");
+            if let Err(e) = mark(&staged.set.dir, &[]) {
+                tracing::error!(error = %crate::error::one_line(&e), "cannot record the delivery state");
+            }
+        }
+    }
+}
+
 /// A set begun on a target before its snapshot was taken, and the upload that follows the
 /// snapshot into it.
 pub struct Early {

@@ -144,6 +144,12 @@ impl Election {
     }
 
     /// The record of `run`, if some node completed it.
+    /// The set another node was about to publish for `run` (see [`publishing_key`]).
+    pub async fn published(&mut self, run: &str) -> Result<Option<RunRecord>> {
+        let key = publishing_key(&self.prefix, run);
+        self.get_json(&key).await
+    }
+
     pub async fn done(&mut self, run: &str) -> Result<Option<RunRecord>> {
         let key = self.key(&format!("runs/{run}"));
         self.get_json(&key).await
@@ -359,6 +365,17 @@ impl Election {
         }
     }
 }
+
+/// Where a runner notes, just before it stores its set, which set it is about to publish
+/// for a run (on a lease as long as the run markers'). A node that later takes the run over
+/// (the first runner lost its lock after storing, before it could record the run) looks for
+/// that set on the targets and records it instead of taking a second backup.
+pub fn publishing_key(prefix: &str, run: &str) -> String {
+    format!("{prefix}/publishing/{run}")
+}
+
+/// How long the publishing note lives: as long as the run markers.
+pub const PUBLISHING_TTL: Duration = MARKER_TTL;
 
 enum Attempt {
     Won(Held),

@@ -168,6 +168,56 @@ impl Member {
         anyhow!("etcd endpoint '{}': {what}: {msg}{}", self.shown(), tls_hint(&msg))
     }
 
+    /// Puts `key` = `value` on a new lease of `ttl_secs`.
+    pub async fn put_with_lease(&mut self, key: &str, value: &str, ttl_secs: i64) -> Result<()> {
+        use etcd_client::PutOptions;
+        let what = format!("etcd endpoint '{}': put '{key}'", self.shown());
+        let d = self.request_timeout;
+        let lease = within(d, &what, async {
+            self.client
+                .lease_grant(ttl_secs, None)
+                .await
+                .map_err(|e| self.rpc_error("lease grant", e))
+        })
+        .await?
+        .id();
+        within(d, &what, async {
+            self.client
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+                .map_err(|e| self.rpc_error("put", e))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Creates `key` (holding `value`, on a lease of `ttl_secs`) unless it exists: true if
+    /// this call created it. A cluster-wide reservation, e.g. of a set id.
+    pub async fn reserve(&mut self, key: &str, value: &str, ttl_secs: i64) -> Result<bool> {
+        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        let what = format!("etcd endpoint '{}': reserve '{key}'", self.shown());
+        let d = self.request_timeout;
+        let lease = within(d, &what, async {
+            self.client
+                .lease_grant(ttl_secs, None)
+                .await
+                .map_err(|e| self.rpc_error("lease grant", e))
+        })
+        .await?
+        .id();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
+        let resp = within(d, &what, async {
+            self.client.txn(txn).await.map_err(|e| self.rpc_error("txn", e))
+        })
+        .await?;
+        if !resp.succeeded() {
+            let _ = tokio::time::timeout(d, self.client.lease_revoke(lease)).await;
+        }
+        Ok(resp.succeeded())
+    }
+
     pub async fn status(&mut self) -> Result<MemberStatus> {
         let what = format!("etcd endpoint '{}': status", self.shown());
         let d = self.request_timeout;

@@ -138,6 +138,7 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             cluster_name: cluster.to_string(),
             trigger: Trigger::Imported,
+            run: None,
             node: settings.node_name.clone(),
             etcd,
             // The platform's set does not say which release it was taken on.

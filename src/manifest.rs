@@ -26,6 +26,10 @@ pub struct Manifest {
     pub created: String,
     pub cluster_name: String,
     pub trigger: Trigger,
+    /// The elected run (the schedule slot's key) this set was taken for; none for a
+    /// `--no-election` backup or an imported set. A node taking over a run looks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     pub node: String,
     pub etcd: EtcdInfo,
     /// Present when the etcd holds an OpenShift ClusterVersion.
@@ -183,6 +187,7 @@ mod tests {
             created: "2026-11-25T02:30:12Z".into(),
             cluster_name: "c".into(),
             trigger: Trigger::Manual,
+            run: None,
             node: "n".into(),
             etcd: EtcdInfo {
                 endpoint: "http://127.0.0.1:2379/".into(),

@@ -34,6 +34,8 @@ use crate::targets::{self, Draft, Sent, Target};
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     pub trigger: Trigger,
+    /// The elected run this backup is for (recorded in the manifest).
+    pub run: Option<String>,
     /// Store on this target only.
     pub target: Option<String>,
     /// Fired when the run must not publish any more sets (stopped, or the election lock
@@ -210,10 +212,25 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         .clone()
         .unwrap_or_else(|| hex_id(status.cluster_id));
 
-    // Ids have one-second resolution: a set still staged under this second's id (a run
-    // killed a moment ago) makes this one wait for the next second.
+    // Ids have one-second resolution and name the set on every target: a second already
+    // used by a set staged here (a run killed a moment ago), or reserved in etcd by another
+    // node's run of another slot (or a manual backup), makes this run take the next one.
     let mut created = Utc::now();
-    while sets_root.join(manifest::timestamp(created)).exists() {
+    loop {
+        let id = manifest::timestamp(created);
+        if !sets_root.join(&id).exists() {
+            let key = format!("{}/ids/{cluster}/{id}", settings.election.prefix);
+            match member.reserve(&key, &settings.node_name, 3600).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    tracing::info!(backup_id = %id, "another node's run took this second's id; waiting for the next")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::one_line(&e), "cannot reserve the set id in etcd; going on without");
+                    break;
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
         created = Utc::now();
     }
@@ -249,7 +266,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             created,
             &cluster,
             openshift,
-            opts.trigger,
+            opts,
             &work,
             Some(follow_tx),
         )
@@ -278,6 +295,9 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             return Err(e);
         }
         fsutil::fsync_dir(&sets_root)?;
+        if let Some(run) = &opts.run {
+            note_publishing(settings, member, run, &manifest).await;
+        }
         let results = delivery::pass(settings, &opened, &opts.abort, early).await;
         let outcomes: Vec<TargetOutcome> = names
             .iter()
@@ -308,6 +328,25 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     report
 }
 
+/// Notes in etcd which set this run is about to publish (see
+/// [`crate::election::publishing_key`]); best effort: without it a node that takes the run
+/// over takes its own backup.
+async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &str, manifest: &Manifest) {
+    let record = crate::election::RunRecord {
+        run: run.to_string(),
+        node: settings.node_name.clone(),
+        id: Some(manifest.id.clone()),
+        result: "publishing".into(),
+        finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let key = crate::election::publishing_key(&settings.election.prefix, run);
+    let value = serde_json::to_string(&record).unwrap_or_default();
+    let ttl = crate::election::PUBLISHING_TTL.as_secs() as i64;
+    if let Err(e) = member.put_with_lease(&key, &value, ttl).await {
+        tracing::warn!(error = %crate::error::one_line(&e), "cannot note the set about to be published in etcd");
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn assemble(
     settings: &Settings,
@@ -317,7 +356,7 @@ async fn assemble(
     created: chrono::DateTime<Utc>,
     cluster: &str,
     openshift: Option<etcd::ClusterVersion>,
-    trigger: Trigger,
+    opts: &BackupOptions,
     work: &Path,
     follow: Option<FollowTx>,
 ) -> Result<(Manifest, Duration)> {
@@ -354,7 +393,8 @@ async fn assemble(
         id: id.to_string(),
         created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         cluster_name: cluster.to_string(),
-        trigger,
+        trigger: opts.trigger,
+        run: opts.run.clone(),
         node: settings.node_name.clone(),
         etcd: EtcdInfo {
             endpoint: member.shown().to_string(),

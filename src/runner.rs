@@ -82,6 +82,7 @@ pub async fn run_once(
         let abort = cancel.child_token();
         let opts = BackupOptions {
             trigger,
+            run: None,
             target,
             abort: abort.clone(),
         };
@@ -132,8 +133,28 @@ pub async fn run_once(
             abort.cancel();
         })
     };
+    // A runner that lost its lock after storing its set, before recording the run, noted
+    // which set it was publishing: if that set is on a target, it is this run's backup.
+    let cluster = settings
+        .cluster_name
+        .clone()
+        .unwrap_or_else(|| etcd::hex_id(status.cluster_id));
+    if let Some(rec) = already_published(settings, &mut election, run, &cluster).await {
+        let id = rec.id.clone();
+        tracing::info!(run = %run, node = %rec.node, backup_id = ?id, "the run's set was stored by a runner that could not record it; recording it");
+        let done = RunRecord {
+            result: "ok".into(),
+            finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ..rec
+        };
+        if let Err(e) = election.finish(held, &done).await {
+            tracing::warn!(error = %crate::error::one_line(&e), "cannot record the run");
+        }
+        return Ok(Outcome::Elsewhere(done));
+    }
     let opts = BackupOptions {
         trigger,
+        run: Some(run.to_string()),
         target,
         abort: abort.clone(),
     };
@@ -159,11 +180,44 @@ pub async fn run_once(
         }
         Err(e) => {
             // The lock goes at once, so another node can take the run over without waiting
-            // for the lease to expire.
+            // for the lease to expire. If the lock may be lost, a set this run staged is not
+            // delivered by this node: the node that takes the run over stores its own.
+            let lost = held.lost.is_cancelled();
             election.release(held).await;
+            if lost {
+                crate::delivery::abandon_run(&settings.snapshot.staging_dir, run);
+            }
             Err(e)
         }
     }
+}
+
+/// The set another runner noted it was publishing for `run`, if a target holds it.
+async fn already_published(
+    settings: &Settings,
+    election: &mut Election,
+    run: &str,
+    cluster: &str,
+) -> Option<RunRecord> {
+    let rec = election.published(run).await.ok()??;
+    if rec.node == settings.node_name {
+        // This node's own earlier attempt: its set is in staging, and delivered from there.
+        return None;
+    }
+    let id = rec.id.clone()?;
+    for t in &settings.targets {
+        let Ok(target) = crate::targets::open(t, None) else {
+            continue;
+        };
+        if let Ok(sets) = target.list_sets(Some(cluster)).await
+            && sets
+                .iter()
+                .any(|s| s.manifest.id == id && s.manifest.run.as_deref() == Some(run))
+        {
+            return Some(rec);
+        }
+    }
+    None
 }
 
 /// The guards, with the facts read from this node's member; `Some(reason)` skips the run.

@@ -423,6 +423,7 @@ fn fake_set(root: &Path, cluster: &str, created: DateTime<Utc>) -> String {
         created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         cluster_name: cluster.into(),
         trigger: Trigger::Schedule,
+        run: None,
         node: "node-a".into(),
         etcd: EtcdInfo {
             endpoint: "http://127.0.0.1:2379".into(),
@@ -2344,6 +2345,15 @@ fn hundreds_of_fast_elected_runs_with_member_restarts_take_exactly_one_backup_ea
     }
     let marks = etcd_prefix(&members.all(), "/etcd-backupd/runs/");
     eprintln!("{} runs, {restarts} member restarts", marks.len());
+    // For a post-mortem: ETCD_BACKUPD_SOAK_KEEP=DIR keeps the daemons' logs and the markers.
+    if let Ok(keep) = std::env::var("ETCD_BACKUPD_SOAK_KEEP") {
+        std::fs::create_dir_all(&keep).unwrap();
+        for i in 0..3 {
+            let log = w.path().join(format!("daemon-{i}.log"));
+            let _ = std::fs::copy(&log, Path::new(&keep).join(format!("daemon-{i}.log")));
+        }
+        std::fs::write(Path::new(&keep).join("markers.json"), format!("{marks:#?}")).unwrap();
+    }
     assert!(marks.len() >= want && restarts >= 5);
     for (run, m) in &marks {
         let res = m["result"].as_str().unwrap_or_default();

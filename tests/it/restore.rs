@@ -60,6 +60,7 @@ fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chrono::Utc>) 
         created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         cluster_name: cluster.into(),
         trigger: Trigger::Schedule,
+        run: None,
         node: "node-a".into(),
         etcd: EtcdInfo {
             endpoint: "http://127.0.0.1:2379".into(),
