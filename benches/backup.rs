@@ -290,6 +290,11 @@ impl Bench {
                 "[priority]\nnice = 0\nio_class = \"none\"\n".to_string(),
             ),
             (
+                "etcd-backupd backup, plain, staging on tmpfs (another disk than the server's)",
+                "plain-tmpfs",
+                String::new(),
+            ),
+            (
                 "etcd-backupd backup, zstd 3",
                 "zstd",
                 "[compression]\nzstd_level = 3\n".to_string(),
@@ -301,10 +306,23 @@ impl Bench {
             ),
         ] {
             let cfg = self.config(tag, &extra);
+            if tag == "plain-tmpfs" {
+                // The same machine has one disk: staging there competes with the server's
+                // writes. /dev/shm stands in for a second disk.
+                let shm = Path::new("/dev/shm").join(format!("etcd-backupd-bench-{}", std::process::id()));
+                let text = std::fs::read_to_string(&cfg).unwrap().replace(
+                    &format!("staging_dir = \"{}\"", self.w().join("staging-plain-tmpfs").display()),
+                    &format!("staging_dir = \"{}\"", shm.display()),
+                );
+                std::fs::write(&cfg, text).unwrap();
+            }
             let log = std::fs::File::create(logs_dir().join(format!("{tag}.log"))).unwrap();
             let m = measure(self.backupd(&cfg).stderr(log));
             let stored = self.clear_server();
             assert!(stored > 0, "{name}: nothing stored");
+            let _ = std::fs::remove_dir_all(
+                Path::new("/dev/shm").join(format!("etcd-backupd-bench-{}", std::process::id())),
+            );
             rows.push(Row {
                 name,
                 m,
@@ -312,21 +330,26 @@ impl Bench {
             });
         }
 
-        // The same, to a local directory: the tool's own cost without a server on this host.
+        // The same, to a local directory on the same disk (twice the writes, no network).
         let dir = self.w().join("file-target");
         std::fs::create_dir_all(&dir).unwrap();
-        let cfg = self.config("file", "");
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            &format!("url = \"{}\"", self.apache.url()),
-            &format!("url = \"file://{}\"", dir.display()),
-        );
-        std::fs::write(&cfg, text).unwrap();
+        let cfg = self.w().join("file.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "cluster_name = \"bench\"\nnode_name = \"bench-0\"\n\n[etcd]\nendpoints = [\"{}\"]\n\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n[delivery]\nkeep_local = 0\n\n[[target]]\nname = \"dir\"\nurl = \"file://{}\"\n",
+                self.etcd.endpoint,
+                self.w().join("staging-file").display(),
+                dir.display()
+            ),
+        )
+        .unwrap();
         let log = std::fs::File::create(logs_dir().join("file.log")).unwrap();
         let m = measure(self.backupd(&cfg).stderr(log));
         let stored = du(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
         rows.push(Row {
-            name: "etcd-backupd backup, plain, to file:// (no server on this host)",
+            name: "etcd-backupd backup, plain, to file:// (staging and target on one disk)",
             m,
             stored: Some(stored),
         });

@@ -201,10 +201,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::CheckConfig { connect } => {
             let settings = load(&cli)?;
+            // Checked here and by the daemon when drills are scheduled; a backup never reads it.
+            read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?;
             check_config(&settings, *connect).await
         }
         Command::Daemon => {
             let settings = load(&cli)?;
+            if !settings.verify.schedule.is_empty() {
+                read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?;
+            }
             crate::daemon::run(cli.config.clone(), settings).await
         }
         Command::Fetch {

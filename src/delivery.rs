@@ -239,8 +239,9 @@ pub async fn pass(
             let Ok(target) = opened else { continue };
             let location = target.describe(&m.cluster_name, &m.id);
             crate::notify::status(&format!("storing {} on target '{name}'", m.id));
+            // After an abort the draft stays in `early`, and is removed at the end.
             let begun = match early.get(name) {
-                Some(e) if e.draft.id == m.id => early.remove(name),
+                Some(e) if e.draft.id == m.id && !abort.is_cancelled() => early.remove(name),
                 _ => None,
             };
             let result = match begun {

@@ -294,7 +294,10 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             delivery::discard_drafts(&opened, early).await;
             return Err(e);
         }
-        fsutil::fsync_dir(&sets_root)?;
+        if let Err(e) = fsutil::fsync_dir(&sets_root) {
+            delivery::discard_drafts(&opened, early).await;
+            return Err(e);
+        }
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
@@ -460,6 +463,10 @@ async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> 
     Ok(sealed)
 }
 
+/// How long a target may take to create a set's folder before the snapshot starts without
+/// it (a folder made later is this node's debris, removed by its next run).
+const BEGIN_EARLY_MAX: Duration = Duration::from_secs(10);
+
 /// The targets of a run by name, or why each cannot be used.
 type Opened = BTreeMap<String, std::result::Result<Box<dyn Target>, String>>;
 
@@ -475,19 +482,32 @@ async fn begin_early(settings: &Settings, opened: &Opened, cluster: &str, id: &s
         .into_iter()
         .flat_map(|s| s.pending)
         .collect();
-    for (name, target) in opened {
-        let Ok(target) = target else { continue };
+    // Bounded: a slow target must not hold the snapshot (and the election lock) back; it
+    // gets the set after the snapshot instead.
+    let begun = opened.iter().filter_map(|(name, target)| {
+        let Ok(target) = target else { return None };
         if owed.contains(name) {
             tracing::info!(target_name = %name, "the target owes older sets; this one is stored after the snapshot");
-            continue;
+            return None;
         }
-        match target.begin_set(cluster, &settings.node_name, id).await {
-            Ok(d) => {
+        Some(async move {
+            let r = tokio::time::timeout(BEGIN_EARLY_MAX, target.begin_set(cluster, &settings.node_name, id)).await;
+            (name, r)
+        })
+    });
+    for (name, r) in futures_util::future::join_all(begun).await {
+        match r {
+            Ok(Ok(d)) => {
                 drafts.insert(name.clone(), d);
             }
-            Err(e) => tracing::warn!(
+            Ok(Err(e)) => tracing::warn!(
                 target_name = %name, error = %crate::error::one_line(&e),
                 "cannot begin the upload now; the set is stored after the snapshot"
+            ),
+            Err(_) => tracing::warn!(
+                target_name = %name,
+                "the target did not create the set's folder within {}; the set is stored after the snapshot",
+                humantime::format_duration(BEGIN_EARLY_MAX)
             ),
         }
     }

@@ -48,15 +48,10 @@ pub async fn run_once(
         Ok(c) => c,
         // In an elected run a node whose member is down steps aside: it cannot take a
         // snapshot, and the other nodes (whose members answer) take the run. A manual
-        // `--no-election` run fails instead: the operator asked for this node. A usage error
-        // (a loose key file) is never a skip.
-        Err(e)
-            if elect
-                && !matches!(
-                    e.downcast_ref::<crate::error::Stop>(),
-                    Some(crate::error::Stop::Usage(_))
-                ) =>
-        {
+        // `--no-election` run fails instead: the operator asked for this node. Only a member
+        // that is unreachable or silent is a skip; TLS, auth and usage errors (the same on
+        // every node) fail the run.
+        Err(e) if elect && member_down(&e) => {
             return Ok(Outcome::Skipped(format!(
                 "this node's etcd member does not answer; another node takes the run ({})",
                 crate::error::one_line(&e)
@@ -167,8 +162,13 @@ pub async fn run_once(
         }),
     };
     watcher.abort();
+    let lost = held.lost.clone();
     match result {
         Ok(report) => {
+            // The run may have ended as the lock was lost: its set then waits for no one.
+            if lost.is_cancelled() {
+                crate::delivery::abandon_run(&settings.snapshot.staging_dir, run);
+            }
             let result = if report.all_stored() { "ok" } else { "failed" };
             if let Err(e) = election
                 .finish(held, &record(result.into(), Some(report.manifest.id.clone())))
@@ -192,6 +192,34 @@ pub async fn run_once(
     }
 }
 
+/// Is this connection error an unreachable or silent member (a skip), rather than a
+/// certificate, auth or usage problem (a failure)?
+fn member_down(e: &anyhow::Error) -> bool {
+    if matches!(
+        e.downcast_ref::<crate::error::Stop>(),
+        Some(crate::error::Stop::Usage(_))
+    ) {
+        return false;
+    }
+    let msg = crate::error::one_line(e).to_ascii_lowercase();
+    let down = [
+        "connection refused",
+        "tcp connect error",
+        "no answer within",
+        "unavailable",
+        "timed out",
+    ];
+    let trust = [
+        "certificate",
+        "tls",
+        "handshake",
+        "unauthenticated",
+        "permission denied",
+        "permissiondenied",
+    ];
+    down.iter().any(|d| msg.contains(d)) && !trust.iter().any(|t| msg.contains(t))
+}
+
 /// The set another runner noted it was publishing for `run`, if a target holds it.
 async fn already_published(
     settings: &Settings,
@@ -200,10 +228,8 @@ async fn already_published(
     cluster: &str,
 ) -> Option<RunRecord> {
     let rec = election.published(run).await.ok()??;
-    if rec.node == settings.node_name {
-        // This node's own earlier attempt: its set is in staging, and delivered from there.
-        return None;
-    }
+    // Also this node's own earlier attempt: a runner that lost its lock does not deliver
+    // its staged set (`abandon_run`), so only what is on a target counts.
     let id = rec.id.clone()?;
     for t in &settings.targets {
         let Ok(target) = crate::targets::open(t, None) else {

@@ -618,9 +618,6 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         targets.push(target);
     }
 
-    if let Some(path) = &inputs.verify.identity_file {
-        secret_files.push((m.locate("verify.identity_file"), path.clone()));
-    }
     Ok(Settings {
         files: m.files.clone(),
         cluster_name: inputs.cluster_name,

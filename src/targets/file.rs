@@ -144,6 +144,10 @@ impl FileTarget {
             hash.update(&chunk);
             size += chunk.len() as u64;
         }
+        // flush first: tokio reports a failed last write there, not from sync_all.
+        out.flush()
+            .await
+            .with_context(|| format!("cannot write '{}'", path.display()))?;
         out.sync_all()
             .await
             .with_context(|| format!("cannot fsync '{}'", path.display()))?;
@@ -283,9 +287,12 @@ impl Target for FileTarget {
     }
 
     async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
-        self.copy_growing(draft, name, file)
-            .await
-            .with_context(|| format!("target '{}'", self.name))
+        let copied = self.copy_growing(draft, name, file).await;
+        if copied.is_err() && safe_component(name) {
+            // The copy from staging in `finish_set` creates the file anew.
+            let _ = std::fs::remove_file(self.root.join(&draft.cluster).join(&draft.folder).join(name));
+        }
+        copied.with_context(|| format!("target '{}'", self.name))
     }
 
     async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
