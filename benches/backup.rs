@@ -452,7 +452,7 @@ impl Bench {
         child.wait().unwrap();
         let max = rss.iter().cloned().fold(0.0, f64::max);
         println!(
-            "\nidle daemon over {secs} s: RSS {:.1} MiB (max {max:.1}), CPU {cpu:.2} s ({:.3}% of one core)",
+            "\nidle daemon over {secs} s: RSS {:.1} MiB (max {max:.1}), CPU {cpu:.2} s in /proc's 10 ms ticks ({:.3}% of one core)",
             rss.iter().sum::<f64>() / rss.len().max(1) as f64,
             cpu / secs as f64 * 100.0
         );
