@@ -191,8 +191,15 @@ impl Election {
         let deadline = tokio::time::Instant::now() + wait_max;
         let mut holder = String::from("none");
         let mut announced = false;
+        // Errors are ridden out (a leader change takes a second or two); errors for a whole
+        // lease TTL mean this node's member is gone: step aside, the others take the run.
+        let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
-            match self.try_claim(run).await {
+            let attempt = self.try_claim(run).await;
+            if attempt.is_ok() {
+                failing_since = None;
+            }
+            match attempt {
                 Ok(Attempt::Won(held)) => return Ok(Claim::Won(held)),
                 Ok(Attempt::Done(rec)) => return Ok(Claim::Done(rec)),
                 Ok(Attempt::Taken(by)) => {
@@ -203,7 +210,16 @@ impl Election {
                     }
                 }
                 Err(e) if wait_max.is_zero() => return Err(e),
-                Err(e) => tracing::warn!(run, error = %crate::error::one_line(&e), "election: etcd error; retrying"),
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= self.ttl.max(Duration::from_secs(3)) {
+                        return Ok(Claim::Skip(format!(
+                            "this node's etcd member does not answer; another node takes the run ({})",
+                            crate::error::one_line(&e)
+                        )));
+                    }
+                    tracing::warn!(run, error = %crate::error::one_line(&e), "election: etcd error; retrying")
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Claim::Skip(format!("another backup holds the run lock: {holder}")));

@@ -1236,7 +1236,7 @@ fn sigkill_at_random_moments_never_leaves_a_visible_partial_set() {
 // 2. Disk, etcd and clock faults
 // ---------------------------------------------------------------------------------------
 
-/// Staging on a 1 MiB tmpfs holding an older delivered set (the local copy) and an older
+/// Staging on a 4 MiB tmpfs holding an older delivered set (the local copy) and an older
 /// pending one: a snapshot that does not fit fails with ENOSPC in one clear line and touches
 /// neither; with the guard on the run is skipped (exit 3); once the DB shrinks again the next
 /// run delivers the pending set and its own.
@@ -1245,7 +1245,7 @@ fn a_nearly_full_staging_filesystem_fails_clearly_and_keeps_older_sets_intact() 
     let etcd = Etcd::start();
     etcd.put(None, "k", "v");
     let w = Work::new();
-    let _m = mount_tmpfs(&w.staging(), "size=1m,mode=0700");
+    let _m = mount_tmpfs(&w.staging(), "size=4m,mode=0700");
     let no_guard = format!("\n[guards]\nmin_free_space = \"0x\"\n{NO_RETENTION}");
     let cfg = w.write_config(&etcd.endpoint, None, &no_guard);
     let backup = || cli(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], &[]);
@@ -1267,7 +1267,7 @@ fn a_nearly_full_staging_filesystem_fails_clearly_and_keeps_older_sets_intact() 
         vec![(a.clone(), vec![]), (b.clone(), vec!["local".to_string()])]
     );
 
-    etcd.fill(None, 2000, 1000); // ~2-3 MB: more than the tmpfs holds
+    etcd.fill(None, 8000, 1000); // ~9-10 MB: more than the tmpfs holds
     std::thread::sleep(Duration::from_millis(1100));
     let r = backup();
     assert_eq!(r.code, 1, "{}", r.all());
@@ -1311,7 +1311,7 @@ fn a_nearly_full_staging_filesystem_fails_clearly_and_keeps_older_sets_intact() 
     ctl(&["del", "--prefix", "/registry/test/"]);
     let st: serde_json::Value = serde_json::from_slice(&ctl(&["endpoint", "status", "-w", "json"])).unwrap();
     let rev = st[0]["Status"]["header"]["revision"].as_u64().unwrap().to_string();
-    ctl(&["compact", &rev]);
+    ctl(&["compact", "--physical", &rev]);
     ctl(&["defrag"]);
     let cfg = w.write_config(&etcd.endpoint, None, &no_guard);
     std::thread::sleep(Duration::from_millis(1100));
