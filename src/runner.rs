@@ -164,11 +164,17 @@ pub async fn run_once(
     watcher.abort();
     let lost = held.lost.clone();
     match result {
+        // The lock may have been lost as the run ended, before its set reached every target:
+        // the set then waits for no one, and the run is left to another node, not recorded
+        // as failed (which would keep everyone from taking it over).
+        Ok(report) if lost.is_cancelled() && !report.all_stored() => {
+            election.release(held).await;
+            crate::delivery::abandon_run(&settings.snapshot.staging_dir, run);
+            Err(anyhow!(
+                "the election lock may be lost mid-run; another node takes this run over"
+            ))
+        }
         Ok(report) => {
-            // The run may have ended as the lock was lost: its set then waits for no one.
-            if lost.is_cancelled() {
-                crate::delivery::abandon_run(&settings.snapshot.staging_dir, run);
-            }
             let result = if report.all_stored() { "ok" } else { "failed" };
             if let Err(e) = election
                 .finish(held, &record(result.into(), Some(report.manifest.id.clone())))

@@ -275,7 +275,7 @@ async fn a_snapshot_corrupted_in_transit_never_becomes_a_set() {
     assert_eq!(w.sets().len(), 1);
 }
 
-fn mount_tmpfs(dir: &Path, opts: &str) -> TmpfsMount {
+pub(crate) fn mount_tmpfs(dir: &Path, opts: &str) -> TmpfsMount {
     std::fs::create_dir_all(dir).unwrap();
     let out = Command::new("mount")
         .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
@@ -290,7 +290,7 @@ fn mount_tmpfs(dir: &Path, opts: &str) -> TmpfsMount {
     TmpfsMount(dir.to_path_buf())
 }
 
-struct TmpfsMount(PathBuf);
+pub(crate) struct TmpfsMount(PathBuf);
 
 impl Drop for TmpfsMount {
     fn drop(&mut self) {

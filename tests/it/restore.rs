@@ -46,7 +46,7 @@ fn args(list: &[&str], cfg: &Path) -> Vec<String> {
 }
 
 /// Writes a complete set of `cluster` straight onto a file target, as if taken at `created`.
-fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chrono::Utc>) -> String {
+pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chrono::Utc>) -> String {
     let id = etcd_backupd::manifest::timestamp(created);
     let dir = root.join(cluster).join(&id);
     std::fs::create_dir_all(&dir).unwrap();

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::common::{Etcd, Work, run, static_pod_fixture};
 
-fn sh(cmd: &str) -> Vec<u8> {
+pub(crate) fn sh(cmd: &str) -> Vec<u8> {
     let out = Command::new("bash")
         .args(["-c", cmd])
         .stderr(Stdio::piped())

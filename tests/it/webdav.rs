@@ -418,7 +418,7 @@ async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans
     assert!(w.staged().iter().all(|(_, pending)| pending.is_empty()));
 }
 
-fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+pub(crate) fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, format!("{secret}\n")).unwrap();
