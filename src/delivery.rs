@@ -293,6 +293,19 @@ pub async fn pass(
     results
 }
 
+/// Removes a staged set: first moved out of `sets/` (into `tmp/`, cleaned by the next run),
+/// so that a removal cut short never leaves a set without its manifest in `sets/`.
+fn remove_staged(dir: &Path) {
+    let gone = dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|staging| staging.join("tmp").join(format!(".gone-{:08x}", rand::random::<u32>())));
+    match gone {
+        Some(to) if std::fs::rename(dir, &to).is_ok() => fsutil::remove_dir_quietly(&to),
+        _ => fsutil::remove_dir_quietly(dir),
+    }
+}
+
 /// Stops delivering the staged sets of `run` (its runner lost the lock; the node that takes
 /// the run over stores its own set): they stay as local copies.
 pub fn abandon_run(staging: &Path, run: &str) {
@@ -376,14 +389,14 @@ pub fn tidy(settings: &Settings) {
                 backup_id = %s.id(), targets = %s.pending.join(", "),
                 "dropping an undelivered backup set from staging: more than delivery.max_pending ({max_pending}) sets wait; these targets never got it"
             );
-            fsutil::remove_dir_quietly(&s.set.dir);
+            remove_staged(&s.set.dir);
         }
     }
     let keep_local = settings.delivery.keep_local as usize;
     if delivered.len() > keep_local {
         for s in &delivered[..delivered.len() - keep_local] {
             tracing::debug!(backup_id = %s.id(), "removing a delivered set from staging");
-            fsutil::remove_dir_quietly(&s.set.dir);
+            remove_staged(&s.set.dir);
         }
     }
 }
@@ -414,7 +427,7 @@ pub fn make_room(staging: &Path, needed: u64, free: impl Fn() -> Result<u64>) ->
                 "dropping an undelivered backup set from staging: the staging filesystem is below guards.min_free_space; these targets never got it"
             );
         }
-        fsutil::remove_dir_quietly(&s.set.dir);
+        remove_staged(&s.set.dir);
         available = free()?;
     }
     Ok(available)

@@ -1029,9 +1029,11 @@ async fn sigkill_during_the_upload_leaves_nothing_visible_and_the_set_is_deliver
 /// lock lapses within the lease and the next run stores the killed run's set exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_around_the_final_move_never_shows_a_partial_set_and_stores_nothing_twice() {
-    let etcd = Etcd::start();
-    etcd.fill(None, 300, 500);
     for variant in ["before", "after"] {
+        // Its own etcd: a manual run's key is time-based, and the first variant's record
+        // of it must not make the second a run already done.
+        let etcd = Etcd::start();
+        etcd.fill(None, 300, 500);
         let rclone = Rclone::start();
         let (moves, stalled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
         let (m, s) = (moves.clone(), stalled.clone());
