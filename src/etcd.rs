@@ -168,19 +168,25 @@ impl Member {
         anyhow!("etcd endpoint '{}': {what}: {msg}{}", self.shown(), tls_hint(&msg))
     }
 
-    /// Puts `key` = `value` on a new lease of `ttl_secs`.
-    pub async fn put_with_lease(&mut self, key: &str, value: &str, ttl_secs: i64) -> Result<()> {
-        use etcd_client::PutOptions;
-        let what = format!("etcd endpoint '{}': put '{key}'", self.shown());
+    /// A new lease of `ttl_secs`; `what` names the request in errors.
+    async fn grant_lease(&mut self, ttl_secs: i64, what: &str) -> Result<i64> {
         let d = self.request_timeout;
-        let lease = within(d, &what, async {
+        let resp = within(d, what, async {
             self.client
                 .lease_grant(ttl_secs, None)
                 .await
                 .map_err(|e| self.rpc_error("lease grant", e))
         })
-        .await?
-        .id();
+        .await?;
+        Ok(resp.id())
+    }
+
+    /// Puts `key` = `value` on a new lease of `ttl_secs`.
+    pub async fn put_with_lease(&mut self, key: &str, value: &str, ttl_secs: i64) -> Result<()> {
+        use etcd_client::PutOptions;
+        let what = format!("etcd endpoint '{}': put '{key}'", self.shown());
+        let d = self.request_timeout;
+        let lease = self.grant_lease(ttl_secs, &what).await?;
         within(d, &what, async {
             self.client
                 .put(key, value, Some(PutOptions::new().with_lease(lease)))
@@ -197,14 +203,7 @@ impl Member {
         use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
         let what = format!("etcd endpoint '{}': reserve '{key}'", self.shown());
         let d = self.request_timeout;
-        let lease = within(d, &what, async {
-            self.client
-                .lease_grant(ttl_secs, None)
-                .await
-                .map_err(|e| self.rpc_error("lease grant", e))
-        })
-        .await?
-        .id();
+        let lease = self.grant_lease(ttl_secs, &what).await?;
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
