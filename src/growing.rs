@@ -76,6 +76,8 @@ impl Publisher {
         Follower {
             file: self.reader.clone(),
             rx: self.tx.subscribe(),
+            expected: None,
+            progress: crate::progress::Phase::none(),
         }
     }
 
@@ -125,15 +127,34 @@ impl Drop for Publisher {
 pub struct Follower {
     file: Arc<File>,
     rx: watch::Receiver<Growth>,
+    /// The size the file is expected to reach, when known (for progress only).
+    expected: Option<u64>,
+    progress: crate::progress::Phase,
 }
 
 impl Follower {
+    /// The same follower, telling progress reports the size the file should reach.
+    pub fn expecting(mut self, bytes: Option<u64>) -> Follower {
+        self.expected = bytes;
+        self
+    }
+
+    /// The same follower, reporting what it reads as the phase `label`.
+    pub fn with_progress(mut self, label: String) -> Follower {
+        self.progress = crate::progress::Phase::start(label, self.expected);
+        self
+    }
+
     /// The file from its first byte, in chunks of at most `chunk` bytes, as it is written;
     /// ends after the last byte once the writer completed, or with an error if it failed.
     /// Every call starts again from the first byte (a retried request sends it all again).
     pub fn stream(&self, chunk: usize) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let state = (self.file.clone(), self.rx.clone(), 0u64);
-        futures_util::stream::try_unfold(state, move |(file, mut rx, offset)| async move {
+        let progress = self.progress.clone();
+        progress.set(0);
+        futures_util::stream::try_unfold(state, move |(file, mut rx, offset)| {
+            let progress = progress.clone();
+            async move {
             loop {
                 let growth = *rx.borrow_and_update();
                 let end = match growth {
@@ -149,6 +170,7 @@ impl Follower {
                     })
                     .await
                     .map_err(io::Error::other)??;
+                    progress.set(offset + len as u64);
                     return Ok(Some((Bytes::from(buf), (file, rx, offset + len as u64))));
                 }
                 if matches!(growth, Growth::Done(_)) {
@@ -158,6 +180,7 @@ impl Follower {
                 if rx.changed().await.is_err() && *rx.borrow() == growth {
                     return Err(io::Error::other(ABANDONED));
                 }
+            }
             }
         })
     }

@@ -24,6 +24,7 @@
 //! - [`restore`]: `fetch`, `verify` and the restore drill.
 //! - [`metrics`]: Prometheus text, as a textfile-collector file and on `GET /metrics`.
 //! - [`fsutil`]: private files, fsync and no-replace renames.
+//! - [`progress`]: bars on a terminal, progress lines and `STATUS=` for the daemon.
 
 pub mod cli;
 pub mod config;
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod priority;
+pub mod progress;
 pub mod render;
 pub mod restore;
 pub mod retention;

@@ -1,10 +1,12 @@
 //! `etcd-backupd`: parse the command line, set up logging, run, map errors to exit codes.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 use etcd_backupd::cli::{self, Cli};
-use etcd_backupd::error;
+use etcd_backupd::cli::Command;
+use etcd_backupd::{error, progress};
 
 /// systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it connected; it is ours only if
 /// stderr is still that stream (a child of a journald-logged shell inherits the variable).
@@ -45,7 +47,7 @@ fn init_logging(verbose: u8) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| progress::LogWriter)
         .with_target(false)
         .with_ansi(ansi)
         .init();
@@ -68,15 +70,20 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!("{} (see 'etcd-backupd --help')", parts.join(" "));
+            let _ = writeln!(std::io::stderr(), "{} (see 'etcd-backupd --help')", parts.join(" "));
             return ExitCode::from(error::EXIT_USAGE);
         }
     };
+    progress::init(match cli.command {
+        Command::Daemon => progress::Mode::Log,
+        Command::Backup { .. } | Command::Fetch { .. } | Command::Verify { .. } => progress::mode_for(true),
+        _ => progress::Mode::Off,
+    });
     init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
             return ExitCode::from(error::EXIT_FAILED);
         }
     };
@@ -86,8 +93,10 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::from(error::EXIT_OK),
+        // `| head` quit reading: end quietly, as coreutils do.
+        Err(e) if error::is_closed_stdout(&e) => ExitCode::from(error::EXIT_OUTPUT_CLOSED),
         Err(e) => {
-            eprintln!("error: {}", error::one_line(&e));
+            let _ = writeln!(std::io::stderr(), "error: {}", error::one_line(&e));
             ExitCode::from(error::exit_code(&e))
         }
     }

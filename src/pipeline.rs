@@ -368,7 +368,7 @@ async fn assemble(
     let mut snapshot_duration = None;
     let (id, created, files, stream_revision) = match settings.snapshot.method {
         SnapshotMethod::Native => {
-            let (files, revision, streamed) = take_native(settings, member, id, work, follow).await?;
+            let (files, revision, streamed) = take_native(settings, member, status.db_size, id, work, follow).await?;
             snapshot_duration = Some(streamed);
             (id.to_string(), created, files, revision)
         }
@@ -535,7 +535,8 @@ async fn follow_snapshot(
         let Some(Ok(target)) = opened.get(&target_name) else {
             return None;
         };
-        let (follower, stored_name) = (follower.clone(), stored_name.clone());
+        let follower = follower.clone().with_progress(format!("upload to '{target_name}'"));
+        let stored_name = stored_name.clone();
         Some(async move {
             tracing::info!(target_name = %target_name, file = %stored_name, "uploading while the snapshot streams");
             let _ = tx.send(target.put_growing(&draft, &stored_name, follower).await);
@@ -551,6 +552,7 @@ async fn follow_snapshot(
 async fn take_native(
     settings: &Settings,
     member: &mut etcd::Member,
+    db_size: u64,
     ts: &str,
     work: &Path,
     follow: Option<FollowTx>,
@@ -572,7 +574,7 @@ async fn take_native(
         "backing up {ts}: streaming the snapshot from {}",
         member.shown()
     ));
-    let pending = snapshot::Pending::create(&work.join(&stored_name), &seal)?;
+    let pending = snapshot::Pending::create(&work.join(&stored_name), &seal)?.expecting(db_size);
     if let Some(tx) = follow {
         let _ = tx.send((pending.follower(), stored_name.clone()));
     }

@@ -165,6 +165,7 @@ struct Tee<R> {
     cap: u64,
     trailer: Option<crate::snapshot::TrailerCheck>,
     out: Option<std::fs::File>,
+    phase: crate::progress::Phase,
 }
 
 impl<R: Read> Tee<R> {
@@ -176,6 +177,7 @@ impl<R: Read> Tee<R> {
             cap,
             trailer: None,
             out: None,
+            phase: crate::progress::Phase::none(),
         }
     }
 }
@@ -185,6 +187,7 @@ impl<R: Read> Read for Tee<R> {
         let n = self.inner.read(buf)?;
         let chunk = &buf[..n];
         self.size += n as u64;
+        self.phase.add(n as u64);
         if self.size > self.cap {
             return Err(std::io::Error::other(format!(
                 "longer than the {} bytes the manifest records",
@@ -212,9 +215,11 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
         .open_file(&located.cluster, &m.id, &f.stored_name)
         .await?;
     let (f2, identity) = (f.clone(), located.identity.clone());
+    let phase = crate::progress::Phase::start(f.stored_name.clone(), Some(f.stored_size));
     let checked = tokio::task::spawn_blocking(move || -> Result<CheckedFile> {
         let f = f2;
         let mut stored = Tee::new(tokio_util::io::SyncIoBridge::new(reader), f.stored_size);
+        stored.phase = phase;
         let (size, sha, (also, trailer)) = {
             let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
             let mut plain = Tee::new(plain, f.size);
@@ -495,6 +500,8 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
         .arg(&peer);
     let tool = restorer.file_name().unwrap_or_default().to_string_lossy().to_string();
     crate::notify::status(&format!("restore drill: {tool} snapshot restore"));
+    // Ended when the drill returns: it covers the restore and the throwaway etcd's start.
+    let _phase = crate::progress::Phase::start("restore drill", None);
     tokio::task::spawn_blocking(move || run_tool(&mut restore, &format!("{tool} snapshot restore"))).await??;
 
     let log = std::fs::File::create(scratch.path().join("etcd.log"))?;

@@ -117,6 +117,8 @@ pub struct Pending {
     dest: PathBuf,
     publisher: Publisher,
     seal: Seal,
+    /// The database size etcd reported, the stream's expected length (for progress).
+    expected: Option<u64>,
 }
 
 impl Pending {
@@ -130,11 +132,20 @@ impl Pending {
             dest: dest.to_path_buf(),
             publisher,
             seal: seal.clone(),
+            expected: None,
         })
     }
 
+    /// Tells progress reports how long the stream should be (etcd's reported DB size).
+    pub fn expecting(mut self, db_size: u64) -> Pending {
+        self.expected = Some(db_size);
+        self
+    }
+
+    /// A follower of the file; it expects the DB size when the file is stored plain.
     pub fn follower(&self) -> Follower {
-        self.publisher.follower()
+        let expected = self.expected.filter(|_| self.seal.is_plain());
+        self.publisher.follower().expecting(expected)
     }
 
     /// Streams the snapshot from `member`, verifying the trailer. On any failure nothing is
@@ -145,8 +156,10 @@ impl Pending {
             dest,
             publisher,
             seal,
+            expected,
         } = self;
-        match stream_to(member, publisher, &part, seal).await {
+        let phase = crate::progress::Phase::start("snapshot", expected);
+        match stream_to(member, publisher, &part, seal, phase).await {
             Ok((verified, stored, revision)) => {
                 std::fs::rename(&part, &dest)
                     .with_context(|| format!("cannot rename '{}' into place", part.display()))
@@ -181,6 +194,7 @@ async fn stream_to(
     publisher: Publisher,
     part: &Path,
     seal: Seal,
+    phase: crate::progress::Phase,
 ) -> Result<(Verified, Verified, Option<i64>)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
     let part_owned = part.to_path_buf();
@@ -224,6 +238,7 @@ async fn stream_to(
                 revision = msg.header().map(|h| h.revision());
             }
             last_remaining = Some(msg.remaining_bytes());
+            phase.add(msg.blob().len() as u64);
             if !msg.blob().is_empty() && tx.send(msg.blob().to_vec()).await.is_err() {
                 // The writer stopped: its own error (e.g. no space left) says why.
                 writer_gone = true;

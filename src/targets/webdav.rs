@@ -149,14 +149,17 @@ fn permanent_transport_error(msg: &str) -> bool {
 
 /// A request body that counts what has been sent, for the idle watchdog.
 /// With `rate`, the body is paced to that many bytes per second (`upload_rate_limit`).
-fn counting_body<S>(chunks: S, sent: Arc<AtomicU64>, rate: Option<u64>) -> reqwest::Body
+/// `phase` shows the body's progress (a retry starts it again).
+fn counting_body<S>(chunks: S, sent: Arc<AtomicU64>, rate: Option<u64>, phase: crate::progress::Phase) -> reqwest::Body
 where
     S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
 {
     let mut pace = rate.map(crate::priority::Pace::new);
+    phase.set(0);
     let stream = chunks
         .inspect_ok(move |chunk| {
             sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            phase.add(chunk.len() as u64);
         })
         .then(move |chunk| {
             let wait = match (&chunk, pace.as_mut()) {
@@ -506,6 +509,8 @@ impl DavTarget {
     }
 
     async fn put_file(&self, url: &Url, path: &std::path::Path, size: u64) -> Result<()> {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let phase = crate::progress::Phase::start(format!("upload to '{}': {name}", self.name), Some(size));
         self.call("PUT", url, &PUT_OK, |progress| {
             // Reopened for every attempt: a retry streams the file again.
             let file = std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
@@ -517,6 +522,7 @@ impl DavTarget {
                     tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024),
                     progress,
                     self.rate,
+                    phase.clone(),
                 )))
         })
         .await
@@ -790,7 +796,12 @@ impl Target for DavTarget {
             Ok(self
                 .request(Method::PUT, &url)
                 .header(header::CONTENT_TYPE, "application/octet-stream")
-                .body(counting_body(file.stream(256 * 1024), progress.clone(), self.rate)))
+                .body(counting_body(
+                    file.stream(256 * 1024),
+                    progress.clone(),
+                    self.rate,
+                    crate::progress::Phase::none(),
+                )))
         });
         tokio::select! {
             r = put => { r?; }

@@ -11,6 +11,32 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+/// Starts `cmd` in a process group of its own, so that [`stop_group`] reaches whatever it
+/// forks (Apache's workers, a script's children), also when the test panics.
+pub fn spawn_group(cmd: &mut Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0).spawn()
+}
+
+/// Stops a child started by [`spawn_group`] with everything in its group, and reaps it.
+/// `graceful` sends SIGTERM to the child first and waits up to 5 s (Apache stops its workers
+/// that way); whatever is left of the group then gets SIGKILL.
+pub fn stop_group(child: &mut Child, graceful: bool) {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(child.id() as i32);
+    if graceful && matches!(child.try_wait(), Ok(None)) {
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The group outlives its leader while any member lives: kill it even when the leader is gone.
+    let _ = killpg(pid, Signal::SIGKILL);
+    let _ = child.wait();
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -64,11 +90,36 @@ impl Pki {
     }
 }
 
+/// Where `scripts/install-deps.sh` installs etcd 3.5 (`etcd`, `etcdctl`, `etcdutl`):
+/// `$ETCD35_BIN_DIR`, by default `/usr/local/lib/etcd-3.5`. Panics when a binary is missing
+/// there: the 3.5 tests fail rather than skip, since CI installs it.
+pub fn etcd35_dir() -> PathBuf {
+    let dir = std::env::var_os("ETCD35_BIN_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/etcd-3.5"));
+    for tool in ["etcd", "etcdctl", "etcdutl"] {
+        assert!(
+            dir.join(tool).is_file(),
+            "etcd 3.5's {tool} is not in {} ($ETCD35_BIN_DIR): run scripts/install-deps.sh",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// `name` in `bin_dir`, or `name` alone (found in `PATH`, Debian's etcd 3.4) without one.
+pub fn etcd_tool(bin_dir: Option<&Path>, name: &str) -> PathBuf {
+    bin_dir.map_or_else(|| PathBuf::from(name), |d| d.join(name))
+}
+
 /// A single-member etcd on loopback, killed and removed on drop.
 pub struct Etcd {
     pub endpoint: String,
     pub dir: TempDir,
     child: Child,
+    /// Where its `etcd` and `etcdctl` are; `None` = `PATH`.
+    bin_dir: Option<PathBuf>,
 }
 
 impl Etcd {
@@ -87,14 +138,34 @@ impl Etcd {
         Etcd::spawn(None, Some(data), peer)
     }
 
+    /// An etcd from the binaries in `bin_dir` (e.g. [`etcd35_dir`]); its [`Etcd::etcdctl`]
+    /// is the one in `bin_dir` too.
+    pub fn start_in(bin_dir: &Path) -> Etcd {
+        Etcd::spawn_in(Some(bin_dir), None, None, free_port())
+    }
+
+    /// [`Etcd::start_restored`] with the binaries in `bin_dir`.
+    pub fn start_restored_in(bin_dir: &Path, data: &Path, peer: u16) -> Etcd {
+        Etcd::spawn_in(Some(bin_dir), None, Some(data), peer)
+    }
+
+    /// The path of `name` (`etcd`, `etcdctl`, `etcdutl`) of this etcd's version.
+    pub fn tool(&self, name: &str) -> PathBuf {
+        etcd_tool(self.bin_dir.as_deref(), name)
+    }
+
     fn spawn(pki: Option<&Pki>, data: Option<&Path>, peer: u16) -> Etcd {
+        Etcd::spawn_in(None, pki, data, peer)
+    }
+
+    fn spawn_in(bin_dir: Option<&Path>, pki: Option<&Pki>, data: Option<&Path>, peer: u16) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let client = free_port();
         let data = data.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("data"));
         let scheme = if pki.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let mut cmd = Command::new("etcd");
+        let mut cmd = Command::new(etcd_tool(bin_dir, "etcd"));
         cmd.arg("--name=test0")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={endpoint}"))
@@ -111,10 +182,13 @@ impl Etcd {
                 .arg(format!("--trusted-ca-file={}", p.ca.display()))
                 .arg("--client-cert-auth");
         }
-        let child = cmd
-            .spawn()
-            .expect("etcd must be installed (Debian package etcd-server)");
-        let etcd = Etcd { endpoint, dir, child };
+        let child = spawn_group(&mut cmd).expect("etcd must be installed (Debian package etcd-server)");
+        let etcd = Etcd {
+            endpoint,
+            dir,
+            child,
+            bin_dir: bin_dir.map(Path::to_path_buf),
+        };
         etcd.wait_ready();
         etcd
     }
@@ -172,7 +246,7 @@ impl Etcd {
     }
 
     pub fn etcdctl(&self, pki: Option<&Pki>) -> Command {
-        let mut cmd = Command::new("etcdctl");
+        let mut cmd = Command::new(self.tool("etcdctl"));
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint));
         if let Some(p) = pki {
@@ -195,8 +269,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_group(&mut self.child, false);
     }
 }
 
@@ -490,10 +563,22 @@ pub struct EtcdCluster {
     pub endpoints: Vec<String>,
     pub dir: TempDir,
     children: Vec<Option<Child>>,
+    /// Where its `etcd` and `etcdctl` are; `None` = `PATH`.
+    bin_dir: Option<PathBuf>,
 }
 
 impl EtcdCluster {
     pub fn start(n: usize) -> EtcdCluster {
+        EtcdCluster::spawn_in(n, None)
+    }
+
+    /// A cluster of the binaries in `bin_dir` (e.g. [`etcd35_dir`]), whose
+    /// [`EtcdCluster::etcdctl`] is the one in `bin_dir` too.
+    pub fn start_in(n: usize, bin_dir: &Path) -> EtcdCluster {
+        EtcdCluster::spawn_in(n, Some(bin_dir))
+    }
+
+    fn spawn_in(n: usize, bin_dir: Option<&Path>) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
@@ -506,21 +591,22 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let endpoint = format!("http://127.0.0.1:{client}");
             let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
-            let child = Command::new("etcd")
-                .arg(format!("--name=m{i}"))
-                .arg(format!("--data-dir={}", dir.path().join(format!("m{i}")).display()))
-                .arg(format!("--listen-client-urls={endpoint}"))
-                .arg(format!("--advertise-client-urls={endpoint}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!("--initial-cluster={}", initial.join(",")))
-                .arg("--initial-cluster-state=new")
-                .arg("--heartbeat-interval=50")
-                .arg("--election-timeout=500")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("etcd");
+            let child = spawn_group(
+                Command::new(etcd_tool(bin_dir, "etcd"))
+                    .arg(format!("--name=m{i}"))
+                    .arg(format!("--data-dir={}", dir.path().join(format!("m{i}")).display()))
+                    .arg(format!("--listen-client-urls={endpoint}"))
+                    .arg(format!("--advertise-client-urls={endpoint}"))
+                    .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                    .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+                    .arg(format!("--initial-cluster={}", initial.join(",")))
+                    .arg("--initial-cluster-state=new")
+                    .arg("--heartbeat-interval=50")
+                    .arg("--election-timeout=500")
+                    .stdout(Stdio::null())
+                    .stderr(log),
+            )
+            .expect("etcd");
             children.push(Some(child));
             endpoints.push(endpoint);
         }
@@ -528,11 +614,12 @@ impl EtcdCluster {
             endpoints,
             dir,
             children,
+            bin_dir: bin_dir.map(Path::to_path_buf),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         for (i, ep) in cluster.endpoints.iter().enumerate() {
             loop {
-                let out = Command::new("etcdctl")
+                let out = Command::new(etcd_tool(bin_dir, "etcdctl"))
                     .env("ETCDCTL_API", "3")
                     .args([&format!("--endpoints={ep}"), "endpoint", "health"])
                     .output()
@@ -552,7 +639,7 @@ impl EtcdCluster {
     }
 
     pub fn etcdctl(&self) -> Command {
-        let mut cmd = Command::new("etcdctl");
+        let mut cmd = Command::new(etcd_tool(self.bin_dir.as_deref(), "etcdctl"));
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoints.join(",")));
         cmd
@@ -561,8 +648,7 @@ impl EtcdCluster {
     /// Stops member `i` (SIGKILL).
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_group(&mut c, false);
         }
     }
 }
@@ -570,8 +656,7 @@ impl EtcdCluster {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for c in self.children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_group(c, false);
         }
     }
 }

@@ -30,7 +30,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backup::mount_tmpfs;
-use crate::common::{Etcd, EtcdCluster, Pki, Run, Work, assert_sha256sums, free_port, run_env};
+use crate::common::{
+    Etcd, EtcdCluster, Pki, Run, Work, assert_sha256sums, free_port, run_env, spawn_group, stop_group,
+};
 use crate::restore::fake_set;
 use crate::seal::sh;
 use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone, Tinyproxy};
@@ -105,7 +107,7 @@ impl Proc {
             cmd.env(k, v);
         }
         Proc {
-            child: cmd.spawn().unwrap(),
+            child: spawn_group(&mut cmd).unwrap(),
             log,
         }
     }
@@ -149,8 +151,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_group(&mut self.child, false);
     }
 }
 
@@ -2172,19 +2173,19 @@ impl Members {
             .open(self.dir.path().join(format!("m{i}.log")))
             .unwrap();
         self.children[i] = Some(
-            Command::new("etcd")
-                .args(&self.args[i])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("etcd"),
+            spawn_group(
+                Command::new("etcd")
+                    .args(&self.args[i])
+                    .stdout(Stdio::null())
+                    .stderr(log),
+            )
+            .expect("etcd"),
         );
     }
 
     fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_group(&mut c, false);
         }
     }
 
@@ -2212,8 +2213,7 @@ impl Members {
 impl Drop for Members {
     fn drop(&mut self) {
         for c in self.children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_group(c, false);
         }
     }
 }

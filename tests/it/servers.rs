@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::common::{Pki, free_port};
+use crate::common::{Pki, free_port, spawn_group, stop_group};
 
 fn wait_for_port(port: u16, what: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -26,11 +26,6 @@ fn wait_for_port(port: u16, what: &str, log: &Path) {
         "{what} did not start: {}",
         std::fs::read_to_string(log).unwrap_or_default()
     );
-}
-
-fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A tempdir that daemons dropping privileges (www-data, nobody) can traverse.
@@ -133,14 +128,15 @@ SSLCertificateKeyFile {key}
             },
         );
         std::fs::write(d.join("httpd.conf"), conf).unwrap();
-        let child = Command::new("apache2")
-            .arg("-f")
-            .arg(d.join("httpd.conf"))
-            .arg("-DFOREGROUND")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
-            .spawn()
-            .expect("apache2 (Debian package apache2)");
+        let child = spawn_group(
+            Command::new("apache2")
+                .arg("-f")
+                .arg(d.join("httpd.conf"))
+                .arg("-DFOREGROUND")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("stderr.log")).unwrap()),
+        )
+        .expect("apache2 (Debian package apache2)");
         wait_for_port(port, "apache2", &d.join("stderr.log"));
         Apache {
             port,
@@ -171,7 +167,8 @@ SSLCertificateKeyFile {key}
 
 impl Drop for Apache {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        // SIGTERM: the parent stops its workers and exits; the group kill catches stragglers.
+        stop_group(&mut self.child, true);
     }
 }
 
@@ -196,19 +193,20 @@ impl Rclone {
         std::fs::create_dir_all(d.join("data")).unwrap();
         std::fs::write(d.join("rclone.conf"), "").unwrap();
         let port = free_port();
-        let child = Command::new("rclone")
-            .args(["serve", "webdav"])
-            .arg(d.join("data"))
-            .arg("--addr")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--config")
-            .arg(d.join("rclone.conf"))
-            // The tests change files behind rclone's back; it must not serve a stale listing.
-            .args(["--dir-cache-time", "0s"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("rclone.log")).unwrap())
-            .spawn()
-            .expect("rclone (Debian package rclone)");
+        let child = spawn_group(
+            Command::new("rclone")
+                .args(["serve", "webdav"])
+                .arg(d.join("data"))
+                .arg("--addr")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--config")
+                .arg(d.join("rclone.conf"))
+                // The tests change files behind rclone's back; it must not serve a stale listing.
+                .args(["--dir-cache-time", "0s"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("rclone.log")).unwrap()),
+        )
+        .expect("rclone (Debian package rclone)");
         wait_for_port(port, "rclone", &d.join("rclone.log"));
         Rclone { port, dir, child }
     }
@@ -224,7 +222,7 @@ impl Rclone {
 
 impl Drop for Rclone {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        stop_group(&mut self.child, true);
     }
 }
 
@@ -254,14 +252,15 @@ impl Tinyproxy {
             auth.map(|(u, p)| format!("BasicAuth {u} {p}\n")).unwrap_or_default()
         );
         std::fs::write(d.join("tinyproxy.conf"), conf).unwrap();
-        let child = Command::new("tinyproxy")
-            .arg("-d")
-            .arg("-c")
-            .arg(d.join("tinyproxy.conf"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
-            .spawn()
-            .expect("tinyproxy (Debian package tinyproxy)");
+        let child = spawn_group(
+            Command::new("tinyproxy")
+                .arg("-d")
+                .arg("-c")
+                .arg(d.join("tinyproxy.conf"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("stderr.log")).unwrap()),
+        )
+        .expect("tinyproxy (Debian package tinyproxy)");
         wait_for_port(port, "tinyproxy", &d.join("stderr.log"));
         Tinyproxy { port, dir, child }
     }
@@ -282,7 +281,7 @@ impl Tinyproxy {
 
 impl Drop for Tinyproxy {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        stop_group(&mut self.child, true);
     }
 }
 
