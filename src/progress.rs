@@ -39,7 +39,8 @@ static SHARED: OnceLock<Shared> = OnceLock::new();
 
 /// Chooses the mode for this process; the first call wins. Without a call, progress is off.
 pub fn init(mode: Mode) {
-    let bars = (mode == Mode::Terminal).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+    let bars = (mode == Mode::Terminal)
+        .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::term_like_with_hz(Box::new(Stderr), 10)));
     let _ = SHARED.set(Shared { mode, bars });
 }
 
@@ -54,6 +55,64 @@ pub fn mode_for(draws_bars: bool) -> Mode {
 
 fn shared() -> Option<&'static Shared> {
     SHARED.get().filter(|s| s.mode != Mode::Off)
+}
+
+/// stderr as indicatif's terminal. Its own (console's) refuses to draw when `TERM` is unset or
+/// `dumb`; here the terminal alone decides, and ANSI cursor moves work on every terminal
+/// emulator in use.
+#[derive(Debug)]
+struct Stderr;
+
+impl Stderr {
+    fn put(&self, s: &str) -> std::io::Result<()> {
+        std::io::stderr().lock().write_all(s.as_bytes())
+    }
+}
+
+impl indicatif::TermLike for Stderr {
+    fn width(&self) -> u16 {
+        let mut size = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ fills the winsize it is given; stderr is a terminal here.
+        let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+        if ok && size.ws_col > 0 { size.ws_col } else { 80 }
+    }
+
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}A")) }
+    }
+
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}B")) }
+    }
+
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}C")) }
+    }
+
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}D")) }
+    }
+
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.put(&format!("{s}\n"))
+    }
+
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.put(s)
+    }
+
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.put("\r\x1b[2K")
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// stderr for the log subscriber: with bars on screen, each line is printed above them.
