@@ -593,7 +593,10 @@ async fn cluster_folder(settings: &Settings) -> Result<String> {
 async fn prune(settings: &Settings, dry_run: bool, force: bool, only: Option<&str>) -> Result<()> {
     let state = crate::state::State::load(&settings.snapshot.staging_dir);
     if let Some(r) = state.runs.first()
-        && (r.result == "failed" || r.result == "skipped")
+        && crate::state::RunResult::parse(&r.result).is_some_and(|x| {
+            use crate::state::RunResult::*;
+            matches!(x, Failed | Skipped | Partial | Pending)
+        })
         && !force
         && !dry_run
     {

@@ -113,6 +113,11 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     }
 
     crate::pipeline::prepare_staging(&settings.snapshot.staging_dir)?;
+    // In the background, from the start (also while etcd is awaited); a port that cannot be
+    // bound is retried there and never stops backups.
+    if let Some(addr) = &settings.metrics.listen {
+        crate::metrics::spawn(addr.clone(), settings.snapshot.staging_dir.clone(), stop.clone());
+    }
     // READY once the configuration is valid and etcd answers (when this host takes backups).
     let seed = loop {
         if schedule.is_none() {
@@ -138,9 +143,6 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
         }
     };
-    if let Some(addr) = &settings.metrics.listen {
-        crate::metrics::serve(addr, settings.snapshot.staging_dir.clone(), stop.clone()).await?;
-    }
     notify::ready("started");
     let cv_changed = if schedule.is_some() {
         watch_cluster_version(&settings, stop.clone())
@@ -309,7 +311,11 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
             Wake::Deliver => {
                 notify::status("delivering pending backup sets");
-                next_delivery = match crate::delivery::retry(&settings, &stop).await {
+                let retried = crate::delivery::retry(&settings, &stop).await;
+                if let Ok(r) = &retried {
+                    runner::settle_after_retry(&settings, &r.settled).await;
+                }
+                next_delivery = match retried {
                     Ok(r) if r.pending == 0 => {
                         tracing::info!(delivered = r.delivered, "every pending backup set is delivered");
                         delivery_backoff = settings.delivery.retry_interval.0;
@@ -469,7 +475,11 @@ async fn pending_upgrade(settings: &Settings) -> Option<String> {
     let state = State::load(&settings.snapshot.staging_dir);
     // Once per cluster and version: the election marker covers the cluster for 7 days, the
     // node's list of done upgrades for ever.
-    if state.upgrades_done.contains(&version) || state.runs.iter().any(|r| r.run == run && r.result == "ok") {
+    if state.upgrades_done.contains(&version) || state
+            .runs
+            .iter()
+            .any(|r| r.run == run && crate::state::RunResult::parse(&r.result).is_some_and(|x| x.took_a_set()))
+    {
         return None;
     }
     Some(version)
@@ -483,11 +493,14 @@ fn log_outcome(run: &str, outcome: &Result<Outcome>, t0: Instant) {
             message_id = crate::notify::MESSAGE_ID_SUCCEEDED, run, backup_id = %r.manifest.id,
             bytes = r.manifest.total_stored_size(), seconds, "backup succeeded"
         ),
-        Ok(Outcome::Ran(r)) => tracing::error!(
-            message_id = crate::notify::MESSAGE_ID_FAILED, run, backup_id = %r.manifest.id, seconds,
-            failed_targets = %r.targets.iter().filter(|t| t.result.is_err()).map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
-            "backup failed on some targets"
-        ),
+        Ok(Outcome::Ran(r)) => {
+            let (stored, missing) = r.stored_and_missing();
+            tracing::error!(
+                message_id = crate::notify::MESSAGE_ID_FAILED, run, backup_id = %r.manifest.id, seconds,
+                stored_targets = %stored.join(","), failed_targets = %missing.join(","),
+                "backup not stored on every target; it waits in staging for the others"
+            )
+        }
         Ok(Outcome::Skipped(reason)) => {
             tracing::warn!(message_id = crate::notify::MESSAGE_ID_SKIPPED, run, reason = %reason, "backup skipped")
         }

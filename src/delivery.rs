@@ -122,6 +122,19 @@ pub struct Delivered {
     pub target: String,
     pub location: String,
     pub result: Result<(), String>,
+    /// This delivery left the set owed to no target, and the set names its elected run: that
+    /// run's record can be settled (see [`crate::runner::settle_delivered`]).
+    pub completes_run: Option<String>,
+}
+
+/// The (run, id) of every set a pass brought to its last target.
+pub fn settled(results: &[Delivered]) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = results
+        .iter()
+        .filter_map(|d| d.completes_run.clone().map(|run| (run, d.id.clone())))
+        .collect();
+    v.dedup();
+    v
 }
 
 /// Does `target` already hold exactly this set? (An earlier attempt's final answer was lost.)
@@ -233,6 +246,7 @@ pub async fn pass(
                     target: name.clone(),
                     location: String::new(),
                     result: Err(why),
+                    completes_run: None,
                 });
                 continue;
             }
@@ -262,7 +276,14 @@ pub async fn pass(
                     let _ = e;
                     Ok(())
                 }
-                other => other.map_err(|e| crate::error::one_line(&e)),
+                Err(e) => {
+                    // Another set holds this id there: only this set is stuck, not the target.
+                    if e.downcast_ref::<crate::targets::SetExists>().is_none() {
+                        down.insert(name.clone(), crate::error::one_line(&e));
+                    }
+                    Err(crate::error::one_line(&e))
+                }
+                Ok(()) => Ok(()),
             };
             match &result {
                 Ok(()) => {
@@ -270,7 +291,6 @@ pub async fn pass(
                 }
                 Err(e) => {
                     tracing::error!(target_name = %name, backup_id = %m.id, error = %e, "cannot store the backup set; it stays pending in staging");
-                    down.insert(name.clone(), e.clone());
                     still.push(name.clone());
                 }
             }
@@ -280,7 +300,20 @@ pub async fn pass(
                 target: name.clone(),
                 location,
                 result,
+                completes_run: None,
             });
+        }
+        if still.is_empty() && results.iter().any(|d| d.id == m.id && d.result.is_ok()) {
+            // The set reached its last target in this pass: the run that took it is settled.
+            if let Some(d) = results.iter_mut().rev().find(|d| d.id == m.id && d.result.is_ok()) {
+                d.completes_run = m.run.clone();
+            }
+            let mut state = crate::state::State::load(staging);
+            if state.settle(&m.id)
+                && let Err(e) = state.save(staging)
+            {
+                tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+            }
         }
         if still != before {
             staged.pending = still;
@@ -442,6 +475,8 @@ pub struct Retried {
     pub pending: usize,
     /// A backup holds staging; nothing was tried.
     pub busy: bool,
+    /// (run, id) of sets that reached their last target: their run records can be settled.
+    pub settled: Vec<(String, String)>,
 }
 
 /// A delivery pass outside a backup run (the daemon's timer, its start): takes the staging
@@ -472,5 +507,6 @@ pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Ret
         failed: results.iter().filter(|d| d.result.is_err()).count(),
         pending: pending(staging).0,
         busy: false,
+        settled: settled(&results),
     })
 }

@@ -39,10 +39,15 @@ pub struct RunRecord {
     pub node: String,
     /// The backup id, when a set was taken.
     pub id: Option<String>,
-    /// `ok`, `failed` or `skipped: <reason>`.
+    /// A [`crate::state::RunResult`]; `skipped: <reason>` for a skip.
     pub result: String,
     /// RFC 3339, UTC.
     pub finished: String,
+    /// For a partial run: the targets that hold the set, and those still owed it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stored: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -369,6 +374,47 @@ impl Election {
             .await
             .context("recording")?;
         Ok(done.succeeded())
+    }
+
+    /// A set this node recorded as partial or pending for `run` has since reached every
+    /// target: its marker (and `last`, if it is that run's) now says `ok`. Compare-and-swap
+    /// on the exact record, keeping the marker's lease; returns whether it changed.
+    pub async fn settle(&mut self, run: &str, id: &str) -> Result<bool> {
+        use crate::state::RunResult;
+        let key = self.key(&format!("runs/{run}"));
+        let got = within(self.timeout, "get", self.client.get(key.clone(), None)).await?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(false); // expired, or never recorded
+        };
+        let Ok(rec) = serde_json::from_slice::<RunRecord>(kv.value()) else {
+            return Ok(false);
+        };
+        let unsettled = matches!(RunResult::parse(&rec.result), Some(RunResult::Partial | RunResult::Pending));
+        if rec.node != self.node || rec.id.as_deref() != Some(id) || !unsettled {
+            return Ok(false);
+        }
+        let done = RunRecord {
+            result: RunResult::Ok.as_str().to_string(),
+            stored: Vec::new(),
+            missing: Vec::new(),
+            ..rec.clone()
+        };
+        let new = serde_json::to_vec(&done)?;
+        let mut txn_ops = vec![TxnOp::put(key.clone(), new.clone(), Some(PutOptions::new().with_ignore_lease()))];
+        let last = within(self.timeout, "get", self.client.get(self.key("last"), None)).await?;
+        if last
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<RunRecord>(kv.value()).ok())
+            .is_some_and(|l| l == rec)
+        {
+            txn_ops.push(TxnOp::put(self.key("last"), new, None));
+        }
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, kv.value().to_vec())])
+            .and_then(txn_ops);
+        let r = within(self.timeout, "txn to settle a run", self.client.txn(txn)).await?;
+        Ok(r.succeeded())
     }
 
     /// Gives the lock up at once (on failure or shutdown) so another node can take over.

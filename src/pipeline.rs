@@ -56,11 +56,23 @@ pub struct BackupReport {
     pub duration: Duration,
     pub snapshot_duration: Duration,
     pub targets: Vec<TargetOutcome>,
+    /// (run, id) of the sets this run's delivery pass brought to their last target,
+    /// earlier runs' included.
+    pub settled: Vec<(String, String)>,
 }
 
 impl BackupReport {
     pub fn all_stored(&self) -> bool {
         self.targets.iter().all(|t| t.result.is_ok())
+    }
+
+    /// The targets that hold the set, and those that do not (yet).
+    pub fn stored_and_missing(&self) -> (Vec<String>, Vec<String>) {
+        let (ok, not): (Vec<_>, Vec<_>) = self.targets.iter().partition(|t| t.result.is_ok());
+        (
+            ok.into_iter().map(|t| t.name.clone()).collect(),
+            not.into_iter().map(|t| t.name.clone()).collect(),
+        )
     }
 }
 
@@ -216,6 +228,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     // used by a set staged here (a run killed a moment ago), or reserved in etcd by another
     // node's run of another slot (or a manual backup), makes this run take the next one.
     let mut created = Utc::now();
+    let reserve_started = Instant::now();
     loop {
         let id = manifest::timestamp(created);
         if !sets_root.join(&id).exists() {
@@ -225,10 +238,13 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
                 Ok(false) => {
                     tracing::info!(backup_id = %id, "another node's run took this second's id; waiting for the next")
                 }
-                Err(e) => {
-                    tracing::warn!(error = %crate::error::one_line(&e), "cannot reserve the set id in etcd; going on without");
-                    break;
+                // Without the reservation two nodes could store different sets under one id
+                // (the later one then never delivered): try again, within the request
+                // timeout, then give the run up.
+                Err(e) if reserve_started.elapsed() < settings.etcd.request_timeout.0 => {
+                    tracing::warn!(error = %crate::error::one_line(&e), "cannot reserve the set id in etcd yet; retrying");
                 }
+                Err(e) => return Err(e.context("cannot reserve the set id in etcd")),
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -325,6 +341,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             duration: started.elapsed(),
             snapshot_duration,
             targets: outcomes,
+            settled: delivery::settled(&results),
         })
     };
     let ((), report) = tokio::join!(follow_snapshot(&opened, uploads, follow_rx), run);
@@ -341,6 +358,8 @@ async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &s
         id: Some(manifest.id.clone()),
         result: "publishing".into(),
         finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        stored: Vec::new(),
+        missing: Vec::new(),
     };
     let key = crate::election::publishing_key(&settings.election.prefix, run);
     let value = serde_json::to_string(&record).unwrap_or_default();

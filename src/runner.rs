@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::election::{Claim, Election, RunRecord};
 use crate::manifest::Trigger;
 use crate::pipeline::{self, BackupOptions, BackupReport};
-use crate::state::{RunState, State, TargetState};
+use crate::state::{RunResult, RunState, State, TargetState};
 use crate::{etcd, fsutil, guards};
 
 pub enum Outcome {
@@ -101,6 +101,8 @@ pub async fn run_once(
         id,
         result,
         finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        stored: Vec::new(),
+        missing: Vec::new(),
     };
     // After a long wait (a dead runner), the cluster may have changed: look again.
     if waited.elapsed() > settings.election.lease_ttl.0 {
@@ -138,7 +140,7 @@ pub async fn run_once(
         let id = rec.id.clone();
         tracing::info!(run = %run, node = %rec.node, backup_id = ?id, "the run's set was stored by a runner that could not record it; recording it");
         let done = RunRecord {
-            result: "ok".into(),
+            result: RunResult::Ok.as_str().into(),
             finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             ..rec
         };
@@ -175,13 +177,20 @@ pub async fn run_once(
             ))
         }
         Ok(report) => {
-            let result = if report.all_stored() { "ok" } else { "failed" };
-            if let Err(e) = election
-                .finish(held, &record(result.into(), Some(report.manifest.id.clone())))
-                .await
-            {
+            // What happened to the set: on every target (ok), on some (partial, naming
+            // them), or on none yet (pending: it waits in staging). Never "failed": a set
+            // exists. A later delivery settles the marker (see `settle_delivered`).
+            let (stored, missing) = report.stored_and_missing();
+            let result = RunResult::of_stored(stored.len(), report.targets.len());
+            let rec = RunRecord {
+                stored: if result == RunResult::Partial { stored } else { Vec::new() },
+                missing: if result == RunResult::Ok { Vec::new() } else { missing },
+                ..record(result.as_str().into(), Some(report.manifest.id.clone()))
+            };
+            if let Err(e) = election.finish(held, &rec).await {
                 tracing::error!(error = %crate::error::one_line(&e), "cannot record the run in etcd");
             }
+            settle_delivered(&mut election, &report.settled, Some(run)).await;
             Ok(Outcome::Ran(Box::new(report)))
         }
         Err(e) => {
@@ -195,6 +204,42 @@ pub async fn run_once(
             }
             Err(e)
         }
+    }
+}
+
+/// Sets of earlier elected runs that reached every target in this pass: their markers, left
+/// partial or pending by those runs, now say `ok`. Best effort: a marker left unsettled only
+/// understates what is stored.
+pub async fn settle_delivered(election: &mut Election, settled: &[(String, String)], except: Option<&str>) {
+    for (run, id) in settled {
+        if Some(run.as_str()) == except {
+            continue;
+        }
+        match election.settle(run, id).await {
+            Ok(true) => tracing::info!(run = %run, backup_id = %id, "the run's set reached every target; its record says ok"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(run = %run, backup_id = %id, error = %crate::error::one_line(&e), "cannot update the run's record"),
+        }
+    }
+}
+
+/// [`settle_delivered`] for a delivery pass outside a run (the daemon's retry timer).
+pub async fn settle_after_retry(settings: &Settings, settled: &[(String, String)]) {
+    if settled.is_empty() || !settings.election.enabled {
+        return;
+    }
+    match etcd::connect_first(&settings.etcd).await {
+        Ok((member, _)) => {
+            let mut election = Election::new(
+                member.client.clone(),
+                &settings.election.prefix,
+                &settings.node_name,
+                settings.election.lease_ttl.0,
+                settings.etcd.request_timeout.0,
+            );
+            settle_delivered(&mut election, settled, None).await;
+        }
+        Err(e) => tracing::warn!(error = %crate::error::one_line(&e), "cannot update the records of delivered runs"),
     }
 }
 
@@ -292,7 +337,8 @@ pub fn record(
     };
     match outcome {
         Ok(Outcome::Ran(r)) => {
-            s.result = if r.all_stored() { "ok".into() } else { "failed".into() };
+            let stored = r.targets.iter().filter(|t| t.result.is_ok()).count();
+            s.result = RunResult::of_stored(stored, r.targets.len()).as_str().into();
             s.id = Some(r.manifest.id.clone());
             s.bytes = Some(r.manifest.total_stored_size());
             s.targets = r
@@ -306,16 +352,16 @@ pub fn record(
                 .collect();
         }
         Ok(Outcome::Skipped(reason)) => {
-            s.result = "skipped".into();
+            s.result = RunResult::Skipped.as_str().into();
             s.reason = Some(reason.clone());
         }
         Ok(Outcome::Elsewhere(rec)) => {
-            s.result = "done-elsewhere".into();
+            s.result = RunResult::DoneElsewhere.as_str().into();
             s.reason = Some(format!("node {} ran it ({})", rec.node, rec.result));
             s.id = rec.id.clone();
         }
         Err(e) => {
-            s.result = "failed".into();
+            s.result = RunResult::Failed.as_str().into();
             s.reason = Some(crate::error::one_line(e));
         }
     }

@@ -39,6 +39,68 @@ pub struct State {
     pub imported: Vec<String>,
 }
 
+/// What a run came to, in `state.json`, in the run markers in etcd and as the metrics'
+/// `result` label. A run that took a set is never `Failed`: where the set is is what counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunResult {
+    /// The set is on every target chosen for the run.
+    Ok,
+    /// The set is on some of the targets; the others are owed it (it waits in staging).
+    Partial,
+    /// The set was taken and waits in staging; no target has it yet.
+    Pending,
+    /// No set was taken.
+    Failed,
+    /// A guard said no, or the node did not compete.
+    Skipped,
+    /// Another node ran it.
+    DoneElsewhere,
+}
+
+impl RunResult {
+    pub const ALL: [RunResult; 6] = [
+        RunResult::Ok,
+        RunResult::Partial,
+        RunResult::Pending,
+        RunResult::Failed,
+        RunResult::Skipped,
+        RunResult::DoneElsewhere,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Ok => "ok",
+            RunResult::Partial => "partial",
+            RunResult::Pending => "pending",
+            RunResult::Failed => "failed",
+            RunResult::Skipped => "skipped",
+            RunResult::DoneElsewhere => "done-elsewhere",
+        }
+    }
+
+    /// The result of a run that took a set, by how many of the `chosen` targets hold it.
+    pub fn of_stored(stored: usize, chosen: usize) -> RunResult {
+        if stored >= chosen {
+            RunResult::Ok
+        } else if stored > 0 {
+            RunResult::Partial
+        } else {
+            RunResult::Pending
+        }
+    }
+
+    /// Did the run take a set (whether or not every target has it yet)?
+    pub fn took_a_set(self) -> bool {
+        matches!(self, RunResult::Ok | RunResult::Partial | RunResult::Pending)
+    }
+
+    /// The result a recorded text names (`skipped: <reason>` in etcd markers).
+    pub fn parse(text: &str) -> Option<RunResult> {
+        let head = text.split(':').next().unwrap_or_default();
+        RunResult::ALL.into_iter().find(|r| r.as_str() == head)
+    }
+}
+
 /// A short, stable label for a skip reason (the metrics' `reason`).
 pub fn skip_kind(reason: &str) -> &'static str {
     let r = reason.to_ascii_lowercase();
@@ -76,7 +138,7 @@ pub struct RunState {
     pub trigger: String,
     pub started: String,
     pub finished: String,
-    /// `ok`, `failed`, `skipped`, or `done-elsewhere` (another node took this run).
+    /// A [`RunResult`]: `ok`, `partial`, `pending`, `failed`, `skipped` or `done-elsewhere`.
     pub result: String,
     pub reason: Option<String>,
     pub id: Option<String>,
@@ -113,11 +175,29 @@ impl State {
 
     pub fn push(&mut self, run: RunState) {
         *self.runs_total.entry(run.result.clone()).or_default() += 1;
-        if run.result == "skipped" {
+        if run.result == RunResult::Skipped.as_str() {
             let kind = skip_kind(run.reason.as_deref().unwrap_or_default());
             *self.skips_total.entry(kind.to_string()).or_default() += 1;
         }
         self.runs.insert(0, run);
         self.runs.truncate(KEEP_RUNS);
+    }
+
+    /// A set a run left partial or pending has reached every target since: the run's entry
+    /// says so now (the counters keep what the run itself came to).
+    pub fn settle(&mut self, id: &str) -> bool {
+        let mut changed = false;
+        for r in self.runs.iter_mut().filter(|r| r.id.as_deref() == Some(id)) {
+            if matches!(RunResult::parse(&r.result), Some(RunResult::Partial | RunResult::Pending)) {
+                r.result = RunResult::Ok.as_str().to_string();
+                r.reason = Some("delivered to every target after the run".into());
+                for t in &mut r.targets {
+                    t.ok = true;
+                    t.error = None;
+                }
+                changed = true;
+            }
+        }
+        changed
     }
 }

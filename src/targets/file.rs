@@ -58,11 +58,12 @@ impl FileTarget {
         fsutil::create_private_dir(&cluster_dir).with_context(|| format!("target '{}'", self.name))?;
         let final_dir = cluster_dir.join(id);
         if final_dir.exists() {
-            bail!(
-                "target '{}': a set with id '{id}' already exists at '{}'",
-                self.name,
-                final_dir.display()
-            );
+            return Err(super::SetExists {
+                target: self.name.clone(),
+                id: id.to_string(),
+                at: final_dir.display().to_string(),
+            }
+            .into());
         }
         // Hidden, and named so that no reader takes it for a set even though it holds a
         // manifest.json just before the rename.
@@ -107,7 +108,11 @@ impl FileTarget {
             }
             fsutil::rename_noreplace(&tmp, &final_dir).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    anyhow!("a set with id '{id}' already exists at '{}'", final_dir.display())
+                    anyhow::Error::from(super::SetExists {
+                        target: self.name.clone(),
+                        id: id.clone(),
+                        at: final_dir.display().to_string(),
+                    })
                 } else {
                     anyhow!("cannot rename '{}' to '{}': {e}", tmp.display(), final_dir.display())
                 }

@@ -67,6 +67,17 @@ impl Draft {
     }
 }
 
+/// The target already holds a different set under this id (another node's, or one this node
+/// stored before a crash). Only that set cannot go there: the target itself is fine, so a
+/// delivery pass goes on with the next set.
+#[derive(Debug, thiserror::Error)]
+#[error("target '{target}': a set with id '{id}' already exists at '{at}'")]
+pub struct SetExists {
+    pub target: String,
+    pub id: String,
+    pub at: String,
+}
+
 /// A file being read from a target.
 pub type FileReader = Pin<Box<dyn AsyncRead + Send>>;
 

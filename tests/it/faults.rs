@@ -2309,7 +2309,7 @@ fn hundreds_of_fast_elected_runs_with_member_restarts_take_exactly_one_backup_ea
     }
     let doubled: Vec<_> = runs_of_sets.iter().filter(|(_, ids)| ids.len() > 1).collect();
     assert!(doubled.is_empty(), "runs with two sets: {doubled:?}");
-    let (mut ok, mut failed, mut unrecorded) = (0, 0, 0);
+    let (mut ok, mut failed, mut unrecorded, mut unsettled) = (0, 0, 0, 0);
     for (run, m) in &marks {
         let res = m["result"].as_str().unwrap_or_default();
         match res {
@@ -2329,6 +2329,16 @@ fn hundreds_of_fast_elected_runs_with_member_restarts_take_exactly_one_backup_ea
                     "{run} failed but has a set: {m}"
                 );
             }
+            // The set was taken and reached some targets or none; a later delivery settles
+            // the record to ok, unless etcd could not be asked then. Never another set.
+            "partial" | "pending" => {
+                unsettled += 1;
+                let id = m["id"].as_str().unwrap();
+                assert!(
+                    runs_of_sets.get(run.as_str()).is_none_or(|ids| ids == &vec![id.to_string()]),
+                    "{run}: {m}"
+                );
+            }
             r => assert!(r.starts_with("skipped"), "{run}: {m}"),
         }
     }
@@ -2337,7 +2347,9 @@ fn hundreds_of_fast_elected_runs_with_member_restarts_take_exactly_one_backup_ea
             unrecorded += 1;
         }
     }
-    eprintln!("{ok} ok, {failed} failed, {unrecorded} stored but unrecorded, no run with two sets");
+    eprintln!(
+        "{ok} ok, {failed} failed, {unsettled} partial or pending, {unrecorded} stored but unrecorded, no run with two sets"
+    );
     assert!(ok >= want * 3 / 4, "{ok} ok runs of {}", marks.len());
     for id in &sets {
         assert_complete(&root.join(id));

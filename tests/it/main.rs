@@ -9,6 +9,7 @@ mod etcd35;
 mod faults;
 mod pipeline;
 mod props;
+mod records;
 mod render;
 mod restore;
 mod script;

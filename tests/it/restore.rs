@@ -261,7 +261,7 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     for run in 1..=3 {
         let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
         assert_eq!(r.code, 1, "{}", r.all());
-        assert!(r.stderr.contains("503"), "{}", r.stderr);
+        assert!(r.stderr.contains("503 Service Unavailable"), "{}", r.stderr);
         assert!(r.stderr.contains("stays in staging"), "{}", r.stderr);
         let staged = w.staged();
         assert_eq!(staged.len(), run, "{staged:?}");
@@ -493,6 +493,11 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
     ))
     .await;
     assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(&snapshot) && r.stderr.contains("altered or corrupted"),
+        "{}",
+        r.stderr
+    );
     assert!(names_in(&third).is_empty(), "{:?}", names_in(&third));
 }
 
@@ -580,7 +585,8 @@ fn metrics_after_a_successful_and_a_failed_run() {
     assert_eq!(m["etcd_backupd_is_runner"], 0.0);
     let success_at = m["etcd_backupd_last_success_timestamp_seconds"];
 
-    // The target's filesystem goes away: the run fails and its set waits in staging.
+    // The target's filesystem goes away: the set waits in staging (the run is pending, not
+    // failed: a set was taken) and the attempt counts as unsuccessful.
     let target = w.target_root();
     std::fs::rename(&target, w.path().join("unmounted")).unwrap();
     let r = cli(&args(&["backup", "--no-election"], &cfg)
@@ -592,6 +598,7 @@ fn metrics_after_a_successful_and_a_failed_run() {
     assert_eq!(m["etcd_backupd_last_attempt_success"], 0.0, "{m:?}");
     assert_eq!(m["etcd_backupd_last_success_timestamp_seconds"], success_at);
     assert_eq!(m["etcd_backupd_pending_sets"], 1.0);
-    assert_eq!(m["etcd_backupd_runs_total{result=\"failed\"}"], 1.0);
+    assert_eq!(m["etcd_backupd_runs_total{result=\"pending\"}"], 1.0);
+    assert_eq!(m["etcd_backupd_runs_total{result=\"failed\"}"], 0.0);
     assert_eq!(m["etcd_backupd_runs_total{result=\"ok\"}"], 1.0);
 }

@@ -1,0 +1,132 @@
+//! What a run's record says about its set (issue 19): `ok` only when the set is on every
+//! target, `partial` (naming the targets) when it is on some, `pending` when it waits in
+//! staging for all of them, `failed` only when no set was taken; and a record left partial or
+//! pending is settled to `ok` once a later delivery brings the set to every target.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::{Etcd, Work, run};
+
+/// Every run marker in etcd, oldest first.
+fn markers(etcd: &Etcd) -> Vec<serde_json::Value> {
+    let out = etcd
+        .etcdctl(None)
+        .args(["get", "--prefix", "/etcd-backupd/runs/", "--print-value-only"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn backup(cfg: &Path) -> crate::common::Run {
+    run(&["backup", "--config", cfg.to_str().unwrap()])
+}
+
+fn status_runs(cfg: &Path) -> Vec<serde_json::Value> {
+    let out = run(&["status", "--json", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    v["runs"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_set_owed_to_its_only_target_is_pending_then_settled_to_ok_when_delivered() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    // The cluster folder is a file: the target cannot take the set (even as root).
+    std::fs::create_dir_all(w.target_root()).unwrap();
+    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    let first = backup(&cfg);
+    assert_eq!(first.code, 1, "{}", first.all());
+    let m = markers(&etcd);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["result"], "pending", "a set was taken and waits in staging: {m:?}");
+    assert_eq!(m[0]["missing"], serde_json::json!(["local"]), "{m:?}");
+    let first_id = m[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(w.staged().len(), 1);
+    assert_eq!(status_runs(&cfg)[0]["result"], "pending");
+
+    // The target is back: the next run delivers the waiting set first, then its own.
+    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = backup(&cfg);
+    assert_eq!(second.code, 0, "{}", second.all());
+    let sets: Vec<String> = w
+        .sets()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(sets.contains(&first_id), "{sets:?}");
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    let m = markers(&etcd);
+    assert_eq!(m.len(), 2, "{m:?}");
+    for rec in &m {
+        assert_eq!(rec["result"], "ok", "every set is on its target now: {m:?}");
+        assert!(rec.get("missing").is_none(), "{rec}");
+    }
+    let runs = status_runs(&cfg);
+    assert!(runs.iter().take(2).all(|r| r["result"] == "ok"), "{runs:?}");
+}
+
+#[test]
+fn a_set_on_some_targets_is_partial_naming_them_never_failed() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let second_root = w.path().join("second");
+    std::fs::create_dir_all(&second_root).unwrap();
+    std::fs::write(second_root.join("test"), b"not a folder").unwrap();
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        &format!("\n[[target]]\nname = \"second\"\nurl = \"file://{}\"\n", second_root.display()),
+    );
+    let r = backup(&cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("second"), "{}", r.stderr);
+    let m = markers(&etcd);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["result"], "partial", "{m:?}");
+    assert_eq!(m[0]["stored"], serde_json::json!(["local"]), "{m:?}");
+    assert_eq!(m[0]["missing"], serde_json::json!(["second"]), "{m:?}");
+    assert_eq!(w.sets().len(), 1, "the set is on the target that took it");
+    assert_eq!(status_runs(&cfg)[0]["result"], "partial");
+}
+
+#[test]
+fn an_id_taken_on_the_target_by_another_set_does_not_hold_back_newer_sets() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    // A first set, then the same id taken on the target by a different set (another node's
+    // set under that id, as when two nodes once stored different sets in one second).
+    std::fs::create_dir_all(w.target_root()).unwrap();
+    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    assert_eq!(backup(&cfg).code, 1);
+    let staged = w.staged();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let stuck_id = staged[0].0.clone();
+    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    let squatter = w.target_root().join("test").join(&stuck_id);
+    std::fs::create_dir_all(&squatter).unwrap();
+    std::fs::write(squatter.join("manifest.json"), b"{}").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    // The stuck set cannot go; the new one still does, in the same pass.
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let m = markers(&etcd);
+    let newest = m.iter().find(|x| x["id"] != stuck_id.as_str()).unwrap();
+    assert_eq!(newest["result"], "ok", "{m:?}");
+    assert!(
+        w.target_root().join("test").join(newest["id"].as_str().unwrap()).join("manifest.json").exists()
+    );
+    assert!(r.all().contains("already exists"), "{}", r.all());
+}
