@@ -58,6 +58,10 @@ pub enum Command {
         /// Store on this target only.
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
+        /// Back up despite the cluster-age, upgrade and operator guards (recorded in the
+        /// manifest); etcd's health, its alarms, free space and the election still apply.
+        #[arg(long)]
+        force: bool,
     },
     /// List the backup sets on a target.
     List {
@@ -161,7 +165,11 @@ fn load(cli: &Cli) -> Result<Settings> {
 /// Runs the parsed command; the returned error carries its exit code (see [`crate::error`]).
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Backup { no_election, target } => {
+        Command::Backup {
+            no_election,
+            target,
+            force,
+        } => {
             let settings = load(&cli)?;
             crate::priority::apply(&settings.priority);
             let cancel = crate::daemon::cancel_on_signals();
@@ -180,6 +188,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 target.clone(),
                 &run,
                 elect,
+                *force,
                 std::time::Duration::ZERO,
                 &cancel,
             )
@@ -316,6 +325,9 @@ fn print_backup_summary(r: &BackupReport) -> Result<()> {
         "  etcd      {} (member {}, etcd {}, revision {})",
         m.etcd.endpoint, m.etcd.member_id, m.etcd.version, m.etcd.revision
     )?;
+    for reason in &m.forced {
+        writeln!(out, "  forced    {reason}")?;
+    }
     for f in &m.files {
         writeln!(
             out,
@@ -351,30 +363,26 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
         None => &settings.targets[0],
     };
     let target = targets::open(t, None)?;
-    let sets = target.list_sets(settings.cluster_name.as_deref()).await?;
+    // Damaged sets too, as rows marked DAMAGED.
+    let sets = target.list_all_sets(settings.cluster_name.as_deref()).await?;
     // What retention would do with each set, per cluster folder, as of now.
     let mut reasons = std::collections::HashMap::new();
     let clusters: std::collections::BTreeSet<&str> = sets.iter().map(|s| s.cluster.as_str()).collect();
     for c in clusters {
-        let of_cluster: Vec<_> = sets
-            .iter()
-            .filter(|s| s.cluster == c && s.manifest.cluster_name == c)
-            .filter_map(|s| crate::retention::created_of(&s.manifest).map(|t| (s.manifest.id.clone(), t)))
-            .collect();
-        for d in crate::retention::plan(
-            &of_cluster,
-            &settings.retention_policy(),
-            chrono::Utc::now(),
-            settings.time_zone(),
-        ) {
+        let policy = settings.retention_policy();
+        for d in crate::retention::plan_listed(&sets, c, &policy, chrono::Utc::now(), settings.time_zone()) {
             reasons.insert((c.to_string(), d.id.clone()), d);
         }
     }
     let reason_of = |s: &targets::ListedSet| {
-        reasons
+        let reason = reasons
             .get(&(s.cluster.clone(), s.manifest.id.clone()))
             .map(|d| d.summary())
-            .unwrap_or_else(|| "keep: not counted (other cluster in its manifest)".into())
+            .unwrap_or_else(|| "keep: not counted (other cluster in its manifest)".into());
+        match &s.damaged {
+            Some(what) => format!("DAMAGED: {what}; {reason}"),
+            None => reason,
+        }
     };
     let mut out = std::io::stdout().lock();
     if json {
@@ -382,7 +390,7 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             .iter()
             .map(|s| {
                 let d = reasons.get(&(s.cluster.clone(), s.manifest.id.clone()));
-                serde_json::json!({"cluster": s.cluster, "manifest": s.manifest, "retention": d})
+                serde_json::json!({"cluster": s.cluster, "manifest": s.manifest, "damaged": s.damaged, "retention": d})
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -410,7 +418,12 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             m.etcd.revision,
             human(m.total_stored_size()),
             m.node,
-            serde_json::to_value(m.trigger)?.as_str().unwrap_or_default(),
+            // A set taken despite a guard says so where the trigger is.
+            format!(
+                "{}{}",
+                serde_json::to_value(m.trigger)?.as_str().unwrap_or_default(),
+                if m.forced.is_empty() { "" } else { "+forced" }
+            ),
             reason_of(s)
         )?;
     }
@@ -444,15 +457,17 @@ async fn fetch(
     located.identity = identity;
     let m = &located.manifest;
     let set_version = m.openshift.as_ref().and_then(|o| o.version.clone());
-    match restore::running_version(settings).await {
-        Ok(running) => {
-            if let Err(why) = restore::check_versions(set_version.as_deref(), running.as_deref()) {
+    let mut version_rule = None;
+    match restore::version_facts(settings).await {
+        Ok(facts) => match restore::check_versions(set_version.as_deref(), &facts.unwrap_or_default()) {
+            Ok(rule) => version_rule = rule,
+            Err(why) => {
                 if !allow_version_mismatch {
                     bail!(Stop::Usage(format!("refusing set {}: {why}", m.id)));
                 }
                 tracing::warn!("{why}; fetching anyway (--allow-version-mismatch)");
             }
-        }
+        },
         Err(e) => {
             if let Some(v) = &set_version {
                 tracing::warn!(
@@ -481,6 +496,9 @@ async fn fetch(
             .unwrap_or_else(|| format!("etcd {}", m.etcd.version)),
         located.target.name()
     )?;
+    if let Some(rule) = &version_rule {
+        writeln!(out, "  version check: {rule}")?;
+    }
     for (c, path) in &files {
         writeln!(
             out,
@@ -698,9 +716,18 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     }
     for t in &settings.targets {
         let checked = async {
-            let target = targets::open(t, None)?;
+            // A check reports the first failure rather than waiting out the retry budget, and
+            // gives the first answer connect_timeout and a few seconds.
+            let once = config::TargetSettings {
+                retry_budget: config::types::HumanDuration(std::time::Duration::ZERO),
+                ..t.clone()
+            };
+            let target = targets::open(&once, None)?;
             outln!("target '{}': {}", t.name, target.route());
-            target.preflight().await?;
+            let within = t.connect_timeout.0 + std::time::Duration::from_secs(5);
+            tokio::time::timeout(within, target.preflight())
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(within)))??;
             target.list_sets(settings.cluster_name.as_deref()).await
         }
         .await;

@@ -363,6 +363,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             None,
             &run,
             settings.election.enabled,
+            false,
             WAIT_FOR_HOLDER,
             &stop,
         )
@@ -475,7 +476,8 @@ async fn pending_upgrade(settings: &Settings) -> Option<String> {
     let state = State::load(&settings.snapshot.staging_dir);
     // Once per cluster and version: the election marker covers the cluster for 7 days, the
     // node's list of done upgrades for ever.
-    if state.upgrades_done.contains(&version) || state
+    if state.upgrades_done.contains(&version)
+        || state
             .runs
             .iter()
             .any(|r| r.run == run && crate::state::RunResult::parse(&r.result).is_some_and(|x| x.took_a_set()))
@@ -507,8 +509,13 @@ fn log_outcome(run: &str, outcome: &Result<Outcome>, t0: Instant) {
         Ok(Outcome::Elsewhere(rec)) => {
             tracing::info!(run, node = %rec.node, result = %rec.result, "another node ran this backup")
         }
-        Err(e) => tracing::error!(
-            message_id = crate::notify::MESSAGE_ID_FAILED, run, seconds, error = %crate::error::one_line(e), "backup failed"
-        ),
+        Err(e) => match crate::error::skip_reason(e) {
+            Some(reason) => {
+                tracing::warn!(message_id = crate::notify::MESSAGE_ID_SKIPPED, run, reason = %reason, "backup skipped")
+            }
+            None => tracing::error!(
+                message_id = crate::notify::MESSAGE_ID_FAILED, run, seconds, error = %crate::error::one_line(e), "backup failed"
+            ),
+        },
     }
 }

@@ -389,7 +389,10 @@ impl Election {
         let Ok(rec) = serde_json::from_slice::<RunRecord>(kv.value()) else {
             return Ok(false);
         };
-        let unsettled = matches!(RunResult::parse(&rec.result), Some(RunResult::Partial | RunResult::Pending));
+        let unsettled = matches!(
+            RunResult::parse(&rec.result),
+            Some(RunResult::Partial | RunResult::Pending)
+        );
         if rec.node != self.node || rec.id.as_deref() != Some(id) || !unsettled {
             return Ok(false);
         }
@@ -400,7 +403,11 @@ impl Election {
             ..rec.clone()
         };
         let new = serde_json::to_vec(&done)?;
-        let mut txn_ops = vec![TxnOp::put(key.clone(), new.clone(), Some(PutOptions::new().with_ignore_lease()))];
+        let mut txn_ops = vec![TxnOp::put(
+            key.clone(),
+            new.clone(),
+            Some(PutOptions::new().with_ignore_lease()),
+        )];
         let last = within(self.timeout, "get", self.client.get(self.key("last"), None)).await?;
         if last
             .kvs()

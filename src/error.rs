@@ -60,6 +60,14 @@ fn stdout_lost_its_reader() -> bool {
     ready == 1 && fd.revents & libc::POLLERR != 0
 }
 
+/// The reason, when an error is a deliberate skip (exit 3) rather than a failure.
+pub fn skip_reason(e: &anyhow::Error) -> Option<String> {
+    e.chain().find_map(|c| match c.downcast_ref::<Stop>() {
+        Some(Stop::Skipped(reason)) => Some(reason.clone()),
+        _ => None,
+    })
+}
+
 /// The error chain on one line.
 pub fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace(['\n', '\r'], " ")

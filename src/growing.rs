@@ -155,32 +155,32 @@ impl Follower {
         futures_util::stream::try_unfold(state, move |(file, mut rx, offset)| {
             let progress = progress.clone();
             async move {
-            loop {
-                let growth = *rx.borrow_and_update();
-                let end = match growth {
-                    Growth::Failed => return Err(io::Error::other(ABANDONED)),
-                    Growth::Writing(n) | Growth::Done(n) => n,
-                };
-                if offset < end {
-                    let len = (end - offset).min(chunk as u64) as usize;
-                    let f = file.clone();
-                    let buf = tokio::task::spawn_blocking(move || {
-                        let mut b = vec![0u8; len];
-                        f.read_exact_at(&mut b, offset).map(|_| b)
-                    })
-                    .await
-                    .map_err(io::Error::other)??;
-                    progress.set(offset + len as u64);
-                    return Ok(Some((Bytes::from(buf), (file, rx, offset + len as u64))));
+                loop {
+                    let growth = *rx.borrow_and_update();
+                    let end = match growth {
+                        Growth::Failed => return Err(io::Error::other(ABANDONED)),
+                        Growth::Writing(n) | Growth::Done(n) => n,
+                    };
+                    if offset < end {
+                        let len = (end - offset).min(chunk as u64) as usize;
+                        let f = file.clone();
+                        let buf = tokio::task::spawn_blocking(move || {
+                            let mut b = vec![0u8; len];
+                            f.read_exact_at(&mut b, offset).map(|_| b)
+                        })
+                        .await
+                        .map_err(io::Error::other)??;
+                        progress.set(offset + len as u64);
+                        return Ok(Some((Bytes::from(buf), (file, rx, offset + len as u64))));
+                    }
+                    if matches!(growth, Growth::Done(_)) {
+                        return Ok(None);
+                    }
+                    // The writer is gone once `changed` fails; its last word is then final.
+                    if rx.changed().await.is_err() && *rx.borrow() == growth {
+                        return Err(io::Error::other(ABANDONED));
+                    }
                 }
-                if matches!(growth, Growth::Done(_)) {
-                    return Ok(None);
-                }
-                // The writer is gone once `changed` fails; its last word is then final.
-                if rx.changed().await.is_err() && *rx.borrow() == growth {
-                    return Err(io::Error::other(ABANDONED));
-                }
-            }
             }
         })
     }

@@ -108,6 +108,37 @@ pub async fn gather(member: &mut Member) -> Result<Facts> {
 
 /// The first guard that says no, as a reason to skip; `None` when the run may go ahead.
 /// `free` is the free space in staging, in bytes.
+/// Which guard refused a backup. The cluster-state guards can be overridden by
+/// `backup --force` (as `cluster-backup.sh --force` does); those about etcd's health and the
+/// node's disk cannot: a snapshot then fails or harms etcd whatever the operator wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    MemberUnhealthy,
+    Alarm,
+    Installing,
+    ClusterAge,
+    Upgrade,
+    OperatorProgressing,
+    FreeSpace,
+}
+
+impl Guard {
+    pub fn overridable(self) -> bool {
+        matches!(
+            self,
+            Guard::Installing | Guard::ClusterAge | Guard::Upgrade | Guard::OperatorProgressing
+        )
+    }
+}
+
+/// A guard not met, and why, in words for the log and the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub guard: Guard,
+    pub reason: String,
+}
+
+/// The first reason not to back up now, if any (every guard; see [`check_all`]).
 pub fn check(
     settings: &Settings,
     facts: &Facts,
@@ -115,35 +146,57 @@ pub fn check(
     free: u64,
     now: DateTime<Utc>,
 ) -> Option<String> {
+    check_all(settings, facts, status, free, now)
+        .into_iter()
+        .next()
+        .map(|r| r.reason)
+}
+
+/// Every guard not met, in the order they are checked.
+pub fn check_all(
+    settings: &Settings,
+    facts: &Facts,
+    status: &MemberStatus,
+    free: u64,
+    now: DateTime<Utc>,
+) -> Vec<Refusal> {
+    let mut refused = Vec::new();
+    let mut no = |guard: Guard, reason: String| refused.push(Refusal { guard, reason });
     let g = &settings.guards;
     if !status.errors.is_empty() {
-        return Some(format!(
-            "this node's etcd member is unhealthy: {}",
-            status.errors.join("; ")
-        ));
+        no(
+            Guard::MemberUnhealthy,
+            format!("this node's etcd member is unhealthy: {}", status.errors.join("; ")),
+        );
     }
     if let Some(a) = facts.alarms.first() {
-        return Some(format!("etcd raises an alarm: {a}"));
+        no(Guard::Alarm, format!("etcd raises an alarm: {a}"));
     }
-    if let Some(cv) = &facts.cluster_version
-        && install_time(cv).is_none()
-        && cv.pointer("/status/history/0").is_some()
-    {
-        return Some(
+    let installing = facts
+        .cluster_version
+        .as_ref()
+        .is_some_and(|cv| install_time(cv).is_none() && cv.pointer("/status/history/0").is_some());
+    if installing {
+        no(
+            Guard::Installing,
             "the cluster is still installing (its first ClusterVersion history entry has no completionTime)".into(),
         );
     }
     let installed = facts.cluster_version.as_ref().and_then(install_time).or(g.installed_at);
     match installed {
         Some(t) if now - t < chrono::TimeDelta::from_std(g.min_cluster_age.0).unwrap_or(chrono::TimeDelta::MAX) => {
-            return Some(format!(
-                "the cluster was installed at {} ({} ago), less than guards.min_cluster_age ({})",
-                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                humantime::format_duration((now - t).to_std().unwrap_or_default()),
-                g.min_cluster_age
-            ));
+            no(
+                Guard::ClusterAge,
+                format!(
+                    "the cluster was installed at {} ({} ago), less than guards.min_cluster_age ({})",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    humantime::format_duration((now - t).to_std().unwrap_or_default()),
+                    g.min_cluster_age
+                ),
+            );
         }
         Some(_) => {}
+        None if installing => {}
         None => {
             static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
             if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -156,21 +209,27 @@ pub fn check(
     if g.skip_during_upgrade
         && let Some(reason) = facts.cluster_version.as_ref().and_then(upgrade_in_progress)
     {
-        return Some(reason);
+        no(Guard::Upgrade, reason);
     }
     if let Some((name, _)) = facts.operators.iter().find(|(_, co)| progressing(co)) {
-        return Some(format!("ClusterOperator {name} is Progressing=True"));
+        no(
+            Guard::OperatorProgressing,
+            format!("ClusterOperator {name} is Progressing=True"),
+        );
     }
     let needed = g.min_free_space.required(status.db_size);
     if free < needed {
-        return Some(format!(
-            "only {} free in snapshot.staging_dir, guards.min_free_space ({}) asks for {}",
-            Size(free),
-            g.min_free_space,
-            Size(needed)
-        ));
+        no(
+            Guard::FreeSpace,
+            format!(
+                "only {} free in snapshot.staging_dir, guards.min_free_space ({}) asks for {}",
+                Size(free),
+                g.min_free_space,
+                Size(needed)
+            ),
+        );
     }
-    None
+    refused
 }
 
 #[cfg(test)]

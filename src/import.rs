@@ -145,6 +145,7 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             openshift: None,
             files,
             tool: ToolInfo::this(),
+            forced: Vec::new(),
         };
         fsutil::write_private_file(&work.join(SHA256SUMS), m.sha256sums().as_bytes())?;
         fsutil::write_private_file(&work.join(MANIFEST), m.to_json().as_bytes())?;

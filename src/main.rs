@@ -4,8 +4,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use etcd_backupd::cli::{self, Cli};
 use etcd_backupd::cli::Command;
+use etcd_backupd::cli::{self, Cli};
 use etcd_backupd::{error, progress};
 
 /// systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it connected; it is ours only if

@@ -36,6 +36,9 @@ pub struct Manifest {
     pub openshift: Option<OpenShiftInfo>,
     pub files: Vec<FileEntry>,
     pub tool: ToolInfo,
+    /// The guards `backup --force` overrode to take this set, in words (empty: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forced: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +212,7 @@ mod tests {
                 encryption: "none".into(),
             }],
             tool: ToolInfo::this(),
+            forced: Vec::new(),
         }
     }
 

@@ -4,14 +4,15 @@
 //! the `max()` over its nodes, since one node runs each backup.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::state::State;
+use crate::state::{RunResult, State};
 
 fn unix(ts: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(ts).ok().map(|t| t.timestamp())
@@ -29,9 +30,9 @@ pub fn render(staging: &Path) -> String {
     let attempts: Vec<_> = state
         .runs
         .iter()
-        .filter(|r| r.result == "ok" || r.result == "failed")
+        .filter(|r| RunResult::parse(&r.result).is_some_and(|x| x.took_a_set() || x == RunResult::Failed))
         .collect();
-    let last_ok = state.runs.iter().find(|r| r.result == "ok");
+    let last_ok = state.runs.iter().find(|r| r.result == RunResult::Ok.as_str());
     gauge(
         &mut out,
         "etcd_backupd_last_success_timestamp_seconds",
@@ -49,7 +50,7 @@ pub fn render(staging: &Path) -> String {
             &mut out,
             "etcd_backupd_last_attempt_success",
             "1 if this node's last backup attempt stored the set on every target.",
-            u8::from(last.result == "ok"),
+            u8::from(last.result == RunResult::Ok.as_str()),
         );
         gauge(
             &mut out,
@@ -87,7 +88,7 @@ pub fn render(staging: &Path) -> String {
         out,
         "# HELP etcd_backupd_runs_total Runs seen by this node, by result.\n# TYPE etcd_backupd_runs_total counter"
     );
-    for result in ["ok", "failed", "skipped", "done-elsewhere"] {
+    for result in RunResult::ALL.map(RunResult::as_str) {
         let n = state.runs_total.get(result).copied().unwrap_or(0);
         let _ = writeln!(out, "etcd_backupd_runs_total{{result=\"{result}\"}} {n}");
     }
@@ -130,61 +131,132 @@ pub fn refresh(settings: &Settings) {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until `stop`: a tiny HTTP/1.1 responder, one request per
-/// connection, enough for Prometheus and curl.
-pub async fn serve(addr: &str, staging: std::path::PathBuf, stop: CancellationToken) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("metrics.listen {addr}"))?;
-    tracing::info!(address = %addr, "serving metrics on /metrics");
+/// How long a metrics endpoint that could not bind (or failed) waits before trying again.
+const RETRY: Duration = Duration::from_secs(30);
+/// A failure that goes on is logged again this often (besides its first time and changes).
+const REMIND: Duration = Duration::from_secs(3600);
+
+/// The retry interval; `ETCD_BACKUPD_METRICS_RETRY_MS` shortens it for the test suite only
+/// (internal, not a setting).
+fn retry_interval() -> Duration {
+    std::env::var("ETCD_BACKUPD_METRICS_RETRY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .unwrap_or(RETRY)
+}
+
+/// Serves `GET /metrics` on `addr` in the background until `stop`. Metrics never stop
+/// backups: nothing here can end the daemon. A bind failure (the port taken, the address not
+/// on this host yet) is logged as a warning with the address and the error, the first time,
+/// when the error changes and once an hour, and the bind is retried every
+/// [`RETRY`]; once it succeeds, recovery is logged. A serving task that dies (a panic) is
+/// started again the same way.
+pub fn spawn(addr: String, staging: PathBuf, stop: CancellationToken) {
     tokio::spawn(async move {
+        let retry = retry_interval();
+        let mut failures: u64 = 0;
+        let mut logged: Option<(String, Instant)> = None;
         loop {
-            let (mut sock, _) = tokio::select! {
-                s = listener.accept() => match s {
-                    Ok(s) => s,
-                    // Out of file descriptors, say: do not spin.
-                    Err(_) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        continue;
-                    }
-                },
+            let bound = tokio::select! {
+                b = tokio::net::TcpListener::bind(addr.as_str()) => b,
                 _ = stop.cancelled() => return,
             };
-            let staging = staging.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = 0;
-                let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                    while got < buf.len() {
-                        let n = sock.read(&mut buf[got..]).await?;
-                        if n == 0 {
-                            break;
-                        }
-                        got += n;
-                        if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
+            let error = match bound {
+                Ok(listener) => {
+                    if failures > 0 {
+                        tracing::info!(address = %addr, failed_attempts = failures, "metrics endpoint is up again: serving /metrics");
+                    } else {
+                        tracing::info!(address = %addr, "serving metrics on /metrics");
                     }
-                    Ok::<_, std::io::Error>(())
-                })
-                .await;
-                if !matches!(read, Ok(Ok(()))) {
-                    return;
+                    failures = 0;
+                    logged = None;
+                    // Its own task: a panic while serving ends that task, not this loop.
+                    match tokio::spawn(accept_loop(listener, staging.clone(), stop.clone())).await {
+                        Ok(()) => return,
+                        Err(e) => format!("the metrics endpoint failed: {e}"),
+                    }
                 }
-                let head = String::from_utf8_lossy(&buf[..got]);
-                let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                    ("200 OK", render(&staging))
-                } else {
-                    ("404 Not Found", "only /metrics is served here\n".to_string())
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
+                Err(e) => e.to_string(),
+            };
+            failures += 1;
+            let repeat = logged
+                .as_ref()
+                .is_some_and(|(last, at)| *last == error && at.elapsed() < REMIND);
+            if repeat {
+                tracing::debug!(address = %addr, error = %error, attempts = failures, "metrics endpoint still down");
+            } else {
+                tracing::warn!(
+                    address = %addr, error = %error, attempts = failures, retry_in = %humantime::format_duration(retry),
+                    "cannot serve metrics on metrics.listen; backups go on, retrying in the background"
                 );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
+                logged = Some((error, Instant::now()));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = stop.cancelled() => return,
+            }
         }
     });
-    Ok(())
+}
+
+/// Answers connections on `listener` until `stop`: a tiny HTTP/1.1 responder, one request
+/// per connection, enough for Prometheus and curl.
+async fn accept_loop(listener: tokio::net::TcpListener, staging: PathBuf, stop: CancellationToken) {
+    let mut accept_failing = false;
+    loop {
+        let (mut sock, _) = tokio::select! {
+            s = listener.accept() => match s {
+                Ok(s) => {
+                    accept_failing = false;
+                    s
+                }
+                // Out of file descriptors, say: do not spin, and say so once.
+                Err(e) => {
+                    if !accept_failing {
+                        tracing::warn!(error = %e, "the metrics endpoint cannot accept connections; retrying");
+                        accept_failing = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let staging = staging.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut got = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while got < buf.len() {
+                    let n = sock.read(&mut buf[got..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..got]);
+            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                ("200 OK", render(&staging))
+            } else {
+                ("404 Not Found", "only /metrics is served here\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
 }

@@ -38,6 +38,8 @@ pub struct BackupOptions {
     pub run: Option<String>,
     /// Store on this target only.
     pub target: Option<String>,
+    /// The guards `backup --force` overrode, recorded in the manifest.
+    pub forced: Vec<String>,
     /// Fired when the run must not publish any more sets (stopped, or the election lock
     /// may be lost): no set is moved into place after it.
     pub abort: tokio_util::sync::CancellationToken,
@@ -181,16 +183,36 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     })?;
     clean_staging_leftovers(&[&tmp_root]);
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
-    let mut unusable: Vec<Option<String>> = Vec::new();
-    for sel in &targets {
-        let check = match &sel.target {
-            Ok(t) => t.preflight().await.map_err(|e| crate::error::one_line(&e)),
-            Err(e) => Err(e.clone()),
-        };
-        if let Err(e) = &check {
-            tracing::error!(target_name = %sel.name, error = %e, "target cannot take a backup set");
+    // Checked side by side, each for a short while only (`preflight_deadline`): a target
+    // still retrying then gets the set after the snapshot, from staging.
+    let checks = targets.iter().map(|sel| async move {
+        match &sel.target {
+            Ok(t) => tokio::time::timeout(preflight_deadline(settings, &sel.name), t.preflight())
+                .await
+                .ok()
+                .map(|r| r.map_err(|e| crate::error::one_line(&e))),
+            Err(e) => Some(Err(e.clone())),
         }
-        unusable.push(check.err());
+    });
+    let mut unusable: Vec<Option<String>> = Vec::new();
+    let mut late = std::collections::BTreeSet::new();
+    for (sel, check) in targets.iter().zip(futures_util::future::join_all(checks).await) {
+        match check {
+            Some(Err(e)) => {
+                tracing::error!(target_name = %sel.name, error = %e, "target cannot take a backup set");
+                unusable.push(Some(e));
+            }
+            Some(Ok(())) => unusable.push(None),
+            None => {
+                tracing::warn!(
+                    target_name = %sel.name,
+                    "the target was not ready within {}; the set is stored on it after the snapshot",
+                    humantime::format_duration(preflight_deadline(settings, &sel.name))
+                );
+                late.insert(sel.name.clone());
+                unusable.push(None);
+            }
+        }
     }
     if unusable.iter().all(Option::is_some) {
         // The snapshot is still taken: it waits in staging and is delivered once a target
@@ -264,7 +286,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     }
     // The snapshot's uploads run beside the rest of the run: they follow its staging file
     // while it streams, and the delivery pass waits for each before it finishes that set.
-    let drafts = begin_early(settings, &opened, &cluster, &id).await;
+    let drafts = begin_early(settings, &opened, &late, &cluster, &id).await;
     let (follow_tx, follow_rx) = tokio::sync::oneshot::channel();
     let mut uploads = BTreeMap::new();
     let mut early = BTreeMap::new();
@@ -434,6 +456,7 @@ async fn assemble(
         }),
         files,
         tool: ToolInfo::this(),
+        forced: opts.forced.clone(),
     };
     fsutil::write_private_file(&work.join(SHA256SUMS), manifest.sha256sums().as_bytes())?;
     fsutil::write_private_file(&work.join(MANIFEST), manifest.to_json().as_bytes())?;
@@ -482,6 +505,16 @@ async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> 
     Ok(sealed)
 }
 
+/// The longest a target's preflight may hold the snapshot back: its `connect_timeout`, at
+/// most `PREFLIGHT_MAX`.
+fn preflight_deadline(settings: &Settings, name: &str) -> Duration {
+    settings
+        .target(name)
+        .map_or(PREFLIGHT_MAX, |t| t.connect_timeout.0.min(PREFLIGHT_MAX))
+}
+
+const PREFLIGHT_MAX: Duration = Duration::from_secs(10);
+
 /// How long a target may take to create a set's folder before the snapshot starts without
 /// it (a folder made later is this node's debris, removed by its next run).
 const BEGIN_EARLY_MAX: Duration = Duration::from_secs(10);
@@ -492,7 +525,13 @@ type Opened = BTreeMap<String, std::result::Result<Box<dyn Target>, String>>;
 /// Begins the set on every target that can take the snapshot while it streams: the
 /// native method only (the script writes its own files), usable targets only, and only
 /// those owing no older set (delivery stays oldest first; those get it after the snapshot).
-async fn begin_early(settings: &Settings, opened: &Opened, cluster: &str, id: &str) -> BTreeMap<String, Draft> {
+async fn begin_early(
+    settings: &Settings,
+    opened: &Opened,
+    late: &std::collections::BTreeSet<String>,
+    cluster: &str,
+    id: &str,
+) -> BTreeMap<String, Draft> {
     let mut drafts = BTreeMap::new();
     if settings.snapshot.method != SnapshotMethod::Native {
         return drafts;
@@ -505,6 +544,9 @@ async fn begin_early(settings: &Settings, opened: &Opened, cluster: &str, id: &s
     // gets the set after the snapshot instead.
     let begun = opened.iter().filter_map(|(name, target)| {
         let Ok(target) = target else { return None };
+        if late.contains(name) {
+            return None;
+        }
         if owed.contains(name) {
             tracing::info!(target_name = %name, "the target owes older sets; this one is stored after the snapshot");
             return None;

@@ -83,19 +83,35 @@ impl indicatif::TermLike for Stderr {
     }
 
     fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}A")) }
+        if n == 0 {
+            Ok(())
+        } else {
+            self.put(&format!("\x1b[{n}A"))
+        }
     }
 
     fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}B")) }
+        if n == 0 {
+            Ok(())
+        } else {
+            self.put(&format!("\x1b[{n}B"))
+        }
     }
 
     fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}C")) }
+        if n == 0 {
+            Ok(())
+        } else {
+            self.put(&format!("\x1b[{n}C"))
+        }
     }
 
     fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 { Ok(()) } else { self.put(&format!("\x1b[{n}D")) }
+        if n == 0 {
+            Ok(())
+        } else {
+            self.put(&format!("\x1b[{n}D"))
+        }
     }
 
     fn write_line(&self, s: &str) -> std::io::Result<()> {

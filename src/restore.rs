@@ -37,6 +37,50 @@ pub struct Located {
     pub manifest: Manifest,
     /// The text of an age identity file, for encrypted sets.
     pub identity: Option<String>,
+    /// Set when the set was chosen as `latest`: what to name instead should it turn out
+    /// damaged while it is read.
+    pub latest: Option<LatestChoice>,
+}
+
+/// How `latest` was resolved: the newest set with a manifest, whatever its state, so that
+/// `latest` never silently means "the newest good one".
+#[derive(Debug, Clone)]
+pub struct LatestChoice {
+    /// The newest older set whose files are all there at their recorded sizes.
+    pub next_intact: Option<String>,
+}
+
+/// A set whose stored bytes are not what its manifest records (missing, shorter, longer,
+/// another checksum), or that cannot be restored although they are. `verify` and `download`
+/// tell it from transport and identity errors, to name the set and what to use instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Damage(pub String);
+
+/// The refusal of a damaged newest set, naming the newest intact one.
+fn damaged_latest(target: &str, id: &str, what: &str, next: Option<&str>) -> String {
+    let instead = match next {
+        Some(n) => format!("the newest intact set is {n}: fetch it by id (not `latest`)"),
+        None => format!("no older set on target '{target}' is intact"),
+    };
+    format!("the newest set {id} on target '{target}' is damaged: {what}; {instead}")
+}
+
+/// `e`, reworded when it is damage of the set (see [`Damage`]).
+fn explain(located: &Located, e: anyhow::Error) -> anyhow::Error {
+    let Some(damage) = e.chain().find_map(|c| c.downcast_ref::<Damage>()) else {
+        return e;
+    };
+    let (target, id) = (located.target.name(), &located.manifest.id);
+    match &located.latest {
+        Some(l) => anyhow!(Damage(damaged_latest(
+            target,
+            id,
+            &damage.0,
+            l.next_intact.as_deref()
+        ))),
+        None => anyhow!(Damage(format!("set {id} on target '{target}' is damaged: {}", damage.0))),
+    }
 }
 
 /// Finds set `id` (or the newest, for `latest`) on the target named `target` (default: the
@@ -49,7 +93,14 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
         None => &settings.targets[0],
     };
     let t = targets::open(ts, None)?;
-    let sets = t.list_sets(settings.cluster_name.as_deref()).await?;
+    // Damaged sets too: the newest set is `latest` whatever its state (a damaged one is
+    // refused below, naming the newest intact one), never silently the one before it.
+    let sets = t.list_all_sets(settings.cluster_name.as_deref()).await?;
+    let next_intact = |after: &str| {
+        sets.iter()
+            .find(|s| s.damaged.is_none() && s.manifest.id.as_str() < after)
+            .map(|s| s.manifest.id.clone())
+    };
     let chosen: Vec<_> = if id == "latest" {
         let clusters: std::collections::BTreeSet<&str> = sets.iter().map(|s| s.cluster.as_str()).collect();
         if clusters.len() > 1 {
@@ -59,9 +110,9 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
                 clusters.into_iter().collect::<Vec<_>>().join(", ")
             )));
         }
-        sets.into_iter().take(1).collect()
+        sets.iter().take(1).cloned().collect()
     } else {
-        sets.into_iter().filter(|s| s.manifest.id == id).collect()
+        sets.iter().filter(|s| s.manifest.id == id).cloned().collect()
     };
     match chosen.len() {
         0 if id == "latest" => bail!("target '{}' holds no complete backup set", ts.name),
@@ -76,11 +127,27 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
         ))),
     }
     let s = chosen.into_iter().next().expect("one set");
+    let next = next_intact(&s.manifest.id);
+    if let Some(what) = &s.damaged {
+        if id == "latest" {
+            bail!(Damage(damaged_latest(&ts.name, &s.manifest.id, what, next.as_deref())));
+        }
+        let instead = sets
+            .iter()
+            .find(|s| s.damaged.is_none())
+            .map(|s| format!("; the newest intact set is {}", s.manifest.id))
+            .unwrap_or_default();
+        bail!(Damage(format!(
+            "set {id} on target '{}' is damaged: {what}{instead}",
+            ts.name
+        )));
+    }
     Ok(Located {
         target: t,
         cluster: s.cluster,
         manifest: s.manifest,
         identity: None,
+        latest: (id == "latest").then_some(LatestChoice { next_intact: next }),
     })
 }
 
@@ -107,21 +174,23 @@ async fn check_sums(located: &Located) -> Result<()> {
         .await
         .with_context(|| format!("cannot read {SHA256SUMS}"))?;
     if text.len() as u64 > SUMS_CAP {
-        bail!("{SHA256SUMS} is larger than {SUMS_CAP} bytes");
+        bail!(Damage(format!("{SHA256SUMS} is larger than {SUMS_CAP} bytes")));
     }
     let mut listed = BTreeMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let (hash, name) = line.split_once("  ").ok_or_else(|| {
-            anyhow!(
+            Damage(format!(
                 "{SHA256SUMS}: malformed line {:?}",
                 line.chars().take(80).collect::<String>()
-            )
+            ))
         })?;
         listed.insert(name.to_string(), hash.to_ascii_lowercase());
     }
     let expected: BTreeMap<String, String> = m.files.iter().map(|f| (f.name.clone(), f.sha256.clone())).collect();
     if listed != expected {
-        bail!("{SHA256SUMS} does not agree with manifest.json: the set was altered");
+        bail!(Damage(format!(
+            "{SHA256SUMS} does not agree with manifest.json: the set was altered"
+        )));
     }
     Ok(())
 }
@@ -166,6 +235,8 @@ struct Tee<R> {
     trailer: Option<crate::snapshot::TrailerCheck>,
     out: Option<std::fs::File>,
     phase: crate::progress::Phase,
+    /// More than `cap` bytes arrived.
+    overlong: bool,
 }
 
 impl<R: Read> Tee<R> {
@@ -178,6 +249,7 @@ impl<R: Read> Tee<R> {
             trailer: None,
             out: None,
             phase: crate::progress::Phase::none(),
+            overlong: false,
         }
     }
 }
@@ -189,6 +261,7 @@ impl<R: Read> Read for Tee<R> {
         self.size += n as u64;
         self.phase.add(n as u64);
         if self.size > self.cap {
+            self.overlong = true;
             return Err(std::io::Error::other(format!(
                 "longer than the {} bytes the manifest records",
                 self.cap
@@ -220,8 +293,9 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
         let f = f2;
         let mut stored = Tee::new(tokio_util::io::SyncIoBridge::new(reader), f.stored_size);
         stored.phase = phase;
-        let (size, sha, (also, trailer)) = {
-            let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
+        // An error opening the envelope (a wrong identity) ends the check at once.
+        let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
+        let opened = (|| -> Result<(u64, String, Option<String>, Option<crate::snapshot::TrailerCheck>)> {
             let mut plain = Tee::new(plain, f.size);
             plain.out = out;
             if f.name.starts_with("snapshot_") {
@@ -239,32 +313,41 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
                 o.sync_all()?;
             }
             let trailer = plain.trailer.take();
-            (plain.size, hex::encode(plain.hash.clone().finalize()), (also, trailer))
-        };
-        // Whatever follows the end of the compressed or encrypted stream is read too.
-        std::io::copy(&mut stored, &mut std::io::sink())?;
+            Ok((plain.size, hex::encode(plain.hash.clone().finalize()), also, trailer))
+        })();
+        // Whatever follows the end of the compressed or encrypted stream is read too; after
+        // a failure, the rest of the file, so that its checksum tells damage on the target
+        // (the same report as a truncation) from a fault of the transfer.
+        let drained = std::io::copy(&mut stored, &mut std::io::sink());
+        if stored.overlong {
+            bail!(Damage(format!(
+                "'{}' is longer than the {} bytes the manifest records",
+                f.stored_name, f.stored_size
+            )));
+        }
+        if let Err(e) = drained {
+            return Err(opened.err().unwrap_or_else(|| e.into()));
+        }
         let stored_sha = hex::encode(stored.hash.finalize());
         if stored.size != f.stored_size || stored_sha != f.stored_sha256 {
-            bail!(
+            bail!(Damage(format!(
                 "'{}' is {} bytes with SHA-256 {stored_sha}, the manifest records {} bytes with {}: the file was altered or corrupted",
-                f.stored_name,
-                stored.size,
-                f.stored_size,
-                f.stored_sha256
-            );
+                f.stored_name, stored.size, f.stored_size, f.stored_sha256
+            )));
         }
+        // The stored bytes are what was stored: what is wrong now was wrong from the start.
+        let damaged = |e: anyhow::Error| anyhow!(Damage(format!("'{}': {}", f.stored_name, crate::error::one_line(&e))));
+        let (size, sha, also, trailer) = opened.map_err(damaged)?;
         if size != f.size || sha != f.sha256 {
-            bail!(
+            bail!(Damage(format!(
                 "'{}' opens to {size} bytes with SHA-256 {sha}, the manifest records {} bytes with {}",
-                f.stored_name,
-                f.size,
-                f.sha256
-            );
+                f.stored_name, f.size, f.sha256
+            )));
         }
         // Checked after the hashes: a file altered on the target is reported as such.
         let also = match trailer {
             Some(t) => {
-                t.finish()?;
+                t.finish().map_err(damaged)?;
                 Some("etcd's snapshot trailer verified".to_string())
             }
             None => also,
@@ -282,19 +365,23 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
 
 /// `verify`: streams the whole set and checks it, writing nothing.
 pub async fn verify(located: &Located) -> Result<Vec<CheckedFile>> {
-    check_sums(located).await?;
-    let mut checked = Vec::new();
-    for f in &located.manifest.files {
-        crate::notify::status(&format!("verifying {}", f.stored_name));
-        checked.push(check_file(located, f, None).await?);
+    let result = async {
+        check_sums(located).await?;
+        let mut checked = Vec::new();
+        for f in &located.manifest.files {
+            crate::notify::status(&format!("verifying {}", f.stored_name));
+            checked.push(check_file(located, f, None).await?);
+        }
+        Ok(checked)
     }
-    Ok(checked)
+    .await;
+    result.map_err(|e| explain(located, e))
 }
 
 /// Downloads and checks the set into `dir` under temporary names (0600), then renames each
 /// file to its original name once all of them passed. On failure nothing is left.
 pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile, PathBuf)>> {
-    check_sums(located).await?;
+    check_sums(located).await.map_err(|e| explain(located, e))?;
     let mut temps: Vec<PathBuf> = Vec::new();
     let mut renamed: Vec<PathBuf> = Vec::new();
     let result = async {
@@ -329,7 +416,7 @@ pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile,
             let _ = std::fs::remove_file(p);
         }
     }
-    result
+    result.map_err(|e| explain(located, e))
 }
 
 /// Files `cluster-restore.sh` would pick up from `dir`.
@@ -377,12 +464,63 @@ pub fn prepare_fetch_dir(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// The running cluster's OpenShift version, read from etcd when it answers in time.
-pub async fn running_version(settings: &Settings) -> Result<Option<String>> {
+/// What the ClusterVersion says about the cluster's version: the facts the z-stream rule
+/// needs. All `None` when the etcd holds no ClusterVersion (not OpenShift).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VersionFacts {
+    /// `status.desired.version`: what the cluster runs, or is moving to.
+    pub desired: Option<String>,
+    /// The newest `status.history` entry: its `state` (`Completed` | `Partial`) and version.
+    pub newest: Option<(String, String)>,
+    /// The newest history entry whose state is `Completed`.
+    pub last_completed: Option<String>,
+}
+
+impl VersionFacts {
+    /// Reads the facts out of the ClusterVersion JSON; missing fields stay `None`.
+    pub fn of(cv: &serde_json::Value) -> VersionFacts {
+        let text = |v: Option<&serde_json::Value>| {
+            v.and_then(serde_json::Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let history = cv
+            .pointer("/status/history")
+            .and_then(serde_json::Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let newest = history.first().and_then(|h| {
+            Some((
+                text(h.get("state")).unwrap_or_default(),
+                text(h.get("version"))?,
+            ))
+        });
+        let last_completed = history
+            .iter()
+            .find(|h| h.get("state").and_then(serde_json::Value::as_str) == Some("Completed"))
+            .and_then(|h| text(h.get("version")));
+        VersionFacts {
+            desired: text(cv.pointer("/status/desired/version")),
+            newest,
+            last_completed,
+        }
+    }
+}
+
+/// The running cluster's version facts, read from etcd when it answers in time; `None`
+/// when it holds no (readable) ClusterVersion.
+pub async fn version_facts(settings: &Settings) -> Result<Option<VersionFacts>> {
     let within = settings.etcd.connect_timeout.0 + settings.etcd.request_timeout.0;
     let read = async {
         let (mut member, _) = crate::etcd::connect_first(&settings.etcd).await?;
-        Ok::<_, anyhow::Error>(member.cluster_version().await?.and_then(|cv| cv.version))
+        let raw = member.get(crate::etcd::CLUSTER_VERSION_KEY).await?;
+        Ok::<_, anyhow::Error>(raw.and_then(|b| match serde_json::from_slice(&b) {
+            Ok(v) => Some(VersionFacts::of(&v)),
+            Err(_) => {
+                tracing::warn!("the ClusterVersion object in etcd is not JSON; ignoring it");
+                None
+            }
+        }))
     };
     match tokio::time::timeout(within, read).await {
         Ok(r) => r,
@@ -390,14 +528,57 @@ pub async fn running_version(settings: &Settings) -> Result<Option<String>> {
     }
 }
 
-/// The same-z-stream rule: `Err` with the refusal when the versions differ.
-pub fn check_versions(set: Option<&str>, running: Option<&str>) -> Result<(), String> {
-    match (set, running) {
-        (Some(s), Some(r)) if s != r => Err(format!(
-            "the set was taken on OpenShift {s} but the cluster runs {r}; a restore needs a backup of the same release (use a set taken on {r}, or --allow-version-mismatch if you know why)"
-        )),
-        _ => Ok(()),
+/// The same-z-stream rule for a set taken on OpenShift `set`. `Ok` with the rule that
+/// accepted it (none when either version is unknown), `Err` with the refusal, which always
+/// names a version a set can exist for.
+///
+/// A cluster at a completed version (newest history entry `Completed` and the desired version
+/// equal to it) takes a set of that version only. A cluster that is not (a failed or running
+/// upgrade: newest entry `Partial`, or the desired version differs from it) takes a set of
+/// its last `Completed` version, the one its control plane's static resources and data came
+/// from (the way back from a failed upgrade), and one of the version being installed.
+pub fn check_versions(set: Option<&str>, cluster: &VersionFacts) -> Result<Option<String>, String> {
+    let Some(s) = set else { return Ok(None) };
+    let newest = cluster.newest.as_ref();
+    let Some(target) = cluster.desired.as_deref().or(newest.map(|(_, v)| v.as_str())) else {
+        return Ok(None);
+    };
+    let settled = newest.is_none_or(|(state, version)| state != "Partial" && version == target);
+    if settled {
+        if s == target {
+            return Ok(Some(format!(
+                "the cluster runs {target}: a set of the same release is accepted"
+            )));
+        }
+        return Err(format!(
+            "the set was taken on OpenShift {s} but the cluster runs {target}; a restore needs a backup of the same release (use a set taken on {target}, or --allow-version-mismatch if you know why)"
+        ));
     }
+    let from = cluster.last_completed.as_deref();
+    let state = match from {
+        Some(f) if f != target => format!("the cluster is upgrading from {f} to {target} (not completed)"),
+        Some(_) => format!("the cluster's update to {target}, its last completed version, is not completed"),
+        None => format!("the cluster is moving to {target} and has no completed version yet"),
+    };
+    if Some(s) == from {
+        return Ok(Some(format!(
+            "{state}: a set of {s}, the last completed version, is accepted"
+        )));
+    }
+    if s == target {
+        return Ok(Some(format!(
+            "{state}: a set of {s}, the version being installed, is accepted"
+        )));
+    }
+    let wanted = match from {
+        Some(f) if f != target => format!(
+            "a set taken on {f}, the last completed version, or on {target}, the version being installed"
+        ),
+        _ => format!("a set taken on {target}"),
+    };
+    Err(format!(
+        "the set was taken on OpenShift {s} but {state}; a restore needs {wanted} (or --allow-version-mismatch if you know why)"
+    ))
 }
 
 // ---- the restore drill ----
@@ -605,13 +786,138 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
 mod tests {
     use super::*;
 
+    fn facts(desired: &str, history: &[(&str, &str)]) -> VersionFacts {
+        let history: Vec<_> = history
+            .iter()
+            .map(|(state, version)| serde_json::json!({"state": state, "version": version}))
+            .collect();
+        VersionFacts::of(&serde_json::json!({"status": {"desired": {"version": desired}, "history": history}}))
+    }
+
     #[test]
     fn versions_must_match_when_both_are_known() {
-        assert!(check_versions(Some("4.15.4"), Some("4.15.4")).is_ok());
-        let e = check_versions(Some("4.15.4"), Some("4.15.5")).unwrap_err();
+        let at = facts("4.15.4", &[("Completed", "4.15.4")]);
+        assert!(check_versions(Some("4.15.4"), &at).unwrap().unwrap().contains("runs 4.15.4"));
+        let e = check_versions(Some("4.15.4"), &facts("4.15.5", &[("Completed", "4.15.5")])).unwrap_err();
         assert!(e.contains("4.15.4") && e.contains("4.15.5") && e.contains("--allow-version-mismatch"));
-        assert!(check_versions(None, Some("4.15.5")).is_ok());
-        assert!(check_versions(Some("4.15.4"), None).is_ok());
+        assert_eq!(check_versions(None, &at), Ok(None));
+        assert_eq!(check_versions(Some("4.15.4"), &VersionFacts::default()), Ok(None));
+    }
+
+    #[test]
+    fn version_facts_from_a_cluster_version() {
+        let f = facts(
+            "4.15.5",
+            &[("Partial", "4.15.5"), ("Completed", "4.15.4"), ("Completed", "4.15.3")],
+        );
+        assert_eq!(
+            f,
+            VersionFacts {
+                desired: Some("4.15.5".into()),
+                newest: Some(("Partial".into(), "4.15.5".into())),
+                last_completed: Some("4.15.4".into()),
+            }
+        );
+        assert_eq!(VersionFacts::of(&serde_json::json!({})), VersionFacts::default());
+    }
+
+    /// The z-stream rule as a table: (case, desired, history newest first, set version,
+    /// accepted, words the rule or the refusal must contain, words it must not).
+    #[test]
+    fn version_rule_table() {
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str, bool, &'a [&'a str], &'a [&'a str]);
+        let failed: &[(&str, &str)] = &[("Partial", "4.15.5"), ("Completed", "4.15.4")];
+        let done: &[(&str, &str)] = &[("Completed", "4.15.5"), ("Completed", "4.15.4")];
+        let starting: &[(&str, &str)] = &[("Completed", "4.15.4")];
+        let installing: &[(&str, &str)] = &[("Partial", "4.15.4")];
+        let cases: &[Case] = &[
+            (
+                "failed upgrade: the last completed version is accepted",
+                "4.15.5",
+                failed,
+                "4.15.4",
+                true,
+                &["upgrading from 4.15.4 to 4.15.5 (not completed)", "a set of 4.15.4, the last completed version, is accepted"],
+                &[],
+            ),
+            (
+                "failed upgrade: the version being installed is accepted",
+                "4.15.5",
+                failed,
+                "4.15.5",
+                true,
+                &["upgrading from 4.15.4 to 4.15.5", "the version being installed"],
+                &[],
+            ),
+            (
+                "failed upgrade: another version is refused naming both that can exist",
+                "4.15.5",
+                failed,
+                "4.15.3",
+                false,
+                &["4.15.3", "on 4.15.4, the last completed version", "on 4.15.5, the version being installed", "--allow-version-mismatch"],
+                &[],
+            ),
+            (
+                "upgrade starting (desired differs from the newest entry) counts as not completed",
+                "4.15.5",
+                starting,
+                "4.15.4",
+                true,
+                &["upgrading from 4.15.4 to 4.15.5", "last completed version"],
+                &[],
+            ),
+            (
+                "completed upgrade: only the new version",
+                "4.15.5",
+                done,
+                "4.15.4",
+                false,
+                &["the cluster runs 4.15.5", "use a set taken on 4.15.5"],
+                &["last completed"],
+            ),
+            (
+                "completed upgrade: the new version is accepted",
+                "4.15.5",
+                done,
+                "4.15.5",
+                true,
+                &["the cluster runs 4.15.5"],
+                &[],
+            ),
+            (
+                "no completed version yet: only the target can exist",
+                "4.15.4",
+                installing,
+                "4.15.3",
+                false,
+                &["no completed version yet", "a set taken on 4.15.4"],
+                &["last completed version,"],
+            ),
+            (
+                "no history: the desired version",
+                "4.15.4",
+                &[],
+                "4.15.4",
+                true,
+                &["runs 4.15.4"],
+                &[],
+            ),
+        ];
+        for (name, desired, history, set, ok, has, lacks) in cases {
+            let got = check_versions(Some(set), &facts(desired, history));
+            assert_eq!(got.is_ok(), *ok, "{name}: {got:?}");
+            let text = match got {
+                Ok(rule) => rule.expect("a rule is named"),
+                Err(why) => why,
+            };
+            for w in *has {
+                assert!(text.contains(w), "{name}: {text:?} lacks {w:?}");
+            }
+            for w in *lacks {
+                assert!(!text.contains(w), "{name}: {text:?} has {w:?}");
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! - `min_keep` keeps the newest sets until at least that many remain;
 //! - the newest set is always kept.
 //!
+//! Only intact sets count: a damaged set (a file its manifest lists is missing or has another
+//! size) is kept and reported, never deleted by retention and never counted, so that it can
+//! neither take the newest intact set's place ("newest set", `keep_last`) nor push it out.
+//!
 //! With every `keep_*` at 0 and no `max_age`, nothing is deleted (as restic refuses an empty
 //! policy rather than removing everything).
 
@@ -19,7 +23,7 @@ use chrono::{DateTime, Datelike, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 
-use crate::targets::Target;
+use crate::targets::{ListedSet, Target};
 
 /// The `[retention]` policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +181,39 @@ pub fn created_of(m: &crate::manifest::Manifest) -> Option<DateTime<Utc>> {
         })
 }
 
+/// Why retention leaves a damaged set alone.
+pub const DAMAGED: &str = "damaged, not counted by retention";
+
+/// The plan for the sets of `cluster` among `listed` (as [`Target::list_all_sets`] returns
+/// them): only sets whose manifest names that cluster count (a folder shared by mistake is
+/// never pruned across clusters), and only intact ones; each damaged set is kept with the
+/// reason [`DAMAGED`]. Sets with an unreadable creation time are left out. Newest first.
+pub fn plan_listed(listed: &[ListedSet], cluster: &str, policy: &Policy, now: DateTime<Utc>, tz: Tz) -> Vec<Decision> {
+    let mut intact = Vec::new();
+    let mut damaged = Vec::new();
+    for s in listed
+        .iter()
+        .filter(|s| s.cluster == cluster && s.manifest.cluster_name == cluster)
+    {
+        let Some(created) = created_of(&s.manifest) else {
+            continue;
+        };
+        match s.damaged {
+            None => intact.push((s.manifest.id.clone(), created)),
+            Some(_) => damaged.push(Decision {
+                id: s.manifest.id.clone(),
+                created,
+                keep: true,
+                reasons: vec![DAMAGED.into()],
+            }),
+        }
+    }
+    let mut out = plan(&intact, policy, now, tz);
+    out.extend(damaged);
+    out.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+    out
+}
+
 /// What applying the policy to one cluster folder of a target did (or, dry, would do).
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneReport {
@@ -188,8 +225,7 @@ pub struct PruneReport {
     pub debris_removed: usize,
 }
 
-/// The plan for the complete sets of `cluster` on `target`; only sets whose manifest names
-/// that cluster count (a folder shared by mistake is never pruned across clusters).
+/// The plan for the sets of `cluster` on `target` ([`plan_listed`]).
 pub async fn plan_target(
     target: &dyn Target,
     cluster: &str,
@@ -197,17 +233,11 @@ pub async fn plan_target(
     now: DateTime<Utc>,
     tz: Tz,
 ) -> Result<Vec<Decision>> {
-    let listed = target.list_sets(Some(cluster)).await?;
-    let mut sets = Vec::new();
-    for s in listed.iter().filter(|s| s.manifest.cluster_name == cluster) {
-        match created_of(&s.manifest) {
-            Some(t) => sets.push((s.manifest.id.clone(), t)),
-            None => {
-                tracing::warn!(target_name = target.name(), backup_id = %s.manifest.id, "set with an unreadable creation time; retention leaves it alone")
-            }
-        }
+    let listed = target.list_all_sets(Some(cluster)).await?;
+    for s in listed.iter().filter(|s| created_of(&s.manifest).is_none()) {
+        tracing::warn!(target_name = target.name(), backup_id = %s.manifest.id, "set with an unreadable creation time; retention leaves it alone");
     }
-    Ok(plan(&sets, policy, now, tz))
+    Ok(plan_listed(&listed, cluster, policy, now, tz))
 }
 
 /// Applies `policy` to `cluster` on `target`: removes the sets it does not keep and the
@@ -493,6 +523,67 @@ mod tests {
                 .reasons
                 .contains(&"within max_age 3days".to_string())
         );
+    }
+
+    fn listed(cluster: &str, id_time: &str, damaged: Option<&str>) -> ListedSet {
+        let t = at(id_time);
+        ListedSet {
+            cluster: cluster.into(),
+            // From JSON, as a target reads it: fields added later take their defaults.
+            manifest: serde_json::from_value(serde_json::json!({
+                "format_version": crate::manifest::FORMAT_VERSION,
+                "id": crate::manifest::timestamp(t),
+                "created": t.to_rfc3339(),
+                "cluster_name": cluster,
+                "trigger": "schedule",
+                "node": "node-a",
+                "etcd": {"endpoint": "http://127.0.0.1:2379", "member_id": "1", "cluster_id": "2",
+                         "version": "3.5.0", "revision": 1, "db_size": 1},
+                "openshift": null,
+                "files": [],
+                "tool": {"name": "etcd-backupd", "version": "0"},
+            }))
+            .unwrap(),
+            damaged: damaged.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_damaged_set_is_never_counted_nor_deleted() {
+        let sets = vec![
+            listed("c", "2026-11-25T02:30:00Z", Some("'snapshot_x.db' is missing")),
+            listed("c", "2026-11-24T02:30:00Z", None),
+            listed("c", "2026-11-23T02:30:00Z", None),
+            listed("c", "2026-11-01T02:30:00Z", Some("'snapshot_y.db' is 1 bytes")),
+        ];
+        let now = at("2026-11-25T12:00:00Z");
+        // keep_last 1 with the newest set damaged: the newest intact set is what it keeps.
+        let got = plan_listed(&sets, "c", &policy(1, 0, 0, 0), now, Tz::UTC);
+        let ids: Vec<&str> = got.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "2026-11-25_023000",
+                "2026-11-24_023000",
+                "2026-11-23_023000",
+                "2026-11-01_023000"
+            ]
+        );
+        assert_eq!(got[0].reasons, [DAMAGED]);
+        assert!(got[0].keep);
+        assert_eq!(got[1].reasons, ["last 1", "newest set"]);
+        assert!(got[1].keep);
+        assert!(!got[2].keep, "{:?}", got[2]);
+        // Old and damaged: still not retention's to delete, even past max_age.
+        assert!(got[3].keep && got[3].reasons == [DAMAGED]);
+        let capped = Policy {
+            max_age: Some(Duration::from_secs(3600)),
+            ..policy(1, 0, 0, 0)
+        };
+        let got = plan_listed(&sets, "c", &capped, now, Tz::UTC);
+        assert_eq!(kept_ids(&got), ["2026-11-25_023000", "2026-11-24_023000", "2026-11-01_023000"]);
+        // Another cluster's sets are not planned at all.
+        assert!(plan_listed(&sets, "other", &policy(1, 0, 0, 0), now, Tz::UTC).is_empty());
     }
 
     #[test]

@@ -35,12 +35,17 @@ fn staging_free(staging: &Path) -> Result<u64> {
 
 /// Runs `run` once. `wait_max` bounds how long this node waits for another holder of the run
 /// lock (zero: give up at once, as a manual `backup` does). `cancel` stops the run (SIGTERM).
+/// With `force` (`backup --force`), the cluster-state guards (cluster age, upgrade,
+/// operators) are overridden and named in the manifest; etcd's health, its alarms and free
+/// space still decide.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_once(
     settings: &Settings,
     trigger: Trigger,
     target: Option<String>,
     run: &str,
     elect: bool,
+    force: bool,
     wait_max: Duration,
     cancel: &CancellationToken,
 ) -> Result<Outcome> {
@@ -70,8 +75,12 @@ pub async fn run_once(
     if elect && let Some(rec) = election.done(run).await? {
         return Ok(Outcome::Elsewhere(rec));
     }
-    if let Some(reason) = check_guards(settings, &mut member, &status).await? {
-        return Ok(Outcome::Skipped(reason));
+    let forced = match check_guards(settings, &mut member, &status, force).await? {
+        Verdict::Skip(reason) => return Ok(Outcome::Skipped(reason)),
+        Verdict::Go { forced } => forced,
+    };
+    for reason in &forced {
+        tracing::warn!(reason = %reason, "backing up despite a guard (--force)");
     }
     if !elect {
         let abort = cancel.child_token();
@@ -79,6 +88,7 @@ pub async fn run_once(
             trigger,
             run: None,
             target,
+            forced,
             abort: abort.clone(),
         };
         return tokio::select! {
@@ -108,9 +118,9 @@ pub async fn run_once(
     if waited.elapsed() > settings.election.lease_ttl.0 {
         let recheck = async {
             let (mut m, st) = etcd::connect_first(&settings.etcd).await?;
-            check_guards(settings, &mut m, &st).await
+            check_guards(settings, &mut m, &st, force).await
         };
-        if let Ok(Some(reason)) = recheck.await {
+        if let Ok(Verdict::Skip(reason)) = recheck.await {
             if let Err(e) = election.finish(held, &record(format!("skipped: {reason}"), None)).await {
                 tracing::warn!(error = %crate::error::one_line(&e), "cannot record the skipped run");
             }
@@ -153,6 +163,7 @@ pub async fn run_once(
         trigger,
         run: Some(run.to_string()),
         target,
+        forced,
         abort: abort.clone(),
     };
     let result = tokio::select! {
@@ -183,7 +194,11 @@ pub async fn run_once(
             let (stored, missing) = report.stored_and_missing();
             let result = RunResult::of_stored(stored.len(), report.targets.len());
             let rec = RunRecord {
-                stored: if result == RunResult::Partial { stored } else { Vec::new() },
+                stored: if result == RunResult::Partial {
+                    stored
+                } else {
+                    Vec::new()
+                },
                 missing: if result == RunResult::Ok { Vec::new() } else { missing },
                 ..record(result.as_str().into(), Some(report.manifest.id.clone()))
             };
@@ -216,9 +231,13 @@ pub async fn settle_delivered(election: &mut Election, settled: &[(String, Strin
             continue;
         }
         match election.settle(run, id).await {
-            Ok(true) => tracing::info!(run = %run, backup_id = %id, "the run's set reached every target; its record says ok"),
+            Ok(true) => {
+                tracing::info!(run = %run, backup_id = %id, "the run's set reached every target; its record says ok")
+            }
             Ok(false) => {}
-            Err(e) => tracing::warn!(run = %run, backup_id = %id, error = %crate::error::one_line(&e), "cannot update the run's record"),
+            Err(e) => {
+                tracing::warn!(run = %run, backup_id = %id, error = %crate::error::one_line(&e), "cannot update the run's record")
+            }
         }
     }
 }
@@ -297,18 +316,36 @@ async fn already_published(
     None
 }
 
-/// The guards, with the facts read from this node's member; `Some(reason)` skips the run.
+/// What the guards say about backing up now.
+enum Verdict {
+    /// Go on; with `--force`, these refusals were overridden.
+    Go {
+        forced: Vec<String>,
+    },
+    Skip(String),
+}
+
+/// The guards, with the facts read from this node's member. With `force`, the refusals a
+/// guard allows to override become the run's `forced` list; any other refusal skips.
 async fn check_guards(
     settings: &Settings,
     member: &mut etcd::Member,
     status: &etcd::MemberStatus,
-) -> Result<Option<String>> {
+    force: bool,
+) -> Result<Verdict> {
     let facts = guards::gather(member).await?;
     // Staged sets must never be what stops the next backup: the space they hold counts as
     // free here; the runner drops them (see `delivery::make_room`) only once it has won.
     let staging = &settings.snapshot.staging_dir;
     let free = staging_free(staging)? + crate::delivery::staged_bytes(staging);
-    Ok(guards::check(settings, &facts, status, free, Utc::now()))
+    let refused = guards::check_all(settings, &facts, status, free, Utc::now());
+    let (may, must): (Vec<_>, Vec<_>) = refused.into_iter().partition(|r| force && r.guard.overridable());
+    Ok(match must.into_iter().next() {
+        Some(r) => Verdict::Skip(r.reason),
+        None => Verdict::Go {
+            forced: may.into_iter().map(|r| r.reason).collect(),
+        },
+    })
 }
 
 /// The node-local record of a run's outcome.
@@ -360,10 +397,17 @@ pub fn record(
             s.reason = Some(format!("node {} ran it ({})", rec.node, rec.result));
             s.id = rec.id.clone();
         }
-        Err(e) => {
-            s.result = RunResult::Failed.as_str().into();
-            s.reason = Some(crate::error::one_line(e));
-        }
+        // A skip on the way (another backup holds staging) is a skip, not a failure.
+        Err(e) => match crate::error::skip_reason(e) {
+            Some(reason) => {
+                s.result = RunResult::Skipped.as_str().into();
+                s.reason = Some(reason);
+            }
+            None => {
+                s.result = RunResult::Failed.as_str().into();
+                s.reason = Some(crate::error::one_line(e));
+            }
+        },
     }
     s
 }

@@ -188,7 +188,10 @@ impl State {
     pub fn settle(&mut self, id: &str) -> bool {
         let mut changed = false;
         for r in self.runs.iter_mut().filter(|r| r.id.as_deref() == Some(id)) {
-            if matches!(RunResult::parse(&r.result), Some(RunResult::Partial | RunResult::Pending)) {
+            if matches!(
+                RunResult::parse(&r.result),
+                Some(RunResult::Partial | RunResult::Pending)
+            ) {
                 r.result = RunResult::Ok.as_str().to_string();
                 r.reason = Some("delivered to every target after the run".into());
                 for t in &mut r.targets {

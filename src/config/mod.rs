@@ -449,7 +449,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     {
         return Err(m.error_at(
             "metrics.listen",
-            format!("{listen:?} is not ADDRESS:PORT (e.g. \"127.0.0.1:9979\")"),
+            format!("{listen:?} is not ADDRESS:PORT (e.g. \"127.0.0.1:9983\")"),
         ));
     }
     if inputs.metrics.textfile.as_ref().is_some_and(|p| !p.is_absolute()) {

@@ -190,22 +190,23 @@ impl FileTarget {
                     Err(e) => bail!("target '{}': cannot read '{}': {e}", self.name, path.display()),
                 };
                 match Manifest::parse(&bytes) {
-                    // A manifest alone is not a set: every file must be there at its size.
-                    Ok(m) if m.id == id => match m.files.iter().find(|f| {
-                        std::fs::metadata(dir.join(&id).join(&f.stored_name))
-                            .map(|md| md.len())
-                            .ok()
-                            != Some(f.stored_size)
-                    }) {
-                        None => sets.push(ListedSet {
+                    // The manifest goes last, so a set missing a file or with one of another
+                    // size was damaged after it was stored: listed, marked.
+                    Ok(m) if m.id == id => {
+                        let damaged = super::size_damage(&m, |name| {
+                            std::fs::metadata(dir.join(&id).join(name))
+                                .ok()
+                                .map(|md| Some(md.len()))
+                        });
+                        if let Some(d) = &damaged {
+                            tracing::warn!(target_name = %self.name, path = %path.display(), damage = %d, "a damaged set");
+                        }
+                        sets.push(ListedSet {
                             cluster: c.clone(),
                             manifest: m,
-                        }),
-                        Some(f) => tracing::warn!(
-                            target_name = %self.name, path = %path.display(), file = %f.stored_name,
-                            "skipping an incomplete set: a file is missing or has the wrong size"
-                        ),
-                    },
+                            damaged,
+                        })
+                    }
                     Ok(m) => {
                         tracing::warn!(target_name = %self.name, path = %path.display(), manifest_id = %m.id, "manifest id does not match its folder; skipping it")
                     }
@@ -339,7 +340,7 @@ impl Target for FileTarget {
             .with_context(|| format!("target '{}': cannot remove '{}'", self.name, dir.display()))
     }
 
-    async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
+    async fn list_all_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
         let (this, cluster) = (self.clone(), cluster.map(str::to_string));
         tokio::task::spawn_blocking(move || this.list_blocking(cluster.as_deref())).await?
     }

@@ -3,6 +3,7 @@
 //! a set atomically: under a hidden temporary name first, `manifest.json` last, then moved
 //! into place without replacing anything.
 
+pub mod dns;
 pub mod file;
 pub mod propfind;
 pub mod proxy;
@@ -30,11 +31,36 @@ pub struct StagedSet {
     pub manifest: Manifest,
 }
 
-/// A complete set found on a target.
+/// A set found on a target: a folder holding a readable `manifest.json` (a folder without one
+/// is an upload in progress or debris, never listed).
 #[derive(Debug, Clone)]
 pub struct ListedSet {
     pub cluster: String,
     pub manifest: Manifest,
+    /// What is wrong with it, when a file the manifest lists is missing or has another size
+    /// ([`size_damage`]); `None` for an intact set (as far as sizes tell: checksums need a
+    /// full read, which `fetch` and `verify` do).
+    pub damaged: Option<String>,
+}
+
+/// What is wrong with a set, judged by the sizes the target reports: `found(stored_name)` is
+/// `None` when the file is absent, `Some(None)` when the target reports no size. `None` when
+/// every file the manifest lists is there at its recorded size.
+pub fn size_damage(manifest: &Manifest, found: impl Fn(&str) -> Option<Option<u64>>) -> Option<String> {
+    let problems: Vec<String> = manifest
+        .files
+        .iter()
+        .filter_map(|f| match found(&f.stored_name) {
+            None => Some(format!("'{}' is missing", f.stored_name)),
+            Some(None) => Some(format!("'{}' has no size on the target", f.stored_name)),
+            Some(Some(n)) if n != f.stored_size => Some(format!(
+                "'{}' is {n} bytes, the manifest records {}",
+                f.stored_name, f.stored_size
+            )),
+            Some(Some(_)) => None,
+        })
+        .collect();
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// A set being assembled on a target, under its hidden temporary name.
@@ -112,8 +138,14 @@ pub trait Target: Send + Sync {
     async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()>;
     /// Removes a draft that will not be finished.
     async fn discard(&self, draft: Draft) -> Result<()>;
-    /// Complete sets, newest first; of one cluster folder, or of all when `cluster` is None.
-    async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>>;
+    /// Every set with a manifest, newest first, damaged ones marked
+    /// ([`ListedSet::damaged`]); of one cluster folder, or of all when `cluster` is None.
+    async fn list_all_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>>;
+    /// The intact sets of [`Target::list_all_sets`] (every file there at its size).
+    async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
+        let all = self.list_all_sets(cluster).await?;
+        Ok(all.into_iter().filter(|s| s.damaged.is_none()).collect())
+    }
     /// Opens one file of a complete set for reading.
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader>;
     /// Removes a complete set.
@@ -197,5 +229,32 @@ mod tests {
         assert!(is_set_name("2026-11-25_023012"));
         assert!(!is_set_name(&mine));
         assert!(!is_set_name(".."));
+    }
+
+    #[test]
+    fn size_damage_names_each_file_and_what_is_wrong() {
+        let m: Manifest = serde_json::from_value(serde_json::json!({
+            "format_version": 1, "id": "2026-11-25_023012", "created": "2026-11-25T02:30:12Z",
+            "cluster_name": "c", "trigger": "manual", "node": "n", "openshift": null,
+            "etcd": {"endpoint": "http://127.0.0.1:2379", "member_id": "1", "cluster_id": "2",
+                     "version": "3.5.0", "revision": 1, "db_size": 1},
+            "files": [{"name": "snapshot_2026-11-25_023012.db", "stored_name": "snapshot_2026-11-25_023012.db",
+                       "size": 2000, "sha256": "ab", "stored_size": 2000, "stored_sha256": "ab",
+                       "compression": "none", "encryption": "none"}],
+            "tool": {"name": "etcd-backupd", "version": "0"},
+        }))
+        .unwrap();
+        let f = &m.files[0];
+        let right = f.stored_size;
+        assert_eq!(size_damage(&m, |_| Some(Some(right))), None);
+        assert_eq!(
+            size_damage(&m, |_| None).unwrap(),
+            format!("'{}' is missing", f.stored_name)
+        );
+        assert_eq!(
+            size_damage(&m, |_| Some(Some(right + 1))).unwrap(),
+            format!("'{}' is {} bytes, the manifest records {right}", f.stored_name, right + 1)
+        );
+        assert!(size_damage(&m, |_| Some(None)).unwrap().contains("no size"));
     }
 }

@@ -1,14 +1,18 @@
-//! Which proxy a target uses. Resolved once per target (a target is one host), the way curl
-//! resolves it, so that `check-config --connect` can show the choice and reqwest is handed
-//! an explicit proxy or none.
+//! Which proxy a target uses. Resolved once per target (a target is one host), so that
+//! `check-config --connect` can show the choice and the variable it came from, and reqwest
+//! is handed an explicit proxy or none.
 //!
-//! curl's rules, for `proxy = "env"`: an `https://` URL uses `https_proxy`, then
-//! `HTTPS_PROXY`; an `http://` URL uses `http_proxy` only (curl ignores upper-case
-//! `HTTP_PROXY`, which a CGI request header could set); either falls back to `all_proxy`,
-//! then `ALL_PROXY`. `no_proxy`, then `NO_PROXY`, lists exceptions: `*` alone for every host;
-//! host names matching themselves and any subdomain (a leading dot, and a trailing dot on
-//! either side, are ignored); IP addresses and CIDR ranges matching IP-literal hosts (no DNS
-//! lookup, as in curl). An entry with a port (`host:8443`) applies to that port only.
+//! The rules, for `proxy = "env"`: an `http://` URL uses `http_proxy`, then `HTTP_PROXY`; an
+//! `https://` URL uses `https_proxy`, then `HTTPS_PROXY`; either falls back to `all_proxy`,
+//! then `ALL_PROXY`. The lower-case form wins when both are set. Upper-case `HTTP_PROXY` is
+//! honoured (curl ignores it, guarding CGI programs, where a request header can set it; a
+//! daemon has no such exposure) because OpenShift's `/etc/mco/proxy.env`, which the unit
+//! loads, sets only upper-case variables. `no_proxy`, then `NO_PROXY`, lists exceptions: `*`
+//! alone for every host; host names matching themselves and any subdomain (a leading dot,
+//! and a trailing dot on either side, are ignored); IP addresses and CIDR ranges matching
+//! IP-literal hosts (no DNS lookup, as in curl). An entry with a port (`host:8443`) applies
+//! to that port only. Exceptions come from that list alone: a loopback target goes through
+//! the proxy unless the list names it (Go exempts loopback hosts by itself; this does not).
 
 use std::net::IpAddr;
 
@@ -86,7 +90,7 @@ fn from_env(target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
     let candidates: &[&str] = if target.scheme() == "https" {
         &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
     } else {
-        &["http_proxy", "all_proxy", "ALL_PROXY"]
+        &["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
     };
     for var in candidates {
         if let Some(value) = env.var(var) {
@@ -226,8 +230,73 @@ mod tests {
         assert!(no_proxy_match("", "a", 443).is_none());
     }
 
+    /// The variable that chose the route, as `check-config --connect` shows it.
+    fn via(vars: &[(&'static str, &'static str)], target: &str) -> String {
+        match choose_with(vars, target) {
+            ProxyChoice::Via { url, why } => format!("{} {why}", redact(&url)),
+            other => panic!("{target}: {other:?}"),
+        }
+    }
+
     #[test]
-    fn variables_are_picked_like_curl() {
+    fn variables_are_picked_per_scheme_lower_case_first() {
+        // /etc/mco/proxy.env: upper case only.
+        let mco = [
+            ("HTTP_PROXY", "http://p:3128"),
+            ("HTTPS_PROXY", "http://ps:3129"),
+            ("NO_PROXY", ".cluster.local,.svc,localhost,127.0.0.1,10.0.0.0/16"),
+        ];
+        assert_eq!(via(&mco, "http://dav.example.com/"), "http://p:3128 from HTTP_PROXY");
+        assert_eq!(via(&mco, "https://dav.example.com/"), "http://ps:3129 from HTTPS_PROXY");
+        for exempt in ["http://127.0.0.1:8080/", "https://dav.svc/", "http://10.0.3.4/"] {
+            match choose_with(&mco, exempt) {
+                ProxyChoice::Direct { why } => assert!(why.starts_with("NO_PROXY entry"), "{why}"),
+                other => panic!("{exempt}: {other:?}"),
+            }
+        }
+        // The lower-case form wins when both are set, for each scheme and for no_proxy.
+        let both = [
+            ("http_proxy", "http://lower:1"),
+            ("HTTP_PROXY", "http://upper:2"),
+            ("https_proxy", "http://lower-s:3"),
+            ("HTTPS_PROXY", "http://upper-s:4"),
+            ("no_proxy", "a.example"),
+            ("NO_PROXY", "b.example"),
+        ];
+        assert_eq!(via(&both, "http://x/"), "http://lower:1 from http_proxy");
+        assert_eq!(via(&both, "https://x/"), "http://lower-s:3 from https_proxy");
+        assert!(matches!(
+            choose_with(&both, "http://a.example/"),
+            ProxyChoice::Direct { .. }
+        ));
+        assert_eq!(via(&both, "http://b.example/"), "http://lower:1 from http_proxy");
+        // Each scheme reads only its own variables, then all_proxy.
+        assert!(matches!(
+            choose_with(&[("HTTPS_PROXY", "http://ps:1")], "http://x/"),
+            ProxyChoice::Direct { .. }
+        ));
+        assert!(matches!(
+            choose_with(&[("HTTP_PROXY", "http://p:1")], "https://x/"),
+            ProxyChoice::Direct { .. }
+        ));
+        let all = [("HTTP_PROXY", "http://p:1"), ("all_proxy", "http://all:2")];
+        assert_eq!(via(&all, "https://x/"), "http://all:2 from all_proxy");
+        assert_eq!(via(&all, "http://x/"), "http://p:1 from HTTP_PROXY");
+        // Loopback is proxied unless NO_PROXY names it (unlike Go).
+        assert_eq!(
+            via(&[("HTTP_PROXY", "http://p:3128")], "http://127.0.0.1:8080/"),
+            "http://p:3128 from HTTP_PROXY"
+        );
+        assert_eq!(
+            via(&[("HTTP_PROXY", "http://p:3128")], "http://localhost/"),
+            "http://p:3128 from HTTP_PROXY"
+        );
+        let shown = choose_with(&[("HTTP_PROXY", "http://127.0.0.1:3128")], "http://dav/").describe();
+        assert_eq!(shown, "via http://127.0.0.1:3128 (from HTTP_PROXY)");
+    }
+
+    #[test]
+    fn variables_are_parsed_and_never_shown() {
         let v = [
             ("HTTPS_PROXY", "http://p:3128"),
             ("HTTP_PROXY", "http://upper:1"),
@@ -236,11 +305,6 @@ mod tests {
         assert!(
             matches!(choose_with(&v, "https://dav.example.com/"), ProxyChoice::Via { url, .. } if url.port() == Some(3128))
         );
-        // Upper-case HTTP_PROXY is ignored for http:// targets.
-        assert!(matches!(
-            choose_with(&v, "http://dav.example.com/"),
-            ProxyChoice::Direct { .. }
-        ));
         assert!(matches!(
             choose_with(&v, "https://dav.internal/"),
             ProxyChoice::Direct { .. }

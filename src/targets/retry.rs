@@ -1,12 +1,148 @@
-//! Retries for remote targets: what is worth retrying, and how long to wait. Connection
-//! errors, timeouts, 5xx, 408 and 429 are retried with capped exponential backoff and full
-//! jitter (honouring `Retry-After`); any other answer is final. Each target has a budget of
-//! time per run for retrying, so one dead target cannot hold a run for long.
+//! Retries for remote targets: what is worth retrying, and how long to wait. Refused, reset
+//! or cut connections, timeouts, 5xx, 408 and 429 are retried with capped exponential backoff
+//! and full jitter (honouring `Retry-After`); any other answer is final, and so are the
+//! transport errors no retry can change ([`TransportError::Permanent`]: a host name that
+//! does not exist, a failed TLS handshake, a proxy refusing the tunnel). Each target has a
+//! budget of time per run for retrying, so one dead target cannot hold a run for long.
 
+use std::error::Error as StdError;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
+
+use super::dns::ResolveError;
+
+/// Why an attempt got no answer, sorted by whether another attempt can change that.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TransportError {
+    /// Every attempt would fail the same way: the target fails at once, naming the cause.
+    #[error("{cause}{hint}")]
+    Permanent { cause: String, hint: &'static str },
+    /// Worth another attempt within the retry budget.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl TransportError {
+    /// Sorts a failed request; `message` is its one-line description.
+    ///
+    /// Permanent causes are typed ones found in the source chain: our resolver's
+    /// [`ResolveError`] (unless the resolver merely did not answer), and a `rustls::Error`
+    /// while connecting (the handshake failed: a rejected certificate, an alert, an answer
+    /// that is not TLS) or a TLS alert or certificate rejection later (TLS 1.3 servers
+    /// refuse a client certificate after the client's side of the handshake is done). The
+    /// proxy tunnel's error type is private to hyper-util, so its outcome is told by its
+    /// fixed wording: refused (407, 403, any non-2xx) is permanent, while a proxy that cannot
+    /// be reached, or cuts the connection, is not. Everything else (refused, reset or cut
+    /// connections, timeouts) is transient.
+    ///
+    /// A typed cause is described by itself (`cannot resolve host name 'x': ...`), without
+    /// the layers of wrapping around it; other errors keep `message`.
+    pub fn classify(e: &reqwest::Error, message: String) -> TransportError {
+        if let Some(r) = find_in_chain::<ResolveError>(e) {
+            return if r.transient {
+                TransportError::Transient(message)
+            } else {
+                TransportError::Permanent {
+                    cause: r.to_string(),
+                    hint: "",
+                }
+            };
+        }
+        if let Some(tls) = find_in_chain::<rustls::Error>(e)
+            && (e.is_connect()
+                || matches!(
+                    tls,
+                    rustls::Error::AlertReceived(_) | rustls::Error::InvalidCertificate(_)
+                ))
+        {
+            let stage = if e.is_connect() {
+                "TLS handshake failed"
+            } else {
+                "TLS error"
+            };
+            return TransportError::Permanent {
+                cause: format!("{stage}: {tls}"),
+                hint: tls_hint(tls),
+            };
+        }
+        if !e.is_connect() {
+            return TransportError::Transient(message);
+        }
+        let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+        while let Some(err) = cur {
+            let text = err.to_string();
+            if PERMANENT_TUNNEL_ERRORS.contains(&text.as_str()) {
+                // hyper-util does not pass on the proxy's status (often 407 or 403).
+                return TransportError::Permanent {
+                    cause: message,
+                    hint: " (the proxy refused the CONNECT tunnel: check proxy credentials and its allowed ports)",
+                };
+            }
+            cur = err.source();
+        }
+        TransportError::Transient(message)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, TransportError::Permanent { .. })
+    }
+}
+
+/// hyper-util's `TunnelError` texts for a proxy that answered `CONNECT` with a refusal (or
+/// nonsense); its other kinds (the proxy unreachable, an I/O error, an early EOF) are worth
+/// retrying.
+const PERMANENT_TUNNEL_ERRORS: [&str; 4] = [
+    "tunnel error: unsuccessful",
+    "tunnel error: proxy authorization required",
+    "tunnel error: missing destination host",
+    "tunnel error: proxy response headers too long",
+];
+
+/// The first `T` in `e`'s source chain. An `io::Error` wrapping another error hides it from
+/// `source()` (rustls errors reach hyper inside two of them), so those are opened too.
+pub fn find_in_chain<'a, T: StdError + 'static>(e: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut cur: Option<&'a (dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            let inner: &'a (dyn StdError + 'static) = inner;
+            if let Some(t) = find_in_chain::<T>(inner) {
+                return Some(t);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The likely cause of a TLS handshake failure, where rustls's wording does not say it.
+fn tls_hint(e: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription, CertificateError, InvalidMessage};
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            " (the server's certificate is not signed by a trusted CA: set ca_file to its CA bundle)"
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => " (the certificate does not name this host: use the name it was issued for in url)",
+        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            " (the server's certificate has expired)"
+        }
+        rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
+            " (the server wants a client certificate: set client_cert_file and client_key_file)"
+        }
+        // A TLS record starts with a content type byte (20..=24) and version 3.x; "HTTP/1.1
+        // 400 ..." starts with 'H'.
+        rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType | InvalidMessage::UnknownProtocolVersion) => {
+            " (the server did not answer in TLS; it seems to speak plain HTTP on this port: use http:// in url, or the server's HTTPS port)"
+        }
+        _ => "",
+    }
+}
 
 /// Should an answer with this status be retried? 5xx, but not those that say the server
 /// cannot do this at all (501, 505).
@@ -14,6 +150,23 @@ pub fn retryable_status(s: StatusCode) -> bool {
     (s.is_server_error() && s != StatusCode::NOT_IMPLEMENTED && s != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
         || s == StatusCode::REQUEST_TIMEOUT
         || s == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// What a final answer most likely means, for the error message ("" when the status says it).
+pub fn status_hint(method: &str, s: StatusCode) -> String {
+    match s {
+        StatusCode::UNAUTHORIZED => {
+            " (the server refused the credentials: check username and password_file, or token_file)".into()
+        }
+        StatusCode::FORBIDDEN => " (the server refuses this account here: check its permissions on this path)".into(),
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+            " (the proxy wants credentials: give them in the proxy URL and proxy_password_file)".into()
+        }
+        StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED if method != "PUT" && method != "GET" => {
+            format!(" (the server does not accept {method} here: is WebDAV enabled at this URL?)")
+        }
+        _ => String::new(),
+    }
 }
 
 /// `Retry-After`, as seconds or as an HTTP date.
@@ -76,6 +229,88 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loopback server that answers every connection with `answer` (after reading what
+    /// the client sent first), then closes it.
+    fn fake_server(answer: &'static [u8]) -> u16 {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(answer);
+            }
+        });
+        port
+    }
+
+    async fn classified(url: &str) -> TransportError {
+        super::super::webdav::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .dns_resolver(std::sync::Arc::new(super::super::dns::Resolver))
+            .connect_timeout(Duration::from_secs(5))
+            .tls_backend_rustls()
+            .build()
+            .unwrap();
+        let e = client.get(url).send().await.unwrap_err();
+        TransportError::classify(&e, format!("{e:?}"))
+    }
+
+    #[tokio::test]
+    async fn transport_errors_are_sorted_by_their_typed_cause() {
+        // A name that does not exist fails for good, described by itself, one short line.
+        // (Only where this machine's resolver answers: one that does not is worth a retry.)
+        let lookup = super::super::dns::lookup("no-such-host.invalid").unwrap_err();
+        match classified("https://no-such-host.invalid/dav/").await {
+            TransportError::Permanent { cause, hint } => {
+                assert!(!lookup.transient);
+                assert_eq!(cause, lookup.to_string());
+                assert_eq!(hint, "");
+            }
+            TransportError::Transient(m) => assert!(lookup.transient, "{m}"),
+        }
+        // TLS to a plain-HTTP server: for good, with the hint.
+        let plain = fake_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        match classified(&format!("https://127.0.0.1:{plain}/")).await {
+            TransportError::Permanent { cause, hint } => {
+                assert!(cause.starts_with("TLS handshake failed: "), "{cause}");
+                assert!(hint.contains("plain HTTP") && hint.contains("http://"), "{hint}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Refused, or cut during the handshake: worth retrying.
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = classified(&format!("http://127.0.0.1:{refused}/")).await;
+        assert!(
+            matches!(&e, TransportError::Transient(m) if m.contains("ConnectionRefused")),
+            "{e:?}"
+        );
+        let cut = fake_server(b"");
+        let e = classified(&format!("https://127.0.0.1:{cut}/")).await;
+        assert!(matches!(e, TransportError::Transient(_)), "{e:?}");
+        // An answer cut short is not a connect error at all.
+        let short = fake_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let resp = client.get(format!("http://127.0.0.1:{short}/")).send().await.unwrap();
+        let e = resp.bytes().await.unwrap_err();
+        assert!(!TransportError::classify(&e, String::new()).is_permanent());
+    }
+
+    #[test]
+    fn final_answers_say_what_to_check() {
+        assert!(status_hint("PUT", StatusCode::UNAUTHORIZED).contains("password_file"));
+        assert!(status_hint("PROPFIND", StatusCode::FORBIDDEN).contains("permissions"));
+        assert!(status_hint("PROPFIND", StatusCode::METHOD_NOT_ALLOWED).contains("is WebDAV enabled"));
+        assert!(status_hint("PROPFIND", StatusCode::NOT_IMPLEMENTED).contains("PROPFIND"));
+        assert_eq!(status_hint("PUT", StatusCode::METHOD_NOT_ALLOWED), "");
+        assert_eq!(status_hint("PUT", StatusCode::CONFLICT), "");
+    }
 
     #[test]
     fn delays_grow_capped_and_stop_at_the_budget() {

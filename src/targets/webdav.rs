@@ -18,7 +18,7 @@ use url::Url;
 
 use super::propfind::{self, DavEntry};
 use super::proxy::{self, ProxyChoice};
-use super::retry::{self, Backoff};
+use super::retry::{self, Backoff, TransportError};
 use super::{
     Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, StagedSet, Target, is_removable_debris, is_set_name,
     partial_name, safe_component,
@@ -105,12 +105,7 @@ fn flat(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = err.source();
     }
-    let mut line = parts.join(": ").replace('\n', " ");
-    if line.contains("tunnel error") {
-        // hyper does not pass on the proxy's status (often 407 or 403).
-        line.push_str(" (the proxy refused the CONNECT tunnel: check proxy credentials and its allowed ports)");
-    }
-    line
+    parts.join(": ").replace('\n', " ")
 }
 
 fn reqwest_kind(e: &reqwest::Error) -> &'static str {
@@ -127,24 +122,6 @@ fn reqwest_kind(e: &reqwest::Error) -> &'static str {
     } else {
         "request failed"
     }
-}
-
-/// The likely cause of a TLS error whose wording does not say it.
-fn tls_hint(msg: &str) -> &'static str {
-    if msg.contains("UnknownIssuer") {
-        " (the server's certificate is not signed by a trusted CA: set ca_file to its CA bundle)"
-    } else if msg.contains("CertificateRequired") {
-        " (the server wants a client certificate: set client_cert_file and client_key_file)"
-    } else if msg.contains("NotValidForName") {
-        " (the certificate does not name this host: use the name it was issued for in url)"
-    } else {
-        ""
-    }
-}
-
-/// Errors that no retry will change: a rejected certificate, a proxy refusing the tunnel.
-fn permanent_transport_error(msg: &str) -> bool {
-    msg.contains("invalid peer certificate") || msg.contains("fatal alert") || msg.contains("tunnel error")
 }
 
 /// A request body that counts what has been sent, for the idle watchdog.
@@ -182,21 +159,24 @@ async fn watch_idle<T>(
     fut: impl std::future::Future<Output = reqwest::Result<T>>,
     progress: &AtomicU64,
     idle: Duration,
-) -> std::result::Result<T, String> {
+) -> std::result::Result<T, TransportError> {
     tokio::pin!(fut);
     let mut last = progress.load(Ordering::Relaxed);
     let mut last_change = tokio::time::Instant::now();
     let mut tick = tokio::time::interval((idle / 8).max(Duration::from_millis(20)));
     loop {
         tokio::select! {
-            out = &mut fut => return out.map_err(|e| flat(&e)),
+            out = &mut fut => return out.map_err(|e| TransportError::classify(&e, flat(&e))),
             _ = tick.tick() => {
                 let now = progress.load(Ordering::Relaxed);
                 if now != last {
                     last = now;
                     last_change = tokio::time::Instant::now();
                 } else if last_change.elapsed() >= idle {
-                    return Err(format!("no progress for {}", humantime::format_duration(idle)));
+                    return Err(TransportError::Transient(format!(
+                        "no progress for {}",
+                        humantime::format_duration(idle)
+                    )));
                 }
             }
         }
@@ -258,6 +238,8 @@ impl DavTarget {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("etcd-backupd/", env!("CARGO_PKG_VERSION")))
             .http1_only()
+            // Keeps getaddrinfo's error code: a host name that does not exist fails at once.
+            .dns_resolver(std::sync::Arc::new(super::dns::Resolver))
             .tls_backend_rustls();
         builder = match &proxy {
             ProxyChoice::Direct { .. } => builder.no_proxy(),
@@ -399,11 +381,15 @@ impl DavTarget {
                     (format!("{status}: {}", self.scrub(excerpt(&body))), asks)
                 }
                 Ok(resp) => return Ok((resp, attempt > 1)),
-                Err(e) if permanent_transport_error(&e) => {
-                    bail!("target '{}': {what} '{url}': {e}{}", self.name, tls_hint(&e))
+                // No retry changes it: this target fails now, and the run goes on.
+                Err(e @ TransportError::Permanent { .. }) => {
+                    return Err(anyhow::Error::new(e).context(format!("target '{}': {what} '{url}'", self.name)));
                 }
-                Err(e) => (e, None),
+                Err(TransportError::Transient(e)) => (e, None),
             };
+            if self.backoff.budget().is_zero() {
+                bail!("target '{}': {what} '{url}': {why} (not retried)", self.name);
+            }
             match self.backoff.next_delay(attempt, server_asks) {
                 Some(delay) => {
                     tracing::warn!(
@@ -462,6 +448,7 @@ impl DavTarget {
         if !ex.is_empty() {
             msg.push_str(&format!(": {ex}"));
         }
+        msg.push_str(&retry::status_hint(what, status));
         Err(anyhow!(msg))
     }
 
@@ -697,7 +684,12 @@ impl DavTarget {
             }
         }
         if status == StatusCode::PRECONDITION_FAILED {
-            bail!("target '{}': a set already exists at '{to}'", self.name);
+            return Err(super::SetExists {
+                target: self.name.clone(),
+                id: manifest.id.clone(),
+                at: to.to_string(),
+            }
+            .into());
         }
         self.expect("MOVE", from, resp, &[StatusCode::CREATED, StatusCode::NO_CONTENT])
             .await
@@ -771,11 +763,12 @@ impl Target for DavTarget {
         let entries = self.children(&cluster_url).await?.unwrap_or_default();
         self.remove_debris_among(cluster, &entries, node).await;
         if entries.iter().any(|e| e.name == *id) {
-            bail!(
-                "target '{}': a set with id '{id}' already exists at '{}'",
-                self.name,
-                self.url(&[cluster, id], true)?
-            );
+            return Err(super::SetExists {
+                target: self.name.clone(),
+                id: id.to_string(),
+                at: self.url(&[cluster, id], true)?.to_string(),
+            }
+            .into());
         }
         let folder = partial_name(id, node);
         self.mkcol(&self.url(&[cluster, &folder], true)?).await?;
@@ -866,7 +859,7 @@ impl Target for DavTarget {
         self.delete(&self.url(&[&draft.cluster, &draft.folder], true)?).await
     }
 
-    async fn list_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
+    async fn list_all_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
         let clusters: Vec<String> = match cluster {
             Some(c) => vec![c.to_string()],
             None => self
@@ -904,14 +897,17 @@ impl Target for DavTarget {
                         continue;
                     }
                 };
-                // A manifest alone is not a set: every file must be there at its size.
-                if let Err(err) = self.check_landed(&set_url, &m, &[], false).await {
-                    tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&err), "skipping an incomplete set");
-                    continue;
+                // The manifest goes last, so a set missing a file or with one of another size
+                // was damaged after it was stored: listed, marked.
+                let landed = self.children(&set_url).await?.unwrap_or_default();
+                let damaged = super::size_damage(&m, |name| landed.iter().find(|e| e.name == name).map(|e| e.size));
+                if let Some(d) = &damaged {
+                    tracing::warn!(target_name = %self.name, url = %set_url, damage = %d, "a damaged set");
                 }
                 sets.push(ListedSet {
                     cluster: c.clone(),
                     manifest: m,
+                    damaged,
                 });
             }
         }
@@ -975,7 +971,7 @@ mod tests {
         let e = watch_idle(std::future::pending::<reqwest::Result<()>>(), &stuck, idle)
             .await
             .unwrap_err();
-        assert_eq!(e, "no progress for 1m");
+        assert_eq!(e, TransportError::Transient("no progress for 1m".into()));
         assert!(started.elapsed() >= idle && started.elapsed() < idle * 2);
 
         // A slow but moving request may take far longer than `idle` in all.

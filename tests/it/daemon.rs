@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::common::{Etcd, EtcdCluster, Work, run};
+use crate::common::{Etcd, EtcdCluster, Work, run, spawn_group, stop_group};
 use crate::servers::{Fault, FaultProxy, Rclone};
 
 struct Daemon {
@@ -32,7 +32,7 @@ impl Daemon {
             cmd.env(k, v);
         }
         Daemon {
-            child: cmd.spawn().unwrap(),
+            child: spawn_group(&mut cmd).unwrap(),
             log,
         }
     }
@@ -61,8 +61,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_group(&mut self.child, false);
     }
 }
 
@@ -102,6 +101,22 @@ fn markers(cluster_ctl: &mut Command) -> BTreeMap<String, serde_json::Value> {
             )
         })
         .collect()
+}
+
+/// How many keys an `etcdctl get -w fields` found; panics if etcdctl failed, so an error
+/// never reads as "no such key".
+fn lock_count(out: &std::process::Output) -> usize {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "etcdctl get: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("\"Count\" : "))
+        .unwrap_or_else(|| panic!("no Count in {text}"))
+        .parse()
+        .unwrap()
 }
 
 fn set_ids(w: &Work) -> Vec<String> {
@@ -170,12 +185,14 @@ fn three_daemons_take_exactly_one_backup_per_run_even_with_a_member_down() {
         !after.is_empty() && after.iter().all(|m| m["node"] != "node-2"),
         "{after:?}"
     );
-    // Every node's status shows the cluster's runs; the lock is free again.
-    let out = ctl.args(["get", "/etcd-backupd/lock"]).output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
-        "the lock was released"
-    );
+    // The lock is free again (a fresh command: `ctl` already holds the markers' `get`).
+    let out = cluster
+        .etcdctl()
+        .arg(format!("--endpoints={},{}", cluster.endpoints[0], cluster.endpoints[1]))
+        .args(["get", "-w", "fields", "/etcd-backupd/lock"])
+        .output()
+        .unwrap();
+    assert_eq!(lock_count(&out), 0, "the lock was not released");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,11 +495,12 @@ async fn sigterm_mid_backup_exits_fast_releases_the_lock_and_leaves_no_set() {
     .unwrap();
     assert_eq!(code.0, Some(0), "{}", code.1);
     assert!(t0.elapsed() < Duration::from_secs(4), "stopped in {:?}", t0.elapsed());
-    let lock = etcd.etcdctl(None).args(["get", "/etcd-backupd/lock"]).output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&lock.stdout).trim().is_empty(),
-        "the lease was revoked"
-    );
+    let lock = etcd
+        .etcdctl(None)
+        .args(["get", "-w", "fields", "/etcd-backupd/lock"])
+        .output()
+        .unwrap();
+    assert_eq!(lock_count(&lock), 0, "the lease was not revoked");
     let visible: Vec<String> = std::fs::read_dir(rclone.root().join("test"))
         .map(|e| {
             e.map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -616,4 +634,83 @@ fn platform_backup_sets_are_imported_once_and_verified_first() {
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
     assert!(!d.log().contains("import"), "{}", d.log());
     assert_eq!(std::fs::read_dir(&sets).unwrap().count(), 1);
+}
+
+/// GET /metrics on `addr` with curl; the body on a 200.
+fn scrape(addr: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-fsS", "--max-time", "2", &format!("http://{addr}/metrics")])
+        .output()
+        .unwrap();
+    out.status.success().then(|| String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn a_taken_metrics_port_never_stops_backups_and_is_bound_once_free() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    // Another process holds the port of metrics.listen (as etcd's pod holds 9979 on a master).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let targets = format!("{}\n[metrics]\nlisten = \"{addr}\"\n", file_target(&w));
+    let cfg = node_config(&w, 0, &etcd.endpoint, "*/2 * * * * *", &targets);
+    // The retry interval (30 s) shortened to 1 s for the test, through an internal variable.
+    let mut d = Daemon::start(
+        &cfg,
+        w.path().join("daemon.log"),
+        &[("ETCD_BACKUPD_METRICS_RETRY_MS", "1000")],
+    );
+
+    // Backups go on, every 2 s, and the daemon keeps running.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while set_ids(&w).len() < 2 {
+        assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited: {}", d.log());
+        assert!(Instant::now() < deadline, "fewer than 2 sets: {}", d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited: {}", d.log());
+    let log = d.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("cannot serve metrics")).collect();
+    // Named once (address and error) although retried every second meanwhile.
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains(&addr) && warnings[0].contains("Address already in use"),
+        "{log}"
+    );
+    assert!(!log.contains("metrics endpoint is up"), "{log}");
+
+    // The port is freed: the next retry binds it, without a restart.
+    drop(taken);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let text = loop {
+        if let Some(text) = scrape(&addr) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no /metrics on {addr}: {}", d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let last_ok: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd_backupd_last_success_timestamp_seconds "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .parse()
+        .unwrap();
+    assert!(last_ok > 0, "{text}");
+    let log = d.log();
+    let up = log
+        .lines()
+        .find(|l| l.contains("metrics endpoint is up again"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let attempts: u64 = up
+        .split("failed_attempts=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{up}"));
+    assert!(attempts >= 3, "{up}");
+    assert_eq!(log.matches("cannot serve metrics").count(), 1, "{log}");
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    assert!(set_ids(&w).len() >= 2);
 }

@@ -7,6 +7,8 @@ mod common;
 mod daemon;
 mod etcd35;
 mod faults;
+mod guards;
+mod monitoring;
 mod pipeline;
 mod props;
 mod records;

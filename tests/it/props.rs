@@ -5,6 +5,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 
+use etcd_backupd::manifest::{EtcdInfo, FORMAT_VERSION, FileEntry, Manifest, ToolInfo, Trigger};
 use etcd_backupd::retention::{Policy, plan};
 
 fn config() -> ProptestConfig {
@@ -13,6 +14,117 @@ fn config() -> ProptestConfig {
         cases: 256,
         ..ProptestConfig::default()
     }
+}
+
+/// A manifest that `Manifest::parse` accepts, with a snapshot and an archive; `names` puts a
+/// file name into a slot: 0/1 the snapshot's `name`/`stored_name`, 2/3 the archive's.
+fn manifest_naming(names: &[(usize, String)]) -> Manifest {
+    let entry = |name: &str| FileEntry {
+        name: name.into(),
+        stored_name: name.into(),
+        size: 3,
+        sha256: "ab".repeat(32),
+        stored_size: 3,
+        stored_sha256: "ab".repeat(32),
+        compression: "none".into(),
+        encryption: "none".into(),
+    };
+    let mut m = Manifest {
+        format_version: FORMAT_VERSION,
+        id: "2026-11-25_023012".into(),
+        created: "2026-11-25T02:30:12Z".into(),
+        cluster_name: "c".into(),
+        trigger: Trigger::Manual,
+        run: None,
+        node: "n".into(),
+        etcd: EtcdInfo {
+            endpoint: "http://127.0.0.1:2379".into(),
+            member_id: "1".into(),
+            cluster_id: "2".into(),
+            version: "3.4.23".into(),
+            revision: 1,
+            db_size: 1,
+        },
+        openshift: None,
+        files: vec![
+            entry("snapshot_2026-11-25_023012.db"),
+            entry("static_kuberesources_2026-11-25_023012.tar.gz"),
+        ],
+        tool: ToolInfo::this(),
+        forced: Vec::new(),
+    };
+    for (slot, name) in names {
+        let f = &mut m.files[slot / 2];
+        *(if slot % 2 == 0 { &mut f.name } else { &mut f.stored_name }) = name.clone();
+    }
+    m
+}
+
+/// The rule, stated independently of the code: a plain file name (no separator, no control
+/// character) with one of the platform's prefixes.
+fn allowed(name: &str) -> bool {
+    (name.starts_with("snapshot_") || name.starts_with("static_kuberesources_"))
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
+}
+
+const PREFIXES: [&str; 3] = ["snapshot_", "static_kuberesources_", ""];
+
+/// Names that must never be accepted: traversal, separators, control characters, the
+/// special names, and names without a platform prefix.
+fn hostile_file_name() -> impl Strategy<Value = String> {
+    let bad = prop_oneof![
+        Just("/"),
+        Just("\\"),
+        Just("\0"),
+        Just("\n"),
+        Just("\r"),
+        Just("\t"),
+        Just("\u{1b}[31m"),
+        Just("\u{7f}"),
+        Just("\u{85}"),
+        Just("/../"),
+        Just("../"),
+        Just("..\\"),
+    ];
+    prop_oneof![
+        (
+            proptest::sample::select(&PREFIXES[..]),
+            "[a-z0-9_.-]{0,8}",
+            bad,
+            "[a-z0-9_.-]{0,8}"
+        )
+            .prop_map(|(p, l, b, r)| format!("{p}{l}{b}{r}")),
+        proptest::sample::select(vec![
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc/passwd",
+            "evil.db",
+            "snapshot",
+            "Snapshot_x.db",
+            " snapshot_x.db",
+        ])
+        .prop_map(str::to_string),
+        "[a-z0-9_.-]{0,12}".prop_filter("no platform prefix", |n| {
+            !n.starts_with("snapshot_") && !n.starts_with("static_kuberesources_")
+        }),
+    ]
+}
+
+/// Good and bad names mixed: a prefix (or none) and text that may hold anything.
+fn any_file_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        hostile_file_name(),
+        (proptest::sample::select(&PREFIXES[..]), r"[a-zA-Z0-9_.~ é-]{0,16}").prop_map(|(p, r)| format!("{p}{r}")),
+        (
+            proptest::sample::select(&PREFIXES[..]),
+            r"[a-z./\\\x00-\x1f\x7f\u{80}-\u{9f}\u{2028}é]{0,12}"
+        )
+            .prop_map(|(p, r)| format!("{p}{r}")),
+    ]
 }
 
 proptest! {
@@ -29,18 +141,38 @@ proptest! {
     }
 
     #[test]
-    fn manifest_parse_never_panics_and_accepts_only_safe_names(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
-        if let Ok(m) = etcd_backupd::manifest::Manifest::parse(&body) {
-            prop_assert!(m.files.iter().all(|f| !f.stored_name.contains('/') && !f.name.contains("..")));
+    fn manifest_parse_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
+        let _ = Manifest::parse(&body);
+    }
+
+    #[test]
+    fn manifest_file_names_are_accepted_exactly_when_plain_and_prefixed(
+        name in any_file_name(), slot in 0usize..4,
+    ) {
+        // A manifest valid in every other respect, so only the name decides.
+        let good = manifest_naming(&[]);
+        prop_assert_eq!(Manifest::parse(good.to_json().as_bytes()), Ok(good.clone()));
+        let m = manifest_naming(&[(slot, name.clone())]);
+        // The snapshot's `name` must also keep its prefix, or the set has no snapshot.
+        let want = allowed(&name) && (slot != 0 || name.starts_with("snapshot_"));
+        let got = Manifest::parse(m.to_json().as_bytes());
+        prop_assert_eq!(got.is_ok(), want, "{:?} in slot {}: {:?}", name, slot, got);
+        if let Ok(parsed) = got {
+            prop_assert_eq!(parsed, m);
         }
     }
 
     #[test]
-    fn manifest_file_names_with_traversal_are_refused(name in "(\\.\\./|/|[a-z_]{0,8}/){1,3}snapshot_[a-z0-9]{0,8}\\.db") {
-        let json = format!(
-            r#"{{"format_version":1,"id":"2026-11-25_023012","created":"2026-11-25T02:30:12Z","cluster_name":"c","trigger":"manual","node":"n","etcd":{{"endpoint":"e","member_id":"1","cluster_id":"2","version":"3.4","revision":1,"db_size":1}},"openshift":null,"files":[{{"name":"{name}","stored_name":"{name}","size":1,"sha256":"ab","stored_size":1,"stored_sha256":"ab","compression":"none","encryption":"none"}}],"tool":{{"name":"t","version":"1"}}}}"#
+    fn manifests_naming_a_hostile_file_are_refused_and_the_same_with_plain_names_accepted(
+        bad in hostile_file_name(), slot in 0usize..4,
+    ) {
+        let good = manifest_naming(&[]);
+        prop_assert!(Manifest::parse(good.to_json().as_bytes()).is_ok());
+        let got = Manifest::parse(manifest_naming(&[(slot, bad.clone())]).to_json().as_bytes());
+        prop_assert!(
+            matches!(&got, Err(e) if e.contains("file name") && e.contains("is not allowed")),
+            "{:?} in slot {}: {:?}", bad, slot, got
         );
-        prop_assert!(etcd_backupd::manifest::Manifest::parse(json.as_bytes()).is_err());
     }
 
     #[test]

@@ -86,7 +86,10 @@ fn a_set_on_some_targets_is_partial_naming_them_never_failed() {
     let cfg = w.write_config(
         &etcd.endpoint,
         None,
-        &format!("\n[[target]]\nname = \"second\"\nurl = \"file://{}\"\n", second_root.display()),
+        &format!(
+            "\n[[target]]\nname = \"second\"\nurl = \"file://{}\"\n",
+            second_root.display()
+        ),
     );
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
@@ -126,7 +129,11 @@ fn an_id_taken_on_the_target_by_another_set_does_not_hold_back_newer_sets() {
     let newest = m.iter().find(|x| x["id"] != stuck_id.as_str()).unwrap();
     assert_eq!(newest["result"], "ok", "{m:?}");
     assert!(
-        w.target_root().join("test").join(newest["id"].as_str().unwrap()).join("manifest.json").exists()
+        w.target_root()
+            .join("test")
+            .join(newest["id"].as_str().unwrap())
+            .join("manifest.json")
+            .exists()
     );
     assert!(r.all().contains("already exists"), "{}", r.all());
 }

@@ -197,6 +197,10 @@ fn secrets_ride_along_only_when_asked() {
     let files = files_of(&parse_yaml(&r.stdout)["spec"]["config"]);
     assert!(files.iter().all(|(p, _, _)| Path::new(p) != secret), "{files:?}");
     assert!(!r.stdout.contains("s3cr3t") && !r.stderr.contains("s3cr3t"));
+    // The contents are base64, where the text would not show: look inside each file.
+    for (path, _, bytes) in &files {
+        assert!(!bytes.windows(6).any(|w| w == b"s3cr3t"), "{path} carries the secret");
+    }
     assert!(r.stderr.contains("no --image"), "{}", r.stderr);
 
     let r = run(&[

@@ -82,6 +82,7 @@ pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chr
             encryption: "none".into(),
         }],
         tool: ToolInfo::this(),
+        forced: Vec::new(),
     };
     std::fs::write(dir.join("SHA256SUMS"), m.sha256sums()).unwrap();
     std::fs::write(dir.join("manifest.json"), m.to_json()).unwrap();
@@ -243,7 +244,7 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     let d = down.clone();
     let fault = FaultProxy::start(rclone.url(), move |_, _, _, _| {
         if d.load(Ordering::SeqCst) {
-            Fault::Respond(503, "<p>maintenance</p>".into())
+            Fault::Respond(502, "<p>maintenance 503</p>".into()) // BREAK
         } else {
             Fault::Forward
         }
@@ -480,6 +481,7 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
         "{}",
         r.stderr
     );
+    std::fs::remove_file(&stored).unwrap(); // BREAK
     let third = w.path().join("third");
     let r = cli_async(args(
         &[

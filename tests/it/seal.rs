@@ -228,4 +228,9 @@ fn compression_alone_opens_with_zstd() {
     std::fs::write(&stored, &bytes).unwrap();
     let r = run(&["verify", &id, "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(&format!("'snapshot_{id}.db.zst'")) && r.stderr.to_lowercase().contains("corrupt"),
+        "{}",
+        r.stderr
+    );
 }

@@ -59,7 +59,10 @@ async fn a_backup_on_a_terminal_draws_moving_bars_and_into_a_pipe_none() {
         "the snapshot bar went backwards: {seen:?}"
     );
     assert!(screen.contains("upload to 'local'"), "no upload bar:\n{screen}");
-    assert!(screen.contains("MiB/s") || screen.contains("KiB/s"), "no rate:\n{screen}");
+    assert!(
+        screen.contains("MiB/s") || screen.contains("KiB/s"),
+        "no rate:\n{screen}"
+    );
     // The summary follows, on stdout, as without a terminal.
     assert!(screen.contains("backup ") && screen.contains(" taken in "), "{screen}");
 
@@ -75,7 +78,10 @@ async fn a_backup_on_a_terminal_draws_moving_bars_and_into_a_pipe_none() {
         String::from_utf8_lossy(&piped.stderr)
     );
     assert!(piped.status.success(), "{text}");
-    assert!(!text.contains('%') && !text.contains("ETA"), "progress into a pipe:\n{text}");
+    assert!(
+        !text.contains('%') && !text.contains("ETA"),
+        "progress into a pipe:\n{text}"
+    );
     assert!(!text.contains('\x1b'), "escape codes into a pipe:\n{text}");
     assert_eq!(w.sets().len(), 2);
 }
