@@ -171,6 +171,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             force,
         } => {
             let settings = load(&cli)?;
+            // A staging directory that is not ours is a configuration error, found before etcd.
+            crate::pipeline::check_staging(&settings.snapshot.staging_dir)?;
             crate::priority::apply(&settings.priority);
             let cancel = crate::daemon::cancel_on_signals();
             // A manual run competes like a scheduled one, but does not wait: if another node
@@ -684,6 +686,47 @@ async fn prune(settings: &Settings, dry_run: bool, force: bool, only: Option<&st
     Ok(())
 }
 
+/// Everything `backup` checks before it touches the network, without changing anything, so
+/// that a configuration `check-config` accepts is not refused by the first backup. Every
+/// problem found is named; the exit code is 2.
+fn offline_checks(settings: &Settings) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut check = |r: Result<()>| {
+        if let Err(e) = r {
+            problems.push(crate::error::one_line(&e));
+        }
+    };
+    check(crate::pipeline::check_staging(&settings.snapshot.staging_dir));
+    check(crate::etcd::TlsMaterial::load(&settings.etcd).map(|_| ()));
+    check(settings.seal().map(|_| ()));
+    for t in &settings.targets {
+        check(targets::open(t, None).map(|_| ()));
+    }
+    match settings.snapshot.method {
+        config::SnapshotMethod::Native => {
+            if let Some(dir) = &settings.snapshot.static_resources_dir
+                && !dir.is_dir()
+            {
+                check(Err(anyhow::anyhow!(
+                    "snapshot.static_resources_dir '{}' is not a directory (set it to \"\" on a cluster without static pods)",
+                    dir.display()
+                )));
+            }
+        }
+        config::SnapshotMethod::Script => {
+            let script = &settings.snapshot.script;
+            let runnable = nix::unistd::access(script.as_path(), nix::unistd::AccessFlags::X_OK);
+            if let Err(e) = runnable {
+                check(Err(anyhow::anyhow!("snapshot.script '{}': {e}", script.display())));
+            }
+        }
+    }
+    match problems.len() {
+        0 => Ok(()),
+        _ => bail!(Stop::Usage(problems.join("; "))),
+    }
+}
+
 async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "# etcd-backupd configuration, merged from:")?;
@@ -693,6 +736,7 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     writeln!(out, "# secrets are read from the *_file paths below and never printed")?;
     writeln!(out, "{}", toml::to_string(settings)?)?;
     drop(out);
+    offline_checks(settings)?;
     if !connect {
         return Ok(());
     }
@@ -738,7 +782,9 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
                 sets.len()
             ),
             Err(e) => {
-                outln!("FAILED: target '{}': {}", t.name, crate::error::one_line(&e));
+                let line = crate::error::one_line(&e);
+                let prefix = format!("target '{}': ", t.name);
+                outln!("FAILED: {prefix}{}", line.strip_prefix(&prefix).unwrap_or(&line));
                 failed.push(format!("target '{}'", t.name));
             }
         }

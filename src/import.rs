@@ -7,7 +7,8 @@
 //! verified (etcd's trailer, the archive readable), and delivered like a set of ours, with
 //! trigger `imported`, their original names, and the timestamp as id. Each is imported once:
 //! its path and size are remembered in `state.json`, as are sets that fail verification
-//! (logged once, not retried every poll).
+//! (logged once, not retried every poll). They are sealed (zstd, age) as configured, through
+//! the same step as every other set.
 
 use std::path::{Path, PathBuf};
 
@@ -129,6 +130,8 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             .await??;
             files.push(crate::pipeline::plain_entry(name.clone(), entry.0, entry.1));
         }
+        // Compressed and encrypted as our own sets are: an imported set holds every Secret.
+        let files = crate::pipeline::seal_files(settings, &work, files).await?;
         let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());

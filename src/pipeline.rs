@@ -122,8 +122,9 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
 /// instead of having its contents cleaned and its mode changed.
 const STAGING_MARKER: &str = ".etcd-backupd-staging";
 
-/// Makes sure `staging` is ours (new, empty, or marked), then creates it.
-pub fn prepare_staging(staging: &Path) -> Result<()> {
+/// Would `staging` be accepted as ours (new, empty, or marked), and could it be created or
+/// written? Changes nothing: `check-config` asks the same question `backup` does.
+pub fn check_staging(staging: &Path) -> Result<()> {
     let marker = staging.join(STAGING_MARKER);
     match std::fs::read_dir(staging) {
         Ok(mut entries) => {
@@ -137,6 +138,32 @@ pub fn prepare_staging(staging: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(anyhow!("snapshot.staging_dir '{}': {e}", staging.display())),
     }
+    // The nearest existing folder must take writes (the directory itself, or where it is made).
+    let mut at = staging;
+    while !at.exists() {
+        at = at.parent().unwrap_or(Path::new("/"));
+    }
+    if !at.is_dir() {
+        bail!(Stop::Usage(format!(
+            "snapshot.staging_dir '{}': '{}' is not a directory",
+            staging.display(),
+            at.display()
+        )));
+    }
+    nix::unistd::access(at, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).map_err(|e| {
+        Stop::Usage(format!(
+            "snapshot.staging_dir '{}': '{}': {e}",
+            staging.display(),
+            at.display()
+        ))
+    })?;
+    Ok(())
+}
+
+/// Makes sure `staging` is ours (new, empty, or marked), then creates it.
+pub fn prepare_staging(staging: &Path) -> Result<()> {
+    check_staging(staging)?;
+    let marker = staging.join(STAGING_MARKER);
     fsutil::create_private_dir(staging).context("snapshot.staging_dir")?;
     if !marker.exists() {
         fsutil::write_private_file(
@@ -466,7 +493,8 @@ async fn assemble(
 
 /// Compresses and/or encrypts each verified file in `work` not sealed yet (see
 /// [`crate::envelope`]); the originals go, the manifest keeps their names, sizes and hashes.
-async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
+/// Every set goes through here (native, script, imported): one set, one seal.
+pub(crate) async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
     let seal = settings.seal()?;
     if seal.is_plain() {
         return Ok(files);

@@ -73,13 +73,11 @@ fn explain(located: &Located, e: anyhow::Error) -> anyhow::Error {
     };
     let (target, id) = (located.target.name(), &located.manifest.id);
     match &located.latest {
-        Some(l) => anyhow!(Damage(damaged_latest(
-            target,
-            id,
-            &damage.0,
-            l.next_intact.as_deref()
+        Some(l) => anyhow!(Damage(damaged_latest(target, id, &damage.0, l.next_intact.as_deref()))),
+        None => anyhow!(Damage(format!(
+            "set {id} on target '{target}' is damaged: {}",
+            damage.0
         ))),
-        None => anyhow!(Damage(format!("set {id} on target '{target}' is damaged: {}", damage.0))),
     }
 }
 
@@ -489,12 +487,9 @@ impl VersionFacts {
             .and_then(serde_json::Value::as_array)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let newest = history.first().and_then(|h| {
-            Some((
-                text(h.get("state")).unwrap_or_default(),
-                text(h.get("version"))?,
-            ))
-        });
+        let newest = history
+            .first()
+            .and_then(|h| Some((text(h.get("state")).unwrap_or_default(), text(h.get("version"))?)));
         let last_completed = history
             .iter()
             .find(|h| h.get("state").and_then(serde_json::Value::as_str) == Some("Completed"))
@@ -571,9 +566,9 @@ pub fn check_versions(set: Option<&str>, cluster: &VersionFacts) -> Result<Optio
         )));
     }
     let wanted = match from {
-        Some(f) if f != target => format!(
-            "a set taken on {f}, the last completed version, or on {target}, the version being installed"
-        ),
+        Some(f) if f != target => {
+            format!("a set taken on {f}, the last completed version, or on {target}, the version being installed")
+        }
         _ => format!("a set taken on {target}"),
     };
     Err(format!(
@@ -797,7 +792,12 @@ mod tests {
     #[test]
     fn versions_must_match_when_both_are_known() {
         let at = facts("4.15.4", &[("Completed", "4.15.4")]);
-        assert!(check_versions(Some("4.15.4"), &at).unwrap().unwrap().contains("runs 4.15.4"));
+        assert!(
+            check_versions(Some("4.15.4"), &at)
+                .unwrap()
+                .unwrap()
+                .contains("runs 4.15.4")
+        );
         let e = check_versions(Some("4.15.4"), &facts("4.15.5", &[("Completed", "4.15.5")])).unwrap_err();
         assert!(e.contains("4.15.4") && e.contains("4.15.5") && e.contains("--allow-version-mismatch"));
         assert_eq!(check_versions(None, &at), Ok(None));
@@ -825,7 +825,15 @@ mod tests {
     /// accepted, words the rule or the refusal must contain, words it must not).
     #[test]
     fn version_rule_table() {
-        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str, bool, &'a [&'a str], &'a [&'a str]);
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            &'a str,
+            bool,
+            &'a [&'a str],
+            &'a [&'a str],
+        );
         let failed: &[(&str, &str)] = &[("Partial", "4.15.5"), ("Completed", "4.15.4")];
         let done: &[(&str, &str)] = &[("Completed", "4.15.5"), ("Completed", "4.15.4")];
         let starting: &[(&str, &str)] = &[("Completed", "4.15.4")];
@@ -837,7 +845,10 @@ mod tests {
                 failed,
                 "4.15.4",
                 true,
-                &["upgrading from 4.15.4 to 4.15.5 (not completed)", "a set of 4.15.4, the last completed version, is accepted"],
+                &[
+                    "upgrading from 4.15.4 to 4.15.5 (not completed)",
+                    "a set of 4.15.4, the last completed version, is accepted",
+                ],
                 &[],
             ),
             (
@@ -855,7 +866,12 @@ mod tests {
                 failed,
                 "4.15.3",
                 false,
-                &["4.15.3", "on 4.15.4, the last completed version", "on 4.15.5, the version being installed", "--allow-version-mismatch"],
+                &[
+                    "4.15.3",
+                    "on 4.15.4, the last completed version",
+                    "on 4.15.5, the version being installed",
+                    "--allow-version-mismatch",
+                ],
                 &[],
             ),
             (

@@ -581,7 +581,10 @@ mod tests {
             ..policy(1, 0, 0, 0)
         };
         let got = plan_listed(&sets, "c", &capped, now, Tz::UTC);
-        assert_eq!(kept_ids(&got), ["2026-11-25_023000", "2026-11-24_023000", "2026-11-01_023000"]);
+        assert_eq!(
+            kept_ids(&got),
+            ["2026-11-25_023000", "2026-11-24_023000", "2026-11-01_023000"]
+        );
         // Another cluster's sets are not planned at all.
         assert!(plan_listed(&sets, "other", &policy(1, 0, 0, 0), now, Tz::UTC).is_empty());
     }

@@ -253,7 +253,11 @@ mod tests {
         );
         assert_eq!(
             size_damage(&m, |_| Some(Some(right + 1))).unwrap(),
-            format!("'{}' is {} bytes, the manifest records {right}", f.stored_name, right + 1)
+            format!(
+                "'{}' is {} bytes, the manifest records {right}",
+                f.stored_name,
+                right + 1
+            )
         );
         assert!(size_damage(&m, |_| Some(None)).unwrap().contains("no size"));
     }

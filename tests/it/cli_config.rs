@@ -47,7 +47,7 @@ fn dropins_merge_in_lexical_order_and_errors_name_the_file() {
     let main = w.path().join("etc/config.toml");
     write(
         &main,
-        "node_name = \"n1\"\n[[target]]\nname = \"local\"\nurl = \"file:///srv/a\"\n",
+        "node_name = \"n1\"\n[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[snapshot]\nstatic_resources_dir = \"\"\n[[target]]\nname = \"local\"\nurl = \"file:///srv/a\"\n",
     );
     write(
         &w.path().join("etc/config.d/20-b.toml"),
@@ -141,7 +141,7 @@ fn secrets_come_from_private_files_and_are_never_printed() {
     write(
         &cfg,
         &format!(
-            "node_name = \"n\"\n[[target]]\nname = \"offsite\"\nurl = \"https://dav.example.com/etcd/\"\nusername = \"backup\"\npassword_file = \"{}\"\n",
+            "node_name = \"n\"\n[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[snapshot]\nstatic_resources_dir = \"\"\n[[target]]\nname = \"offsite\"\nurl = \"https://dav.example.com/etcd/\"\nusername = \"backup\"\npassword_file = \"{}\"\n",
             pw.display()
         ),
     );
@@ -167,8 +167,16 @@ fn node_name_expands_in_paths() {
         &cfg,
         "node_name = \"master-2\"\n[etcd]\nendpoints = [\"https://localhost:2379\"]\n[snapshot]\nstaging_dir = \"/var/lib/etcd-backupd/{node_name}\"\n[[target]]\nurl = \"file:///srv/x\"\n",
     );
+    // Off a node the node-side files are missing: check-config says so (exit 2), as `backup`
+    // would refuse, after printing the merged, expanded configuration.
     let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("etcd.ca_file") && r.stderr.contains("snapshot.static_resources_dir '/etc/kubernetes'"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     assert!(
         r.stdout.contains("staging_dir = \"/var/lib/etcd-backupd/master-2\""),
         "{}",
@@ -202,4 +210,60 @@ fn restore_commands_on_an_empty_target_and_bad_usage_say_why_in_one_line() {
         assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
         assert!(r.stderr.starts_with("error: "), "{args:?}: {}", r.stderr);
     }
+}
+
+#[test]
+fn check_config_refuses_what_backup_refuses_without_touching_the_network() {
+    let w = Work::new();
+    // A staging directory that is not ours: not empty, no marker.
+    let staging = w.path().join("not-ours");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("precious.txt"), "someone else's file").unwrap();
+    let cfg = w.config();
+    write(
+        &cfg,
+        &format!(
+            "node_name = \"n\"\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n[[target]]\nname = \"local\"\nurl = \"file://{}\"\n",
+            staging.display(),
+            w.target_root().display()
+        ),
+    );
+    let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("snapshot.staging_dir") && r.stderr.contains("marker"),
+        "{}",
+        r.stderr
+    );
+    let b = run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(b.code, 2, "{}", b.all());
+    assert!(b.stderr.contains("snapshot.staging_dir"), "{}", b.stderr);
+    // Nothing was created or changed by either.
+    let names: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("precious.txt")]);
+
+    // An unreadable recipients file and a missing script are named too, in one line.
+    let script_cfg = w.path().join("script.toml");
+    write(
+        &script_cfg,
+        &format!(
+            "node_name = \"n\"\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n[snapshot]\nmethod = \"script\"\nscript = \"{}\"\nstaging_dir = \"{}\"\n[encryption]\nage_recipients_file = \"{}\"\n[[target]]\nname = \"local\"\nurl = \"file://{}\"\n",
+            w.path().join("no-such-script.sh").display(),
+            w.path().join("fresh-staging").display(),
+            w.path().join("no-recipients.txt").display(),
+            w.target_root().display()
+        ),
+    );
+    let r = run(&["check-config", "--config", script_cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("snapshot.script") && r.stderr.contains("age_recipients_file"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(!w.path().join("fresh-staging").exists(), "check-config created staging");
 }

@@ -714,3 +714,82 @@ fn a_taken_metrics_port_never_stops_backups_and_is_bound_once_free() {
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
     assert!(set_ids(&w).len() >= 2);
 }
+
+#[test]
+fn imported_platform_sets_are_sealed_like_our_own() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 100, 100);
+    etcd.put(None, "/kubernetes.io/secrets/default/db", "imported-secret-value-98765");
+    let w = Work::new();
+    let k8s = w.path().join("etc-kubernetes");
+    crate::common::static_pod_fixture(&k8s, 2);
+    let import = w.path().join("cluster-backup");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cluster-backup.sh");
+    let out = Command::new(&script)
+        .arg(import.join("upgrade-backup-a"))
+        .env("STANDIN_ENDPOINT", &etcd.endpoint)
+        .env("STANDIN_K8S_DIR", &k8s)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let originals: Vec<(String, Vec<u8>)> = std::fs::read_dir(import.join("upgrade-backup-a"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    assert_eq!(originals.len(), 2, "a snapshot and an archive");
+    let key = w.path().join("age.key");
+    crate::seal::sh(&format!("age-keygen -o {} 2>/dev/null", key.display()));
+    let recipient = String::from_utf8(crate::seal::sh(&format!("age-keygen -y {}", key.display()))).unwrap();
+    let extra = format!(
+        "{}\n[import]\ndirs = [\"{}\"]\n\n[compression]\nzstd_level = 3\n\n[encryption]\nage_recipients = [\"{}\"]\n",
+        file_target(&w),
+        import.display(),
+        recipient.trim()
+    );
+    let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &extra);
+    let sets = w.target_root().join("test");
+    let mut d = Daemon::start(&cfg, w.path().join("daemon.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let set = loop {
+        let found = std::fs::read_dir(&sets)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("manifest.json").exists());
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["trigger"], "imported");
+    for (name, bytes) in &originals {
+        let stored = set.join(format!("{name}.zst.age"));
+        assert!(
+            stored.is_file(),
+            "{name} is not stored sealed: {:?}",
+            std::fs::read_dir(&set).unwrap().collect::<Vec<_>>()
+        );
+        assert!(!set.join(name).exists(), "{name} also stored in plaintext");
+        // Nothing of the Secret in clear on the target.
+        let raw = std::fs::read(&stored).unwrap();
+        assert!(!raw.windows(27).any(|w| w == b"imported-secret-value-98765"));
+        // The standard tools open it to the platform's exact bytes.
+        let opened = crate::seal::sh(&format!("age -d -i {} {} | zstd -dc", key.display(), stored.display()));
+        assert_eq!(&opened, bytes, "{name}");
+        let f = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name.as_str())
+            .unwrap();
+        assert_eq!(f["compression"], "zstd", "{f}");
+        assert_eq!(f["encryption"], "age", "{f}");
+    }
+}

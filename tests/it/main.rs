@@ -11,6 +11,7 @@ mod guards;
 mod monitoring;
 mod pipeline;
 mod props;
+mod proxy_env;
 mod records;
 mod render;
 mod restore;
