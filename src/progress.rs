@@ -249,11 +249,7 @@ impl Inner {
             log.status_at = Some(now);
             crate::notify::status(&format!("{}: {percent}% of {}", self.label, bytesize::ByteSize(total)));
         }
-        let decile = percent / 10;
-        if now - log.started >= LOG_AFTER
-            && decile > log.logged_decile
-            && log.logged_at.is_none_or(|t| now - t >= LOG_EVERY)
-        {
+        if let Some(decile) = log_line_due(&log, percent, now) {
             log.logged_decile = decile;
             log.logged_at = Some(now);
             let secs = (now - log.started).as_secs_f64().max(1e-3);
@@ -269,10 +265,70 @@ impl Inner {
     }
 }
 
+/// Log mode: the decile to log now, if a line is due: the phase has run for a minute, it
+/// reached a decile not logged yet, and the last line is at least 30 s old.
+fn log_line_due(log: &LogState, percent: u64, now: Instant) -> Option<u64> {
+    let decile = percent / 10;
+    (now - log.started >= LOG_AFTER && decile > log.logged_decile && log.logged_at.is_none_or(|t| now - t >= LOG_EVERY))
+        .then_some(decile)
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives the log-mode rule over a simulated phase: `percent_at(second)` is the progress.
+    fn lines(seconds: u64, percent_at: impl Fn(u64) -> u64) -> Vec<(u64, u64)> {
+        let t0 = Instant::now();
+        let mut log = LogState {
+            started: t0,
+            done: 0,
+            logged_decile: 0,
+            logged_at: None,
+            status_at: None,
+        };
+        let mut out = Vec::new();
+        for s in 0..=seconds {
+            let now = t0 + Duration::from_secs(s);
+            if let Some(d) = log_line_due(&log, percent_at(s), now) {
+                log.logged_decile = d;
+                log.logged_at = Some(now);
+                out.push((s, d * 10));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_run_shorter_than_a_minute_logs_nothing() {
+        assert!(lines(59, |s| (s * 100 / 59).min(100)).is_empty());
+    }
+
+    #[test]
+    fn a_long_run_logs_each_decile_once_and_at_most_every_30_s() {
+        // 10 minutes, steady: one line per 10 % once past the first minute.
+        let got = lines(600, |s| s * 100 / 600);
+        let percents: Vec<u64> = got.iter().map(|(_, p)| *p).collect();
+        assert_eq!(percents, vec![10, 20, 30, 40, 50, 60, 70, 80, 90, 100], "{got:?}");
+        assert!(got.windows(2).all(|w| w[1].0 - w[0].0 >= 30), "{got:?}");
+        assert_eq!(got[0].0, 60, "the first line waits for the minute");
+    }
+
+    #[test]
+    fn fast_progress_after_the_first_minute_is_rate_limited() {
+        // 2 minutes: 90 % in the first minute, the rest slowly. Lines: at 60 s (90 %), then
+        // 100 % no sooner than 30 s later; deciles skipped in a burst are not logged late.
+        let got = lines(120, |s| if s < 60 { s * 90 / 60 } else { 90 + (s - 60) / 6 });
+        assert_eq!(got.first(), Some(&(60, 90)), "{got:?}");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[1].0 >= 90 && got[1].1 == 100, "{got:?}");
     }
 }

@@ -663,12 +663,14 @@ fn fetch_during_a_failed_upgrade_accepts_the_last_completed_version() {
         "{}",
         r.stdout
     );
+    eprintln!("SHOW accepted: {}", r.stdout);
     assert_eq!(names_in(&dir), [format!("snapshot_{before}.db")]);
 
     // A set of neither version is refused, naming both a set can exist for.
     let refused = w.path().join("refused");
     let r = cli_cfg(&["fetch", &old, "--to", refused.to_str().unwrap()], &cfg);
     assert_eq!(r.code, 2, "{}", r.all());
+    eprintln!("SHOW refused: {}", r.all());
     assert!(
         r.stderr.contains("taken on OpenShift 4.15.3")
             && r.stderr.contains("on 4.15.4, the last completed version")
@@ -730,7 +732,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
     let apache = Apache::start();
     let w = Work::new();
     let targets = format!(
-        "[[target]]\nname = \"local\"\nurl = \"file://{}\"\n\n[[target]]\nname = \"offsite\"\nurl = \"{}\"\nusername = \"{DAV_USER}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 0\n",
+        "[[target]]\nname = \"local\"\nurl = \"file://{}\"\n\n[[target]]\nname = \"offsite\"\nurl = \"{}\"\nusername = \"{DAV_USER}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n",
         w.target_root().display(),
         apache.url(),
         apache.password_file(w.path()).display(),
@@ -789,6 +791,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         ))
         .await;
         assert_eq!(r.code, 1, "{name}: {}", r.all());
+        eprintln!("SHOW fetch latest {name}: {}", r.stderr);
         let want = format!(
             "the newest set {newest} on target '{name}' is damaged: {problem}; the newest intact set is {intact}"
         );
@@ -837,6 +840,9 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
     }
 
     // Retention (keep_last 1) keeps the newest intact set, not only the damaged one.
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + "\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 0\n";
+    std::fs::write(&cfg, text).unwrap();
     let r = cli_async(args(&["prune"], &cfg)).await;
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
@@ -877,6 +883,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         ))
         .await;
         assert_eq!(r.code, 1, "{name}: {}", r.all());
+        eprintln!("SHOW flipped {name}: {}", r.stderr);
         for want in [
             format!("the newest set {newest} on target '{name}' is damaged: '{snapshot}' is {size} bytes with SHA-256"),
             "altered or corrupted".to_string(),
