@@ -663,14 +663,12 @@ fn fetch_during_a_failed_upgrade_accepts_the_last_completed_version() {
         "{}",
         r.stdout
     );
-    eprintln!("SHOW accepted: {}", r.stdout);
     assert_eq!(names_in(&dir), [format!("snapshot_{before}.db")]);
 
     // A set of neither version is refused, naming both a set can exist for.
     let refused = w.path().join("refused");
     let r = cli_cfg(&["fetch", &old, "--to", refused.to_str().unwrap()], &cfg);
     assert_eq!(r.code, 2, "{}", r.all());
-    eprintln!("SHOW refused: {}", r.all());
     assert!(
         r.stderr.contains("taken on OpenShift 4.15.3")
             && r.stderr.contains("on 4.15.4, the last completed version")
@@ -791,7 +789,6 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         ))
         .await;
         assert_eq!(r.code, 1, "{name}: {}", r.all());
-        eprintln!("SHOW fetch latest {name}: {}", r.stderr);
         let want = format!(
             "the newest set {newest} on target '{name}' is damaged: {problem}; the newest intact set is {intact}"
         );
@@ -883,7 +880,6 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         ))
         .await;
         assert_eq!(r.code, 1, "{name}: {}", r.all());
-        eprintln!("SHOW flipped {name}: {}", r.stderr);
         for want in [
             format!("the newest set {newest} on target '{name}' is damaged: '{snapshot}' is {size} bytes with SHA-256"),
             "altered or corrupted".to_string(),
