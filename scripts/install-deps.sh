@@ -4,7 +4,8 @@
 # venv, linked into $ETCD35_BIN_DIR), Apache httpd (mod_dav), rclone and tinyproxy for the
 # integration tests (which start their own instances on free loopback ports), protoc and
 # protobuf's well-known .proto files for the etcd gRPC client's build, systemd-analyze and
-# ignition-validate for the shipped unit and the rendered MachineConfig, a C toolchain, and
+# ignition-validate for the shipped unit and the rendered MachineConfig, promtool (Debian's
+# prometheus package; its server is not used) for the alert rules, a C toolchain, and
 # Rust (through rustup) when cargo is missing.
 set -euo pipefail
 
@@ -15,7 +16,8 @@ packages=(etcd-server etcd-client protobuf-compiler libprotobuf-dev build-essent
           apache2 apache2-utils tinyproxy rclone
           systemd ignition python3-yaml    # systemd-analyze verify, ignition-validate, YAML parsing
           age zstd openssh-client          # the standard tools that must open sealed sets
-          faketime)                        # libfaketime: the clock-jump tests
+          faketime                         # libfaketime: the clock-jump tests
+          prometheus)                      # promtool: check and unit-test examples/openshift/prometheusrule.yaml
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 

@@ -205,18 +205,48 @@ pub async fn apply_retention(
 /// longer configured are dropped from the sets owed to them. `early` are sets already
 /// begun on a target (the pipelined upload of a run), by target name: they are finished
 /// when their set comes up, and removed if it is not delivered in this pass.
+///
+/// A set staged for an elected run is delivered only once `records` (the election, through
+/// etcd) says it is that run's set; without `records` (etcd cannot be asked) it waits. See
+/// [`crate::election::Election::may_deliver`].
 pub async fn pass(
     settings: &Settings,
     opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
     abort: &CancellationToken,
     mut early: BTreeMap<String, Early>,
+    mut records: Option<&mut crate::election::Election>,
 ) -> Vec<Delivered> {
+    use crate::election::MayDeliver;
     let staging = &settings.snapshot.staging_dir;
     let mut down: BTreeMap<String, String> = BTreeMap::new();
     let mut results = Vec::new();
     for mut staged in scan(staging) {
         if staged.pending.is_empty() {
             continue;
+        }
+        if let Some(run) = staged.set.manifest.run.clone().filter(|_| settings.election.enabled) {
+            let id = staged.set.manifest.id.clone();
+            let verdict = match records.as_deref_mut() {
+                Some(e) => e
+                    .may_deliver(&run, &id)
+                    .await
+                    .unwrap_or_else(|e| MayDeliver::Wait(crate::error::one_line(&e))),
+                None => MayDeliver::Wait("etcd cannot be asked whether it is the run's set".into()),
+            };
+            match verdict {
+                MayDeliver::Yes => {}
+                MayDeliver::NotOurs(why) => {
+                    tracing::warn!(backup_id = %id, run = %run, reason = %why, "another set is this run's backup; this node's set stays a local copy and is not delivered");
+                    if let Err(e) = mark(&staged.set.dir, &[]) {
+                        tracing::error!(error = %crate::error::one_line(&e), "cannot record the delivery state");
+                    }
+                    continue;
+                }
+                MayDeliver::Wait(why) => {
+                    tracing::info!(backup_id = %id, run = %run, reason = %why, "the set waits: not known yet whether it is the run's backup");
+                    continue;
+                }
+            }
         }
         let before = staged.pending.clone();
         let m = staged.set.manifest.clone();
@@ -497,7 +527,28 @@ pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Ret
         .flat_map(|s| s.pending.iter().map(String::as_str))
         .collect();
     let opened = open_targets(settings, names);
-    let results = pass(settings, &opened, abort, BTreeMap::new()).await;
+    // Sets of elected runs are checked against the runs' records before they go out.
+    let needs_etcd = settings.election.enabled
+        && staged
+            .iter()
+            .any(|s| !s.pending.is_empty() && s.set.manifest.run.is_some());
+    let mut records = match needs_etcd {
+        true => match crate::etcd::connect_first(&settings.etcd).await {
+            Ok((member, _)) => Some(crate::election::Election::new(
+                member.client.clone(),
+                &settings.election.prefix,
+                &settings.node_name,
+                settings.election.lease_ttl.0,
+                settings.etcd.request_timeout.0,
+            )),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::one_line(&e), "etcd does not answer: sets of elected runs wait");
+                None
+            }
+        },
+        false => None,
+    };
+    let results = pass(settings, &opened, abort, BTreeMap::new(), records.as_mut()).await;
     if !abort.is_cancelled() {
         apply_retention(settings, &opened, &results).await;
     }

@@ -376,6 +376,32 @@ impl Election {
         Ok(done.succeeded())
     }
 
+    /// May this node deliver the set `id` it staged for `run`? Only if the run's record names
+    /// this set, or nobody recorded the run (never, or the 7-day marker expired) and no other
+    /// node is running it now. A node that restarts after a crash mid-run thus never stores a
+    /// second set for a run another node completed.
+    pub async fn may_deliver(&mut self, run: &str, id: &str) -> Result<MayDeliver> {
+        if let Some(rec) = self.done(run).await? {
+            return Ok(if rec.node == self.node && rec.id.as_deref() == Some(id) {
+                MayDeliver::Yes
+            } else {
+                MayDeliver::NotOurs(format!(
+                    "node {} recorded run {run} with {}",
+                    rec.node,
+                    rec.id
+                        .map_or_else(|| format!("result {}", rec.result), |i| format!("set {i}"))
+                ))
+            });
+        }
+        let key = self.key("lock");
+        Ok(match self.get_json::<LockValue>(&key).await? {
+            Some(l) if l.run == run && l.node != self.node => {
+                MayDeliver::Wait(format!("node {} is running {run} now", l.node))
+            }
+            _ => MayDeliver::Yes,
+        })
+    }
+
     /// A set this node recorded as partial or pending for `run` has since reached every
     /// target: its marker (and `last`, if it is that run's) now says `ok`. Compare-and-swap
     /// on the exact record, keeping the marker's lease; returns whether it changed.
@@ -445,6 +471,16 @@ pub fn publishing_key(prefix: &str, run: &str) -> String {
 
 /// How long the publishing note lives: as long as the run markers.
 pub const PUBLISHING_TTL: Duration = MARKER_TTL;
+
+/// See [`Election::may_deliver`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MayDeliver {
+    Yes,
+    /// Another set is the run's backup: this one stays a local copy.
+    NotOurs(String),
+    /// Not known yet: the set waits.
+    Wait(String),
+}
 
 enum Attempt {
     Won(Held),

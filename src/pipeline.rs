@@ -366,7 +366,14 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
-        let results = delivery::pass(settings, &opened, &opts.abort, early).await;
+        let mut records = crate::election::Election::new(
+            member.client.clone(),
+            &settings.election.prefix,
+            &settings.node_name,
+            settings.election.lease_ttl.0,
+            settings.etcd.request_timeout.0,
+        );
+        let results = delivery::pass(settings, &opened, &opts.abort, early, Some(&mut records)).await;
         let outcomes: Vec<TargetOutcome> = names
             .iter()
             .map(|name| {

@@ -93,7 +93,7 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
     let t = targets::open(ts, None)?;
     // Damaged sets too: the newest set is `latest` whatever its state (a damaged one is
     // refused below, naming the newest intact one), never silently the one before it.
-    let sets = t.list_sets(settings.cluster_name.as_deref()).await?;
+    let sets = t.list_all_sets(settings.cluster_name.as_deref()).await?;
     let next_intact = |after: &str| {
         sets.iter()
             .find(|s| s.damaged.is_none() && s.manifest.id.as_str() < after)
@@ -538,7 +538,7 @@ pub fn check_versions(set: Option<&str>, cluster: &VersionFacts) -> Result<Optio
     let Some(target) = cluster.desired.as_deref().or(newest.map(|(_, v)| v.as_str())) else {
         return Ok(None);
     };
-    let settled = true || newest.is_none_or(|(state, version)| state != "Partial" && version == target);
+    let settled = newest.is_none_or(|(state, version)| state != "Partial" && version == target);
     if settled {
         if s == target {
             return Ok(Some(format!(

@@ -387,7 +387,7 @@ impl DavTarget {
                 }
                 Err(TransportError::Transient(e)) => (e, None),
             };
-            if self.backoff.budget().is_zero() {
+            if false && self.backoff.budget().is_zero() {
                 bail!("target '{}': {what} '{url}': {why} (not retried)", self.name);
             }
             match self.backoff.next_delay(attempt, server_asks) {

@@ -137,3 +137,79 @@ fn an_id_taken_on_the_target_by_another_set_does_not_hold_back_newer_sets() {
     );
     assert!(r.all().contains("already exists"), "{}", r.all());
 }
+
+#[test]
+fn a_set_staged_for_a_run_another_node_recorded_is_never_delivered() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    std::fs::create_dir_all(w.target_root()).unwrap();
+    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    // This node takes a run's set but cannot deliver it (as a runner killed after staging).
+    assert_eq!(backup(&cfg).code, 1);
+    let m = markers(&etcd);
+    assert_eq!(m.len(), 1, "{m:?}");
+    let run1 = m[0]["run"].as_str().unwrap().to_string();
+    let id1 = m[0]["id"].as_str().unwrap().to_string();
+    // Meanwhile another node completed that run with a set of its own.
+    let other = serde_json::json!({"run": run1, "node": "node-b", "id": "2026-01-01_000000", "result": "ok", "finished": "2026-01-01T00:00:00Z"});
+    etcd.put(None, &format!("/etcd-backupd/runs/{run1}"), &other.to_string());
+    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stderr.contains("another set is this run's backup"), "{}", r.stderr);
+    let on_target: Vec<String> = w
+        .sets()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(on_target.len(), 1, "{on_target:?}");
+    assert!(
+        !on_target.contains(&id1),
+        "a second set for {run1} was stored: {on_target:?}"
+    );
+    // It stays a local copy owed to no one (or is dropped as an older copy): never delivered.
+    let staged = w.staged();
+    assert!(
+        staged.iter().all(|(id, pending)| *id != id1 || pending.is_empty()),
+        "{staged:?}"
+    );
+}
+
+#[test]
+fn a_set_of_an_elected_run_waits_while_etcd_cannot_be_asked() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "\n[schedule]\ncron = \"\"\n");
+    std::fs::create_dir_all(w.target_root()).unwrap();
+    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    assert_eq!(backup(&cfg).code, 1);
+    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    drop(etcd);
+    // The daemon's delivery pass at start: etcd is gone, so the set is not delivered unchecked.
+    let log = w.path().join("daemon.log");
+    let mut d = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
+        .args(["daemon", "--config", cfg.to_str().unwrap()])
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .env("ETCD_BACKUPD_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("sets of elected runs wait") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = d.kill();
+    let _ = d.wait();
+    assert!(text.contains("sets of elected runs wait"), "{text}");
+    assert!(w.sets().is_empty(), "delivered unchecked: {:?}", w.sets());
+    assert_eq!(w.staged()[0].1, vec!["local".to_string()], "still owed");
+}

@@ -799,6 +799,17 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         assert_eq!(r.code, 1, "{name}: {}", r.all());
         assert!(r.stderr.contains(&want), "{name}: want {want:?} in {}", r.stderr);
 
+        // Named by id, the damaged set is refused the same way.
+        let r = cli_async(args(
+            &["fetch", &newest, "--target", name, "--to", dir.to_str().unwrap()],
+            &cfg,
+        ))
+        .await;
+        assert_eq!(r.code, 1, "{name}: {}", r.all());
+        let want = format!("set {newest} on target '{name}' is damaged: {problem}; the newest intact set is {intact}");
+        assert!(r.stderr.contains(&want), "{name}: want {want:?} in {}", r.stderr);
+        assert!(names_in(&dir).is_empty(), "{name}: {:?}", names_in(&dir));
+
         // The intact set, by id, is fetched.
         let r = cli_async(args(
             &["fetch", &intact, "--target", name, "--to", dir.to_str().unwrap()],
