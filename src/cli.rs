@@ -81,6 +81,13 @@ pub enum Command {
         /// Fetch even when the set's OpenShift version differs from the running cluster's.
         #[arg(long)]
         allow_version_mismatch: bool,
+        /// Fetch even when verify.allowed_signers is set and the set is unsigned or not
+        /// signed by a listed key.
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// Fetch even when the certificates in the set's static resources have expired.
+        #[arg(long)]
+        allow_expired_certificates: bool,
         /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
         #[arg(long)]
         force: bool,
@@ -98,6 +105,10 @@ pub enum Command {
         /// Also restore it into a throwaway etcd on loopback (a restore drill).
         #[arg(long)]
         deep: bool,
+        /// Verify even when verify.allowed_signers is set and the set is unsigned or not
+        /// signed by a listed key.
+        #[arg(long)]
+        allow_unsigned: bool,
         /// age identity file (private key) for an encrypted set; must not be group/other readable.
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
@@ -172,7 +183,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let settings = load(&cli)?;
             // A staging directory that is not ours is a configuration error, found before etcd.
-            crate::pipeline::check_staging(&settings.snapshot.staging_dir)?;
+            crate::staging::check_staging(&settings.snapshot.staging_dir)?;
             crate::priority::apply(&settings.priority);
             let cancel = crate::daemon::cancel_on_signals();
             // A manual run competes like a scheduled one, but does not wait: if another node
@@ -242,26 +253,25 @@ pub async fn run(cli: Cli) -> Result<()> {
             id,
             to,
             allow_version_mismatch,
+            allow_unsigned,
+            allow_expired_certificates,
             force,
             target,
             identity,
         } => {
             let settings = load(&cli)?;
             let identity = read_identity(identity.as_deref(), "--identity")?;
-            fetch(
-                &settings,
-                id,
-                to,
-                *allow_version_mismatch,
-                *force,
-                target.as_deref(),
-                identity,
-            )
-            .await
+            let allow = Allow {
+                version_mismatch: *allow_version_mismatch,
+                unsigned: *allow_unsigned,
+                expired_certificates: *allow_expired_certificates,
+            };
+            fetch(&settings, id, to, allow, *force, target.as_deref(), identity).await
         }
         Command::Verify {
             id,
             deep,
+            allow_unsigned,
             target,
             json,
             identity,
@@ -271,7 +281,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Some(p) => read_identity(Some(p), "--identity")?,
                 None => read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?,
             };
-            verify(&settings, id, *deep, target.as_deref(), *json, identity).await
+            verify(
+                &settings,
+                id,
+                *deep,
+                *allow_unsigned,
+                target.as_deref(),
+                *json,
+                identity,
+            )
+            .await
         }
         Command::Prune { dry_run, force, target } => {
             let settings = load(&cli)?;
@@ -376,6 +395,27 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             reasons.insert((c.to_string(), d.id.clone()), d);
         }
     }
+    // What each set's signature says (against verify.allowed_signers when set), a few sets
+    // at a time.
+    let allowed = crate::restore::Trust::of(settings)?.allowed;
+    let verdicts: Vec<Option<crate::signing::Verdict>> = {
+        use futures_util::StreamExt;
+        let (target, allowed) = (target.as_ref(), allowed.as_ref());
+        futures_util::stream::iter(&sets)
+            .map(|s| async move {
+                match crate::restore::signature_of(target, &s.cluster, &s.manifest, allowed).await {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        tracing::warn!(backup_id = %s.manifest.id, error = %crate::error::one_line(&e), "cannot read the set's signature");
+                        None
+                    }
+                }
+            })
+            .buffered(8)
+            .collect()
+            .await
+    };
+    let now = chrono::Utc::now();
     let reason_of = |s: &targets::ListedSet| {
         let reason = reasons
             .get(&(s.cluster.clone(), s.manifest.id.clone()))
@@ -390,9 +430,12 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
     if json {
         let v: Vec<_> = sets
             .iter()
-            .map(|s| {
+            .zip(&verdicts)
+            .map(|(s, sig)| {
                 let d = reasons.get(&(s.cluster.clone(), s.manifest.id.clone()));
-                serde_json::json!({"cluster": s.cluster, "manifest": s.manifest, "damaged": s.damaged, "retention": d})
+                let sig = sig.as_ref().map(|v| serde_json::json!({"state": v.state(), "fingerprint": v.fingerprint()}));
+                let expired = s.manifest.restorable_until().map(|t| t <= now);
+                serde_json::json!({"cluster": s.cluster, "manifest": s.manifest, "damaged": s.damaged, "retention": d, "signature": sig, "certificates_expired": expired})
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -400,10 +443,10 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
     }
     writeln!(
         out,
-        "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} {:<13} RETENTION",
-        "CLUSTER", "ID", "CREATED", "VERSION", "REVISION", "SIZE", "NODE", "TRIGGER"
+        "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} {:<13} {:<19} {:<58} RETENTION",
+        "CLUSTER", "ID", "CREATED", "VERSION", "REVISION", "SIZE", "NODE", "TRIGGER", "RESTORABLE", "SIGNED"
     )?;
-    for s in &sets {
+    for (s, sig) in sets.iter().zip(&verdicts) {
         let m = &s.manifest;
         let version = m
             .openshift
@@ -412,7 +455,7 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
             .unwrap_or_else(|| format!("etcd-{}", m.etcd.version));
         writeln!(
             out,
-            "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} {:<13} {}",
+            "{:<20} {:<18} {:<20} {:<12} {:>10} {:>10} {:<16} {:<13} {:<19} {:<58} {}",
             s.cluster,
             m.id,
             m.created,
@@ -426,6 +469,9 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
                 serde_json::to_value(m.trigger)?.as_str().unwrap_or_default(),
                 if m.forced.is_empty() { "" } else { "+forced" }
             ),
+            crate::certs::expiry(m, now).cell(),
+            sig.as_ref()
+                .map_or_else(|| "?".to_string(), crate::signing::Verdict::cell),
             reason_of(s)
         )?;
     }
@@ -435,29 +481,44 @@ async fn list(settings: &Settings, target: Option<&str>, json: bool) -> Result<(
     Ok(())
 }
 
-/// The text of an age identity file, refused when group or others can read it.
-/// Reads an age identity file; `key` names where its path came from in errors.
-pub fn read_identity(path: Option<&std::path::Path>, key: &str) -> Result<Option<String>> {
-    let Some(path) = path else { return Ok(None) };
-    config::check_secret_file(path).map_err(|e| Stop::Usage(format!("{key}: {e}")))?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Stop::Usage(format!("{key}: cannot read '{}': {e}", path.display())))?;
-    Ok(Some(text))
+use crate::config::read_identity;
+
+/// What `fetch` is told to accept despite its checks.
+#[derive(Debug, Clone, Copy)]
+struct Allow {
+    version_mismatch: bool,
+    unsigned: bool,
+    expired_certificates: bool,
 }
 
 async fn fetch(
     settings: &Settings,
     id: &str,
     dir: &std::path::Path,
-    allow_version_mismatch: bool,
+    allow: Allow,
     force: bool,
     target: Option<&str>,
     identity: Option<String>,
 ) -> Result<()> {
     use crate::restore;
+    let allow_version_mismatch = allow.version_mismatch;
     let mut located = restore::locate(settings, target, id).await?;
     located.identity = identity;
+    located.trust.allow_unsigned = allow.unsigned;
+    // Before anything of the set is believed or written: its signature, then its certificates.
+    let signature = restore::check_signature(&located).await?;
     let m = &located.manifest;
+    let now = chrono::Utc::now();
+    let expiry = crate::certs::expiry(m, now);
+    if let Some(why) = expiry.refusal() {
+        if !allow.expired_certificates {
+            bail!("refusing set {}: {why}", m.id);
+        }
+        tracing::warn!("set {}: {why}; fetching anyway (--allow-expired-certificates)", m.id);
+    }
+    if let Some(w) = expiry.warning(now) {
+        tracing::warn!("set {}: {w}", m.id);
+    }
     let set_version = m.openshift.as_ref().and_then(|o| o.version.clone());
     let mut version_rule = None;
     match restore::version_facts(settings).await {
@@ -501,6 +562,10 @@ async fn fetch(
     if let Some(rule) = &version_rule {
         writeln!(out, "  version check: {rule}")?;
     }
+    writeln!(out, "  signature: {}", signature.describe())?;
+    if let Some(line) = expiry.line() {
+        writeln!(out, "  certificates: {line}")?;
+    }
     for (c, path) in &files {
         writeln!(
             out,
@@ -535,6 +600,7 @@ async fn verify(
     settings: &Settings,
     id: &str,
     deep: bool,
+    allow_unsigned: bool,
     target: Option<&str>,
     json: bool,
     identity: Option<String>,
@@ -542,6 +608,8 @@ async fn verify(
     use crate::restore;
     let mut located = restore::locate(settings, target, id).await?;
     located.identity = identity;
+    located.trust.allow_unsigned = allow_unsigned;
+    let signature = restore::check_signature(&located).await?;
     let checked = restore::verify(&located).await?;
     let drill = if deep {
         let result = restore::drill(settings, &located).await;
@@ -552,7 +620,8 @@ async fn verify(
     };
     let m = &located.manifest;
     if json {
-        let v = serde_json::json!({"id": m.id, "cluster": located.cluster, "target": located.target.name(), "files": checked, "drill": drill});
+        let sig = serde_json::json!({"state": signature.state(), "fingerprint": signature.fingerprint()});
+        let v = serde_json::json!({"id": m.id, "cluster": located.cluster, "target": located.target.name(), "files": checked, "drill": drill, "signature": sig, "restorable_until": m.restore.restorable_until});
         outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -572,6 +641,10 @@ async fn verify(
             human(c.size),
             c.also.as_ref().map(|a| format!("; {a}")).unwrap_or_default()
         )?;
+    }
+    writeln!(out, "  signature: {}", signature.describe())?;
+    if let Some(line) = crate::certs::expiry(m, chrono::Utc::now()).line() {
+        writeln!(out, "  certificates: {line}")?;
     }
     if let Some(d) = drill {
         writeln!(
@@ -696,9 +769,14 @@ fn offline_checks(settings: &Settings) -> Result<()> {
             problems.push(crate::error::one_line(&e));
         }
     };
-    check(crate::pipeline::check_staging(&settings.snapshot.staging_dir));
+    check(crate::staging::check_staging(&settings.snapshot.staging_dir));
     check(crate::etcd::TlsMaterial::load(&settings.etcd).map(|_| ()));
     check(settings.seal().map(|_| ()));
+    // A key not created yet is created by the daemon's first start or the next backup.
+    if let Some(sg) = settings.signing.as_ref().filter(|s| s.key_file.exists()) {
+        check(crate::signing::Signer::load(&sg.key_file).map(|_| ()));
+    }
+    check(crate::restore::Trust::of(settings).map(|_| ()));
     for t in &settings.targets {
         check(targets::open(t, None).map(|_| ()));
     }
@@ -737,6 +815,31 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     writeln!(out, "{}", toml::to_string(settings)?)?;
     drop(out);
     offline_checks(settings)?;
+    // What is signed, and what readers require (as comments: the output stays TOML).
+    match &settings.signing {
+        Some(sg) if sg.key_file.exists() => {
+            let k = crate::signing::Signer::load(&sg.key_file)?;
+            outln!(
+                "# signing: every set this node stores is signed with key {} ('{}')",
+                k.fingerprint(),
+                sg.key_file.display()
+            );
+        }
+        Some(sg) => outln!(
+            "# signing: every set this node stores is signed; its key '{}' is created on the daemon's first start (or the next backup)",
+            sg.key_file.display()
+        ),
+        None => outln!("# signing: off: the sets this node stores are not signed"),
+    }
+    match crate::restore::Trust::of(settings)?.allowed {
+        Some(a) => outln!(
+            "# verify: fetch, verify and drills take only sets signed by one of the {} key(s) '{}' lists for {}",
+            a.usable_keys(),
+            a.path.display(),
+            crate::signing::PRINCIPAL
+        ),
+        None => outln!("# verify: verify.allowed_signers is not set: signatures are shown, not required"),
+    }
     if !connect {
         return Ok(());
     }
@@ -832,9 +935,29 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
         .map(|s| serde_json::json!({"id": s.id(), "targets": s.pending, "bytes": s.set.manifest.total_stored_size()}))
         .collect();
     let local: Vec<&str> = staged.iter().filter(|s| s.pending.is_empty()).map(|s| s.id()).collect();
+    // Read only: the key is created by the daemon's start or the next backup.
+    let signing = settings.signing.as_ref().map(|sg| match sg.key_file.exists() {
+        true => crate::signing::Signer::load(&sg.key_file).map(Some),
+        false => Ok(None),
+    });
     if json {
+        let signing = match &signing {
+            None => serde_json::Value::Null,
+            Some(r) => {
+                let key = settings.signing.as_ref().map(|s| s.key_file.display().to_string());
+                match r {
+                    Ok(Some(k)) => {
+                        serde_json::json!({"key_file": key, "fingerprint": k.fingerprint(), "allowed_signers": k.allowed_signers_line(&settings.node_name)})
+                    }
+                    Ok(None) => serde_json::json!({"key_file": key, "error": "not created yet"}),
+                    Err(e) => serde_json::json!({"key_file": key, "error": crate::error::one_line(e)}),
+                }
+            }
+        };
         let v = serde_json::json!({
             "node": settings.node_name,
+            "signing": signing,
+            "newest_set": state.newest_set,
             "next_run": next,
             "pending": pending,
             "local_copies": local,
@@ -848,6 +971,46 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
         return Ok(());
     }
     outln!("node        {}", settings.node_name);
+    if let (Some(sg), Some(r)) = (&settings.signing, &signing) {
+        match r {
+            Ok(Some(k)) => {
+                outln!(
+                    "signing     key {} in '{}'; its allowed_signers line:",
+                    k.fingerprint(),
+                    sg.key_file.display()
+                );
+                outln!("            {}", k.allowed_signers_line(&settings.node_name));
+            }
+            Ok(None) => outln!(
+                "signing     key '{}' not created yet (the daemon's start or the next backup creates it)",
+                sg.key_file.display()
+            ),
+            Err(e) => outln!("signing     UNUSABLE: {}", crate::error::one_line(e)),
+        }
+    }
+    if let Some(n) = &state.newest_set {
+        let until = n
+            .restorable_until
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        match until {
+            Some(t) => {
+                let t = t.to_utc();
+                let word = if t <= chrono::Utc::now() {
+                    "certificates EXPIRED on"
+                } else {
+                    "restorable until"
+                };
+                outln!(
+                    "newest set  {}: {word} {} ({})",
+                    n.id,
+                    crate::certs::when(&t),
+                    n.restorable_until_source.as_deref().unwrap_or("?")
+                );
+            }
+            None => outln!("newest set  {}: no certificates recorded", n.id),
+        }
+    }
     outln!(
         "schedule    {}; next run {}",
         schedule

@@ -112,7 +112,9 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         });
     }
 
-    crate::pipeline::prepare_staging(&settings.snapshot.staging_dir)?;
+    crate::staging::prepare_staging(&settings.snapshot.staging_dir)?;
+    // The node's signing key: created on the first start, its allowed_signers line logged.
+    crate::signing::announce(&settings)?;
     // In the background, from the start (also while etcd is awaited); a port that cannot be
     // bound is retried there and never stops backups.
     if let Some(addr) = &settings.metrics.listen {
@@ -176,7 +178,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         let staging = settings.snapshot.staging_dir.clone();
         let mut state = State::load(&staging);
         state.next_run = slot.map(|s| s.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-        let _ = crate::pipeline::prepare_staging(&staging).and_then(|_| state.save(&staging));
+        let _ = crate::staging::prepare_staging(&staging).and_then(|_| state.save(&staging));
         let (pending_sets, _) = crate::delivery::pending(&staging);
         let idle = format!(
             "idle; next run {}; {}{}",
@@ -284,14 +286,16 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
             Wake::Drill => {
                 notify::status("restore drill of the newest set");
-                let located =
-                    match crate::cli::read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file") {
-                        Ok(identity) => crate::restore::locate(&settings, None, "latest").await.map(|mut l| {
-                            l.identity = identity;
-                            l
-                        }),
-                        Err(e) => Err(e),
-                    };
+                let located = match crate::config::read_identity(
+                    settings.verify.identity_file.as_deref(),
+                    "verify.identity_file",
+                ) {
+                    Ok(identity) => crate::restore::locate(&settings, None, "latest").await.map(|mut l| {
+                        l.identity = identity;
+                        l
+                    }),
+                    Err(e) => Err(e),
+                };
                 let (id, result) = match located {
                     Ok(l) => (
                         l.manifest.id.clone(),

@@ -513,7 +513,7 @@ pub struct Retried {
 /// lock so it never races a run, then applies retention and bounds staging as a run does.
 pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Retried> {
     let staging = &settings.snapshot.staging_dir;
-    crate::pipeline::prepare_staging(staging)?;
+    crate::staging::prepare_staging(staging)?;
     let Some(_lock) = fsutil::try_lock(&staging.join("lock"))? else {
         return Ok(Retried {
             busy: true,

@@ -2,6 +2,11 @@
 //! or target at every I/O and network boundary; the top level prints the chain on one line
 //! and maps it to an exit code. The typed errors here exist only for what changes that code.
 
+/// A configuration problem; always reported as one line and exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
 /// Errors whose exit code is not 1.
 #[derive(Debug, thiserror::Error)]
 pub enum Stop {
@@ -27,7 +32,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 Stop::Skipped(_) => EXIT_SKIPPED,
             };
         }
-        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+        if cause.downcast_ref::<ConfigError>().is_some() {
             return EXIT_USAGE;
         }
     }

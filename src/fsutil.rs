@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -170,7 +171,7 @@ pub fn copy_private(from: &Path, to: &Path, rate: Option<u64>) -> Result<(u64, S
     let copied = match rate {
         None => io::copy(&mut src, &mut w).map(|_| ()),
         Some(rate) => {
-            let mut pace = crate::priority::Pace::new(rate);
+            let mut pace = Pace::new(rate);
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 let n = match io::Read::read(&mut src, &mut buf) {
@@ -190,6 +191,32 @@ pub fn copy_private(from: &Path, to: &Path, rate: Option<u64>) -> Result<(u64, S
     dst.sync_all()
         .with_context(|| format!("cannot fsync '{}'", to.display()))?;
     Ok((size, sha))
+}
+
+/// Paces writes to at most `bytes_per_sec`, measured from the first byte.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    rate: u64,
+    started: Option<Instant>,
+    sent: u64,
+}
+
+impl Pace {
+    pub fn new(bytes_per_sec: u64) -> Pace {
+        Pace {
+            rate: bytes_per_sec.max(1),
+            started: None,
+            sent: 0,
+        }
+    }
+
+    /// Records `n` more bytes and returns how long to wait before sending them.
+    pub fn delay_for(&mut self, n: usize) -> Duration {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        self.sent += n as u64;
+        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        due.saturating_sub(started.elapsed())
+    }
 }
 
 #[cfg(test)]

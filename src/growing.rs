@@ -149,9 +149,32 @@ impl Follower {
     /// ends after the last byte once the writer completed, or with an error if it failed.
     /// Every call starts again from the first byte (a retried request sends it all again).
     pub fn stream(&self, chunk: usize) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let state = (self.file.clone(), self.rx.clone(), 0u64);
-        let progress = self.progress.clone();
-        progress.set(0);
+        self.progress.set(0);
+        self.read(0, u64::MAX, chunk, self.progress.clone())
+    }
+
+    /// Bytes `from..from + len` of the file (fewer if it ends sooner), in chunks of at most
+    /// `chunk` bytes, as they are written: one part of a multipart upload. Like
+    /// [`Follower::stream`], it fails once the writer has failed, even for bytes already
+    /// read. Progress is not reported.
+    pub fn range(&self, from: u64, len: u64, chunk: usize) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        self.read(from, len, chunk, crate::progress::Phase::none())
+    }
+
+    /// What [`Follower::with_progress`] set up, for an upload that reports progress its own way.
+    pub fn progress(&self) -> crate::progress::Phase {
+        self.progress.clone()
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        len: u64,
+        chunk: usize,
+        progress: crate::progress::Phase,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let limit = from.saturating_add(len);
+        let state = (self.file.clone(), self.rx.clone(), from);
         futures_util::stream::try_unfold(state, move |(file, mut rx, offset)| {
             let progress = progress.clone();
             async move {
@@ -159,7 +182,7 @@ impl Follower {
                     let growth = *rx.borrow_and_update();
                     let end = match growth {
                         Growth::Failed => return Err(io::Error::other(ABANDONED)),
-                        Growth::Writing(n) | Growth::Done(n) => n,
+                        Growth::Writing(n) | Growth::Done(n) => n.min(limit),
                     };
                     if offset < end {
                         let len = (end - offset).min(chunk as u64) as usize;
@@ -173,7 +196,7 @@ impl Follower {
                         progress.set(offset + len as u64);
                         return Ok(Some((Bytes::from(buf), (file, rx, offset + len as u64))));
                     }
-                    if matches!(growth, Growth::Done(_)) {
+                    if offset >= limit || matches!(growth, Growth::Done(_)) {
                         return Ok(None);
                     }
                     // The writer is gone once `changed` fails; its last word is then final.

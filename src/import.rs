@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 
 use crate::config::Settings;
-use crate::manifest::{self, EtcdInfo, MANIFEST, Manifest, SHA256SUMS, ToolInfo, Trigger};
+use crate::manifest::{self, EtcdInfo, Manifest, ToolInfo, Trigger};
 use crate::state::State;
 use crate::{delivery, fsutil};
 
@@ -130,6 +130,11 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             .await??;
             files.push(crate::pipeline::plain_entry(name.clone(), entry.0, entry.1));
         }
+        // Read from the platform's archive, before it is sealed.
+        let restore = {
+            let (dir, plain) = (work.clone(), files.clone());
+            tokio::task::spawn_blocking(move || crate::certs::facts_of_set(&dir, &plain)).await?
+        };
         // Compressed and encrypted as our own sets are: an imported set holds every Secret.
         let files = crate::pipeline::seal_files(settings, &work, files).await?;
         let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
@@ -149,14 +154,16 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             files,
             tool: ToolInfo::this(),
             forced: Vec::new(),
+            restore,
         };
-        fsutil::write_private_file(&work.join(SHA256SUMS), m.sha256sums().as_bytes())?;
-        fsutil::write_private_file(&work.join(MANIFEST), m.to_json().as_bytes())?;
+        // Signed as our own sets are ([signing]).
+        crate::signing::write_set_files(settings, &work, &m)?;
         let names: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
         delivery::mark(&work, &names)?;
         fsutil::fsync_dir(&work)?;
         fsutil::rename_noreplace(&work, &sets_root.join(&id))
             .with_context(|| format!("cannot move the set into '{}'", sets_root.join(&id).display()))?;
+        crate::state::note_newest_set(staging, &m);
         Ok(())
     }
     .await;
@@ -173,7 +180,7 @@ pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::C
         return Ok(0);
     }
     let staging = &settings.snapshot.staging_dir;
-    crate::pipeline::prepare_staging(staging)?;
+    crate::staging::prepare_staging(staging)?;
     fsutil::create_private_dir(&staging.join("tmp"))?;
     fsutil::create_private_dir(&delivery::sets_root(staging))?;
     let Some(lock) = fsutil::try_lock(&staging.join("lock"))? else {

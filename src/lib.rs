@@ -18,14 +18,18 @@
 //! - [`import`]: the platform's own local backup sets, shipped like ours.
 //! - [`envelope`]: zstd compression and age encryption of stored files.
 //! - [`manifest`]: `manifest.json` and `SHA256SUMS`, what a set says about itself.
+//! - [`signing`]: `manifest.json.sig`, each node's SSH signature of it, and allowed_signers.
+//! - [`certs`]: "restorable until" (the archive's certificates) and the static pod revisions.
 //! - [`targets`]: where sets are stored, atomically; `file://` and HTTP/WebDAV.
 //! - [`delivery`]: staged sets owed to targets, delivered oldest first, bounded.
 //! - [`retention`]: which sets to keep (restic `forget` semantics), and pruning a target.
 //! - [`restore`]: `fetch`, `verify` and the restore drill.
 //! - [`metrics`]: Prometheus text, as a textfile-collector file and on `GET /metrics`.
+//! - [`staging`]: whether a staging directory is ours (new, empty or marked), and making it.
 //! - [`fsutil`]: private files, fsync and no-replace renames.
 //! - [`progress`]: bars on a terminal, progress lines and `STATUS=` for the daemon.
 
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -50,7 +54,9 @@ pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod script;
+pub mod signing;
 pub mod snapshot;
+pub mod staging;
 pub mod state;
 pub mod static_resources;
 pub mod targets;

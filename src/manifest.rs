@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const SHA256SUMS: &str = "SHA256SUMS";
+/// The SSH signature of `manifest.json` (see [`crate::signing`]), stored before it.
+pub const SIGNATURE: &str = "manifest.json.sig";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// What started a backup.
@@ -39,6 +41,26 @@ pub struct Manifest {
     /// The guards `backup --force` overrode to take this set, in words (empty: none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forced: Vec<String>,
+    /// What a restore of this set depends on, read from its files at backup time.
+    #[serde(flatten)]
+    pub restore: RestoreFacts,
+}
+
+/// Facts about restoring a set, from its static resources archive (see [`crate::certs`]).
+/// Every field is optional: a set without an archive (plain etcd) records none.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoreFacts {
+    /// The earliest notAfter (RFC 3339, UTC) of the leaf certificates in the archive's
+    /// `secrets/`: past it, a restore needs the platform's certificate recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restorable_until: Option<String>,
+    /// The archive member holding that certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restorable_until_source: Option<String>,
+    /// The static pod revision of each component in the archive
+    /// (`static-pod-resources/<component>-pod-<N>/`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub static_pod_revisions: std::collections::BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,26 +144,33 @@ impl Manifest {
             .iter()
             .flat_map(|o| [o.version.as_deref(), o.cluster_id.as_deref()])
             .flatten();
-        if !texts.iter().all(|t| plain(t)) || !os.into_iter().all(plain) {
+        let facts = [
+            m.restore.restorable_until.as_deref(),
+            m.restore.restorable_until_source.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(m.restore.static_pod_revisions.keys().map(String::as_str));
+        if !texts.iter().all(|t| plain(t)) || !os.into_iter().all(plain) || !facts.into_iter().all(plain) {
             return Err("invalid manifest.json: a text field is empty or holds control characters".into());
         }
-        if !crate::targets::is_set_name(&m.id) {
+        if !is_set_name(&m.id) {
             return Err(format!("invalid manifest.json: id {:?} is not a set name", m.id));
         }
         for f in &m.files {
-            let named = |n: &str| {
-                crate::targets::safe_component(n)
-                    && (n.starts_with("snapshot_") || n.starts_with("static_kuberesources_"))
-            };
-            if !named(&f.name) || !named(&f.stored_name) {
-                return Err(format!(
-                    "invalid manifest.json: file name {:?} is not allowed",
-                    f.stored_name
-                ));
+            let named =
+                |n: &str| safe_component(n) && (n.starts_with("snapshot_") || n.starts_with("static_kuberesources_"));
+            if let Some(bad) = [&f.name, &f.stored_name].into_iter().find(|n| !named(n)) {
+                return Err(format!("invalid manifest.json: file name {bad:?} is not allowed"));
             }
         }
         if m.snapshot().is_none() {
             return Err("invalid manifest.json: no snapshot file".into());
+        }
+        if let Some(t) = &m.restore.restorable_until
+            && chrono::DateTime::parse_from_rfc3339(t).is_err()
+        {
+            return Err(format!("invalid manifest.json: restorable_until {t:?} is not RFC 3339"));
         }
         Ok(m)
     }
@@ -162,6 +191,12 @@ impl Manifest {
     pub fn snapshot(&self) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.name.starts_with("snapshot_"))
     }
+
+    /// [`RestoreFacts::restorable_until`] as a time (checked by [`Manifest::parse`]).
+    pub fn restorable_until(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let t = self.restore.restorable_until.as_deref()?;
+        chrono::DateTime::parse_from_rfc3339(t).ok().map(|t| t.to_utc())
+    }
 }
 
 /// The timestamp format of `cluster-backup.sh` (`date +%F_%H%M%S`), always UTC here.
@@ -177,6 +212,23 @@ pub fn snapshot_name(ts: &str) -> String {
 
 pub fn archive_name(ts: &str) -> String {
     format!("static_kuberesources_{ts}.tar.gz")
+}
+
+/// Is `name` safe to use as one path component received from a target?
+pub fn safe_component(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
+}
+
+/// Marks a temporary set directory; never part of a complete set's name.
+pub const PARTIAL_MARK: &str = ".partial-";
+
+/// Is `name` a complete set's folder name (not debris, not hidden)?
+pub fn is_set_name(name: &str) -> bool {
+    safe_component(name) && !name.starts_with('.') && !name.contains(PARTIAL_MARK)
 }
 
 #[cfg(test)]
@@ -213,6 +265,7 @@ mod tests {
             }],
             tool: ToolInfo::this(),
             forced: Vec::new(),
+            restore: RestoreFacts::default(),
         }
     }
 
@@ -233,9 +286,14 @@ mod tests {
             ("/files/0/name", "evil.db"),
             ("/node", "n\u{1b}[31m"),
             ("/id", ".."),
+            ("/restorable_until", "next week"),
+            ("/restorable_until_source", "a\u{7}"),
         ] {
             let mut v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
-            *v.pointer_mut(path).unwrap() = bad.into();
+            match v.pointer_mut(path) {
+                Some(at) => *at = bad.into(),
+                None => v[path.trim_start_matches('/')] = bad.into(),
+            }
             assert!(
                 Manifest::parse(v.to_string().as_bytes()).is_err(),
                 "{path} = {bad:?} accepted"

@@ -84,6 +84,17 @@ pub fn render(staging: &Path) -> String {
         "1 while this node runs a backup.",
         u8::from(state.running.is_some()),
     );
+    gauge(
+        &mut out,
+        "etcd_backupd_newest_set_restorable_until_timestamp_seconds",
+        "When the first leaf certificate in the static resources of the newest set this node staged expires (unix time; 0: none recorded).",
+        state
+            .newest_set
+            .as_ref()
+            .and_then(|s| s.restorable_until.as_deref())
+            .and_then(unix)
+            .unwrap_or(0),
+    );
     let _ = writeln!(
         out,
         "# HELP etcd_backupd_runs_total Runs seen by this node, by result.\n# TYPE etcd_backupd_runs_total counter"

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result};
 use chrono::Utc;
 
 use crate::config::{Settings, SnapshotMethod};
@@ -26,7 +26,7 @@ use crate::error::Stop;
 use crate::etcd::{self, hex_id};
 use crate::fsutil;
 use crate::growing::Follower;
-use crate::manifest::{self, EtcdInfo, FileEntry, MANIFEST, Manifest, OpenShiftInfo, SHA256SUMS, ToolInfo, Trigger};
+use crate::manifest::{self, EtcdInfo, FileEntry, Manifest, OpenShiftInfo, ToolInfo, Trigger};
 use crate::snapshot;
 use crate::static_resources;
 use crate::targets::{self, Draft, Sent, Target};
@@ -118,62 +118,7 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
         .collect())
 }
 
-/// Marks a directory as ours, so that a mistyped `staging_dir` (say `/var`) is refused
-/// instead of having its contents cleaned and its mode changed.
-const STAGING_MARKER: &str = ".etcd-backupd-staging";
-
-/// Would `staging` be accepted as ours (new, empty, or marked), and could it be created or
-/// written? Changes nothing: `check-config` asks the same question `backup` does.
-pub fn check_staging(staging: &Path) -> Result<()> {
-    let marker = staging.join(STAGING_MARKER);
-    match std::fs::read_dir(staging) {
-        Ok(mut entries) => {
-            if !marker.exists() && entries.next().is_some() {
-                bail!(Stop::Usage(format!(
-                    "snapshot.staging_dir '{}' is not empty and has no {STAGING_MARKER} marker, so it does not look like etcd-backupd's staging directory; use a new or empty one",
-                    staging.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(anyhow!("snapshot.staging_dir '{}': {e}", staging.display())),
-    }
-    // The nearest existing folder must take writes (the directory itself, or where it is made).
-    let mut at = staging;
-    while !at.exists() {
-        at = at.parent().unwrap_or(Path::new("/"));
-    }
-    if !at.is_dir() {
-        bail!(Stop::Usage(format!(
-            "snapshot.staging_dir '{}': '{}' is not a directory",
-            staging.display(),
-            at.display()
-        )));
-    }
-    nix::unistd::access(at, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).map_err(|e| {
-        Stop::Usage(format!(
-            "snapshot.staging_dir '{}': '{}': {e}",
-            staging.display(),
-            at.display()
-        ))
-    })?;
-    Ok(())
-}
-
-/// Makes sure `staging` is ours (new, empty, or marked), then creates it.
-pub fn prepare_staging(staging: &Path) -> Result<()> {
-    check_staging(staging)?;
-    let marker = staging.join(STAGING_MARKER);
-    fsutil::create_private_dir(staging).context("snapshot.staging_dir")?;
-    if !marker.exists() {
-        fsutil::write_private_file(
-            &marker,
-            b"staging directory of etcd-backupd; its contents are managed\n",
-        )
-        .context("snapshot.staging_dir")?;
-    }
-    Ok(())
-}
+pub use crate::staging::{check_staging, prepare_staging};
 
 /// Removes the half-assembled sets an interrupted run of this node left in staging.
 fn clean_staging_leftovers(dirs: &[&Path]) {
@@ -363,6 +308,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             delivery::discard_drafts(&opened, early).await;
             return Err(e);
         }
+        crate::state::note_newest_set(staging, &manifest);
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
@@ -464,6 +410,11 @@ async fn assemble(
     };
     let snapshot_duration = snapshot_duration.unwrap_or_else(|| snap_started.elapsed());
     let id = id.as_str();
+    // Read from the archive as written, before it is sealed.
+    let restore = {
+        let (dir, plain) = (work.to_path_buf(), files.clone());
+        tokio::task::spawn_blocking(move || crate::certs::facts_of_set(&dir, &plain)).await?
+    };
     let files = seal_files(settings, work, files).await?;
 
     let manifest = Manifest {
@@ -491,9 +442,10 @@ async fn assemble(
         files,
         tool: ToolInfo::this(),
         forced: opts.forced.clone(),
+        restore,
     };
-    fsutil::write_private_file(&work.join(SHA256SUMS), manifest.sha256sums().as_bytes())?;
-    fsutil::write_private_file(&work.join(MANIFEST), manifest.to_json().as_bytes())?;
+    // SHA256SUMS, the signature ([signing]), then manifest.json.
+    crate::signing::write_set_files(settings, work, &manifest)?;
     fsutil::fsync_dir(work)?;
     Ok((manifest, snapshot_duration))
 }

@@ -9,7 +9,6 @@
 //! logged at start.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use crate::config::{IoClass, PriorityInputs};
 
@@ -91,35 +90,12 @@ pub fn io_scheduler(path: &Path) -> Option<String> {
     Some(chosen.trim_matches(['[', ']']).to_string())
 }
 
-/// Paces writes to at most `bytes_per_sec`, measured from the first byte.
-#[derive(Debug, Clone)]
-pub struct Pace {
-    rate: u64,
-    started: Option<Instant>,
-    sent: u64,
-}
-
-impl Pace {
-    pub fn new(bytes_per_sec: u64) -> Pace {
-        Pace {
-            rate: bytes_per_sec.max(1),
-            started: None,
-            sent: 0,
-        }
-    }
-
-    /// Records `n` more bytes and returns how long to wait before sending them.
-    pub fn delay_for(&mut self, n: usize) -> Duration {
-        let started = *self.started.get_or_insert_with(Instant::now);
-        self.sent += n as u64;
-        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
-        due.saturating_sub(started.elapsed())
-    }
-}
+pub use crate::fsutil::Pace;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn pace_spreads_bytes_over_time() {

@@ -109,11 +109,23 @@ pub fn ignition(settings: &Settings, opts: &Options) -> Result<(Value, Vec<Strin
         );
     }
     node_files.extend(
-        [&settings.encryption.age_recipients_file, &settings.verify.identity_file]
-            .into_iter()
-            .flatten()
-            .map(|p| p.display().to_string()),
+        [
+            &settings.encryption.age_recipients_file,
+            &settings.verify.identity_file,
+            &settings.verify.allowed_signers,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| p.display().to_string()),
     );
+    // Never embedded, --include-secrets or not: a MachineConfig is stored in etcd, so a key
+    // rendered into one would ride inside every snapshot it signs.
+    if let Some(sg) = &settings.signing {
+        warnings.push(format!(
+            "signing.key_file '{}' is never included: each node creates its own key on its first start; collect their allowed_signers lines with `etcd-backupd status` on each node",
+            sg.key_file.display()
+        ));
+    }
     if !node_files.is_empty() {
         warnings.push(format!(
             "the configuration names these node-side files, which are not in the MachineConfig: {}",

@@ -5,9 +5,10 @@
 //! Checks on every file, while it streams: its size and SHA-256 against the manifest, the
 //! manifest against `SHA256SUMS`, etcd's SHA-256 trailer of the snapshot, and that the
 //! static resources archive is a complete, readable tar.gz. Nothing is written under its
-//! final name before every check passed. These checks catch corruption and truncation;
-//! a server that rewrites a set consistently (manifest, sums and data) is outside what
-//! unsigned sets can detect.
+//! final name before every check passed. These checks catch corruption and truncation.
+//! A server that rewrites a set consistently (manifest, sums and data) is caught by the
+//! signature ([`crate::signing`]): with `verify.allowed_signers`, only a set whose
+//! `manifest.json.sig` is by a listed key is read at all ([`check_signature`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -23,7 +24,8 @@ use tokio::io::AsyncReadExt;
 use crate::config::Settings;
 use crate::error::Stop;
 use crate::fsutil;
-use crate::manifest::{FileEntry, Manifest, SHA256SUMS};
+use crate::manifest::{FileEntry, MANIFEST, Manifest, SHA256SUMS, SIGNATURE};
+use crate::signing::{AllowedSigners, Verdict};
 use crate::targets::{self, Target};
 
 /// Where `fetch` puts a set by default: the directory the platform's documentation uses.
@@ -40,6 +42,92 @@ pub struct Located {
     /// Set when the set was chosen as `latest`: what to name instead should it turn out
     /// damaged while it is read.
     pub latest: Option<LatestChoice>,
+    /// What its signature must be.
+    pub trust: Trust,
+}
+
+/// What a reader requires of a set's signature: with `verify.allowed_signers`, a valid
+/// `manifest.json.sig` by a key it lists; without, none (but an invalid one is refused).
+#[derive(Debug, Default)]
+pub struct Trust {
+    pub allowed: Option<AllowedSigners>,
+    /// `--allow-unsigned`: take the set whatever its signature is (warned about).
+    pub allow_unsigned: bool,
+    /// The verdict, once [`check_signature`] has read it.
+    verdict: std::sync::OnceLock<Verdict>,
+}
+
+impl Trust {
+    /// The trust `settings` asks for (`verify.allowed_signers`, read here).
+    pub fn of(settings: &Settings) -> Result<Trust> {
+        let allowed = match &settings.verify.allowed_signers {
+            Some(p) => Some(AllowedSigners::load(p)?),
+            None => None,
+        };
+        Ok(Trust {
+            allowed,
+            ..Trust::default()
+        })
+    }
+}
+
+/// Reads a small file of a set whole, refusing more than `cap` bytes.
+async fn read_small(target: &dyn Target, cluster: &str, id: &str, name: &str, cap: u64) -> Result<Vec<u8>> {
+    let mut r = target.open_file(cluster, id, name).await?.take(cap + 1);
+    let mut bytes = Vec::new();
+    r.read_to_end(&mut bytes)
+        .await
+        .with_context(|| format!("cannot read {name}"))?;
+    if bytes.len() as u64 > cap {
+        bail!(Damage(format!("{name} is larger than {cap} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// What the signature of set `m` on `target` says, judged against `allowed`: the exact
+/// bytes of its `manifest.json` (which must say what `m` says) and its `manifest.json.sig`.
+pub async fn signature_of(
+    target: &dyn Target,
+    cluster: &str,
+    m: &Manifest,
+    allowed: Option<&AllowedSigners>,
+) -> Result<Verdict> {
+    let json = read_small(target, cluster, &m.id, MANIFEST, targets::MANIFEST_CAP).await?;
+    if Manifest::parse(&json).ok().as_ref() != Some(m) {
+        bail!(Damage(format!("{MANIFEST} changed while the set was being read")));
+    }
+    let sig = read_small(target, cluster, &m.id, SIGNATURE, crate::signing::SIGNATURE_CAP)
+        .await
+        .map_err(|e| crate::error::one_line(&e));
+    Ok(crate::signing::judge(
+        &json,
+        sig.as_deref().map_err(Clone::clone),
+        allowed,
+    ))
+}
+
+/// Checks the set's signature as [`Trust`] requires before anything of it is used: a set
+/// refused fails with the reason, naming the signature, unless `--allow-unsigned`.
+pub async fn check_signature(located: &Located) -> Result<Verdict> {
+    if let Some(v) = located.trust.verdict.get() {
+        return Ok(v.clone());
+    }
+    let (m, allowed) = (&located.manifest, located.trust.allowed.as_ref());
+    let verdict = signature_of(located.target.as_ref(), &located.cluster, m, allowed)
+        .await
+        .map_err(|e| explain(located, e))?;
+    if let Some(why) = verdict.refusal(allowed) {
+        if !located.trust.allow_unsigned {
+            bail!(
+                "refusing set {} on target '{}': {why} (--allow-unsigned to take it anyway)",
+                m.id,
+                located.target.name()
+            );
+        }
+        tracing::warn!("set {}: {why}; taking it anyway (--allow-unsigned)", m.id);
+    }
+    let _ = located.trust.verdict.set(verdict.clone());
+    Ok(verdict)
 }
 
 /// How `latest` was resolved: the newest set with a manifest, whatever its state, so that
@@ -84,6 +172,7 @@ fn explain(located: &Located, e: anyhow::Error) -> anyhow::Error {
 /// Finds set `id` (or the newest, for `latest`) on the target named `target` (default: the
 /// first configured), in the configured cluster's folder, or in any when none is configured.
 pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Result<Located> {
+    let trust = Trust::of(settings)?;
     let ts = match target {
         Some(name) => settings
             .target(name)
@@ -146,6 +235,7 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
         manifest: s.manifest,
         identity: None,
         latest: (id == "latest").then_some(LatestChoice { next_intact: next }),
+        trust,
     })
 }
 
@@ -363,6 +453,7 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
 
 /// `verify`: streams the whole set and checks it, writing nothing.
 pub async fn verify(located: &Located) -> Result<Vec<CheckedFile>> {
+    check_signature(located).await?;
     let result = async {
         check_sums(located).await?;
         let mut checked = Vec::new();
@@ -379,6 +470,7 @@ pub async fn verify(located: &Located) -> Result<Vec<CheckedFile>> {
 /// Downloads and checks the set into `dir` under temporary names (0600), then renames each
 /// file to its original name once all of them passed. On failure nothing is left.
 pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile, PathBuf)>> {
+    check_signature(located).await?;
     check_sums(located).await.map_err(|e| explain(located, e))?;
     let mut temps: Vec<PathBuf> = Vec::new();
     let mut renamed: Vec<PathBuf> = Vec::new();

@@ -16,8 +16,6 @@
 //! With every `keep_*` at 0 and no `max_age`, nothing is deleted (as restic refuses an empty
 //! policy rather than removing everything).
 
-use std::time::Duration;
-
 use anyhow::Result;
 use chrono::{DateTime, Datelike, Utc};
 use chrono_tz::Tz;
@@ -25,16 +23,7 @@ use serde::Serialize;
 
 use crate::targets::{ListedSet, Target};
 
-/// The `[retention]` policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    pub keep_last: u32,
-    pub keep_daily: u32,
-    pub keep_weekly: u32,
-    pub keep_monthly: u32,
-    pub max_age: Option<Duration>,
-    pub min_keep: u32,
-}
+pub use crate::config::types::Policy;
 
 impl Policy {
     fn has_keep_rules(&self) -> bool {
@@ -288,6 +277,7 @@ pub async fn prune_target(
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use std::time::Duration;
 
     fn policy(last: u32, daily: u32, weekly: u32, monthly: u32) -> Policy {
         Policy {

@@ -414,7 +414,7 @@ pub fn record(
 
 /// Adds a run to the node's state file; a failure to write it is logged, not fatal.
 pub fn remember(staging: &Path, run: RunState) {
-    if let Err(e) = pipeline::prepare_staging(staging) {
+    if let Err(e) = crate::staging::prepare_staging(staging) {
         tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
         return;
     }
@@ -452,7 +452,7 @@ pub fn remember_drill(settings: &Settings, id: &str, result: &Result<crate::rest
         }
     };
     let staging = &settings.snapshot.staging_dir;
-    if pipeline::prepare_staging(staging).is_err() {
+    if crate::staging::prepare_staging(staging).is_err() {
         return;
     }
     let mut state = State::load(staging);

@@ -37,6 +37,37 @@ pub struct State {
     /// is shipped once.
     #[serde(default)]
     pub imported: Vec<String>,
+    /// The newest set this node staged (its own or imported), for `status` and the metrics.
+    #[serde(default)]
+    pub newest_set: Option<SetState>,
+}
+
+/// What `status` and the metrics show of a set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SetState {
+    pub id: String,
+    /// Its manifest's `restorable_until` (RFC 3339, UTC), when its archive held certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restorable_until: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restorable_until_source: Option<String>,
+}
+
+/// Records `m` as the newest set staged here, unless a newer one already is. Best effort:
+/// a state file that cannot be written is logged.
+pub fn note_newest_set(staging: &Path, m: &crate::manifest::Manifest) {
+    let mut state = State::load(staging);
+    if state.newest_set.as_ref().is_some_and(|s| s.id > m.id) {
+        return;
+    }
+    state.newest_set = Some(SetState {
+        id: m.id.clone(),
+        restorable_until: m.restore.restorable_until.clone(),
+        restorable_until_source: m.restore.restorable_until_source.clone(),
+    });
+    if let Err(e) = state.save(staging) {
+        tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+    }
 }
 
 /// What a run came to, in `state.json`, in the run markers in etcd and as the metrics'

@@ -23,6 +23,7 @@ pub struct Inputs {
     pub compression: CompressionInputs,
     pub encryption: EncryptionInputs,
     pub verify: VerifyInputs,
+    pub signing: SigningInputs,
     pub import: ImportInputs,
     pub retention: RetentionInputs,
     pub delivery: DeliveryInputs,
@@ -206,6 +207,23 @@ pub struct VerifyInputs {
     pub scratch_dir: Option<PathBuf>,
     /// age identity for drills of encrypted sets (a secret: 0600).
     pub identity_file: Option<PathBuf>,
+    /// An OpenSSH allowed_signers file: when set, `fetch`, `verify` and drills take only
+    /// sets whose `manifest.json.sig` is by a key it lists for principal `etcd-backupd`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_signers: Option<PathBuf>,
+}
+
+/// `[signing]`: each node signs the sets it stores with its own Ed25519 key.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningInputs {
+    /// Sign every set; unset means on exactly when `key_file` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// The node's OpenSSH Ed25519 private key (0600), created when missing; unset means
+    /// `signing.key` in `snapshot.staging_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -312,6 +330,17 @@ pub struct TargetInputs {
     /// Time this target may spend on retries within one run before it is given up.
     #[serde(default = "default_retry_budget")]
     pub retry_budget: HumanDuration,
+    /// `s3://`: the S3 API's base URL; unset means AWS's regional endpoint.
+    pub endpoint: Option<String>,
+    /// `s3://`: the bucket's region (SigV4 signs it), required.
+    pub region: Option<String>,
+    /// `s3://`: the access key id, from a 0600 file.
+    pub access_key_file: Option<PathBuf>,
+    /// `s3://`: the secret access key, from a 0600 file.
+    pub secret_key_file: Option<PathBuf>,
+    /// `s3://`: `https://endpoint/bucket/` rather than `https://bucket.endpoint/`; unset
+    /// means true with an `endpoint`, false without (AWS).
+    pub path_style: Option<bool>,
 }
 
 fn default_proxy() -> String {

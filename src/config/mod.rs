@@ -20,7 +20,8 @@ use url::Url;
 
 pub use inputs::{
     CompressionInputs, DeliveryInputs, ElectionInputs, EncryptionInputs, GuardsInputs, ImportInputs, Inputs, IoClass,
-    MetricsInputs, PriorityInputs, RetentionInputs, ScheduleInputs, SnapshotMethod, VerifyInputs, VerifyUpload,
+    MetricsInputs, PriorityInputs, RetentionInputs, ScheduleInputs, SigningInputs, SnapshotMethod, VerifyInputs,
+    VerifyUpload,
 };
 use load::Merged;
 use types::HumanDuration;
@@ -35,10 +36,7 @@ const OPENSHIFT_ETCD_CERT: &str =
 const OPENSHIFT_ETCD_KEY: &str =
     "/etc/kubernetes/static-pod-resources/etcd-certs/secrets/etcd-all-certs/etcd-peer-{node_name}.key";
 
-/// A configuration problem; always reported as one line and exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub use crate::error::ConfigError;
 
 /// The validated configuration the program runs on.
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +61,9 @@ pub struct Settings {
     pub compression: CompressionInputs,
     pub encryption: EncryptionInputs,
     pub verify: VerifyInputs,
+    /// `None`: sets are not signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing: Option<SigningSettings>,
     #[serde(rename = "target")]
     pub targets: Vec<TargetSettings>,
     /// Each secret file with where it was configured (`file: target[0].password_file`).
@@ -87,6 +88,13 @@ pub struct EtcdTls {
     pub cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+}
+
+/// `[signing]` in effect.
+#[derive(Debug, Clone, Serialize)]
+pub struct SigningSettings {
+    /// The node's private key; never rendered into a MachineConfig (each node has its own).
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,6 +131,20 @@ pub struct TargetSettings {
     pub connect_timeout: HumanDuration,
     pub idle_timeout: HumanDuration,
     pub retry_budget: HumanDuration,
+    /// How an `s3://` target reaches its bucket; `None` for the other schemes.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Settings>,
+}
+
+/// An `s3://BUCKET/PREFIX/` target's keys, defaults filled in.
+#[derive(Debug, Clone, Serialize)]
+pub struct S3Settings {
+    /// The S3 API's base URL (`https://s3.<region>.amazonaws.com` when not configured).
+    pub endpoint: Url,
+    pub region: String,
+    pub access_key_file: PathBuf,
+    pub secret_key_file: PathBuf,
+    pub path_style: bool,
 }
 
 impl TargetSettings {
@@ -133,6 +155,8 @@ impl TargetSettings {
             ("token_file", self.token_file.as_deref()),
             ("client_key_file", self.client_key_file.as_deref()),
             ("proxy_password_file", self.proxy_password_file.as_deref()),
+            ("access_key_file", self.s3.as_ref().map(|s| s.access_key_file.as_path())),
+            ("secret_key_file", self.s3.as_ref().map(|s| s.secret_key_file.as_path())),
         ]
         .into_iter()
         .filter_map(|(k, p)| p.map(|p| (k, p)))
@@ -161,9 +185,9 @@ impl Settings {
     }
 
     /// The `[retention]` policy.
-    pub fn retention_policy(&self) -> crate::retention::Policy {
+    pub fn retention_policy(&self) -> types::Policy {
         let r = &self.retention;
-        crate::retention::Policy {
+        types::Policy {
             keep_last: r.keep_last,
             keep_daily: r.keep_daily,
             keep_weekly: r.keep_weekly,
@@ -225,6 +249,17 @@ impl Settings {
     pub fn target(&self, name: &str) -> Option<&TargetSettings> {
         self.targets.iter().find(|t| t.name == name)
     }
+}
+
+/// Reads an age identity file (a private key), refused when group or others can read it;
+/// `key` names where its path came from in errors (`--identity`, `verify.identity_file`).
+pub fn read_identity(path: Option<&Path>, key: &str) -> anyhow::Result<Option<String>> {
+    use crate::error::Stop;
+    let Some(path) = path else { return Ok(None) };
+    check_secret_file(path).map_err(|e| Stop::Usage(format!("{key}: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Stop::Usage(format!("{key}: cannot read '{}': {e}", path.display())))?;
+    Ok(Some(text))
 }
 
 /// A secret file must be a regular file that neither group nor others can read.
@@ -472,6 +507,22 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
             return Err(m.error_at(k, "must be above zero"));
         }
     }
+    if let Some(p) = &inputs.verify.allowed_signers
+        && !p.is_absolute()
+    {
+        return Err(m.error_at("verify.allowed_signers", "must be an absolute path"));
+    }
+    let signing_key = opt_path("signing.key_file", &inputs.signing.key_file)?;
+    if signing_key.as_ref().is_some_and(|p| !p.is_absolute()) {
+        return Err(m.error_at("signing.key_file", "must be an absolute path"));
+    }
+    let signing = match (inputs.signing.enabled, signing_key) {
+        (Some(false), _) | (None, None) => None,
+        (_, Some(key_file)) => Some(SigningSettings { key_file }),
+        (Some(true), None) => Some(SigningSettings {
+            key_file: snapshot.staging_dir.join(crate::signing::DEFAULT_KEY_FILE),
+        }),
+    };
     if let Some(bad) = inputs.import.dirs.iter().find(|d| !d.is_absolute()) {
         return Err(m.error_at("import.dirs", format!("'{}' must be an absolute path", bad.display())));
     }
@@ -531,6 +582,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         let raw_url = t.url.replace("{node_name}", &node_name);
         let url = parse_target_url(&raw_url).map_err(|e| m.error_at(&at("url"), e))?;
         let p = |k: &str, v: &Option<PathBuf>| opt_path(&at(k), v);
+        let s3 = s3_settings(t, &url, &p).map_err(|(k, e)| m.error_at(&at(k), e))?;
         let target = TargetSettings {
             name,
             username: t.username.clone().filter(|u| !u.is_empty()),
@@ -545,6 +597,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
             connect_timeout: t.connect_timeout,
             idle_timeout: t.idle_timeout,
             retry_budget: t.retry_budget,
+            s3,
             url,
         };
         if target.url.scheme() == "file" {
@@ -559,6 +612,19 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
             ];
             if let Some((k, _)) = remote_only.iter().find(|(_, set)| *set) {
                 return Err(m.error_at(&at(k), "does not apply to a file:// target"));
+            }
+        }
+        if target.url.scheme() == "s3" {
+            let webdav_only = [
+                ("username", target.username.is_some()),
+                ("password_file", target.password_file.is_some()),
+                ("token_file", target.token_file.is_some()),
+            ];
+            if let Some((k, _)) = webdav_only.iter().find(|(_, set)| *set) {
+                return Err(m.error_at(
+                    &at(k),
+                    "does not apply to an s3:// target; use access_key_file and secret_key_file",
+                ));
             }
         }
         if target.password_file.is_some() && target.username.is_none() {
@@ -635,9 +701,104 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         compression: inputs.compression,
         encryption: inputs.encryption,
         verify: inputs.verify,
+        signing,
         targets,
         secret_files,
     })
+}
+
+/// The S3 keys of target `t` with URL `url`: `Some` for `s3://`, where `region`,
+/// `access_key_file` and `secret_key_file` are required; on any other scheme they must be
+/// unset. An error names the key.
+fn s3_settings(
+    t: &inputs::TargetInputs,
+    url: &Url,
+    path: &dyn Fn(&str, &Option<PathBuf>) -> Result<Option<PathBuf>, String>,
+) -> Result<Option<S3Settings>, (&'static str, String)> {
+    let access_key_file = path("access_key_file", &t.access_key_file).map_err(|e| ("access_key_file", e))?;
+    let secret_key_file = path("secret_key_file", &t.secret_key_file).map_err(|e| ("secret_key_file", e))?;
+    if url.scheme() != "s3" {
+        let s3_only = [
+            ("endpoint", t.endpoint.is_some()),
+            ("region", t.region.is_some()),
+            ("access_key_file", access_key_file.is_some()),
+            ("secret_key_file", secret_key_file.is_some()),
+            ("path_style", t.path_style.is_some()),
+        ];
+        return match s3_only.iter().find(|(_, set)| *set) {
+            Some((k, _)) => Err((k, "applies only to an s3:// target".into())),
+            None => Ok(None),
+        };
+    }
+    let region = match t.region.as_deref() {
+        None | Some("") => return Err(("region", "required for an s3:// target, e.g. \"us-east-1\"".into())),
+        Some(r) if !r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+            return Err((
+                "region",
+                format!("{r:?} is not a region name (letters, digits and '-')"),
+            ));
+        }
+        Some(r) => r.to_string(),
+    };
+    let endpoint = match t.endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(raw) => {
+            let u = Url::parse(raw).map_err(|e| ("endpoint", e.to_string()))?;
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                return Err(("endpoint", "must be https://host[:port] (or http://)".into()));
+            }
+            if !u.username().is_empty() || u.password().is_some() {
+                return Err((
+                    "endpoint",
+                    "credentials in the URL are not allowed; use access_key_file and secret_key_file".into(),
+                ));
+            }
+            if !matches!(u.path(), "" | "/") || u.query().is_some() || u.fragment().is_some() {
+                return Err(("endpoint", "must be scheme://host[:port] only, without a path".into()));
+            }
+            Some(u)
+        }
+        None => None,
+    };
+    let path_style = t.path_style.unwrap_or(endpoint.is_some());
+    let endpoint = match endpoint {
+        Some(u) => u,
+        None => Url::parse(&format!("https://s3.{region}.amazonaws.com/")).map_err(|e| ("region", e.to_string()))?,
+    };
+    let bucket = url.host_str().unwrap_or_default();
+    if !path_style && bucket.contains('.') && endpoint.scheme() == "https" {
+        return Err((
+            "path_style",
+            format!(
+                "bucket {bucket:?} has a '.', which no TLS certificate of a virtual-hosted endpoint covers; set path_style = true"
+            ),
+        ));
+    }
+    let required = |k: &'static str, v: Option<PathBuf>| v.ok_or((k, "required for an s3:// target".to_string()));
+    Ok(Some(S3Settings {
+        endpoint,
+        region,
+        access_key_file: required("access_key_file", access_key_file)?,
+        secret_key_file: required("secret_key_file", secret_key_file)?,
+        path_style,
+    }))
+}
+
+/// An S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-', starting and ending
+/// with a letter or digit.
+fn check_bucket(b: &str) -> Result<(), String> {
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !(3..=63).contains(&b.len())
+        || !b
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        || !edge_ok(b.chars().next())
+        || !edge_ok(b.chars().last())
+    {
+        return Err(format!(
+            "{b:?} is not an S3 bucket name (3 to 63 lower-case letters, digits, '.' and '-')"
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a target URL without ever echoing it: it might hold a password.
@@ -663,9 +824,26 @@ fn parse_target_url(raw: &str) -> Result<Url, String> {
                 return Err("a file:// target must not be the root directory".into());
             }
         }
+        "s3" => {
+            if !url.username().is_empty() {
+                return Err("credentials in the URL are not allowed; use access_key_file and secret_key_file".into());
+            }
+            check_bucket(url.host_str().unwrap_or_default())?;
+            if url.port().is_some() {
+                return Err("s3://BUCKET/PREFIX/ takes no port; set endpoint".into());
+            }
+            let prefix = url.path().trim_matches('/');
+            if !prefix.is_empty()
+                && let Some(bad) = prefix.split('/').find(|seg| check_name(seg).is_err())
+            {
+                return Err(format!(
+                    "prefix segment {bad:?} is not usable: use letters, digits, '.', '_' and '-', not starting with '.'"
+                ));
+            }
+        }
         other => {
             return Err(format!(
-                "scheme '{other}' is not supported; use https://, http:// or file:///"
+                "scheme '{other}' is not supported; use https://, http://, s3:// or file:///"
             ));
         }
     }
@@ -805,6 +983,30 @@ mod tests {
         ] {
             let e = load(&format!("{MIN}{text}")).unwrap_err();
             assert!(e.starts_with(&format!("config.toml: {key}:")), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn signing_is_on_with_a_key_file_or_enabled() {
+        let key = |text: &str| load(&format!("{MIN}{text}")).map(|s| s.signing.map(|s| s.key_file));
+        assert_eq!(key(""), Ok(None));
+        assert_eq!(
+            key("[signing]\nenabled = true\n"),
+            Ok(Some(PathBuf::from("/var/lib/etcd-backupd/signing.key")))
+        );
+        assert_eq!(
+            key("[signing]\nkey_file = \"/etc/etcd-backupd/{node_name}.key\"\n"),
+            Ok(Some(PathBuf::from("/etc/etcd-backupd/n1.key")))
+        );
+        assert_eq!(key("[signing]\nenabled = false\nkey_file = \"/k\"\n"), Ok(None));
+        for (text, key) in [
+            ("[signing]\nkey_file = \"rel.key\"\n", "signing.key_file"),
+            ("[signing]\nenabled = \"yes\"\n", "signing.enabled"),
+            ("[signing]\nkey = \"/k\"\n", "signing"),
+            ("[verify]\nallowed_signers = \"rel\"\n", "verify.allowed_signers"),
+        ] {
+            let e = load(&format!("{MIN}{text}")).unwrap_err();
+            assert!(e.starts_with(&format!("config.toml: {key}")), "{text}: {e}");
         }
     }
 

@@ -217,3 +217,14 @@ mod tests {
         assert!(FreeSpace::parse("twice").is_err());
     }
 }
+
+/// The `[retention]` policy, as retention applies it (see `crate::retention`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub keep_last: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+    pub max_age: Option<std::time::Duration>,
+    pub min_keep: u32,
+}

@@ -14,7 +14,7 @@ use super::{
 use crate::config::TargetSettings;
 use crate::fsutil;
 use crate::growing::Follower;
-use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
+use crate::manifest::{MANIFEST, Manifest};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -99,9 +99,12 @@ impl FileTarget {
                     );
                 }
             }
-            fsutil::write_private_file(&tmp.join(SHA256SUMS), set.manifest.sha256sums().as_bytes())?;
-            // The manifest goes last: a directory holding one is a complete set.
-            fsutil::write_private_file(&tmp.join(MANIFEST), set.manifest.to_json().as_bytes())?;
+            // SHA256SUMS and the signature (stored before the manifest: every visible set is
+            // signed), then the manifest, last: a directory holding one is a complete set.
+            for (name, bytes) in set.closing_files()? {
+                fsutil::write_private_file(&tmp.join(name), &bytes)?;
+            }
+            fsutil::write_private_file(&tmp.join(MANIFEST), &set.manifest_json())?;
             fsutil::fsync_dir(&tmp)?;
             if abort.is_cancelled() {
                 bail!("the run was stopped before the set was moved into place");

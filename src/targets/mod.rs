@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod file;
+pub mod http;
 pub mod propfind;
 pub mod proxy;
 pub mod retry;
@@ -19,6 +20,8 @@ use chrono::{DateTime, Utc};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::manifest::{PARTIAL_MARK, is_set_name, safe_component};
+
 use crate::config::TargetSettings;
 use crate::growing::Follower;
 use crate::manifest::Manifest;
@@ -29,6 +32,32 @@ use crate::manifest::Manifest;
 pub struct StagedSet {
     pub dir: PathBuf,
     pub manifest: Manifest,
+}
+
+impl StagedSet {
+    /// `manifest.json` exactly as staged: the bytes its signature covers (the manifest
+    /// serialized anew only when the staged file does not say the same).
+    pub fn manifest_json(&self) -> Vec<u8> {
+        match std::fs::read(self.dir.join(crate::manifest::MANIFEST)) {
+            Ok(b) if Manifest::parse(&b).is_ok_and(|m| m == self.manifest) => b,
+            _ => self.manifest.to_json().into_bytes(),
+        }
+    }
+
+    /// The files every target stores after those the manifest lists and before
+    /// `manifest.json` (which goes last), in this order, with their contents: `SHA256SUMS`,
+    /// and `manifest.json.sig` when the set is signed.
+    pub fn closing_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        use crate::manifest::{SHA256SUMS, SIGNATURE};
+        let mut files = vec![(SHA256SUMS, self.manifest.sha256sums().into_bytes())];
+        let sig = self.dir.join(SIGNATURE);
+        match std::fs::read(&sig) {
+            Ok(b) => files.push((SIGNATURE, b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("cannot read '{}': {e}", sig.display()),
+        }
+        Ok(files)
+    }
 }
 
 /// A set found on a target: a folder holding a readable `manifest.json` (a folder without one
@@ -164,18 +193,6 @@ pub fn open(settings: &TargetSettings, rate: Option<u64>) -> Result<Box<dyn Targ
     }
 }
 
-/// Is `name` safe to use as one path component received from a target?
-pub fn safe_component(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\'])
-        && !name.chars().any(char::is_control)
-}
-
-/// Marks a temporary set directory; never part of a complete set's name.
-pub const PARTIAL_MARK: &str = ".partial-";
-
 /// The hidden temporary name a set is assembled under: `.<id>.partial-<node>-<random>`.
 pub fn partial_name(id: &str, node: &str) -> String {
     format!(".{id}{PARTIAL_MARK}{node}-{:08x}", rand::random::<u32>())
@@ -199,11 +216,6 @@ pub fn is_removable_debris(name: &str, node: &str, modified: Option<DateTime<Utc
         return false;
     };
     owner == node || modified.is_some_and(|m| now - m >= FOREIGN_DEBRIS_AGE)
-}
-
-/// Is `name` a complete set's folder name (not debris, not hidden)?
-pub fn is_set_name(name: &str) -> bool {
-    safe_component(name) && !name.starts_with('.') && !name.contains(PARTIAL_MARK)
 }
 
 #[cfg(test)]

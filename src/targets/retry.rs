@@ -41,7 +41,7 @@ impl TransportError {
     /// the layers of wrapping around it; other errors keep `message`.
     pub fn classify(e: &reqwest::Error, message: String) -> TransportError {
         if let Some(r) = find_in_chain::<ResolveError>(e) {
-            return if true || r.transient {
+            return if r.transient {
                 TransportError::Transient(message)
             } else {
                 TransportError::Permanent {

@@ -6,34 +6,32 @@
 //! replaced and a cut upload never looks like a set.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
-use futures_util::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
 use sha2::{Digest, Sha256};
 use url::Url;
 
+pub use super::http::install_crypto_provider;
+use super::http::{Http, counting_body, excerpt, is_loopback, next_chunk, read_capped, read_secret};
 use super::propfind::{self, DavEntry};
-use super::proxy::{self, ProxyChoice};
-use super::retry::{self, Backoff, TransportError};
+use super::retry;
 use super::{
     Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, StagedSet, Target, is_removable_debris, is_set_name,
     partial_name, safe_component,
 };
 use crate::config::{TargetSettings, VerifyUpload};
 use crate::growing::Follower;
-use crate::manifest::{MANIFEST, Manifest, SHA256SUMS};
+use crate::manifest::{MANIFEST, Manifest};
 use tokio_util::sync::CancellationToken;
 
 /// The largest PROPFIND answer read; a server sending more is refused.
 const PROPFIND_CAP: u64 = 16 << 20;
 /// The answers to a PUT that mean it was stored.
 const PUT_OK: [StatusCode; 3] = [StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK];
-/// How much of an error answer's body goes into the error message.
-const EXCERPT_LEN: usize = 200;
 
 enum Auth {
     None,
@@ -45,245 +43,20 @@ enum Auth {
 pub struct DavTarget {
     name: String,
     base: Url,
-    client: reqwest::Client,
+    /// The shared HTTP side: client, proxy, retries, idle timeout, rate, secrets.
+    http: Http,
     auth: Auth,
-    /// Secret values that must never reach a log or an error, even echoed by a server.
-    secrets: Vec<String>,
     verify: VerifyUpload,
-    idle: Duration,
-    backoff: Backoff,
-    proxy: ProxyChoice,
-    rate: Option<u64>,
-}
-
-/// Reads a secret file; one readable by group or others is refused (exit 2), whichever
-/// command reads it.
-fn read_secret(path: &std::path::Path, key: &str, target: &str) -> Result<String> {
-    crate::config::check_secret_file(path)
-        .map_err(|e| crate::error::Stop::Usage(format!("target '{target}': {key}: {e}")))?;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("target '{target}': {key} '{}'", path.display()))?;
-    let secret = text.trim_end_matches(['\n', '\r']).to_string();
-    if secret.is_empty() {
-        bail!("target '{target}': {key} '{}' is empty", path.display());
-    }
-    Ok(secret)
-}
-
-/// One line of an error body, for messages: tags and runs of white space squeezed.
-fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
-    let mut out = String::new();
-    let mut in_tag = false;
-    for c in text.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' => {
-                in_tag = false;
-                out.push(' ');
-            }
-            c if !in_tag => out.push(if c.is_control() { ' ' } else { c }),
-            _ => {}
-        }
-    }
-    let squeezed = out.split_whitespace().collect::<Vec<_>>().join(" ");
-    squeezed.chars().take(EXCERPT_LEN).collect()
-}
-
-/// An error and its sources on one line, without the URL reqwest repeats in each.
-fn flat(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let s = match err.downcast_ref::<reqwest::Error>() {
-            // reqwest's Display includes the URL; our messages already name it.
-            Some(re) => reqwest_kind(re).to_string(),
-            None => err.to_string(),
-        };
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-        cur = err.source();
-    }
-    parts.join(": ").replace('\n', " ")
-}
-
-fn reqwest_kind(e: &reqwest::Error) -> &'static str {
-    if e.is_connect() {
-        "cannot connect"
-    } else if e.is_timeout() {
-        "timed out"
-    } else if e.is_body() {
-        "request body failed"
-    } else if e.is_decode() {
-        "cannot decode the answer"
-    } else if e.is_redirect() {
-        "redirect"
-    } else {
-        "request failed"
-    }
-}
-
-/// A request body that counts what has been sent, for the idle watchdog.
-/// With `rate`, the body is paced to that many bytes per second (`upload_rate_limit`).
-/// `phase` shows the body's progress (a retry starts it again).
-fn counting_body<S>(chunks: S, sent: Arc<AtomicU64>, rate: Option<u64>, phase: crate::progress::Phase) -> reqwest::Body
-where
-    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
-{
-    let mut pace = rate.map(crate::priority::Pace::new);
-    phase.set(0);
-    let stream = chunks
-        .inspect_ok(move |chunk| {
-            sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            phase.add(chunk.len() as u64);
-        })
-        .then(move |chunk| {
-            let wait = match (&chunk, pace.as_mut()) {
-                (Ok(c), Some(p)) => p.delay_for(c.len()),
-                _ => Duration::ZERO,
-            };
-            async move {
-                tokio::time::sleep(wait).await;
-                chunk
-            }
-        });
-    reqwest::Body::wrap_stream(stream)
-}
-
-/// Runs `fut` (a request, until the answer's headers), failing it when `progress` has not
-/// moved for `idle`: the body being sent moves it; waiting for the answer after the body is
-/// sent may take `idle` too. There is no total limit, so a multi-GiB upload over a slow link
-/// is never cut while it moves.
-async fn watch_idle<T>(
-    fut: impl std::future::Future<Output = reqwest::Result<T>>,
-    progress: &AtomicU64,
-    idle: Duration,
-) -> std::result::Result<T, TransportError> {
-    tokio::pin!(fut);
-    let mut last = progress.load(Ordering::Relaxed);
-    let mut last_change = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval((idle / 8).max(Duration::from_millis(20)));
-    loop {
-        tokio::select! {
-            out = &mut fut => return out.map_err(|e| TransportError::classify(&e, flat(&e))),
-            _ = tick.tick() => {
-                let now = progress.load(Ordering::Relaxed);
-                if now != last {
-                    last = now;
-                    last_change = tokio::time::Instant::now();
-                } else if last_change.elapsed() >= idle {
-                    return Err(TransportError::Transient(format!(
-                        "no progress for {}",
-                        humantime::format_duration(idle)
-                    )));
-                }
-            }
-        }
-    }
-}
-
-/// The next chunk of an answer's body, or an error after `idle` without one.
-async fn next_chunk<S>(stream: &mut S, idle: Duration, what: &str) -> Result<Option<bytes::Bytes>>
-where
-    S: futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
-{
-    match tokio::time::timeout(idle, stream.next()).await {
-        Err(_) => bail!("{what}: no data for {}", humantime::format_duration(idle)),
-        Ok(None) => Ok(None),
-        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
-        Ok(Some(Err(e))) => bail!("{what}: reading the answer: {}", flat(&e)),
-    }
-}
-
-/// Reads a body, refusing one larger than `cap`.
-async fn read_capped(resp: Response, cap: u64, idle: Duration, what: &str) -> Result<Vec<u8>> {
-    if resp.content_length().is_some_and(|n| n > cap) {
-        bail!("{what}: the answer is larger than {cap} bytes; refusing it");
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = next_chunk(&mut stream, idle, what).await? {
-        if body.len() as u64 + chunk.len() as u64 > cap {
-            bail!("{what}: the answer is larger than {cap} bytes; refusing it");
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// Is `host` this machine? Credentials may cross plain http only there.
-fn is_loopback(host: &str) -> bool {
-    let h = host.trim_matches(['[', ']']);
-    h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// reqwest is built without a default crypto provider (aws-lc is slow to build): use ring,
-/// as tonic does. Idempotent; every HTTP client in the process needs it first.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 impl DavTarget {
     pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<DavTarget> {
-        install_crypto_provider();
+        let mut http = Http::new(settings, &settings.url, rate)?;
         let name = settings.name.clone();
-        let proxy = proxy::choose(&settings.proxy, &settings.url, &proxy::ProcessEnv)
-            .map_err(|e| anyhow!("target '{name}': {e}"))?;
-        let mut secrets = Vec::new();
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout.0)
-            // A redirect cannot replay a streamed PUT; a moved server is a configuration
-            // matter, reported with its Location.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("etcd-backupd/", env!("CARGO_PKG_VERSION")))
-            .http1_only()
-            // Keeps getaddrinfo's error code: a host name that does not exist fails at once.
-            .dns_resolver(std::sync::Arc::new(super::dns::Resolver))
-            .tls_backend_rustls();
-        builder = match &proxy {
-            ProxyChoice::Direct { .. } => builder.no_proxy(),
-            ProxyChoice::Via { url, .. } => {
-                let mut p = reqwest::Proxy::all(url.as_str()).map_err(|e| anyhow!("target '{name}': proxy: {e}"))?;
-                if let Some(pw) = url.password() {
-                    secrets.push(pw.to_string());
-                }
-                if let Some(file) = &settings.proxy_password_file {
-                    let password = read_secret(file, "proxy_password_file", &name)?;
-                    p = p.basic_auth(url.username(), &password);
-                    secrets.push(password);
-                }
-                builder.proxy(p)
-            }
-        };
-        if let Some(ca) = &settings.ca_file {
-            let pem = std::fs::read(ca).with_context(|| format!("target '{name}': ca_file '{}'", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow!("target '{name}': ca_file '{}': {e}", ca.display()))?;
-            if certs.is_empty() {
-                bail!("target '{name}': ca_file '{}' holds no PEM certificate", ca.display());
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if let (Some(cert), Some(key)) = (&settings.client_cert_file, &settings.client_key_file) {
-            let mut pem = std::fs::read(cert)
-                .with_context(|| format!("target '{name}': client_cert_file '{}'", cert.display()))?;
-            pem.push(b'\n');
-            pem.extend(read_secret(key, "client_key_file", &name)?.into_bytes());
-            let id = reqwest::Identity::from_pem(&pem).map_err(|_| {
-                anyhow!("target '{name}': client_cert_file/client_key_file: not a PEM certificate and key")
-            })?;
-            builder = builder.identity(id);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| anyhow!("target '{name}': cannot set up HTTP: {}", flat(&e)))?;
         let auth = match (&settings.username, &settings.password_file, &settings.token_file) {
             (Some(user), Some(pw), _) => {
                 let password = read_secret(pw, "password_file", &name)?;
-                secrets.push(password.clone());
+                http.add_secret(password.clone());
                 Auth::Basic {
                     user: user.clone(),
                     password,
@@ -291,7 +64,7 @@ impl DavTarget {
             }
             (_, _, Some(token)) => {
                 let token = read_secret(token, "token_file", &name)?;
-                secrets.push(token.clone());
+                http.add_secret(token.clone());
                 Auth::Bearer(token)
             }
             _ => Auth::None,
@@ -305,27 +78,16 @@ impl DavTarget {
         Ok(DavTarget {
             name,
             base: settings.url.clone(),
-            client,
+            http,
             auth,
-            secrets,
             verify: settings.verify_upload,
-            idle: settings.idle_timeout.0,
-            backoff: Backoff::new(settings.retry_budget.0),
-            proxy,
-            rate,
         })
     }
 
     /// Removes every known secret from text that came from a server, which might echo our
     /// request headers back.
     fn scrub(&self, text: String) -> String {
-        self.secrets.iter().fold(text, |t, s| {
-            if s.len() >= 4 {
-                t.replace(s.as_str(), "[redacted]")
-            } else {
-                t
-            }
-        })
+        self.http.scrub(text)
     }
 
     /// `base/seg1/seg2[/]`, each segment percent-encoded; every segment must be a plain name.
@@ -350,7 +112,7 @@ impl DavTarget {
     }
 
     fn request(&self, method: Method, url: &Url) -> RequestBuilder {
-        let rb = self.client.request(method, url.clone());
+        let rb = self.http.client.request(method, url.clone());
         match &self.auth {
             Auth::None => rb,
             Auth::Basic { user, password } => rb.basic_auth(user, Some(password)),
@@ -367,44 +129,7 @@ impl DavTarget {
         url: &Url,
         make: impl Fn(Arc<AtomicU64>) -> Result<RequestBuilder>,
     ) -> Result<(Response, bool)> {
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let progress = Arc::new(AtomicU64::new(0));
-            let rb = make(progress.clone())?;
-            let outcome = watch_idle(rb.send(), &progress, self.idle).await;
-            let (why, server_asks) = match outcome {
-                Ok(resp) if retry::retryable_status(resp.status()) => {
-                    let status = resp.status();
-                    let asks = retry::retry_after(resp.headers(), chrono::Utc::now());
-                    let body = read_capped(resp, 64 * 1024, self.idle, what).await.unwrap_or_default();
-                    (format!("{status}: {}", self.scrub(excerpt(&body))), asks)
-                }
-                Ok(resp) => return Ok((resp, attempt > 1)),
-                // No retry changes it: this target fails now, and the run goes on.
-                Err(e @ TransportError::Permanent { .. }) => {
-                    return Err(anyhow::Error::new(e).context(format!("target '{}': {what} '{url}'", self.name)));
-                }
-                Err(TransportError::Transient(e)) => (e, None),
-            };
-            if false && self.backoff.budget().is_zero() {
-                bail!("target '{}': {what} '{url}': {why} (not retried)", self.name);
-            }
-            match self.backoff.next_delay(attempt, server_asks) {
-                Some(delay) => {
-                    tracing::warn!(
-                        target_name = %self.name, attempt, delay_ms = delay.as_millis() as u64, error = %why,
-                        "{what} '{url}' failed; retrying"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                None => bail!(
-                    "target '{}': {what} '{url}': {why} (gave up after {attempt} attempts; retry_budget {} spent)",
-                    self.name,
-                    humantime::format_duration(self.backoff.budget())
-                ),
-            }
-        }
+        self.http.send_counted(what, url.as_str(), make).await
     }
 
     async fn send(
@@ -439,7 +164,9 @@ impl DavTarget {
             .get(header::LOCATION)
             .and_then(|l| l.to_str().ok())
             .map(str::to_string);
-        let body = read_capped(resp, 64 * 1024, self.idle, what).await.unwrap_or_default();
+        let body = read_capped(resp, 64 * 1024, self.http.idle, what)
+            .await
+            .unwrap_or_default();
         let mut msg = format!("target '{}': {what} '{url}': {status}", self.name);
         if let Some(loc) = location {
             msg.push_str(&format!(" (Location: {}; point the target url there)", self.scrub(loc)));
@@ -468,7 +195,7 @@ impl DavTarget {
         }
         let resp = self.expect("PROPFIND", url, resp, &[StatusCode::MULTI_STATUS]).await?;
         let what = format!("target '{}': PROPFIND '{url}'", self.name);
-        let body = read_capped(resp, PROPFIND_CAP, self.idle, &what).await?;
+        let body = read_capped(resp, PROPFIND_CAP, self.http.idle, &what).await?;
         let entries = propfind::parse(&body).with_context(|| what.clone())?;
         Ok(Some(entries))
     }
@@ -508,7 +235,7 @@ impl DavTarget {
                 .body(counting_body(
                     tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024),
                     progress,
-                    self.rate,
+                    self.http.rate,
                     phase.clone(),
                 )))
         })
@@ -552,7 +279,7 @@ impl DavTarget {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut stream = resp.bytes_stream();
-        while let Some(chunk) = next_chunk(&mut stream, self.idle, &what).await? {
+        while let Some(chunk) = next_chunk(&mut stream, self.http.idle, &what).await? {
             size += chunk.len() as u64;
             hasher.update(&chunk);
         }
@@ -645,18 +372,16 @@ impl DavTarget {
                 mib_per_s = format!("{:.1}", f.stored_size as f64 / secs / 1048576.0), "uploaded"
             );
         }
-        let sums = set.manifest.sha256sums();
-        self.put_bytes(&join(tmp, SHA256SUMS)?, sums.as_bytes()).await?;
+        // SHA256SUMS and the signature before the manifest: every visible set is signed.
+        let closing = set.closing_files()?;
+        for (name, bytes) in &closing {
+            self.put_bytes(&join(tmp, name)?, bytes).await?;
+        }
+        let sizes: Vec<(&str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
         // Checked before the manifest goes up: the manifest is the last thing written.
-        self.check_landed(
-            tmp,
-            &set.manifest,
-            &[(SHA256SUMS, sums.len())],
-            self.verify == VerifyUpload::ReadBack,
-        )
-        .await?;
-        self.put_bytes(&join(tmp, MANIFEST)?, set.manifest.to_json().as_bytes())
-            .await
+        self.check_landed(tmp, &set.manifest, &sizes, self.verify == VerifyUpload::ReadBack)
+            .await?;
+        self.put_bytes(&join(tmp, MANIFEST)?, &set.manifest_json()).await
     }
 
     /// `MOVE` without overwriting. When the answer to an earlier attempt was lost, the move
@@ -677,7 +402,7 @@ impl DavTarget {
             let url = join(to, MANIFEST)?;
             let resp = self.send("GET", &url, |_| Ok(self.request(Method::GET, &url))).await?;
             if resp.status() == StatusCode::OK {
-                let body = read_capped(resp, MANIFEST_CAP, self.idle, "GET manifest").await?;
+                let body = read_capped(resp, MANIFEST_CAP, self.http.idle, "GET manifest").await?;
                 if Manifest::parse(&body).ok().as_ref() == Some(manifest) {
                     return Ok(());
                 }
@@ -743,7 +468,7 @@ impl Target for DavTarget {
     }
 
     fn route(&self) -> String {
-        format!("{}, {}", self.base, self.proxy.describe())
+        format!("{}, {}", self.base, self.http.proxy.describe())
     }
 
     async fn preflight(&self) -> Result<()> {
@@ -792,7 +517,7 @@ impl Target for DavTarget {
                 .body(counting_body(
                     file.stream(256 * 1024),
                     progress.clone(),
-                    self.rate,
+                    self.http.rate,
                     crate::progress::Phase::none(),
                 )))
         });
@@ -836,17 +561,11 @@ impl Target for DavTarget {
         }
         // A server whose MOVE is a copy (across devices, or an object store) may have moved
         // part of it: check the set where it landed, and take it down if it is incomplete.
-        let sums_len = set.manifest.sha256sums().len();
-        let json_len = set.manifest.to_json().len();
-        if let Err(e) = self
-            .check_landed(
-                &final_url,
-                &set.manifest,
-                &[(SHA256SUMS, sums_len), (MANIFEST, json_len)],
-                false,
-            )
-            .await
-        {
+        let json_len = set.manifest_json().len();
+        let closing = set.closing_files()?;
+        let mut sizes: Vec<(&str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
+        sizes.push((MANIFEST, json_len));
+        if let Err(e) = self.check_landed(&final_url, &set.manifest, &sizes, false).await {
             if let Err(d) = self.delete_collection(&final_url).await {
                 tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&d), "cannot remove an incomplete set");
             }
@@ -885,7 +604,7 @@ impl Target for DavTarget {
                 }
                 let resp = self.expect("GET", &url, resp, &[StatusCode::OK]).await?;
                 let what = format!("target '{}': GET '{url}'", self.name);
-                let body = read_capped(resp, MANIFEST_CAP, self.idle, &what).await?;
+                let body = read_capped(resp, MANIFEST_CAP, self.http.idle, &what).await?;
                 let m = match Manifest::parse(&body) {
                     Ok(m) if m.id == e.name => m,
                     Ok(_) => {
@@ -918,25 +637,7 @@ impl Target for DavTarget {
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
         let url = self.url(&[cluster, id, name], false)?;
         let resp = self.get(&url).await?;
-        let (target, idle) = (self.name.clone(), self.idle);
-        let stream = resp
-            .bytes_stream()
-            .map_err(move |e| std::io::Error::other(format!("target '{target}': {}", flat(&e))));
-        // A stalled body fails after `idle` rather than hanging a reader forever.
-        let stream = futures_util::stream::unfold(Box::pin(stream), move |mut s| async move {
-            match tokio::time::timeout(idle, s.next()).await {
-                Ok(Some(item)) => Some((item, s)),
-                Ok(None) => None,
-                Err(_) => Some((
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no data from the server",
-                    )),
-                    s,
-                )),
-            }
-        });
-        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
+        Ok(super::http::reader(resp, self.name.clone(), self.http.idle))
     }
 
     async fn delete_set(&self, cluster: &str, id: &str) -> Result<()> {
@@ -949,50 +650,5 @@ impl Target for DavTarget {
     async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize> {
         let entries = self.children(&self.url(&[cluster], true)?).await?.unwrap_or_default();
         Ok(self.remove_debris_among(cluster, &entries, node).await)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn excerpts_are_one_short_line() {
-        let e = excerpt(b"<html>\n<body><h1>507</h1>\n<p>quota\texceeded</p></body></html>");
-        assert_eq!(e, "507 quota exceeded");
-        assert!(excerpt(&vec![b'a'; 10_000]).len() <= EXCERPT_LEN);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_idle_watch_fires_only_without_progress() {
-        let idle = Duration::from_secs(60);
-        let stuck = AtomicU64::new(0);
-        let started = tokio::time::Instant::now();
-        let e = watch_idle(std::future::pending::<reqwest::Result<()>>(), &stuck, idle)
-            .await
-            .unwrap_err();
-        assert_eq!(e, TransportError::Transient("no progress for 1m".into()));
-        assert!(started.elapsed() >= idle && started.elapsed() < idle * 2);
-
-        // A slow but moving request may take far longer than `idle` in all.
-        let moving = Arc::new(AtomicU64::new(0));
-        let m = moving.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                m.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        let long = async {
-            tokio::time::sleep(Duration::from_secs(600)).await;
-            Ok::<_, reqwest::Error>("done")
-        };
-        assert_eq!(watch_idle(long, &moving, idle).await.unwrap(), "done");
-    }
-
-    #[test]
-    fn only_loopback_may_see_credentials_in_clear() {
-        assert!(is_loopback("127.0.0.1") && is_loopback("localhost") && is_loopback("[::1]"));
-        assert!(!is_loopback("dav.example.com") && !is_loopback("10.0.0.1"));
     }
 }

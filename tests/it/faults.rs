@@ -2335,7 +2335,9 @@ fn hundreds_of_fast_elected_runs_with_member_restarts_take_exactly_one_backup_ea
                 unsettled += 1;
                 let id = m["id"].as_str().unwrap();
                 assert!(
-                    runs_of_sets.get(run.as_str()).is_none_or(|ids| ids == &vec![id.to_string()]),
+                    runs_of_sets
+                        .get(run.as_str())
+                        .is_none_or(|ids| ids == &vec![id.to_string()]),
                     "{run}: {m}"
                 );
             }

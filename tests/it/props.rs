@@ -52,6 +52,7 @@ fn manifest_naming(names: &[(usize, String)]) -> Manifest {
         ],
         tool: ToolInfo::this(),
         forced: Vec::new(),
+        restore: Default::default(),
     };
     for (slot, name) in names {
         let f = &mut m.files[slot / 2];

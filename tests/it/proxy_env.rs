@@ -24,7 +24,9 @@ fn summary_line(r: &Run, name: &str) -> String {
 fn verdict_line(r: &Run, name: &str) -> String {
     r.stdout
         .lines()
-        .find(|l| l.starts_with(&format!("ok: target '{name}' ")) || l.starts_with(&format!("FAILED: target '{name}': ")))
+        .find(|l| {
+            l.starts_with(&format!("ok: target '{name}' ")) || l.starts_with(&format!("FAILED: target '{name}': "))
+        })
         .unwrap_or_else(|| panic!("no verdict for {name}: {}", r.all()))
         .to_string()
 }
@@ -74,7 +76,11 @@ fn upper_case_http_proxy_routes_http_targets_unless_no_proxy_names_them() {
         let r = check_config(&cfg, &env);
         assert_eq!(r.code, 0, "case {i}: {}", r.all());
         let shown = format!("target 'dav': {}, {route}", rclone.url());
-        assert!(r.stdout.lines().any(|l| l == shown), "case {i}: want {shown:?}: {}", r.stdout);
+        assert!(
+            r.stdout.lines().any(|l| l == shown),
+            "case {i}: want {shown:?}: {}",
+            r.stdout
+        );
 
         std::thread::sleep(Duration::from_millis(1100));
         let before = proxy.requests();
@@ -145,7 +151,10 @@ async fn permanent_target_errors_fail_at_once_and_the_others_go_on() {
     }
     for (name, cause) in &expect {
         let line = summary_line(&r, name);
-        assert!(line.contains("FAILED") && line.contains(cause), "{name}: want {cause:?}: {line}");
+        assert!(
+            line.contains("FAILED") && line.contains(cause),
+            "{name}: want {cause:?}: {line}"
+        );
         assert!(!line.contains("gave up"), "{line}");
     }
     if resolver_answers {
@@ -163,7 +172,9 @@ async fn permanent_target_errors_fail_at_once_and_the_others_go_on() {
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &format!("{targets}{dead}"));
     let started = Instant::now();
-    let r = tokio::task::spawn_blocking(move || check_config(&cfg, &[])).await.unwrap();
+    let r = tokio::task::spawn_blocking(move || check_config(&cfg, &[]))
+        .await
+        .unwrap();
     let took = started.elapsed();
     eprintln!("check-config --connect took {took:?}");
     assert_eq!(r.code, 1, "{}", r.all());
@@ -173,7 +184,10 @@ async fn permanent_target_errors_fail_at_once_and_the_others_go_on() {
     expect.push(("dead", "(not retried)"));
     for (name, cause) in &expect {
         let line = verdict_line(&r, name);
-        assert!(line.starts_with("FAILED:") && line.contains(cause), "{name}: want {cause:?}: {line}");
+        assert!(
+            line.starts_with("FAILED:") && line.contains(cause),
+            "{name}: want {cause:?}: {line}"
+        );
     }
 }
 
@@ -230,7 +244,8 @@ fn a_slow_preflight_does_not_hold_the_snapshot_back() {
     assert!(summary_line(&r, "local").contains("stored at"), "{}", r.stdout);
     assert!(summary_line(&r, "dead").contains("Connection refused"), "{}", r.stdout);
     assert!(
-        r.stderr.contains("the target was not ready within 2s; the set is stored on it after the snapshot"),
+        r.stderr
+            .contains("the target was not ready within 2s; the set is stored on it after the snapshot"),
         "{}",
         r.stderr
     );
@@ -238,7 +253,12 @@ fn a_slow_preflight_does_not_hold_the_snapshot_back() {
     // and the time etcd takes.
     let set = w.sets().pop().unwrap();
     let id = set.file_name().unwrap().to_str().unwrap();
-    let created = chrono::NaiveDateTime::parse_from_str(id, "%Y-%m-%d_%H%M%S").unwrap().and_utc();
+    let created = chrono::NaiveDateTime::parse_from_str(id, "%Y-%m-%d_%H%M%S")
+        .unwrap()
+        .and_utc();
     let waited = created - started;
-    assert!(waited < chrono::TimeDelta::seconds(7), "the snapshot started {waited} after the run");
+    assert!(
+        waited < chrono::TimeDelta::seconds(7),
+        "the snapshot started {waited} after the run"
+    );
 }

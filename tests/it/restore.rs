@@ -83,6 +83,7 @@ pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chr
         }],
         tool: ToolInfo::this(),
         forced: Vec::new(),
+        restore: Default::default(),
     };
     std::fs::write(dir.join("SHA256SUMS"), m.sha256sums()).unwrap();
     std::fs::write(dir.join("manifest.json"), m.to_json()).unwrap();
