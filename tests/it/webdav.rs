@@ -660,7 +660,8 @@ async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
     let r = backup_async(c).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let set = sets_on(&rclone.root()).pop().unwrap();
-    // A set whose snapshot went missing (a MOVE that copied only part of it) is not listed.
+    // A set whose snapshot went missing (a MOVE that copied only part of it) is listed as
+    // damaged, naming the file: never as a good set, never silently left out.
     let snapshot = std::fs::read_dir(&set)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -673,11 +674,31 @@ async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
         .await
         .unwrap();
     assert_eq!(r.code, 0, "{}", r.all());
-    assert!(
-        r.stderr.contains("no complete backup sets") && r.stderr.contains("incomplete"),
-        "{}",
-        r.all()
-    );
+    let name = snapshot.file_name().unwrap().to_string_lossy().into_owned();
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("DAMAGED"))
+        .unwrap_or_else(|| panic!("{}", r.all()));
+    assert!(row.contains(&format!("'{name}' is missing")), "{}", r.all());
+    let (c, to) = (cfg.clone(), w.path().join("fetched"));
+    let f = tokio::task::spawn_blocking(move || {
+        run_with(
+            &[
+                "fetch",
+                "latest",
+                "--to",
+                to.to_str().unwrap(),
+                "--config",
+                c.to_str().unwrap(),
+            ],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(f.code, 1, "{}", f.all());
+    assert!(f.stderr.contains("damaged"), "{}", f.all());
     std::fs::write(&snapshot, &kept).unwrap();
 
     // A listing cut short is an error, not a shorter list.
