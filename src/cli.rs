@@ -203,6 +203,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 elect,
                 *force,
                 std::time::Duration::ZERO,
+                None,
                 &cancel,
             )
             .await;
@@ -247,7 +248,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if !settings.verify.schedule.is_empty() {
                 read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?;
             }
-            crate::daemon::run(cli.config.clone(), settings).await
+            crate::daemon::run(cli.config.clone(), settings, crate::daemon::cancel_on_signals()).await
         }
         Command::Fetch {
             id,
@@ -526,7 +527,12 @@ async fn fetch(
             Ok(rule) => version_rule = rule,
             Err(why) => {
                 if !allow_version_mismatch {
-                    bail!(Stop::Usage(format!("refusing set {}: {why}", m.id)));
+                    // A refusal of the set (not of the command line): exit 1, as for a damaged,
+                    // unsigned or expired set.
+                    bail!(
+                        "refusing set {}: {why} (--allow-version-mismatch to fetch it anyway)",
+                        m.id
+                    );
                 }
                 tracing::warn!("{why}; fetching anyway (--allow-version-mismatch)");
             }
@@ -581,6 +587,24 @@ async fn fetch(
         .find(|(c, _)| c.name.starts_with("snapshot_"))
         .map(|(_, p)| p.display().to_string())
         .unwrap_or_default();
+    // What the restore brings back, as the manifest recorded it.
+    let revisions: Vec<String> = m
+        .restore
+        .static_pod_revisions
+        .iter()
+        .map(|(c, n)| format!("{c}-pod-{n}"))
+        .collect();
+    writeln!(
+        out,
+        "  restores: etcd {} at revision {}{}",
+        m.etcd.version,
+        m.etcd.revision,
+        if revisions.is_empty() {
+            String::new()
+        } else {
+            format!("; static pods {}", revisions.join(", "))
+        }
+    )?;
     if files.iter().any(|(c, _)| c.name.starts_with("static_kuberesources_")) {
         writeln!(
             out,

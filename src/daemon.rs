@@ -90,8 +90,30 @@ fn last_summary(staging: &std::path::Path) -> String {
 }
 
 /// Runs the daemon until SIGTERM.
-pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
-    let stop = cancel_on_signals();
+/// Runs the daemon until `stop` fires (SIGTERM/SIGINT in production, see
+/// [`cancel_on_signals`]; a test passes its own). Background tasks are tracked and awaited,
+/// briefly, before it returns.
+pub async fn run(config: PathBuf, initial: Settings, stop: CancellationToken) -> Result<()> {
+    let tasks = tokio_util::task::TaskTracker::new();
+    let result = serve(config, initial, &stop, &tasks).await;
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 2 s");
+    }
+    result
+}
+
+async fn serve(
+    config: PathBuf,
+    initial: Settings,
+    stop: &CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> Result<()> {
+    let stop = stop.clone();
     let mut hup = signal(SignalKind::hangup())?;
     let mut settings = initial;
     crate::priority::apply(&settings.priority);
@@ -101,7 +123,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
 
     if let Some(every) = notify::watchdog_interval() {
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 notify::watchdog();
                 tokio::select! {
@@ -118,7 +140,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     // In the background, from the start (also while etcd is awaited); a port that cannot be
     // bound is retried there and never stops backups.
     if let Some(addr) = &settings.metrics.listen {
-        crate::metrics::spawn(addr.clone(), settings.snapshot.staging_dir.clone(), stop.clone());
+        crate::metrics::spawn(tasks, addr.clone(), settings.snapshot.staging_dir.clone(), stop.clone());
     }
     // READY once the configuration is valid and etcd answers (when this host takes backups).
     let seed = loop {
@@ -147,7 +169,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
     };
     notify::ready("started");
     let cv_changed = if schedule.is_some() {
-        watch_cluster_version(&settings, stop.clone())
+        watch_cluster_version(tasks, &settings, stop.clone())
     } else {
         std::sync::Arc::new(tokio::sync::Notify::new())
     };
@@ -208,32 +230,18 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
                     break Wake::Upgrade(version);
                 }
             }
-            let until = match slot {
-                Some(slot) => (slot.start - Utc::now()).to_std().unwrap_or(Duration::ZERO),
-                None => Duration::MAX,
+            let due = Due {
+                slot: slot.map(|s| s.start),
+                import: (!settings.import.dirs.is_empty()).then_some(next_import),
+                drill: next_drill,
+                delivery: next_delivery,
             };
-            if until.is_zero() {
-                break Wake::Slot;
-            }
-            let to_import = if settings.import.dirs.is_empty() {
-                Duration::MAX
-            } else if tokio::time::Instant::now() >= next_import {
-                break Wake::Import;
-            } else {
-                next_import.saturating_duration_since(tokio::time::Instant::now())
-            };
-            let to_drill = match next_drill {
-                Some(at) if at <= Utc::now() => break Wake::Drill,
-                Some(at) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
-                None => Duration::MAX,
-            };
-            let to_delivery = match next_delivery {
-                Some(at) if tokio::time::Instant::now() >= at => break Wake::Deliver,
-                Some(at) => at.saturating_duration_since(tokio::time::Instant::now()),
-                None => Duration::MAX,
+            let sleep = match due.next(Utc::now(), tokio::time::Instant::now()) {
+                Next::Now(w) => break w,
+                Next::In(d) => d.min(UPGRADE_POLL),
             };
             tokio::select! {
-                _ = tokio::time::sleep(until.min(UPGRADE_POLL).min(to_delivery).min(to_drill).min(to_import)) => {}
+                _ = tokio::time::sleep(sleep) => {}
                 _ = cv_changed.notified() => {
                     // Checked right away on the next turn of this loop.
                     next_upgrade_check = tokio::time::Instant::now();
@@ -315,7 +323,9 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             }
             Wake::Deliver => {
                 notify::status("delivering pending backup sets");
-                let retried = crate::delivery::retry(&settings, &stop).await;
+                // Never past the next run's start: the snapshot comes first.
+                let until = crate::delivery::until(&stop, slot.map(|s| yield_before(s.start)));
+                let retried = crate::delivery::retry(&settings, &until).await;
                 if let Ok(r) = &retried {
                     runner::settle_after_retry(&settings, &r.settled).await;
                 }
@@ -361,6 +371,12 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
         let _ = st.save(&staging);
         crate::metrics::refresh(&settings);
         let (started, t0) = (Utc::now(), Instant::now());
+        // The run's delivery pass yields just before the run after it: a target that keeps
+        // failing never costs a snapshot (its sets wait for the timer or the next run).
+        let following = match (trigger, slot) {
+            (Trigger::Schedule, Some(slot)) => schedule.as_ref().and_then(|s| s.next_slot(slot.at, &seed)),
+            _ => slot,
+        };
         let outcome = runner::run_once(
             &settings,
             trigger,
@@ -369,6 +385,7 @@ pub async fn run(config: PathBuf, initial: Settings) -> Result<()> {
             settings.election.enabled,
             false,
             WAIT_FOR_HOLDER,
+            following.map(|n| yield_before(n.start)),
             &stop,
         )
         .await;
@@ -427,6 +444,54 @@ pub fn log_io_scheduler(settings: &Settings) {
     }
 }
 
+/// Just before `at` (wall clock) as a monotonic instant: when delivery yields to a run.
+fn yield_before(at: chrono::DateTime<Utc>) -> tokio::time::Instant {
+    let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + left.saturating_sub(Duration::from_secs(1))
+}
+
+/// When each kind of work falls due; `None`: never. Wall-clock times for what the schedule
+/// names (slots, drills), monotonic ones for the daemon's own timers.
+struct Due {
+    slot: Option<chrono::DateTime<Utc>>,
+    import: Option<tokio::time::Instant>,
+    drill: Option<chrono::DateTime<Utc>>,
+    delivery: Option<tokio::time::Instant>,
+}
+
+/// What the daemon does next: something due now, or sleep this long.
+#[derive(Debug, PartialEq)]
+enum Next {
+    Now(Wake),
+    In(Duration),
+}
+
+impl Due {
+    /// The daemon's next wake-up, a pure function of the timers and the clocks. A backup
+    /// slot comes first, then imports, drills and deliveries: none of those ever delays a
+    /// snapshot.
+    fn next(&self, now: chrono::DateTime<Utc>, mono: tokio::time::Instant) -> Next {
+        let wall = |at: Option<chrono::DateTime<Utc>>| at.map(|t| (t - now).to_std().unwrap_or(Duration::ZERO));
+        let mono_in = |at: Option<tokio::time::Instant>| at.map(|t| t.saturating_duration_since(mono));
+        let waits = [
+            (Wake::Slot, wall(self.slot)),
+            (Wake::Import, mono_in(self.import)),
+            (Wake::Drill, wall(self.drill)),
+            (Wake::Deliver, mono_in(self.delivery)),
+        ];
+        let mut soonest = Duration::MAX;
+        for (wake, wait) in waits {
+            match wait {
+                Some(d) if d.is_zero() => return Next::Now(wake),
+                Some(d) => soonest = soonest.min(d),
+                None => {}
+            }
+        }
+        Next::In(soonest)
+    }
+}
+
+#[derive(Debug, PartialEq)]
 enum Wake {
     Slot,
     Import,
@@ -439,11 +504,15 @@ enum Wake {
 
 /// Watches the ClusterVersion key and signals each change, reconnecting as needed; the
 /// 30-second poll stays as the fallback.
-fn watch_cluster_version(settings: &Settings, stop: CancellationToken) -> std::sync::Arc<tokio::sync::Notify> {
+fn watch_cluster_version(
+    tasks: &tokio_util::task::TaskTracker,
+    settings: &Settings,
+    stop: CancellationToken,
+) -> std::sync::Arc<tokio::sync::Notify> {
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
     let signal = changed.clone();
     let etcd_settings = settings.etcd.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         while !stop.is_cancelled() {
             let watched = async {
                 let (mut member, _) = etcd::connect_first(&etcd_settings).await?;
@@ -521,5 +590,73 @@ fn log_outcome(run: &str, outcome: &Result<Outcome>, t0: Instant) {
                 message_id = crate::notify::MESSAGE_ID_FAILED, run, seconds, error = %crate::error::one_line(e), "backup failed"
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> chrono::DateTime<Utc> {
+        chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_wake_up_is_the_soonest_due_work_and_a_slot_comes_first() {
+        let now = at("2026-12-01T02:00:00Z");
+        let mono = tokio::time::Instant::now();
+        let idle = Due {
+            slot: None,
+            import: None,
+            drill: None,
+            delivery: None,
+        };
+        assert_eq!(idle.next(now, mono), Next::In(Duration::MAX), "nothing to do: sleep");
+        let due = Due {
+            slot: Some(at("2026-12-01T02:30:00Z")),
+            import: Some(mono + Duration::from_secs(60)),
+            drill: Some(at("2026-12-01T03:00:00Z")),
+            delivery: Some(mono + Duration::from_secs(10)),
+        };
+        assert_eq!(due.next(now, mono), Next::In(Duration::from_secs(10)));
+        // Time passes (paused clock): the delivery falls due first.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let mono = tokio::time::Instant::now();
+        let now = now + chrono::TimeDelta::seconds(10);
+        assert_eq!(due.next(now, mono), Next::Now(Wake::Deliver));
+        // Everything due at once: the backup slot goes first, whatever else waits.
+        let late = at("2026-12-01T04:00:00Z");
+        assert_eq!(due.next(late, mono + Duration::from_secs(3600)), Next::Now(Wake::Slot));
+        let no_slot = Due { slot: None, ..due };
+        assert_eq!(
+            no_slot.next(late, mono + Duration::from_secs(3600)),
+            Next::Now(Wake::Import)
+        );
+        // A slot in the past is due now, never a negative sleep.
+        let past = Due {
+            slot: Some(at("2026-12-01T01:59:00Z")),
+            import: None,
+            drill: None,
+            delivery: None,
+        };
+        assert_eq!(past.next(now, mono), Next::Now(Wake::Slot));
+    }
+
+    #[tokio::test]
+    async fn the_daemon_stops_when_the_shutdown_it_was_given_fires() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "node_name = \"n\"\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n[schedule]\ncron = \"\"\n[[target]]\nname = \"local\"\nurl = \"file://{}\"\n",
+            dir.path().join("staging").display(),
+            dir.path().join("target").display()
+        );
+        let settings = Settings::from_str_named("test.toml", &text).unwrap();
+        let stop = CancellationToken::new();
+        let daemon = tokio::spawn(run(dir.path().join("test.toml"), settings, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!daemon.is_finished(), "the daemon ended by itself");
+        stop.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), daemon).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
     }
 }

@@ -127,6 +127,25 @@ pub struct Delivered {
     pub completes_run: Option<String>,
 }
 
+/// A token for a delivery pass: cancelled with `abort`, or at `deadline` (the next run's
+/// start, for the daemon), whichever comes first.
+pub fn until(abort: &CancellationToken, deadline: Option<tokio::time::Instant>) -> CancellationToken {
+    let token = abort.child_token();
+    if let Some(at) = deadline {
+        let t = token.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {
+                    tracing::info!("delivery time is up: the next run comes first; what is left is delivered later");
+                    t.cancel();
+                }
+                _ = t.cancelled() => {}
+            }
+        });
+    }
+    token
+}
+
 /// The (run, id) of every set a pass brought to its last target.
 pub fn settled(results: &[Delivered]) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = results
@@ -288,17 +307,26 @@ pub async fn pass(
                 Some(e) if e.draft.id == m.id && !abort.is_cancelled() => early.remove(name),
                 _ => None,
             };
-            let result = match begun {
-                _ if abort.is_cancelled() => Err(anyhow::anyhow!("the run was stopped before this target was written")),
-                Some(e) => {
-                    let draft = e.settle(name).await;
-                    target.finish_set(draft, &staged.set, abort).await
+            let put = async {
+                match begun {
+                    _ if abort.is_cancelled() => {
+                        Err(anyhow::anyhow!("the run was stopped before this target was written"))
+                    }
+                    Some(e) => {
+                        let draft = e.settle(name).await;
+                        target.finish_set(draft, &staged.set, abort).await
+                    }
+                    None => {
+                        target
+                            .put_set(&m.cluster_name, &settings.node_name, &staged.set, abort)
+                            .await
+                    }
                 }
-                None => {
-                    target
-                        .put_set(&m.cluster_name, &settings.node_name, &staged.set, abort)
-                        .await
-                }
+            };
+            // A target retrying when the pass is cut off stops there: the set stays pending.
+            let result = tokio::select! {
+                r = put => r,
+                _ = abort.cancelled() => Err(anyhow::anyhow!("delivery stopped before this target took the set; it stays pending")),
             };
             let result = match result {
                 Err(e) if !abort.is_cancelled() && already_there(target.as_ref(), &staged.set).await => {

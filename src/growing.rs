@@ -285,6 +285,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_range_waits_for_its_bytes_and_ends_at_its_length_or_the_file_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Publisher::create(&dir.path().join("f"), false).unwrap();
+        let f = p.follower();
+        let read = |from: u64, len: u64| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                let mut s = std::pin::pin!(f.range(from, len, 3));
+                while let Some(chunk) = s.next().await {
+                    out.extend_from_slice(&chunk?);
+                }
+                io::Result::Ok(out)
+            })
+        };
+        p.write_all(b"0123").unwrap();
+        let (middle, tail, past) = (read(2, 5), read(6, 100), read(50, 10));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!middle.is_finished(), "a range waits for bytes not written yet");
+        p.write_all(b"456789").unwrap();
+        assert_eq!(middle.await.unwrap().unwrap(), b"23456", "ends at its length");
+        p.complete().unwrap();
+        assert_eq!(tail.await.unwrap().unwrap(), b"6789", "ends at the file's end");
+        assert_eq!(past.await.unwrap().unwrap(), b"", "past the end: nothing");
+    }
+
+    #[tokio::test]
     async fn a_writer_dropped_before_completion_fails_every_follower() {
         let dir = tempfile::tempdir().unwrap();
         let mut p = Publisher::create(&dir.path().join("f"), false).unwrap();

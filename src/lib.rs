@@ -20,7 +20,7 @@
 //! - [`manifest`]: `manifest.json` and `SHA256SUMS`, what a set says about itself.
 //! - [`signing`]: `manifest.json.sig`, each node's SSH signature of it, and allowed_signers.
 //! - [`certs`]: "restorable until" (the archive's certificates) and the static pod revisions.
-//! - [`targets`]: where sets are stored, atomically; `file://` and HTTP/WebDAV.
+//! - [`targets`]: where sets are stored, atomically; `file://`, HTTP/WebDAV and S3.
 //! - [`delivery`]: staged sets owed to targets, delivered oldest first, bounded.
 //! - [`retention`]: which sets to keep (restic `forget` semantics), and pruning a target.
 //! - [`restore`]: `fetch`, `verify` and the restore drill.

@@ -273,6 +273,14 @@ mod tests {
     fn round_trips_and_sums() {
         let m = sample();
         assert_eq!(Manifest::parse(m.to_json().as_bytes()).unwrap(), m);
+        // The restore facts are optional: absent from a set without them, kept when present.
+        assert!(!m.to_json().contains("restorable_until") && !m.to_json().contains("static_pod"));
+        let mut with = m.clone();
+        with.restore.restorable_until = Some("2027-01-01T00:00:00Z".into());
+        with.restore.restorable_until_source = Some("static-pod-resources/etcd-pod-3/secrets/a/tls.crt".into());
+        with.restore.static_pod_revisions.insert("etcd".into(), 3);
+        assert_eq!(Manifest::parse(with.to_json().as_bytes()).unwrap(), with);
+        assert_eq!(with.restorable_until().unwrap().timestamp(), 1798761600);
         assert_eq!(
             m.sha256sums(),
             format!("{}  snapshot_2026-11-25_023012.db\n", "ab".repeat(32))

@@ -164,8 +164,8 @@ fn retry_interval() -> Duration {
 /// when the error changes and once an hour, and the bind is retried every
 /// [`RETRY`]; once it succeeds, recovery is logged. A serving task that dies (a panic) is
 /// started again the same way.
-pub fn spawn(addr: String, staging: PathBuf, stop: CancellationToken) {
-    tokio::spawn(async move {
+pub fn spawn(tasks: &tokio_util::task::TaskTracker, addr: String, staging: PathBuf, stop: CancellationToken) {
+    tasks.spawn(async move {
         let retry = retry_interval();
         let mut failures: u64 = 0;
         let mut logged: Option<(String, Instant)> = None;

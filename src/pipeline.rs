@@ -40,6 +40,9 @@ pub struct BackupOptions {
     pub target: Option<String>,
     /// The guards `backup --force` overrode, recorded in the manifest.
     pub forced: Vec<String>,
+    /// When this run's delivery pass must give up (the daemon: just before the next run),
+    /// so that no target's retries delay the next snapshot; what is left is delivered later.
+    pub deliver_by: Option<tokio::time::Instant>,
     /// Fired when the run must not publish any more sets (stopped, or the election lock
     /// may be lost): no set is moved into place after it.
     pub abort: tokio_util::sync::CancellationToken,
@@ -154,16 +157,36 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         ))
     })?;
     clean_staging_leftovers(&[&tmp_root]);
+    // The signing key (created on first use) is checked before the snapshot, not after it.
+    crate::signing::signer(settings)?;
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
     // Checked side by side, each for a short while only (`preflight_deadline`): a target
     // still retrying then gets the set after the snapshot, from staging.
+    // One attempt each (no retry budget): an answer that is worth retrying ("not now", a
+    // 503) makes the target late, not unusable; only a permanent answer rules it out.
     let checks = targets.iter().map(|sel| async move {
-        match &sel.target {
-            Ok(t) => tokio::time::timeout(preflight_deadline(settings, &sel.name), t.preflight())
-                .await
-                .ok()
-                .map(|r| r.map_err(|e| crate::error::one_line(&e))),
-            Err(e) => Some(Err(e.clone())),
+        let probe = match &sel.target {
+            Ok(_) => settings
+                .target(&sel.name)
+                .map(|t| crate::config::TargetSettings {
+                    retry_budget: crate::config::types::HumanDuration(Duration::ZERO),
+                    ..t.clone()
+                })
+                .ok_or_else(|| format!("target '{}' is not configured", sel.name))
+                .and_then(|t| targets::open(&t, None).map_err(|e| crate::error::one_line(&e))),
+            Err(e) => Err(e.clone()),
+        };
+        match probe {
+            Ok(t) => match tokio::time::timeout(preflight_deadline(settings, &sel.name), t.preflight()).await {
+                Err(_) => None,
+                Ok(Ok(())) => Some(Ok(())),
+                Ok(Err(e)) if is_transient(&e) => {
+                    tracing::warn!(target_name = %sel.name, error = %crate::error::one_line(&e), "target not ready now");
+                    None
+                }
+                Ok(Err(e)) => Some(Err(crate::error::one_line(&e))),
+            },
+            Err(e) => Some(Err(e)),
         }
     });
     let mut unusable: Vec<Option<String>> = Vec::new();
@@ -319,7 +342,8 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             settings.election.lease_ttl.0,
             settings.etcd.request_timeout.0,
         );
-        let results = delivery::pass(settings, &opened, &opts.abort, early, Some(&mut records)).await;
+        let pass_abort = delivery::until(&opts.abort, opts.deliver_by);
+        let results = delivery::pass(settings, &opened, &pass_abort, early, Some(&mut records)).await;
         let outcomes: Vec<TargetOutcome> = names
             .iter()
             .map(|name| {
@@ -490,6 +514,16 @@ pub(crate) async fn seal_files(settings: &Settings, work: &Path, files: Vec<File
         sealed.push(f);
     }
     Ok(sealed)
+}
+
+/// Is this a failure worth trying again later (a transport hiccup, a 5xx), not a refusal?
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::targets::retry::TransportError>(),
+            Some(crate::targets::retry::TransportError::Transient(_))
+        )
+    })
 }
 
 /// The longest a target's preflight may hold the snapshot back: its `connect_timeout`, at

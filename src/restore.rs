@@ -92,18 +92,18 @@ pub async fn signature_of(
     m: &Manifest,
     allowed: Option<&AllowedSigners>,
 ) -> Result<Verdict> {
+    let sig = read_small(target, cluster, &m.id, SIGNATURE, crate::signing::SIGNATURE_CAP)
+        .await
+        .map_err(|e| crate::error::one_line(&e));
+    let sig = match sig {
+        Ok(s) => s,
+        Err(why) => return Ok(Verdict::Unsigned(why)),
+    };
     let json = read_small(target, cluster, &m.id, MANIFEST, targets::MANIFEST_CAP).await?;
     if Manifest::parse(&json).ok().as_ref() != Some(m) {
         bail!(Damage(format!("{MANIFEST} changed while the set was being read")));
     }
-    let sig = read_small(target, cluster, &m.id, SIGNATURE, crate::signing::SIGNATURE_CAP)
-        .await
-        .map_err(|e| crate::error::one_line(&e));
-    Ok(crate::signing::judge(
-        &json,
-        sig.as_deref().map_err(Clone::clone),
-        allowed,
-    ))
+    Ok(crate::signing::judge(&json, Ok(&sig), allowed))
 }
 
 /// Checks the set's signature as [`Trust`] requires before anything of it is used: a set
@@ -116,7 +116,15 @@ pub async fn check_signature(located: &Located) -> Result<Verdict> {
     let verdict = signature_of(located.target.as_ref(), &located.cluster, m, allowed)
         .await
         .map_err(|e| explain(located, e))?;
-    if let Some(why) = verdict.refusal(allowed) {
+    // A signed manifest names its cluster: a set moved into another cluster's folder is not
+    // that cluster's backup.
+    let moved = (matches!(verdict, Verdict::Good { .. }) && m.cluster_name != located.cluster).then(|| {
+        format!(
+            "its signed manifest names cluster '{}', but it is in the folder of cluster '{}': it was moved there",
+            m.cluster_name, located.cluster
+        )
+    });
+    if let Some(why) = verdict.refusal(allowed).or(moved) {
         if !located.trust.allow_unsigned {
             bail!(
                 "refusing set {} on target '{}': {why} (--allow-unsigned to take it anyway)",

@@ -47,6 +47,7 @@ pub async fn run_once(
     elect: bool,
     force: bool,
     wait_max: Duration,
+    deliver_by: Option<tokio::time::Instant>,
     cancel: &CancellationToken,
 ) -> Result<Outcome> {
     let (mut member, status) = match etcd::connect_first(&settings.etcd).await {
@@ -89,6 +90,7 @@ pub async fn run_once(
             run: None,
             target,
             forced,
+            deliver_by,
             abort: abort.clone(),
         };
         return tokio::select! {
@@ -164,6 +166,7 @@ pub async fn run_once(
         run: Some(run.to_string()),
         target,
         forced,
+        deliver_by,
         abort: abort.clone(),
     };
     let result = tokio::select! {

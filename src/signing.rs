@@ -28,8 +28,6 @@ use crate::manifest::{MANIFEST, Manifest, SHA256SUMS, SIGNATURE};
 pub const NAMESPACE: &str = "etcd-backupd";
 /// The principal allowed_signers lists the nodes' keys under (`ssh-keygen -I`).
 pub const PRINCIPAL: &str = "etcd-backupd";
-/// The key's name in `snapshot.staging_dir` when `signing.key_file` is not set.
-pub const DEFAULT_KEY_FILE: &str = "signing.key";
 /// The largest `manifest.json.sig` a reader takes from a target.
 pub const SIGNATURE_CAP: u64 = 64 * 1024;
 
@@ -347,14 +345,11 @@ fn split_options(s: &str) -> Vec<String> {
 /// `YYYYMMDD[HHMM[SS]][Z]`, as unix time (UTC).
 fn parse_time(s: &str) -> Result<i64, String> {
     let digits = s.strip_suffix(['Z', 'z']).unwrap_or(s);
-    let fmt = match digits.len() {
-        8 => "%Y%m%d%H%M%S",
-        12 => "%Y%m%d%H%M%S",
-        14 => "%Y%m%d%H%M%S",
-        _ => return Err(format!("{s:?} is not a time (YYYYMMDD[HHMM[SS]][Z])")),
-    };
+    if ![8, 12, 14].contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{s:?} is not a time (YYYYMMDD[HHMM[SS]][Z])"));
+    }
     let full = format!("{digits:0<14}");
-    chrono::NaiveDateTime::parse_from_str(&full, fmt)
+    chrono::NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%S")
         .map(|t| t.and_utc().timestamp())
         .map_err(|_| format!("{s:?} is not a time (YYYYMMDD[HHMM[SS]][Z])"))
 }
@@ -446,7 +441,7 @@ impl Verdict {
                 "its signature is invalid: {why}: the set was changed after it was signed, or the signature is not its own"
             )),
             (Verdict::Unsigned(why), Some(a)) => Some(format!(
-                "it is unsigned ({why}), and verify.allowed_signers ('{}') requires a {SIGNATURE} by a listed key",
+                "it is unsigned: no readable {SIGNATURE} ({why}); verify.allowed_signers ('{}') requires one by a key it lists",
                 file(a)
             )),
             (Verdict::Unlisted { fingerprint }, Some(a)) => Some(format!(

@@ -90,6 +90,9 @@ pub struct EtcdTls {
     pub key_file: Option<PathBuf>,
 }
 
+/// The signing key's name in `snapshot.staging_dir` when `signing.key_file` is not set.
+pub const DEFAULT_SIGNING_KEY: &str = "signing.key";
+
 /// `[signing]` in effect.
 #[derive(Debug, Clone, Serialize)]
 pub struct SigningSettings {
@@ -520,7 +523,7 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         (Some(false), _) | (None, None) => None,
         (_, Some(key_file)) => Some(SigningSettings { key_file }),
         (Some(true), None) => Some(SigningSettings {
-            key_file: snapshot.staging_dir.join(crate::signing::DEFAULT_KEY_FILE),
+            key_file: snapshot.staging_dir.join(DEFAULT_SIGNING_KEY),
         }),
     };
     if let Some(bad) = inputs.import.dirs.iter().find(|d| !d.is_absolute()) {
@@ -582,7 +585,11 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         let raw_url = t.url.replace("{node_name}", &node_name);
         let url = parse_target_url(&raw_url).map_err(|e| m.error_at(&at("url"), e))?;
         let p = |k: &str, v: &Option<PathBuf>| opt_path(&at(k), v);
-        let s3 = s3_settings(t, &url, &p).map_err(|(k, e)| m.error_at(&at(k), e))?;
+        let keys = (
+            p("access_key_file", &t.access_key_file)?,
+            p("secret_key_file", &t.secret_key_file)?,
+        );
+        let s3 = s3_settings(t, &url, keys).map_err(|(k, e)| m.error_at(&at(k), e))?;
         let target = TargetSettings {
             name,
             username: t.username.clone().filter(|u| !u.is_empty()),
@@ -707,16 +714,14 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     })
 }
 
-/// The S3 keys of target `t` with URL `url`: `Some` for `s3://`, where `region`,
-/// `access_key_file` and `secret_key_file` are required; on any other scheme they must be
-/// unset. An error names the key.
+/// The S3 keys of target `t` with URL `url` and its (expanded) access and secret key files:
+/// `Some` for `s3://`, where `region`, `access_key_file` and `secret_key_file` are required;
+/// on any other scheme they must be unset. An error names the key.
 fn s3_settings(
     t: &inputs::TargetInputs,
     url: &Url,
-    path: &dyn Fn(&str, &Option<PathBuf>) -> Result<Option<PathBuf>, String>,
+    (access_key_file, secret_key_file): (Option<PathBuf>, Option<PathBuf>),
 ) -> Result<Option<S3Settings>, (&'static str, String)> {
-    let access_key_file = path("access_key_file", &t.access_key_file).map_err(|e| ("access_key_file", e))?;
-    let secret_key_file = path("secret_key_file", &t.secret_key_file).map_err(|e| ("secret_key_file", e))?;
     if url.scheme() != "s3" {
         let s3_only = [
             ("endpoint", t.endpoint.is_some()),
@@ -1041,6 +1046,91 @@ mod tests {
         assert!(e.contains("target[0].proxy"), "{e}");
         let e = load("node_name = \"n\"\n").unwrap_err();
         assert!(e.contains("no [[target]]"), "{e}");
+    }
+
+    #[test]
+    fn s3_targets_are_checked_key_by_key() {
+        const S3: &str = "[[target]]\nurl = \"s3://etcd-backups/prod/{node_name}\"\nregion = \"eu-west-1\"\naccess_key_file = \"/etc/ak\"\nsecret_key_file = \"/etc/sk\"\n";
+        let s = load(&format!("node_name = \"m0\"\n{S3}")).unwrap();
+        let t = &s.targets[0];
+        assert_eq!(t.url.as_str(), "s3://etcd-backups/prod/m0/");
+        let s3 = t.s3.as_ref().unwrap();
+        assert_eq!(s3.endpoint.as_str(), "https://s3.eu-west-1.amazonaws.com/");
+        assert!(!s3.path_style, "AWS: virtual-hosted by default");
+        let names: Vec<&str> = t.secret_files().map(|(k, _)| k).collect();
+        assert_eq!(names, ["access_key_file", "secret_key_file"]);
+        let s = load(&format!("{S3}endpoint = \"http://10.0.0.5:9000\"\n")).unwrap();
+        let s3 = s.targets[0].s3.as_ref().unwrap();
+        assert!(s3.path_style, "an endpoint: path style by default");
+        assert_eq!(s3.endpoint.as_str(), "http://10.0.0.5:9000/");
+        let s = load(&format!("{S3}endpoint = \"https://minio:9000\"\npath_style = false\n")).unwrap();
+        assert!(!s.targets[0].s3.as_ref().unwrap().path_style);
+
+        let without = |key: &str| {
+            S3.lines()
+                .filter(|l| !l.starts_with(key))
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n"
+        };
+        for (text, key, why) in [
+            (without("region"), "region", "required for an s3:// target"),
+            (without("access_key_file"), "access_key_file", "required"),
+            (without("secret_key_file"), "secret_key_file", "required"),
+            (format!("{S3}endpoint = \"ftp://x\"\n"), "endpoint", "https://host"),
+            (format!("{S3}endpoint = \"https://u:p@x\"\n"), "endpoint", "credentials"),
+            (
+                format!("{S3}endpoint = \"https://x/s3\"\n"),
+                "endpoint",
+                "without a path",
+            ),
+            (S3.replace("eu-west-1", "eu west"), "region", "not a region"),
+            (
+                format!("{S3}username = \"u\"\n"),
+                "username",
+                "does not apply to an s3:// target",
+            ),
+            (
+                format!("{S3}password_file = \"/p\"\n"),
+                "password_file",
+                "does not apply",
+            ),
+            (format!("{S3}path_style = \"yes\"\n"), "path_style", ""),
+            (
+                S3.replace("etcd-backups", "Etcd_Backups"),
+                "url",
+                "not an S3 bucket name",
+            ),
+            (
+                S3.replace("etcd-backups/", "etcd-backups:9000/"),
+                "url",
+                "takes no port",
+            ),
+            (S3.replace("prod/", ".prod/"), "url", "prefix segment"),
+            (S3.replace("s3://", "s3://ak:sk@"), "url", "not allowed"),
+            (S3.replace("etcd-backups", "etcd.backups"), "path_style", "has a '.'"),
+            (
+                "[[target]]\nurl = \"https://dav/\"\nregion = \"x\"\n".into(),
+                "region",
+                "applies only to an s3:// target",
+            ),
+            (
+                "[[target]]\nurl = \"file:///srv\"\nsecret_key_file = \"/s\"\n".into(),
+                "secret_key_file",
+                "applies only",
+            ),
+            (
+                "[[target]]\nurl = \"https://dav/\"\npath_style = true\n".into(),
+                "path_style",
+                "applies only",
+            ),
+        ] {
+            let e = load(&format!("node_name = \"m0\"\n{text}")).unwrap_err();
+            assert!(e.starts_with(&format!("config.toml: target[0].{key}")), "{text}: {e}");
+            assert!(e.contains(why), "{text}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+            assert!(!e.contains("sk@"), "the URL's secret is echoed: {e}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use url::Url;
 use super::proxy::{self, ProxyChoice};
 use super::retry::{self, Backoff, TransportError};
 use crate::config::TargetSettings;
-use crate::priority::Pace;
+use crate::fsutil::Pace;
 
 /// How much of an error answer's body goes into the error message.
 pub const EXCERPT_LEN: usize = 200;
@@ -379,7 +379,11 @@ impl Http {
                 Err(TransportError::Transient(e)) => (e, None),
             };
             if self.backoff.budget().is_zero() {
-                bail!("target '{}': {what} '{url}': {why} (not retried)", self.name);
+                // Typed: a caller probing the target (preflight) tells "not now" from "never".
+                return Err(
+                    anyhow::Error::new(TransportError::Transient(format!("{why} (not retried)")))
+                        .context(format!("target '{}': {what} '{url}'", self.name)),
+                );
             }
             match self.backoff.next_delay(attempt, server_asks) {
                 Some(delay) => {

@@ -1,7 +1,9 @@
 //! Where backup sets are stored. Each kind implements [`Target`]; [`open`] picks the kind by
-//! URL scheme (`file://` → [`file`], `http(s)://` → [`webdav`]). Every implementation stores
-//! a set atomically: under a hidden temporary name first, `manifest.json` last, then moved
-//! into place without replacing anything.
+//! URL scheme (`file://` → [`file`], `http(s)://` → [`webdav`], `s3://` → [`s3`]; the remote
+//! two share one HTTP transport, [`http`]). Every implementation stores a set atomically:
+//! `file://` and WebDAV under a hidden temporary name first, `manifest.json` last, then moved
+//! into place without replacing anything; S3, which cannot rename, under the final keys with
+//! `manifest.json` last, a set without one being debris.
 
 pub mod dns;
 pub mod file;
@@ -9,6 +11,7 @@ pub mod http;
 pub mod propfind;
 pub mod proxy;
 pub mod retry;
+pub mod s3;
 pub mod webdav;
 
 use std::path::PathBuf;
@@ -189,6 +192,7 @@ pub fn open(settings: &TargetSettings, rate: Option<u64>) -> Result<Box<dyn Targ
     match settings.url.scheme() {
         "file" => Ok(Box::new(file::FileTarget::new(settings, rate)?)),
         "http" | "https" => Ok(Box::new(webdav::DavTarget::new(settings, rate)?)),
+        "s3" => Ok(Box::new(s3::S3Target::new(settings, rate)?)),
         other => bail!("target '{}': unsupported scheme '{other}'", settings.name),
     }
 }

@@ -47,8 +47,8 @@ use url::Url;
 
 use super::http::{Http, Pacer, is_loopback, next_chunk, paced_body, read_secret};
 use super::{
-    Draft, FOREIGN_DEBRIS_AGE, FileReader, ListedSet, MANIFEST_CAP, PARTIAL_MARK, Sent, StagedSet, Target,
-    is_set_name, safe_component,
+    Draft, FOREIGN_DEBRIS_AGE, FileReader, ListedSet, MANIFEST_CAP, PARTIAL_MARK, Sent, StagedSet, Target, is_set_name,
+    safe_component,
 };
 use crate::config::{TargetSettings, VerifyUpload};
 use crate::growing::Follower;
@@ -323,7 +323,44 @@ fn complete_body(parts: &[(u32, String)]) -> String {
     xml
 }
 
-/// The outcome of a guarded PUT whose key was taken.
+/// The parts of one multipart upload being sent.
+struct Parts<'a> {
+    inflight: FuturesUnordered<BoxFuture<'a, Result<(u32, String, u64)>>>,
+    /// Part numbers and ETags of the parts stored.
+    done: Vec<(u32, String)>,
+    /// Bytes stored.
+    stored: u64,
+    phase: &'a crate::progress::Phase,
+}
+
+impl Parts<'_> {
+    fn record(&mut self, (number, etag, len): (u32, String, u64)) {
+        self.done.push((number, etag));
+        self.stored += len;
+        self.phase.set(self.stored);
+    }
+
+    /// Waits for the next part in flight to be stored; a failed part ends it all.
+    async fn wait_one(&mut self) -> Result<()> {
+        if let Some(r) = self.inflight.next().await {
+            self.record(r?);
+        }
+        Ok(())
+    }
+
+    /// Runs `fut` while the parts in flight go on.
+    async fn drive<T>(&mut self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                Some(r) = self.inflight.next(), if !self.inflight.is_empty() => self.record(r?),
+            }
+        }
+    }
+}
+
+/// What a guarded write found.
 enum Put {
     Stored,
     /// Another object is at the key (`If-None-Match` refused it).
@@ -406,10 +443,38 @@ impl S3Target {
         u
     }
 
-    /// A request to `url` signed with SigV4 (in the `Authorization` header); `headers` are
-    /// sent and signed. A body is never part of the signature (`UNSIGNED-PAYLOAD`): its
-    /// `Content-MD5` is, and the server checks that.
+    /// A request to `url` without a body, signed with SigV4 (in the `Authorization`
+    /// header); `headers` are sent and signed.
     fn signed(&self, method: Method, url: &Url, headers: &[(&str, String)]) -> Result<RequestBuilder> {
+        self.sign(method, url, headers, SignableBody::Bytes(&[]))
+    }
+
+    /// [`S3Target::signed`] for a body streamed from a file: its hash is not signed
+    /// (`UNSIGNED-PAYLOAD`), its `Content-MD5` (in `headers`) is, and the server checks that.
+    fn signed_stream(&self, method: Method, url: &Url, headers: &[(&str, String)]) -> Result<RequestBuilder> {
+        self.sign(method, url, headers, SignableBody::UnsignedPayload)
+    }
+
+    /// [`S3Target::signed`] with `body`, whose SHA-256 is signed too.
+    fn signed_with(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> Result<RequestBuilder> {
+        Ok(self
+            .sign(method, url, headers, SignableBody::Bytes(body))?
+            .body(body.to_vec()))
+    }
+
+    fn sign(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: &[(&str, String)],
+        body: SignableBody,
+    ) -> Result<RequestBuilder> {
         let mut settings = SigningSettings::default();
         settings.percent_encoding_mode = PercentEncodingMode::Single;
         settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
@@ -428,7 +493,7 @@ impl S3Target {
             method.as_str(),
             url.as_str(),
             headers.iter().map(|(k, v)| (*k, v.as_str())),
-            SignableBody::UnsignedPayload,
+            body,
         )
         .map_err(|e| anyhow!("target '{}': cannot sign a request: {e}", self.name))?;
         let (instructions, _) = sign(signable, &params)
@@ -468,7 +533,14 @@ impl S3Target {
         Err(self.failure(what, shown, status, &body, location))
     }
 
-    fn failure(&self, what: &str, shown: &str, status: StatusCode, body: &[u8], location: Option<String>) -> anyhow::Error {
+    fn failure(
+        &self,
+        what: &str,
+        shown: &str,
+        status: StatusCode,
+        body: &[u8],
+        location: Option<String>,
+    ) -> anyhow::Error {
         let (code, message) = error_fields(body);
         let mut msg = format!("target '{}': {what} '{shown}': {status}", self.name);
         if let Some(c) = &code {
@@ -766,6 +838,7 @@ impl S3Target {
 
     /// One PUT of `len` bytes of `source` at offset 0, guarded: a key already taken is
     /// [`Put::Taken`] unless it holds exactly these bytes (an answer lost before a retry).
+    #[allow(clippy::too_many_arguments)]
     async fn put_object(
         &self,
         key: &str,
@@ -787,7 +860,7 @@ impl S3Target {
             let (resp, _) = self
                 .send("PutObject", &shown, |progress| {
                     Ok(self
-                        .signed(Method::PUT, &url, &headers)?
+                        .signed_stream(Method::PUT, &url, &headers)?
                         .header(header::CONTENT_LENGTH, len)
                         .body(paced_body(source.range(0, len), progress, pacer.clone(), phase.clone())))
                 })
@@ -822,7 +895,7 @@ impl S3Target {
             headers.extend(self.guard());
             let (resp, _) = self
                 .send("PutObject", &shown, |_| {
-                    Ok(self.signed(Method::PUT, &url, &headers)?.body(bytes.to_vec()))
+                    self.signed_with(Method::PUT, &url, &headers, bytes)
                 })
                 .await?;
             let status = resp.status();
@@ -844,7 +917,12 @@ impl S3Target {
     /// Uploads `source` to `key`: one PUT when it fits in a part, else a multipart upload
     /// ([`PARTS_IN_FLIGHT`] parts at once, each retried on its own, aborted on failure).
     /// Returns the size and SHA-256 of what was stored.
-    async fn put_source(&self, key: &str, source: &Source, phase: &crate::progress::Phase) -> Result<(u64, String, Put)> {
+    async fn put_source(
+        &self,
+        key: &str,
+        source: &Source,
+        phase: &crate::progress::Phase,
+    ) -> Result<(u64, String, Put)> {
         let pacer = self.http.pacer();
         let mut whole = Sha256::new();
         let (n, md5) = source.digest(0, self.part_size, &mut whole).await?;
@@ -854,19 +932,21 @@ impl S3Target {
             return Ok((n, sha, put));
         }
         let id = self.create_upload(key).await?;
-        let sent = self.put_parts(key, &id, source, (n, md5), &mut whole, &pacer, phase).await;
+        let sent = self
+            .put_parts(key, &id, source, (n, md5), &mut whole, &pacer, phase)
+            .await;
         let sha = hex::encode(whole.finalize());
         let done = match sent {
-            Ok(parts) => self.complete_upload(key, &id, &parts, &sha).await,
+            Ok((parts, size)) => self.complete_upload(key, &id, &parts, size, &sha).await,
             Err(e) => Err(e),
         };
         match done {
-            Ok((size, put)) => Ok((size, sha, put)),
-            Err(e) => {
+            Ok((size, Put::Stored)) => Ok((size, sha, Put::Stored)),
+            other => {
                 if let Err(a) = self.abort_upload(key, &id).await {
                     tracing::warn!(target_name = %self.name, key = %key, error = %crate::error::one_line(&a), "cannot abort a failed multipart upload; the next run removes it");
                 }
-                Err(e)
+                other.map(|(size, put)| (size, sha, put))
             }
         }
     }
@@ -891,7 +971,7 @@ impl S3Target {
 
     /// Sends the parts of `source`, the first (`first`: its length and MD5) already read;
     /// each next part is read (for its MD5) while the ones before it are sent. Returns the
-    /// part numbers and ETags, in order.
+    /// part numbers and ETags, in order, and the bytes sent.
     #[allow(clippy::too_many_arguments)]
     async fn put_parts(
         &self,
@@ -902,38 +982,23 @@ impl S3Target {
         whole: &mut Sha256,
         pacer: &Option<Pacer>,
         phase: &crate::progress::Phase,
-    ) -> Result<Vec<(u32, String)>> {
-        type Part<'a> = BoxFuture<'a, Result<(u32, String, u64)>>;
-        let mut inflight: FuturesUnordered<Part<'_>> = FuturesUnordered::new();
-        let mut done: Vec<(u32, String)> = Vec::new();
-        let stored = AtomicU64::new(0);
-        // Runs `fut` while the parts in flight go on; a failed part ends it all.
-        async fn drive<T>(
-            inflight: &mut FuturesUnordered<Part<'_>>,
-            done: &mut Vec<(u32, String)>,
-            stored: &AtomicU64,
-            phase: &crate::progress::Phase,
-            fut: impl std::future::Future<Output = Result<T>>,
-        ) -> Result<T> {
-            tokio::pin!(fut);
-            loop {
-                tokio::select! {
-                    out = &mut fut => return out,
-                    Some(r) = inflight.next(), if !inflight.is_empty() => {
-                        let (n, etag, len) = r?;
-                        done.push((n, etag));
-                        phase.set(stored.fetch_add(len, Ordering::Relaxed) + len);
-                    }
-                }
-            }
-        }
+    ) -> Result<(Vec<(u32, String)>, u64)> {
+        let mut parts = Parts {
+            inflight: FuturesUnordered::new(),
+            done: Vec::new(),
+            stored: 0,
+            phase,
+        };
         let (mut number, mut offset, mut part) = (1u32, 0u64, first);
         loop {
-            while inflight.len() >= PARTS_IN_FLIGHT {
-                drive(&mut inflight, &mut done, &stored, phase, std::future::pending::<Result<()>>()).await?;
+            while parts.inflight.len() >= PARTS_IN_FLIGHT {
+                parts.wait_one().await?;
             }
             let (len, md5) = part;
-            inflight.push(self.put_part(key, id, number, source, offset, len, md5, pacer.clone()).boxed());
+            parts.inflight.push(
+                self.put_part(key, id, number, source, offset, len, md5, pacer.clone())
+                    .boxed(),
+            );
             if len < self.part_size {
                 break;
             }
@@ -946,20 +1011,17 @@ impl S3Target {
                     self.part_size
                 );
             }
-            let next = source.digest(offset, self.part_size, whole);
-            part = drive(&mut inflight, &mut done, &stored, phase, next).await?;
+            part = parts.drive(source.digest(offset, self.part_size, whole)).await?;
             if part.0 == 0 {
                 break;
             }
             number += 1;
         }
-        while let Some(r) = inflight.next().await {
-            let (n, etag, len) = r?;
-            done.push((n, etag));
-            phase.set(stored.fetch_add(len, Ordering::Relaxed) + len);
+        while !parts.inflight.is_empty() {
+            parts.wait_one().await?;
         }
-        done.sort();
-        Ok(done)
+        parts.done.sort();
+        Ok((parts.done, parts.stored))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -981,7 +1043,7 @@ impl S3Target {
         let resp = self
             .call("UploadPart", &shown, &[StatusCode::OK], |progress| {
                 Ok(self
-                    .signed(Method::PUT, &url, &headers)?
+                    .signed_stream(Method::PUT, &url, &headers)?
                     .header(header::CONTENT_LENGTH, len)
                     .body(paced_body(
                         source.range(offset, len),
@@ -1001,15 +1063,21 @@ impl S3Target {
         Ok((number, etag, len))
     }
 
-    /// Completes an upload, guarded like a PUT; returns the object's size. When the
-    /// answer to an earlier attempt was lost, the upload is gone (404): then the object
-    /// must hold exactly what was sent.
-    async fn complete_upload(&self, key: &str, id: &str, parts: &[(u32, String)], sha256: &str) -> Result<(u64, Put)> {
+    /// Completes an upload of `size` bytes, guarded like a PUT. When the answer to an
+    /// earlier attempt was lost, the upload is gone (404): then the object must hold
+    /// exactly what was sent.
+    async fn complete_upload(
+        &self,
+        key: &str,
+        id: &str,
+        parts: &[(u32, String)],
+        size: u64,
+        sha256: &str,
+    ) -> Result<(u64, Put)> {
         let url = self.url(key, &[("uploadId", id)]);
         let shown = self.shown(key);
         let body = complete_body(parts);
         let md5: [u8; 16] = Md5::digest(body.as_bytes()).into();
-        let size = self.part_size * (parts.len() as u64 - 1);
         loop {
             let mut headers = vec![
                 ("content-md5", b64(&md5)),
@@ -1018,21 +1086,20 @@ impl S3Target {
             headers.extend(self.guard());
             let (resp, retried) = self
                 .send("CompleteMultipartUpload", &shown, |_| {
-                    Ok(self.signed(Method::POST, &url, &headers)?.body(body.clone()))
+                    self.signed_with(Method::POST, &url, &headers, body.as_bytes())
                 })
                 .await?;
             let status = resp.status();
             if self.unguarded(status) {
                 continue;
             }
-            let total = |n: u64| (n, Put::Stored);
             if status == StatusCode::PRECONDITION_FAILED || (retried && status == StatusCode::NOT_FOUND) {
-                let (n, sha) = self.read_back(key).await?;
-                return Ok(if sha == sha256 {
-                    total(n)
+                let put = if self.holds(key, size, sha256).await? {
+                    Put::Stored
                 } else {
-                    (n, Put::Taken)
-                });
+                    Put::Taken
+                };
+                return Ok((size, put));
             }
             let resp = self
                 .expect("CompleteMultipartUpload", &shown, resp, &[StatusCode::OK])
@@ -1043,27 +1110,8 @@ impl S3Target {
             if let (Some(code), message) = error_fields(&answer) {
                 bail!("{what}: {code}: {}", self.http.scrub(message.unwrap_or_default()));
             }
-            let last = self.head_size(key).await?;
-            return Ok(total(last.unwrap_or(size)));
+            return Ok((size, Put::Stored));
         }
-    }
-
-    /// The size of `key`, `None` if it does not exist.
-    async fn head_size(&self, key: &str) -> Result<Option<u64>> {
-        let url = self.url(key, &[]);
-        let shown = self.shown(key);
-        let (resp, _) = self
-            .send("HeadObject", &shown, |_| self.signed(Method::HEAD, &url, &[]))
-            .await?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let resp = self.expect("HeadObject", &shown, resp, &[StatusCode::OK]).await?;
-        Ok(resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok()))
     }
 
     fn taken(&self, cluster: &str, id: &str) -> anyhow::Error {
@@ -1166,7 +1214,10 @@ impl S3Target {
         if abort.is_cancelled() {
             bail!("the run was stopped before the set's manifest was written");
         }
-        match self.put_bytes(&self.key(&[cluster, id, MANIFEST])?, &set.manifest_json()).await? {
+        match self
+            .put_bytes(&self.key(&[cluster, id, MANIFEST])?, &set.manifest_json())
+            .await?
+        {
             Put::Stored => Ok(()),
             Put::Taken => Err(self.taken(cluster, id)),
         }
@@ -1220,13 +1271,16 @@ impl Target for S3Target {
         }
         let folder = format!("{PARTIAL_MARK}{node}");
         let marker = self.key(&[cluster, id, &folder])?;
-        let note = format!("etcd-backupd: set {id} is being stored by {node} since {}\n", Utc::now().to_rfc3339());
+        let note = format!(
+            "etcd-backupd: set {id} is being stored by {node} since {}\n",
+            Utc::now().to_rfc3339()
+        );
         // Not guarded: this node's own marker is the only one that may be there.
         let md5: [u8; 16] = Md5::digest(note.as_bytes()).into();
         let url = self.url(&marker, &[]);
         let headers = [("content-md5", b64(&md5))];
         self.call("PutObject", &self.shown(&marker), &[StatusCode::OK], |_| {
-            Ok(self.signed(Method::PUT, &url, &headers)?.body(note.clone()))
+            self.signed_with(Method::PUT, &url, &headers, note.as_bytes())
         })
         .await?;
         // Another node that began the same id at the same moment: neither goes on.
@@ -1257,7 +1311,12 @@ impl Target for S3Target {
         }
         // The parts end only once the writer has verified the file; make sure it did.
         if file.finished().await != Some(size) {
-            bail!("target '{}': '{}': {}", self.name, self.shown(&key), crate::growing::ABANDONED);
+            bail!(
+                "target '{}': '{}': {}",
+                self.name,
+                self.shown(&key),
+                crate::growing::ABANDONED
+            );
         }
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         tracing::info!(

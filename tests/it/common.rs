@@ -215,34 +215,7 @@ impl Etcd {
 
     /// Writes `count` keys of `value_len` bytes each with `etcdctl` (the real client).
     pub fn fill(&self, pki: Option<&Pki>, count: usize, value_len: usize) {
-        // Batches of puts in transactions: fast enough for thousands of keys.
-        let value: String = (0..value_len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
-        let mut start = 0;
-        while start < count {
-            let end = (start + 100).min(count);
-            let mut cmd = self.etcdctl(pki);
-            cmd.arg("txn")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().unwrap();
-            {
-                let stdin = child.stdin.as_mut().unwrap();
-                writeln!(stdin).unwrap(); // no compares
-                for i in start..end {
-                    writeln!(stdin, "put /registry/test/key-{i:06} {value}").unwrap();
-                }
-                writeln!(stdin).unwrap();
-                writeln!(stdin).unwrap();
-            }
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "etcdctl txn: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            start = end;
-        }
+        fill_keys(|| self.etcdctl(pki), count, value_len);
     }
 
     pub fn etcdctl(&self, pki: Option<&Pki>) -> Command {
@@ -270,6 +243,38 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         stop_group(&mut self.child, false);
+    }
+}
+
+/// Writes `count` keys `/registry/test/key-NNNNNN` of `value_len` bytes each through the
+/// `etcdctl` that `ctl` makes, in transactions of 100 puts: fast enough for thousands of keys.
+fn fill_keys(ctl: impl Fn() -> Command, count: usize, value_len: usize) {
+    let value: String = (0..value_len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let mut start = 0;
+    while start < count {
+        let end = (start + 100).min(count);
+        let mut cmd = ctl();
+        cmd.arg("txn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        {
+            let stdin = child.stdin.as_mut().unwrap();
+            writeln!(stdin).unwrap(); // no compares
+            for i in start..end {
+                writeln!(stdin, "put /registry/test/key-{i:06} {value}").unwrap();
+            }
+            writeln!(stdin).unwrap();
+            writeln!(stdin).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl txn: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        start = end;
     }
 }
 
@@ -303,13 +308,39 @@ impl Run {
     }
 }
 
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_etcd-backupd");
+
+/// The proxy variables the binary reads. Its runs never inherit them (one set where the
+/// tests run would send loopback targets through that proxy); a test that wants one passes it.
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// The binary with `args`, without the caller's `ETCD_BACKUPD_LOG` or proxy variables.
+pub fn bin(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("ETCD_BACKUPD_LOG");
+    for k in PROXY_VARS {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
 pub fn run(args: &[&str]) -> Run {
     run_env(args, &[])
 }
 
+/// Runs the binary to its end, with `env` added to a clean environment (see [`bin`]).
 pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"));
-    cmd.args(args).env_remove("ETCD_BACKUPD_LOG");
+    let mut cmd = bin(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -318,6 +349,99 @@ pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// [`run_env`] from an async test, off the runtime's threads.
+pub async fn run_async(args: Vec<String>, env: Vec<(String, String)>) -> Run {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_env(&a, &e)
+    })
+    .await
+    .unwrap()
+}
+
+/// `list`, then `--config cfg`.
+pub fn argv(list: &[&str], cfg: &Path) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+    v.push("--config".into());
+    v.push(cfg.to_str().unwrap().into());
+    v
+}
+
+/// A long-running child of the binary (the daemon, or a `backup` to be killed) outside
+/// systemd, logging to a file at `ETCD_BACKUPD_LOG=info` unless `env` says otherwise; its
+/// process group is killed on drop.
+pub struct Proc {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = bin(args);
+        cmd.env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env("ETCD_BACKUPD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Proc {
+            child: spawn_group(&mut cmd).unwrap(),
+            log,
+        }
+    }
+
+    /// `daemon --config cfg`.
+    pub fn daemon(cfg: &Path, log: PathBuf, env: &[(&str, &str)]) -> Proc {
+        Proc::spawn(&["daemon", "--config", cfg.to_str().unwrap()], log, env)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// kill -9, and reap it.
+    pub fn sigkill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The exit code once it exits within `within`.
+    pub fn wait(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// SIGTERM, then the exit code (within `within`).
+    pub fn stop(&mut self, within: Duration) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait(within)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        stop_group(&mut self.child, false);
     }
 }
 
@@ -471,6 +595,14 @@ impl Work {
     }
 }
 
+/// A `[[target]]` named `shared` on `w`'s file target: the one several nodes deliver to.
+pub fn file_target(w: &Work) -> String {
+    format!(
+        "[[target]]\nname = \"shared\"\nurl = \"file://{}\"\n",
+        w.target_root().display()
+    )
+}
+
 /// A fixture of `/etc/kubernetes`: running manifests naming revision `rev` of each
 /// component, with an older and a newer revision also on disk.
 pub fn static_pod_fixture(root: &Path, rev: u32) {
@@ -558,10 +690,13 @@ impl CorruptingProxy {
     }
 }
 
-/// A 3-member (or n-member) etcd cluster on loopback; each member killed on drop.
+/// An n-member etcd cluster on loopback (member `i` named `m<i>`, its data and `m<i>.log` in
+/// `dir`); a member can be stopped and started again on its own data; each killed on drop.
 pub struct EtcdCluster {
     pub endpoints: Vec<String>,
     pub dir: TempDir,
+    /// Each member's `etcd` arguments, to start it again as it was.
+    args: Vec<Vec<String>>,
     children: Vec<Option<Child>>,
     /// Where its `etcd` and `etcdctl` are; `None` = `PATH`.
     bin_dir: Option<PathBuf>,
@@ -586,63 +721,91 @@ impl EtcdCluster {
             .enumerate()
             .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
             .collect();
-        let mut children = Vec::new();
         let mut endpoints = Vec::new();
+        let mut args = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let endpoint = format!("http://127.0.0.1:{client}");
-            let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
-            let child = spawn_group(
-                Command::new(etcd_tool(bin_dir, "etcd"))
-                    .arg(format!("--name=m{i}"))
-                    .arg(format!("--data-dir={}", dir.path().join(format!("m{i}")).display()))
-                    .arg(format!("--listen-client-urls={endpoint}"))
-                    .arg(format!("--advertise-client-urls={endpoint}"))
-                    .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                    .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-                    .arg(format!("--initial-cluster={}", initial.join(",")))
-                    .arg("--initial-cluster-state=new")
-                    .arg("--heartbeat-interval=50")
-                    .arg("--election-timeout=500")
-                    .stdout(Stdio::null())
-                    .stderr(log),
-            )
-            .expect("etcd");
-            children.push(Some(child));
+            args.push(vec![
+                format!("--name=m{i}"),
+                format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
+                format!("--listen-client-urls={endpoint}"),
+                format!("--advertise-client-urls={endpoint}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster={}", initial.join(",")),
+                "--initial-cluster-state=new".into(),
+                "--heartbeat-interval=50".into(),
+                "--election-timeout=500".into(),
+            ]);
             endpoints.push(endpoint);
         }
-        let cluster = EtcdCluster {
+        let mut cluster = EtcdCluster {
             endpoints,
             dir,
-            children,
+            args,
+            children: (0..n).map(|_| None).collect(),
             bin_dir: bin_dir.map(Path::to_path_buf),
         };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
-        for (i, ep) in cluster.endpoints.iter().enumerate() {
-            loop {
-                let out = Command::new(etcd_tool(bin_dir, "etcdctl"))
-                    .env("ETCDCTL_API", "3")
-                    .args([&format!("--endpoints={ep}"), "endpoint", "health"])
-                    .output()
-                    .unwrap();
-                if out.status.success() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "member {i} did not start: {}",
-                    std::fs::read_to_string(cluster.dir.path().join(format!("m{i}.log"))).unwrap_or_default()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        for i in 0..n {
+            cluster.wait_healthy(i, deadline);
         }
         cluster
     }
 
+    /// Starts member `i` (its log appended to).
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{i}.log")))
+            .unwrap();
+        let child = spawn_group(
+            Command::new(etcd_tool(self.bin_dir.as_deref(), "etcd"))
+                .args(&self.args[i])
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .expect("etcd");
+        self.children[i] = Some(child);
+    }
+
+    fn wait_healthy(&self, i: usize, deadline: Instant) {
+        loop {
+            let ok = Command::new(etcd_tool(self.bin_dir.as_deref(), "etcdctl"))
+                .env("ETCDCTL_API", "3")
+                .args([&format!("--endpoints={}", self.endpoints[i]), "endpoint", "health"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {i} is not healthy: {}",
+                std::fs::read_to_string(self.dir.path().join(format!("m{i}.log"))).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every member's endpoint, comma-separated (as `--endpoints` takes them).
+    pub fn all(&self) -> String {
+        self.endpoints.join(",")
+    }
+
     pub fn etcdctl(&self) -> Command {
         let mut cmd = Command::new(etcd_tool(self.bin_dir.as_deref(), "etcdctl"));
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoints.join(",")));
+        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.all()));
         cmd
+    }
+
+    /// [`Etcd::fill`] through the whole cluster.
+    pub fn fill(&self, count: usize, value_len: usize) {
+        fill_keys(|| self.etcdctl(), count, value_len);
     }
 
     /// Stops member `i` (SIGKILL).
@@ -650,6 +813,12 @@ impl EtcdCluster {
         if let Some(mut c) = self.children[i].take() {
             stop_group(&mut c, false);
         }
+    }
+
+    /// Starts stopped member `i` again on its data, and waits (30 s at most) until it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_healthy(i, Instant::now() + Duration::from_secs(30));
     }
 }
 

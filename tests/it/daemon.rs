@@ -4,66 +4,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use crate::common::{Etcd, EtcdCluster, Work, run, spawn_group, stop_group};
+use crate::common::{Etcd, EtcdCluster, Proc, Work, file_target, run};
 use crate::servers::{Fault, FaultProxy, Rclone};
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(cfg: &Path, log: PathBuf, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"));
-        cmd.args(["daemon", "--config", cfg.to_str().unwrap()])
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env("ETCD_BACKUPD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Daemon {
-            child: spawn_group(&mut cmd).unwrap(),
-            log,
-        }
-    }
-
-    fn signal(&self, sig: Signal) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
-    }
-
-    /// SIGTERM, then the exit code (within `within`).
-    fn stop(&mut self, within: Duration) -> Option<i32> {
-        self.signal(Signal::SIGTERM);
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        stop_group(&mut self.child, false);
-    }
-}
 
 fn node_config(w: &Work, i: usize, endpoint: &str, cron: &str, targets: &str) -> PathBuf {
     let cfg = w.path().join(format!("node-{i}.toml"));
@@ -73,13 +20,6 @@ fn node_config(w: &Work, i: usize, endpoint: &str, cron: &str, targets: &str) ->
     );
     std::fs::write(&cfg, text).unwrap();
     cfg
-}
-
-fn file_target(w: &Work) -> String {
-    format!(
-        "[[target]]\nname = \"shared\"\nurl = \"file://{}\"\n",
-        w.target_root().display()
-    )
 }
 
 /// The run markers the election left in etcd: run -> JSON record.
@@ -131,10 +71,10 @@ fn set_ids(w: &Work) -> Vec<String> {
 fn three_daemons_take_exactly_one_backup_per_run_even_with_a_member_down() {
     let mut cluster = EtcdCluster::start(3);
     let w = Work::new();
-    let mut daemons: Vec<Daemon> = (0..3)
+    let mut daemons: Vec<Proc> = (0..3)
         .map(|i| {
             let cfg = node_config(&w, i, &cluster.endpoints[i], "*/4 * * * * *", &file_target(&w));
-            Daemon::start(&cfg, w.path().join(format!("daemon-{i}.log")), &[])
+            Proc::daemon(&cfg, w.path().join(format!("daemon-{i}.log")), &[])
         })
         .collect();
     std::thread::sleep(Duration::from_secs(13));
@@ -203,10 +143,10 @@ async fn a_killed_winner_is_replaced_and_its_run_completed_by_another_node() {
     let (fault, stalled) = FaultProxy::stalling_first_snapshot(rclone.url()).await;
     let w = Work::new();
     let target = format!("[[target]]\nname = \"dav\"\nurl = \"{}\"\n", fault.url());
-    let daemons: Vec<Daemon> = (0..3)
+    let daemons: Vec<Proc> = (0..3)
         .map(|i| {
             let cfg = node_config(&w, i, &cluster.endpoints[i], "*/20 * * * * *", &target);
-            Daemon::start(&cfg, w.path().join(format!("daemon-{i}.log")), &[])
+            Proc::daemon(&cfg, w.path().join(format!("daemon-{i}.log")), &[])
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -261,7 +201,7 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 * * *", &file_target(&w));
-    let mut d = Daemon::start(
+    let mut d = Proc::daemon(
         &cfg,
         w.path().join("daemon.log"),
         &[
@@ -400,8 +340,8 @@ fn guards_skip_with_reasons_and_a_completed_upgrade_is_backed_up_once() {
 
     // Two daemons see the completed upgrade at start: one after-upgrade backup between them.
     let cfg1 = node_config(&w, 1, &etcd.endpoint, "0 0 3 1 1 *", &file_target(&w));
-    let mut a = Daemon::start(&cfg, w.path().join("a.log"), &[]);
-    let mut b = Daemon::start(&cfg1, w.path().join("b.log"), &[]);
+    let mut a = Proc::daemon(&cfg, w.path().join("a.log"), &[]);
+    let mut b = Proc::daemon(&cfg1, w.path().join("b.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while w.sets().is_empty() {
         assert!(
@@ -471,7 +411,7 @@ async fn sigterm_mid_backup_exits_fast_releases_the_lock_and_leaves_no_set() {
     let w = Work::new();
     let target = format!("[[target]]\nname = \"dav\"\nurl = \"{}\"\n", fault.url());
     let cfg = node_config(&w, 0, &etcd.endpoint, "*/3 * * * * *", &target);
-    let mut d = Daemon::start(&cfg, w.path().join("daemon.log"), &[]);
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !stalled.load(std::sync::atomic::Ordering::SeqCst) {
         assert!(Instant::now() < deadline, "no upload started: {}", d.log());
@@ -533,7 +473,7 @@ fn a_restarted_daemon_delivers_what_a_down_target_left_pending() {
 
     // The filesystem comes back; a daemon started now delivers the set without a new run.
     std::fs::create_dir(&mount).unwrap();
-    let mut d = Daemon::start(&cfg, w.path().join("daemon.log"), &[]);
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !mount.join("test").join(&id).join("manifest.json").exists() {
         assert!(Instant::now() < deadline, "not delivered: {}", d.log());
@@ -599,7 +539,7 @@ fn platform_backup_sets_are_imported_once_and_verified_first() {
     let extra = format!("{}\n[import]\ndirs = [\"{}\"]\n", file_target(&w), import.display());
     let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &extra);
     let sets = w.target_root().join("test");
-    let mut d = Daemon::start(&cfg, w.path().join("daemon-1.log"), &[]);
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon-1.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !d.log().contains("cannot import a platform backup set") || !sets.join(&id).join("manifest.json").exists() {
         assert!(Instant::now() < deadline, "{}", d.log());
@@ -624,7 +564,7 @@ fn platform_backup_sets_are_imported_once_and_verified_first() {
     assert!(import.join("upgrade-backup-a").join(&snapshot).is_file());
 
     // A restarted daemon imports nothing again.
-    let mut d = Daemon::start(&cfg, w.path().join("daemon-2.log"), &[]);
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon-2.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !d.log().contains("waiting for the next run") {
         assert!(Instant::now() < deadline, "{}", d.log());
@@ -656,7 +596,7 @@ fn a_taken_metrics_port_never_stops_backups_and_is_bound_once_free() {
     let targets = format!("{}\n[metrics]\nlisten = \"{addr}\"\n", file_target(&w));
     let cfg = node_config(&w, 0, &etcd.endpoint, "*/2 * * * * *", &targets);
     // The retry interval (30 s) shortened to 1 s for the test, through an internal variable.
-    let mut d = Daemon::start(
+    let mut d = Proc::daemon(
         &cfg,
         w.path().join("daemon.log"),
         &[("ETCD_BACKUPD_METRICS_RETRY_MS", "1000")],
@@ -751,7 +691,7 @@ fn imported_platform_sets_are_sealed_like_our_own() {
     );
     let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &extra);
     let sets = w.target_root().join("test");
-    let mut d = Daemon::start(&cfg, w.path().join("daemon.log"), &[]);
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let set = loop {
         let found = std::fs::read_dir(&sets)

@@ -213,3 +213,90 @@ fn a_set_of_an_elected_run_waits_while_etcd_cannot_be_asked() {
     assert!(w.sets().is_empty(), "delivered unchecked: {:?}", w.sets());
     assert_eq!(w.staged()[0].1, vec!["local".to_string()], "still owed");
 }
+
+/// Sets complete on the rclone root, by id (cluster `test`).
+fn sets_on(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join("test"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("manifest.json").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_first_when_back() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let rclone = crate::servers::Rclone::start();
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    // Every request answered 503 while the target is down: transient, retried within the
+    // default retry budget (3 minutes), which must never hold the next snapshot back.
+    let fault = crate::servers::FaultProxy::start(rclone.url(), move |_, _, _, _| {
+        if d.load(Ordering::SeqCst) {
+            crate::servers::Fault::Respond(503, "down for maintenance".into())
+        } else {
+            crate::servers::Fault::Forward
+        }
+    })
+    .await;
+    let w = Work::new();
+    let cfg = w.write_config_targets(
+        &etcd.endpoint,
+        &format!(
+            "[schedule]\ncron = \"*/6 * * * * *\"\njitter = \"0s\"\n\n[[target]]\nname = \"dav\"\nurl = \"{}\"\n",
+            fault.url()
+        ),
+    );
+    let log = w.path().join("daemon.log");
+    let mut daemon = crate::common::spawn_group(
+        std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
+            .args(["daemon", "--config", cfg.to_str().unwrap()])
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .env("ETCD_BACKUPD_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap()),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let staged_during = w.staged();
+    down.store(false, Ordering::SeqCst);
+    let back = std::time::Instant::now();
+    let outage: Vec<String> = staged_during.iter().map(|(id, _)| id.clone()).collect();
+    // Every 6 s for 20 s: at least 3 snapshots taken while the target was down.
+    assert!(
+        outage.len() >= 3,
+        "{outage:?}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(sets_on(&rclone.root()).is_empty());
+    loop {
+        let on = sets_on(&rclone.root());
+        if outage.iter().all(|id| on.contains(id)) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "not delivered within a minute of the target's return: {on:?} of {outage:?}\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    crate::common::stop_group(&mut daemon, true);
+    // Oldest first: the "backup set stored" lines of the outage's sets come in id order.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let stored: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("backup set stored"))
+        .filter_map(|l| outage.iter().find(|id| l.contains(id.as_str())).map(String::as_str))
+        .collect();
+    let mut sorted = stored.clone();
+    sorted.sort();
+    assert_eq!(stored, sorted, "{text}");
+}

@@ -1,7 +1,8 @@
 //! Real servers for the remote-target tests, each started on free loopback ports and stopped
 //! on drop: Apache httpd with mod_dav (HTTPS, Basic auth), `rclone serve webdav` (a second,
-//! different WebDAV server), tinyproxy (a forward proxy), and an in-process "faulty reverse
-//! proxy" in front of rclone for the faults no real server produces on demand.
+//! different WebDAV server), tinyproxy (a forward proxy), moto (an S3 server that checks
+//! SigV4 signatures), and an in-process fault server (a faulty reverse proxy in front of
+//! rclone, or a scripted WebDAV server) for the faults no real server produces on demand.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -306,13 +307,27 @@ pub enum Fault {
     ForwardThenCut,
     /// Answer 429 with `Retry-After: <secs>`.
     TooMany(u64),
+    /// Answer with this status, extra headers and body (with its true Content-Length).
+    Answer(u16, Vec<(String, String)>, Vec<u8>),
+    /// Answer 200 declaring `declared` bytes, send `body`, then close.
+    Short { declared: usize, body: Vec<u8> },
+    /// Answer 200 without a length, zeros until the client goes away.
+    EndlessFile,
+    /// Send `raw` (status line, headers, body): the first `at_once` bytes at once, then one
+    /// byte every `pause`: a slow-loris answer.
+    Dribble {
+        raw: Vec<u8>,
+        at_once: usize,
+        pause: Duration,
+    },
 }
 
 /// Request number, method, path and the `Authorization` header, if any.
 type Plan = Arc<dyn Fn(usize, &str, &str, Option<&str>) -> Fault + Send + Sync>;
 
 /// An in-process HTTP/1.1 server in front of a real WebDAV server that injects faults.
-/// Every answer closes its connection, so request boundaries stay simple.
+/// Every answer closes its connection, so request boundaries stay simple. Request bodies
+/// (with a Content-Length or chunked) are read whole before the answer.
 pub struct FaultProxy {
     pub port: u16,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -323,6 +338,19 @@ impl FaultProxy {
         upstream: String,
         plan: impl Fn(usize, &str, &str, Option<&str>) -> Fault + Send + Sync + 'static,
     ) -> FaultProxy {
+        FaultProxy::serve(Some(upstream), Arc::new(plan)).await
+    }
+
+    /// A scripted server: `route(method, path)` decides each answer. `Forward` passes the
+    /// request to `upstream`; without one it is answered 502.
+    pub async fn scripted(
+        upstream: Option<String>,
+        route: impl Fn(&str, &str) -> Fault + Send + Sync + 'static,
+    ) -> FaultProxy {
+        FaultProxy::serve(upstream, Arc::new(move |_, method, path, _| route(method, path))).await
+    }
+
+    async fn serve(upstream: Option<String>, plan: Plan) -> FaultProxy {
         etcd_backupd::targets::webdav::install_crypto_provider();
         // A small receive buffer, so that what the client has sent is close to what this
         // server has read: the slow-reader fault then really slows the sender.
@@ -332,7 +360,6 @@ impl FaultProxy {
         let listener = socket.listen(64).unwrap();
         let port = listener.local_addr().unwrap().port();
         let count = Arc::new(AtomicUsize::new(0));
-        let plan: Plan = Arc::new(plan);
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let c = count.clone();
         tokio::spawn(async move {
@@ -377,7 +404,7 @@ async fn serve_one(
     plan: Plan,
     count: Arc<AtomicUsize>,
     client: reqwest::Client,
-    upstream: String,
+    upstream: Option<String>,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::new();
@@ -431,6 +458,9 @@ async fn serve_one(
     };
     match fault {
         Fault::Forward | Fault::Slow(_) | Fault::ForwardThenCut => {
+            let Some(upstream) = upstream else {
+                return answer(&mut sock, 502, &[], b"no upstream").await;
+            };
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
             let mut rb = client
                 .request(m, format!("{}{}", upstream.trim_end_matches('/'), path))
@@ -470,11 +500,30 @@ async fn serve_one(
             sock.write_all(&bytes).await?;
         }
         Fault::Respond(code, text) => {
-            let out = format!(
-                "HTTP/1.1 {code} Fault\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                text.len()
-            );
+            let html = [("Content-Type".to_string(), "text/html".to_string())];
+            return answer(&mut sock, code, &html, text.as_bytes()).await;
+        }
+        Fault::Answer(code, headers, body) => return answer(&mut sock, code, &headers, &body).await,
+        Fault::Short { declared, body } => {
+            let out = format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n");
             sock.write_all(out.as_bytes()).await?;
+            sock.write_all(&body).await?;
+        }
+        Fault::EndlessFile => {
+            sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+                .await?;
+            let chunk = vec![0u8; 64 * 1024];
+            loop {
+                sock.write_all(&chunk).await?;
+            }
+        }
+        Fault::Dribble { raw, at_once, pause } => {
+            let at_once = at_once.min(raw.len());
+            sock.write_all(&raw[..at_once]).await?;
+            for b in &raw[at_once..] {
+                sock.write_all(&[*b]).await?;
+                tokio::time::sleep(pause).await;
+            }
         }
         Fault::TooMany(secs) => {
             let out = format!(
@@ -495,6 +544,40 @@ async fn serve_one(
         Fault::CutBody => unreachable!(),
     }
     sock.shutdown().await
+}
+
+/// Writes an answer with `code`, `headers` and `body` (and its length), and closes.
+async fn answer(
+    sock: &mut tokio::net::TcpStream,
+    code: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut out = format!("HTTP/1.1 {code} Fault\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
+    sock.write_all(out.as_bytes()).await?;
+    sock.write_all(body).await?;
+    sock.shutdown().await
+}
+
+/// A PROPFIND 207 body: each entry an href and a size (None: a collection).
+pub fn multistatus(entries: &[(String, Option<u64>)]) -> Vec<u8> {
+    let mut x = String::from(r#"<?xml version="1.0" encoding="utf-8"?><D:multistatus xmlns:D="DAV:">"#);
+    for (href, size) in entries {
+        let props = match size {
+            None => "<D:resourcetype><D:collection/></D:resourcetype>".to_string(),
+            Some(n) => format!("<D:resourcetype/><D:getcontentlength>{n}</D:getcontentlength>"),
+        };
+        x.push_str(&format!(
+            "<D:response><D:href>{href}</D:href><D:propstat><D:prop>{props}</D:prop><D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response>"
+        ));
+    }
+    x.push_str("</D:multistatus>");
+    x.into_bytes()
 }
 
 /// Reads `n` bytes, pausing after every 16 KiB when `pause` is set (a slow reader).
@@ -538,5 +621,166 @@ async fn read_chunked(sock: &mut tokio::net::TcpStream, pause: Option<Duration>)
         }
         body.extend(read_slowly(sock, size, pause).await?);
         read_line(sock).await?;
+    }
+}
+
+/// Where `scripts/install-deps.sh` puts moto's venv: `$MOTO_VENV`, by default
+/// `/usr/local/lib/moto-venv`. Panics when it is missing: the S3 tests fail rather than skip.
+pub fn moto_venv() -> PathBuf {
+    let venv = std::env::var_os("MOTO_VENV")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/moto-venv"));
+    assert!(
+        venv.join("bin/moto_server").is_file(),
+        "moto's server is not in {} ($MOTO_VENV): run scripts/install-deps.sh",
+        venv.display()
+    );
+    venv
+}
+
+/// moto's S3 server over HTTPS (a test CA's certificate) with IAM auth on: after the three
+/// unauthenticated requests that create the user `backup`, its access key and an allow-all
+/// policy, every request must carry a valid SigV4 signature by a key moto issued, or it is
+/// refused (`SignatureDoesNotMatch`, `InvalidAccessKeyId`). The bucket `backups` exists.
+pub struct Moto {
+    pub port: u16,
+    pub dir: TempDir,
+    pub pki: Pki,
+    pub access_key: String,
+    pub secret_key: String,
+    child: Child,
+}
+
+/// What every [`Moto::py`] script starts with: boto3 clients for the server (`client(svc)`,
+/// `s3` with the issued key).
+const MOTO_PRELUDE: &str = r#"
+import json, os, sys, time
+import boto3
+from botocore.config import Config
+kw = dict(endpoint_url=os.environ["MOTO_ENDPOINT"], region_name="us-east-1",
+          verify=os.environ["MOTO_CA"], config=Config(s3={"addressing_style": "path"}))
+def client(svc, ak=os.environ.get("MOTO_AK", "none"), sk=os.environ.get("MOTO_SK", "none")):
+    return boto3.client(svc, aws_access_key_id=ak, aws_secret_access_key=sk, **kw)
+s3 = client("s3")
+"#;
+
+impl Moto {
+    pub fn start() -> Moto {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let pki = Pki::new(d, "moto");
+        let port = free_port();
+        let child = spawn_group(
+            Command::new(moto_venv().join("bin/moto_server"))
+                .args(["-H", "127.0.0.1", "-p", &port.to_string(), "-s", "-c"])
+                .arg(&pki.server_cert)
+                .arg("-k")
+                .arg(&pki.server_key)
+                .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+                // Parts as small as the tests' part size (ETCD_BACKUPD_S3_PART_SIZE).
+                .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("moto.log")).unwrap()),
+        )
+        .expect("moto_server (scripts/install-deps.sh)");
+        wait_for_port(port, "moto_server", &d.join("moto.log"));
+        let mut moto = Moto {
+            port,
+            dir,
+            pki,
+            access_key: String::new(),
+            secret_key: String::new(),
+            child,
+        };
+        let out = moto.py(r#"
+iam = client("iam")
+iam.create_user(UserName="backup")
+k = iam.create_access_key(UserName="backup")["AccessKey"]
+iam.put_user_policy(UserName="backup", PolicyName="all", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+client("s3", k["AccessKeyId"], k["SecretAccessKey"]).create_bucket(Bucket="backups")
+print(k["AccessKeyId"], k["SecretAccessKey"])
+"#);
+        let (ak, sk) = out.trim().split_once(' ').expect("moto issued a key");
+        moto.access_key = ak.to_string();
+        moto.secret_key = sk.to_string();
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a Python script (after [`MOTO_PRELUDE`]) against the server with boto3 and the
+    /// issued key; returns its stdout, panicking if it fails.
+    pub fn py(&self, script: &str) -> String {
+        let out = Command::new(moto_venv().join("bin/python"))
+            .arg("-c")
+            .arg(format!("{MOTO_PRELUDE}{script}"))
+            .env("MOTO_ENDPOINT", self.endpoint())
+            .env("MOTO_CA", &self.pki.ca)
+            .env("MOTO_AK", &self.access_key)
+            .env("MOTO_SK", &self.secret_key)
+            .env("HTTPS_PROXY", "")
+            .env("https_proxy", "")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "python: {}\nmoto: {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("moto.log"))
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every object in `bucket` as (key, size), sorted.
+    pub fn objects(&self, bucket: &str) -> Vec<(String, u64)> {
+        let out = self.py(&format!(
+            r#"
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket="{bucket}"):
+    for o in page.get("Contents", []):
+        print(o["Key"], o["Size"])
+"#
+        ));
+        let mut v: Vec<(String, u64)> = out
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(k, s)| (k.to_string(), s.parse().unwrap()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The keys of the multipart uploads in progress in `bucket`.
+    pub fn uploads(&self, bucket: &str) -> Vec<String> {
+        let out = self.py(&format!(
+            "for u in s3.list_multipart_uploads(Bucket=\"{bucket}\").get(\"Uploads\", []):\n    print(u[\"Key\"])\n"
+        ));
+        out.lines().map(str::to_string).collect()
+    }
+
+    /// The access and secret key files for a target (0600), with `secret` as the secret key.
+    pub fn key_files(&self, dir: &Path, secret: &str) -> (PathBuf, PathBuf) {
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("{text}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            p
+        };
+        (write("s3.access-key", &self.access_key), write("s3.secret-key", secret))
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        stop_group(&mut self.child, false);
     }
 }

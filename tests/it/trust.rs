@@ -270,8 +270,24 @@ fn signed_sets_verify_with_openssh_and_forged_unsigned_or_foreign_sets_are_refus
     std::fs::remove_dir_all(&fetch_dir).unwrap();
     std::fs::remove_dir_all(&set).unwrap();
     copy_dir(&original, &set);
+    // (One config file: it requires the signature again.)
+    let cfg = config(&format!("\n[verify]\nallowed_signers = \"{}\"\n", allowed.display()));
     let r = cli(&["verify", &signed], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains(", listed in allowed_signers"), "{}", r.stdout);
+
+    // The genuine signed set moved into another cluster's folder is not that cluster's.
+    copy_dir(&set, &w.target_root().join("other").join(&signed));
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("cluster_name = \"test\"", "cluster_name = \"other\"");
+    std::fs::write(&cfg, text).unwrap();
+    assert_refused(
+        &cfg,
+        &signed,
+        &fetch_dir,
+        &["names cluster 'test'", "folder of cluster 'other'"],
+    );
 }
 
 /// Midnight (UTC) of today moved by `days`, and that date for rcgen.
@@ -387,6 +403,13 @@ fn an_archive_with_an_expired_leaf_certificate_is_marked_by_list_and_refused_by_
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
         r.stdout.contains(&format!("certificates: EXPIRED on {date}")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(
+            "static pods etcd-pod-3, kube-apiserver-pod-3, kube-controller-manager-pod-3, kube-scheduler-pod-3"
+        ),
         "{}",
         r.stdout
     );
@@ -523,4 +546,179 @@ fn render_never_embeds_the_signing_key() {
     assert!(!embedded.iter().any(|f| f.contains("PRIVATE KEY")), "{embedded:?}");
     assert!(!r.stdout.contains(&format!("path: {}", key.display())), "{}", r.stdout);
     assert!(r.stderr.contains("signing.key_file"), "{}", r.stderr);
+}
+
+/// On a WebDAV target (Apache mod_dav over HTTPS) the signature goes up with the set, and
+/// the manifest lands byte for byte as it was signed: OpenSSH verifies it where it landed,
+/// and `fetch` from the server takes the set only as signed by the listed key; a set
+/// stored unsigned there is refused.
+#[test]
+fn sets_on_webdav_carry_their_signature() {
+    use crate::servers::Apache;
+    use crate::webdav::{apache_target, run_with, sets_on};
+    let etcd = Etcd::start();
+    etcd.fill(None, 100, 100);
+    let apache = Apache::start();
+    let w = Work::new();
+    let target = apache_target(&apache, &w, "");
+    let config = |extra: &str| w.write_config_targets(&etcd.endpoint, &format!("{target}{extra}"));
+    let cfg = config("\n[signing]\nenabled = true\n");
+    let arg = |args: &[&str], cfg: &Path| {
+        let mut all = args.to_vec();
+        all.extend(["--config", cfg.to_str().unwrap()]);
+        run_with(&all, &[])
+    };
+    let r = arg(&["backup", "--no-election"], &cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let st = arg(&["status"], &cfg);
+    let line = st
+        .stdout
+        .lines()
+        .find(|l| l.trim().starts_with("etcd-backupd ssh-ed25519 "))
+        .unwrap_or_else(|| panic!("{}", st.stdout));
+    let allowed = w.path().join("allowed_signers");
+    std::fs::write(&allowed, format!("{}\n", line.trim())).unwrap();
+    let set = sets_on(&apache.root()).pop().unwrap();
+    let signed = set.file_name().unwrap().to_str().unwrap().to_string();
+    let (ok, text) = ssh_keygen_verify(&allowed, &set);
+    assert!(ok, "ssh-keygen -Y verify on the server's copy: {text}");
+
+    // One more set, unsigned.
+    let r = arg(&["backup", "--no-election"], &config(""));
+    assert_eq!(r.code, 0, "{}", r.all());
+    let unsigned = sets_on(&apache.root())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .find(|id| *id != signed)
+        .unwrap();
+
+    let cfg = config(&format!("\n[verify]\nallowed_signers = \"{}\"\n", allowed.display()));
+    let fetch_dir = w.path().join("restore");
+    let to = fetch_dir.to_str().unwrap();
+    let r = arg(&["fetch", &signed, "--to", to], &cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains(", listed in allowed_signers"), "{}", r.stdout);
+    std::fs::remove_dir_all(&fetch_dir).unwrap();
+    let r = arg(&["fetch", &unsigned, "--to", to], &cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("unsigned") && r.stderr.contains("manifest.json.sig"),
+        "{}",
+        r.stderr
+    );
+    assert!(!fetch_dir.exists() || files_in(&fetch_dir).is_empty());
+    let r = arg(&["list"], &cfg);
+    let row = |id: &str| r.stdout.lines().find(|l| l.contains(id)).unwrap().to_string();
+    assert!(
+        row(&signed).contains("(listed)") && row(&unsigned).contains("unsigned"),
+        "{}",
+        r.stdout
+    );
+}
+
+/// The daemon's first start creates the key where `signing.key_file` names it (its folder
+/// too), 0600, and logs the line for allowed_signers; a later start keeps it.
+#[test]
+fn the_daemon_creates_the_signing_key_on_its_first_start() {
+    use crate::common::Proc;
+    use std::time::{Duration, Instant};
+    let w = Work::new();
+    let key = w.path().join("keys/node.key");
+    let cfg = w.write_config(
+        "http://127.0.0.1:1",
+        None,
+        &format!(
+            "\n[schedule]\ncron = \"\"\n\n[signing]\nkey_file = \"{}\"\n",
+            key.display()
+        ),
+    );
+    let start = |n: usize| {
+        let mut d = Proc::daemon(&cfg, w.path().join(format!("daemon-{n}.log")), &[]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.log().contains("signing every set with this node's key") {
+            assert!(Instant::now() < deadline && d.running(), "{}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+        d.log()
+    };
+    let log = start(1);
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(log.contains("created this node's signing key"), "{log}");
+    let public = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let public = String::from_utf8(public.stdout).unwrap();
+    let public = public.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert!(log.contains(&format!("etcd-backupd {public} node-a")), "{log}");
+    let before = std::fs::read(&key).unwrap();
+    let log = start(2);
+    assert!(!log.contains("created this node's signing key"), "{log}");
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+}
+
+/// A platform set imported by the daemon gets the same facts and signature as its own.
+#[test]
+fn imported_platform_sets_record_restorable_until_and_are_signed() {
+    use crate::common::Proc;
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let k8s = w.path().join("etc-kubernetes");
+    static_pod_fixture(&k8s, 2);
+    let (at, leaf) = day(-1);
+    certificates(&k8s, 2, leaf, false);
+    let import = w.path().join("cluster-backup");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cluster-backup.sh");
+    let out = Command::new(&script)
+        .arg(import.join("upgrade-backup-a"))
+        .env("STANDIN_ENDPOINT", &etcd.endpoint)
+        .env("STANDIN_K8S_DIR", &k8s)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        &format!(
+            "\n[schedule]\ncron = \"0 0 3 1 1 *\"\n\n[import]\ndirs = [\"{}\"]\n\n[signing]\nenabled = true\n",
+            import.display()
+        ),
+    );
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.sets().is_empty() {
+        assert!(Instant::now() < deadline && d.running(), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    let set = w.sets().pop().unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["trigger"], "imported", "{m}");
+    assert_eq!(
+        m["restorable_until"],
+        at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        "{m}"
+    );
+    let st = cli(&["status"], &cfg);
+    let line = st
+        .stdout
+        .lines()
+        .find(|l| l.trim().starts_with("etcd-backupd ssh-ed25519 "))
+        .unwrap_or_else(|| panic!("{}", st.stdout));
+    let allowed = w.path().join("allowed_signers");
+    std::fs::write(&allowed, format!("{}\n", line.trim())).unwrap();
+    let (ok, text) = ssh_keygen_verify(&allowed, &set);
+    assert!(ok, "{text}");
+    // Its certificates expired yesterday: fetch refuses it.
+    let r = cli(
+        &["fetch", "latest", "--to", w.path().join("restore").to_str().unwrap()],
+        &cfg,
+    );
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("its certificates expired on"), "{}", r.stderr);
 }
