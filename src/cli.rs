@@ -933,13 +933,7 @@ async fn status(settings: &Settings, json: bool) -> Result<()> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     let cluster = async {
         let (member, _) = crate::etcd::connect_first(&settings.etcd).await?;
-        let mut e = crate::election::Election::new(
-            member.client.clone(),
-            &settings.election.prefix,
-            &settings.node_name,
-            settings.election.lease_ttl.0,
-            settings.etcd.request_timeout.0,
-        );
+        let mut e = crate::election::Election::of(member.client.clone(), settings);
         Ok::<_, anyhow::Error>((e.last().await?, e.runner().await?))
     };
     let (last, runner, etcd_error) = match tokio::time::timeout(

@@ -324,8 +324,7 @@ async fn serve(
             Wake::Deliver => {
                 notify::status("delivering pending backup sets");
                 // Never past the next run's start: the snapshot comes first.
-                let until = crate::delivery::until(&stop, slot.map(|s| yield_before(s.start)));
-                let retried = crate::delivery::retry(&settings, &until).await;
+                let retried = crate::delivery::retry(&settings, &stop, slot.map(|s| yield_before(s.start))).await;
                 if let Ok(r) = &retried {
                     runner::settle_after_retry(&settings, &r.settled).await;
                 }

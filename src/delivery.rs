@@ -127,25 +127,6 @@ pub struct Delivered {
     pub completes_run: Option<String>,
 }
 
-/// A token for a delivery pass: cancelled with `abort`, or at `deadline` (the next run's
-/// start, for the daemon), whichever comes first.
-pub fn until(abort: &CancellationToken, deadline: Option<tokio::time::Instant>) -> CancellationToken {
-    let token = abort.child_token();
-    if let Some(at) = deadline {
-        let t = token.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep_until(at) => {
-                    tracing::info!("delivery time is up: the next run comes first; what is left is delivered later");
-                    t.cancel();
-                }
-                _ = t.cancelled() => {}
-            }
-        });
-    }
-    token
-}
-
 /// The (run, id) of every set a pass brought to its last target.
 pub fn settled(results: &[Delivered]) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = results
@@ -234,6 +215,7 @@ pub async fn pass(
     abort: &CancellationToken,
     mut early: BTreeMap<String, Early>,
     mut records: Option<&mut crate::election::Election>,
+    retry_until: Option<tokio::time::Instant>,
 ) -> Vec<Delivered> {
     use crate::election::MayDeliver;
     let staging = &settings.snapshot.staging_dir;
@@ -323,13 +305,17 @@ pub async fn pass(
                     }
                 }
             };
-            // A target retrying when the pass is cut off stops there: the set stays pending.
-            let result = tokio::select! {
-                r = put => r,
-                _ = abort.cancelled() => Err(anyhow::anyhow!("delivery stopped before this target took the set; it stays pending")),
-            };
+            // Retries stop at the pass's deadline (the next run); a moving upload is not cut.
+            let result = crate::targets::retry::retries_until(retry_until, put).await;
             let result = match result {
-                Err(e) if !abort.is_cancelled() && already_there(target.as_ref(), &staged.set).await => {
+                Err(e)
+                    if !abort.is_cancelled()
+                        && crate::targets::retry::retries_until(
+                            retry_until,
+                            already_there(target.as_ref(), &staged.set),
+                        )
+                        .await =>
+                {
                     tracing::info!(target_name = %name, backup_id = %m.id, "the target already holds this set (an earlier answer was lost)");
                     let _ = e;
                     Ok(())
@@ -539,7 +525,12 @@ pub struct Retried {
 
 /// A delivery pass outside a backup run (the daemon's timer, its start): takes the staging
 /// lock so it never races a run, then applies retention and bounds staging as a run does.
-pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Retried> {
+/// Retries stop at `retry_until` (the daemon: just before its next run).
+pub async fn retry(
+    settings: &Settings,
+    abort: &CancellationToken,
+    retry_until: Option<tokio::time::Instant>,
+) -> Result<Retried> {
     let staging = &settings.snapshot.staging_dir;
     crate::staging::prepare_staging(staging)?;
     let Some(_lock) = fsutil::try_lock(&staging.join("lock"))? else {
@@ -562,13 +553,7 @@ pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Ret
             .any(|s| !s.pending.is_empty() && s.set.manifest.run.is_some());
     let mut records = match needs_etcd {
         true => match crate::etcd::connect_first(&settings.etcd).await {
-            Ok((member, _)) => Some(crate::election::Election::new(
-                member.client.clone(),
-                &settings.election.prefix,
-                &settings.node_name,
-                settings.election.lease_ttl.0,
-                settings.etcd.request_timeout.0,
-            )),
+            Ok((member, _)) => Some(crate::election::Election::of(member.client.clone(), settings)),
             Err(e) => {
                 tracing::warn!(error = %crate::error::one_line(&e), "etcd does not answer: sets of elected runs wait");
                 None
@@ -576,9 +561,9 @@ pub async fn retry(settings: &Settings, abort: &CancellationToken) -> Result<Ret
         },
         false => None,
     };
-    let results = pass(settings, &opened, abort, BTreeMap::new(), records.as_mut()).await;
+    let results = pass(settings, &opened, abort, BTreeMap::new(), records.as_mut(), retry_until).await;
     if !abort.is_cancelled() {
-        apply_retention(settings, &opened, &results).await;
+        crate::targets::retry::retries_until(retry_until, apply_retention(settings, &opened, &results)).await;
     }
     tidy(settings);
     Ok(Retried {

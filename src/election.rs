@@ -116,6 +116,18 @@ impl Election {
         }
     }
 
+    /// The election as `settings` configure it (prefix, node, lease TTL, request timeout),
+    /// over `client`.
+    pub fn of(client: Client, settings: &crate::config::Settings) -> Election {
+        Election::new(
+            client,
+            &settings.election.prefix,
+            &settings.node_name,
+            settings.election.lease_ttl.0,
+            settings.etcd.request_timeout.0,
+        )
+    }
+
     fn key(&self, suffix: &str) -> String {
         format!("{}/{suffix}", self.prefix)
     }

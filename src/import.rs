@@ -235,7 +235,7 @@ pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::C
     }
     drop(lock);
     if staged > 0 {
-        let retried = delivery::retry(settings, abort).await?;
+        let retried = delivery::retry(settings, abort, None).await?;
         tracing::info!(
             delivered = retried.delivered,
             pending = retried.pending,

@@ -28,6 +28,15 @@
 //! - [`staging`]: whether a staging directory is ours (new, empty or marked), and making it.
 //! - [`fsutil`]: private files, fsync and no-replace renames.
 //! - [`progress`]: bars on a terminal, progress lines and `STATUS=` for the daemon.
+//!
+//! The imports form a layering, checked with `python3 ../shared/tools/modcycles.py src` (no
+//! cycles): [`error`], [`fsutil`] and [`manifest`] at the bottom; [`config`] above them as
+//! plain validated data (with [`envelope`] for the recipients it checks); then the domain
+//! modules ([`targets`], [`snapshot`], [`retention`], [`election`], [`staging`], ...), which
+//! build their own objects from the settings; [`delivery`] and [`pipeline`] above those;
+//! [`runner`], [`daemon`] and [`cli`] on top. A run flows one way: schedule → guards →
+//! election → source (native snapshot, script, import) → seal → staging → deliver → retain →
+//! record; the snapshot never waits on a target.
 
 pub mod certs;
 pub mod cli;

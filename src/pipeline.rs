@@ -335,15 +335,16 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
-        let mut records = crate::election::Election::new(
-            member.client.clone(),
-            &settings.election.prefix,
-            &settings.node_name,
-            settings.election.lease_ttl.0,
-            settings.etcd.request_timeout.0,
-        );
-        let pass_abort = delivery::until(&opts.abort, opts.deliver_by);
-        let results = delivery::pass(settings, &opened, &pass_abort, early, Some(&mut records)).await;
+        let mut records = crate::election::Election::of(member.client.clone(), settings);
+        let results = delivery::pass(
+            settings,
+            &opened,
+            &opts.abort,
+            early,
+            Some(&mut records),
+            opts.deliver_by,
+        )
+        .await;
         let outcomes: Vec<TargetOutcome> = names
             .iter()
             .map(|name| {
@@ -358,7 +359,12 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             })
             .collect();
         if !opts.abort.is_cancelled() {
-            delivery::apply_retention(settings, &opened, &results).await;
+            // Bounded like the deliveries: retention never holds the next run back either.
+            crate::targets::retry::retries_until(
+                opts.deliver_by,
+                delivery::apply_retention(settings, &opened, &results),
+            )
+            .await;
         }
         delivery::tidy(settings);
 

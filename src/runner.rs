@@ -65,13 +65,7 @@ pub async fn run_once(
         }
         Err(e) => return Err(e),
     };
-    let mut election = Election::new(
-        member.client.clone(),
-        &settings.election.prefix,
-        &settings.node_name,
-        settings.election.lease_ttl.0,
-        settings.etcd.request_timeout.0,
-    );
+    let mut election = Election::of(member.client.clone(), settings);
     // A run another node finished needs no guard check (nor a skip record).
     if elect && let Some(rec) = election.done(run).await? {
         return Ok(Outcome::Elsewhere(rec));
@@ -252,13 +246,7 @@ pub async fn settle_after_retry(settings: &Settings, settled: &[(String, String)
     }
     match etcd::connect_first(&settings.etcd).await {
         Ok((member, _)) => {
-            let mut election = Election::new(
-                member.client.clone(),
-                &settings.election.prefix,
-                &settings.node_name,
-                settings.election.lease_ttl.0,
-                settings.etcd.request_timeout.0,
-            );
+            let mut election = Election::of(member.client.clone(), settings);
             settle_delivered(&mut election, settled, None).await;
         }
         Err(e) => tracing::warn!(error = %crate::error::one_line(&e), "cannot update the records of delivered runs"),

@@ -386,6 +386,10 @@ impl Http {
                 );
             }
             match self.backoff.next_delay(attempt, server_asks) {
+                Some(delay) if retry::past_retry_deadline(delay) => bail!(
+                    "target '{}': {what} '{url}': {why} (not retried now: the next run is due; the set is delivered later)",
+                    self.name
+                ),
                 Some(delay) => {
                     tracing::warn!(
                         target_name = %self.name, attempt, delay_ms = delay.as_millis() as u64, error = %why,

@@ -13,6 +13,28 @@ use reqwest::StatusCode;
 
 use super::dns::ResolveError;
 
+tokio::task_local! {
+    /// No retry is started past this instant in the current task: a delivery pass in the
+    /// daemon yields to the next run this way. A request already under way is never cut
+    /// (a slow but moving upload finishes); only the waiting and trying again stops.
+    static RETRY_DEADLINE: tokio::time::Instant;
+}
+
+/// Runs `fut` with retries bounded by `deadline` (see [`RETRY_DEADLINE`]); unbounded with `None`.
+pub async fn retries_until<F: std::future::Future>(deadline: Option<tokio::time::Instant>, fut: F) -> F::Output {
+    match deadline {
+        Some(d) => RETRY_DEADLINE.scope(d, fut).await,
+        None => fut.await,
+    }
+}
+
+/// Would a retry after `delay` start past the current task's retry deadline?
+pub fn past_retry_deadline(delay: std::time::Duration) -> bool {
+    RETRY_DEADLINE
+        .try_with(|d| tokio::time::Instant::now() + delay > *d)
+        .unwrap_or(false)
+}
+
 /// Why an attempt got no answer, sorted by whether another attempt can change that.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TransportError {
