@@ -102,8 +102,12 @@ mod tests {
 
     #[test]
     fn names_resolve_or_fail_for_good() {
-        let addrs = lookup("localhost").unwrap();
-        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+        // `localhost` comes from /etc/hosts, which a bare chroot (debootstrap minbase) lacks.
+        let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        if hosts.split_whitespace().any(|w| w == "localhost") {
+            let addrs = lookup("localhost").unwrap();
+            assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+        }
         assert_eq!(lookup("127.0.0.1").unwrap()[0].ip().to_string(), "127.0.0.1");
         // RFC 6761: .invalid never resolves: for good, unless this machine's resolver does
         // not answer at all (EAI_AGAIN, then worth a retry).
