@@ -77,7 +77,7 @@ impl Publisher {
             file: self.reader.clone(),
             rx: self.tx.subscribe(),
             expected: None,
-            progress: crate::progress::Phase::none(),
+            progress: crate::progress::Phase::default(),
         }
     }
 
@@ -158,7 +158,7 @@ impl Follower {
     /// [`Follower::stream`], it fails once the writer has failed, even for bytes already
     /// read. Progress is not reported.
     pub fn range(&self, from: u64, len: u64, chunk: usize) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        self.read(from, len, chunk, crate::progress::Phase::none())
+        self.read(from, len, chunk, crate::progress::Phase::default())
     }
 
     /// What [`Follower::with_progress`] set up, for an upload that reports progress its own way.

@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     };
     progress::init(match cli.command {
         Command::Daemon => progress::Mode::Log,
-        Command::Backup { .. } | Command::Fetch { .. } | Command::Verify { .. } => progress::mode_for(true),
+        Command::Backup { .. } | Command::Fetch { .. } | Command::Verify { .. } => progress::bars_if_terminal(),
         _ => progress::Mode::Off,
     });
     init_logging(cli.verbose);

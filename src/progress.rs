@@ -44,9 +44,9 @@ pub fn init(mode: Mode) {
     let _ = SHARED.set(Shared { mode, bars });
 }
 
-/// The mode a command gets: bars only when stderr is a terminal and the command draws them.
-pub fn mode_for(draws_bars: bool) -> Mode {
-    if draws_bars && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+/// The mode of a command that draws bars: on when stderr is a terminal, else off.
+pub fn bars_if_terminal() -> Mode {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         Mode::Terminal
     } else {
         Mode::Off
@@ -165,6 +165,7 @@ struct Inner {
 
 /// One phase's progress; cheap to clone (clones report to the same phase). Dropping the last
 /// clone ends it.
+/// The default phase shows nothing.
 #[derive(Clone, Default)]
 pub struct Phase(Option<Arc<Inner>>);
 
@@ -206,11 +207,6 @@ impl Phase {
                 status_at: None,
             }),
         })))
-    }
-
-    /// A phase that shows nothing.
-    pub fn none() -> Phase {
-        Phase(None)
     }
 
     /// `n` more bytes done.

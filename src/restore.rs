@@ -344,7 +344,7 @@ impl<R: Read> Tee<R> {
             cap,
             trailer: None,
             out: None,
-            phase: crate::progress::Phase::none(),
+            phase: crate::progress::Phase::default(),
             overlong: false,
         }
     }

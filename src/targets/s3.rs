@@ -1049,7 +1049,7 @@ impl S3Target {
                         source.range(offset, len),
                         progress,
                         pacer.clone(),
-                        crate::progress::Phase::none(),
+                        crate::progress::Phase::default(),
                     )))
             })
             .await?;

@@ -518,7 +518,7 @@ impl Target for DavTarget {
                     file.stream(256 * 1024),
                     progress.clone(),
                     self.http.rate,
-                    crate::progress::Phase::none(),
+                    crate::progress::Phase::default(),
                 )))
         });
         tokio::select! {

@@ -18,7 +18,7 @@ fn repo(p: &str) -> PathBuf {
 }
 
 /// Every document of a YAML stream, as JSON, parsed by PyYAML.
-fn parse_yaml_docs(text: &str) -> Vec<Value> {
+pub(crate) fn parse_yaml_docs(text: &str) -> Vec<Value> {
     let mut child = Command::new("python3")
         .args([
             "-c",

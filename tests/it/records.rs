@@ -23,6 +23,16 @@ fn markers(etcd: &Etcd) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Makes a file target unable to take sets (even as root): its cluster folder is a file.
+fn block_cluster_folder(root: &Path) {
+    std::fs::create_dir_all(root).unwrap();
+    std::fs::write(root.join("test"), b"not a folder").unwrap();
+}
+
+fn unblock_cluster_folder(root: &Path) {
+    std::fs::remove_file(root.join("test")).unwrap();
+}
+
 fn backup(cfg: &Path) -> crate::common::Run {
     run(&["backup", "--config", cfg.to_str().unwrap()])
 }
@@ -41,8 +51,7 @@ fn a_set_owed_to_its_only_target_is_pending_then_settled_to_ok_when_delivered() 
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "");
     // The cluster folder is a file: the target cannot take the set (even as root).
-    std::fs::create_dir_all(w.target_root()).unwrap();
-    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    block_cluster_folder(&w.target_root());
     let first = backup(&cfg);
     assert_eq!(first.code, 1, "{}", first.all());
     let m = markers(&etcd);
@@ -54,7 +63,7 @@ fn a_set_owed_to_its_only_target_is_pending_then_settled_to_ok_when_delivered() 
     assert_eq!(status_runs(&cfg)[0]["result"], "pending");
 
     // The target is back: the next run delivers the waiting set first, then its own.
-    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    unblock_cluster_folder(&w.target_root());
     std::thread::sleep(Duration::from_millis(1100));
     let second = backup(&cfg);
     assert_eq!(second.code, 0, "{}", second.all());
@@ -81,8 +90,7 @@ fn a_set_on_some_targets_is_partial_naming_them_never_failed() {
     etcd.fill(None, 50, 100);
     let w = Work::new();
     let second_root = w.path().join("second");
-    std::fs::create_dir_all(&second_root).unwrap();
-    std::fs::write(second_root.join("test"), b"not a folder").unwrap();
+    block_cluster_folder(&second_root);
     let cfg = w.write_config(
         &etcd.endpoint,
         None,
@@ -111,13 +119,12 @@ fn an_id_taken_on_the_target_by_another_set_does_not_hold_back_newer_sets() {
     let cfg = w.write_config(&etcd.endpoint, None, "");
     // A first set, then the same id taken on the target by a different set (another node's
     // set under that id, as when two nodes once stored different sets in one second).
-    std::fs::create_dir_all(w.target_root()).unwrap();
-    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    block_cluster_folder(&w.target_root());
     assert_eq!(backup(&cfg).code, 1);
     let staged = w.staged();
     assert_eq!(staged.len(), 1, "{staged:?}");
     let stuck_id = staged[0].0.clone();
-    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    unblock_cluster_folder(&w.target_root());
     let squatter = w.target_root().join("test").join(&stuck_id);
     std::fs::create_dir_all(&squatter).unwrap();
     std::fs::write(squatter.join("manifest.json"), b"{}").unwrap();
@@ -144,8 +151,7 @@ fn a_set_staged_for_a_run_another_node_recorded_is_never_delivered() {
     etcd.fill(None, 50, 100);
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "");
-    std::fs::create_dir_all(w.target_root()).unwrap();
-    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    block_cluster_folder(&w.target_root());
     // This node takes a run's set but cannot deliver it (as a runner killed after staging).
     assert_eq!(backup(&cfg).code, 1);
     let m = markers(&etcd);
@@ -155,7 +161,7 @@ fn a_set_staged_for_a_run_another_node_recorded_is_never_delivered() {
     // Meanwhile another node completed that run with a set of its own.
     let other = serde_json::json!({"run": run1, "node": "node-b", "id": "2026-01-01_000000", "result": "ok", "finished": "2026-01-01T00:00:00Z"});
     etcd.put(None, &format!("/etcd-backupd/runs/{run1}"), &other.to_string());
-    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    unblock_cluster_folder(&w.target_root());
     std::thread::sleep(Duration::from_millis(1100));
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -184,10 +190,9 @@ fn a_set_of_an_elected_run_waits_while_etcd_cannot_be_asked() {
     etcd.fill(None, 50, 100);
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "\n[schedule]\ncron = \"\"\n");
-    std::fs::create_dir_all(w.target_root()).unwrap();
-    std::fs::write(w.target_root().join("test"), b"not a folder").unwrap();
+    block_cluster_folder(&w.target_root());
     assert_eq!(backup(&cfg).code, 1);
-    std::fs::remove_file(w.target_root().join("test")).unwrap();
+    unblock_cluster_folder(&w.target_root());
     drop(etcd);
     // The daemon's delivery pass at start: etcd is gone, so the set is not delivered unchecked.
     let log = w.path().join("daemon.log");

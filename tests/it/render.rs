@@ -3,9 +3,8 @@
 //! Ignition config checked with Debian's `ignition-validate`, its contents compared with the
 //! repository's files byte for byte).
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::common::{Work, run};
 
@@ -13,21 +12,11 @@ fn repo(p: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-/// YAML text to a JSON value, with a YAML parser that is not ours.
+/// YAML text (one document) to a JSON value, with a YAML parser that is not ours.
 fn parse_yaml(text: &str) -> serde_json::Value {
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, yaml, json; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 with PyYAML (Debian python3-yaml)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "not YAML:\n{text}");
-    serde_json::from_slice(&out.stdout).unwrap()
+    let mut docs = crate::monitoring::parse_yaml_docs(text);
+    assert_eq!(docs.len(), 1, "not one YAML document:\n{text}");
+    docs.remove(0)
 }
 
 fn ignition_validate(config: &serde_json::Value) -> (bool, String) {
