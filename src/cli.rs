@@ -889,10 +889,7 @@ async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
         let checked = async {
             // A check reports the first failure rather than waiting out the retry budget, and
             // gives the first answer connect_timeout and a few seconds.
-            let once = config::TargetSettings {
-                retry_budget: config::types::HumanDuration(std::time::Duration::ZERO),
-                ..t.clone()
-            };
+            let once = t.single_attempt();
             let target = targets::open(&once, None)?;
             outln!("target '{}': {}", t.name, target.route());
             let within = t.connect_timeout.0 + std::time::Duration::from_secs(5);

@@ -325,9 +325,6 @@ async fn serve(
                 notify::status("delivering pending backup sets");
                 // Never past the next run's start: the snapshot comes first.
                 let retried = crate::delivery::retry(&settings, &stop, slot.map(|s| yield_before(s.start))).await;
-                if let Ok(r) = &retried {
-                    runner::settle_after_retry(&settings, &r.settled).await;
-                }
                 next_delivery = match retried {
                     Ok(r) if r.pending == 0 => {
                         tracing::info!(delivered = r.delivered, "every pending backup set is delivered");

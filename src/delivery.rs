@@ -123,18 +123,17 @@ pub struct Delivered {
     pub location: String,
     pub result: Result<(), String>,
     /// This delivery left the set owed to no target, and the set names its elected run: that
-    /// run's record can be settled (see [`crate::runner::settle_delivered`]).
+    /// run's record can be settled (see [`crate::election::Election::settle_all`]).
     pub completes_run: Option<String>,
 }
 
 /// The (run, id) of every set a pass brought to its last target.
 pub fn settled(results: &[Delivered]) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = results
+    // One entry per set: only its last delivery carries the run.
+    results
         .iter()
         .filter_map(|d| d.completes_run.clone().map(|run| (run, d.id.clone())))
-        .collect();
-    v.dedup();
-    v
+        .collect()
 }
 
 /// Does `target` already hold exactly this set? (An earlier attempt's final answer was lost.)
@@ -221,6 +220,7 @@ pub async fn pass(
     let staging = &settings.snapshot.staging_dir;
     let mut down: BTreeMap<String, String> = BTreeMap::new();
     let mut results = Vec::new();
+    let mut completed: Vec<String> = Vec::new();
     for mut staged in scan(staging) {
         if staged.pending.is_empty() {
             continue;
@@ -347,17 +347,12 @@ pub async fn pass(
                 completes_run: None,
             });
         }
-        if still.is_empty() && results.iter().any(|d| d.id == m.id && d.result.is_ok()) {
-            // The set reached its last target in this pass: the run that took it is settled.
-            if let Some(d) = results.iter_mut().rev().find(|d| d.id == m.id && d.result.is_ok()) {
-                d.completes_run = m.run.clone();
-            }
-            let mut state = crate::state::State::load(staging);
-            if state.settle(&m.id)
-                && let Err(e) = state.save(staging)
-            {
-                tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
-            }
+        // The set reached its last target in this pass: the run that took it is settled.
+        if still.is_empty()
+            && let Some(d) = results.iter_mut().rev().find(|d| d.id == m.id && d.result.is_ok())
+        {
+            d.completes_run = m.run.clone();
+            completed.push(m.id.clone());
         }
         if still != before {
             staged.pending = still;
@@ -367,6 +362,15 @@ pub async fn pass(
         }
     }
     discard_drafts(opened, early).await;
+    // This node's entries for those sets, once per pass.
+    let mut state = crate::state::State::load(staging);
+    let mut changed = false;
+    for id in &completed {
+        changed |= state.settle(id);
+    }
+    if changed && let Err(e) = state.save(staging) {
+        tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+    }
     results
 }
 
@@ -519,8 +523,6 @@ pub struct Retried {
     pub pending: usize,
     /// A backup holds staging; nothing was tried.
     pub busy: bool,
-    /// (run, id) of sets that reached their last target: their run records can be settled.
-    pub settled: Vec<(String, String)>,
 }
 
 /// A delivery pass outside a backup run (the daemon's timer, its start): takes the staging
@@ -562,6 +564,10 @@ pub async fn retry(
         false => None,
     };
     let results = pass(settings, &opened, abort, BTreeMap::new(), records.as_mut(), retry_until).await;
+    // The connection that checked the sets also settles the records of those now delivered.
+    if let Some(e) = records.as_mut() {
+        e.settle_all(&settled(&results), None).await;
+    }
     if !abort.is_cancelled() {
         crate::targets::retry::retries_until(retry_until, apply_retention(settings, &opened, &results)).await;
     }
@@ -571,6 +577,5 @@ pub async fn retry(
         failed: results.iter().filter(|d| d.result.is_err()).count(),
         pending: pending(staging).0,
         busy: false,
-        settled: settled(&results),
     })
 }

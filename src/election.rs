@@ -462,6 +462,23 @@ impl Election {
         Ok(r.succeeded())
     }
 
+    /// [`Election::settle`] for every (run, id) a delivery pass brought to its last target,
+    /// but `except` (the run being recorded now). Best effort: a marker left unsettled only
+    /// understates what is stored.
+    pub async fn settle_all(&mut self, settled: &[(String, String)], except: Option<&str>) {
+        for (run, id) in settled.iter().filter(|(run, _)| Some(run.as_str()) != except) {
+            match self.settle(run, id).await {
+                Ok(true) => {
+                    tracing::info!(run = %run, backup_id = %id, "the run's set reached every target; its record says ok")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(run = %run, backup_id = %id, error = %crate::error::one_line(&e), "cannot update the run's record")
+                }
+            }
+        }
+    }
+
     /// Gives the lock up at once (on failure or shutdown) so another node can take over.
     pub async fn release(&mut self, held: Held) {
         held.keepalive.abort();

@@ -106,8 +106,6 @@ pub async fn gather(member: &mut Member) -> Result<Facts> {
     })
 }
 
-/// The first guard that says no, as a reason to skip; `None` when the run may go ahead.
-/// `free` is the free space in staging, in bytes.
 /// Which guard refused a backup. The cluster-state guards can be overridden by
 /// `backup --force` (as `cluster-backup.sh --force` does); those about etcd's health and the
 /// node's disk cannot: a snapshot then fails or harms etcd whatever the operator wants.
@@ -138,21 +136,8 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// The first reason not to back up now, if any (every guard; see [`check_all`]).
-pub fn check(
-    settings: &Settings,
-    facts: &Facts,
-    status: &MemberStatus,
-    free: u64,
-    now: DateTime<Utc>,
-) -> Option<String> {
-    check_all(settings, facts, status, free, now)
-        .into_iter()
-        .next()
-        .map(|r| r.reason)
-}
-
-/// Every guard not met, in the order they are checked.
+/// Every guard not met, in the order they are checked (empty: the run may go ahead).
+/// `free` is the free space in staging, in bytes.
 pub fn check_all(
     settings: &Settings,
     facts: &Facts,

@@ -71,6 +71,12 @@ impl BackupReport {
         self.targets.iter().all(|t| t.result.is_ok())
     }
 
+    /// What the run came to, by how many of its targets hold the set.
+    pub fn result(&self) -> crate::state::RunResult {
+        let stored = self.targets.iter().filter(|t| t.result.is_ok()).count();
+        crate::state::RunResult::of_stored(stored, self.targets.len())
+    }
+
     /// The targets that hold the set, and those that do not (yet).
     pub fn stored_and_missing(&self) -> (Vec<String>, Vec<String>) {
         let (ok, not): (Vec<_>, Vec<_>) = self.targets.iter().partition(|t| t.result.is_ok());
@@ -121,7 +127,7 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
         .collect())
 }
 
-pub use crate::staging::{check_staging, prepare_staging};
+use crate::staging::prepare_staging;
 
 /// Removes the half-assembled sets an interrupted run of this node left in staging.
 fn clean_staging_leftovers(dirs: &[&Path]) {
@@ -168,10 +174,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         let probe = match &sel.target {
             Ok(_) => settings
                 .target(&sel.name)
-                .map(|t| crate::config::TargetSettings {
-                    retry_budget: crate::config::types::HumanDuration(Duration::ZERO),
-                    ..t.clone()
-                })
+                .map(crate::config::TargetSettings::single_attempt)
                 .ok_or_else(|| format!("target '{}' is not configured", sel.name))
                 .and_then(|t| targets::open(&t, None).map_err(|e| crate::error::one_line(&e))),
             Err(e) => Err(e.clone()),

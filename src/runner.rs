@@ -187,22 +187,22 @@ pub async fn run_once(
         Ok(report) => {
             // What happened to the set: on every target (ok), on some (partial, naming
             // them), or on none yet (pending: it waits in staging). Never "failed": a set
-            // exists. A later delivery settles the marker (see `settle_delivered`).
+            // exists. A later delivery settles the marker (see `Election::settle_all`).
             let (stored, missing) = report.stored_and_missing();
-            let result = RunResult::of_stored(stored.len(), report.targets.len());
+            let result = report.result();
             let rec = RunRecord {
                 stored: if result == RunResult::Partial {
                     stored
                 } else {
                     Vec::new()
                 },
-                missing: if result == RunResult::Ok { Vec::new() } else { missing },
+                missing,
                 ..record(result.as_str().into(), Some(report.manifest.id.clone()))
             };
             if let Err(e) = election.finish(held, &rec).await {
                 tracing::error!(error = %crate::error::one_line(&e), "cannot record the run in etcd");
             }
-            settle_delivered(&mut election, &report.settled, Some(run)).await;
+            election.settle_all(&report.settled, Some(run)).await;
             Ok(Outcome::Ran(Box::new(report)))
         }
         Err(e) => {
@@ -216,40 +216,6 @@ pub async fn run_once(
             }
             Err(e)
         }
-    }
-}
-
-/// Sets of earlier elected runs that reached every target in this pass: their markers, left
-/// partial or pending by those runs, now say `ok`. Best effort: a marker left unsettled only
-/// understates what is stored.
-pub async fn settle_delivered(election: &mut Election, settled: &[(String, String)], except: Option<&str>) {
-    for (run, id) in settled {
-        if Some(run.as_str()) == except {
-            continue;
-        }
-        match election.settle(run, id).await {
-            Ok(true) => {
-                tracing::info!(run = %run, backup_id = %id, "the run's set reached every target; its record says ok")
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(run = %run, backup_id = %id, error = %crate::error::one_line(&e), "cannot update the run's record")
-            }
-        }
-    }
-}
-
-/// [`settle_delivered`] for a delivery pass outside a run (the daemon's retry timer).
-pub async fn settle_after_retry(settings: &Settings, settled: &[(String, String)]) {
-    if settled.is_empty() || !settings.election.enabled {
-        return;
-    }
-    match etcd::connect_first(&settings.etcd).await {
-        Ok((member, _)) => {
-            let mut election = Election::of(member.client.clone(), settings);
-            settle_delivered(&mut election, settled, None).await;
-        }
-        Err(e) => tracing::warn!(error = %crate::error::one_line(&e), "cannot update the records of delivered runs"),
     }
 }
 
@@ -365,8 +331,7 @@ pub fn record(
     };
     match outcome {
         Ok(Outcome::Ran(r)) => {
-            let stored = r.targets.iter().filter(|t| t.result.is_ok()).count();
-            s.result = RunResult::of_stored(stored, r.targets.len()).as_str().into();
+            s.result = r.result().as_str().into();
             s.id = Some(r.manifest.id.clone());
             s.bytes = Some(r.manifest.total_stored_size());
             s.targets = r

@@ -151,6 +151,15 @@ pub struct S3Settings {
 }
 
 impl TargetSettings {
+    /// The same target without retries: a probe (preflight, `check-config --connect`) that
+    /// reports the first failure instead of waiting out the retry budget.
+    pub fn single_attempt(&self) -> TargetSettings {
+        TargetSettings {
+            retry_budget: HumanDuration(std::time::Duration::ZERO),
+            ..self.clone()
+        }
+    }
+
     /// The files holding this target's secrets, with their keys.
     pub fn secret_files(&self) -> impl Iterator<Item = (&'static str, &Path)> {
         [

@@ -81,6 +81,7 @@ fn a_set_owed_to_its_only_target_is_pending_then_settled_to_ok_when_delivered() 
         assert!(rec.get("missing").is_none(), "{rec}");
     }
     let runs = status_runs(&cfg);
+    assert!(runs.len() >= 2, "{runs:?}");
     assert!(runs.iter().take(2).all(|r| r["result"] == "ok"), "{runs:?}");
 }
 
@@ -195,25 +196,16 @@ fn a_set_of_an_elected_run_waits_while_etcd_cannot_be_asked() {
     unblock_cluster_folder(&w.target_root());
     drop(etcd);
     // The daemon's delivery pass at start: etcd is gone, so the set is not delivered unchecked.
-    let log = w.path().join("daemon.log");
-    let mut d = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
-        .args(["daemon", "--config", cfg.to_str().unwrap()])
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .env("ETCD_BACKUPD_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let d = crate::common::Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let text = d.log();
         if text.contains("sets of elected runs wait") || std::time::Instant::now() > deadline {
             break text;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let _ = d.kill();
-    let _ = d.wait();
+    drop(d);
     assert!(text.contains("sets of elected runs wait"), "{text}");
     assert!(w.sets().is_empty(), "delivered unchecked: {:?}", w.sets());
     assert_eq!(w.staged()[0].1, vec!["local".to_string()], "still owed");
@@ -260,15 +252,7 @@ async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_firs
         ),
     );
     let log = w.path().join("daemon.log");
-    let mut daemon = crate::common::spawn_group(
-        std::process::Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
-            .args(["daemon", "--config", cfg.to_str().unwrap()])
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .env("ETCD_BACKUPD_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap()),
-    )
-    .unwrap();
+    let daemon = crate::common::Proc::daemon(&cfg, log.clone(), &[]);
     tokio::time::sleep(Duration::from_secs(20)).await;
     let staged_during = w.staged();
     down.store(false, Ordering::SeqCst);
@@ -293,7 +277,7 @@ async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_firs
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    crate::common::stop_group(&mut daemon, true);
+    drop(daemon);
     // Oldest first: the "backup set stored" lines of the outage's sets come in id order.
     let text = std::fs::read_to_string(&log).unwrap();
     let stored: Vec<&str> = text
@@ -301,6 +285,7 @@ async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_firs
         .filter(|l| l.contains("backup set stored"))
         .filter_map(|l| outage.iter().find(|id| l.contains(id.as_str())).map(String::as_str))
         .collect();
+    assert_eq!(stored.len(), outage.len(), "each outage set stored once:\n{text}");
     let mut sorted = stored.clone();
     sorted.sort();
     assert_eq!(stored, sorted, "{text}");

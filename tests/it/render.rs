@@ -187,6 +187,7 @@ fn secrets_ride_along_only_when_asked() {
     assert!(files.iter().all(|(p, _, _)| Path::new(p) != secret), "{files:?}");
     assert!(!r.stdout.contains("s3cr3t") && !r.stderr.contains("s3cr3t"));
     // The contents are base64, where the text would not show: look inside each file.
+    assert!(!files.is_empty());
     for (path, _, bytes) in &files {
         assert!(!bytes.windows(6).any(|w| w == b"s3cr3t"), "{path} carries the secret");
     }
