@@ -230,7 +230,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 runner::Outcome::Skipped(reason) => bail!(Stop::Skipped(reason)),
-                runner::Outcome::Elsewhere(rec) => bail!(Stop::Skipped(format!("node {} ran this backup", rec.node))),
+                runner::Outcome::Elsewhere(rec) => bail!(Stop::Skipped(crate::outcome::Skip::new(
+                    crate::outcome::SkipKind::Elsewhere,
+                    format!("node {} ran this backup", rec.node)
+                ))),
             }
         }
         Command::List { json, target } => {
@@ -596,8 +599,13 @@ async fn fetch(
         .collect();
     writeln!(
         out,
-        "  restores: etcd {} at revision {}{}",
+        "  restores: etcd {}{} at revision {}{}",
         m.etcd.version,
+        m.etcd
+            .storage_version
+            .as_deref()
+            .map(|v| format!(" (storage version {v})"))
+            .unwrap_or_default(),
         m.etcd.revision,
         if revisions.is_empty() {
             String::new()

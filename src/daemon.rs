@@ -198,9 +198,10 @@ async fn serve(
             None => None,
         };
         let staging = settings.snapshot.staging_dir.clone();
-        let mut state = State::load(&staging);
-        state.next_run = slot.map(|s| s.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-        let _ = crate::staging::prepare_staging(&staging).and_then(|_| state.save(&staging));
+        let next_run = slot.map(|s| s.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        if crate::staging::prepare_staging(&staging).is_ok() {
+            State::update_or_log(&staging, |state| state.next_run = next_run);
+        }
         let (pending_sets, _) = crate::delivery::pending(&staging);
         let idle = format!(
             "idle; next run {}; {}{}",
@@ -362,9 +363,7 @@ async fn serve(
         };
 
         notify::status(&format!("running {run}: guards, election, backup"));
-        let mut st = State::load(&staging);
-        st.running = Some(run.clone());
-        let _ = st.save(&staging);
+        State::update_or_log(&staging, |st| st.running = Some(run.clone()));
         crate::metrics::refresh(&settings);
         let (started, t0) = (Utc::now(), Instant::now());
         // The run's delivery pass yields just before the run after it: a target that keeps
@@ -399,11 +398,11 @@ async fn serve(
         if let Some(version) = run.strip_prefix("upgrade-")
             && matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_)))
         {
-            let mut state = State::load(&staging);
-            if !state.upgrades_done.iter().any(|v| v == version) {
-                state.upgrades_done.push(version.to_string());
-                let _ = state.save(&staging);
-            }
+            State::update_or_log(&staging, |state| {
+                if !state.upgrades_done.iter().any(|v| v == version) {
+                    state.upgrades_done.push(version.to_string());
+                }
+            });
         }
         // A run's own delivery pass covered older pending sets too; what is left waits for
         // the timer, starting again from the shortest interval.
@@ -572,15 +571,15 @@ fn log_outcome(run: &str, outcome: &Result<Outcome>, t0: Instant) {
                 "backup not stored on every target; it waits in staging for the others"
             )
         }
-        Ok(Outcome::Skipped(reason)) => {
-            tracing::warn!(message_id = crate::notify::MESSAGE_ID_SKIPPED, run, reason = %reason, "backup skipped")
+        Ok(Outcome::Skipped(skip)) => {
+            tracing::warn!(message_id = crate::notify::MESSAGE_ID_SKIPPED, run, reason = %skip, kind = skip.kind.label(), "backup skipped")
         }
         Ok(Outcome::Elsewhere(rec)) => {
             tracing::info!(run, node = %rec.node, result = %rec.result, "another node ran this backup")
         }
-        Err(e) => match crate::error::skip_reason(e) {
-            Some(reason) => {
-                tracing::warn!(message_id = crate::notify::MESSAGE_ID_SKIPPED, run, reason = %reason, "backup skipped")
+        Err(e) => match crate::error::skip_of(e) {
+            Some(skip) => {
+                tracing::warn!(message_id = crate::notify::MESSAGE_ID_SKIPPED, run, reason = %skip, kind = skip.kind.label(), "backup skipped")
             }
             None => tracing::error!(
                 message_id = crate::notify::MESSAGE_ID_FAILED, run, seconds, error = %crate::error::one_line(e), "backup failed"

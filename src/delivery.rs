@@ -174,6 +174,9 @@ pub async fn apply_retention(
             .filter(|d| &d.target == name && d.result.is_ok())
             .map(|d| d.cluster.as_str())
             .collect();
+        // What the target holds once pruned, for the coverage metrics.
+        let mut complete = Vec::new();
+        let mut listed = false;
         for cluster in clusters {
             crate::notify::status(&format!("applying retention on target '{name}'"));
             match crate::retention::prune_target(
@@ -186,15 +189,25 @@ pub async fn apply_retention(
             )
             .await
             {
-                Ok(r) => tracing::info!(
-                    target_name = %name, cluster = %cluster, kept = r.decisions.iter().filter(|d| d.keep).count(),
-                    deleted = r.deleted.len(), debris_removed = r.debris_removed, errors = r.errors.len(),
-                    "retention applied"
-                ),
+                Ok(r) => {
+                    tracing::info!(
+                        target_name = %name, cluster = %cluster, kept = r.decisions.iter().filter(|d| d.keep).count(),
+                        deleted = r.deleted.len(), debris_removed = r.debris_removed, errors = r.errors.len(),
+                        "retention applied"
+                    );
+                    complete.extend(r.complete_left());
+                    listed = true;
+                }
                 Err(e) => {
                     tracing::error!(target_name = %name, error = %crate::error::one_line(&e), "cannot apply retention")
                 }
             }
+        }
+        if listed {
+            let coverage = crate::state::TargetCoverage::of(&complete);
+            crate::state::note_coverage(&settings.snapshot.staging_dir, name, coverage, |n| {
+                settings.target(n).is_some()
+            });
         }
     }
 }
@@ -363,13 +376,12 @@ pub async fn pass(
     }
     discard_drafts(opened, early).await;
     // This node's entries for those sets, once per pass.
-    let mut state = crate::state::State::load(staging);
-    let mut changed = false;
-    for id in &completed {
-        changed |= state.settle(id);
-    }
-    if changed && let Err(e) = state.save(staging) {
-        tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+    if !completed.is_empty() {
+        crate::state::State::update_or_log(staging, |state| {
+            for id in &completed {
+                state.settle(id);
+            }
+        });
     }
     results
 }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::etcd::MemberStatus;
+use crate::outcome::{Skip, SkipKind};
 
 /// How long a finished run's marker is kept.
 const MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -72,7 +73,7 @@ pub enum Claim {
     /// Another node already completed it.
     Done(RunRecord),
     /// This node does not compete (learner, unhealthy member), or gave up waiting.
-    Skip(String),
+    Skip(Skip),
 }
 
 /// The lock, held. Dropping it stops the keep-alive (the lease then expires); `release`
@@ -183,12 +184,15 @@ impl Election {
         cancel: &CancellationToken,
     ) -> Result<Claim> {
         if status.is_learner {
-            return Ok(Claim::Skip("this node's etcd member is a learner".into()));
+            return Ok(Claim::Skip(Skip::new(
+                SkipKind::Member,
+                "this node's etcd member is a learner",
+            )));
         }
         if !status.errors.is_empty() {
-            return Ok(Claim::Skip(format!(
-                "this node's etcd member reports errors: {}",
-                status.errors.join("; ")
+            return Ok(Claim::Skip(Skip::new(
+                SkipKind::Member,
+                format!("this node's etcd member reports errors: {}", status.errors.join("; ")),
             )));
         }
         // For a scheduled run, let a follower take it: the leader competes after a head start.
@@ -202,7 +206,7 @@ impl Election {
             );
             tokio::select! {
                 _ = tokio::time::sleep(head_start) => {}
-                _ = cancel.cancelled() => return Ok(Claim::Skip("stopping".into())),
+                _ = cancel.cancelled() => return Ok(Claim::Skip(Skip::new(SkipKind::Stopping, "stopping"))),
             }
         }
         let deadline = tokio::time::Instant::now() + wait_max;
@@ -230,20 +234,26 @@ impl Election {
                 Err(e) => {
                     let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= self.ttl.max(Duration::from_secs(3)) {
-                        return Ok(Claim::Skip(format!(
-                            "this node's etcd member does not answer; another node takes the run ({})",
-                            crate::error::one_line(&e)
+                        return Ok(Claim::Skip(Skip::new(
+                            SkipKind::Member,
+                            format!(
+                                "this node's etcd member does not answer; another node takes the run ({})",
+                                crate::error::one_line(&e)
+                            ),
                         )));
                     }
                     tracing::warn!(run, error = %crate::error::one_line(&e), "election: etcd error; retrying")
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Ok(Claim::Skip(format!("another backup holds the run lock: {holder}")));
+                return Ok(Claim::Skip(Skip::new(
+                    SkipKind::Busy,
+                    format!("another backup holds the run lock: {holder}"),
+                )));
             }
             tokio::select! {
                 _ = tokio::time::sleep(WAIT_POLL) => {}
-                _ = cancel.cancelled() => return Ok(Claim::Skip("stopping".into())),
+                _ = cancel.cancelled() => return Ok(Claim::Skip(Skip::new(SkipKind::Stopping, "stopping"))),
             }
         }
     }

@@ -15,7 +15,7 @@ pub enum Stop {
     Usage(String),
     /// Skipped on purpose (a guard not met, not the elected runner): exit 3.
     #[error("skipped: {0}")]
-    Skipped(String),
+    Skipped(crate::outcome::Skip),
 }
 
 pub const EXIT_OK: u8 = 0;
@@ -65,8 +65,8 @@ fn stdout_lost_its_reader() -> bool {
     ready == 1 && fd.revents & libc::POLLERR != 0
 }
 
-/// The reason, when an error is a deliberate skip (exit 3) rather than a failure.
-pub fn skip_reason(e: &anyhow::Error) -> Option<String> {
+/// The skip, when an error is a deliberate one (exit 3) rather than a failure.
+pub fn skip_of(e: &anyhow::Error) -> Option<crate::outcome::Skip> {
     e.chain().find_map(|c| match c.downcast_ref::<Stop>() {
         Some(Stop::Skipped(reason)) => Some(reason.clone()),
         _ => None,

@@ -24,6 +24,8 @@ pub struct MemberStatus {
     pub member_id: u64,
     pub cluster_id: u64,
     pub version: String,
+    /// The storage version etcd reports from 3.6 on (`None` before, when it is empty).
+    pub storage_version: Option<String>,
     pub db_size: u64,
     pub leader: u64,
     pub revision: i64,
@@ -40,11 +42,42 @@ pub struct ClusterVersion {
 
 pub const CLUSTER_VERSION_KEY: &str = "/kubernetes.io/config.openshift.io/clusterversions/version";
 
+/// The member did not answer: unreachable, the connection closed or reset, or silent past a
+/// deadline. Not a TLS, auth or usage problem (those are the same on every node and fail a
+/// run). Typed so that `connect_first` can tell [`MemberDown`] from other failures.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unanswered(String);
+
+/// Every configured endpoint of this node's member failed to answer ([`Unanswered`]): in an
+/// elected run the node steps aside and another takes the run.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MemberDown(String);
+
+/// Does a transport error's chain hold a TLS failure (handshake, certificate, or TLS bytes
+/// that do not parse, as from a plain-HTTP endpoint)?
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && (io.kind() == std::io::ErrorKind::InvalidData || io.get_ref().is_some_and(|i| i.is::<rustls::Error>()))
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// Runs `fut` with a deadline, naming `what` when it runs out.
 pub async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
     match tokio::time::timeout(d, fut).await {
         Ok(r) => r,
-        Err(_) => Err(anyhow!("{what}: no answer within {}", humantime::format_duration(d))),
+        Err(_) => Err(Unanswered(format!("{what}: no answer within {}", humantime::format_duration(d))).into()),
     }
 }
 
@@ -139,7 +172,14 @@ impl Member {
             async {
                 ep.connect().await.map_err(|e| {
                     let msg = flatten(&e);
-                    anyhow!("etcd endpoint '{shown}': cannot connect: {msg}{}", tls_hint(&msg))
+                    let msg = format!("etcd endpoint '{shown}': cannot connect: {msg}{}", tls_hint(&msg));
+                    // Once the URI and TLS settings are accepted (above), a connection fails
+                    // either in TLS or because nothing answers.
+                    if tls_failure(&e) {
+                        anyhow!(msg)
+                    } else {
+                        Unanswered(msg).into()
+                    }
                 })
             },
         )
@@ -165,7 +205,19 @@ impl Member {
             other => flatten(other),
         };
         let msg = msg.replace('\n', " ");
-        anyhow!("etcd endpoint '{}': {what}: {msg}{}", self.shown(), tls_hint(&msg))
+        let text = format!("etcd endpoint '{}': {what}: {msg}{}", self.shown(), tls_hint(&msg));
+        let unanswered = match &e {
+            etcd_client::Error::GRpcStatus(s) => {
+                matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) && !tls_failure(s)
+            }
+            etcd_client::Error::TransportError(t) => !tls_failure(t),
+            _ => false,
+        };
+        if unanswered {
+            Unanswered(text).into()
+        } else {
+            anyhow!(text)
+        }
     }
 
     /// A new lease of `ttl_secs`; `what` names the request in errors.
@@ -231,6 +283,7 @@ impl Member {
             member_id: header.member_id(),
             cluster_id: header.cluster_id(),
             version: resp.version().to_string(),
+            storage_version: Some(resp.storage_version().to_string()).filter(|v| !v.is_empty()),
             db_size: resp.db_size().max(0) as u64,
             leader: resp.leader(),
             revision: header.revision(),
@@ -283,21 +336,34 @@ pub fn parse_cluster_version(raw: &[u8]) -> ClusterVersion {
 pub async fn connect_first(settings: &EtcdSettings) -> Result<(Member, MemberStatus)> {
     let tls = TlsMaterial::load(settings)?;
     let mut errors = Vec::new();
+    // Down only if no endpoint gave a sign of anything but silence.
+    let mut down = true;
     for ep in &settings.endpoints {
         match Member::connect(settings, tls.as_ref(), ep).await {
             Ok(mut m) => match m.status().await {
                 Ok(st) => return Ok((m, st)),
                 // TLS 1.3 servers reject a missing client certificate after the handshake, so
-                // the client only sees the connection go away: say what is likely.
-                Err(e) if tls.as_ref().is_some_and(|t| t.identity.is_none()) => errors.push(format!(
-                    "{e:#} (no client certificate is configured; if the server requires one, set etcd.cert_file and etcd.key_file)"
-                )),
-                Err(e) => errors.push(format!("{e:#}")),
+                // the client only sees the connection go away: say what is likely, and do not
+                // take it for a member that is down.
+                Err(e) if tls.as_ref().is_some_and(|t| t.identity.is_none()) => {
+                    down = false;
+                    errors.push(format!(
+                        "{e:#} (no client certificate is configured; if the server requires one, set etcd.cert_file and etcd.key_file)"
+                    ))
+                }
+                Err(e) => {
+                    down &= e.is::<Unanswered>();
+                    errors.push(format!("{e:#}"))
+                }
             },
-            Err(e) => errors.push(format!("{e:#}")),
+            Err(e) => {
+                down &= e.is::<Unanswered>();
+                errors.push(format!("{e:#}"))
+            }
         }
     }
-    Err(anyhow!("no etcd endpoint answered: {}", errors.join("; ")))
+    let msg = format!("no etcd endpoint answered: {}", errors.join("; "));
+    Err(if down { MemberDown(msg).into() } else { anyhow!(msg) })
 }
 
 pub fn hex_id(id: u64) -> String {

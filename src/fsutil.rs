@@ -124,16 +124,25 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// An exclusive lock on a file, held until dropped; `None` when another process holds it.
-pub fn try_lock(path: &Path) -> Result<Option<nix::fcntl::Flock<File>>> {
-    let f = OpenOptions::new()
+fn lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("cannot open lock file '{}'", path.display()))?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        .with_context(|| format!("cannot open lock file '{}'", path.display()))
+}
+
+/// An exclusive lock on a file, held until dropped; waits while another process holds it.
+pub fn lock(path: &Path) -> Result<nix::fcntl::Flock<File>> {
+    nix::fcntl::Flock::lock(lock_file(path)?, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("cannot lock '{}': {e}", path.display()))
+}
+
+/// An exclusive lock on a file, held until dropped; `None` when another process holds it.
+pub fn try_lock(path: &Path) -> Result<Option<nix::fcntl::Flock<File>>> {
+    match nix::fcntl::Flock::lock(lock_file(path)?, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Some(lock)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
         Err((_, e)) => Err(anyhow::anyhow!("cannot lock '{}': {e}", path.display())),

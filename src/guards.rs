@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::config::Settings;
 use crate::config::types::Size;
 use crate::etcd::{CLUSTER_VERSION_KEY, Member, MemberStatus};
+use crate::outcome::{Skip, SkipKind};
 
 /// The ClusterOperators whose `Progressing=True` makes the platform's own script refuse.
 pub const OPERATORS: [&str; 4] = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"];
@@ -121,6 +122,18 @@ pub enum Guard {
 }
 
 impl Guard {
+    /// The kind of skip a refusal by this guard is.
+    pub fn skip_kind(self) -> SkipKind {
+        match self {
+            Guard::MemberUnhealthy => SkipKind::Member,
+            Guard::Alarm => SkipKind::EtcdAlarm,
+            Guard::Installing | Guard::ClusterAge => SkipKind::ClusterAge,
+            Guard::Upgrade => SkipKind::Upgrade,
+            Guard::OperatorProgressing => SkipKind::OperatorProgressing,
+            Guard::FreeSpace => SkipKind::FreeSpace,
+        }
+    }
+
     pub fn overridable(self) -> bool {
         matches!(
             self,
@@ -134,6 +147,12 @@ impl Guard {
 pub struct Refusal {
     pub guard: Guard,
     pub reason: String,
+}
+
+impl Refusal {
+    pub fn skip(self) -> Skip {
+        Skip::new(self.guard.skip_kind(), self.reason)
+    }
 }
 
 /// Every guard not met, in the order they are checked (empty: the run may go ahead).

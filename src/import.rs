@@ -85,13 +85,11 @@ pub fn scan(settings: &Settings) -> Vec<Found> {
 
 fn remember(settings: &Settings, key: &str) {
     let staging = &settings.snapshot.staging_dir;
-    let mut state = State::load(staging);
-    if !state.imported.iter().any(|k| k == key) {
-        state.imported.push(key.to_string());
-        if let Err(e) = state.save(staging) {
-            tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+    State::update_or_log(staging, |state| {
+        if !state.imported.iter().any(|k| k == key) {
+            state.imported.push(key.to_string());
         }
-    }
+    });
 }
 
 /// Copies and verifies one platform set into `sets/<ts>/`, owed to every target.
@@ -198,6 +196,7 @@ pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::C
             member_id: crate::etcd::hex_id(status.member_id),
             cluster_id: crate::etcd::hex_id(status.cluster_id),
             version: status.version.clone(),
+            storage_version: status.storage_version.clone(),
             revision: 0,
             db_size: status.db_size,
         },
@@ -206,6 +205,7 @@ pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::C
             member_id: "unknown".into(),
             cluster_id: "unknown".into(),
             version: "unknown".into(),
+            storage_version: None,
             revision: 0,
             db_size: 0,
         },

@@ -54,6 +54,7 @@ pub mod import;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;
+pub mod outcome;
 pub mod pipeline;
 pub mod priority;
 pub mod progress;

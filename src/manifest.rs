@@ -71,6 +71,9 @@ pub struct EtcdInfo {
     pub member_id: String,
     pub cluster_id: String,
     pub version: String,
+    /// The storage version etcd reported (from etcd 3.6; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_version: Option<String>,
     /// The store revision the snapshot holds.
     pub revision: i64,
     /// The member's DB size when the backup started.
@@ -147,6 +150,7 @@ impl Manifest {
         let facts = [
             m.restore.restorable_until.as_deref(),
             m.restore.restorable_until_source.as_deref(),
+            m.etcd.storage_version.as_deref(),
         ]
         .into_iter()
         .flatten()
@@ -249,6 +253,7 @@ mod tests {
                 member_id: "8e9e05c52164694d".into(),
                 cluster_id: "cdf818194e3a8c32".into(),
                 version: "3.4.23".into(),
+                storage_version: None,
                 revision: 42,
                 db_size: 20480,
             },
@@ -307,6 +312,20 @@ mod tests {
                 "{path} = {bad:?} accepted"
             );
         }
+    }
+
+    #[test]
+    fn storage_version_is_kept_only_when_known() {
+        let m = sample();
+        // etcd before 3.6 reports none: the key is absent, as in older manifests.
+        assert!(!m.to_json().contains("storage_version"));
+        let mut with = m.clone();
+        with.etcd.storage_version = Some("3.6.0".into());
+        assert!(with.to_json().contains("\"storage_version\": \"3.6.0\""));
+        assert_eq!(Manifest::parse(with.to_json().as_bytes()).unwrap(), with);
+        let mut v: serde_json::Value = serde_json::from_str(&with.to_json()).unwrap();
+        v["etcd"]["storage_version"] = "3.6\u{1b}[2J".into();
+        assert!(Manifest::parse(v.to_string().as_bytes()).is_err());
     }
 
     #[test]

@@ -22,6 +22,22 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
 }
 
+/// A label value in the exposition format: `\`, `"` and newlines escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// A gauge with one series per target (`target="<name>"`); nothing without series.
+fn target_gauge(out: &mut String, name: &str, help: &str, series: &[(&str, String)]) {
+    if series.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (target, value) in series {
+        let _ = writeln!(out, "{name}{{target=\"{}\"}} {value}", label_value(target));
+    }
+}
+
 /// The exposition text for the node whose staging directory is `staging`.
 pub fn render(staging: &Path) -> String {
     let state = State::load(staging);
@@ -110,6 +126,52 @@ pub fn render(staging: &Path) -> String {
     for (kind, n) in &state.skips_total {
         let _ = writeln!(out, "etcd_backupd_skips_total{{reason=\"{kind}\"}} {n}");
     }
+    // Coverage: what each target held when this node last listed it (after a run's
+    // retention), and the newest set a drill here restored from it.
+    let coverage: Vec<(&str, &crate::state::TargetCoverage)> =
+        state.targets.iter().map(|(n, c)| (n.as_str(), c)).collect();
+    target_gauge(
+        &mut out,
+        "etcd_backupd_target_newest_set_timestamp_seconds",
+        "Creation time of the newest complete set on the target, as this node last listed it after a backup (unix time; 0: none).",
+        &coverage
+            .iter()
+            .map(|(n, c)| {
+                (
+                    *n,
+                    c.newest_complete_time
+                        .as_deref()
+                        .and_then(unix)
+                        .unwrap_or(0)
+                        .to_string(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    target_gauge(
+        &mut out,
+        "etcd_backupd_target_sets",
+        "Complete (not damaged) sets of this cluster on the target, as this node last listed it after a backup.",
+        &coverage
+            .iter()
+            .map(|(n, c)| (*n, c.sets.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    let drilled = state.last_drill.as_ref().map(|d| &d.drilled);
+    let mut drill_targets: std::collections::BTreeSet<&str> = state.targets.keys().map(String::as_str).collect();
+    drill_targets.extend(drilled.into_iter().flat_map(|m| m.keys().map(String::as_str)));
+    target_gauge(
+        &mut out,
+        "etcd_backupd_target_newest_drilled_set_timestamp_seconds",
+        "Creation time of the newest set from the target that a successful restore drill on this host restored (unix time; 0: none).",
+        &drill_targets
+            .into_iter()
+            .map(|n| {
+                let t = drilled.and_then(|m| m.get(n)).and_then(|t| unix(t)).unwrap_or(0);
+                (n, t.to_string())
+            })
+            .collect::<Vec<_>>(),
+    );
     if let Some(d) = &state.last_drill {
         gauge(
             &mut out,
@@ -123,6 +185,14 @@ pub fn render(staging: &Path) -> String {
             "When the last restore drill on this host ended.",
             unix(&d.finished).unwrap_or(0),
         );
+        if let Some(secs) = d.restore_seconds {
+            gauge(
+                &mut out,
+                "etcd_backupd_last_drill_restore_duration_seconds",
+                "How long the last restore drill on this host, when it succeeded, took from its start until the restored etcd answered: fetching the set from its target, checking it (signature, checksums, decryption and decompression), snapshot restore and starting etcd on the restored data. Not included: the platform's restore procedure on the cluster.",
+                format!("{secs:.3}"),
+            );
+        }
     }
     out
 }
@@ -269,5 +339,131 @@ async fn accept_loop(listener: tokio::net::TcpListener, staging: PathBuf, stop: 
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{DrillState, TargetCoverage};
+
+    #[test]
+    fn coverage_and_drill_per_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State::default();
+        state.targets.insert(
+            "nfs".into(),
+            TargetCoverage {
+                sets: 3,
+                newest_complete_id: Some("2026-11-25_023012".into()),
+                newest_complete_time: Some("2026-11-25T02:30:12Z".into()),
+                listed_at: "2026-11-25T02:31:00Z".into(),
+            },
+        );
+        // A target holding no complete set, its name needing escapes.
+        state.targets.insert("we\\ird\"x".into(), TargetCoverage::default());
+        state.last_drill = Some(DrillState {
+            id: "2026-11-24_023000".into(),
+            finished: "2026-11-25T04:00:00Z".into(),
+            ok: true,
+            summary: "revision 9".into(),
+            target: Some("nfs".into()),
+            set_time: Some("2026-11-24T02:30:00Z".into()),
+            restore_seconds: Some(12.3456),
+            // A target drilled once, no longer listed here.
+            drilled: [
+                ("nfs".to_string(), "2026-11-24T02:30:00Z".to_string()),
+                ("old".to_string(), "2026-11-01T00:00:00Z".to_string()),
+            ]
+            .into(),
+        });
+        state.save(dir.path()).unwrap();
+        let text = render(dir.path());
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        for want in [
+            "etcd_backupd_target_newest_set_timestamp_seconds{target=\"nfs\"} 1795573812",
+            "etcd_backupd_target_newest_set_timestamp_seconds{target=\"we\\\\ird\\\"x\"} 0",
+            "etcd_backupd_target_sets{target=\"nfs\"} 3",
+            "etcd_backupd_target_sets{target=\"we\\\\ird\\\"x\"} 0",
+            "etcd_backupd_target_newest_drilled_set_timestamp_seconds{target=\"nfs\"} 1795487400",
+            "etcd_backupd_target_newest_drilled_set_timestamp_seconds{target=\"old\"} 1793491200",
+            "etcd_backupd_target_newest_drilled_set_timestamp_seconds{target=\"we\\\\ird\\\"x\"} 0",
+            "etcd_backupd_last_drill_restore_duration_seconds 12.346",
+        ] {
+            assert!(lines.contains(&want), "{want} not in\n{text}");
+        }
+        for name in [
+            "etcd_backupd_target_newest_set_timestamp_seconds",
+            "etcd_backupd_target_sets",
+            "etcd_backupd_target_newest_drilled_set_timestamp_seconds",
+            "etcd_backupd_last_drill_restore_duration_seconds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{name}");
+        }
+
+        // A failed drill measured nothing; a node that never listed a target exports no
+        // target series.
+        let state = State {
+            last_drill: Some(DrillState {
+                id: "latest".into(),
+                finished: "2026-11-25T04:00:00Z".into(),
+                ok: false,
+                summary: "no".into(),
+                target: None,
+                set_time: None,
+                restore_seconds: None,
+                drilled: Default::default(),
+            }),
+            ..State::default()
+        };
+        state.save(dir.path()).unwrap();
+        let text = render(dir.path());
+        assert!(
+            !text.contains("restore_duration") && !text.contains("target="),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn drills_keep_the_newest_set_of_each_target() {
+        let drill = |target: &str, created: &str| crate::restore::Drill {
+            id: "x".into(),
+            etcd_version: "3.5.0".into(),
+            revision: 1,
+            keys: 1,
+            kubernetes_keys: 0,
+            namespaces: 0,
+            cluster_version: None,
+            seconds: 2.0,
+            restore_seconds: 1.0,
+            target: target.into(),
+            set_created: created.into(),
+        };
+        let after = |prev: std::collections::BTreeMap<String, String>, d: Option<&crate::restore::Drill>| {
+            let prev = DrillState {
+                id: "p".into(),
+                finished: String::new(),
+                ok: true,
+                summary: String::new(),
+                target: None,
+                set_time: None,
+                restore_seconds: None,
+                drilled: prev,
+            };
+            crate::state::drilled_after(Some(prev), d)
+        };
+        let m = crate::state::drilled_after(None, Some(&drill("a", "2026-11-24T02:30:00Z")));
+        assert_eq!(m["a"], "2026-11-24T02:30:00Z");
+        // An older set drilled later does not move it back; a failed drill keeps the map.
+        let m = after(m, Some(&drill("a", "2026-11-20T00:00:00Z")));
+        assert_eq!(m["a"], "2026-11-24T02:30:00Z");
+        let m = after(m, None);
+        assert_eq!(m.len(), 1);
+        let m = after(m, Some(&drill("b", "2026-11-25T00:00:00Z")));
+        let m = after(m, Some(&drill("a", "2026-11-25T02:30:00Z")));
+        assert_eq!(
+            (m["a"].as_str(), m["b"].as_str()),
+            ("2026-11-25T02:30:00Z", "2026-11-25T00:00:00Z")
+        );
     }
 }

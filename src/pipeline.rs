@@ -27,6 +27,7 @@ use crate::etcd::{self, hex_id};
 use crate::fsutil;
 use crate::growing::Follower;
 use crate::manifest::{self, EtcdInfo, FileEntry, Manifest, OpenShiftInfo, ToolInfo, Trigger};
+use crate::outcome::{Skip, SkipKind};
 use crate::snapshot;
 use crate::static_resources;
 use crate::targets::{self, Draft, Sent, Target};
@@ -157,9 +158,12 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     // One run at a time per node: staging's tmp/ is cleaned below, which would pull files
     // from under a concurrent run.
     let _lock = fsutil::try_lock(&staging.join("lock"))?.ok_or_else(|| {
-        Stop::Skipped(format!(
-            "another backup is running on this node (it holds '{}')",
-            staging.join("lock").display()
+        Stop::Skipped(Skip::new(
+            SkipKind::Busy,
+            format!(
+                "another backup is running on this node (it holds '{}')",
+                staging.join("lock").display()
+            ),
         ))
     })?;
     clean_staging_leftovers(&[&tmp_root]);
@@ -463,6 +467,7 @@ async fn assemble(
             member_id: hex_id(status.member_id),
             cluster_id: hex_id(status.cluster_id),
             version: status.version.clone(),
+            storage_version: status.storage_version.clone(),
             // etcd 3.5+ stamps the stream with the snapshot's revision; 3.4 does not, and
             // then the revision seen just before the snapshot started is recorded.
             revision: stream_revision.filter(|r| *r > 0).unwrap_or(status.revision),

@@ -214,6 +214,17 @@ pub struct PruneReport {
     pub debris_removed: usize,
 }
 
+impl PruneReport {
+    /// The complete (not damaged) sets left on the target after this prune: (id, created).
+    pub fn complete_left(&self) -> Vec<(String, DateTime<Utc>)> {
+        self.decisions
+            .iter()
+            .filter(|d| !d.reasons.iter().any(|r| r == DAMAGED) && !self.deleted.contains(&d.id))
+            .map(|d| (d.id.clone(), d.created))
+            .collect()
+    }
+}
+
 /// The plan for the sets of `cluster` on `target` ([`plan_listed`]).
 pub async fn plan_target(
     target: &dyn Target,
@@ -536,6 +547,29 @@ mod tests {
             .unwrap(),
             damaged: damaged.map(str::to_string),
         }
+    }
+
+    #[test]
+    fn what_is_left_is_the_complete_sets_not_deleted() {
+        let sets = vec![
+            listed("c", "2026-11-25T02:30:00Z", Some("'snapshot_x.db' is missing")),
+            listed("c", "2026-11-24T02:30:00Z", None),
+            listed("c", "2026-11-23T02:30:00Z", None),
+            listed("c", "2026-11-22T02:30:00Z", None),
+        ];
+        let now = at("2026-11-25T03:00:00Z");
+        let decisions = plan_listed(&sets, "c", &policy(1, 0, 0, 0), now, Tz::UTC);
+        let report = PruneReport {
+            target: "t".into(),
+            cluster: "c".into(),
+            decisions,
+            // One of the two sets to delete could not be.
+            deleted: vec![sets[3].manifest.id.clone()],
+            errors: vec!["x".into()],
+            debris_removed: 0,
+        };
+        let left: Vec<_> = report.complete_left().into_iter().map(|(_, t)| t).collect();
+        assert_eq!(left, [at("2026-11-24T02:30:00Z"), at("2026-11-23T02:30:00Z")]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::election::{Claim, Election, RunRecord};
 use crate::manifest::Trigger;
+use crate::outcome::{Skip, SkipKind};
 use crate::pipeline::{self, BackupOptions, BackupReport};
 use crate::state::{RunResult, RunState, State, TargetState};
 use crate::{etcd, fsutil, guards};
@@ -19,7 +20,7 @@ pub enum Outcome {
     /// The backup ran (whether every target took it is in the report).
     Ran(Box<BackupReport>),
     /// A guard said no, or this node does not compete.
-    Skipped(String),
+    Skipped(Skip),
     /// Another node ran it.
     Elsewhere(RunRecord),
 }
@@ -57,10 +58,13 @@ pub async fn run_once(
         // `--no-election` run fails instead: the operator asked for this node. Only a member
         // that is unreachable or silent is a skip; TLS, auth and usage errors (the same on
         // every node) fail the run.
-        Err(e) if elect && member_down(&e) => {
-            return Ok(Outcome::Skipped(format!(
-                "this node's etcd member does not answer; another node takes the run ({})",
-                crate::error::one_line(&e)
+        Err(e) if elect && e.is::<etcd::MemberDown>() => {
+            return Ok(Outcome::Skipped(Skip::new(
+                SkipKind::Member,
+                format!(
+                    "this node's etcd member does not answer; another node takes the run ({})",
+                    crate::error::one_line(&e)
+                ),
             )));
         }
         Err(e) => return Err(e),
@@ -117,7 +121,10 @@ pub async fn run_once(
             check_guards(settings, &mut m, &st, force).await
         };
         if let Ok(Verdict::Skip(reason)) = recheck.await {
-            if let Err(e) = election.finish(held, &record(format!("skipped: {reason}"), None)).await {
+            if let Err(e) = election
+                .finish(held, &record(format!("skipped: {}", reason.reason), None))
+                .await
+            {
                 tracing::warn!(error = %crate::error::one_line(&e), "cannot record the skipped run");
             }
             return Ok(Outcome::Skipped(reason));
@@ -219,34 +226,6 @@ pub async fn run_once(
     }
 }
 
-/// Is this connection error an unreachable or silent member (a skip), rather than a
-/// certificate, auth or usage problem (a failure)?
-fn member_down(e: &anyhow::Error) -> bool {
-    if matches!(
-        e.downcast_ref::<crate::error::Stop>(),
-        Some(crate::error::Stop::Usage(_))
-    ) {
-        return false;
-    }
-    let msg = crate::error::one_line(e).to_ascii_lowercase();
-    let down = [
-        "connection refused",
-        "tcp connect error",
-        "no answer within",
-        "unavailable",
-        "timed out",
-    ];
-    let trust = [
-        "certificate",
-        "tls",
-        "handshake",
-        "unauthenticated",
-        "permission denied",
-        "permissiondenied",
-    ];
-    down.iter().any(|d| msg.contains(d)) && !trust.iter().any(|t| msg.contains(t))
-}
-
 /// The set another runner noted it was publishing for `run`, if a target holds it.
 async fn already_published(
     settings: &Settings,
@@ -279,7 +258,7 @@ enum Verdict {
     Go {
         forced: Vec<String>,
     },
-    Skip(String),
+    Skip(Skip),
 }
 
 /// The guards, with the facts read from this node's member. With `force`, the refusals a
@@ -298,7 +277,7 @@ async fn check_guards(
     let refused = guards::check_all(settings, &facts, status, free, Utc::now());
     let (may, must): (Vec<_>, Vec<_>) = refused.into_iter().partition(|r| force && r.guard.overridable());
     Ok(match must.into_iter().next() {
-        Some(r) => Verdict::Skip(r.reason),
+        Some(r) => Verdict::Skip(r.skip()),
         None => Verdict::Go {
             forced: may.into_iter().map(|r| r.reason).collect(),
         },
@@ -324,6 +303,7 @@ pub fn record(
         finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         result: String::new(),
         reason: None,
+        skip: None,
         id: None,
         bytes: None,
         duration_s: t0.elapsed().as_secs_f64(),
@@ -344,21 +324,15 @@ pub fn record(
                 })
                 .collect();
         }
-        Ok(Outcome::Skipped(reason)) => {
-            s.result = RunResult::Skipped.as_str().into();
-            s.reason = Some(reason.clone());
-        }
+        Ok(Outcome::Skipped(skip)) => s.skipped(skip),
         Ok(Outcome::Elsewhere(rec)) => {
             s.result = RunResult::DoneElsewhere.as_str().into();
             s.reason = Some(format!("node {} ran it ({})", rec.node, rec.result));
             s.id = rec.id.clone();
         }
         // A skip on the way (another backup holds staging) is a skip, not a failure.
-        Err(e) => match crate::error::skip_reason(e) {
-            Some(reason) => {
-                s.result = RunResult::Skipped.as_str().into();
-                s.reason = Some(reason);
-            }
+        Err(e) => match crate::error::skip_of(e) {
+            Some(skip) => s.skipped(&skip),
             None => {
                 s.result = RunResult::Failed.as_str().into();
                 s.reason = Some(crate::error::one_line(e));
@@ -374,12 +348,10 @@ pub fn remember(staging: &Path, run: RunState) {
         tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
         return;
     }
-    let mut state = State::load(staging);
-    state.push(run);
-    state.running = None;
-    if let Err(e) = state.save(staging) {
-        tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
-    }
+    State::update_or_log(staging, |state| {
+        state.push(run);
+        state.running = None;
+    });
 }
 
 /// Records a restore drill's result in the state file and the journal.
@@ -411,15 +383,17 @@ pub fn remember_drill(settings: &Settings, id: &str, result: &Result<crate::rest
     if crate::staging::prepare_staging(staging).is_err() {
         return;
     }
-    let mut state = State::load(staging);
-    state.last_drill = Some(crate::state::DrillState {
-        id: id.to_string(),
-        finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        ok: result.is_ok(),
-        summary,
+    State::update_or_log(staging, |state| {
+        state.last_drill = Some(crate::state::DrillState {
+            id: id.to_string(),
+            finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ok: result.is_ok(),
+            summary,
+            target: result.as_ref().ok().map(|d| d.target.clone()),
+            set_time: result.as_ref().ok().map(|d| d.set_created.clone()),
+            restore_seconds: result.as_ref().ok().map(|d| d.restore_seconds),
+            drilled: crate::state::drilled_after(state.last_drill.take(), result.as_ref().ok()),
+        });
     });
-    if let Err(e) = state.save(staging) {
-        tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
-    }
     crate::metrics::refresh(settings);
 }

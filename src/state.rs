@@ -1,5 +1,7 @@
 //! The node's own record of its last runs, kept in `<staging_dir>/state.json` so `status`
-//! works with the daemon stopped. Written atomically (temporary file, fsync, rename).
+//! works with the daemon stopped. Written atomically (temporary file, fsync, rename), and
+//! changed only through [`State::update`], under `<staging_dir>/state.lock`: the daemon and a
+//! manual `backup` beside it both write it, and neither may lose the other's change.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +42,46 @@ pub struct State {
     /// The newest set this node staged (its own or imported), for `status` and the metrics.
     #[serde(default)]
     pub newest_set: Option<SetState>,
+    /// What each target held when this node last listed it (after retention), by target name.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetCoverage>,
+}
+
+/// A target's complete sets of this node's cluster, as this node last listed them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetCoverage {
+    /// How many complete (not damaged) sets the target holds.
+    pub sets: u64,
+    /// The newest complete set's id and creation time (RFC 3339, UTC); none without one.
+    #[serde(default)]
+    pub newest_complete_id: Option<String>,
+    #[serde(default)]
+    pub newest_complete_time: Option<String>,
+    /// When the target was listed (RFC 3339, UTC).
+    #[serde(default)]
+    pub listed_at: String,
+}
+
+impl TargetCoverage {
+    /// The coverage of `complete`, the (id, creation time) of each complete set, listed now.
+    pub fn of(complete: &[(String, chrono::DateTime<chrono::Utc>)]) -> TargetCoverage {
+        let newest = complete.iter().max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        TargetCoverage {
+            sets: complete.len() as u64,
+            newest_complete_id: newest.map(|(id, _)| id.clone()),
+            newest_complete_time: newest.map(|(_, t)| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            listed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+}
+
+/// Records what `target` holds, and forgets the targets `configured` no longer names. Best
+/// effort: a state file that cannot be written is logged.
+pub fn note_coverage(staging: &Path, target: &str, coverage: TargetCoverage, configured: impl Fn(&str) -> bool) {
+    State::update_or_log(staging, |state| {
+        state.targets.insert(target.to_string(), coverage);
+        state.targets.retain(|name, _| configured(name));
+    });
 }
 
 /// What `status` and the metrics show of a set.
@@ -56,18 +98,16 @@ pub struct SetState {
 /// Records `m` as the newest set staged here, unless a newer one already is. Best effort:
 /// a state file that cannot be written is logged.
 pub fn note_newest_set(staging: &Path, m: &crate::manifest::Manifest) {
-    let mut state = State::load(staging);
-    if state.newest_set.as_ref().is_some_and(|s| s.id > m.id) {
-        return;
-    }
-    state.newest_set = Some(SetState {
-        id: m.id.clone(),
-        restorable_until: m.restore.restorable_until.clone(),
-        restorable_until_source: m.restore.restorable_until_source.clone(),
+    State::update_or_log(staging, |state| {
+        if state.newest_set.as_ref().is_some_and(|s| s.id > m.id) {
+            return;
+        }
+        state.newest_set = Some(SetState {
+            id: m.id.clone(),
+            restorable_until: m.restore.restorable_until.clone(),
+            restorable_until_source: m.restore.restorable_until_source.clone(),
+        });
     });
-    if let Err(e) = state.save(staging) {
-        tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
-    }
 }
 
 /// What a run came to, in `state.json`, in the run markers in etcd and as the metrics'
@@ -132,28 +172,6 @@ impl RunResult {
     }
 }
 
-/// A short, stable label for a skip reason (the metrics' `reason`).
-pub fn skip_kind(reason: &str) -> &'static str {
-    let r = reason.to_ascii_lowercase();
-    if r.contains("upgrade") {
-        "upgrade"
-    } else if r.contains("install") || r.contains("min_cluster_age") {
-        "cluster_age"
-    } else if r.contains("free") {
-        "free_space"
-    } else if r.contains("progressing") {
-        "operator_progressing"
-    } else if r.contains("alarm") {
-        "etcd_alarm"
-    } else if r.contains("learner") || r.contains("member") {
-        "member"
-    } else if r.contains("another backup") || r.contains("holds the run lock") || r.contains("lock") {
-        "busy"
-    } else {
-        "other"
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrillState {
     pub id: String,
@@ -161,6 +179,35 @@ pub struct DrillState {
     pub ok: bool,
     /// What the restored etcd served, or why the drill failed.
     pub summary: String,
+    /// The target the drilled set came from (a successful drill).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The drilled set's creation time (RFC 3339, UTC).
+    #[serde(default)]
+    pub set_time: Option<String>,
+    /// Seconds from the drill's start until the restored etcd answered: fetching and
+    /// checking the set, `snapshot restore`, starting etcd on the restored data.
+    #[serde(default)]
+    pub restore_seconds: Option<f64>,
+    /// By target, the creation time of the newest set a successful drill restored from it
+    /// (kept across drills).
+    #[serde(default)]
+    pub drilled: BTreeMap<String, String>,
+}
+
+/// The `drilled` map of the drill after `previous`: `drill`'s set counts when newer.
+pub fn drilled_after(previous: Option<DrillState>, drill: Option<&crate::restore::Drill>) -> BTreeMap<String, String> {
+    let mut drilled = previous.map(|d| d.drilled).unwrap_or_default();
+    if let Some(d) = drill {
+        let newer = |old: &String| {
+            let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+            t(&d.set_created) > t(old)
+        };
+        if drilled.get(&d.target).is_none_or(newer) {
+            drilled.insert(d.target.clone(), d.set_created.clone());
+        }
+    }
+    drilled
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +219,9 @@ pub struct RunState {
     /// A [`RunResult`]: `ok`, `partial`, `pending`, `failed`, `skipped` or `done-elsewhere`.
     pub result: String,
     pub reason: Option<String>,
+    /// A skip's kind, as its metric label ([`crate::outcome::SkipKind::label`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip: Option<String>,
     pub id: Option<String>,
     pub bytes: Option<u64>,
     pub duration_s: f64,
@@ -183,6 +233,15 @@ pub struct TargetState {
     pub name: String,
     pub ok: bool,
     pub error: Option<String>,
+}
+
+impl RunState {
+    /// Marks the run skipped, with its reason and kind.
+    pub fn skipped(&mut self, skip: &crate::outcome::Skip) {
+        self.result = RunResult::Skipped.as_str().into();
+        self.reason = Some(skip.reason.clone());
+        self.skip = Some(skip.kind.label().into());
+    }
 }
 
 pub fn path(staging: &Path) -> PathBuf {
@@ -197,7 +256,31 @@ impl State {
             .unwrap_or_default()
     }
 
-    pub fn save(&self, staging: &Path) -> Result<()> {
+    /// Reads, changes and writes the state file under its lock, so that concurrent writers
+    /// (the daemon, a manual `backup`, a drill) each see the other's changes. The file is
+    /// written only if `change` changed something.
+    pub fn update<T>(staging: &Path, change: impl FnOnce(&mut State) -> T) -> Result<T> {
+        let _lock = fsutil::lock(&staging.join("state.lock"))?;
+        let mut state = State::load(staging);
+        let before = serde_json::to_vec(&state)?;
+        let out = change(&mut state);
+        if serde_json::to_vec(&state)? != before {
+            state.save(staging)?;
+        }
+        Ok(out)
+    }
+
+    /// [`State::update`] where a state file that cannot be written is logged, not fatal:
+    /// the backups matter more than their record.
+    pub fn update_or_log(staging: &Path, change: impl FnOnce(&mut State)) {
+        if let Err(e) = State::update(staging, change) {
+            tracing::warn!(error = %crate::error::one_line(&e), "cannot write the state file");
+        }
+    }
+
+    /// Writes the whole file. Callers change state through [`State::update`]; tests use this
+    /// to lay a state down.
+    pub(crate) fn save(&self, staging: &Path) -> Result<()> {
         let tmp = staging.join(format!(".state.json.{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         fsutil::write_private_file(&tmp, &serde_json::to_vec_pretty(self)?)?;
@@ -207,8 +290,8 @@ impl State {
     pub fn push(&mut self, run: RunState) {
         *self.runs_total.entry(run.result.clone()).or_default() += 1;
         if run.result == RunResult::Skipped.as_str() {
-            let kind = skip_kind(run.reason.as_deref().unwrap_or_default());
-            *self.skips_total.entry(kind.to_string()).or_default() += 1;
+            let kind = run.skip.clone().unwrap_or_else(|| "other".into());
+            *self.skips_total.entry(kind).or_default() += 1;
         }
         self.runs.insert(0, run);
         self.runs.truncate(KEEP_RUNS);
@@ -233,5 +316,39 @@ impl State {
             }
         }
         changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers that overlap (threads here; the daemon and a manual `backup` in life) never
+    /// lose each other's changes: every increment is counted.
+    #[test]
+    fn concurrent_updates_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().to_path_buf();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let staging = staging.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        State::update(&staging, |s| *s.runs_total.entry("ok".into()).or_default() += 1).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(State::load(&staging).runs_total.get("ok"), Some(&200));
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        State::update(dir.path(), |_| ()).unwrap();
+        assert!(!path(dir.path()).exists());
     }
 }

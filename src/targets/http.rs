@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::{RequestBuilder, Response};
+use reqwest::{RequestBuilder, Response, StatusCode, header};
 use url::Url;
 
 use super::proxy::{self, ProxyChoice};
@@ -20,6 +20,8 @@ use crate::fsutil::Pace;
 
 /// How much of an error answer's body goes into the error message.
 pub const EXCERPT_LEN: usize = 200;
+/// How much of an error answer is read.
+pub const ERROR_CAP: u64 = 64 * 1024;
 
 /// reqwest is built without a default crypto provider (aws-lc is slow to build): use ring,
 /// as tonic does. Idempotent; every HTTP client in the process needs it first.
@@ -215,6 +217,19 @@ pub async fn read_capped(resp: Response, cap: u64, idle: Duration, what: &str) -
     Ok(body)
 }
 
+/// Reads a body through (a file read back) and returns its size and SHA-256.
+pub async fn size_and_sha256(resp: Response, idle: Duration, what: &str) -> Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = next_chunk(&mut stream, idle, what).await? {
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
 /// A body read as a stream that fails after `idle` without data, as an `AsyncRead` (what
 /// `Target::open_file` hands out).
 pub fn reader(resp: Response, target: String, idle: Duration) -> super::FileReader {
@@ -368,7 +383,7 @@ impl Http {
                 Ok(resp) if retry::retryable_status(resp.status()) => {
                     let status = resp.status();
                     let asks = retry::retry_after(resp.headers(), chrono::Utc::now());
-                    let body = read_capped(resp, 64 * 1024, self.idle, what).await.unwrap_or_default();
+                    let body = read_capped(resp, ERROR_CAP, self.idle, what).await.unwrap_or_default();
                     (format!("{status}: {}", self.scrub(excerpt(&body))), asks)
                 }
                 Ok(resp) => return Ok((resp, attempt > 1)),
@@ -410,6 +425,31 @@ impl Http {
     pub async fn read_capped(&self, resp: Response, cap: u64, what: &str) -> Result<Vec<u8>> {
         read_capped(resp, cap, self.idle, what).await
     }
+
+    /// `resp` if `ok` accepts its status; else what the server said, for the target to
+    /// word its error.
+    pub async fn accept(&self, resp: Response, ok: &[StatusCode], what: &str) -> Result<Response, Refusal> {
+        let status = resp.status();
+        if ok.contains(&status) {
+            return Ok(resp);
+        }
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_string);
+        // The body only explains the status: one that cannot be read explains nothing.
+        let body = self.read_capped(resp, ERROR_CAP, what).await.unwrap_or_default();
+        Err(Refusal { status, location, body })
+    }
+}
+
+/// An answer whose status the request did not accept: the status, its `Location` header
+/// and (up to [`ERROR_CAP`] bytes of) its body.
+pub struct Refusal {
+    pub status: StatusCode,
+    pub location: Option<String>,
+    pub body: Vec<u8>,
 }
 
 #[cfg(test)]

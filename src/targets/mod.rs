@@ -95,6 +95,88 @@ pub fn size_damage(manifest: &Manifest, found: impl Fn(&str) -> Option<Option<u6
     (!problems.is_empty()).then(|| problems.join("; "))
 }
 
+/// Checks, after an upload, that every file of `manifest` and each of `extra` (name, size)
+/// landed at its size: `size_of(name)` is the size the target reports, `shown(name)` how a
+/// message names the file there.
+pub fn check_sizes(
+    target: &str,
+    manifest: &Manifest,
+    extra: &[(&str, usize)],
+    size_of: impl Fn(&str) -> Option<u64>,
+    shown: impl Fn(&str) -> String,
+) -> Result<()> {
+    let expected = manifest
+        .files
+        .iter()
+        .map(|f| (f.stored_name.as_str(), f.stored_size))
+        .chain(extra.iter().map(|(n, s)| (*n, *s as u64)));
+    for (name, want) in expected {
+        let size = size_of(name);
+        if size != Some(want) {
+            bail!(
+                "target '{target}': {} has size {} but {want} bytes were sent",
+                shown(name),
+                size.map_or("unknown".to_string(), |s| s.to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `f`, read back from target `target` as `(size, SHA-256)`, is what was sent.
+pub fn check_read_back(target: &str, f: &crate::manifest::FileEntry, (n, sha): (u64, String)) -> Result<()> {
+    if n != f.stored_size || sha != f.stored_sha256 {
+        bail!(
+            "target '{target}': '{}' reads back as {n} bytes with SHA-256 {sha}, not what was sent",
+            f.stored_name
+        );
+    }
+    Ok(())
+}
+
+/// The manifest of set `id` as read from `at` on target `target`; `None`, with a warning,
+/// when it is unreadable or names another set (the set is then not listed).
+pub fn listed_manifest(target: &str, at: &str, id: &str, body: &[u8]) -> Option<Manifest> {
+    match Manifest::parse(body) {
+        Ok(m) if m.id == id => Some(m),
+        Ok(_) => {
+            tracing::warn!(target_name = %target, manifest = %at, "manifest id does not match its folder; skipping it");
+            None
+        }
+        Err(err) => {
+            tracing::warn!(target_name = %target, manifest = %at, error = %err, "skipping a set with an unreadable manifest");
+            None
+        }
+    }
+}
+
+/// A set of `cluster` found on target `target` at `at`, its damage judged by `found` (as
+/// in [`size_damage`]). The manifest goes last, so a set missing a file or with one of
+/// another size was damaged after it was stored: listed, marked, and warned about.
+pub fn listed_set(
+    target: &str,
+    cluster: &str,
+    at: &str,
+    manifest: Manifest,
+    found: impl Fn(&str) -> Option<Option<u64>>,
+) -> ListedSet {
+    let damaged = size_damage(&manifest, found);
+    if let Some(d) = &damaged {
+        tracing::warn!(target_name = %target, set = %at, damage = %d, "a damaged set");
+    }
+    ListedSet {
+        cluster: cluster.to_string(),
+        manifest,
+        damaged,
+    }
+}
+
+/// Orders sets as [`Target::list_all_sets`] returns them: newest first (ids are times),
+/// then by cluster.
+pub fn sort_newest_first(sets: &mut [ListedSet]) {
+    sets.sort_by(|a, b| b.manifest.id.cmp(&a.manifest.id).then(a.cluster.cmp(&b.cluster)));
+}
+
 /// A set being assembled on a target, under its hidden temporary name.
 #[derive(Debug, Clone)]
 pub struct Draft {
@@ -115,6 +197,16 @@ pub struct Sent {
 }
 
 impl Draft {
+    /// A draft of set `id` in `cluster`, assembled in `folder`, nothing uploaded yet.
+    pub fn new(cluster: &str, id: &str, folder: String) -> Draft {
+        Draft {
+            cluster: cluster.to_string(),
+            id: id.to_string(),
+            folder,
+            sent: Vec::new(),
+        }
+    }
+
     /// Was `f` already uploaded, exactly?
     pub fn has(&self, f: &crate::manifest::FileEntry) -> bool {
         self.sent.iter().any(|s| {
@@ -195,6 +287,16 @@ pub fn open(settings: &TargetSettings, rate: Option<u64>) -> Result<Box<dyn Targ
         "s3" => Ok(Box::new(s3::S3Target::new(settings, rate)?)),
         other => bail!("target '{}': unsupported scheme '{other}'", settings.name),
     }
+}
+
+/// Logs that `file` (`bytes` long) went to target `target`, and how fast since `started`;
+/// `what` is the message: how it was uploaded.
+pub fn log_upload(target: &str, file: &str, bytes: u64, started: std::time::Instant, what: &str) {
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    tracing::info!(
+        target_name = %target, file = %file, bytes,
+        mib_per_s = format!("{:.1}", bytes as f64 / secs / 1048576.0), "{what}"
+    );
 }
 
 /// The hidden temporary name a set is assembled under: `.<id>.partial-<node>-<random>`.

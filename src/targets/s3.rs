@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
 
-use super::http::{Http, Pacer, is_loopback, next_chunk, paced_body, read_secret};
+use super::http::{ERROR_CAP, Http, Pacer, Refusal, is_loopback, paced_body, read_secret, size_and_sha256};
 use super::{
     Draft, FOREIGN_DEBRIS_AGE, FileReader, ListedSet, MANIFEST_CAP, PARTIAL_MARK, Sent, StagedSet, Target, is_set_name,
     safe_component,
@@ -67,8 +67,6 @@ const MAX_PARTS: u32 = 10_000;
 const CHUNK: usize = 256 * 1024;
 /// The largest listing page read (S3 sends at most 1000 keys a page).
 const LIST_CAP: u64 = 16 << 20;
-/// How much of an error answer is read.
-const ERROR_CAP: u64 = 64 * 1024;
 /// The test suite's knob for a small part size (moto then needs `S3_UPLOAD_PART_MIN_SIZE`).
 const PART_SIZE_ENV: &str = "ETCD_BACKUPD_S3_PART_SIZE";
 
@@ -360,6 +358,39 @@ impl Parts<'_> {
     }
 }
 
+/// One of S3's paged listings, for [`S3Target::list_paged`].
+struct Listing {
+    op: &'static str,
+    /// The root element of its answer.
+    root: &'static str,
+    /// What an answer with another root is not, for the error.
+    kind: &'static str,
+    /// Where the next page starts: the fields of a truncated answer, and the query
+    /// parameters that carry them to the next request.
+    next: &'static [(&'static str, &'static str)],
+    /// What a truncated answer lacking them is without, for the error.
+    no_next: &'static str,
+}
+
+const LIST_OBJECTS: Listing = Listing {
+    op: "ListObjectsV2",
+    root: "ListBucketResult",
+    kind: "a listing",
+    next: &[("NextContinuationToken", "continuation-token")],
+    no_next: "a new continuation token",
+};
+
+const LIST_UPLOADS: Listing = Listing {
+    op: "ListMultipartUploads",
+    root: "ListMultipartUploadsResult",
+    kind: "a listing of uploads",
+    next: &[
+        ("NextKeyMarker", "key-marker"),
+        ("NextUploadIdMarker", "upload-id-marker"),
+    ],
+    no_next: "new markers",
+};
+
 /// What a guarded write found.
 enum Put {
     Stored,
@@ -520,35 +551,20 @@ impl S3Target {
 
     /// Fails with the server's status, S3 error code and message unless `ok` accepts it.
     async fn expect(&self, what: &str, shown: &str, resp: Response, ok: &[StatusCode]) -> Result<Response> {
-        let status = resp.status();
-        if ok.contains(&status) {
-            return Ok(resp);
-        }
-        let location = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .map(str::to_string);
-        let body = self.http.read_capped(resp, ERROR_CAP, what).await.unwrap_or_default();
-        Err(self.failure(what, shown, status, &body, location))
+        let answer = self.http.accept(resp, ok, what).await;
+        answer.map_err(|refusal| self.failure(what, shown, refusal))
     }
 
-    fn failure(
-        &self,
-        what: &str,
-        shown: &str,
-        status: StatusCode,
-        body: &[u8],
-        location: Option<String>,
-    ) -> anyhow::Error {
-        let (code, message) = error_fields(body);
+    fn failure(&self, what: &str, shown: &str, refusal: Refusal) -> anyhow::Error {
+        let Refusal { status, location, body } = refusal;
+        let (code, message) = error_fields(&body);
         let mut msg = format!("target '{}': {what} '{shown}': {status}", self.name);
         if let Some(c) = &code {
             msg.push_str(&format!(" {c}"));
         }
         let detail = match &message {
             Some(m) => self.http.scrub(m.clone()),
-            None if code.is_none() => self.http.scrub(super::http::excerpt(body)),
+            None if code.is_none() => self.http.scrub(super::http::excerpt(&body)),
             None => String::new(),
         };
         if !detail.is_empty() {
@@ -573,33 +589,60 @@ impl S3Target {
         self.expect(what, shown, resp, ok).await
     }
 
+    /// Every page of `listing` for `query` under `prefix`, each handed to `page` (with the
+    /// words that name the request, for its errors) to take its records.
+    async fn list_paged(
+        &self,
+        listing: &Listing,
+        prefix: &str,
+        query: &[(&str, &str)],
+        mut page: impl FnMut(&Xml, &str) -> Result<()>,
+    ) -> Result<()> {
+        let shown = self.shown(prefix);
+        let what = format!("target '{}': {} '{shown}'", self.name, listing.op);
+        let root = listing.root;
+        let mut markers: Vec<(&str, String)> = Vec::new();
+        loop {
+            let mut query = query.to_vec();
+            query.extend(markers.iter().map(|(k, v)| (*k, v.as_str())));
+            let url = self.url("", &query);
+            let resp = self
+                .call(listing.op, &shown, &[StatusCode::OK], |_| {
+                    self.signed(Method::GET, &url, &[])
+                })
+                .await?;
+            let body = self.http.read_capped(resp, LIST_CAP, &what).await?;
+            let xml = Xml::parse(&body).with_context(|| what.clone())?;
+            if xml.root() != root {
+                bail!("{what}: not {} (root element {:?})", listing.kind, xml.root());
+            }
+            page(&xml, &what)?;
+            if xml.field(&format!("{root}/IsTruncated")) != Some("true") {
+                return Ok(());
+            }
+            let next: Option<Vec<(&str, String)>> = listing
+                .next
+                .iter()
+                .map(|(field, param)| Some((*param, xml.field(&format!("{root}/{field}"))?.to_string())))
+                .collect();
+            // The same markers again would ask for the same page for ever.
+            match next {
+                Some(next) if next != markers => markers = next,
+                _ => bail!("{what}: a truncated listing without {}", listing.no_next),
+            }
+        }
+    }
+
     /// Every object under `prefix` (paged); with `delimited`, only the next level, and
     /// the common prefixes below it.
     async fn list_objects(&self, prefix: &str, delimited: bool) -> Result<(Vec<Object>, Vec<String>)> {
         let mut objects = Vec::new();
         let mut prefixes = Vec::new();
-        let mut token: Option<String> = None;
-        let shown = self.shown(prefix);
-        loop {
-            let mut query = vec![("list-type", "2"), ("prefix", prefix)];
-            if delimited {
-                query.push(("delimiter", "/"));
-            }
-            if let Some(t) = &token {
-                query.push(("continuation-token", t.as_str()));
-            }
-            let url = self.url("", &query);
-            let resp = self
-                .call("ListObjectsV2", &shown, &[StatusCode::OK], |_| {
-                    self.signed(Method::GET, &url, &[])
-                })
-                .await?;
-            let what = format!("target '{}': ListObjectsV2 '{shown}'", self.name);
-            let body = self.http.read_capped(resp, LIST_CAP, &what).await?;
-            let xml = Xml::parse(&body).with_context(|| what.clone())?;
-            if xml.root() != "ListBucketResult" {
-                bail!("{what}: not a listing (root element {:?})", xml.root());
-            }
+        let mut query = vec![("list-type", "2"), ("prefix", prefix)];
+        if delimited {
+            query.push(("delimiter", "/"));
+        }
+        self.list_paged(&LIST_OBJECTS, prefix, &query, |xml, what| {
             for r in xml.records("ListBucketResult/Contents") {
                 let key = r.get("Key").cloned().unwrap_or_default();
                 if !key.starts_with(prefix) {
@@ -614,42 +657,17 @@ impl S3Target {
             for r in xml.records("ListBucketResult/CommonPrefixes") {
                 prefixes.extend(r.get("Prefix").cloned());
             }
-            match xml.field("ListBucketResult/IsTruncated") {
-                Some("true") => {
-                    let next = xml.field("ListBucketResult/NextContinuationToken").map(str::to_string);
-                    if next.is_none() || next == token {
-                        bail!("{what}: a truncated listing without a new continuation token");
-                    }
-                    token = next;
-                }
-                _ => return Ok((objects, prefixes)),
-            }
-        }
+            Ok(())
+        })
+        .await?;
+        Ok((objects, prefixes))
     }
 
     /// The multipart uploads in progress under `prefix` (paged).
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<Upload>> {
         let mut uploads = Vec::new();
-        let mut markers: Option<(String, String)> = None;
-        let shown = self.shown(prefix);
-        loop {
-            let mut query = vec![("uploads", ""), ("prefix", prefix)];
-            if let Some((k, u)) = &markers {
-                query.push(("key-marker", k.as_str()));
-                query.push(("upload-id-marker", u.as_str()));
-            }
-            let url = self.url("", &query);
-            let resp = self
-                .call("ListMultipartUploads", &shown, &[StatusCode::OK], |_| {
-                    self.signed(Method::GET, &url, &[])
-                })
-                .await?;
-            let what = format!("target '{}': ListMultipartUploads '{shown}'", self.name);
-            let body = self.http.read_capped(resp, LIST_CAP, &what).await?;
-            let xml = Xml::parse(&body).with_context(|| what.clone())?;
-            if xml.root() != "ListMultipartUploadsResult" {
-                bail!("{what}: not a listing of uploads (root element {:?})", xml.root());
-            }
+        let query = [("uploads", ""), ("prefix", prefix)];
+        self.list_paged(&LIST_UPLOADS, prefix, &query, |xml, _| {
             for r in xml.records("ListMultipartUploadsResult/Upload") {
                 let (Some(key), Some(id)) = (r.get("Key"), r.get("UploadId")) else {
                     continue;
@@ -662,20 +680,10 @@ impl S3Target {
                     });
                 }
             }
-            match xml.field("ListMultipartUploadsResult/IsTruncated") {
-                Some("true") => {
-                    let next = xml
-                        .field("ListMultipartUploadsResult/NextKeyMarker")
-                        .zip(xml.field("ListMultipartUploadsResult/NextUploadIdMarker"))
-                        .map(|(k, u)| (k.to_string(), u.to_string()));
-                    if next.is_none() || next == markers {
-                        bail!("{what}: a truncated listing without new markers");
-                    }
-                    markers = next;
-                }
-                _ => return Ok(uploads),
-            }
-        }
+            Ok(())
+        })
+        .await?;
+        Ok(uploads)
     }
 
     /// What the bucket holds under `<cluster>/`, by set id. Objects and uploads deeper or
@@ -808,14 +816,7 @@ impl S3Target {
             })
             .await?;
         let what = format!("target '{}': GetObject '{shown}'", self.name);
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = next_chunk(&mut stream, self.http.idle, &what).await? {
-            size += chunk.len() as u64;
-            hasher.update(&chunk);
-        }
-        Ok((size, hex::encode(hasher.finalize())))
+        size_and_sha256(resp, self.http.idle, &what).await
     }
 
     /// The headers of a guarded write: `If-None-Match: *` unless the server refused it.
@@ -836,8 +837,7 @@ impl S3Target {
         false
     }
 
-    /// One PUT of `len` bytes of `source` at offset 0, guarded: a key already taken is
-    /// [`Put::Taken`] unless it holds exactly these bytes (an answer lost before a retry).
+    /// One PUT of `len` bytes of `source` at offset 0 ([`S3Target::put_guarded`]).
     #[allow(clippy::too_many_arguments)]
     async fn put_object(
         &self,
@@ -849,6 +849,37 @@ impl S3Target {
         pacer: &Option<Pacer>,
         phase: &crate::progress::Phase,
     ) -> Result<Put> {
+        self.put_guarded(key, len, md5, sha256, |url, headers, progress| {
+            Ok(self
+                .signed_stream(Method::PUT, url, headers)?
+                .header(header::CONTENT_LENGTH, len)
+                .body(paced_body(source.range(0, len), progress, pacer.clone(), phase.clone())))
+        })
+        .await
+    }
+
+    /// A small object from memory ([`S3Target::put_guarded`]).
+    async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<Put> {
+        let md5: [u8; 16] = Md5::digest(bytes).into();
+        let sha = hex::encode(Sha256::digest(bytes));
+        self.put_guarded(key, bytes.len() as u64, md5, &sha, |url, headers, _| {
+            self.signed_with(Method::PUT, url, headers, bytes)
+        })
+        .await
+    }
+
+    /// A `PutObject` of `len` bytes with this MD5 and SHA-256, guarded: a key already taken
+    /// is [`Put::Taken`] unless it holds exactly these bytes (an answer lost before a
+    /// retry). `make` builds each attempt's signed request from its URL, headers and
+    /// progress counter.
+    async fn put_guarded(
+        &self,
+        key: &str,
+        len: u64,
+        md5: [u8; 16],
+        sha256: &str,
+        make: impl Fn(&Url, &[(&str, String)], Arc<AtomicU64>) -> Result<RequestBuilder>,
+    ) -> Result<Put> {
         let url = self.url(key, &[]);
         let shown = self.shown(key);
         loop {
@@ -858,12 +889,7 @@ impl S3Target {
             ];
             headers.extend(self.guard());
             let (resp, _) = self
-                .send("PutObject", &shown, |progress| {
-                    Ok(self
-                        .signed_stream(Method::PUT, &url, &headers)?
-                        .header(header::CONTENT_LENGTH, len)
-                        .body(paced_body(source.range(0, len), progress, pacer.clone(), phase.clone())))
-                })
+                .send("PutObject", &shown, |progress| make(&url, &headers, progress))
                 .await?;
             let status = resp.status();
             if self.unguarded(status) {
@@ -871,39 +897,6 @@ impl S3Target {
             }
             if status == StatusCode::PRECONDITION_FAILED {
                 return Ok(if self.holds(key, len, sha256).await? {
-                    Put::Stored
-                } else {
-                    Put::Taken
-                });
-            }
-            self.expect("PutObject", &shown, resp, &[StatusCode::OK]).await?;
-            return Ok(Put::Stored);
-        }
-    }
-
-    /// A small object from memory ([`S3Target::put_object`]).
-    async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<Put> {
-        let md5: [u8; 16] = Md5::digest(bytes).into();
-        let sha = hex::encode(Sha256::digest(bytes));
-        let url = self.url(key, &[]);
-        let shown = self.shown(key);
-        loop {
-            let mut headers = vec![
-                ("content-md5", b64(&md5)),
-                ("content-type", "application/octet-stream".to_string()),
-            ];
-            headers.extend(self.guard());
-            let (resp, _) = self
-                .send("PutObject", &shown, |_| {
-                    self.signed_with(Method::PUT, &url, &headers, bytes)
-                })
-                .await?;
-            let status = resp.status();
-            if self.unguarded(status) {
-                continue;
-            }
-            if status == StatusCode::PRECONDITION_FAILED {
-                return Ok(if self.holds(key, bytes.len() as u64, &sha).await? {
                     Put::Stored
                 } else {
                     Put::Taken
@@ -1134,34 +1127,20 @@ impl S3Target {
     ) -> Result<()> {
         let set_prefix = format!("{}/", self.key(&[cluster, &manifest.id])?);
         let (landed, _) = self.list_objects(&set_prefix, false).await?;
-        let expected = manifest
-            .files
-            .iter()
-            .map(|f| (f.stored_name.as_str(), f.stored_size))
-            .chain(extra.iter().map(|(n, s)| (*n, *s as u64)));
-        for (name, want) in expected {
-            let key = format!("{set_prefix}{name}");
-            let size = landed.iter().find(|o| o.key == key).and_then(|o| o.size);
-            if size != Some(want) {
-                bail!(
-                    "target '{}': '{}' has size {} but {want} bytes were sent",
-                    self.name,
-                    self.shown(&key),
-                    size.map_or("unknown".to_string(), |s| s.to_string())
-                );
-            }
-        }
+        super::check_sizes(
+            &self.name,
+            manifest,
+            extra,
+            |name| {
+                let key = format!("{set_prefix}{name}");
+                landed.iter().find(|o| o.key == key).and_then(|o| o.size)
+            },
+            |name| format!("'{}'", self.shown(&format!("{set_prefix}{name}"))),
+        )?;
         if read_back {
             for f in &manifest.files {
                 let key = format!("{set_prefix}{}", f.stored_name);
-                let (n, sha) = self.read_back(&key).await?;
-                if n != f.stored_size || sha != f.stored_sha256 {
-                    bail!(
-                        "target '{}': '{}' reads back as {n} bytes with SHA-256 {sha}, not what was sent",
-                        self.name,
-                        f.stored_name
-                    );
-                }
+                super::check_read_back(&self.name, f, self.read_back(&key).await?)?;
             }
         }
         Ok(())
@@ -1195,11 +1174,7 @@ impl S3Target {
                     f.stored_sha256
                 );
             }
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            tracing::info!(
-                target_name = %self.name, file = %f.stored_name, bytes = f.stored_size,
-                mib_per_s = format!("{:.1}", f.stored_size as f64 / secs / 1048576.0), "uploaded"
-            );
+            super::log_upload(&self.name, &f.stored_name, f.stored_size, started, "uploaded");
         }
         let closing = set.closing_files()?;
         for (name, bytes) in &closing {
@@ -1293,12 +1268,7 @@ impl Target for S3Target {
             }
             return Err(self.taken(cluster, id));
         }
-        Ok(Draft {
-            cluster: cluster.to_string(),
-            id: id.to_string(),
-            folder,
-            sent: Vec::new(),
-        })
+        Ok(Draft::new(cluster, id, folder))
     }
 
     async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
@@ -1318,11 +1288,7 @@ impl Target for S3Target {
                 crate::growing::ABANDONED
             );
         }
-        let secs = started.elapsed().as_secs_f64().max(1e-3);
-        tracing::info!(
-            target_name = %self.name, file = %name, bytes = size,
-            mib_per_s = format!("{:.1}", size as f64 / secs / 1048576.0), "uploaded while it was written"
-        );
+        super::log_upload(&self.name, name, size, started, "uploaded while it was written");
         Ok(Sent {
             name: name.to_string(),
             size,
@@ -1397,37 +1363,19 @@ impl Target for S3Target {
                 let resp = self.expect("GetObject", &shown, resp, &[StatusCode::OK]).await?;
                 let what = format!("target '{}': GetObject '{shown}'", self.name);
                 let body = self.http.read_capped(resp, MANIFEST_CAP, &what).await?;
-                let m = match Manifest::parse(&body) {
-                    Ok(m) if m.id == id => m,
-                    Ok(_) => {
-                        tracing::warn!(target_name = %self.name, key = %shown, "manifest id does not match its folder; skipping it");
-                        continue;
-                    }
-                    Err(err) => {
-                        tracing::warn!(target_name = %self.name, key = %shown, error = %err, "skipping a set with an unreadable manifest");
-                        continue;
-                    }
+                let Some(m) = super::listed_manifest(&self.name, &shown, id, &body) else {
+                    continue;
                 };
-                // The manifest goes last, so a set missing a file or with one of another size
-                // was damaged after it was stored: listed, marked.
                 let set_prefix = format!("{cluster_prefix}{id}/");
-                let damaged = super::size_damage(&m, |name| {
+                sets.push(super::listed_set(&self.name, &c, &self.describe(&c, id), m, |name| {
                     files
                         .iter()
                         .find(|o| o.key.strip_prefix(&set_prefix) == Some(name))
                         .map(|o| o.size)
-                });
-                if let Some(d) = &damaged {
-                    tracing::warn!(target_name = %self.name, set = %self.describe(&c, id), damage = %d, "a damaged set");
-                }
-                sets.push(ListedSet {
-                    cluster: c.clone(),
-                    manifest: m,
-                    damaged,
-                });
+                }));
             }
         }
-        sets.sort_by(|a, b| b.manifest.id.cmp(&a.manifest.id).then(a.cluster.cmp(&b.cluster)));
+        super::sort_newest_first(&mut sets);
         Ok(sets)
     }
 

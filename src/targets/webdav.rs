@@ -12,11 +12,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
-use sha2::{Digest, Sha256};
 use url::Url;
 
 pub use super::http::install_crypto_provider;
-use super::http::{Http, counting_body, excerpt, is_loopback, next_chunk, read_capped, read_secret};
+use super::http::{Http, Refusal, counting_body, excerpt, is_loopback, read_capped, read_secret, size_and_sha256};
 use super::propfind::{self, DavEntry};
 use super::retry;
 use super::{
@@ -155,18 +154,10 @@ impl DavTarget {
 
     /// Fails with the server's status and an excerpt of its body unless `ok` accepts it.
     async fn expect(&self, what: &str, url: &Url, resp: Response, ok: &[StatusCode]) -> Result<Response> {
-        let status = resp.status();
-        if ok.contains(&status) {
-            return Ok(resp);
-        }
-        let location = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .map(str::to_string);
-        let body = read_capped(resp, 64 * 1024, self.http.idle, what)
-            .await
-            .unwrap_or_default();
+        let Refusal { status, location, body } = match self.http.accept(resp, ok, what).await {
+            Ok(resp) => return Ok(resp),
+            Err(refusal) => refusal,
+        };
         let mut msg = format!("target '{}': {what} '{url}': {status}", self.name);
         if let Some(loc) = location {
             msg.push_str(&format!(" (Location: {}; point the target url there)", self.scrub(loc)));
@@ -276,14 +267,7 @@ impl DavTarget {
     async fn read_back(&self, url: &Url) -> Result<(u64, String)> {
         let resp = self.get(url).await?;
         let what = format!("target '{}': GET '{url}'", self.name);
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = next_chunk(&mut stream, self.http.idle, &what).await? {
-            size += chunk.len() as u64;
-            hasher.update(&chunk);
-        }
-        Ok((size, hex::encode(hasher.finalize())))
+        size_and_sha256(resp, self.http.idle, &what).await
     }
 
     /// Removes this node's leftover temporary sets, and other nodes' once a day old.
@@ -324,31 +308,17 @@ impl DavTarget {
             .children(collection)
             .await?
             .ok_or_else(|| anyhow!("target '{}': '{collection}' vanished", self.name))?;
-        let expected = manifest
-            .files
-            .iter()
-            .map(|f| (f.stored_name.as_str(), f.stored_size))
-            .chain(extra.iter().map(|(n, s)| (*n, *s as u64)));
-        for (name, want) in expected {
-            let size = landed.iter().find(|e| e.name == name).and_then(|e| e.size);
-            if size != Some(want) {
-                bail!(
-                    "target '{}': '{name}' in '{collection}' has size {} but {want} bytes were sent",
-                    self.name,
-                    size.map_or("unknown".to_string(), |s| s.to_string())
-                );
-            }
-        }
+        super::check_sizes(
+            &self.name,
+            manifest,
+            extra,
+            |name| landed.iter().find(|e| e.name == name).and_then(|e| e.size),
+            |name| format!("'{name}' in '{collection}'"),
+        )?;
         if read_back {
             for f in &manifest.files {
-                let (n, sha) = self.read_back(&join(collection, &f.stored_name)?).await?;
-                if n != f.stored_size || sha != f.stored_sha256 {
-                    bail!(
-                        "target '{}': '{}' reads back as {n} bytes with SHA-256 {sha}, not what was sent",
-                        self.name,
-                        f.stored_name
-                    );
-                }
+                let got = self.read_back(&join(collection, &f.stored_name)?).await?;
+                super::check_read_back(&self.name, f, got)?;
             }
         }
         Ok(())
@@ -366,11 +336,7 @@ impl DavTarget {
                 f.stored_size,
             )
             .await?;
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            tracing::info!(
-                target_name = %self.name, file = %f.stored_name, bytes = f.stored_size,
-                mib_per_s = format!("{:.1}", f.stored_size as f64 / secs / 1048576.0), "uploaded"
-            );
+            super::log_upload(&self.name, &f.stored_name, f.stored_size, started, "uploaded");
         }
         // SHA256SUMS and the signature before the manifest: every visible set is signed.
         let closing = set.closing_files()?;
@@ -497,12 +463,7 @@ impl Target for DavTarget {
         }
         let folder = partial_name(id, node);
         self.mkcol(&self.url(&[cluster, &folder], true)?).await?;
-        Ok(Draft {
-            cluster: cluster.to_string(),
-            id: id.to_string(),
-            folder,
-            sent: Vec::new(),
-        })
+        Ok(Draft::new(cluster, id, folder))
     }
 
     async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
@@ -529,11 +490,7 @@ impl Target for DavTarget {
             .finished()
             .await
             .ok_or_else(|| anyhow!("target '{}': PUT '{url}': {}", self.name, crate::growing::ABANDONED))?;
-        let secs = started.elapsed().as_secs_f64().max(1e-3);
-        tracing::info!(
-            target_name = %self.name, file = %name, bytes = size,
-            mib_per_s = format!("{:.1}", size as f64 / secs / 1048576.0), "uploaded while it was written"
-        );
+        super::log_upload(&self.name, name, size, started, "uploaded while it was written");
         Ok(Sent {
             name: name.to_string(),
             size,
@@ -605,32 +562,16 @@ impl Target for DavTarget {
                 let resp = self.expect("GET", &url, resp, &[StatusCode::OK]).await?;
                 let what = format!("target '{}': GET '{url}'", self.name);
                 let body = read_capped(resp, MANIFEST_CAP, self.http.idle, &what).await?;
-                let m = match Manifest::parse(&body) {
-                    Ok(m) if m.id == e.name => m,
-                    Ok(_) => {
-                        tracing::warn!(target_name = %self.name, url = %url, "manifest id does not match its folder; skipping it");
-                        continue;
-                    }
-                    Err(err) => {
-                        tracing::warn!(target_name = %self.name, url = %url, error = %err, "skipping a set with an unreadable manifest");
-                        continue;
-                    }
+                let Some(m) = super::listed_manifest(&self.name, url.as_str(), &e.name, &body) else {
+                    continue;
                 };
-                // The manifest goes last, so a set missing a file or with one of another size
-                // was damaged after it was stored: listed, marked.
                 let landed = self.children(&set_url).await?.unwrap_or_default();
-                let damaged = super::size_damage(&m, |name| landed.iter().find(|e| e.name == name).map(|e| e.size));
-                if let Some(d) = &damaged {
-                    tracing::warn!(target_name = %self.name, url = %set_url, damage = %d, "a damaged set");
-                }
-                sets.push(ListedSet {
-                    cluster: c.clone(),
-                    manifest: m,
-                    damaged,
-                });
+                sets.push(super::listed_set(&self.name, &c, set_url.as_str(), m, |name| {
+                    landed.iter().find(|e| e.name == name).map(|e| e.size)
+                }));
             }
         }
-        sets.sort_by(|a, b| b.manifest.id.cmp(&a.manifest.id).then(a.cluster.cmp(&b.cluster)));
+        super::sort_newest_first(&mut sets);
         Ok(sets)
     }
 

@@ -587,6 +587,7 @@ impl Work {
             self.staging().join("lock"),
             self.staging().join(".etcd-backupd-staging"),
             self.staging().join("state.json"),
+            self.staging().join("state.lock"),
         ];
         Work::files_under(&self.staging())
             .into_iter()

@@ -284,3 +284,77 @@ fn promtool_checks_and_unit_tests_the_alert_rules() {
     let (ok, text) = promtool(&["test", "rules", "prometheusrule-test.yaml"]);
     assert!(ok && text.contains("SUCCESS"), "{text}");
 }
+
+/// The value of the series `series` (name and labels) in `text`, the exposition format.
+fn sample(text: &str, series: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_string))
+}
+
+/// The coverage metrics follow what the target holds after each real backup: how many sets,
+/// the newest one's creation time (after retention too), and the newest drilled set.
+#[test]
+fn coverage_metrics_follow_the_sets_on_each_target() {
+    let etcd = Etcd::start();
+    etcd.put(None, "/kubernetes.io/namespaces/default", "{}");
+    let w = Work::new();
+    let textfile = w.path().join("etcd-backupd.prom");
+    let metrics = format!("\n[metrics]\ntextfile = \"{}\"\n", textfile.display());
+    let cfg = w.write_config(&etcd.endpoint, None, &metrics);
+    let cfg = cfg.to_str().unwrap().to_string();
+    let created = |set: &Path| -> i64 {
+        let m: Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+        chrono::DateTime::parse_from_rfc3339(m["created"].as_str().unwrap())
+            .unwrap()
+            .timestamp()
+    };
+    let backup = || {
+        let r = run(&["backup", "--no-election", "--config", &cfg]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        std::fs::read_to_string(&textfile).unwrap()
+    };
+    let newest = "etcd_backupd_target_newest_set_timestamp_seconds{target=\"local\"}";
+    let count = "etcd_backupd_target_sets{target=\"local\"}";
+
+    let text = backup();
+    let sets = w.sets();
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sample(&text, count).as_deref(), Some("1"), "{text}");
+    assert_eq!(sample(&text, newest), Some(created(&sets[0]).to_string()), "{text}");
+
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let text = backup();
+    let sets = w.sets();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sample(&text, count).as_deref(), Some("2"), "{text}");
+    assert_eq!(sample(&text, newest), Some(created(&sets[1]).to_string()), "{text}");
+    assert!(created(&sets[1]) > created(&sets[0]));
+
+    // Retention removes the oldest: the count is what is left.
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap()
+            + "\n[retention]\nkeep_last = 2\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 1\n",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let text = backup();
+    let sets = w.sets();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sample(&text, count).as_deref(), Some("2"), "{text}");
+    assert_eq!(sample(&text, newest), Some(created(&sets[1]).to_string()), "{text}");
+    // Never drilled here yet.
+    let drilled = "etcd_backupd_target_newest_drilled_set_timestamp_seconds{target=\"local\"}";
+    assert_eq!(sample(&text, drilled).as_deref(), Some("0"), "{text}");
+
+    // A successful drill: the newest set's time, and how long its restore took.
+    let r = run(&["verify", "latest", "--deep", "--config", &cfg]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let text = std::fs::read_to_string(&textfile).unwrap();
+    assert_eq!(sample(&text, drilled), Some(created(&sets[1]).to_string()), "{text}");
+    let secs: f64 = sample(&text, "etcd_backupd_last_drill_restore_duration_seconds")
+        .unwrap_or_else(|| panic!("{text}"))
+        .parse()
+        .unwrap();
+    assert!(secs > 0.0 && secs < 120.0, "{text}");
+}

@@ -42,6 +42,7 @@ fn manifest_naming(names: &[(usize, String)]) -> Manifest {
             member_id: "1".into(),
             cluster_id: "2".into(),
             version: "3.4.23".into(),
+            storage_version: None,
             revision: 1,
             db_size: 1,
         },

@@ -290,3 +290,52 @@ async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_firs
     sorted.sort();
     assert_eq!(stored, sorted, "{text}");
 }
+
+/// A manual `backup` beside a running daemon (both write the node's state file): no run of
+/// either is lost from `status`, whichever writes last.
+#[test]
+fn a_manual_backup_beside_a_running_daemon_loses_no_run_from_status() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 20, 100);
+    let w = Work::new();
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        "\n[schedule]\ncron = \"* * * * * *\"\njitter = \"0s\"\n",
+    );
+    let log = w.path().join("daemon.log");
+    let mut daemon = crate::common::Proc::daemon(&cfg, log.clone(), &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let manual = 6;
+    for _ in 0..manual {
+        // Each either runs (0) or finds the daemon's run holding staging (3): both are runs.
+        let out = backup(&cfg);
+        assert!(out.code == 0 || out.code == 3, "{}", out.all());
+    }
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0), "{}", daemon.log());
+    let runs = status_runs(&cfg);
+    let by = |trigger: &str| runs.iter().filter(|r| r["trigger"] == trigger).count();
+    assert!(
+        runs.len() < 20,
+        "the history keeps 20 runs; this test needs fewer: {runs:?}"
+    );
+    assert_eq!(by("manual"), manual, "{runs:?}");
+    // Every daemon run that ended is in the history too: as many as it logged.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let ended = text
+        .lines()
+        .filter(|l| {
+            [
+                "backup succeeded",
+                "backup skipped",
+                "backup failed",
+                "another node ran this backup",
+                "not stored on every target",
+            ]
+            .iter()
+            .any(|m| l.contains(m))
+        })
+        .count();
+    assert!(ended >= 2, "{text}");
+    assert_eq!(by("schedule"), ended, "{runs:?}\n{text}");
+}

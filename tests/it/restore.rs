@@ -67,6 +67,7 @@ pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chr
             member_id: "1".into(),
             cluster_id: "2".into(),
             version: "3.4.23".into(),
+            storage_version: None,
             revision: 1,
             db_size: 1,
         },

@@ -79,7 +79,15 @@ fn a_stopped_local_member_skips_the_run_with_a_reason_and_another_node_runs_it()
         state["skips_total"]["member"].as_u64().unwrap_or(0) >= after.len() as u64,
         "{state}"
     );
-    assert!(state["runs_total"].get("failed").is_none(), "{state}");
+    // A run under way when the member is killed may fail (its stream is cut); every run that
+    // started once the member was down is a skip, never a failure.
+    let failed_after: Vec<_> = state["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["result"] == "failed" && started(r) > stopped_at)
+        .collect();
+    assert!(failed_after.is_empty(), "{failed_after:?}");
     // The other two ran every run after the stop.
     let two = format!("{},{}", cluster.endpoints[0], cluster.endpoints[1]);
     let marks = etcd_prefix(&two, "/etcd-backupd/runs/");
