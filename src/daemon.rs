@@ -1,5 +1,5 @@
 //! `etcd-backupd daemon`: wait for each scheduled run (and for a just-completed upgrade),
-//! run it through [`runner`](crate::runner), report to systemd and the journal.
+//! run it through [`runner`](crate::run), report to systemd and the journal.
 //!
 //! Signals: SIGTERM/SIGINT stop the daemon; a backup in flight is abandoned at once (its
 //! temporary set stays hidden and is removed by the next run), the election lease is
@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::manifest::Trigger;
-use crate::runner::{self, Outcome};
+use crate::run::guards;
+use crate::run::{self, Outcome};
 use crate::schedule::Schedule;
-use crate::state::State;
-use crate::{etcd, guards, notify};
+use crate::staging::state::State;
+use crate::{etcd, notify};
 
 /// How often the daemon looks at the ClusterVersion for a completed upgrade while idle.
 const UPGRADE_POLL: Duration = Duration::from_secs(30);
@@ -136,7 +137,7 @@ async fn serve(
 
     crate::staging::prepare_staging(&settings.snapshot.staging_dir)?;
     // The node's signing key: created on the first start, its allowed_signers line logged.
-    crate::signing::announce(&settings)?;
+    crate::trust::signing::announce(&settings)?;
     // In the background, from the start (also while etcd is awaited); a port that cannot be
     // bound is retried there and never stops backups.
     if let Some(addr) = &settings.metrics.listen {
@@ -281,7 +282,7 @@ async fn serve(
                 let cluster = settings.cluster_name.clone().unwrap_or_else(|| seed.clone());
                 if cluster.is_empty() {
                     tracing::warn!("import.dirs needs cluster_name on a host that takes no backups");
-                } else if let Err(e) = crate::import::run(&settings, &cluster, &stop).await {
+                } else if let Err(e) = crate::run::import::run(&settings, &cluster, &stop).await {
                     tracing::error!(error = %crate::error::one_line(&e), "cannot import platform backup sets");
                 }
                 // Sets still owed to a target are retried by the delivery timer.
@@ -315,7 +316,7 @@ async fn serve(
                     ),
                     Err(e) => ("latest".to_string(), Err(e)),
                 };
-                runner::remember_drill(&settings, &id, &result);
+                run::remember_drill(&settings, &id, &result);
                 next_drill = drills.as_ref().and_then(|d| d.next_at(Utc::now()));
                 if stop.is_cancelled() {
                     break;
@@ -357,7 +358,7 @@ async fn serve(
             }
             Wake::Upgrade(version) => (Trigger::AfterUpgrade, format!("upgrade-{version}")),
             Wake::Slot => match slot {
-                Some(slot) => (Trigger::Schedule, crate::election::run_key(slot.at)),
+                Some(slot) => (Trigger::Schedule, crate::etcd::election::run_key(slot.at)),
                 None => continue,
             },
         };
@@ -372,7 +373,7 @@ async fn serve(
             (Trigger::Schedule, Some(slot)) => schedule.as_ref().and_then(|s| s.next_slot(slot.at, &seed)),
             _ => slot,
         };
-        let outcome = runner::run_once(
+        let outcome = run::run_once(
             &settings,
             trigger,
             None,
@@ -392,7 +393,7 @@ async fn serve(
         let upgrade_skipped = trigger == Trigger::AfterUpgrade && matches!(outcome, Ok(Outcome::Skipped(_)));
         // A skipped after-upgrade attempt is logged, but kept out of the history of runs.
         if !upgrade_skipped {
-            runner::remember(&staging, runner::record(trigger, &run, started, t0, &outcome));
+            run::remember(&staging, run::record(trigger, &run, started, t0, &outcome));
             crate::metrics::refresh(&settings);
         }
         if let Some(version) = run.strip_prefix("upgrade-")
@@ -548,7 +549,7 @@ async fn pending_upgrade(settings: &Settings) -> Option<String> {
         || state
             .runs
             .iter()
-            .any(|r| r.run == run && crate::state::RunResult::parse(&r.result).is_some_and(|x| x.took_a_set()))
+            .any(|r| r.run == run && crate::outcome::RunResult::parse(&r.result).is_some_and(|x| x.took_a_set()))
     {
         return None;
     }

@@ -1,7 +1,7 @@
 //! Compression and encryption of stored files: `snapshot_<ts>.db` becomes
 //! `snapshot_<ts>.db.zst` (zstd), `.age` (age, to the configured public keys), or
 //! `.zst.age` (compressed, then encrypted). The snapshot is sealed as it streams (see
-//! [`crate::snapshot`]), other files in staging; a node keeps only public keys and a target
+//! [`crate::source::snapshot`]), other files in staging; a node keeps only public keys and a target
 //! sees only ciphertext;
 //! opening is streamed (`fetch`, `verify`), with the identity given on the command line.
 //! Both tools' formats are standard: `age -d` and `zstd -d` open what is stored.

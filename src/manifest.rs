@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const SHA256SUMS: &str = "SHA256SUMS";
-/// The SSH signature of `manifest.json` (see [`crate::signing`]), stored before it.
+/// The SSH signature of `manifest.json` (see [`crate::trust::signing`]), stored before it.
 pub const SIGNATURE: &str = "manifest.json.sig";
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -46,7 +46,7 @@ pub struct Manifest {
     pub restore: RestoreFacts,
 }
 
-/// Facts about restoring a set, from its static resources archive (see [`crate::certs`]).
+/// Facts about restoring a set, from its static resources archive (see [`crate::trust::certs`]).
 /// Every field is optional: a set without an archive (plain etcd) records none.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RestoreFacts {

@@ -12,7 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::state::{RunResult, State};
+use crate::outcome::RunResult;
+use crate::staging::state::State;
 
 fn unix(ts: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(ts).ok().map(|t| t.timestamp())
@@ -128,7 +129,7 @@ pub fn render(staging: &Path) -> String {
     }
     // Coverage: what each target held when this node last listed it (after a run's
     // retention), and the newest set a drill here restored from it.
-    let coverage: Vec<(&str, &crate::state::TargetCoverage)> =
+    let coverage: Vec<(&str, &crate::staging::state::TargetCoverage)> =
         state.targets.iter().map(|(n, c)| (n.as_str(), c)).collect();
     target_gauge(
         &mut out,
@@ -345,7 +346,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, staging: PathBuf, stop: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{DrillState, TargetCoverage};
+    use crate::staging::state::{DrillState, TargetCoverage};
 
     #[test]
     fn coverage_and_drill_per_target() {
@@ -421,49 +422,6 @@ mod tests {
         assert!(
             !text.contains("restore_duration") && !text.contains("target="),
             "{text}"
-        );
-    }
-
-    #[test]
-    fn drills_keep_the_newest_set_of_each_target() {
-        let drill = |target: &str, created: &str| crate::restore::Drill {
-            id: "x".into(),
-            etcd_version: "3.5.0".into(),
-            revision: 1,
-            keys: 1,
-            kubernetes_keys: 0,
-            namespaces: 0,
-            cluster_version: None,
-            seconds: 2.0,
-            restore_seconds: 1.0,
-            target: target.into(),
-            set_created: created.into(),
-        };
-        let after = |prev: std::collections::BTreeMap<String, String>, d: Option<&crate::restore::Drill>| {
-            let prev = DrillState {
-                id: "p".into(),
-                finished: String::new(),
-                ok: true,
-                summary: String::new(),
-                target: None,
-                set_time: None,
-                restore_seconds: None,
-                drilled: prev,
-            };
-            crate::state::drilled_after(Some(prev), d)
-        };
-        let m = crate::state::drilled_after(None, Some(&drill("a", "2026-11-24T02:30:00Z")));
-        assert_eq!(m["a"], "2026-11-24T02:30:00Z");
-        // An older set drilled later does not move it back; a failed drill keeps the map.
-        let m = after(m, Some(&drill("a", "2026-11-20T00:00:00Z")));
-        assert_eq!(m["a"], "2026-11-24T02:30:00Z");
-        let m = after(m, None);
-        assert_eq!(m.len(), 1);
-        let m = after(m, Some(&drill("b", "2026-11-25T00:00:00Z")));
-        let m = after(m, Some(&drill("a", "2026-11-25T02:30:00Z")));
-        assert_eq!(
-            (m["a"].as_str(), m["b"].as_str()),
-            ("2026-11-25T02:30:00Z", "2026-11-25T00:00:00Z")
         );
     }
 }

@@ -1,4 +1,4 @@
-//! Why a run was skipped, typed: each kind carries its metric label (`skips_total{reason}`),
+//! What a run came to ([`RunResult`]) and why a run was skipped, typed: each kind carries its metric label (`skips_total{reason}`),
 //! and each skip its words for the journal, `status` and the run record. Code that decides
 //! on a skip builds one here; nothing downstream reads the words to learn the kind.
 
@@ -62,6 +62,68 @@ impl Skip {
 impl fmt::Display for Skip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.reason)
+    }
+}
+
+/// What a run came to, in `state.json`, in the run markers in etcd and as the metrics'
+/// `result` label. A run that took a set is never `Failed`: where the set is is what counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunResult {
+    /// The set is on every target chosen for the run.
+    Ok,
+    /// The set is on some of the targets; the others are owed it (it waits in staging).
+    Partial,
+    /// The set was taken and waits in staging; no target has it yet.
+    Pending,
+    /// No set was taken.
+    Failed,
+    /// A guard said no, or the node did not compete.
+    Skipped,
+    /// Another node ran it.
+    DoneElsewhere,
+}
+
+impl RunResult {
+    pub const ALL: [RunResult; 6] = [
+        RunResult::Ok,
+        RunResult::Partial,
+        RunResult::Pending,
+        RunResult::Failed,
+        RunResult::Skipped,
+        RunResult::DoneElsewhere,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Ok => "ok",
+            RunResult::Partial => "partial",
+            RunResult::Pending => "pending",
+            RunResult::Failed => "failed",
+            RunResult::Skipped => "skipped",
+            RunResult::DoneElsewhere => "done-elsewhere",
+        }
+    }
+
+    /// The result of a run that took a set, by how many of the `chosen` targets hold it.
+    pub fn of_stored(stored: usize, chosen: usize) -> RunResult {
+        if stored >= chosen {
+            RunResult::Ok
+        } else if stored > 0 {
+            RunResult::Partial
+        } else {
+            RunResult::Pending
+        }
+    }
+
+    /// Did the run take a set (whether or not every target has it yet)?
+    pub fn took_a_set(self) -> bool {
+        matches!(self, RunResult::Ok | RunResult::Partial | RunResult::Pending)
+    }
+
+    /// The result a recorded text names (`skipped: <reason>` in etcd markers).
+    pub fn parse(text: &str) -> Option<RunResult> {
+        let head = text.split(':').next().unwrap_or_default();
+        RunResult::ALL.into_iter().find(|r| r.as_str() == head)
     }
 }
 

@@ -7,7 +7,7 @@
 //! static resources archive is a complete, readable tar.gz. Nothing is written under its
 //! final name before every check passed. These checks catch corruption and truncation.
 //! A server that rewrites a set consistently (manifest, sums and data) is caught by the
-//! signature ([`crate::signing`]): with `verify.allowed_signers`, only a set whose
+//! signature ([`crate::trust::signing`]): with `verify.allowed_signers`, only a set whose
 //! `manifest.json.sig` is by a listed key is read at all ([`check_signature`]).
 
 use std::collections::BTreeMap;
@@ -25,8 +25,8 @@ use crate::config::Settings;
 use crate::error::Stop;
 use crate::fsutil;
 use crate::manifest::{FileEntry, MANIFEST, Manifest, SHA256SUMS, SIGNATURE};
-use crate::signing::{AllowedSigners, Verdict};
 use crate::targets::{self, Target};
+use crate::trust::signing::{AllowedSigners, Verdict};
 
 /// Where `fetch` puts a set by default: the directory the platform's documentation uses.
 pub const DEFAULT_FETCH_DIR: &str = "/home/core/assets/backup";
@@ -92,7 +92,7 @@ pub async fn signature_of(
     m: &Manifest,
     allowed: Option<&AllowedSigners>,
 ) -> Result<Verdict> {
-    let sig = read_small(target, cluster, &m.id, SIGNATURE, crate::signing::SIGNATURE_CAP)
+    let sig = read_small(target, cluster, &m.id, SIGNATURE, crate::trust::signing::SIGNATURE_CAP)
         .await
         .map_err(|e| crate::error::one_line(&e));
     let sig = match sig {
@@ -103,7 +103,7 @@ pub async fn signature_of(
     if Manifest::parse(&json).ok().as_ref() != Some(m) {
         bail!(Damage(format!("{MANIFEST} changed while the set was being read")));
     }
-    Ok(crate::signing::judge(&json, Ok(&sig), allowed))
+    Ok(crate::trust::signing::judge(&json, Ok(&sig), allowed))
 }
 
 /// Checks the set's signature as [`Trust`] requires before anything of it is used: a set
@@ -291,27 +291,6 @@ async fn check_sums(located: &Located) -> Result<()> {
     Ok(())
 }
 
-/// Checks the tar.gz stream fed through `rx` to its end: every member readable, gzip CRC
-/// and length correct.
-pub fn check_archive(reader: impl Read) -> Result<usize> {
-    let mut gz = flate2::read::GzDecoder::new(reader);
-    let mut count = 0;
-    {
-        let mut archive = tar::Archive::new(&mut gz);
-        for entry in archive.entries().context("not a tar archive")? {
-            let mut entry = entry.context("corrupt tar archive")?;
-            std::io::copy(&mut entry, &mut std::io::sink()).context("corrupt tar archive")?;
-            count += 1;
-        }
-    }
-    // Reading to the end makes the decoder check the gzip trailer (CRC and length).
-    std::io::copy(&mut gz, &mut std::io::sink()).context("corrupt gzip stream")?;
-    if count == 0 {
-        bail!("the archive holds no files");
-    }
-    Ok(count)
-}
-
 /// Streams one file from the target, checking it; writes the original bytes to `out` when
 /// given.
 async fn check_file(located: &Located, f: &FileEntry, out: Option<&mut tokio::fs::File>) -> Result<CheckedFile> {
@@ -328,7 +307,7 @@ struct Tee<R> {
     hash: Sha256,
     size: u64,
     cap: u64,
-    trailer: Option<crate::snapshot::TrailerCheck>,
+    trailer: Option<crate::source::snapshot::TrailerCheck>,
     out: Option<std::fs::File>,
     phase: crate::progress::Phase,
     /// More than `cap` bytes arrived.
@@ -391,14 +370,14 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
         stored.phase = phase;
         // An error opening the envelope (a wrong identity) ends the check at once.
         let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
-        let opened = (|| -> Result<(u64, String, Option<String>, Option<crate::snapshot::TrailerCheck>)> {
+        let opened = (|| -> Result<(u64, String, Option<String>, Option<crate::source::snapshot::TrailerCheck>)> {
             let mut plain = Tee::new(plain, f.size);
             plain.out = out;
             if f.name.starts_with("snapshot_") {
-                plain.trailer = Some(crate::snapshot::TrailerCheck::default());
+                plain.trailer = Some(crate::source::snapshot::TrailerCheck::default());
             }
             let also = if f.name.starts_with("static_kuberesources_") {
-                let members = check_archive(&mut plain)?;
+                let members = crate::source::static_resources::check_archive(&mut plain)?;
                 std::io::copy(&mut plain, &mut std::io::sink())?;
                 Some(format!("readable tar.gz, {members} entries"))
             } else {
@@ -887,7 +866,7 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
         seconds: started.elapsed().as_secs_f64(),
         restore_seconds: serving.as_secs_f64(),
         target: located.target.name().to_string(),
-        set_created: crate::retention::created_of(m)
+        set_created: crate::delivery::retention::created_of(m)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .unwrap_or_else(|| m.created.clone()),
     })
@@ -1063,12 +1042,12 @@ mod tests {
             t.finish().unwrap();
         }
         let bytes = gz.finish().unwrap();
-        assert_eq!(check_archive(&bytes[..]).unwrap(), 1);
-        assert!(check_archive(&bytes[..bytes.len() - 4]).is_err());
+        assert_eq!(crate::source::static_resources::check_archive(&bytes[..]).unwrap(), 1);
+        assert!(crate::source::static_resources::check_archive(&bytes[..bytes.len() - 4]).is_err());
         let mut flipped = bytes.clone();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0xff;
-        assert!(check_archive(&flipped[..]).is_err());
-        assert!(check_archive(&b"not gzip"[..]).is_err());
+        assert!(crate::source::static_resources::check_archive(&flipped[..]).is_err());
+        assert!(crate::source::static_resources::check_archive(&b"not gzip"[..]).is_err());
     }
 }

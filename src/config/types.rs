@@ -218,7 +218,7 @@ mod tests {
     }
 }
 
-/// The `[retention]` policy, as retention applies it (see `crate::retention`).
+/// The `[retention]` policy, as retention applies it (see `crate::delivery::retention`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub keep_last: u32,

@@ -5,8 +5,8 @@
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 
+use etcd_backupd::delivery::retention::{Policy, plan};
 use etcd_backupd::manifest::{EtcdInfo, FORMAT_VERSION, FileEntry, Manifest, ToolInfo, Trigger};
-use etcd_backupd::retention::{Policy, plan};
 
 fn config() -> ProptestConfig {
     // Bounded, so the suite stays fast in CI.

@@ -514,7 +514,7 @@ fn render_never_embeds_the_signing_key() {
         &format!("\n[signing]\nkey_file = \"{}\"\n", key.display()),
     );
     // A key as the node would have it, and a secret file that is embedded.
-    etcd_backupd::signing::Signer::load_or_create(&key, "node-a").unwrap();
+    etcd_backupd::trust::signing::Signer::load_or_create(&key, "node-a").unwrap();
     let r = cli(
         &[
             "render",

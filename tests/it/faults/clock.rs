@@ -141,7 +141,7 @@ fn clock_jumps_around_a_scheduled_time_run_it_once_and_never_twice() {
         .iter()
         .map(|r| (r["run"].as_str().unwrap().into(), r["result"].as_str().unwrap().into()))
         .collect();
-    let key = |d: chrono::NaiveDate| etcd_backupd::election::run_key(d.and_hms_opt(2, 30, 0).unwrap().and_utc());
+    let key = |d: chrono::NaiveDate| etcd_backupd::etcd::election::run_key(d.and_hms_opt(2, 30, 0).unwrap().and_utc());
     assert_eq!(
         runs,
         vec![(key(tomorrow), "ok".to_string()), (key(day), "ok".to_string())],

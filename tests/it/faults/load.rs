@@ -74,7 +74,7 @@ fn thousands_of_sets_are_listed_and_pruned_in_bounded_memory() {
         None,
         "\n[retention]\nkeep_last = 5\nkeep_daily = 14\nkeep_weekly = 8\nkeep_monthly = 12\nmin_keep = 3\n",
     );
-    let policy = etcd_backupd::retention::Policy {
+    let policy = etcd_backupd::delivery::retention::Policy {
         keep_last: 5,
         keep_daily: 14,
         keep_weekly: 8,
@@ -83,7 +83,7 @@ fn thousands_of_sets_are_listed_and_pruned_in_bounded_memory() {
         min_keep: 3,
     };
     let tz: chrono_tz::Tz = "UTC".parse().unwrap();
-    let keep: BTreeSet<String> = etcd_backupd::retention::plan(&sets, &policy, Utc::now(), tz)
+    let keep: BTreeSet<String> = etcd_backupd::delivery::retention::plan(&sets, &policy, Utc::now(), tz)
         .into_iter()
         .filter(|d| d.keep)
         .map(|d| d.id)
@@ -144,7 +144,7 @@ async fn a_thousand_sets_on_webdav_are_listed_and_pruned_in_bounded_memory() {
             rclone.url()
         ),
     );
-    let policy = etcd_backupd::retention::Policy {
+    let policy = etcd_backupd::delivery::retention::Policy {
         keep_last: 3,
         keep_daily: 7,
         keep_weekly: 4,
@@ -153,7 +153,7 @@ async fn a_thousand_sets_on_webdav_are_listed_and_pruned_in_bounded_memory() {
         min_keep: 3,
     };
     let tz: chrono_tz::Tz = "UTC".parse().unwrap();
-    let keep: BTreeSet<String> = etcd_backupd::retention::plan(&sets, &policy, Utc::now(), tz)
+    let keep: BTreeSet<String> = etcd_backupd::delivery::retention::plan(&sets, &policy, Utc::now(), tz)
         .into_iter()
         .filter(|d| d.keep)
         .map(|d| d.id)

@@ -13,6 +13,8 @@
 //! `delivery.keep_local`, and before a snapshot, staged sets are dropped (delivered ones
 //! first, then the oldest pending) until `guards.min_free_space` holds again.
 
+pub mod retention;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -123,7 +125,7 @@ pub struct Delivered {
     pub location: String,
     pub result: Result<(), String>,
     /// This delivery left the set owed to no target, and the set names its elected run: that
-    /// run's record can be settled (see [`crate::election::Election::settle_all`]).
+    /// run's record can be settled (see [`crate::etcd::election::Election::settle_all`]).
     pub completes_run: Option<String>,
 }
 
@@ -179,7 +181,7 @@ pub async fn apply_retention(
         let mut listed = false;
         for cluster in clusters {
             crate::notify::status(&format!("applying retention on target '{name}'"));
-            match crate::retention::prune_target(
+            match crate::delivery::retention::prune_target(
                 target.as_ref(),
                 cluster,
                 &settings.node_name,
@@ -204,8 +206,8 @@ pub async fn apply_retention(
             }
         }
         if listed {
-            let coverage = crate::state::TargetCoverage::of(&complete);
-            crate::state::note_coverage(&settings.snapshot.staging_dir, name, coverage, |n| {
+            let coverage = crate::staging::state::TargetCoverage::of(&complete);
+            crate::staging::state::note_coverage(&settings.snapshot.staging_dir, name, coverage, |n| {
                 settings.target(n).is_some()
             });
         }
@@ -220,16 +222,16 @@ pub async fn apply_retention(
 ///
 /// A set staged for an elected run is delivered only once `records` (the election, through
 /// etcd) says it is that run's set; without `records` (etcd cannot be asked) it waits. See
-/// [`crate::election::Election::may_deliver`].
+/// [`crate::etcd::election::Election::may_deliver`].
 pub async fn pass(
     settings: &Settings,
     opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
     abort: &CancellationToken,
     mut early: BTreeMap<String, Early>,
-    mut records: Option<&mut crate::election::Election>,
+    mut records: Option<&mut crate::etcd::election::Election>,
     retry_until: Option<tokio::time::Instant>,
 ) -> Vec<Delivered> {
-    use crate::election::MayDeliver;
+    use crate::etcd::election::MayDeliver;
     let staging = &settings.snapshot.staging_dir;
     let mut down: BTreeMap<String, String> = BTreeMap::new();
     let mut results = Vec::new();
@@ -377,7 +379,7 @@ pub async fn pass(
     discard_drafts(opened, early).await;
     // This node's entries for those sets, once per pass.
     if !completed.is_empty() {
-        crate::state::State::update_or_log(staging, |state| {
+        crate::staging::state::State::update_or_log(staging, |state| {
             for id in &completed {
                 state.settle(id);
             }
@@ -567,7 +569,7 @@ pub async fn retry(
             .any(|s| !s.pending.is_empty() && s.set.manifest.run.is_some());
     let mut records = match needs_etcd {
         true => match crate::etcd::connect_first(&settings.etcd).await {
-            Ok((member, _)) => Some(crate::election::Election::of(member.client.clone(), settings)),
+            Ok((member, _)) => Some(crate::etcd::election::Election::of(member.client.clone(), settings)),
             Err(e) => {
                 tracing::warn!(error = %crate::error::one_line(&e), "etcd does not answer: sets of elected runs wait");
                 None

@@ -2,11 +2,33 @@
 //! control-plane component, the static-pod revision directory that its *running* manifest
 //! names (not the highest revision on disk), archived relative to the resources root.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use crate::fsutil;
+
+/// Checks a tar.gz stream to its end: every member readable, gzip CRC
+/// and length correct.
+pub fn check_archive(reader: impl Read) -> Result<usize> {
+    let mut gz = flate2::read::GzDecoder::new(reader);
+    let mut count = 0;
+    {
+        let mut archive = tar::Archive::new(&mut gz);
+        for entry in archive.entries().context("not a tar archive")? {
+            let mut entry = entry.context("corrupt tar archive")?;
+            std::io::copy(&mut entry, &mut std::io::sink()).context("corrupt tar archive")?;
+            count += 1;
+        }
+    }
+    // Reading to the end makes the decoder check the gzip trailer (CRC and length).
+    std::io::copy(&mut gz, &mut std::io::sink()).context("corrupt gzip stream")?;
+    if count == 0 {
+        bail!("the archive holds no files");
+    }
+    Ok(count)
+}
 
 /// The components whose revision directories a restore needs, in the script's order.
 pub const COMPONENTS: [&str; 4] = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"];

@@ -1,6 +1,8 @@
 //! Talking to etcd: one connection to one configured endpoint at a time. There is no member
 //! discovery, so a snapshot always comes from the member the operator named.
 
+pub mod election;
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -1,6 +1,10 @@
 //! One run as the daemon and `backup` both do it: guards, then the election, then the
 //! backup pipeline while the lock is held, then the record in etcd and in the node's state.
 
+pub mod guards;
+pub mod import;
+pub mod pipeline;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -9,12 +13,13 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::election::{Claim, Election, RunRecord};
+use crate::etcd::election::{Claim, Election, RunRecord};
 use crate::manifest::Trigger;
+use crate::outcome::RunResult;
 use crate::outcome::{Skip, SkipKind};
-use crate::pipeline::{self, BackupOptions, BackupReport};
-use crate::state::{RunResult, RunState, State, TargetState};
-use crate::{etcd, fsutil, guards};
+use crate::staging::state::{RunState, State, TargetState};
+use crate::{etcd, fsutil};
+use pipeline::{BackupOptions, BackupReport};
 
 pub enum Outcome {
     /// The backup ran (whether every target took it is in the report).
@@ -384,7 +389,7 @@ pub fn remember_drill(settings: &Settings, id: &str, result: &Result<crate::rest
         return;
     }
     State::update_or_log(staging, |state| {
-        state.last_drill = Some(crate::state::DrillState {
+        state.last_drill = Some(crate::staging::state::DrillState {
             id: id.to_string(),
             finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             ok: result.is_ok(),
@@ -392,7 +397,13 @@ pub fn remember_drill(settings: &Settings, id: &str, result: &Result<crate::rest
             target: result.as_ref().ok().map(|d| d.target.clone()),
             set_time: result.as_ref().ok().map(|d| d.set_created.clone()),
             restore_seconds: result.as_ref().ok().map(|d| d.restore_seconds),
-            drilled: crate::state::drilled_after(state.last_drill.take(), result.as_ref().ok()),
+            drilled: crate::staging::state::drilled_after(
+                state.last_drill.take(),
+                result
+                    .as_ref()
+                    .ok()
+                    .map(|d| (d.target.as_str(), d.set_created.as_str())),
+            ),
         });
     });
     crate::metrics::refresh(settings);

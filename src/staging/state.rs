@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::outcome::RunResult;
 
 /// How many runs are kept.
 const KEEP_RUNS: usize = 20;
@@ -110,68 +111,6 @@ pub fn note_newest_set(staging: &Path, m: &crate::manifest::Manifest) {
     });
 }
 
-/// What a run came to, in `state.json`, in the run markers in etcd and as the metrics'
-/// `result` label. A run that took a set is never `Failed`: where the set is is what counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunResult {
-    /// The set is on every target chosen for the run.
-    Ok,
-    /// The set is on some of the targets; the others are owed it (it waits in staging).
-    Partial,
-    /// The set was taken and waits in staging; no target has it yet.
-    Pending,
-    /// No set was taken.
-    Failed,
-    /// A guard said no, or the node did not compete.
-    Skipped,
-    /// Another node ran it.
-    DoneElsewhere,
-}
-
-impl RunResult {
-    pub const ALL: [RunResult; 6] = [
-        RunResult::Ok,
-        RunResult::Partial,
-        RunResult::Pending,
-        RunResult::Failed,
-        RunResult::Skipped,
-        RunResult::DoneElsewhere,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunResult::Ok => "ok",
-            RunResult::Partial => "partial",
-            RunResult::Pending => "pending",
-            RunResult::Failed => "failed",
-            RunResult::Skipped => "skipped",
-            RunResult::DoneElsewhere => "done-elsewhere",
-        }
-    }
-
-    /// The result of a run that took a set, by how many of the `chosen` targets hold it.
-    pub fn of_stored(stored: usize, chosen: usize) -> RunResult {
-        if stored >= chosen {
-            RunResult::Ok
-        } else if stored > 0 {
-            RunResult::Partial
-        } else {
-            RunResult::Pending
-        }
-    }
-
-    /// Did the run take a set (whether or not every target has it yet)?
-    pub fn took_a_set(self) -> bool {
-        matches!(self, RunResult::Ok | RunResult::Partial | RunResult::Pending)
-    }
-
-    /// The result a recorded text names (`skipped: <reason>` in etcd markers).
-    pub fn parse(text: &str) -> Option<RunResult> {
-        let head = text.split(':').next().unwrap_or_default();
-        RunResult::ALL.into_iter().find(|r| r.as_str() == head)
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrillState {
     pub id: String,
@@ -195,16 +134,14 @@ pub struct DrillState {
     pub drilled: BTreeMap<String, String>,
 }
 
-/// The `drilled` map of the drill after `previous`: `drill`'s set counts when newer.
-pub fn drilled_after(previous: Option<DrillState>, drill: Option<&crate::restore::Drill>) -> BTreeMap<String, String> {
+/// The `drilled` map of the drill after `previous`: the set a successful drill restored,
+/// `(target, set creation time)`, counts when newer than the one known for its target.
+pub fn drilled_after(previous: Option<DrillState>, drill: Option<(&str, &str)>) -> BTreeMap<String, String> {
     let mut drilled = previous.map(|d| d.drilled).unwrap_or_default();
-    if let Some(d) = drill {
-        let newer = |old: &String| {
-            let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
-            t(&d.set_created) > t(old)
-        };
-        if drilled.get(&d.target).is_none_or(newer) {
-            drilled.insert(d.target.clone(), d.set_created.clone());
+    if let Some((target, created)) = drill {
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+        if drilled.get(target).is_none_or(|old| t(created) > t(old)) {
+            drilled.insert(target.to_string(), created.to_string());
         }
     }
     drilled
@@ -350,5 +287,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         State::update(dir.path(), |_| ()).unwrap();
         assert!(!path(dir.path()).exists());
+    }
+
+    #[test]
+    fn drills_keep_the_newest_set_of_each_target() {
+        let after = |prev: BTreeMap<String, String>, d: Option<(&str, &str)>| {
+            let prev = DrillState {
+                id: "p".into(),
+                finished: String::new(),
+                ok: true,
+                summary: String::new(),
+                target: None,
+                set_time: None,
+                restore_seconds: None,
+                drilled: prev,
+            };
+            drilled_after(Some(prev), d)
+        };
+        let m = drilled_after(None, Some(("a", "2026-11-24T02:30:00Z")));
+        assert_eq!(m["a"], "2026-11-24T02:30:00Z");
+        // An older set drilled later does not move it back; a failed drill keeps the map.
+        let m = after(m, Some(("a", "2026-11-20T00:00:00Z")));
+        assert_eq!(m["a"], "2026-11-24T02:30:00Z");
+        let m = after(m, None);
+        assert_eq!(m.len(), 1);
+        let m = after(m, Some(("b", "2026-11-25T00:00:00Z")));
+        let m = after(m, Some(("a", "2026-11-25T02:30:00Z")));
+        assert_eq!(
+            (m["a"].as_str(), m["b"].as_str()),
+            ("2026-11-25T02:30:00Z", "2026-11-25T00:00:00Z")
+        );
     }
 }

@@ -111,10 +111,10 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
         let is_snapshot = name.starts_with("snapshot");
         tokio::task::spawn_blocking(move || -> Result<()> {
             if is_snapshot {
-                crate::snapshot::verify_file(&check)?;
+                crate::source::snapshot::verify_file(&check)?;
             } else {
                 let f = std::fs::File::open(&check)?;
-                crate::restore::check_archive(std::io::BufReader::new(f))
+                crate::source::static_resources::check_archive(std::io::BufReader::new(f))
                     .with_context(|| format!("'{}'", check.display()))?;
             }
             Ok(())

@@ -40,7 +40,7 @@ pub struct RunRecord {
     pub node: String,
     /// The backup id, when a set was taken.
     pub id: Option<String>,
-    /// A [`crate::state::RunResult`]; `skipped: <reason>` for a skip.
+    /// A [`crate::outcome::RunResult`]; `skipped: <reason>` for a skip.
     pub result: String,
     /// RFC 3339, UTC.
     pub finished: String,
@@ -428,7 +428,7 @@ impl Election {
     /// target: its marker (and `last`, if it is that run's) now says `ok`. Compare-and-swap
     /// on the exact record, keeping the marker's lease; returns whether it changed.
     pub async fn settle(&mut self, run: &str, id: &str) -> Result<bool> {
-        use crate::state::RunResult;
+        use crate::outcome::RunResult;
         let key = self.key(&format!("runs/{run}"));
         let got = within(self.timeout, "get", self.client.get(key.clone(), None)).await?;
         let Some(kv) = got.kvs().first() else {

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use crate::config::Settings;
 use crate::error::Stop;
 
-pub const DAEMON_UNIT: &str = include_str!("../systemd/etcd-backupd.service");
-pub const INSTALL_UNIT: &str = include_str!("../packaging/etcd-backupd-install.service");
+pub const DAEMON_UNIT: &str = include_str!("../../systemd/etcd-backupd.service");
+pub const INSTALL_UNIT: &str = include_str!("../../packaging/etcd-backupd-install.service");
 /// Ignition spec versions a MachineConfig may carry; 3.2.0 is accepted by every OpenShift 4
 /// release still supported (4.14–4.18 take up to 3.4.0, 4.19+ 3.5.0).
 pub const IGNITION_VERSIONS: &[&str] = &["3.1.0", "3.2.0", "3.3.0", "3.4.0", "3.5.0"];

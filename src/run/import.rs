@@ -17,7 +17,7 @@ use chrono::Utc;
 
 use crate::config::Settings;
 use crate::manifest::{self, EtcdInfo, Manifest, ToolInfo, Trigger};
-use crate::state::State;
+use crate::staging::state::State;
 use crate::{delivery, fsutil};
 
 /// A set whose files fail verification: remembered, so it is not tried again.
@@ -115,26 +115,28 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             let entry = tokio::task::spawn_blocking(move || -> Result<_> {
                 let (size, sha) = fsutil::copy_private(&from, &to, None)?;
                 let verified = if is_snapshot {
-                    crate::snapshot::verify_file(&to).map(|_| ())
+                    crate::source::snapshot::verify_file(&to).map(|_| ())
                 } else {
                     std::fs::File::open(&to)
                         .map_err(anyhow::Error::from)
-                        .and_then(|f| crate::restore::check_archive(std::io::BufReader::new(f)).map(|_| ()))
+                        .and_then(|f| {
+                            crate::source::static_resources::check_archive(std::io::BufReader::new(f)).map(|_| ())
+                        })
                         .with_context(|| format!("'{}'", from.display()))
                 };
                 verified.map_err(|e| anyhow::Error::new(Unusable(crate::error::one_line(&e))))?;
                 Ok((size, sha))
             })
             .await??;
-            files.push(crate::pipeline::plain_entry(name.clone(), entry.0, entry.1));
+            files.push(crate::run::pipeline::plain_entry(name.clone(), entry.0, entry.1));
         }
         // Read from the platform's archive, before it is sealed.
         let restore = {
             let (dir, plain) = (work.clone(), files.clone());
-            tokio::task::spawn_blocking(move || crate::certs::facts_of_set(&dir, &plain)).await?
+            tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
         };
         // Compressed and encrypted as our own sets are: an imported set holds every Secret.
-        let files = crate::pipeline::seal_files(settings, &work, files).await?;
+        let files = crate::run::pipeline::seal_files(settings, &work, files).await?;
         let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());
@@ -155,13 +157,13 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             restore,
         };
         // Signed as our own sets are ([signing]).
-        crate::signing::write_set_files(settings, &work, &m)?;
+        crate::trust::signing::write_set_files(settings, &work, &m)?;
         let names: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
         delivery::mark(&work, &names)?;
         fsutil::fsync_dir(&work)?;
         fsutil::rename_noreplace(&work, &sets_root.join(&id))
             .with_context(|| format!("cannot move the set into '{}'", sets_root.join(&id).display()))?;
-        crate::state::note_newest_set(staging, &m);
+        crate::staging::state::note_newest_set(staging, &m);
         Ok(())
     }
     .await;

@@ -2,6 +2,8 @@
 //! carries the marker file; anything else is refused, so a mistyped `staging_dir` never has
 //! someone else's files cleaned up.
 
+pub mod state;
+
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};

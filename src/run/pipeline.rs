@@ -28,8 +28,8 @@ use crate::fsutil;
 use crate::growing::Follower;
 use crate::manifest::{self, EtcdInfo, FileEntry, Manifest, OpenShiftInfo, ToolInfo, Trigger};
 use crate::outcome::{Skip, SkipKind};
-use crate::snapshot;
-use crate::static_resources;
+use crate::source::snapshot;
+use crate::source::static_resources;
 use crate::targets::{self, Draft, Sent, Target};
 
 #[derive(Debug, Clone)]
@@ -73,9 +73,9 @@ impl BackupReport {
     }
 
     /// What the run came to, by how many of its targets hold the set.
-    pub fn result(&self) -> crate::state::RunResult {
+    pub fn result(&self) -> crate::outcome::RunResult {
         let stored = self.targets.iter().filter(|t| t.result.is_ok()).count();
-        crate::state::RunResult::of_stored(stored, self.targets.len())
+        crate::outcome::RunResult::of_stored(stored, self.targets.len())
     }
 
     /// The targets that hold the set, and those that do not (yet).
@@ -168,7 +168,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     })?;
     clean_staging_leftovers(&[&tmp_root]);
     // The signing key (created on first use) is checked before the snapshot, not after it.
-    crate::signing::signer(settings)?;
+    crate::trust::signing::signer(settings)?;
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
     // Checked side by side, each for a short while only (`preflight_deadline`): a target
     // still retrying then gets the set after the snapshot, from staging.
@@ -338,11 +338,11 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             delivery::discard_drafts(&opened, early).await;
             return Err(e);
         }
-        crate::state::note_newest_set(staging, &manifest);
+        crate::staging::state::note_newest_set(staging, &manifest);
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
-        let mut records = crate::election::Election::of(member.client.clone(), settings);
+        let mut records = crate::etcd::election::Election::of(member.client.clone(), settings);
         let results = delivery::pass(
             settings,
             &opened,
@@ -388,10 +388,10 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
 }
 
 /// Notes in etcd which set this run is about to publish (see
-/// [`crate::election::publishing_key`]); best effort: without it a node that takes the run
+/// [`crate::etcd::election::publishing_key`]); best effort: without it a node that takes the run
 /// over takes its own backup.
 async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &str, manifest: &Manifest) {
-    let record = crate::election::RunRecord {
+    let record = crate::etcd::election::RunRecord {
         run: run.to_string(),
         node: settings.node_name.clone(),
         id: Some(manifest.id.clone()),
@@ -400,9 +400,9 @@ async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &s
         stored: Vec::new(),
         missing: Vec::new(),
     };
-    let key = crate::election::publishing_key(&settings.election.prefix, run);
+    let key = crate::etcd::election::publishing_key(&settings.election.prefix, run);
     let value = serde_json::to_string(&record).unwrap_or_default();
-    let ttl = crate::election::PUBLISHING_TTL.as_secs() as i64;
+    let ttl = crate::etcd::election::PUBLISHING_TTL.as_secs() as i64;
     if let Err(e) = member.put_with_lease(&key, &value, ttl).await {
         tracing::warn!(error = %crate::error::one_line(&e), "cannot note the set about to be published in etcd");
     }
@@ -432,7 +432,7 @@ async fn assemble(
         }
         SnapshotMethod::Script => {
             crate::notify::status(&format!("backing up: running {}", settings.snapshot.script.display()));
-            let produced = crate::script::take(settings, work).await?;
+            let produced = crate::source::script::take(settings, work).await?;
             // The script's own timestamp names the set, as its file names do.
             let created = chrono::NaiveDateTime::parse_from_str(&produced.ts, manifest::TS_FORMAT)
                 .map(|t| t.and_utc())
@@ -450,7 +450,7 @@ async fn assemble(
     // Read from the archive as written, before it is sealed.
     let restore = {
         let (dir, plain) = (work.to_path_buf(), files.clone());
-        tokio::task::spawn_blocking(move || crate::certs::facts_of_set(&dir, &plain)).await?
+        tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
     };
     let files = seal_files(settings, work, files).await?;
 
@@ -483,7 +483,7 @@ async fn assemble(
         restore,
     };
     // SHA256SUMS, the signature ([signing]), then manifest.json.
-    crate::signing::write_set_files(settings, work, &manifest)?;
+    crate::trust::signing::write_set_files(settings, work, &manifest)?;
     fsutil::fsync_dir(work)?;
     Ok((manifest, snapshot_duration))
 }

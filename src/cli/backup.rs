@@ -1,0 +1,53 @@
+//! `backup`: the summary printed after a manual backup.
+
+use std::io::Write;
+
+use anyhow::Result;
+
+use super::human;
+use crate::run::pipeline::BackupReport;
+
+pub(super) fn print_backup_summary(r: &BackupReport) -> Result<()> {
+    let m = &r.manifest;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "backup {} of cluster {} taken in {:.1}s",
+        m.id,
+        m.cluster_name,
+        r.duration.as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "  etcd      {} (member {}, etcd {}, revision {})",
+        m.etcd.endpoint, m.etcd.member_id, m.etcd.version, m.etcd.revision
+    )?;
+    for reason in &m.forced {
+        writeln!(out, "  forced    {reason}")?;
+    }
+    for f in &m.files {
+        writeln!(
+            out,
+            "  file      {}  {}  sha256 {}",
+            f.stored_name,
+            human(f.stored_size),
+            f.sha256
+        )?;
+    }
+    let secs = r.snapshot_duration.as_secs_f64().max(1e-3);
+    if let Some(s) = m.snapshot() {
+        writeln!(
+            out,
+            "  snapshot  {:.1}s, {}/s, trailer verified",
+            secs,
+            human((s.size as f64 / secs) as u64)
+        )?;
+    }
+    for t in &r.targets {
+        match &t.result {
+            Ok(()) => writeln!(out, "  target    {}: stored at {}", t.name, t.location)?,
+            Err(e) => writeln!(out, "  target    {}: FAILED: {e}", t.name)?,
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! `fetch` and `verify`: a set from a target, checked before anything is laid out.
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+
+use super::human;
+use crate::config::Settings;
+
+/// What `fetch` is told to accept despite its checks.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Allow {
+    pub(super) version_mismatch: bool,
+    pub(super) unsigned: bool,
+    pub(super) expired_certificates: bool,
+}
+
+pub(super) async fn fetch(
+    settings: &Settings,
+    id: &str,
+    dir: &std::path::Path,
+    allow: Allow,
+    force: bool,
+    target: Option<&str>,
+    identity: Option<String>,
+) -> Result<()> {
+    use crate::restore;
+    let allow_version_mismatch = allow.version_mismatch;
+    let mut located = restore::locate(settings, target, id).await?;
+    located.identity = identity;
+    located.trust.allow_unsigned = allow.unsigned;
+    // Before anything of the set is believed or written: its signature, then its certificates.
+    let signature = restore::check_signature(&located).await?;
+    let m = &located.manifest;
+    let now = chrono::Utc::now();
+    let expiry = crate::trust::certs::expiry(m, now);
+    if let Some(why) = expiry.refusal() {
+        if !allow.expired_certificates {
+            bail!("refusing set {}: {why}", m.id);
+        }
+        tracing::warn!("set {}: {why}; fetching anyway (--allow-expired-certificates)", m.id);
+    }
+    if let Some(w) = expiry.warning(now) {
+        tracing::warn!("set {}: {w}", m.id);
+    }
+    let set_version = m.openshift.as_ref().and_then(|o| o.version.clone());
+    let mut version_rule = None;
+    match restore::version_facts(settings).await {
+        Ok(facts) => match restore::check_versions(set_version.as_deref(), &facts.unwrap_or_default()) {
+            Ok(rule) => version_rule = rule,
+            Err(why) => {
+                if !allow_version_mismatch {
+                    // A refusal of the set (not of the command line): exit 1, as for a damaged,
+                    // unsigned or expired set.
+                    bail!(
+                        "refusing set {}: {why} (--allow-version-mismatch to fetch it anyway)",
+                        m.id
+                    );
+                }
+                tracing::warn!("{why}; fetching anyway (--allow-version-mismatch)");
+            }
+        },
+        Err(e) => {
+            if let Some(v) = &set_version {
+                tracing::warn!(
+                    "cannot read the running cluster's version ({}); restore this set only onto OpenShift {v}",
+                    crate::error::one_line(&e)
+                );
+            }
+        }
+    }
+    let removed = restore::prepare_fetch_dir(dir, force)?;
+    for p in &removed {
+        errln!("removed {} (--force)", p.display());
+    }
+    let files = restore::download(&located, dir).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "fetched set {} of cluster {} (taken {} on {}, {}) from target '{}'",
+        m.id,
+        located.cluster,
+        m.created,
+        m.node,
+        set_version
+            .as_deref()
+            .map(|v| format!("OpenShift {v}"))
+            .unwrap_or_else(|| format!("etcd {}", m.etcd.version)),
+        located.target.name()
+    )?;
+    if let Some(rule) = &version_rule {
+        writeln!(out, "  version check: {rule}")?;
+    }
+    writeln!(out, "  signature: {}", signature.describe())?;
+    if let Some(line) = expiry.line() {
+        writeln!(out, "  certificates: {line}")?;
+    }
+    for (c, path) in &files {
+        writeln!(
+            out,
+            "  {}  {}  sha256 {}{}",
+            path.display(),
+            human(c.size),
+            c.sha256,
+            c.also.as_ref().map(|a| format!("; {a}")).unwrap_or_default()
+        )?;
+    }
+    let snapshot = files
+        .iter()
+        .find(|(c, _)| c.name.starts_with("snapshot_"))
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_default();
+    // What the restore brings back, as the manifest recorded it.
+    let revisions: Vec<String> = m
+        .restore
+        .static_pod_revisions
+        .iter()
+        .map(|(c, n)| format!("{c}-pod-{n}"))
+        .collect();
+    writeln!(
+        out,
+        "  restores: etcd {}{} at revision {}{}",
+        m.etcd.version,
+        m.etcd
+            .storage_version
+            .as_deref()
+            .map(|v| format!(" (storage version {v})"))
+            .unwrap_or_default(),
+        m.etcd.revision,
+        if revisions.is_empty() {
+            String::new()
+        } else {
+            format!("; static pods {}", revisions.join(", "))
+        }
+    )?;
+    if files.iter().any(|(c, _)| c.name.starts_with("static_kuberesources_")) {
+        writeln!(
+            out,
+            "next: on the recovery control-plane host, as root, follow the platform's restore procedure:\n  sudo -E /usr/local/bin/cluster-restore.sh {}",
+            dir.display()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "next: restore the snapshot into a new data directory for each member, e.g.\n  etcdutl snapshot restore {snapshot} --data-dir /var/lib/etcd-restored --name NAME --initial-cluster NAME=https://HOST:2380 --initial-advertise-peer-urls https://HOST:2380"
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) async fn verify(
+    settings: &Settings,
+    id: &str,
+    deep: bool,
+    allow_unsigned: bool,
+    target: Option<&str>,
+    json: bool,
+    identity: Option<String>,
+) -> Result<()> {
+    use crate::restore;
+    let mut located = restore::locate(settings, target, id).await?;
+    located.identity = identity;
+    located.trust.allow_unsigned = allow_unsigned;
+    let signature = restore::check_signature(&located).await?;
+    let checked = restore::verify(&located).await?;
+    let drill = if deep {
+        let result = restore::drill(settings, &located).await;
+        crate::run::remember_drill(settings, &located.manifest.id, &result);
+        Some(result?)
+    } else {
+        None
+    };
+    let m = &located.manifest;
+    if json {
+        let sig = serde_json::json!({"state": signature.state(), "fingerprint": signature.fingerprint()});
+        let v = serde_json::json!({"id": m.id, "cluster": located.cluster, "target": located.target.name(), "files": checked, "drill": drill, "signature": sig, "restorable_until": m.restore.restorable_until});
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "set {} of cluster {} on target '{}': OK",
+        m.id,
+        located.cluster,
+        located.target.name()
+    )?;
+    for c in &checked {
+        writeln!(
+            out,
+            "  {}  {}  sha256 matches manifest and SHA256SUMS{}",
+            c.name,
+            human(c.size),
+            c.also.as_ref().map(|a| format!("; {a}")).unwrap_or_default()
+        )?;
+    }
+    writeln!(out, "  signature: {}", signature.describe())?;
+    if let Some(line) = crate::trust::certs::expiry(m, chrono::Utc::now()).line() {
+        writeln!(out, "  certificates: {line}")?;
+    }
+    if let Some(d) = drill {
+        writeln!(
+            out,
+            "  restore drill: etcd {} opened the restored snapshot in {:.1}s: revision {}, {} keys ({} under /kubernetes.io/, {} namespaces){}",
+            d.etcd_version,
+            d.seconds,
+            d.revision,
+            d.keys,
+            d.kubernetes_keys,
+            d.namespaces,
+            d.cluster_version
+                .as_ref()
+                .map(|v| format!(", ClusterVersion {v}"))
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}

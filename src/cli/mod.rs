@@ -1,0 +1,343 @@
+//! The command line (PRODUCT.md's table) and what each command does. `--config` and `-v` are
+//! global, so they work before or after the subcommand.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Settings};
+
+/// `println!` that returns a failed write instead of panicking: a reader that quit early
+/// (`| head`) ends the command quietly (see `error::is_closed_stdout`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
+
+/// `eprintln!` that never panics: stderr may be a pipe whose reader quit too.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+mod backup;
+mod check_config;
+mod fetch;
+mod list;
+mod prune;
+pub mod render;
+mod status;
+
+use crate::config::read_identity;
+use crate::error::Stop;
+use crate::manifest::Trigger;
+use crate::run;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "etcd-backupd",
+    version,
+    about = "Scheduled, verified, off-cluster etcd backups"
+)]
+pub struct Cli {
+    /// Main configuration file; drop-ins are read from config.d/ beside it.
+    #[arg(long, global = true, value_name = "PATH", default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run as the systemd service.
+    Daemon,
+    /// Take one backup now.
+    Backup {
+        /// Skip the election (an operator at the console).
+        #[arg(long)]
+        no_election: bool,
+        /// Store on this target only.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// Back up despite the cluster-age, upgrade and operator guards (recorded in the
+        /// manifest); etcd's health, its alarms, free space and the election still apply.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the backup sets on a target.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// The target to list (default: the first).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+    },
+    /// Download and verify one set, ready for the restore script.
+    Fetch {
+        /// A set id (see `list`) or `latest`.
+        id: String,
+        /// Where to put the files; must be empty or missing.
+        #[arg(long, value_name = "DIR", default_value = crate::restore::DEFAULT_FETCH_DIR)]
+        to: PathBuf,
+        /// Fetch even when the set's OpenShift version differs from the running cluster's.
+        #[arg(long)]
+        allow_version_mismatch: bool,
+        /// Fetch even when verify.allowed_signers is set and the set is unsigned or not
+        /// signed by a listed key.
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// Fetch even when the certificates in the set's static resources have expired.
+        #[arg(long)]
+        allow_expired_certificates: bool,
+        /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
+        #[arg(long)]
+        force: bool,
+        /// age identity file (private key) for an encrypted set; must not be group/other readable.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// The target to read (default: the first).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+    },
+    /// Verify a stored set without keeping it.
+    Verify {
+        /// A set id (see `list`) or `latest`.
+        id: String,
+        /// Also restore it into a throwaway etcd on loopback (a restore drill).
+        #[arg(long)]
+        deep: bool,
+        /// Verify even when verify.allowed_signers is set and the set is unsigned or not
+        /// signed by a listed key.
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// age identity file (private key) for an encrypted set; must not be group/other readable.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// The target to read (default: the first).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply retention now.
+    Prune {
+        /// Print the plan, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Prune even though this node's newest backup failed or was skipped.
+        #[arg(long)]
+        force: bool,
+        /// Only this target (default: every target).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+    },
+    /// Last run, next run, current runner, pending uploads.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and print the merged result.
+    CheckConfig {
+        /// Also connect to etcd and check each target.
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Print deployment objects.
+    Render {
+        #[command(subcommand)]
+        what: RenderWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RenderWhat {
+    /// A MachineConfig rolling the daemon out to control-plane nodes.
+    Machineconfig {
+        /// The image the install unit copies the binary from (best pinned by digest).
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
+        /// Ignition spec version of the embedded config.
+        #[arg(long, value_name = "X.Y.Z", default_value = crate::cli::render::DEFAULT_IGNITION)]
+        ignition_version: String,
+        /// Also embed the secret files the configuration names (readable by cluster admins).
+        #[arg(long)]
+        include_secrets: bool,
+        /// The MachineConfig's name.
+        #[arg(long, default_value = "99-master-etcd-backupd")]
+        name: String,
+    },
+}
+
+fn load(cli: &Cli) -> Result<Settings> {
+    let settings = Settings::load(&cli.config)?;
+    settings.check_node_files()?;
+    Ok(settings)
+}
+
+/// Runs the parsed command; the returned error carries its exit code (see [`crate::error`]).
+pub async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Backup {
+            no_election,
+            target,
+            force,
+        } => {
+            let settings = load(&cli)?;
+            // A staging directory that is not ours is a configuration error, found before etcd.
+            crate::staging::check_staging(&settings.snapshot.staging_dir)?;
+            crate::priority::apply(&settings.priority);
+            let cancel = crate::daemon::cancel_on_signals();
+            // A manual run competes like a scheduled one, but does not wait: if another node
+            // holds the lock, this one is skipped.
+            let run = format!(
+                "manual-{}-{}",
+                settings.node_name,
+                crate::manifest::timestamp(chrono::Utc::now())
+            );
+            let elect = settings.election.enabled && !no_election;
+            let (started, t0) = (chrono::Utc::now(), std::time::Instant::now());
+            let outcome = run::run_once(
+                &settings,
+                Trigger::Manual,
+                target.clone(),
+                &run,
+                elect,
+                *force,
+                std::time::Duration::ZERO,
+                None,
+                &cancel,
+            )
+            .await;
+            run::remember(
+                &settings.snapshot.staging_dir,
+                run::record(Trigger::Manual, &run, started, t0, &outcome),
+            );
+            crate::metrics::refresh(&settings);
+            match outcome? {
+                run::Outcome::Ran(report) => {
+                    backup::print_backup_summary(&report)?;
+                    if !report.all_stored() {
+                        let failed: Vec<String> = report
+                            .targets
+                            .iter()
+                            .filter_map(|t| t.result.as_ref().err().map(|e| format!("{} ({e})", t.name)))
+                            .collect();
+                        bail!(
+                            "backup {} was not stored on: {} (it stays in staging and is delivered by the next run or the daemon)",
+                            report.manifest.id,
+                            failed.join("; ")
+                        );
+                    }
+                    Ok(())
+                }
+                run::Outcome::Skipped(reason) => bail!(Stop::Skipped(reason)),
+                run::Outcome::Elsewhere(rec) => bail!(Stop::Skipped(crate::outcome::Skip::new(
+                    crate::outcome::SkipKind::Elsewhere,
+                    format!("node {} ran this backup", rec.node)
+                ))),
+            }
+        }
+        Command::List { json, target } => {
+            let settings = load(&cli)?;
+            list::list(&settings, target.as_deref(), *json).await
+        }
+        Command::CheckConfig { connect } => {
+            let settings = load(&cli)?;
+            // Checked here and by the daemon when drills are scheduled; a backup never reads it.
+            read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?;
+            check_config::check_config(&settings, *connect).await
+        }
+        Command::Daemon => {
+            let settings = load(&cli)?;
+            if !settings.verify.schedule.is_empty() {
+                read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?;
+            }
+            crate::daemon::run(cli.config.clone(), settings, crate::daemon::cancel_on_signals()).await
+        }
+        Command::Fetch {
+            id,
+            to,
+            allow_version_mismatch,
+            allow_unsigned,
+            allow_expired_certificates,
+            force,
+            target,
+            identity,
+        } => {
+            let settings = load(&cli)?;
+            let identity = read_identity(identity.as_deref(), "--identity")?;
+            let allow = fetch::Allow {
+                version_mismatch: *allow_version_mismatch,
+                unsigned: *allow_unsigned,
+                expired_certificates: *allow_expired_certificates,
+            };
+            fetch::fetch(&settings, id, to, allow, *force, target.as_deref(), identity).await
+        }
+        Command::Verify {
+            id,
+            deep,
+            allow_unsigned,
+            target,
+            json,
+            identity,
+        } => {
+            let settings = load(&cli)?;
+            let identity = match identity {
+                Some(p) => read_identity(Some(p), "--identity")?,
+                None => read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?,
+            };
+            fetch::verify(
+                &settings,
+                id,
+                *deep,
+                *allow_unsigned,
+                target.as_deref(),
+                *json,
+                identity,
+            )
+            .await
+        }
+        Command::Prune { dry_run, force, target } => {
+            let settings = load(&cli)?;
+            prune::prune(&settings, *dry_run, *force, target.as_deref()).await
+        }
+        Command::Status { json } => {
+            let settings = Settings::load(&cli.config)?;
+            status::status(&settings, *json).await
+        }
+        Command::Render {
+            what:
+                RenderWhat::Machineconfig {
+                    image,
+                    ignition_version,
+                    include_secrets,
+                    name,
+                },
+        } => {
+            // Syntax and meaning only: the node-side paths it names need not exist here.
+            let settings = Settings::load(&cli.config)?;
+            let opts = crate::cli::render::Options {
+                ignition_version,
+                image: image.as_deref(),
+                include_secrets: *include_secrets,
+                name,
+            };
+            let (yaml, warnings) = crate::cli::render::machineconfig(&settings, &opts)?;
+            for w in warnings {
+                errln!("warning: {w}");
+            }
+            std::io::stdout().lock().write_all(yaml.as_bytes())?;
+            Ok(())
+        }
+    }
+}
+
+pub(super) fn human(bytes: u64) -> String {
+    config::types::Size(bytes).to_string()
+}
