@@ -150,10 +150,7 @@ async fn serve(
         }
         match etcd::connect_first(&settings.etcd).await {
             Ok((_, status)) => {
-                break settings
-                    .cluster_name
-                    .clone()
-                    .unwrap_or_else(|| etcd::hex_id(status.cluster_id));
+                break settings.cluster_folder(status.cluster_id);
             }
             // A missing TLS file will not appear by waiting: a configuration error, exit 2.
             Err(e) if crate::error::exit_code(&e) == crate::error::EXIT_USAGE => return Err(e),

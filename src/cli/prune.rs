@@ -15,7 +15,7 @@ pub(super) async fn cluster_folder(settings: &Settings) -> Result<String> {
     }
     let within = settings.etcd.connect_timeout.0 + settings.etcd.request_timeout.0;
     match tokio::time::timeout(within, crate::etcd::connect_first(&settings.etcd)).await {
-        Ok(Ok((_, status))) => Ok(crate::etcd::hex_id(status.cluster_id)),
+        Ok(Ok((_, status))) => Ok(settings.cluster_folder(status.cluster_id)),
         Ok(Err(e)) => bail!(Stop::Usage(format!(
             "cluster_name is not set and etcd cannot tell the cluster ID ({}); set cluster_name",
             crate::error::one_line(&e)

@@ -112,8 +112,13 @@ pub fn staged_bytes(staging: &Path) -> u64 {
 
 /// How many staged sets still wait for a target, and their bytes.
 pub fn pending(staging: &Path) -> (usize, u64) {
-    let sets: Vec<_> = scan(staging).into_iter().filter(|s| !s.pending.is_empty()).collect();
-    (sets.len(), sets.iter().map(Staged::bytes).sum())
+    pending_of(&scan(staging))
+}
+
+/// [`pending`] of sets already scanned.
+pub fn pending_of(sets: &[Staged]) -> (usize, u64) {
+    let waiting = sets.iter().filter(|s| !s.pending.is_empty());
+    waiting.fold((0, 0), |(n, b), s| (n + 1, b + s.bytes()))
 }
 
 /// The outcome of storing one set on one target in a pass.
@@ -161,11 +166,11 @@ async fn already_there(target: &dyn Target, set: &StagedSet) -> bool {
 /// (a target still missing a newer set is not pruned: its newest backup failed).
 pub async fn apply_retention(
     settings: &Settings,
+    staged: &[Staged],
     opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
     results: &[Delivered],
 ) {
     let policy = settings.retention_policy();
-    let staged = scan(&settings.snapshot.staging_dir);
     for (name, target) in opened {
         let Ok(target) = target else { continue };
         if staged.iter().any(|s| s.pending.contains(name)) {
@@ -214,7 +219,8 @@ pub async fn apply_retention(
     }
 }
 
-/// One delivery pass over every staged set, oldest first. `opened` are the targets usable in
+/// One delivery pass over the staged sets `sets` (as scanned once for the pass, oldest
+/// first; their `pending` lists are kept up to date here). `opened` are the targets usable in
 /// this pass by name; a name mapped to an error fails at once with that error. Targets no
 /// longer configured are dropped from the sets owed to them. `early` are sets already
 /// begun on a target (the pipelined upload of a run), by target name: they are finished
@@ -225,6 +231,7 @@ pub async fn apply_retention(
 /// [`crate::etcd::election::Election::may_deliver`].
 pub async fn pass(
     settings: &Settings,
+    sets: &mut [Staged],
     opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
     abort: &CancellationToken,
     mut early: BTreeMap<String, Early>,
@@ -236,7 +243,7 @@ pub async fn pass(
     let mut down: BTreeMap<String, String> = BTreeMap::new();
     let mut results = Vec::new();
     let mut completed: Vec<String> = Vec::new();
-    for mut staged in scan(staging) {
+    for staged in sets.iter_mut() {
         if staged.pending.is_empty() {
             continue;
         }
@@ -253,6 +260,7 @@ pub async fn pass(
                 MayDeliver::Yes => {}
                 MayDeliver::NotOurs(why) => {
                     tracing::warn!(backup_id = %id, run = %run, reason = %why, "another set is this run's backup; this node's set stays a local copy and is not delivered");
+                    staged.pending.clear();
                     if let Err(e) = mark(&staged.set.dir, &[]) {
                         tracing::error!(error = %crate::error::one_line(&e), "cannot record the delivery state");
                     }
@@ -474,12 +482,12 @@ pub fn open_targets<'a>(
 
 /// Bounds staging after a pass: pending sets beyond `max_pending` go (oldest first, each
 /// with an error), delivered sets beyond `keep_local` go (oldest first).
-pub fn tidy(settings: &Settings) {
-    let sets = scan(&settings.snapshot.staging_dir);
-    let (pending, delivered): (Vec<_>, Vec<_>) = sets.into_iter().partition(|s| !s.pending.is_empty());
+pub fn tidy(settings: &Settings, sets: &mut Vec<Staged>) {
+    let (mut pending, mut delivered): (Vec<_>, Vec<_>) =
+        std::mem::take(sets).into_iter().partition(|s| !s.pending.is_empty());
     let max_pending = settings.delivery.max_pending as usize;
     if pending.len() > max_pending {
-        for s in &pending[..pending.len() - max_pending] {
+        for s in pending.drain(..pending.len() - max_pending) {
             tracing::error!(
                 backup_id = %s.id(), targets = %s.pending.join(", "),
                 "dropping an undelivered backup set from staging: more than delivery.max_pending ({max_pending}) sets wait; these targets never got it"
@@ -489,30 +497,29 @@ pub fn tidy(settings: &Settings) {
     }
     let keep_local = settings.delivery.keep_local as usize;
     if delivered.len() > keep_local {
-        for s in &delivered[..delivered.len() - keep_local] {
+        for s in delivered.drain(..delivered.len() - keep_local) {
             tracing::debug!(backup_id = %s.id(), "removing a delivered set from staging");
             remove_staged(&s.set.dir);
         }
     }
+    *sets = pending.into_iter().chain(delivered).collect();
+    sets.sort_by(|a, b| a.id().cmp(b.id()));
 }
 
 /// Frees staging for a snapshot that needs `needed` bytes: drops delivered local copies
 /// first, then pending sets oldest first (with an error), until `free()` reports enough or
-/// nothing staged is left.
-pub fn make_room(staging: &Path, needed: u64, free: impl Fn() -> Result<u64>) -> Result<u64> {
+/// nothing staged is left. `sets` (as scanned for this run) loses what is dropped.
+pub fn make_room(sets: &mut Vec<Staged>, needed: u64, free: impl Fn() -> Result<u64>) -> Result<u64> {
     let mut available = free()?;
-    if available >= needed {
-        return Ok(available);
-    }
-    let sets = scan(staging);
     // Nothing is dropped when dropping everything would still not be enough.
-    if available + sets.iter().map(Staged::bytes).sum::<u64>() < needed {
+    if available >= needed || available + sets.iter().map(Staged::bytes).sum::<u64>() < needed {
         return Ok(available);
     }
-    let (pending, delivered): (Vec<_>, Vec<_>) = sets.into_iter().partition(|s| !s.pending.is_empty());
-    for s in delivered.iter().chain(pending.iter()) {
+    let (pending, delivered): (Vec<_>, Vec<_>) = std::mem::take(sets).into_iter().partition(|s| !s.pending.is_empty());
+    for s in delivered.into_iter().chain(pending) {
         if available >= needed {
-            break;
+            sets.push(s);
+            continue;
         }
         if s.pending.is_empty() {
             tracing::info!(backup_id = %s.id(), "removing a local copy from staging to make room for the next snapshot");
@@ -525,6 +532,7 @@ pub fn make_room(staging: &Path, needed: u64, free: impl Fn() -> Result<u64>) ->
         remove_staged(&s.set.dir);
         available = free()?;
     }
+    sets.sort_by(|a, b| a.id().cmp(b.id()));
     Ok(available)
 }
 
@@ -556,7 +564,8 @@ pub async fn retry(
             ..Retried::default()
         });
     };
-    let staged = scan(staging);
+    // One scan for the whole pass: delivery, retention and the bounds all work on it.
+    let mut staged = scan(staging);
     let names: std::collections::BTreeSet<&str> = staged
         .iter()
         .flat_map(|s| s.pending.iter().map(String::as_str))
@@ -577,19 +586,28 @@ pub async fn retry(
         },
         false => None,
     };
-    let results = pass(settings, &opened, abort, BTreeMap::new(), records.as_mut(), retry_until).await;
+    let results = pass(
+        settings,
+        &mut staged,
+        &opened,
+        abort,
+        BTreeMap::new(),
+        records.as_mut(),
+        retry_until,
+    )
+    .await;
     // The connection that checked the sets also settles the records of those now delivered.
     if let Some(e) = records.as_mut() {
         e.settle_all(&settled(&results), None).await;
     }
     if !abort.is_cancelled() {
-        crate::targets::retry::retries_until(retry_until, apply_retention(settings, &opened, &results)).await;
+        crate::targets::retry::retries_until(retry_until, apply_retention(settings, &staged, &opened, &results)).await;
     }
-    tidy(settings);
+    tidy(settings, &mut staged);
     Ok(Retried {
         delivered: results.iter().filter(|d| d.result.is_ok()).count(),
         failed: results.iter().filter(|d| d.result.is_err()).count(),
-        pending: pending(staging).0,
+        pending: pending_of(&staged).0,
         busy: false,
     })
 }

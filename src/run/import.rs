@@ -17,6 +17,7 @@ use chrono::Utc;
 
 use crate::config::Settings;
 use crate::manifest::{self, EtcdInfo, Manifest, ToolInfo, Trigger};
+use crate::run::context::RunContext;
 use crate::staging::state::State;
 use crate::{delivery, fsutil};
 
@@ -93,7 +94,7 @@ fn remember(settings: &Settings, key: &str) {
 }
 
 /// Copies and verifies one platform set into `sets/<ts>/`, owed to every target.
-async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo) -> Result<()> {
+async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdInfo) -> Result<()> {
     let staging = &settings.snapshot.staging_dir;
     let id = found.ts.clone();
     if chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT).is_err() {
@@ -136,7 +137,7 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
         };
         // Compressed and encrypted as our own sets are: an imported set holds every Secret.
-        let files = crate::run::pipeline::seal_files(settings, &work, files).await?;
+        let files = crate::run::pipeline::seal_files(&ctx.seal, &work, files).await?;
         let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());
@@ -144,7 +145,7 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             format_version: manifest::FORMAT_VERSION,
             id: id.clone(),
             created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            cluster_name: cluster.to_string(),
+            cluster_name: ctx.cluster.clone(),
             trigger: Trigger::Imported,
             run: None,
             node: settings.node_name.clone(),
@@ -157,7 +158,7 @@ async fn stage(settings: &Settings, found: &Found, cluster: &str, etcd: EtcdInfo
             restore,
         };
         // Signed as our own sets are ([signing]).
-        crate::trust::signing::write_set_files(settings, &work, &m)?;
+        crate::trust::signing::write_set_files(ctx.signer.as_ref(), &work, &m)?;
         let names: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
         delivery::mark(&work, &names)?;
         fsutil::fsync_dir(&work)?;
@@ -212,9 +213,11 @@ pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::C
             db_size: 0,
         },
     };
+    // Once per pass: every set of it sealed to the same recipients and signed by one key.
+    let ctx = RunContext::for_cluster(settings, cluster.to_string())?;
     let mut staged = 0;
     for f in &found {
-        match stage(settings, f, cluster, etcd.clone()).await {
+        match stage(settings, &ctx, f, etcd.clone()).await {
             Ok(()) => {
                 tracing::info!(path = %f.dir.display(), backup_id = %f.ts, "imported a platform backup set; delivering it");
                 staged += 1;

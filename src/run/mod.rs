@@ -1,6 +1,7 @@
 //! One run as the daemon and `backup` both do it: guards, then the election, then the
 //! backup pipeline while the lock is held, then the record in etcd and in the node's state.
 
+pub mod context;
 pub mod guards;
 pub mod import;
 pub mod pipeline;
@@ -150,10 +151,7 @@ pub async fn run_once(
     };
     // A runner that lost its lock after storing its set, before recording the run, noted
     // which set it was publishing: if that set is on a target, it is this run's backup.
-    let cluster = settings
-        .cluster_name
-        .clone()
-        .unwrap_or_else(|| etcd::hex_id(status.cluster_id));
+    let cluster = settings.cluster_folder(status.cluster_id);
     if let Some(rec) = already_published(settings, &mut election, run, &cluster).await {
         let id = rec.id.clone();
         tracing::info!(run = %run, node = %rec.node, backup_id = ?id, "the run's set was stored by a runner that could not record it; recording it");

@@ -22,14 +22,17 @@ use chrono::Utc;
 
 use crate::config::{Settings, SnapshotMethod};
 use crate::delivery;
+use crate::envelope::Seal;
 use crate::error::Stop;
 use crate::etcd::{self, hex_id};
 use crate::fsutil;
 use crate::growing::Follower;
 use crate::manifest::{self, EtcdInfo, FileEntry, Manifest, OpenShiftInfo, ToolInfo, Trigger};
 use crate::outcome::{Skip, SkipKind};
+use crate::run::context::RunContext;
 use crate::source::snapshot;
 use crate::source::static_resources;
+use crate::staging::prepare_staging;
 use crate::targets::{self, Draft, Sent, Target};
 
 #[derive(Debug, Clone)]
@@ -128,8 +131,6 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
         .collect())
 }
 
-use crate::staging::prepare_staging;
-
 /// Removes the half-assembled sets an interrupted run of this node left in staging.
 fn clean_staging_leftovers(dirs: &[&Path]) {
     for dir in dirs {
@@ -167,8 +168,9 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         ))
     })?;
     clean_staging_leftovers(&[&tmp_root]);
-    // The signing key (created on first use) is checked before the snapshot, not after it.
-    crate::trust::signing::signer(settings)?;
+    // The recipients and the signing key (created on first use) are read once, before the
+    // snapshot: the whole set is sealed and signed with what was read here.
+    let ctx = RunContext::resolve(settings, member.status().await?.cluster_id)?;
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
     // Checked side by side, each for a short while only (`preflight_deadline`): a target
     // still retrying then gets the set after the snapshot, from staging.
@@ -234,7 +236,9 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     );
 
     let needed = settings.guards.min_free_space.required(status.db_size);
-    delivery::make_room(staging, needed, || fsutil::free_space(staging))?;
+    // Staging scanned once for the run: room, early uploads, delivery, retention, bounds.
+    let mut sets = delivery::scan(staging);
+    delivery::make_room(&mut sets, needed, || fsutil::free_space(staging))?;
 
     let openshift = match member.cluster_version().await {
         Ok(cv) => cv,
@@ -243,10 +247,6 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             None
         }
     };
-    let cluster = settings
-        .cluster_name
-        .clone()
-        .unwrap_or_else(|| hex_id(status.cluster_id));
 
     // Ids have one-second resolution and name the set on every target: a second already
     // used by a set staged here (a run killed a moment ago), or reserved in etcd by another
@@ -256,7 +256,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     loop {
         let id = manifest::timestamp(created);
         if !sets_root.join(&id).exists() {
-            let key = format!("{}/ids/{cluster}/{id}", settings.election.prefix);
+            let key = format!("{}/ids/{}/{id}", settings.election.prefix, ctx.cluster);
             match member.reserve(&key, &settings.node_name, 3600).await {
                 Ok(true) => break,
                 Ok(false) => {
@@ -288,7 +288,9 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     }
     // The snapshot's uploads run beside the rest of the run: they follow its staging file
     // while it streams, and the delivery pass waits for each before it finishes that set.
-    let drafts = begin_early(settings, &opened, &late, &cluster, &id).await;
+    let owed: std::collections::BTreeSet<&str> =
+        sets.iter().flat_map(|s| s.pending.iter().map(String::as_str)).collect();
+    let drafts = begin_early(settings, &opened, &late, &owed, &ctx.cluster, &id).await;
     let (follow_tx, follow_rx) = tokio::sync::oneshot::channel();
     let mut uploads = BTreeMap::new();
     let mut early = BTreeMap::new();
@@ -300,11 +302,11 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     let run = async {
         let assembled = assemble(
             settings,
+            &ctx,
             member,
             &status,
             &id,
             created,
-            &cluster,
             openshift,
             opts,
             &work,
@@ -339,12 +341,21 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             return Err(e);
         }
         crate::staging::state::note_newest_set(staging, &manifest);
+        let mut sets = sets;
+        sets.push(delivery::Staged {
+            set: targets::StagedSet {
+                dir: staged_dir,
+                manifest: manifest.clone(),
+            },
+            pending: names.clone(),
+        });
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
         let mut records = crate::etcd::election::Election::of(member.client.clone(), settings);
         let results = delivery::pass(
             settings,
+            &mut sets,
             &opened,
             &opts.abort,
             early,
@@ -369,11 +380,11 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
             // Bounded like the deliveries: retention never holds the next run back either.
             crate::targets::retry::retries_until(
                 opts.deliver_by,
-                delivery::apply_retention(settings, &opened, &results),
+                delivery::apply_retention(settings, &sets, &opened, &results),
             )
             .await;
         }
-        delivery::tidy(settings);
+        delivery::tidy(settings, &mut sets);
 
         Ok(BackupReport {
             manifest,
@@ -411,11 +422,11 @@ async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &s
 #[allow(clippy::too_many_arguments)]
 async fn assemble(
     settings: &Settings,
+    ctx: &RunContext,
     member: &mut etcd::Member,
     status: &etcd::MemberStatus,
     id: &str,
     created: chrono::DateTime<Utc>,
-    cluster: &str,
     openshift: Option<etcd::ClusterVersion>,
     opts: &BackupOptions,
     work: &Path,
@@ -426,7 +437,8 @@ async fn assemble(
     let mut snapshot_duration = None;
     let (id, created, files, stream_revision) = match settings.snapshot.method {
         SnapshotMethod::Native => {
-            let (files, revision, streamed) = take_native(settings, member, status.db_size, id, work, follow).await?;
+            let (files, revision, streamed) =
+                take_native(settings, &ctx.seal, member, status.db_size, id, work, follow).await?;
             snapshot_duration = Some(streamed);
             (id.to_string(), created, files, revision)
         }
@@ -452,13 +464,13 @@ async fn assemble(
         let (dir, plain) = (work.to_path_buf(), files.clone());
         tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
     };
-    let files = seal_files(settings, work, files).await?;
+    let files = seal_files(&ctx.seal, work, files).await?;
 
     let manifest = Manifest {
         format_version: manifest::FORMAT_VERSION,
         id: id.to_string(),
         created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        cluster_name: cluster.to_string(),
+        cluster_name: ctx.cluster.clone(),
         trigger: opts.trigger,
         run: opts.run.clone(),
         node: settings.node_name.clone(),
@@ -483,7 +495,7 @@ async fn assemble(
         restore,
     };
     // SHA256SUMS, the signature ([signing]), then manifest.json.
-    crate::trust::signing::write_set_files(settings, work, &manifest)?;
+    crate::trust::signing::write_set_files(ctx.signer.as_ref(), work, &manifest)?;
     fsutil::fsync_dir(work)?;
     Ok((manifest, snapshot_duration))
 }
@@ -491,8 +503,7 @@ async fn assemble(
 /// Compresses and/or encrypts each verified file in `work` not sealed yet (see
 /// [`crate::envelope`]); the originals go, the manifest keeps their names, sizes and hashes.
 /// Every set goes through here (native, script, imported): one set, one seal.
-pub(crate) async fn seal_files(settings: &Settings, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
-    let seal = settings.seal()?;
+pub(crate) async fn seal_files(seal: &Seal, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
     if seal.is_plain() {
         return Ok(files);
     }
@@ -564,6 +575,7 @@ async fn begin_early(
     settings: &Settings,
     opened: &Opened,
     late: &std::collections::BTreeSet<String>,
+    owed: &std::collections::BTreeSet<&str>,
     cluster: &str,
     id: &str,
 ) -> BTreeMap<String, Draft> {
@@ -571,10 +583,6 @@ async fn begin_early(
     if settings.snapshot.method != SnapshotMethod::Native {
         return drafts;
     }
-    let owed: std::collections::BTreeSet<String> = delivery::scan(&settings.snapshot.staging_dir)
-        .into_iter()
-        .flat_map(|s| s.pending)
-        .collect();
     // Bounded: a slow target must not hold the snapshot (and the election lock) back; it
     // gets the set after the snapshot instead.
     let begun = opened.iter().filter_map(|(name, target)| {
@@ -582,7 +590,7 @@ async fn begin_early(
         if late.contains(name) {
             return None;
         }
-        if owed.contains(name) {
+        if owed.contains(name.as_str()) {
             tracing::info!(target_name = %name, "the target owes older sets; this one is stored after the snapshot");
             return None;
         }
@@ -645,8 +653,10 @@ async fn follow_snapshot(
 /// fast on a bad tree), then the snapshot stream, verified and sealed as it flows; `follow`
 /// gets its file for the uploads that follow it. Returns the files, the revision the stream
 /// was stamped with (etcd 3.5+) and how long the stream took.
+#[allow(clippy::too_many_arguments)]
 async fn take_native(
     settings: &Settings,
+    seal: &Seal,
     member: &mut etcd::Member,
     db_size: u64,
     ts: &str,
@@ -662,7 +672,6 @@ async fn take_native(
             tokio::task::spawn_blocking(move || static_resources::write_archive(&root, &dest)).await??;
         files.push(plain_entry(name, size, sha256));
     }
-    let seal = settings.seal()?;
     let name = manifest::snapshot_name(ts);
     let stored_name = format!("{name}{}", seal.suffix());
     let started = Instant::now();
@@ -670,7 +679,7 @@ async fn take_native(
         "backing up {ts}: streaming the snapshot from {}",
         member.shown()
     ));
-    let pending = snapshot::Pending::create(&work.join(&stored_name), &seal)?.expecting(db_size);
+    let pending = snapshot::Pending::create(&work.join(&stored_name), seal)?.expecting(db_size);
     if let Some(tx) = follow {
         let _ = tx.send((pending.follower(), stored_name.clone()));
     }

@@ -175,12 +175,12 @@ pub fn announce(settings: &Settings) -> Result<()> {
 }
 
 /// Writes a set's closing files into `work`: `SHA256SUMS`, `manifest.json.sig` when
-/// `[signing]` is on (the signature of the exact bytes written next), and `manifest.json`,
+/// `signer` is given (the signature of the exact bytes written next), and `manifest.json`,
 /// last. Every kind of set (native, script, imported) is closed here.
-pub fn write_set_files(settings: &Settings, work: &Path, manifest: &Manifest) -> Result<()> {
+pub fn write_set_files(signer: Option<&Signer>, work: &Path, manifest: &Manifest) -> Result<()> {
     fsutil::write_private_file(&work.join(SHA256SUMS), manifest.sha256sums().as_bytes())?;
     let json = manifest.to_json();
-    if let Some(signer) = signer(settings)? {
+    if let Some(signer) = signer {
         let sig = signer.sign(json.as_bytes())?;
         fsutil::write_private_file(&work.join(SIGNATURE), sig.as_bytes())?;
     }
