@@ -75,8 +75,8 @@ fn drill_schedule_of(s: &Settings) -> Result<Option<Schedule>> {
 
 fn last_summary(staging: &std::path::Path) -> String {
     match State::load(staging).runs.first() {
-        Some(r) => match (&r.result[..], &r.id) {
-            ("ok", Some(id)) => format!(
+        Some(r) => match (r.result, &r.id) {
+            (crate::outcome::RunResult::Ok, Some(id)) => format!(
                 "last ok {id} ({}, {:.0} s)",
                 crate::config::types::Size(r.bytes.unwrap_or(0)),
                 r.duration_s
@@ -542,12 +542,7 @@ async fn pending_upgrade(settings: &Settings) -> Option<String> {
     let state = State::load(&settings.snapshot.staging_dir);
     // Once per cluster and version: the election marker covers the cluster for 7 days, the
     // node's list of done upgrades for ever.
-    if state.upgrades_done.contains(&version)
-        || state
-            .runs
-            .iter()
-            .any(|r| r.run == run && crate::outcome::RunResult::parse(&r.result).is_some_and(|x| x.took_a_set()))
-    {
+    if state.upgrades_done.contains(&version) || state.runs.iter().any(|r| r.run == run && r.result.took_a_set()) {
         return None;
     }
     Some(version)

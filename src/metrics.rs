@@ -47,9 +47,9 @@ pub fn render(staging: &Path) -> String {
     let attempts: Vec<_> = state
         .runs
         .iter()
-        .filter(|r| RunResult::parse(&r.result).is_some_and(|x| x.took_a_set() || x == RunResult::Failed))
+        .filter(|r| r.result.took_a_set() || r.result == RunResult::Failed)
         .collect();
-    let last_ok = state.runs.iter().find(|r| r.result == RunResult::Ok.as_str());
+    let last_ok = state.runs.iter().find(|r| r.result == RunResult::Ok);
     gauge(
         &mut out,
         "etcd_backupd_last_success_timestamp_seconds",
@@ -67,7 +67,7 @@ pub fn render(staging: &Path) -> String {
             &mut out,
             "etcd_backupd_last_attempt_success",
             "1 if this node's last backup attempt stored the set on every target.",
-            u8::from(last.result == RunResult::Ok.as_str()),
+            u8::from(last.result == RunResult::Ok),
         );
         gauge(
             &mut out,

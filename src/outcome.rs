@@ -67,7 +67,9 @@ impl fmt::Display for Skip {
 
 /// What a run came to, in `state.json`, in the run markers in etcd and as the metrics'
 /// `result` label. A run that took a set is never `Failed`: where the set is is what counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Serialized as [`RunResult::as_str`] says (`state.json` keeps the words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RunResult {
     /// The set is on every target chosen for the run.
     Ok,
@@ -127,6 +129,12 @@ impl RunResult {
     }
 }
 
+impl fmt::Display for RunResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +155,15 @@ mod tests {
         let labels: std::collections::BTreeSet<_> = all.iter().map(|k| k.label()).collect();
         assert_eq!(labels.len(), all.len());
         assert_eq!(Skip::new(SkipKind::Busy, "held").to_string(), "held");
+    }
+
+    #[test]
+    fn a_result_is_stored_as_its_words() {
+        for r in RunResult::ALL {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+            assert_eq!(serde_json::from_str::<RunResult>(&json).unwrap(), r);
+            assert_eq!(RunResult::parse(&format!("{r}: why")), Some(r));
+        }
     }
 }

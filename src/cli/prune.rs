@@ -29,10 +29,10 @@ pub(super) async fn cluster_folder(settings: &Settings) -> Result<String> {
 pub(super) async fn prune(settings: &Settings, dry_run: bool, force: bool, only: Option<&str>) -> Result<()> {
     let state = crate::staging::state::State::load(&settings.snapshot.staging_dir);
     if let Some(r) = state.runs.first()
-        && crate::outcome::RunResult::parse(&r.result).is_some_and(|x| {
+        && {
             use crate::outcome::RunResult::*;
-            matches!(x, Failed | Skipped | Partial | Pending)
-        })
+            matches!(r.result, Failed | Skipped | Partial | Pending)
+        }
         && !force
         && !dry_run
     {

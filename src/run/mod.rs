@@ -304,7 +304,7 @@ pub fn record(
         trigger,
         started: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        result: String::new(),
+        result: RunResult::Failed,
         reason: None,
         skip: None,
         id: None,
@@ -314,7 +314,7 @@ pub fn record(
     };
     match outcome {
         Ok(Outcome::Ran(r)) => {
-            s.result = r.result().as_str().into();
+            s.result = r.result();
             s.id = Some(r.manifest.id.clone());
             s.bytes = Some(r.manifest.total_stored_size());
             s.targets = r
@@ -329,7 +329,7 @@ pub fn record(
         }
         Ok(Outcome::Skipped(skip)) => s.skipped(skip),
         Ok(Outcome::Elsewhere(rec)) => {
-            s.result = RunResult::DoneElsewhere.as_str().into();
+            s.result = RunResult::DoneElsewhere;
             s.reason = Some(format!("node {} ran it ({})", rec.node, rec.result));
             s.id = rec.id.clone();
         }
@@ -337,7 +337,7 @@ pub fn record(
         Err(e) => match crate::error::skip_of(e) {
             Some(skip) => s.skipped(&skip),
             None => {
-                s.result = RunResult::Failed.as_str().into();
+                s.result = RunResult::Failed;
                 s.reason = Some(crate::error::one_line(e));
             }
         },

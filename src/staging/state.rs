@@ -153,8 +153,8 @@ pub struct RunState {
     pub trigger: String,
     pub started: String,
     pub finished: String,
-    /// A [`RunResult`]: `ok`, `partial`, `pending`, `failed`, `skipped` or `done-elsewhere`.
-    pub result: String,
+    /// `ok`, `partial`, `pending`, `failed`, `skipped` or `done-elsewhere` in the file.
+    pub result: RunResult,
     pub reason: Option<String>,
     /// A skip's kind, as its metric label ([`crate::outcome::SkipKind::label`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -175,7 +175,7 @@ pub struct TargetState {
 impl RunState {
     /// Marks the run skipped, with its reason and kind.
     pub fn skipped(&mut self, skip: &crate::outcome::Skip) {
-        self.result = RunResult::Skipped.as_str().into();
+        self.result = RunResult::Skipped;
         self.reason = Some(skip.reason.clone());
         self.skip = Some(skip.kind.label().into());
     }
@@ -225,8 +225,8 @@ impl State {
     }
 
     pub fn push(&mut self, run: RunState) {
-        *self.runs_total.entry(run.result.clone()).or_default() += 1;
-        if run.result == RunResult::Skipped.as_str() {
+        *self.runs_total.entry(run.result.as_str().to_string()).or_default() += 1;
+        if run.result == RunResult::Skipped {
             let kind = run.skip.clone().unwrap_or_else(|| "other".into());
             *self.skips_total.entry(kind).or_default() += 1;
         }
@@ -239,11 +239,8 @@ impl State {
     pub fn settle(&mut self, id: &str) -> bool {
         let mut changed = false;
         for r in self.runs.iter_mut().filter(|r| r.id.as_deref() == Some(id)) {
-            if matches!(
-                RunResult::parse(&r.result),
-                Some(RunResult::Partial | RunResult::Pending)
-            ) {
-                r.result = RunResult::Ok.as_str().to_string();
+            if matches!(r.result, RunResult::Partial | RunResult::Pending) {
+                r.result = RunResult::Ok;
                 r.reason = Some("delivered to every target after the run".into());
                 for t in &mut r.targets {
                     t.ok = true;
