@@ -1,5 +1,5 @@
 //! `etcd-backupd daemon`: wait for each scheduled run (and for a just-completed upgrade),
-//! run it through [`runner`](crate::run), report to systemd and the journal.
+//! run it through [`crate::run`], report to systemd and the journal.
 //!
 //! Signals: SIGTERM/SIGINT stop the daemon; a backup in flight is abandoned at once (its
 //! temporary set stays hidden and is removed by the next run), the election lease is
@@ -90,7 +90,6 @@ fn last_summary(staging: &std::path::Path) -> String {
     }
 }
 
-/// Runs the daemon until SIGTERM.
 /// Runs the daemon until `stop` fires (SIGTERM/SIGINT in production, see
 /// [`cancel_on_signals`]; a test passes its own). Background tasks are tracked and awaited,
 /// briefly, before it returns.
@@ -279,7 +278,9 @@ async fn serve(
                 let cluster = settings.cluster_name.clone().unwrap_or_else(|| seed.clone());
                 if cluster.is_empty() {
                     tracing::warn!("import.dirs needs cluster_name on a host that takes no backups");
-                } else if let Err(e) = crate::run::import::run(&settings, &cluster, &stop).await {
+                } else if let Err(e) =
+                    crate::run::import::run(&settings, &cluster, &stop, slot.map(|s| yield_before(s.start))).await
+                {
                     tracing::error!(error = %crate::error::one_line(&e), "cannot import platform backup sets");
                 }
                 // Sets still owed to a target are retried by the delivery timer.
@@ -389,10 +390,16 @@ async fn serve(
         }
         let upgrade_skipped = trigger == Trigger::AfterUpgrade && matches!(outcome, Ok(Outcome::Skipped(_)));
         // A skipped after-upgrade attempt is logged, but kept out of the history of runs.
-        if !upgrade_skipped {
+        if upgrade_skipped {
+            State::update_or_log(&staging, |st| {
+                if st.running.as_deref() == Some(run.as_str()) {
+                    st.running = None;
+                }
+            });
+        } else {
             run::remember(&staging, run::record(trigger, &run, started, t0, &outcome));
-            crate::metrics::refresh(&settings);
         }
+        crate::metrics::refresh(&settings);
         if let Some(version) = run.strip_prefix("upgrade-")
             && matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_)))
         {

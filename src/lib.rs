@@ -25,18 +25,19 @@
 //! - [`cli`]: a file per command; `main.rs` only parses, sets up logging (journald or
 //!   stderr) and maps errors to exit codes ([`error`]).
 //! - [`metrics`]: Prometheus text, as a textfile-collector file and on `GET /metrics`.
-//! - At the bottom: [`config`] (plain validated data, from which each domain module builds
-//!   its own objects), [`manifest`] (what a set says about itself), [`outcome`] (typed run
-//!   results and skips, each with its metric label), [`error`], [`fsutil`], [`growing`] (a
-//!   file that readers follow while it is written), [`priority`], [`progress`],
-//!   [`schedule`].
+//! - At the bottom: [`config`] (validated data, from which each domain module builds its
+//!   own objects; it reads the age recipients it checks through [`envelope`]), [`manifest`]
+//!   (what a set says about itself), [`outcome`] (typed run results and skips, each with its
+//!   metric label), [`error`], [`fsutil`], [`growing`] (a file that readers follow while it
+//!   is written), [`notify`], [`priority`], [`progress`], [`schedule`].
 //!
 //! The imports form a layering, checked with `python3 ../shared/tools/modcycles.py src` (no
-//! cycles; a folder counts as one module): the bottom modules above; then [`targets`],
-//! [`source`], [`trust`], [`etcd`]; then [`staging`], [`delivery`], [`restore`],
-//! [`metrics`]; then [`run`]; [`daemon`] and [`cli`] on top. The snapshot never waits on a
-//! target: targets are probed side by side with a short deadline, and one that is not ready
-//! gets the staged set afterwards.
+//! cycles; a folder counts as one module), from the bottom up: the modules above; then
+//! [`targets`], [`source`], [`trust`], [`etcd`]; then [`staging`]; [`delivery`] (over
+//! staging); [`restore`] and [`metrics`] (over delivery); [`run`]; [`daemon`] and [`cli`] on
+//! top. The snapshot never waits on a target's retries: targets are probed side by side for
+//! at most their `connect_timeout` (10 s at most), the early uploads are begun within
+//! 10 s, and a target not ready by then gets the staged set afterwards.
 
 pub mod cli;
 pub mod config;

@@ -5,8 +5,9 @@
 //! each on the targets it is owed to; a target that fails is given up for the rest of the
 //! pass (it is down: later sets would only spend its retry budget again). A set the target
 //! already holds with the same manifest (an answer lost after the final move) counts as
-//! delivered, so nothing is stored twice. Passes run after each backup, on the daemon's
-//! backoff timer, and when the daemon starts.
+//! delivered, so nothing is stored twice. Passes run after each backup and each import, on
+//! the daemon's backoff timer, and when the daemon starts; each works on one scan of
+//! staging.
 //!
 //! Staging stays bounded: at most `delivery.max_pending` sets wait (the oldest beyond are
 //! dropped, with an error), delivered sets are kept for a fast local restore up to
@@ -16,7 +17,7 @@
 pub mod retention;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -52,10 +53,6 @@ impl Staged {
     }
 }
 
-pub fn sets_root(staging: &Path) -> PathBuf {
-    staging.join("sets")
-}
-
 /// Records which targets are still owed the set in `dir` (atomically).
 pub fn mark(dir: &Path, pending: &[String]) -> Result<()> {
     let tmp = dir.join(format!("{DELIVERY_FILE}.tmp"));
@@ -67,10 +64,10 @@ pub fn mark(dir: &Path, pending: &[String]) -> Result<()> {
     std::fs::rename(&tmp, dir.join(DELIVERY_FILE)).with_context(|| format!("cannot update '{}'", dir.display()))
 }
 
-/// The complete sets in staging, oldest first. A directory without a readable manifest is
-/// not a set (a cut-short move): it is removed.
+/// The complete sets in staging, oldest first. A directory without a readable manifest (or
+/// of a newer format) is not a set: it is skipped with a warning and left alone.
 pub fn scan(staging: &Path) -> Vec<Staged> {
-    let root = sets_root(staging);
+    let root = crate::staging::sets_dir(staging);
     let Ok(entries) = std::fs::read_dir(&root) else {
         return Vec::new();
     };
@@ -402,7 +399,7 @@ fn remove_staged(dir: &Path) {
     let gone = dir
         .parent()
         .and_then(Path::parent)
-        .map(|staging| staging.join("tmp").join(format!(".gone-{:08x}", rand::random::<u32>())));
+        .map(|staging| crate::staging::tmp_dir(staging).join(format!(".gone-{:08x}", rand::random::<u32>())));
     match gone {
         Some(to) if std::fs::rename(dir, &to).is_ok() => fsutil::remove_dir_quietly(&to),
         _ => fsutil::remove_dir_quietly(dir),
@@ -557,7 +554,7 @@ pub async fn retry(
 ) -> Result<Retried> {
     let staging = &settings.snapshot.staging_dir;
     crate::staging::prepare_staging(staging)?;
-    let Some(_lock) = fsutil::try_lock(&staging.join("lock"))? else {
+    let Some(_lock) = fsutil::try_lock(&crate::staging::lock_file(staging))? else {
         return Ok(Retried {
             busy: true,
             pending: pending(staging).0,

@@ -9,6 +9,10 @@
 //! - `<prefix>/runs/<run>`: `{node, id, result, finished}` once a run is over; bound to a
 //!   7-day lease, so old markers clean themselves up.
 //! - `<prefix>/last`: the record of the last completed run.
+//! - `<prefix>/publishing/<run>`: the set a runner is about to move into place, on a short
+//!   lease (see [`publishing_key`]).
+//! - `<prefix>/ids/<cluster>/<id>`: a set id reserved by one node's run for an hour, so two
+//!   runs never store different sets under one id.
 //!
 //! The current raft leader is the busiest member, so a node whose member leads waits a
 //! little before competing; a learner or an unhealthy member never competes.
@@ -64,6 +68,8 @@ pub struct Election {
     ttl: Duration,
     /// Deadline of every single request: a partition must not hang the daemon.
     timeout: Duration,
+    /// The lease of the run lock this process holds, if any (see [`Election::holding`]).
+    holding: Option<i64>,
 }
 
 /// The outcome of competing for a run.
@@ -83,6 +89,13 @@ pub struct Held {
     run: String,
     pub lost: CancellationToken,
     keepalive: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    /// The lease the lock is bound to.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
 }
 
 impl Drop for Held {
@@ -114,7 +127,16 @@ impl Election {
             node: node.to_string(),
             ttl,
             timeout,
+            holding: None,
         }
+    }
+
+    /// The same election, for a process that holds the run lock under `lease`: a lock on a
+    /// run under any other lease, even with this node's name (an earlier process of this
+    /// node that crashed, its lease not expired yet), is someone else's run in progress.
+    pub fn holding(mut self, lease: Option<i64>) -> Election {
+        self.holding = lease;
+        self
     }
 
     /// The election as `settings` configure it (prefix, node, lease TTL, request timeout),
@@ -161,13 +183,13 @@ impl Election {
         Ok(list.members().iter().filter(|m| !m.is_learner()).count())
     }
 
-    /// The record of `run`, if some node completed it.
     /// The set another node was about to publish for `run` (see [`publishing_key`]).
     pub async fn published(&mut self, run: &str) -> Result<Option<RunRecord>> {
         let key = publishing_key(&self.prefix, run);
         self.get_json(&key).await
     }
 
+    /// The record of `run`, if some node completed it.
     pub async fn done(&mut self, run: &str) -> Result<Option<RunRecord>> {
         let key = self.key(&format!("runs/{run}"));
         self.get_json(&key).await
@@ -398,30 +420,114 @@ impl Election {
         Ok(done.succeeded())
     }
 
-    /// May this node deliver the set `id` it staged for `run`? Only if the run's record names
-    /// this set, or nobody recorded the run (never, or the 7-day marker expired) and no other
-    /// node is running it now. A node that restarts after a crash mid-run thus never stores a
-    /// second set for a run another node completed.
+    /// May this node deliver the set `id` it staged for `run`? Yes if the run's record names
+    /// this set, or if this process holds the run's lock (the run itself delivering). A
+    /// record naming another set: never. With no record and the lock free (the runner died or
+    /// gave the run up before recording it, or the 7-day marker expired), this node takes
+    /// the run's lock and records the run with this set (`pending`, settled once delivered)
+    /// before saying yes, so no node can take the run over while the set goes out. Anything
+    /// else (another holder of the lock, this process's lock lost): the set waits. A node
+    /// that restarts after a crash mid-run thus never stores a second set for a run.
     pub async fn may_deliver(&mut self, run: &str, id: &str) -> Result<MayDeliver> {
         if let Some(rec) = self.done(run).await? {
-            return Ok(if rec.node == self.node && rec.id.as_deref() == Some(id) {
-                MayDeliver::Yes
-            } else {
-                MayDeliver::NotOurs(format!(
-                    "node {} recorded run {run} with {}",
-                    rec.node,
-                    rec.id
-                        .map_or_else(|| format!("result {}", rec.result), |i| format!("set {i}"))
-                ))
-            });
+            return Ok(self.judge(run, id, rec));
         }
         let key = self.key("lock");
-        Ok(match self.get_json::<LockValue>(&key).await? {
-            Some(l) if l.run == run && l.node != self.node => {
-                MayDeliver::Wait(format!("node {} is running {run} now", l.node))
+        let resp = within(
+            self.timeout,
+            &format!("get '{key}'"),
+            self.client.get(key.as_str(), None),
+        )
+        .await?;
+        let lock = resp
+            .kvs()
+            .first()
+            .and_then(|kv| Some((serde_json::from_slice::<LockValue>(kv.value()).ok()?, kv.lease())));
+        let node = self.node.clone();
+        let pending = || RunRecord {
+            run: run.to_string(),
+            node: node.clone(),
+            id: Some(id.to_string()),
+            result: crate::outcome::RunResult::Pending.as_str().into(),
+            finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            stored: Vec::new(),
+            missing: Vec::new(),
+        };
+        match lock {
+            Some((l, lease)) if l.run == run && Some(lease) == self.holding => Ok(MayDeliver::Yes),
+            // This process holds the lock (for a later run): nobody can take `run` over
+            // meanwhile; recorded with this set, nobody will afterwards either.
+            Some((_, lease)) if Some(lease) == self.holding => {
+                let rec = pending();
+                if self.record_orphan(&rec, lease).await? {
+                    tracing::info!(run, backup_id = %id, "no node recorded this run; recorded it with this node's staged set");
+                    Ok(MayDeliver::Yes)
+                } else {
+                    match self.done(run).await? {
+                        Some(rec) => Ok(self.judge(run, id, rec)),
+                        None => Ok(MayDeliver::Wait("the run lock changed hands".into())),
+                    }
+                }
             }
-            _ => MayDeliver::Yes,
-        })
+            Some((l, _)) if l.node == self.node && l.run == run => Ok(MayDeliver::Wait(format!(
+                "an earlier process of this node still holds the lock of {run} (its lease has not expired)"
+            ))),
+            Some((l, _)) => Ok(MayDeliver::Wait(format!(
+                "node {} holds the run lock ({})",
+                l.node, l.run
+            ))),
+            None if self.holding.is_some() => Ok(MayDeliver::Wait(format!(
+                "this run's lock of {run} may be lost; a later pass decides"
+            ))),
+            None => match self.try_claim(run).await? {
+                Attempt::Done(rec) => Ok(self.judge(run, id, rec)),
+                Attempt::Taken(by) => Ok(MayDeliver::Wait(format!("{by} holds the run lock"))),
+                Attempt::Won(held) => {
+                    self.finish(held, &pending()).await?;
+                    tracing::info!(run, backup_id = %id, "no node recorded this run; recorded it with this node's staged set");
+                    Ok(MayDeliver::Yes)
+                }
+            },
+        }
+    }
+
+    /// Records a run no node recorded, while this process holds the lock under `lease` (for
+    /// another run): only if the lock is still ours and the run still unrecorded.
+    async fn record_orphan(&mut self, rec: &RunRecord, lease: i64) -> Result<bool> {
+        let marker_lease = within(
+            self.timeout,
+            "lease grant",
+            self.client.lease_grant(MARKER_TTL.as_secs() as i64, None),
+        )
+        .await?
+        .id();
+        let done_key = self.key(&format!("runs/{}", rec.run));
+        let txn = Txn::new()
+            .when([
+                Compare::lease(self.key("lock"), CompareOp::Equal, lease),
+                Compare::create_revision(done_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(
+                done_key,
+                serde_json::to_vec(rec)?,
+                Some(PutOptions::new().with_lease(marker_lease)),
+            )]);
+        let done = within(self.timeout, "txn to record the run", self.client.txn(txn)).await?;
+        Ok(done.succeeded())
+    }
+
+    /// Whether a recorded run's set is `id`, this node's.
+    fn judge(&self, run: &str, id: &str, rec: RunRecord) -> MayDeliver {
+        if rec.node == self.node && rec.id.as_deref() == Some(id) {
+            MayDeliver::Yes
+        } else {
+            MayDeliver::NotOurs(format!(
+                "node {} recorded run {run} with {}",
+                rec.node,
+                rec.id
+                    .map_or_else(|| format!("result {}", rec.result), |i| format!("set {i}"))
+            ))
+        }
     }
 
     /// A set this node recorded as partial or pending for `run` has since reached every

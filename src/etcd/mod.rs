@@ -75,6 +75,40 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Did a connection fail because nothing answered: refused, unreachable, reset or timed
+/// out, with no TLS failure on the way? Anything else (a TLS alert, a handshake cut short as
+/// by a plain-HTTP endpoint, HTTP/2 not negotiated, a name that does not resolve) is the
+/// same on every node and fails the run.
+fn nothing_answers(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    if tls_failure(e) {
+        return false;
+    }
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | NetworkDown
+                    | AddrNotAvailable
+                    | NotConnected
+            )
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// Runs `fut` with a deadline, naming `what` when it runs out.
 pub async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
     match tokio::time::timeout(d, fut).await {
@@ -175,12 +209,10 @@ impl Member {
                 ep.connect().await.map_err(|e| {
                     let msg = flatten(&e);
                     let msg = format!("etcd endpoint '{shown}': cannot connect: {msg}{}", tls_hint(&msg));
-                    // Once the URI and TLS settings are accepted (above), a connection fails
-                    // either in TLS or because nothing answers.
-                    if tls_failure(&e) {
-                        anyhow!(msg)
-                    } else {
+                    if nothing_answers(&e) {
                         Unanswered(msg).into()
+                    } else {
+                        anyhow!(msg)
                     }
                 })
             },

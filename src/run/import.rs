@@ -100,13 +100,11 @@ async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdI
     if chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT).is_err() {
         bail!("timestamp {id:?} is not %F_%H%M%S");
     }
-    let sets_root = delivery::sets_root(staging);
+    let sets_root = crate::staging::sets_dir(staging);
     if sets_root.join(&id).exists() {
         bail!("a set with id {id} is already in staging");
     }
-    let work = staging
-        .join("tmp")
-        .join(format!("import-{id}-{:08x}", rand::random::<u32>()));
+    let work = crate::staging::tmp_dir(staging).join(format!("import-{id}-{:08x}", rand::random::<u32>()));
     fsutil::create_private_dir(&work)?;
     let result = async {
         let mut files = Vec::new();
@@ -175,16 +173,23 @@ async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdI
 }
 
 /// Imports every new platform set, then runs a delivery pass. Returns how many were staged.
-pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::CancellationToken) -> Result<usize> {
+/// The delivery of what was imported yields at `deliver_by` (the daemon: just before its next
+/// run); what is left is delivered later.
+pub async fn run(
+    settings: &Settings,
+    cluster: &str,
+    abort: &tokio_util::sync::CancellationToken,
+    deliver_by: Option<tokio::time::Instant>,
+) -> Result<usize> {
     let found = scan(settings);
     if found.is_empty() {
         return Ok(0);
     }
     let staging = &settings.snapshot.staging_dir;
     crate::staging::prepare_staging(staging)?;
-    fsutil::create_private_dir(&staging.join("tmp"))?;
-    fsutil::create_private_dir(&delivery::sets_root(staging))?;
-    let Some(lock) = fsutil::try_lock(&staging.join("lock"))? else {
+    fsutil::create_private_dir(&crate::staging::tmp_dir(staging))?;
+    fsutil::create_private_dir(&crate::staging::sets_dir(staging))?;
+    let Some(lock) = fsutil::try_lock(&crate::staging::lock_file(staging))? else {
         return Ok(0); // a backup runs; the next poll imports
     };
     // The member's identity for the manifest, when etcd answers; the revision is unknown.
@@ -240,7 +245,7 @@ pub async fn run(settings: &Settings, cluster: &str, abort: &tokio_util::sync::C
     }
     drop(lock);
     if staged > 0 {
-        let retried = delivery::retry(settings, abort, None).await?;
+        let retried = delivery::retry(settings, abort, deliver_by).await?;
         tracing::info!(
             delivered = retried.delivered,
             pending = retried.pending,

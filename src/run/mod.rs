@@ -92,6 +92,7 @@ pub async fn run_once(
         let opts = BackupOptions {
             trigger,
             run: None,
+            lease: None,
             target,
             forced,
             deliver_by,
@@ -168,6 +169,7 @@ pub async fn run_once(
     let opts = BackupOptions {
         trigger,
         run: Some(run.to_string()),
+        lease: Some(held.lease()),
         target,
         forced,
         deliver_by,
@@ -352,8 +354,11 @@ pub fn remember(staging: &Path, run: RunState) {
         return;
     }
     State::update_or_log(staging, |state| {
+        // A manual `backup` beside the daemon's run leaves the daemon's marker alone.
+        if state.running.as_deref() == Some(run.run.as_str()) {
+            state.running = None;
+        }
         state.push(run);
-        state.running = None;
     });
 }
 

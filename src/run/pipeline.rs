@@ -1,17 +1,17 @@
-//! One backup run, the same for `backup` and the daemon: connect to the configured etcd
-//! member, check free space, build the static resources archive, stream and verify the
-//! snapshot into staging, write the manifest, then store the set on every target
-//! independently.
+//! One backup, the same for `backup` and the daemon, on the member the caller checked the
+//! guards on: probe the targets side by side (briefly), make room in staging, build the
+//! static resources archive, stream and verify the snapshot into staging, seal and sign
+//! the set with the run's context, commit it to `sets/`, then deliver, retain and bound
+//! staging (`crate::delivery`), all on one scan of staging.
 //!
 //! Pipelined: the snapshot's upload to each target that owes nothing older starts with the
 //! stream and follows its staging file as it grows ([`crate::growing`]), so a run takes
 //! about as long as the slower of the two. The set is still moved into place only after the
 //! trailer and every hash verified; a failed verification aborts those uploads.
 //!
-//! Staging layout (`snapshot.staging_dir`, 0700):
-//! - `tmp/<id>-<random>/`: a set being assembled; leftovers are removed at the next run;
-//! - `sets/<id>/`: a complete, verified set waiting for (or done with) delivery; see
-//!   [`crate::delivery`].
+//! In staging (`snapshot.staging_dir`, see [`crate::staging`]), a set is assembled in
+//! `tmp/<id>-<random>/` (leftovers are removed at the next run) and committed by one rename
+//! to `sets/<id>/`, where it waits for (or is done with) delivery.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +40,8 @@ pub struct BackupOptions {
     pub trigger: Trigger,
     /// The elected run this backup is for (recorded in the manifest).
     pub run: Option<String>,
+    /// The lease of that run's lock, held by this process.
+    pub lease: Option<i64>,
     /// Store on this target only.
     pub target: Option<String>,
     /// The guards `backup --force` overrode, recorded in the manifest.
@@ -152,18 +154,19 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
 
     let staging = &settings.snapshot.staging_dir;
     prepare_staging(staging)?;
-    let tmp_root = staging.join("tmp");
-    let sets_root = staging.join("sets");
+    let tmp_root = crate::staging::tmp_dir(staging);
+    let sets_root = crate::staging::sets_dir(staging);
     fsutil::create_private_dir(&tmp_root).context("snapshot.staging_dir")?;
     fsutil::create_private_dir(&sets_root).context("snapshot.staging_dir")?;
     // One run at a time per node: staging's tmp/ is cleaned below, which would pull files
     // from under a concurrent run.
-    let _lock = fsutil::try_lock(&staging.join("lock"))?.ok_or_else(|| {
+    let lock_file = crate::staging::lock_file(staging);
+    let _lock = fsutil::try_lock(&lock_file)?.ok_or_else(|| {
         Stop::Skipped(Skip::new(
             SkipKind::Busy,
             format!(
                 "another backup is running on this node (it holds '{}')",
-                staging.join("lock").display()
+                lock_file.display()
             ),
         ))
     })?;
@@ -352,7 +355,7 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
-        let mut records = crate::etcd::election::Election::of(member.client.clone(), settings);
+        let mut records = crate::etcd::election::Election::of(member.client.clone(), settings).holding(opts.lease);
         let results = delivery::pass(
             settings,
             &mut sets,

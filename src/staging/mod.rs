@@ -1,10 +1,30 @@
-//! The staging directory's ownership: a folder is etcd-backupd's when it is new, empty, or
-//! carries the marker file; anything else is refused, so a mistyped `staging_dir` never has
-//! someone else's files cleaned up.
+//! The staging directory: whether a folder is ours (new, empty, or carrying the marker
+//! file; anything else is refused, so a mistyped `staging_dir` never has someone else's
+//! files cleaned up), and its layout:
+//! - `tmp/`: sets being assembled, and sets being removed; leftovers go at the next run;
+//! - `sets/<id>/`: complete, verified sets, waiting for or done with delivery
+//!   ([`crate::delivery`]);
+//! - `lock`: held by the one run or delivery pass working on `tmp/` and `sets/`;
+//! - `state.json` and `state.lock`: the node's record of its runs ([`state`]).
 
 pub mod state;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Where sets are assembled (and removed from).
+pub fn tmp_dir(staging: &Path) -> PathBuf {
+    staging.join("tmp")
+}
+
+/// Where complete sets wait.
+pub fn sets_dir(staging: &Path) -> PathBuf {
+    staging.join("sets")
+}
+
+/// The lock one run or delivery pass at a time holds.
+pub fn lock_file(staging: &Path) -> PathBuf {
+    staging.join("lock")
+}
 
 use anyhow::{Context, Result, anyhow, bail};
 

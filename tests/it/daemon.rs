@@ -163,6 +163,18 @@ async fn a_killed_winner_is_replaced_and_its_run_completed_by_another_node() {
     let winner = lock["node"].as_str().unwrap().to_string();
     let run = lock["run"].as_str().unwrap().to_string();
     let i: usize = winner.trim_start_matches("node-").parse().unwrap();
+    // Killed once its set is staged (committed to sets/, owed to the target): the set a
+    // restart would deliver, were it not checked against the run's record.
+    let staged_sets = w.path().join(format!("staging-{i}")).join("sets");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&staged_sets).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the winner staged no set: {}",
+            daemons[i].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     daemons[i].signal(Signal::SIGKILL);
     let killed_at = Instant::now();
 
@@ -190,6 +202,38 @@ async fn a_killed_winner_is_replaced_and_its_run_completed_by_another_node() {
         .filter(|n| !n.starts_with('.'))
         .collect();
     assert_eq!(sets, vec![id.to_string()], "exactly one visible set for that run");
+
+    // The killed runner comes back: its own set for that run is never delivered (another
+    // node's set is the run's backup); it stays a local copy.
+    let log = w.path().join(format!("daemon-{i}-again.log"));
+    let again = Proc::daemon(&w.path().join(format!("node-{i}.toml")), log, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !again.log().contains("stays a local copy and is not delivered") {
+        assert!(
+            Instant::now() < deadline,
+            "no decision on the staged set: {}",
+            again.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // (Later runs may have stored sets of their own since.)
+    let of_the_run: Vec<String> = std::fs::read_dir(rclone.root().join("test"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            std::fs::read(p.join("manifest.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|m| m["run"] == run.as_str())
+        })
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        of_the_run,
+        vec![id.to_string()],
+        "still one set for that run:\n{}",
+        again.log()
+    );
 }
 
 #[test]

@@ -185,14 +185,23 @@ async fn sigkill_during_the_upload_leaves_nothing_visible_and_the_set_is_deliver
     let code = tokio::task::block_in_place(|| d.stop(Duration::from_secs(10)));
     assert_eq!(code, Some(0), "{}", d.log());
 
+    // The restarted node recorded the killed run with its staged set before delivering it
+    // (so no node could take that run over meanwhile), and settled it once delivered.
     let marks = etcd_prefix(&etcd.endpoint, "/etcd-backupd/runs/");
-    assert!(!marks.contains_key(&killed_run), "{marks:?}");
-    let mut want: BTreeSet<String> = marks
+    let killed = &marks[&killed_run];
+    assert_eq!(
+        (
+            killed["node"].as_str(),
+            killed["id"].as_str(),
+            killed["result"].as_str()
+        ),
+        (Some("node-a"), Some(killed_id.as_str()), Some("ok")),
+        "{marks:?}"
+    );
+    let want: BTreeSet<String> = marks
         .values()
         .filter_map(|m| m["id"].as_str().map(String::from))
         .collect();
-    assert!(!want.contains(&killed_id));
-    want.insert(killed_id.clone());
     let sets: BTreeSet<String> = visible(&root).into_iter().collect();
     assert_eq!(sets, want, "the killed run's set once, plus one per completed run");
     for id in &sets {
