@@ -307,9 +307,13 @@ async fn serve(
                 let (id, result) = match located {
                     Ok(l) => (
                         l.manifest.id.clone(),
+                        // The next backup comes first: a drill still running then is cut short.
                         tokio::select! {
                             r = crate::restore::drill(&settings, &l) => r,
                             _ = stop.cancelled() => Err(anyhow::anyhow!("stopped during the drill")),
+                            _ = until(slot.map(|s| yield_before(s.start))) => {
+                                Err(anyhow::anyhow!("cut short: the next scheduled backup is due"))
+                            }
                         },
                     ),
                     Err(e) => ("latest".to_string(), Err(e)),
@@ -445,6 +449,14 @@ pub fn log_io_scheduler(settings: &Settings) {
 }
 
 /// Just before `at` (wall clock) as a monotonic instant: when delivery yields to a run.
+/// Sleeps until `at`; forever when `None`.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn yield_before(at: chrono::DateTime<Utc>) -> tokio::time::Instant {
     let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
     tokio::time::Instant::now() + left.saturating_sub(Duration::from_secs(1))
