@@ -44,6 +44,9 @@ pub struct Decision {
     pub keep: bool,
     /// Every rule that keeps the set, or why it goes.
     pub reasons: Vec<String>,
+    /// Damaged on the target (kept, not counted, see [`DAMAGED`]).
+    #[serde(skip)]
+    pub damaged: bool,
 }
 
 impl Decision {
@@ -69,6 +72,7 @@ pub fn plan(sets: &[(String, DateTime<Utc>)], policy: &Policy, now: DateTime<Utc
             created: *created,
             keep: false,
             reasons: Vec::new(),
+            damaged: false,
         })
         .collect();
     out.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
@@ -194,6 +198,7 @@ pub fn plan_listed(listed: &[ListedSet], cluster: &str, policy: &Policy, now: Da
                 created,
                 keep: true,
                 reasons: vec![DAMAGED.into()],
+                damaged: true,
             }),
         }
     }
@@ -219,7 +224,7 @@ impl PruneReport {
     pub fn complete_left(&self) -> Vec<(String, DateTime<Utc>)> {
         self.decisions
             .iter()
-            .filter(|d| !d.reasons.iter().any(|r| r == DAMAGED) && !self.deleted.contains(&d.id))
+            .filter(|d| !d.damaged && !self.deleted.contains(&d.id))
             .map(|d| (d.id.clone(), d.created))
             .collect()
     }
