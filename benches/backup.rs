@@ -165,6 +165,21 @@ struct Row {
     m: Measured,
     /// Bytes that went to the server (or to disk, for etcdctl alone).
     stored: Option<u64>,
+    /// etcd's put latencies (sorted, ms) and their rate, over the whole operation.
+    load: Load,
+}
+
+/// The put load's latencies while one way ran.
+#[derive(Clone, Default)]
+struct Load {
+    sorted_ms: Vec<f64>,
+    secs: f64,
+}
+
+impl Load {
+    fn rate(&self) -> f64 {
+        self.sorted_ms.len() as f64 / self.secs.max(1e-9)
+    }
 }
 
 impl Bench {
@@ -254,13 +269,28 @@ impl Bench {
             fill.bytes as f64 / MIB,
             fill.bytes as f64 / MIB / fill.secs
         );
+        // Every way runs under the same put load (8 writers of 1 KiB values), measured over
+        // the whole operation; the first row is the load alone.
         let mut rows = Vec::new();
+        let quiet = self.load(|| true, Duration::from_secs(10));
+        self.shed_load_history();
+        rows.push(Row {
+            name: "no backup (the put load alone, 10 s)",
+            m: Measured {
+                wall: quiet.secs,
+                cpu: 0.0,
+                rss_mib: 0.0,
+            },
+            stored: None,
+            load: quiet,
+        });
 
         let local = self.w().join("etcdctl.db");
-        let m = measure(self.etcdctl().arg("snapshot").arg("save").arg(&local));
+        let (m, load) = self.loaded(self.etcdctl().arg("snapshot").arg("save").arg(&local));
         rows.push(Row {
             name: "etcdctl snapshot save (local disk)",
             m,
+            load,
             stored: Some(std::fs::metadata(&local).unwrap().len()),
         });
 
@@ -273,11 +303,12 @@ impl Bench {
             put1 = self.curl_put(&naive, "naive.db"),
             put2 = self.curl_put(&self.w().join("naive.db.sha256"), "naive.db.sha256"),
         );
-        let m = measure(Command::new("sh").args(["-c", &script]).stderr(Stdio::null()));
+        let (m, load) = self.loaded(Command::new("sh").args(["-c", &script]).stderr(Stdio::null()));
         std::fs::remove_file(&naive).unwrap();
         rows.push(Row {
             name: "naive: etcdctl save + sha256sum + curl -T",
             m,
+            load,
             stored: Some(self.clear_server()),
         });
 
@@ -317,7 +348,7 @@ impl Bench {
                 std::fs::write(&cfg, text).unwrap();
             }
             let log = std::fs::File::create(logs_dir().join(format!("{tag}.log"))).unwrap();
-            let m = measure(self.backupd(&cfg).stderr(log));
+            let (m, load) = self.loaded(self.backupd(&cfg).stderr(log));
             let stored = self.clear_server();
             assert!(stored > 0, "{name}: nothing stored");
             let _ = std::fs::remove_dir_all(
@@ -326,6 +357,7 @@ impl Bench {
             rows.push(Row {
                 name,
                 m,
+                load,
                 stored: Some(stored),
             });
         }
@@ -345,33 +377,35 @@ impl Bench {
         )
         .unwrap();
         let log = std::fs::File::create(logs_dir().join("file.log")).unwrap();
-        let m = measure(self.backupd(&cfg).stderr(log));
+        let (m, load) = self.loaded(self.backupd(&cfg).stderr(log));
         let stored = du(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
         rows.push(Row {
             name: "etcd-backupd backup, plain, to file:// (staging and target on one disk)",
             m,
+            load,
             stored: Some(stored),
         });
 
         let me = std::env::current_exe().unwrap();
-        let m = measure(Command::new(me).args(["--raw-stream", &self.etcd.endpoint]));
+        let (m, load) = self.loaded(Command::new(me).args(["--raw-stream", &self.etcd.endpoint]));
         rows.push(Row {
             name: "raw snapshot stream to /dev/null",
             m,
+            load,
             stored: None,
         });
-        let m = measure(Command::new("sh").args(["-c", &self.curl_put(&local, "raw.db")]));
+        let (m, load) = self.loaded(Command::new("sh").args(["-c", &self.curl_put(&local, "raw.db")]));
         rows.push(Row {
             name: "curl -T of the same bytes",
             m,
+            load,
             stored: Some(self.clear_server()),
         });
         print_table(&rows, std::fs::metadata(&local).unwrap().len());
         std::fs::remove_file(&local).unwrap();
 
         self.idle(idle_secs);
-        self.latency();
     }
 
     fn db_size(&self) -> u64 {
@@ -458,30 +492,38 @@ impl Bench {
         );
     }
 
-    /// etcd put latency under a small concurrent load (8 writers of 1 KiB values), without
-    /// and with a plain backup running.
-    fn latency(&self) {
-        let quiet = self.load(|| true, Duration::from_secs(10));
-        let cfg = self.config("latency", "");
-        let mut backup = self.backupd(&cfg).spawn().unwrap();
-        let busy = self.load(|| backup.try_wait().unwrap().is_some(), Duration::from_secs(3));
-        self.clear_server();
-        println!("\netcd put latency, 8 concurrent writers of 1 KiB values:");
-        println!("| | puts | p50 ms | p99 ms | max ms |");
-        println!("|---|---:|---:|---:|---:|");
-        for (name, l) in [("no backup running", quiet), ("during etcd-backupd backup", busy)] {
-            println!(
-                "| {name} | {} | {:.2} | {:.2} | {:.2} |",
-                l.len(),
-                pct(&l, 0.50),
-                pct(&l, 0.99),
-                l.last().copied().unwrap_or(0.0)
-            );
-        }
+    /// `measure(cmd)` with the put load running beside it.
+    fn loaded(&self, cmd: &mut Command) -> (Measured, Load) {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        std::thread::scope(|scope| {
+            let d = done.clone();
+            let load = scope.spawn(move || self.load(|| d.load(std::sync::atomic::Ordering::Relaxed), Duration::ZERO));
+            let m = measure(cmd);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let load = load.join().unwrap();
+            self.shed_load_history();
+            (m, load)
+        })
     }
 
-    /// Runs the load until `done` says so (and at least `min`); sorted latencies in ms.
-    fn load(&self, mut done: impl FnMut() -> bool, min: Duration) -> Vec<f64> {
+    /// The load's puts leave old revisions behind: compacted and defragmented away after
+    /// each way, so every way snapshots the same database.
+    fn shed_load_history(&self) {
+        self.rt.block_on(async {
+            let mut c = etcd_client::Client::connect([self.etcd.endpoint.as_str()], None)
+                .await
+                .unwrap();
+            let rev = c.get("/bench/none", None).await.unwrap().header().unwrap().revision();
+            c.compact(rev, Some(etcd_client::CompactionOptions::new().with_physical()))
+                .await
+                .unwrap();
+            c.defragment().await.unwrap();
+        });
+    }
+
+    /// Runs the load until `done` says so (and at least `min`): its sorted latencies in ms,
+    /// over the time it ran.
+    fn load(&self, mut done: impl FnMut() -> bool, min: Duration) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let endpoint = self.etcd.endpoint.clone();
         let s = stop.clone();
@@ -518,9 +560,10 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(50));
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let secs = started.elapsed().as_secs_f64();
         let mut l = self.rt.block_on(handle).unwrap();
         l.sort_by(f64::total_cmp);
-        l
+        Load { sorted_ms: l, secs }
     }
 }
 
@@ -538,26 +581,47 @@ struct Filled {
 }
 
 fn print_table(rows: &[Row], snapshot_bytes: u64) {
-    let naive = rows.iter().find(|r| r.name.starts_with("naive")).unwrap().m.wall;
-    let raw = rows.iter().find(|r| r.name.starts_with("raw")).unwrap().m.wall;
+    let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix)).unwrap();
+    let (naive, raw, etcdctl) = (find("naive"), find("raw"), find("etcdctl"));
     println!(
         "snapshot: {:.0} MiB; machine: {} cores, {}\n",
         snapshot_bytes as f64 / MIB,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         cpu_model()
     );
-    println!("| way | wall s | vs naive | vs raw stream | peak RSS MiB | CPU s | stored MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| way | wall s | vs naive | vs raw stream | peak RSS MiB | CPU s | stored MiB | put p50 ms | put p99 ms | put max ms | puts/s | p99 vs etcdctl | puts/s vs etcdctl |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let p99 = |l: &Load| pct(&l.sorted_ms, 0.99);
     for r in rows {
+        let timed = !r.name.starts_with("no backup");
+        let ratio = |x: f64, of: f64| {
+            if timed {
+                format!("{:.2}×", x / of)
+            } else {
+                "–".into()
+            }
+        };
         println!(
-            "| {} | {:.2} | {:.2}× | {:.2}× | {:.1} | {:.2} | {} |",
+            "| {} | {:.2} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.2}× |",
             r.name,
             r.m.wall,
-            r.m.wall / naive,
-            r.m.wall / raw,
-            r.m.rss_mib,
-            r.m.cpu,
-            r.stored.map_or("–".to_string(), |b| format!("{:.0}", b as f64 / MIB))
+            ratio(r.m.wall, naive.m.wall),
+            ratio(r.m.wall, raw.m.wall),
+            if timed {
+                format!("{:.1}", r.m.rss_mib)
+            } else {
+                "–".into()
+            },
+            if timed { format!("{:.2}", r.m.cpu) } else { "–".into() },
+            r.stored.map_or("–".to_string(), |b| format!("{:.0}", b as f64 / MIB)),
+            pct(&r.load.sorted_ms, 0.50),
+            p99(&r.load),
+            r.load.sorted_ms.last().copied().unwrap_or(0.0),
+            r.load.rate(),
+            p99(&r.load) / p99(&etcdctl.load).max(1e-9),
+            r.load.rate() / etcdctl.load.rate().max(1e-9),
         );
     }
 }
