@@ -162,7 +162,8 @@ struct Bench {
 
 struct Row {
     name: &'static str,
-    m: Measured,
+    /// `None`: the load alone, nothing measured.
+    m: Option<Measured>,
     /// Bytes that went to the server (or to disk, for etcdctl alone).
     stored: Option<u64>,
     /// etcd's put latencies (sorted, ms) and their rate, over the whole operation.
@@ -276,11 +277,7 @@ impl Bench {
         self.shed_load_history();
         rows.push(Row {
             name: "no backup (the put load alone, 10 s)",
-            m: Measured {
-                wall: quiet.secs,
-                cpu: 0.0,
-                rss_mib: 0.0,
-            },
+            m: None,
             stored: None,
             load: quiet,
         });
@@ -289,7 +286,7 @@ impl Bench {
         let (m, load) = self.loaded(self.etcdctl().arg("snapshot").arg("save").arg(&local));
         rows.push(Row {
             name: "etcdctl snapshot save (local disk)",
-            m,
+            m: Some(m),
             load,
             stored: Some(std::fs::metadata(&local).unwrap().len()),
         });
@@ -307,7 +304,7 @@ impl Bench {
         std::fs::remove_file(&naive).unwrap();
         rows.push(Row {
             name: "naive: etcdctl save + sha256sum + curl -T",
-            m,
+            m: Some(m),
             load,
             stored: Some(self.clear_server()),
         });
@@ -356,7 +353,7 @@ impl Bench {
             );
             rows.push(Row {
                 name,
-                m,
+                m: Some(m),
                 load,
                 stored: Some(stored),
             });
@@ -382,7 +379,7 @@ impl Bench {
         std::fs::remove_dir_all(&dir).unwrap();
         rows.push(Row {
             name: "etcd-backupd backup, plain, to file:// (staging and target on one disk)",
-            m,
+            m: Some(m),
             load,
             stored: Some(stored),
         });
@@ -391,14 +388,14 @@ impl Bench {
         let (m, load) = self.loaded(Command::new(me).args(["--raw-stream", &self.etcd.endpoint]));
         rows.push(Row {
             name: "raw snapshot stream to /dev/null",
-            m,
+            m: Some(m),
             load,
             stored: None,
         });
         let (m, load) = self.loaded(Command::new("sh").args(["-c", &self.curl_put(&local, "raw.db")]));
         rows.push(Row {
             name: "curl -T of the same bytes",
-            m,
+            m: Some(m),
             load,
             stored: Some(self.clear_server()),
         });
@@ -583,6 +580,7 @@ struct Filled {
 fn print_table(rows: &[Row], snapshot_bytes: u64) {
     let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix)).unwrap();
     let (naive, raw, etcdctl) = (find("naive"), find("raw"), find("etcdctl"));
+    let wall = |r: &Row| r.m.map_or(0.0, |m| m.wall);
     println!(
         "snapshot: {:.0} MiB; machine: {} cores, {}\n",
         snapshot_bytes as f64 / MIB,
@@ -595,26 +593,15 @@ fn print_table(rows: &[Row], snapshot_bytes: u64) {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let p99 = |l: &Load| pct(&l.sorted_ms, 0.99);
     for r in rows {
-        let timed = !r.name.starts_with("no backup");
-        let ratio = |x: f64, of: f64| {
-            if timed {
-                format!("{:.2}×", x / of)
-            } else {
-                "–".into()
-            }
-        };
+        let shown = |f: &dyn Fn(&Measured) -> String| r.m.as_ref().map_or("–".to_string(), f);
         println!(
             "| {} | {:.2} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.2}× |",
             r.name,
-            r.m.wall,
-            ratio(r.m.wall, naive.m.wall),
-            ratio(r.m.wall, raw.m.wall),
-            if timed {
-                format!("{:.1}", r.m.rss_mib)
-            } else {
-                "–".into()
-            },
-            if timed { format!("{:.2}", r.m.cpu) } else { "–".into() },
+            r.m.map_or(r.load.secs, |m| m.wall),
+            shown(&|m| format!("{:.2}×", m.wall / wall(naive))),
+            shown(&|m| format!("{:.2}×", m.wall / wall(raw))),
+            shown(&|m| format!("{:.1}", m.rss_mib)),
+            shown(&|m| format!("{:.2}", m.cpu)),
             r.stored.map_or("–".to_string(), |b| format!("{:.0}", b as f64 / MIB)),
             pct(&r.load.sorted_ms, 0.50),
             p99(&r.load),

@@ -395,11 +395,7 @@ async fn serve(
         let upgrade_skipped = trigger == Trigger::AfterUpgrade && matches!(outcome, Ok(Outcome::Skipped(_)));
         // A skipped after-upgrade attempt is logged, but kept out of the history of runs.
         if upgrade_skipped {
-            State::update_or_log(&staging, |st| {
-                if st.running.as_deref() == Some(run.as_str()) {
-                    st.running = None;
-                }
-            });
+            State::update_or_log(&staging, |st| st.finished_running(&run));
         } else {
             run::remember(&staging, run::record(trigger, &run, started, t0, &outcome));
         }

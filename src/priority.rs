@@ -90,11 +90,10 @@ pub fn io_scheduler(path: &Path) -> Option<String> {
     Some(chosen.trim_matches(['[', ']']).to_string())
 }
 
-pub use crate::fsutil::Pace;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::Pace;
     use std::time::Duration;
 
     #[test]

@@ -176,13 +176,13 @@ impl TargetSettings {
 }
 
 impl Settings {
-    /// How stored files are sealed; reads `encryption.age_recipients_file`.
     /// The folder a cluster's sets go to on every target: `cluster_name`, or the etcd
     /// cluster ID (hex, as `etcdctl member list` prints it).
     pub fn cluster_folder(&self, cluster_id: u64) -> String {
         self.cluster_name.clone().unwrap_or_else(|| format!("{cluster_id:x}"))
     }
 
+    /// How stored files are sealed; reads `encryption.age_recipients_file`.
     pub fn seal(&self) -> anyhow::Result<crate::envelope::Seal> {
         let mut recipients = self.encryption.age_recipients.clone();
         if let Some(p) = &self.encryption.age_recipients_file {

@@ -168,6 +168,8 @@ pub async fn apply_retention(
     results: &[Delivered],
 ) {
     let policy = settings.retention_policy();
+    // What each target holds once pruned, for the coverage metrics: written once.
+    let mut coverage = BTreeMap::new();
     for (name, target) in opened {
         let Ok(target) = target else { continue };
         if staged.iter().any(|s| s.pending.contains(name)) {
@@ -208,12 +210,12 @@ pub async fn apply_retention(
             }
         }
         if listed {
-            let coverage = crate::staging::state::TargetCoverage::of(&complete);
-            crate::staging::state::note_coverage(&settings.snapshot.staging_dir, name, coverage, |n| {
-                settings.target(n).is_some()
-            });
+            coverage.insert(name.clone(), crate::staging::state::TargetCoverage::of(&complete));
         }
     }
+    crate::staging::state::note_coverage(&settings.snapshot.staging_dir, coverage, |n| {
+        settings.target(n).is_some()
+    });
 }
 
 /// One delivery pass over the staged sets `sets` (as scanned once for the pass, oldest

@@ -394,6 +394,24 @@ impl Election {
     }
 
     async fn record_txn(&mut self, held: &Held, record: &RunRecord) -> Result<bool> {
+        let rec = serde_json::to_vec(record)?;
+        let lock_key = self.key("lock");
+        self.put_marker(
+            &held.run,
+            &rec,
+            vec![Compare::lease(lock_key.clone(), CompareOp::Equal, held.lease)],
+            vec![
+                TxnOp::put(self.key("last"), rec.clone(), None),
+                TxnOp::delete(lock_key, None),
+            ],
+        )
+        .await
+    }
+
+    /// Writes the marker `runs/<run>` (on a fresh 7-day lease) with `extra` operations, if
+    /// `when` holds. The lease goes again when the transaction does not succeed, so retries
+    /// leave none behind.
+    async fn put_marker(&mut self, run: &str, rec: &[u8], when: Vec<Compare>, extra: Vec<TxnOp>) -> Result<bool> {
         let marker_lease = within(
             self.timeout,
             "lease grant",
@@ -401,23 +419,20 @@ impl Election {
         )
         .await?
         .id();
-        let rec = serde_json::to_vec(record)?;
-        let lock_key = self.key("lock");
-        let txn = Txn::new()
-            .when([Compare::lease(lock_key.clone(), CompareOp::Equal, held.lease)])
-            .and_then([
-                TxnOp::put(
-                    self.key(&format!("runs/{}", held.run)),
-                    rec.clone(),
-                    Some(PutOptions::new().with_lease(marker_lease)),
-                ),
-                TxnOp::put(self.key("last"), rec, None),
-                TxnOp::delete(lock_key, None),
-            ]);
+        let mut ops = vec![TxnOp::put(
+            self.key(&format!("runs/{run}")),
+            rec.to_vec(),
+            Some(PutOptions::new().with_lease(marker_lease)),
+        )];
+        ops.extend(extra);
+        let txn = Txn::new().when(when).and_then(ops);
         let done = within(self.timeout, "txn to record the run", self.client.txn(txn))
             .await
-            .context("recording")?;
-        Ok(done.succeeded())
+            .context("recording");
+        if !done.as_ref().is_ok_and(|d| d.succeeded()) {
+            let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(marker_lease)).await;
+        }
+        Ok(done?.succeeded())
     }
 
     /// May this node deliver the set `id` it staged for `run`? Yes if the run's record names
@@ -494,26 +509,12 @@ impl Election {
     /// Records a run no node recorded, while this process holds the lock under `lease` (for
     /// another run): only if the lock is still ours and the run still unrecorded.
     async fn record_orphan(&mut self, rec: &RunRecord, lease: i64) -> Result<bool> {
-        let marker_lease = within(
-            self.timeout,
-            "lease grant",
-            self.client.lease_grant(MARKER_TTL.as_secs() as i64, None),
-        )
-        .await?
-        .id();
-        let done_key = self.key(&format!("runs/{}", rec.run));
-        let txn = Txn::new()
-            .when([
-                Compare::lease(self.key("lock"), CompareOp::Equal, lease),
-                Compare::create_revision(done_key.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([TxnOp::put(
-                done_key,
-                serde_json::to_vec(rec)?,
-                Some(PutOptions::new().with_lease(marker_lease)),
-            )]);
-        let done = within(self.timeout, "txn to record the run", self.client.txn(txn)).await?;
-        Ok(done.succeeded())
+        let when = vec![
+            Compare::lease(self.key("lock"), CompareOp::Equal, lease),
+            Compare::create_revision(self.key(&format!("runs/{}", rec.run)), CompareOp::Equal, 0),
+        ];
+        self.put_marker(&rec.run, &serde_json::to_vec(rec)?, when, Vec::new())
+            .await
     }
 
     /// Whether a recorded run's set is `id`, this node's.

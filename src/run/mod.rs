@@ -354,10 +354,7 @@ pub fn remember(staging: &Path, run: RunState) {
         return;
     }
     State::update_or_log(staging, |state| {
-        // A manual `backup` beside the daemon's run leaves the daemon's marker alone.
-        if state.running.as_deref() == Some(run.run.as_str()) {
-            state.running = None;
-        }
+        state.finished_running(&run.run);
         state.push(run);
     });
 }

@@ -171,9 +171,6 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         ))
     })?;
     clean_staging_leftovers(&[&tmp_root]);
-    // The recipients and the signing key (created on first use) are read once, before the
-    // snapshot: the whole set is sealed and signed with what was read here.
-    let ctx = RunContext::resolve(settings, member.status().await?.cluster_id)?;
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
     // Checked side by side, each for a short while only (`preflight_deadline`): a target
     // still retrying then gets the set after the snapshot, from staging.
@@ -237,6 +234,9 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         db_size = status.db_size,
         "connected to etcd"
     );
+    // The recipients and the signing key (created on first use) are read once, before the
+    // snapshot: the whole set is sealed and signed with what was read here.
+    let ctx = RunContext::resolve(settings, status.cluster_id)?;
 
     let needed = settings.guards.min_free_space.required(status.db_size);
     // Staging scanned once for the run: room, early uploads, delivery, retention, bounds.

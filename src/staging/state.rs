@@ -76,11 +76,14 @@ impl TargetCoverage {
     }
 }
 
-/// Records what `target` holds, and forgets the targets `configured` no longer names. Best
-/// effort: a state file that cannot be written is logged.
-pub fn note_coverage(staging: &Path, target: &str, coverage: TargetCoverage, configured: impl Fn(&str) -> bool) {
+/// Records what each listed target holds (one write per pass), and forgets the targets
+/// `configured` no longer names. Best effort: a state file that cannot be written is logged.
+pub fn note_coverage(staging: &Path, listed: BTreeMap<String, TargetCoverage>, configured: impl Fn(&str) -> bool) {
+    if listed.is_empty() {
+        return;
+    }
     State::update_or_log(staging, |state| {
-        state.targets.insert(target.to_string(), coverage);
+        state.targets.extend(listed);
         state.targets.retain(|name, _| configured(name));
     });
 }
@@ -224,6 +227,14 @@ impl State {
         std::fs::rename(&tmp, path(staging)).with_context(|| format!("cannot write '{}'", path(staging).display()))
     }
 
+    /// `run` is over: the running marker goes, if it is that run's (a manual `backup`
+    /// beside the daemon's run leaves the daemon's marker alone).
+    pub fn finished_running(&mut self, run: &str) {
+        if self.running.as_deref() == Some(run) {
+            self.running = None;
+        }
+    }
+
     pub fn push(&mut self, run: RunState) {
         *self.runs_total.entry(run.result.as_str().to_string()).or_default() += 1;
         if run.result == RunResult::Skipped {
@@ -236,8 +247,7 @@ impl State {
 
     /// A set a run left partial or pending has reached every target since: the run's entry
     /// says so now (the counters keep what the run itself came to).
-    pub fn settle(&mut self, id: &str) -> bool {
-        let mut changed = false;
+    pub fn settle(&mut self, id: &str) {
         for r in self.runs.iter_mut().filter(|r| r.id.as_deref() == Some(id)) {
             if matches!(r.result, RunResult::Partial | RunResult::Pending) {
                 r.result = RunResult::Ok;
@@ -246,10 +256,8 @@ impl State {
                     t.ok = true;
                     t.error = None;
                 }
-                changed = true;
             }
         }
-        changed
     }
 }
 

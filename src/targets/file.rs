@@ -138,7 +138,7 @@ impl FileTarget {
         let path = self.root.join(&draft.cluster).join(&draft.folder).join(name);
         let mut out = tokio::fs::File::from_std(fsutil::create_private_file(&path)?);
         let mut hash = Sha256::new();
-        let mut pace = self.rate.map(crate::priority::Pace::new);
+        let mut pace = self.rate.map(crate::fsutil::Pace::new);
         let mut size = 0u64;
         let mut chunks = std::pin::pin!(file.stream(1 << 20));
         while let Some(chunk) = chunks.next().await {

@@ -235,7 +235,7 @@ async fn fetch_from_a_malicious_server_writes_nothing_outside_dir_and_nothing_un
                 }
             }),
             1,
-            "",
+            "is damaged: 'snapshot_",
         ),
         (
             "endless snapshot body",
