@@ -177,25 +177,20 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     // One attempt each (no retry budget): an answer that is worth retrying ("not now", a
     // 503) makes the target late, not unusable; only a permanent answer rules it out.
     let checks = targets.iter().map(|sel| async move {
-        let probe = match &sel.target {
-            Ok(_) => settings
-                .target(&sel.name)
-                .map(crate::config::TargetSettings::single_attempt)
-                .ok_or_else(|| format!("target '{}' is not configured", sel.name))
-                .and_then(|t| targets::open(&t, None).map_err(|e| crate::error::one_line(&e))),
-            Err(e) => Err(e.clone()),
+        let t = match &sel.target {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e.clone())),
         };
-        match probe {
-            Ok(t) => match tokio::time::timeout(preflight_deadline(settings, &sel.name), t.preflight()).await {
-                Err(_) => None,
-                Ok(Ok(())) => Some(Ok(())),
-                Ok(Err(e)) if is_transient(&e) => {
-                    tracing::warn!(target_name = %sel.name, error = %crate::error::one_line(&e), "target not ready now");
-                    None
-                }
-                Ok(Err(e)) => Some(Err(crate::error::one_line(&e))),
-            },
-            Err(e) => Some(Err(e)),
+        // A retry deadline of now: one attempt per request, never a retry.
+        let probe = crate::targets::retry::retries_until(Some(tokio::time::Instant::now()), t.preflight());
+        match tokio::time::timeout(preflight_deadline(settings, &sel.name), probe).await {
+            Err(_) => None,
+            Ok(Ok(())) => Some(Ok(())),
+            Ok(Err(e)) if is_transient(&e) => {
+                tracing::warn!(target_name = %sel.name, error = %crate::error::one_line(&e), "target not ready now");
+                None
+            }
+            Ok(Err(e)) => Some(Err(crate::error::one_line(&e))),
         }
     });
     let mut unusable: Vec<Option<String>> = Vec::new();

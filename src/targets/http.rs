@@ -393,18 +393,20 @@ impl Http {
                 }
                 Err(TransportError::Transient(e)) => (e, None),
             };
+            // Typed: a caller probing the target (preflight) tells "not now" from "never".
+            let not_now = |why: String| {
+                Err(anyhow::Error::new(TransportError::Transient(why))
+                    .context(format!("target '{}': {what} '{url}'", self.name)))
+            };
             if self.backoff.budget().is_zero() {
-                // Typed: a caller probing the target (preflight) tells "not now" from "never".
-                return Err(
-                    anyhow::Error::new(TransportError::Transient(format!("{why} (not retried)")))
-                        .context(format!("target '{}': {what} '{url}'", self.name)),
-                );
+                return not_now(format!("{why} (not retried)"));
             }
             match self.backoff.next_delay(attempt, server_asks) {
-                Some(delay) if retry::past_retry_deadline(delay) => bail!(
-                    "target '{}': {what} '{url}': {why} (not retried now: the next run is due; the set is delivered later)",
-                    self.name
-                ),
+                Some(delay) if retry::past_retry_deadline(delay) => {
+                    return not_now(format!(
+                        "{why} (not retried now: past this pass's retry deadline; the set is delivered later)"
+                    ));
+                }
                 Some(delay) => {
                     tracing::warn!(
                         target_name = %self.name, attempt, delay_ms = delay.as_millis() as u64, error = %why,
