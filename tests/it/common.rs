@@ -363,6 +363,11 @@ pub async fn run_async(args: Vec<String>, env: Vec<(String, String)>) -> Run {
     .unwrap()
 }
 
+/// [`run_async`] with nothing added to the environment.
+pub async fn run_async_plain(args: Vec<String>) -> Run {
+    run_async(args, Vec::new()).await
+}
+
 /// `list`, then `--config cfg`.
 pub fn argv(list: &[&str], cfg: &Path) -> Vec<String> {
     let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();

@@ -23,24 +23,8 @@ fn node_config(w: &Work, i: usize, endpoint: &str, cron: &str, targets: &str) ->
 }
 
 /// The run markers the election left in etcd: run -> JSON record.
-fn markers(cluster_ctl: &mut Command) -> BTreeMap<String, serde_json::Value> {
-    let out = cluster_ctl
-        .args(["get", "--prefix", "/etcd-backupd/runs/"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(2)
-        .filter(|c| c.len() == 2)
-        .map(|c| {
-            (
-                c[0].trim_start_matches("/etcd-backupd/runs/").to_string(),
-                serde_json::from_str(c[1]).unwrap(),
-            )
-        })
-        .collect()
+fn markers(endpoints: &str) -> BTreeMap<String, serde_json::Value> {
+    crate::support::etcd_prefix(endpoints, "/etcd-backupd/runs/")
 }
 
 /// How many keys an `etcdctl get -w fields` found; panics if etcdctl failed, so an error
@@ -78,7 +62,7 @@ fn three_daemons_take_exactly_one_backup_per_run_even_with_a_member_down() {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(13));
-    let before_stop = markers(&mut cluster.etcdctl()).len();
+    let before_stop = markers(&cluster.all()).len();
     // One member goes away; its daemon cannot reach etcd, the other two carry on.
     cluster.stop(2);
     let stopped_at = chrono::Utc::now();
@@ -87,9 +71,7 @@ fn three_daemons_take_exactly_one_backup_per_run_even_with_a_member_down() {
         assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
     }
 
-    let mut ctl = cluster.etcdctl();
-    ctl.arg(format!("--endpoints={},{}", cluster.endpoints[0], cluster.endpoints[1]));
-    let marks = markers(&mut ctl);
+    let marks = markers(&format!("{},{}", cluster.endpoints[0], cluster.endpoints[1]));
     assert!(
         before_stop >= 2,
         "runs before the stop: {before_stop}; {}",
@@ -181,7 +163,7 @@ async fn a_killed_winner_is_replaced_and_its_run_completed_by_another_node() {
     // Another node completes the same run once the winner's 3 s lease expires.
     let deadline = Instant::now() + Duration::from_secs(20);
     let record = loop {
-        let m = markers(&mut cluster.etcdctl());
+        let m = markers(&cluster.all());
         if let Some(r) = m.get(&run) {
             break r.clone();
         }

@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::{Etcd, Run, Work, free_port};
 use crate::servers::{Fault, FaultProxy, Rclone, Tinyproxy};
-use crate::webdav::{backup_env, entries_on, run_with, sets_on};
+use crate::webdav::{backup_env, entries_on, sets_on};
 
 fn check_config(cfg: &std::path::Path, env: &[(&str, &str)]) -> Run {
-    run_with(&["check-config", "--connect", "--config", cfg.to_str().unwrap()], env)
+    crate::common::run_env(&["check-config", "--connect", "--config", cfg.to_str().unwrap()], env)
 }
 
 /// The summary line of one target (`target    NAME: ...`).

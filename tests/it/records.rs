@@ -10,16 +10,8 @@ use crate::common::{Etcd, Work, run};
 
 /// Every run marker in etcd, oldest first.
 fn markers(etcd: &Etcd) -> Vec<serde_json::Value> {
-    let out = etcd
-        .etcdctl(None)
-        .args(["get", "--prefix", "/etcd-backupd/runs/", "--print-value-only"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
+    crate::support::etcd_prefix(&etcd.endpoint, "/etcd-backupd/runs/")
+        .into_values()
         .collect()
 }
 

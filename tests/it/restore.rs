@@ -10,40 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use etcd_backupd::manifest::{EtcdInfo, FORMAT_VERSION, FileEntry, Manifest, ToolInfo, Trigger};
 
-use crate::common::{Etcd, Run, Work, free_port, run_env, static_pod_fixture};
+use crate::common::{Etcd, Run, Work, argv, free_port, run, run_async_plain, static_pod_fixture};
 use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone};
-
-/// Runs the binary with no proxy environment.
-fn cli(args: &[&str]) -> Run {
-    let clean: Vec<(&str, &str)> = [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ]
-    .iter()
-    .map(|k| (*k, ""))
-    .collect();
-    run_env(args, &clean)
-}
-
-async fn cli_async(args: Vec<String>) -> Run {
-    tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        cli(&a)
-    })
-    .await
-    .unwrap()
-}
-
-fn args(list: &[&str], cfg: &Path) -> Vec<String> {
-    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
-    v.push("--config".into());
-    v.push(cfg.to_str().unwrap().into());
-    v
-}
 
 /// Writes a complete set of `cluster` straight onto a file target, as if taken at `created`.
 pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chrono::Utc>) -> String {
@@ -93,7 +61,7 @@ pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chr
 
 /// `cli` with `--config cfg` appended.
 fn cli_cfg(list: &[&str], cfg: &Path) -> Run {
-    cli(&args(list, cfg).iter().map(String::as_str).collect::<Vec<_>>())
+    run(&argv(list, cfg).iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
@@ -143,7 +111,7 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
     let before = names_in(&root.join("test"));
 
     // The plan, with reasons, changes nothing.
-    let r = cli(&args(&["prune", "--dry-run"], &cfg)
+    let r = run(&argv(&["prune", "--dry-run"], &cfg)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -201,7 +169,7 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
     assert_eq!(names_in(&root.join("test")), want);
 
     // After a failed backup on this node, prune deletes nothing unless forced.
-    let r = cli(&args(&["backup", "--no-election"], &cfg)
+    let r = run(&argv(&["backup", "--no-election"], &cfg)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -219,7 +187,7 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
         r.stderr
     );
     assert_eq!(names_in(&root.join("test")), want);
-    let r = cli(&args(&["prune", "--force"], &strict)
+    let r = run(&argv(&["prune", "--force"], &strict)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -262,7 +230,7 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     );
     let mut taken = Vec::new();
     for run in 1..=3 {
-        let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+        let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
         assert_eq!(r.code, 1, "{}", r.all());
         assert!(r.stderr.contains("503 Service Unavailable"), "{}", r.stderr);
         assert!(r.stderr.contains("stays in staging"), "{}", r.stderr);
@@ -273,12 +241,12 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
         etcd.put(None, &format!("run-{run}"), "x");
     }
     assert!(dav_sets(&rclone.root()).is_empty());
-    let r = cli_async(args(&["status", "--json"], &cfg)).await;
+    let r = run_async_plain(argv(&["status", "--json"], &cfg)).await;
     let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(status["pending"].as_array().unwrap().len(), 3, "{status}");
 
     down.store(false, Ordering::SeqCst);
-    let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let new_id = w.staged().last().unwrap().0.clone();
     taken.push(new_id);
@@ -311,9 +279,9 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     down.store(true, Ordering::SeqCst);
     let text = std::fs::read_to_string(&cfg).unwrap() + "\n[delivery]\nmax_pending = 1\n";
     std::fs::write(&cfg, text).unwrap();
-    let r1 = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    let r1 = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
     assert_eq!(r1.code, 1, "{}", r1.all());
-    let r2 = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    let r2 = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
     assert_eq!(r2.code, 1, "{}", r2.all());
     assert!(r2.stderr.contains("delivery.max_pending (1)"), "{}", r2.stderr);
     let staged = w.staged();
@@ -370,13 +338,13 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &target);
     w.set_static_resources_dir(&resources);
-    let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+    let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let id = dav_sets(&apache.root()).pop().unwrap();
 
     // Into a directory that does not exist yet.
     let dir = w.path().join("assets/backup");
-    let r = cli_async(args(&["fetch", "latest", "--to", dir.to_str().unwrap()], &cfg)).await;
+    let r = run_async_plain(argv(&["fetch", "latest", "--to", dir.to_str().unwrap()], &cfg)).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let snapshot = format!("snapshot_{id}.db");
     let archive = format!("static_kuberesources_{id}.tar.gz");
@@ -424,13 +392,13 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
     drop(restored);
 
     // A non-empty directory is refused and left alone; --force replaces the set in it.
-    let r = cli_async(args(&["fetch", &id, "--to", dir.to_str().unwrap()], &cfg)).await;
+    let r = run_async_plain(argv(&["fetch", &id, "--to", dir.to_str().unwrap()], &cfg)).await;
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("is not empty"), "{}", r.stderr);
     assert_eq!(names_in(&dir), want);
     std::fs::write(dir.join("snapshot_2020-01-01_000000.db"), "old").unwrap();
     std::fs::write(dir.join("notes.txt"), "mine").unwrap();
-    let r = cli_async(args(&["fetch", &id, "--to", dir.to_str().unwrap(), "--force"], &cfg)).await;
+    let r = run_async_plain(argv(&["fetch", &id, "--to", dir.to_str().unwrap(), "--force"], &cfg)).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let mut with_notes = want.clone();
     with_notes.push("notes.txt".into());
@@ -438,19 +406,19 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
     assert_eq!(names_in(&dir), with_notes);
 
     // `verify` and the restore drill (etcdctl 3.4's snapshot restore + a throwaway etcd).
-    let r = cli_async(args(&["verify", "latest", "--deep"], &cfg)).await;
+    let r = run_async_plain(argv(&["verify", "latest", "--deep"], &cfg)).await;
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.contains(": OK"), "{}", r.stdout);
     assert!(r.stdout.contains("5 namespaces"), "{}", r.stdout);
     assert!(r.stdout.contains("ClusterVersion 4.15.4"), "{}", r.stdout);
-    let r = cli_async(args(&["status", "--json"], &cfg)).await;
+    let r = run_async_plain(argv(&["status", "--json"], &cfg)).await;
     let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(status["last_drill"]["ok"], true, "{status}");
 
     // The running cluster moved on to 4.15.5: the 4.15.4 set is refused.
     cluster_version(&etcd, "4.15.5");
     let other = w.path().join("other");
-    let r = cli_async(args(&["fetch", &id, "--to", other.to_str().unwrap()], &cfg)).await;
+    let r = run_async_plain(argv(&["fetch", &id, "--to", other.to_str().unwrap()], &cfg)).await;
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
         r.stderr.contains("4.15.4") && r.stderr.contains("4.15.5"),
@@ -458,7 +426,7 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
         r.stderr
     );
     assert!(!other.exists() || names_in(&other).is_empty());
-    let r = cli_async(args(
+    let r = run_async_plain(argv(
         &[
             "fetch",
             &id,
@@ -476,7 +444,7 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
     let mut bytes = std::fs::read(&stored).unwrap();
     bytes[4096] ^= 0x01;
     std::fs::write(&stored, &bytes).unwrap();
-    let r = cli_async(args(&["verify", &id], &cfg)).await;
+    let r = run_async_plain(argv(&["verify", &id], &cfg)).await;
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
         r.stderr.contains(&snapshot) && r.stderr.contains("altered or corrupted"),
@@ -484,7 +452,7 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
         r.stderr
     );
     let third = w.path().join("third");
-    let r = cli_async(args(
+    let r = run_async_plain(argv(
         &[
             "fetch",
             &id,
@@ -515,7 +483,7 @@ fn verify_catches_a_truncated_archive_with_matching_sums() {
     static_pod_fixture(&resources, 3);
     let cfg = w.write_config(&etcd.endpoint, None, "");
     w.set_static_resources_dir(&resources);
-    let r = cli(&args(&["backup", "--no-election"], &cfg)
+    let r = run(&argv(&["backup", "--no-election"], &cfg)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -539,7 +507,7 @@ fn verify_catches_a_truncated_archive_with_matching_sums() {
     let m: Manifest = serde_json::from_value(m).unwrap();
     std::fs::write(set.join("manifest.json"), m.to_json()).unwrap();
     std::fs::write(set.join("SHA256SUMS"), m.sha256sums()).unwrap();
-    let r = cli(&args(&["verify", &id], &cfg)
+    let r = run(&argv(&["verify", &id], &cfg)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -574,7 +542,7 @@ fn metrics_after_a_successful_and_a_failed_run() {
         &format!("\n[metrics]\ntextfile = \"{}\"\n", prom.display()),
     );
     let started = chrono::Utc::now().timestamp() as f64;
-    let r = cli(&args(&["backup", "--no-election"], &cfg)
+    let r = run(&argv(&["backup", "--no-election"], &cfg)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -592,7 +560,7 @@ fn metrics_after_a_successful_and_a_failed_run() {
     // failed: a set was taken) and the attempt counts as unsuccessful.
     let target = w.target_root();
     std::fs::rename(&target, w.path().join("unmounted")).unwrap();
-    let r = cli(&args(&["backup", "--no-election"], &cfg)
+    let r = run(&argv(&["backup", "--no-election"], &cfg)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -743,7 +711,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
     for _ in 0..3 {
         // Set ids have a resolution of one second.
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-        let r = cli_async(args(&["backup", "--no-election"], &cfg)).await;
+        let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
         assert_eq!(r.code, 0, "{}", r.all());
         ids.push(
             w.sets()
@@ -785,7 +753,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
 
     for (name, _) in &roots {
         let dir = w.path().join(format!("fetch-{name}"));
-        let r = cli_async(args(
+        let r = run_async_plain(argv(
             &["fetch", "latest", "--target", name, "--to", dir.to_str().unwrap()],
             &cfg,
         ))
@@ -797,12 +765,12 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         assert!(r.stderr.contains(&want), "{name}: want {want:?} in {}", r.stderr);
         assert!(names_in(&dir).is_empty(), "{name}: {:?}", names_in(&dir));
 
-        let r = cli_async(args(&["verify", "latest", "--target", name], &cfg)).await;
+        let r = run_async_plain(argv(&["verify", "latest", "--target", name], &cfg)).await;
         assert_eq!(r.code, 1, "{name}: {}", r.all());
         assert!(r.stderr.contains(&want), "{name}: want {want:?} in {}", r.stderr);
 
         // Named by id, the damaged set is refused the same way.
-        let r = cli_async(args(
+        let r = run_async_plain(argv(
             &["fetch", &newest, "--target", name, "--to", dir.to_str().unwrap()],
             &cfg,
         ))
@@ -813,7 +781,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         assert!(names_in(&dir).is_empty(), "{name}: {:?}", names_in(&dir));
 
         // The intact set, by id, is fetched.
-        let r = cli_async(args(
+        let r = run_async_plain(argv(
             &["fetch", &intact, "--target", name, "--to", dir.to_str().unwrap()],
             &cfg,
         ))
@@ -822,7 +790,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         assert_eq!(names_in(&dir), [format!("snapshot_{intact}.db")], "{name}");
 
         // `list` shows the damaged set as a row, marked, with what is wrong.
-        let r = cli_async(args(&["list", "--target", name], &cfg)).await;
+        let r = run_async_plain(argv(&["list", "--target", name], &cfg)).await;
         assert_eq!(r.code, 0, "{name}: {}", r.all());
         let row = r
             .stdout
@@ -833,7 +801,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         let row = r.stdout.lines().find(|l| l.contains(&intact)).unwrap();
         assert!(!row.contains("DAMAGED") && row.contains("newest set"), "{name}: {row}");
         assert!(!r.stdout.contains("2099-01-01_000000"), "{name}: {}", r.stdout);
-        let r = cli_async(args(&["list", "--json", "--target", name], &cfg)).await;
+        let r = run_async_plain(argv(&["list", "--json", "--target", name], &cfg)).await;
         assert_eq!(r.code, 0, "{name}: {}", r.all());
         let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
         let of = |id: &str| {
@@ -853,7 +821,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
     let text = std::fs::read_to_string(&cfg).unwrap()
         + "\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 0\n";
     std::fs::write(&cfg, text).unwrap();
-    let r = cli_async(args(&["prune"], &cfg)).await;
+    let r = run_async_plain(argv(&["prune"], &cfg)).await;
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
         r.stdout
@@ -883,11 +851,11 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         std::fs::write(root.join(&newest).join(&snapshot), &flipped).unwrap();
     }
     for (name, _) in &roots {
-        let r = cli_async(args(&["list", "--target", name], &cfg)).await;
+        let r = run_async_plain(argv(&["list", "--target", name], &cfg)).await;
         let row = r.stdout.lines().find(|l| l.contains(&newest)).unwrap();
         assert!(!row.contains("DAMAGED"), "{name}: sizes match, list cannot tell: {row}");
         let dir = w.path().join(format!("flipped-{name}"));
-        let r = cli_async(args(
+        let r = run_async_plain(argv(
             &["fetch", "latest", "--target", name, "--to", dir.to_str().unwrap()],
             &cfg,
         ))
@@ -901,7 +869,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
             assert!(r.stderr.contains(&want), "{name}: want {want:?} in {}", r.stderr);
         }
         assert!(names_in(&dir).is_empty(), "{name}: {:?}", names_in(&dir));
-        let r = cli_async(args(&["verify", "latest", "--target", name], &cfg)).await;
+        let r = run_async_plain(argv(&["verify", "latest", "--target", name], &cfg)).await;
         assert_eq!(r.code, 1, "{name}: {}", r.all());
         assert!(
             r.stderr

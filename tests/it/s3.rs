@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{Etcd, Run, Work};
 use crate::servers::{Moto, Tinyproxy};
-use crate::webdav::{backup_env, run_with};
+use crate::webdav::backup_env;
 
 const BUCKET: &str = "backups";
 
@@ -32,7 +32,7 @@ fn cfg_args<'a>(args: &[&'a str], cfg: &'a Path) -> Vec<&'a str> {
 }
 
 fn cli(args: &[&str], cfg: &Path, env: &[(&str, &str)]) -> Run {
-    run_with(&cfg_args(args, cfg), env)
+    crate::common::run_env(&cfg_args(args, cfg), env)
 }
 
 /// The ids of the complete sets of cluster `test` on the server (those with a manifest).

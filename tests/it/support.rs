@@ -1,4 +1,4 @@
-//! What the fault tests (faults/) share: a daemon's configuration per node, etcd read with
+//! What the fault tests (faults/) and the daemon and records tests share: a daemon's configuration per node, etcd read with
 //! the real etcdctl, what a folder holds and whether a set in it is complete, a replayable
 //! PRNG, and a throttling TCP proxy in front of etcd.
 

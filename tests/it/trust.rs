@@ -555,7 +555,7 @@ fn render_never_embeds_the_signing_key() {
 #[test]
 fn sets_on_webdav_carry_their_signature() {
     use crate::servers::Apache;
-    use crate::webdav::{apache_target, run_with, sets_on};
+    use crate::webdav::{apache_target, sets_on};
     let etcd = Etcd::start();
     etcd.fill(None, 100, 100);
     let apache = Apache::start();
@@ -566,7 +566,7 @@ fn sets_on_webdav_carry_their_signature() {
     let arg = |args: &[&str], cfg: &Path| {
         let mut all = args.to_vec();
         all.extend(["--config", cfg.to_str().unwrap()]);
-        run_with(&all, &[])
+        crate::common::run_env(&all, &[])
     };
     let r = arg(&["backup", "--no-election"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());

@@ -7,27 +7,8 @@ use std::process::Command;
 use crate::common::{Etcd, Run, Work, run_env};
 use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone, Tinyproxy};
 
-/// Runs the binary with a clean proxy environment plus `env`.
-pub(crate) fn run_with(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut all: Vec<(&str, &str)> = [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ]
-    .iter()
-    .map(|k| (*k, ""))
-    .collect();
-    all.extend_from_slice(env);
-    run_env(args, &all)
-}
-
 pub(crate) fn backup_env(cfg: &Path, env: &[(&str, &str)]) -> Run {
-    run_with(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], env)
+    run_env(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], env)
 }
 
 /// `backup_env` from an async test, off the runtime's threads.
@@ -125,7 +106,7 @@ fn https_mod_dav_through_a_forward_proxy_arrives_complete() {
     crate::common::assert_sha256sums(dl.path());
 
     // list reads the set back through the same path.
-    let r = run_with(
+    let r = run_env(
         &["list", "--target", "offsite", "--config", cfg.to_str().unwrap()],
         &env,
     );
@@ -133,7 +114,7 @@ fn https_mod_dav_through_a_forward_proxy_arrives_complete() {
     assert!(r.stdout.contains(&id), "{}", r.stdout);
 
     // check-config --connect names the proxy in effect.
-    let r = run_with(&["check-config", "--connect", "--config", cfg.to_str().unwrap()], &env);
+    let r = run_env(&["check-config", "--connect", "--config", cfg.to_str().unwrap()], &env);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
         r.stdout.contains(&format!("via {} (from HTTPS_PROXY)", proxy.url())),
@@ -183,7 +164,7 @@ fn proxy_modes_route_as_configured() {
             &apache_target(&apache, &w, &format!("proxy = \"{mode}\"")),
         );
         let before = proxy.requests();
-        let r = run_with(&["check-config", "--connect", "--config", cfg.to_str().unwrap()], &env);
+        let r = run_env(&["check-config", "--connect", "--config", cfg.to_str().unwrap()], &env);
         assert_eq!(r.code, 0, "case {i}: {}", r.all());
         let shown = if via { "via " } else { "direct (" };
         assert!(r.stdout.contains(shown), "case {i}: {}", r.stdout);
@@ -383,7 +364,7 @@ async fn hostile_propfind_answers_are_refused() {
         })
         .await;
         let cfg = w.write_config_targets("http://127.0.0.1:1", &rclone_behind(&proxy, "retry_budget = \"1s\""));
-        let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", cfg.to_str().unwrap()], &[]))
+        let r = tokio::task::spawn_blocking(move || run_env(&["list", "--config", cfg.to_str().unwrap()], &[]))
             .await
             .unwrap();
         assert_eq!(r.code, 1, "{fault:?}: {}", r.all());
@@ -423,7 +404,7 @@ async fn killing_the_uploader_mid_transfer_leaves_no_set_and_the_next_run_cleans
         "{left:?}"
     );
     let cfg2 = cfg.clone();
-    let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", cfg2.to_str().unwrap()], &[]))
+    let r = tokio::task::spawn_blocking(move || run_env(&["list", "--config", cfg2.to_str().unwrap()], &[]))
         .await
         .unwrap();
     assert_eq!(r.code, 0, "{}", r.all());
@@ -513,7 +494,7 @@ async fn client_certificates_tokens_and_proxy_credentials_work_and_never_show() 
         let mut a = args.clone();
         a.extend(["-vv", "--config", cfg.to_str().unwrap()]);
         let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
-        let r = tokio::task::spawn_blocking(move || run_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]))
+        let r = tokio::task::spawn_blocking(move || run_env(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]))
             .await
             .unwrap();
         assert_eq!(r.code, 0, "{args:?}: {}", r.all());
@@ -670,7 +651,7 @@ async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
     let kept = std::fs::read(&snapshot).unwrap();
     std::fs::remove_file(&snapshot).unwrap();
     let c = cfg.clone();
-    let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", c.to_str().unwrap()], &[]))
+    let r = tokio::task::spawn_blocking(move || run_env(&["list", "--config", c.to_str().unwrap()], &[]))
         .await
         .unwrap();
     assert_eq!(r.code, 0, "{}", r.all());
@@ -683,7 +664,7 @@ async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
     assert!(row.contains(&format!("'{name}' is missing")), "{}", r.all());
     let (c, to) = (cfg.clone(), w.path().join("fetched"));
     let f = tokio::task::spawn_blocking(move || {
-        run_with(
+        run_env(
             &[
                 "fetch",
                 "latest",
@@ -712,7 +693,7 @@ async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
     })
     .await;
     let cfg = w.write_config_targets("http://127.0.0.1:1", &rclone_behind(&proxy, ""));
-    let r = tokio::task::spawn_blocking(move || run_with(&["list", "--config", cfg.to_str().unwrap()], &[]))
+    let r = tokio::task::spawn_blocking(move || run_env(&["list", "--config", cfg.to_str().unwrap()], &[]))
         .await
         .unwrap();
     assert_eq!(r.code, 1, "{}", r.all());
