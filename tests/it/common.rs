@@ -601,6 +601,11 @@ impl Work {
     }
 }
 
+/// A `[[target]]` named `dav` at `url` (WebDAV), with `extra` lines after it.
+pub fn dav_target(url: &str, extra: &str) -> String {
+    format!("[[target]]\nname = \"dav\"\nurl = \"{url}\"\n{extra}")
+}
+
 /// A `[[target]]` named `shared` on `w`'s file target: the one several nodes deliver to.
 pub fn file_target(w: &Work) -> String {
     format!(

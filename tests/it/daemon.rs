@@ -124,7 +124,7 @@ async fn a_killed_winner_is_replaced_and_its_run_completed_by_another_node() {
     // The first snapshot upload hangs: that node is killed mid-run.
     let (fault, stalled) = FaultProxy::stalling_first_snapshot(rclone.url()).await;
     let w = Work::new();
-    let target = format!("[[target]]\nname = \"dav\"\nurl = \"{}\"\n", fault.url());
+    let target = crate::common::dav_target(&fault.url(), "");
     let daemons: Vec<Proc> = (0..3)
         .map(|i| {
             let cfg = node_config(&w, i, &cluster.endpoints[i], "*/20 * * * * *", &target);
@@ -435,7 +435,7 @@ async fn sigterm_mid_backup_exits_fast_releases_the_lock_and_leaves_no_set() {
     })
     .await;
     let w = Work::new();
-    let target = format!("[[target]]\nname = \"dav\"\nurl = \"{}\"\n", fault.url());
+    let target = crate::common::dav_target(&fault.url(), "");
     let cfg = node_config(&w, 0, &etcd.endpoint, "*/3 * * * * *", &target);
     let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -223,10 +223,7 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     let w = Work::new();
     let cfg = w.write_config_targets(
         &etcd.endpoint,
-        &format!(
-            "[[target]]\nname = \"dav\"\nurl = \"{}\"\nretry_budget = \"1s\"\n",
-            fault.url()
-        ),
+        &crate::common::dav_target(&fault.url(), "retry_budget = \"1s\"\n"),
     );
     let mut taken = Vec::new();
     for run in 1..=3 {

@@ -243,9 +243,9 @@ async fn sigkill_around_the_final_move_never_shows_a_partial_set_and_stores_noth
         let w = Work::new();
         let cfg = w.write_config_targets(
             &etcd.endpoint,
-            &format!(
-                "[[target]]\nname = \"dav\"\nurl = \"{}\"\nretry_budget = \"30s\"\n\n[election]\nlease_ttl = \"3s\"\n",
-                fault.url()
+            &crate::common::dav_target(
+                &fault.url(),
+                "retry_budget = \"30s\"\n\n[election]\nlease_ttl = \"3s\"\n",
             ),
         );
         let mut p = Proc::spawn(

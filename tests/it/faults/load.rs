@@ -139,9 +139,9 @@ async fn a_thousand_sets_on_webdav_are_listed_and_pruned_in_bounded_memory() {
         .collect();
     let cfg = w.write_config_targets(
         "http://127.0.0.1:1",
-        &format!(
-            "[[target]]\nname = \"dav\"\nurl = \"{}\"\n\n[retention]\nkeep_last = 3\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 6\nmin_keep = 3\n",
-            rclone.url()
+        &crate::common::dav_target(
+            &rclone.url(),
+            "\n[retention]\nkeep_last = 3\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 6\nmin_keep = 3\n",
         ),
     );
     let policy = etcd_backupd::delivery::retention::Policy {

@@ -140,10 +140,7 @@ async fn redirects_are_reported_with_their_location_and_never_followed() {
         let w = Work::new();
         let cfg = w.write_config_targets(
             &etcd.endpoint,
-            &format!(
-                "[[target]]\nname = \"dav\"\nurl = \"{}\"\nretry_budget = \"1s\"\n",
-                all.url()
-            ),
+            &crate::common::dav_target(&all.url(), "retry_budget = \"1s\"\n"),
         );
         let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
         assert_eq!(r.code, 1, "{code}: {}", r.all());
@@ -181,10 +178,7 @@ async fn redirects_are_reported_with_their_location_and_never_followed() {
         let w = Work::new();
         let cfg = w.write_config_targets(
             &etcd.endpoint,
-            &format!(
-                "[[target]]\nname = \"dav\"\nurl = \"{}\"\nretry_budget = \"1s\"\n",
-                put.url()
-            ),
+            &crate::common::dav_target(&put.url(), "retry_budget = \"1s\"\n"),
         );
         let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
         assert_eq!(r.code, 1, "{code}: {}", r.all());
@@ -242,10 +236,7 @@ async fn slow_loris_answers_fail_within_bounded_time_and_leave_nothing() {
         let w = Work::new();
         let cfg = w.write_config_targets(
             &etcd.endpoint,
-            &format!(
-                "[[target]]\nname = \"dav\"\nurl = \"{}\"\nidle_timeout = \"1s\"\nretry_budget = \"3s\"\n",
-                srv.url()
-            ),
+            &crate::common::dav_target(&srv.url(), "idle_timeout = \"1s\"\nretry_budget = \"3s\"\n"),
         );
         let t = Instant::now();
         let r = run_async(argv(&["list"], &cfg), vec![]).await;
@@ -279,10 +270,7 @@ async fn slow_loris_answers_fail_within_bounded_time_and_leave_nothing() {
     let w = Work::new();
     let cfg = w.write_config_targets(
         &etcd.endpoint,
-        &format!(
-            "[[target]]\nname = \"dav\"\nurl = \"{}\"\nidle_timeout = \"1s\"\nretry_budget = \"3s\"\n",
-            srv.url()
-        ),
+        &crate::common::dav_target(&srv.url(), "idle_timeout = \"1s\"\nretry_budget = \"3s\"\n"),
     );
     let t = Instant::now();
     let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
