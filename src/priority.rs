@@ -59,14 +59,18 @@ fn set_this_thread(prio: libc::c_int) {
     unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prio) };
 }
 
-/// Runs `f` on this thread at normal I/O priority: the snapshot pull writes to staging at
-/// full speed (a starved writer would hold etcd's read transaction open).
+/// Runs `f` on this thread at normal I/O priority and nice 0: the snapshot pull writes to
+/// staging at full speed (a starved writer would hold etcd's read transaction open).
 pub fn full_io_for_this_thread<T>(f: impl FnOnce() -> T) -> T {
     let configured = CONFIGURED.get().copied().flatten();
     if configured.is_some() {
         set_this_thread((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 4);
     }
+    // SAFETY: plain syscalls with integer arguments; `who` 0 is the calling thread.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
     let out = f();
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if let Some(prio) = configured {
         set_this_thread(prio);
     }

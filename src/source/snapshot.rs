@@ -196,7 +196,8 @@ async fn stream_to(
     seal: Seal,
     phase: crate::progress::Phase,
 ) -> Result<(Verified, Verified, Option<i64>)> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
+    // The messages themselves go to the writer: their blobs are not copied on the way.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<etcd_client::SnapshotResponse>(CHANNEL_CHUNKS);
     let part_owned = part.to_path_buf();
     // Hashing, sealing and writing happen on their own thread so the network side never
     // waits for the disk more than the channel allows.
@@ -239,7 +240,7 @@ async fn stream_to(
             }
             last_remaining = Some(msg.remaining_bytes());
             phase.add(msg.blob().len() as u64);
-            if !msg.blob().is_empty() && tx.send(msg.blob().to_vec()).await.is_err() {
+            if !msg.blob().is_empty() && tx.send(msg).await.is_err() {
                 // The writer stopped: its own error (e.g. no space left) says why.
                 writer_gone = true;
                 break;
@@ -269,24 +270,24 @@ async fn stream_to(
 fn write_snapshot(
     publisher: Publisher,
     seal: &Seal,
-    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+    rx: &mut tokio::sync::mpsc::Receiver<etcd_client::SnapshotResponse>,
     part: &Path,
 ) -> Result<(Verified, Verified)> {
     let cannot_write = |e: std::io::Error| anyhow!("cannot write '{}': {e}", part.display());
-    let mut out = Sealer::new(std::io::BufWriter::with_capacity(1 << 20, publisher), seal)?;
+    // The publisher writes whole blocks itself: no buffer in front of it.
+    let direct = publisher.direct();
+    let mut out = Sealer::new(publisher, seal)?;
     let mut check = TrailerCheck::default();
-    while let Some(chunk) = rx.blocking_recv() {
-        check.update(&chunk);
-        out.write_all(&chunk).map_err(cannot_write)?;
+    while let Some(msg) = rx.blocking_recv() {
+        check.update(msg.blob());
+        out.write_all(msg.blob()).map_err(cannot_write)?;
     }
     let verified = check.finish()?;
-    let buffered = out.finish().map_err(cannot_write)?;
-    let mut publisher = buffered
-        .into_inner()
-        .map_err(|e| anyhow!("cannot write '{}': {}", part.display(), e.error()))?;
+    let mut publisher = out.finish().map_err(cannot_write)?;
     let (size, sha) = publisher
         .complete()
-        .with_context(|| format!("cannot fsync '{}'", part.display()))?;
+        .with_context(|| format!("cannot write the end of '{}' or fsync it", part.display()))?;
+    tracing::debug!(direct_io = direct, "snapshot written to staging");
     let stored = match sha {
         Some(sha256) => Verified { size, sha256 },
         None => verified.clone(),

@@ -143,8 +143,10 @@ impl FileTarget {
         let mut chunks = std::pin::pin!(file.stream(1 << 20));
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
-            if let Some(p) = pace.as_mut() {
-                tokio::time::sleep(p.delay_for(chunk.len())).await;
+            if let Some(wait) = pace.as_mut().map(|p| p.delay_for(chunk.len()))
+                && !wait.is_zero()
+            {
+                tokio::time::sleep(wait).await;
             }
             out.write_all(&chunk)
                 .await

@@ -148,6 +148,15 @@ SSLCertificateKeyFile {key}
         }
     }
 
+    /// Sets the nice value of every Apache process and thread (its process group), now and
+    /// for the workers it starts later (the benchmark's stand-in for a remote server).
+    #[allow(dead_code)]
+    pub fn renice(&self, nice: i32) {
+        // SAFETY: setpriority with integer arguments; the group is the one spawn_group made.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PGRP, self.child.id() as libc::id_t, nice) };
+        assert_eq!(rc, 0, "setpriority: {}", std::io::Error::last_os_error());
+    }
+
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}/dav/", self.port)
     }
