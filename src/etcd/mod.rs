@@ -184,9 +184,6 @@ fn tls_hint(msg: &str) -> &'static str {
     }
 }
 
-/// The HTTP/2 receive window for etcd's streams (what may be in flight unread).
-const ETCD_WINDOW: u32 = 4 << 20;
-
 impl Member {
     /// Connects to `endpoint` only; connection and TLS errors surface here, not later.
     pub async fn connect(settings: &EtcdSettings, tls: Option<&TlsMaterial>, endpoint: &Url) -> Result<Member> {
@@ -199,11 +196,10 @@ impl Member {
         let mut ep = tonic::transport::Endpoint::from_shared(shown.to_string())
             .map_err(|e| anyhow!("etcd endpoint '{shown}': {}", flatten(&e)))?
             .connect_timeout(settings.connect_timeout.0)
-            .tcp_nodelay(true)
-            // HTTP/2's default 64 KiB windows make etcd wait for a window update every
-            // couple of 32 KiB snapshot chunks; wider ones let the stream flow.
-            .initial_stream_window_size(Some(ETCD_WINDOW))
-            .initial_connection_window_size(Some(ETCD_WINDOW));
+            // HTTP/2's windows stay at their default (64 KiB): the election's lease renewals
+            // share this connection, and a wide window queues that much snapshot in front of
+            // them (4 MiB made renewals miss their deadline over a 512 KiB/s link).
+            .tcp_nodelay(true);
         if let Some(tls) = tls {
             ep = ep
                 .tls_config(tls.options(&host))
