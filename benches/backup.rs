@@ -1,11 +1,15 @@
-//! The backup benchmark: `cargo bench --bench backup [-- --size-gib 4] [--idle-secs 180]`.
+//! The backup benchmark: `cargo bench --bench backup [-- --size-gib 4] [--idle-secs 180]
+//! [--only plain,zstd] [--server-nice 19]`.
 //!
-//! Starts a real etcd and Apache mod_dav (HTTPS, Basic auth) on loopback, fills etcd with
-//! Kubernetes-like objects until its database holds about `--size-gib` GiB, then runs each
-//! way of taking an off-host backup once and prints one table: wall time, peak RSS (the
-//! largest process's VmHWM, polled), CPU seconds (from `wait4`, children included), and the
-//! ratios to the naive pipeline and to the raw snapshot stream. Then the idle daemon's RSS and CPU, and etcd put latency with
-//! and without a backup running. Nothing here asserts: it reports (see README "Performance").
+//! Starts a real etcd and Apache mod_dav (HTTPS, Basic auth; at nice 19, standing in for a
+//! remote server) on loopback, fills etcd with Kubernetes-like objects until its database
+//! holds about `--size-gib` GiB, then runs each way of taking an off-host backup twice and
+//! prints one table: on a quiet etcd, wall time, CPU seconds (from `wait4`, children
+//! included), peak RSS (the largest process's VmHWM, polled) and the ratios to the naive
+//! pipeline and to the raw snapshot stream; then under a put load (8 writers of 1 KiB
+//! values), wall time and etcd's put latency and rate over the whole operation, against
+//! `etcdctl snapshot save`'s. Then the idle daemon's RSS and CPU. Nothing here asserts: it
+//! reports (see README "Performance").
 //!
 //! Each etcd-backupd run's log is kept in `target/bench-logs/<case>.log`.
 //!

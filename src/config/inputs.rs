@@ -170,6 +170,8 @@ pub enum IoClass {
 pub struct PriorityInputs {
     pub io_class: IoClass,
     pub nice: i32,
+    /// The snapshot writer's nice value while the stream lasts.
+    pub snapshot_nice: i32,
     pub upload_rate_limit: Rate,
 }
 
@@ -178,6 +180,7 @@ impl Default for PriorityInputs {
         PriorityInputs {
             io_class: IoClass::Idle,
             nice: 10,
+            snapshot_nice: 0,
             upload_rate_limit: Rate(None),
         }
     }

@@ -577,6 +577,12 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     if !(-20..=19).contains(&inputs.priority.nice) {
         return Err(m.error_at("priority.nice", format!("{} is outside -20..19", inputs.priority.nice)));
     }
+    if !(-20..=19).contains(&inputs.priority.snapshot_nice) {
+        return Err(m.error_at(
+            "priority.snapshot_nice",
+            format!("{} is outside -20..19", inputs.priority.snapshot_nice),
+        ));
+    }
 
     // targets
     if inputs.targets.is_empty() {
@@ -928,6 +934,12 @@ mod tests {
         assert_eq!(e, "config.toml: target[0].url: relative URL without a base");
         let e = load("[[target]]\nname = \"x\"\n").unwrap_err();
         assert!(e.starts_with("config.toml: target[0]: missing field `url`"), "{e}");
+        for key in ["nice", "snapshot_nice"] {
+            let e = load(&format!("{MIN}[priority]\n{key} = 20\n")).unwrap_err();
+            assert_eq!(e, format!("config.toml: priority.{key}: 20 is outside -20..19"));
+        }
+        let s = load(&format!("{MIN}[priority]\nsnapshot_nice = 10\n")).unwrap();
+        assert_eq!((s.priority.nice, s.priority.snapshot_nice), (10, 10));
     }
 
     #[test]

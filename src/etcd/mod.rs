@@ -18,7 +18,17 @@ pub struct Member {
     pub client: Client,
     pub endpoint: Url,
     pub request_timeout: Duration,
+    /// How `client` was reached, for the snapshot's own connection.
+    reach: tonic::transport::Endpoint,
+    connect_timeout: Duration,
 }
+
+/// The HTTP/2 receive window of the snapshot's own connection: the default 64 KiB made etcd
+/// wait for a window update every two 32 KiB chunks, each a scheduling round trip through
+/// this process when the CPU is busy. Its own connection, because a window this wide
+/// queues that much snapshot in front of anything else on the connection (the election's
+/// lease renewals missed their deadline over a 512 KiB/s link).
+const SNAPSHOT_WINDOW: u32 = 4 << 20;
 
 /// What `Status` says about the member we are connected to.
 #[derive(Debug, Clone)]
@@ -184,6 +194,29 @@ fn tls_hint(msg: &str) -> &'static str {
     }
 }
 
+/// Connects through `ep`; connection and TLS errors surface here, not later.
+async fn open(ep: &tonic::transport::Endpoint, shown: &str, connect_timeout: Duration) -> Result<Client> {
+    let channel = within(
+        connect_timeout + Duration::from_secs(1),
+        &format!("etcd endpoint '{shown}'"),
+        async {
+            ep.connect().await.map_err(|e| {
+                let msg = flatten(&e);
+                let msg = format!("etcd endpoint '{shown}': cannot connect: {msg}{}", tls_hint(&msg));
+                if nothing_answers(&e) {
+                    Unanswered(msg).into()
+                } else {
+                    anyhow!(msg)
+                }
+            })
+        },
+    )
+    .await?;
+    Client::from_channel(etcd_client::Channel::Tonic(channel), None)
+        .await
+        .map_err(|e| anyhow!("etcd endpoint '{shown}': {}", flatten(&e)))
+}
+
 impl Member {
     /// Connects to `endpoint` only; connection and TLS errors surface here, not later.
     pub async fn connect(settings: &EtcdSettings, tls: Option<&TlsMaterial>, endpoint: &Url) -> Result<Member> {
@@ -196,39 +229,31 @@ impl Member {
         let mut ep = tonic::transport::Endpoint::from_shared(shown.to_string())
             .map_err(|e| anyhow!("etcd endpoint '{shown}': {}", flatten(&e)))?
             .connect_timeout(settings.connect_timeout.0)
-            // HTTP/2's windows stay at their default (64 KiB): the election's lease renewals
-            // share this connection, and a wide window queues that much snapshot in front of
-            // them (4 MiB made renewals miss their deadline over a 512 KiB/s link).
             .tcp_nodelay(true);
         if let Some(tls) = tls {
             ep = ep
                 .tls_config(tls.options(&host))
                 .map_err(|e| anyhow!("etcd endpoint '{shown}': TLS configuration: {}", flatten(&e)))?;
         }
-        let channel = within(
-            settings.connect_timeout.0 + Duration::from_secs(1),
-            &format!("etcd endpoint '{shown}'"),
-            async {
-                ep.connect().await.map_err(|e| {
-                    let msg = flatten(&e);
-                    let msg = format!("etcd endpoint '{shown}': cannot connect: {msg}{}", tls_hint(&msg));
-                    if nothing_answers(&e) {
-                        Unanswered(msg).into()
-                    } else {
-                        anyhow!(msg)
-                    }
-                })
-            },
-        )
-        .await?;
-        let client = Client::from_channel(etcd_client::Channel::Tonic(channel), None)
-            .await
-            .map_err(|e| anyhow!("etcd endpoint '{shown}': {}", flatten(&e)))?;
+        let client = open(&ep, shown, settings.connect_timeout.0).await?;
         Ok(Member {
             client,
             endpoint: endpoint.clone(),
             request_timeout: settings.request_timeout.0,
+            reach: ep,
+            connect_timeout: settings.connect_timeout.0,
         })
+    }
+
+    /// A client on a new connection to this member for the snapshot stream alone, with
+    /// wide HTTP/2 windows (see [`SNAPSHOT_WINDOW`]).
+    pub async fn snapshot_client(&self) -> Result<Client> {
+        let ep = self
+            .reach
+            .clone()
+            .initial_stream_window_size(Some(SNAPSHOT_WINDOW))
+            .initial_connection_window_size(Some(SNAPSHOT_WINDOW));
+        open(&ep, self.shown(), self.connect_timeout).await
     }
 
     pub fn shown(&self) -> &str {

@@ -208,9 +208,10 @@ async fn stream_to(
     let shown = member.shown().to_string();
     let idle = member.request_timeout;
     let pump = async move {
+        // Its own connection (wide windows), dropped with the stream.
+        let mut client = member.snapshot_client().await?;
         let mut stream = crate::etcd::within(idle, &format!("etcd endpoint '{shown}': snapshot"), async {
-            member
-                .client
+            client
                 .snapshot()
                 .await
                 .map_err(|e| anyhow!("etcd endpoint '{shown}': snapshot: {e}"))

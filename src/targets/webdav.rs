@@ -476,7 +476,7 @@ impl Target for DavTarget {
                 .request(Method::PUT, &url)
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .body(counting_body(
-                    file.stream(256 * 1024),
+                    file.stream(1 << 20), // a staging block: one chunk header per MiB
                     progress.clone(),
                     self.http.rate,
                     crate::progress::Phase::default(),
