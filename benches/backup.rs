@@ -11,7 +11,7 @@
 //! `etcdctl snapshot save`'s. Then the idle daemon's RSS and CPU. Nothing here asserts: it
 //! reports (see README "Performance").
 //!
-//! Each etcd-backupd run's log is kept in `target/bench-logs/<case>.log`.
+//! Each etcd-backupd run's log is kept in `target/bench-logs/<way>-quiet.log` and `-loaded.log`.
 //!
 //! Needs what the tests need (`scripts/install-deps.sh`: etcd, etcdctl, apache2, curl) and
 //! about 4× the database size free under `$TMPDIR`.
@@ -483,10 +483,16 @@ impl Bench {
             ),
         )
         .unwrap();
+        let runs = std::cell::Cell::new(0);
         self.both(
             "etcd-backupd backup, plain, to file:// (staging and target on one disk)",
             || {
-                let log = std::fs::File::create(logs_dir().join("file.log")).unwrap();
+                let when = if runs.replace(runs.get() + 1) == 0 {
+                    "quiet"
+                } else {
+                    "loaded"
+                };
+                let log = std::fs::File::create(logs_dir().join(format!("file-{when}.log"))).unwrap();
                 let mut c = self.backupd(&cfg);
                 c.stderr(log);
                 c
@@ -659,7 +665,7 @@ impl Bench {
     }
 }
 
-/// Where each etcd-backupd run's log goes: `target/bench-logs/<case>.log`.
+/// Where each etcd-backupd run's log goes: `target/bench-logs/<way>-quiet.log` and `-loaded.log`.
 fn logs_dir() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
     std::fs::create_dir_all(&d).unwrap();
