@@ -285,6 +285,23 @@ impl Bench {
         c
     }
 
+    /// `backup` with `cfg`, its log in `target/bench-logs/<tag>-quiet.log` on the first call
+    /// (the quiet run) and `<tag>-loaded.log` after.
+    fn logged_backupd<'a>(&'a self, cfg: &'a Path, tag: &'a str) -> impl Fn() -> Command + 'a {
+        let runs = std::cell::Cell::new(0);
+        move || {
+            let when = if runs.replace(runs.get() + 1) == 0 {
+                "quiet"
+            } else {
+                "loaded"
+            };
+            let log = std::fs::File::create(logs_dir().join(format!("{tag}-{when}.log"))).unwrap();
+            let mut c = self.backupd(cfg);
+            c.stderr(log);
+            c
+        }
+    }
+
     fn run(self, idle_secs: u64) {
         let fill = self.fill();
         let db = self.db_size();
@@ -378,27 +395,11 @@ impl Bench {
                 );
                 std::fs::write(&cfg, text).unwrap();
             }
-            let runs = std::cell::Cell::new(0);
-            let row = self.both(
-                name,
-                || {
-                    // The first run is on a quiet etcd, the second under the load.
-                    let when = if runs.replace(runs.get() + 1) == 0 {
-                        "quiet"
-                    } else {
-                        "loaded"
-                    };
-                    let log = std::fs::File::create(logs_dir().join(format!("{tag}-{when}.log"))).unwrap();
-                    let mut c = self.backupd(&cfg);
-                    c.stderr(log);
-                    c
-                },
-                || {
-                    let stored = self.clear_server();
-                    assert!(stored > 0, "{name}: nothing stored");
-                    stored
-                },
-            );
+            let row = self.both(name, self.logged_backupd(&cfg, tag), || {
+                let stored = self.clear_server();
+                assert!(stored > 0, "{name}: nothing stored");
+                stored
+            });
             let _ = std::fs::remove_dir_all(&shm);
             rows.push(row);
         }
@@ -483,20 +484,9 @@ impl Bench {
             ),
         )
         .unwrap();
-        let runs = std::cell::Cell::new(0);
         self.both(
             "etcd-backupd backup, plain, to file:// (staging and target on one disk)",
-            || {
-                let when = if runs.replace(runs.get() + 1) == 0 {
-                    "quiet"
-                } else {
-                    "loaded"
-                };
-                let log = std::fs::File::create(logs_dir().join(format!("file-{when}.log"))).unwrap();
-                let mut c = self.backupd(&cfg);
-                c.stderr(log);
-                c
-            },
+            self.logged_backupd(&cfg, "file"),
             || {
                 let stored = du(&dir);
                 std::fs::remove_dir_all(&dir).unwrap();

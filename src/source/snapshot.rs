@@ -150,7 +150,7 @@ impl Pending {
 
     /// Streams the snapshot from `member`, verifying the trailer. On any failure nothing is
     /// left at `dest` or at its temporary name, and followers fail.
-    pub async fn stream(self, member: &mut Member) -> Result<Taken> {
+    pub async fn stream(self, member: &Member) -> Result<Taken> {
         let Pending {
             part,
             dest,
@@ -185,12 +185,12 @@ impl Pending {
 }
 
 /// Streams a plain snapshot from `member` into `dest` (a new 0600 file).
-pub async fn take(member: &mut Member, dest: &Path) -> Result<Taken> {
+pub async fn take(member: &Member, dest: &Path) -> Result<Taken> {
     Pending::create(dest, &Seal::default())?.stream(member).await
 }
 
 async fn stream_to(
-    member: &mut Member,
+    member: &Member,
     publisher: Publisher,
     part: &Path,
     seal: Seal,

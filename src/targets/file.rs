@@ -143,10 +143,8 @@ impl FileTarget {
         let mut chunks = std::pin::pin!(file.stream(1 << 20));
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
-            if let Some(wait) = pace.as_mut().map(|p| p.delay_for(chunk.len()))
-                && !wait.is_zero()
-            {
-                tokio::time::sleep(wait).await;
+            if let Some(p) = pace.as_mut() {
+                fsutil::pause(p.delay_for(chunk.len())).await;
             }
             out.write_all(&chunk)
                 .await

@@ -149,11 +149,7 @@ where
                 _ => Duration::ZERO,
             };
             async move {
-                // A zero sleep is not free: it waits for the timer's next tick (about 1 ms),
-                // which capped uploads near 250 MiB/s in 256 KiB chunks.
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
+                crate::fsutil::pause(wait).await;
                 chunk
             }
         });
