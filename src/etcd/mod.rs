@@ -194,6 +194,20 @@ fn tls_hint(msg: &str) -> &'static str {
     }
 }
 
+/// Whether an error's text says the peer dropped a connection it had accepted (as opposed
+/// to refusing it or never answering): the wording is all that survives tonic's errors.
+fn cut_off(msg: &str) -> bool {
+    [
+        "Connection reset",
+        "connection reset",
+        "Broken pipe",
+        "connection closed",
+        "unexpected EOF",
+    ]
+    .iter()
+    .any(|w| msg.contains(w))
+}
+
 /// Connects through `ep`; connection and TLS errors surface here, not later.
 async fn open(ep: &tonic::transport::Endpoint, shown: &str, connect_timeout: Duration) -> Result<Client> {
     let channel = within(
@@ -418,6 +432,22 @@ pub async fn connect_first(settings: &EtcdSettings) -> Result<(Member, MemberSta
                     errors.push(format!("{e:#}"))
                 }
             },
+            // A TLS connection cut while it is set up has two likely causes that race each
+            // other: a plain-http server dropping the ClientHello (its 400 can be lost to the
+            // reset), or a TLS 1.3 server rejecting a missing client certificate (the client's
+            // HTTP/2 preface meets the reset). Name both rather than guess.
+            Err(e) if tls.is_some() && cut_off(&format!("{e:#}")) => {
+                down = false;
+                let anonymous = tls.as_ref().is_some_and(|t| t.identity.is_none());
+                errors.push(format!(
+                    "{e:#} (the server dropped the TLS connection: is the endpoint plain http:// rather than https://?{})",
+                    if anonymous {
+                        " or does it require a client certificate? no client certificate is configured (etcd.cert_file, etcd.key_file)"
+                    } else {
+                        ""
+                    }
+                ))
+            }
             Err(e) => {
                 down &= e.is::<Unanswered>();
                 errors.push(format!("{e:#}"))
@@ -445,5 +475,17 @@ mod tests {
         assert_eq!(cv.cluster_id.as_deref(), Some("abc-123"));
         let cv = parse_cluster_version(b"\x00binary");
         assert!(cv.version.is_none());
+    }
+
+    #[test]
+    fn a_dropped_connection_is_told_from_a_refused_or_silent_one() {
+        assert!(cut_off(
+            "cannot connect: transport error: Connection reset by peer (os error 104)"
+        ));
+        assert!(cut_off("status: transport error: Broken pipe (os error 32)"));
+        assert!(!cut_off(
+            "cannot connect: transport error: Connection refused (os error 111)"
+        ));
+        assert!(!cut_off("etcd endpoint 'https://x:1': no answer within 5s"));
     }
 }
