@@ -194,6 +194,23 @@ fn tls_hint(msg: &str) -> &'static str {
     }
 }
 
+/// A member's address for the snapshot's own connection; it can move to another thread.
+#[derive(Clone)]
+pub struct SnapshotReach {
+    ep: tonic::transport::Endpoint,
+    pub shown: String,
+    connect_timeout: Duration,
+    /// How long the stream may go without a message.
+    pub request_timeout: Duration,
+}
+
+impl SnapshotReach {
+    /// Connects; the connection's task runs on the calling runtime.
+    pub async fn connect(&self) -> Result<Client> {
+        open(&self.ep, &self.shown, self.connect_timeout).await
+    }
+}
+
 /// Whether an error's text says the peer dropped a connection it had accepted (as opposed
 /// to refusing it or never answering): the wording is all that survives tonic's errors.
 fn cut_off(msg: &str) -> bool {
@@ -259,15 +276,19 @@ impl Member {
         })
     }
 
-    /// A client on a new connection to this member for the snapshot stream alone, with
-    /// wide HTTP/2 windows (see [`SNAPSHOT_WINDOW`]).
-    pub async fn snapshot_client(&self) -> Result<Client> {
-        let ep = self
-            .reach
-            .clone()
-            .initial_stream_window_size(Some(SNAPSHOT_WINDOW))
-            .initial_connection_window_size(Some(SNAPSHOT_WINDOW));
-        open(&ep, self.shown(), self.connect_timeout).await
+    /// How to reach this member for the snapshot stream alone: a new connection with wide
+    /// HTTP/2 windows (see [`SNAPSHOT_WINDOW`]), opened by whichever runtime pulls it.
+    pub fn snapshot_reach(&self) -> SnapshotReach {
+        SnapshotReach {
+            ep: self
+                .reach
+                .clone()
+                .initial_stream_window_size(Some(SNAPSHOT_WINDOW))
+                .initial_connection_window_size(Some(SNAPSHOT_WINDOW)),
+            shown: self.shown().to_string(),
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+        }
     }
 
     pub fn shown(&self) -> &str {

@@ -2,8 +2,8 @@
 //! (a throttled reader would hold etcd's bbolt read transaction open longer), hashed while it
 //! streams, and stored only if etcd's appended SHA-256 trailer matches.
 //!
-//! Memory stays flat: chunks go through a small bounded channel to a writer thread that
-//! hashes, seals (zstd, age) and writes them; nothing holds more than a few chunks. Uploads
+//! Memory stays flat: one thread of its own receives each chunk, hashes, seals (zstd, age)
+//! and writes it before asking for the next; HTTP/2 flow control bounds what is in flight. Uploads
 //! may follow the file as it grows (see [`crate::growing`]); it is completed for them only
 //! after the trailer verified.
 
@@ -20,9 +20,6 @@ use crate::growing::{Follower, Publisher};
 
 /// Length of the SHA-256 etcd appends to every snapshot.
 pub const TRAILER_LEN: usize = 32;
-
-/// Chunks in flight between the network and the disk (etcd sends 32 KiB chunks).
-const CHANNEL_CHUNKS: usize = 32;
 
 /// Verifies etcd's trailer while the snapshot streams: everything but the last 32 bytes is
 /// hashed; those 32 bytes must equal that hash.
@@ -196,92 +193,96 @@ async fn stream_to(
     seal: Seal,
     phase: crate::progress::Phase,
 ) -> Result<(Verified, Verified, Option<i64>)> {
-    // The messages themselves go to the writer: their blobs are not copied on the way.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<etcd_client::SnapshotResponse>(CHANNEL_CHUNKS);
-    let part_owned = part.to_path_buf();
-    // Hashing, sealing and writing happen on their own thread so the network side never
-    // waits for the disk more than the channel allows.
-    let writer = tokio::task::spawn_blocking(move || -> Result<(Verified, Verified)> {
-        crate::priority::full_io_for_this_thread(|| write_snapshot(publisher, &seal, &mut rx, &part_owned))
-    });
-
-    let shown = member.shown().to_string();
-    let idle = member.request_timeout;
-    let pump = async move {
-        // Its own connection (wide windows), dropped with the stream.
-        let mut client = member.snapshot_client().await?;
-        let mut stream = crate::etcd::within(idle, &format!("etcd endpoint '{shown}': snapshot"), async {
-            client
-                .snapshot()
-                .await
-                .map_err(|e| anyhow!("etcd endpoint '{shown}': snapshot: {e}"))
+    let reach = member.snapshot_reach();
+    let part = part.to_path_buf();
+    let (done, result) = tokio::sync::oneshot::channel();
+    let span = tracing::Span::current();
+    // The whole pull runs on a thread of its own with a runtime of its own: the stream's
+    // connection, the hashing, sealing and writing, at `priority.snapshot_nice`. Handing
+    // each 32 KiB message from the daemon's runtime to a writer thread cost two futex calls
+    // and a context switch per message, and the h2 connection task woke the reading task
+    // across workers; the daemon's runtime (uploads, the election's renewals) never waits
+    // for this thread.
+    std::thread::Builder::new()
+        .name("etcd-snapshot".into())
+        .spawn(move || {
+            let _span = span.enter();
+            let mut done = done;
+            let pulled = crate::priority::full_io_for_this_thread(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| anyhow!("cannot start the snapshot thread's runtime: {e}"))?;
+                rt.block_on(async {
+                    tokio::select! {
+                        pulled = pull(&reach, publisher, &part, &seal, &phase) => pulled,
+                        // The run was given up (its future dropped): stop pulling.
+                        () = done.closed() => Err(anyhow!("snapshot abandoned")),
+                    }
+                })
+            });
+            let _ = done.send(pulled);
         })
-        .await?;
-        let mut revision = None;
-        let mut last_remaining = None;
-        let mut writer_gone = false;
-        loop {
-            let msg = tokio::time::timeout(idle, stream.message())
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "etcd endpoint '{shown}': snapshot stream stalled for {}",
-                        humantime::format_duration(idle)
-                    )
-                })?
-                .map_err(|e| {
-                    anyhow!(
-                        "etcd endpoint '{shown}': snapshot stream broke: {}",
-                        e.to_string().replace('\n', " ")
-                    )
-                })?;
-            let Some(msg) = msg else { break };
-            if revision.is_none() {
-                revision = msg.header().map(|h| h.revision());
-            }
-            last_remaining = Some(msg.remaining_bytes());
-            phase.add(msg.blob().len() as u64);
-            if !msg.blob().is_empty() && tx.send(msg).await.is_err() {
-                // The writer stopped: its own error (e.g. no space left) says why.
-                writer_gone = true;
-                break;
-            }
-        }
-        drop(tx);
-        match last_remaining {
-            _ if writer_gone => Ok((revision, true)),
-            None => bail!("etcd endpoint '{shown}': snapshot stream ended without data"),
-            Some(n) if n != 0 => bail!("etcd endpoint '{shown}': snapshot stream ended with {n} bytes still to come"),
-            _ => Ok((revision, false)),
-        }
-    };
-    let pumped = pump.await;
-    let written = writer.await.map_err(|e| anyhow!("snapshot writer failed: {e}"))?;
-    match (pumped, written) {
-        (Ok((revision, _)), Ok((verified, stored))) => Ok((verified, stored, revision)),
-        // A broken stream also fails the trailer check; the stream's error is the cause.
-        (Err(stream), _) => Err(stream),
-        (Ok(_), Err(write)) => Err(write),
-    }
+        .map_err(|e| anyhow!("cannot start the snapshot thread: {e}"))?;
+    result.await.map_err(|_| anyhow!("the snapshot thread failed"))?
 }
 
-/// The writer side: hashes each chunk for the trailer check, seals and writes it; then
-/// checks the trailer, and only then completes the file (fsync, and followers may finish).
-/// Returning an error drops the publisher unfinished, which fails every follower.
-fn write_snapshot(
+/// Pulls the stream into `publisher` (sealed as asked), verifying the trailer; only then is
+/// the file completed (fsync, and followers may finish). Returning an error drops the
+/// publisher unfinished, which fails every follower.
+async fn pull(
+    reach: &crate::etcd::SnapshotReach,
     publisher: Publisher,
-    seal: &Seal,
-    rx: &mut tokio::sync::mpsc::Receiver<etcd_client::SnapshotResponse>,
     part: &Path,
-) -> Result<(Verified, Verified)> {
+    seal: &Seal,
+    phase: &crate::progress::Phase,
+) -> Result<(Verified, Verified, Option<i64>)> {
+    let shown = &reach.shown;
+    let idle = reach.request_timeout;
     let cannot_write = |e: std::io::Error| anyhow!("cannot write '{}': {e}", part.display());
+    let mut client = reach.connect().await?;
+    let mut stream = crate::etcd::within(idle, &format!("etcd endpoint '{shown}': snapshot"), async {
+        client
+            .snapshot()
+            .await
+            .map_err(|e| anyhow!("etcd endpoint '{shown}': snapshot: {e}"))
+    })
+    .await?;
     // The publisher writes whole blocks itself: no buffer in front of it.
     let direct = publisher.direct();
     let mut out = Sealer::new(publisher, seal)?;
     let mut check = TrailerCheck::default();
-    while let Some(msg) = rx.blocking_recv() {
+    let mut revision = None;
+    let mut last_remaining = None;
+    loop {
+        let msg = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "etcd endpoint '{shown}': snapshot stream stalled for {}",
+                    humantime::format_duration(idle)
+                )
+            })?
+            // A broken stream would also fail the trailer check; the stream's error is the cause.
+            .map_err(|e| {
+                anyhow!(
+                    "etcd endpoint '{shown}': snapshot stream broke: {}",
+                    e.to_string().replace('\n', " ")
+                )
+            })?;
+        let Some(msg) = msg else { break };
+        if revision.is_none() {
+            revision = msg.header().map(|h| h.revision());
+        }
+        last_remaining = Some(msg.remaining_bytes());
+        phase.add(msg.blob().len() as u64);
         check.update(msg.blob());
         out.write_all(msg.blob()).map_err(cannot_write)?;
+    }
+    match last_remaining {
+        None => bail!("etcd endpoint '{shown}': snapshot stream ended without data"),
+        Some(n) if n != 0 => bail!("etcd endpoint '{shown}': snapshot stream ended with {n} bytes still to come"),
+        _ => {}
     }
     let verified = check.finish()?;
     let mut publisher = out.finish().map_err(cannot_write)?;
@@ -293,7 +294,7 @@ fn write_snapshot(
         Some(sha256) => Verified { size, sha256 },
         None => verified.clone(),
     };
-    Ok((verified, stored))
+    Ok((verified, stored, revision))
 }
 
 #[cfg(test)]
