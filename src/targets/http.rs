@@ -18,6 +18,8 @@ use super::retry::{self, Backoff, TransportError};
 use crate::config::TargetSettings;
 use crate::fsutil::Pace;
 
+/// hyper's words for a request whose connection closed before any answer came.
+const STALE_CONNECTION: &str = "connection closed before message completed";
 /// How much of an error answer's body goes into the error message.
 pub const EXCERPT_LEN: usize = 200;
 /// How much of an error answer is read.
@@ -374,6 +376,7 @@ impl Http {
         make: impl Fn(Arc<AtomicU64>) -> Result<RequestBuilder>,
     ) -> Result<(Response, bool)> {
         let mut attempt = 0u32;
+        let mut stale_retried = false;
         loop {
             attempt += 1;
             let progress = Arc::new(AtomicU64::new(0));
@@ -398,6 +401,18 @@ impl Http {
                 Err(anyhow::Error::new(TransportError::Transient(why))
                     .context(format!("target '{}': {what} '{url}'", self.name)))
             };
+            // A pooled keep-alive connection the server (or a proxy such as tinyproxy) closed
+            // just as a request without a streamed body went out: nothing was answered or
+            // uploaded, so one immediate retry on a new connection is not a retry in the
+            // budget's sense. A cut upload (bytes counted) takes the budget's path.
+            if why.contains(STALE_CONNECTION)
+                && !stale_retried
+                && progress.load(std::sync::atomic::Ordering::Relaxed) == 0
+            {
+                stale_retried = true;
+                tracing::debug!(target_name = %self.name, error = %why, "{what} '{url}' met a closed keep-alive connection; sending it again");
+                continue;
+            }
             if self.backoff.budget().is_zero() {
                 return not_now(format!("{why} (not retried)"));
             }

@@ -113,6 +113,34 @@ async fn a_proxy_that_drops_connections_mid_upload_is_retried_to_a_complete_set(
     assert_complete(&root.join(&sets[0]));
 }
 
+/// A connection closed as the request arrives, with no answer (a keep-alive connection a
+/// proxy or server dropped just then): `check-config --connect`, which never retries, sends
+/// that request once more on a new connection and passes; a second such close is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_before_any_answer_is_sent_again_once_even_without_retries() {
+    let etcd = Etcd::start();
+    let rclone = Rclone::start();
+    let w = Work::new();
+    for (drops, code) in [(1, 0), (2, 1)] {
+        let relay = DropRelay::start(rclone.port, drops, 0).await;
+        let cfg = w.write_config_targets(
+            &etcd.endpoint,
+            &crate::common::dav_target(&format!("http://127.0.0.1:{}/", relay.port), ""),
+        );
+        let r = run_async(argv(&["check-config", "--connect"], &cfg), vec![]).await;
+        assert_eq!(r.code, code, "{drops} closed: {}", r.all());
+        assert_eq!(relay.dropped.load(SeqCst), drops, "{}", r.all());
+        if code != 0 {
+            assert!(
+                r.stdout
+                    .contains("connection closed before message completed (not retried)"),
+                "{}",
+                r.all()
+            );
+        }
+    }
+}
+
 /// 301, 302, 307 and 308 are never followed (a streamed PUT cannot be replayed): the error
 /// names the status and the Location, the place redirected to is never contacted, the set
 /// waits in staging, and a redirect in the middle of a set leaves nothing on the server.
