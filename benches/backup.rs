@@ -1,17 +1,18 @@
 //! The backup benchmark: `cargo bench --bench backup [-- --size-gib 4] [--idle-secs 180]
-//! [--only plain,zstd] [--server-nice 19]`.
+//! [--only plain,zstd] [--server-nice 19] [--runs 3]`.
 //!
 //! Starts a real etcd and Apache mod_dav (HTTPS, Basic auth; at nice 19, standing in for a
 //! remote server) on loopback, fills etcd with Kubernetes-like objects until its database
-//! holds about `--size-gib` GiB, then runs each way of taking an off-host backup twice and
-//! prints one table: on a quiet etcd, wall time, CPU seconds (from `wait4`, children
-//! included), peak RSS (the largest process's VmHWM, polled) and the ratios to the naive
-//! pipeline and to the raw snapshot stream; then under a put load (8 writers of 1 KiB
-//! values), wall time and etcd's put latency and rate over the whole operation, against
-//! `etcdctl snapshot save`'s. Then the idle daemon's RSS and CPU. Nothing here asserts: it
-//! reports (see README "Performance").
+//! holds about `--size-gib` GiB, then runs each way of taking an off-host backup twice (each
+//! `--runs` times, showing the median run) and prints one table: on a quiet etcd, wall
+//! time, CPU seconds (from `wait4`, children included), peak RSS (the largest process's
+//! VmHWM, polled) and the ratios to the naive pipeline and to the raw snapshot stream; then
+//! under a put load (8 writers of 1 KiB values), wall time and etcd's put latency and rate
+//! over the whole operation, against `etcdctl snapshot save`'s. Then the idle daemon's RSS
+//! and CPU. Nothing here asserts: it reports (see README "Performance").
 //!
-//! Each etcd-backupd run's log is kept in `target/bench-logs/<way>-quiet.log` and `-loaded.log`.
+//! Each etcd-backupd run's log is kept in `target/bench-logs/<way>-quiet-<n>.log` and
+//! `-loaded-<n>.log`.
 //!
 //! Needs what the tests need (`scripts/install-deps.sh`: etcd, etcdctl, apache2, curl) and
 //! about 4× the database size free under `$TMPDIR`.
@@ -59,7 +60,10 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').map(str::to_string).collect());
     let server_nice = flag("--server-nice").unwrap_or(19.0) as i32;
-    Bench::new(size_gib, only, server_nice).run(idle_secs);
+    // Put p99 over a few seconds varies by a third from run to run: each way runs this many
+    // times and shows its median run.
+    let runs = (flag("--runs").unwrap_or(3.0) as usize).max(1);
+    Bench::new(size_gib, only, server_nice, runs).run(idle_secs);
 }
 
 /// The snapshot stream read and thrown away: the source's limit (run as a child process so
@@ -169,6 +173,8 @@ struct Bench {
     work: tempfile::TempDir,
     size_gib: f64,
     only: Option<Vec<String>>,
+    /// How many times each way runs (see [`Bench::both`]).
+    runs: usize,
     rt: tokio::runtime::Runtime,
 }
 
@@ -198,7 +204,7 @@ impl Load {
 }
 
 impl Bench {
-    fn new(size_gib: f64, only: Option<Vec<String>>, server_nice: i32) -> Bench {
+    fn new(size_gib: f64, only: Option<Vec<String>>, server_nice: i32, runs: usize) -> Bench {
         let rt = tokio::runtime::Runtime::new().unwrap();
         etcd_backupd::targets::webdav::install_crypto_provider();
         // The server stands in for a remote one: at nice 19 its decrypting and writing do
@@ -212,6 +218,7 @@ impl Bench {
             work: tempfile::tempdir().unwrap(),
             size_gib,
             only,
+            runs,
             rt,
         }
     }
@@ -285,17 +292,14 @@ impl Bench {
         c
     }
 
-    /// `backup` with `cfg`, its log in `target/bench-logs/<tag>-quiet.log` on the first call
-    /// (the quiet run) and `<tag>-loaded.log` after.
+    /// `backup` with `cfg`, its log in `target/bench-logs/<tag>-quiet-<n>.log` on odd calls
+    /// (the quiet runs) and `<tag>-loaded-<n>.log` on even ones.
     fn logged_backupd<'a>(&'a self, cfg: &'a Path, tag: &'a str) -> impl Fn() -> Command + 'a {
         let runs = std::cell::Cell::new(0);
         move || {
-            let when = if runs.replace(runs.get() + 1) == 0 {
-                "quiet"
-            } else {
-                "loaded"
-            };
-            let log = std::fs::File::create(logs_dir().join(format!("{tag}-{when}.log"))).unwrap();
+            let n = runs.replace(runs.get() + 1);
+            let when = if n % 2 == 0 { "quiet" } else { "loaded" };
+            let log = std::fs::File::create(logs_dir().join(format!("{tag}-{when}-{}.log", n / 2 + 1))).unwrap();
             let mut c = self.backupd(cfg);
             c.stderr(log);
             c
@@ -365,6 +369,11 @@ impl Bench {
                 "etcd-backupd backup, plain, nice 0 (no low priority)",
                 "plain-nice0",
                 "[priority]\nnice = 0\nio_class = \"none\"\n".to_string(),
+            ),
+            (
+                "etcd-backupd backup, plain, snapshot thread at nice 0 (priority.snapshot_nice = 0, as etcdctl runs)",
+                "plain-snap0",
+                "[priority]\nsnapshot_nice = 0\n".to_string(),
             ),
             (
                 "etcd-backupd backup, plain, staging on tmpfs (another disk than the server's)",
@@ -455,11 +464,28 @@ impl Bench {
 
     /// Runs the way `make` builds on a quiet etcd, then under the put load; `stored` says
     /// (and cleans up) what each run left on the server.
+    /// Each is done `--runs` times; the row shows the median run (by wall time on the quiet
+    /// etcd, by put p99 under the load) and the largest peak RSS of all runs.
     fn both(&self, name: &'static str, make: impl Fn() -> Command, stored: impl Fn() -> u64) -> Row {
-        let quiet = measure(&mut make());
-        let bytes = stored();
-        let (loaded, load) = self.loaded(&mut make());
-        stored();
+        let mut quiet = Vec::new();
+        let mut loaded = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..self.runs {
+            quiet.push(measure(&mut make()));
+            bytes = stored();
+            loaded.push(self.loaded(&mut make()));
+            stored();
+        }
+        let peak = quiet
+            .iter()
+            .chain(loaded.iter().map(|(m, _)| m))
+            .map(|m| m.rss_mib)
+            .fold(0.0, f64::max);
+        quiet.sort_by(|a, b| a.wall.total_cmp(&b.wall));
+        let mut quiet = quiet.swap_remove(quiet.len() / 2);
+        quiet.rss_mib = peak;
+        loaded.sort_by(|a, b| pct(&a.1.sorted_ms, 0.99).total_cmp(&pct(&b.1.sorted_ms, 0.99)));
+        let (loaded, load) = loaded.swap_remove(loaded.len() / 2);
         Row {
             name,
             quiet: Some(quiet),
@@ -655,7 +681,7 @@ impl Bench {
     }
 }
 
-/// Where each etcd-backupd run's log goes: `target/bench-logs/<way>-quiet.log` and `-loaded.log`.
+/// Where each etcd-backupd run's log goes: `target/bench-logs/<way>-quiet-<n>.log` and `-loaded-<n>.log`.
 fn logs_dir() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
     std::fs::create_dir_all(&d).unwrap();

@@ -35,7 +35,7 @@ pub fn apply(p: &PriorityInputs) {
         IoClass::None => None,
     };
     let _ = CONFIGURED.set(ioprio);
-    SNAPSHOT_NICE.store(p.snapshot_nice, std::sync::atomic::Ordering::Relaxed);
+    SNAPSHOT_NICE.store(p.snapshot_nice.unwrap_or(p.nice), std::sync::atomic::Ordering::Relaxed);
     for tid in threads() {
         if let Some(prio) = ioprio {
             // SAFETY: a plain syscall with integer arguments.
@@ -55,29 +55,36 @@ pub fn apply(p: &PriorityInputs) {
 /// The I/O priority `apply` set, to restore after [`full_io_for_this_thread`].
 static CONFIGURED: std::sync::OnceLock<Option<libc::c_int>> = std::sync::OnceLock::new();
 
-/// `priority.snapshot_nice`, as `apply` last set it.
-static SNAPSHOT_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// `priority.snapshot_nice` (or `priority.nice`), as `apply` last set it; [`UNSET`] before.
+static SNAPSHOT_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(UNSET);
+const UNSET: i32 = i32::MIN;
 
 fn set_this_thread(prio: libc::c_int) {
     // SAFETY: a plain syscall with integer arguments; 0 is the calling thread.
     unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prio) };
 }
 
-/// Runs `f` on this thread at normal I/O priority and `priority.snapshot_nice` (0 unless
-/// set, as `etcdctl` would run): the snapshot pull writes to staging at full speed (a
-/// starved writer would hold etcd's read transaction open). A nice value the process may
-/// not lower to (no `CAP_SYS_NICE`) stays as it was.
+/// Runs `f` on this thread at normal I/O priority and `priority.snapshot_nice` (unset:
+/// `priority.nice`): the snapshot pull writes to staging unthrottled by the idle I/O class
+/// (a starved writer would hold etcd's read transaction open). A nice value the process
+/// may not lower to (no `CAP_SYS_NICE`) stays as it was; before [`apply`], the thread's
+/// nice value is left alone.
 pub fn full_io_for_this_thread<T>(f: impl FnOnce() -> T) -> T {
     let configured = CONFIGURED.get().copied().flatten();
     if configured.is_some() {
         set_this_thread((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 4);
     }
+    let snapshot_nice = SNAPSHOT_NICE.load(std::sync::atomic::Ordering::Relaxed);
+    let set = snapshot_nice != UNSET;
     // SAFETY: plain syscalls with integer arguments; `who` 0 is the calling thread.
     let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    let snapshot_nice = SNAPSHOT_NICE.load(std::sync::atomic::Ordering::Relaxed);
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, snapshot_nice) };
+    if set {
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, snapshot_nice) };
+    }
     let out = f();
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if set {
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    }
     if let Some(prio) = configured {
         set_this_thread(prio);
     }

@@ -170,8 +170,9 @@ pub enum IoClass {
 pub struct PriorityInputs {
     pub io_class: IoClass,
     pub nice: i32,
-    /// The snapshot writer's nice value while the stream lasts.
-    pub snapshot_nice: i32,
+    /// The snapshot thread's nice value while the stream lasts; unset: `nice`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_nice: Option<i32>,
     pub upload_rate_limit: Rate,
 }
 
@@ -180,7 +181,7 @@ impl Default for PriorityInputs {
         PriorityInputs {
             io_class: IoClass::Idle,
             nice: 10,
-            snapshot_nice: 0,
+            snapshot_nice: None,
             upload_rate_limit: Rate(None),
         }
     }

@@ -577,11 +577,10 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     if !(-20..=19).contains(&inputs.priority.nice) {
         return Err(m.error_at("priority.nice", format!("{} is outside -20..19", inputs.priority.nice)));
     }
-    if !(-20..=19).contains(&inputs.priority.snapshot_nice) {
-        return Err(m.error_at(
-            "priority.snapshot_nice",
-            format!("{} is outside -20..19", inputs.priority.snapshot_nice),
-        ));
+    if let Some(n) = inputs.priority.snapshot_nice
+        && !(-20..=19).contains(&n)
+    {
+        return Err(m.error_at("priority.snapshot_nice", format!("{n} is outside -20..19")));
     }
 
     // targets
@@ -938,8 +937,10 @@ mod tests {
             let e = load(&format!("{MIN}[priority]\n{key} = 20\n")).unwrap_err();
             assert_eq!(e, format!("config.toml: priority.{key}: 20 is outside -20..19"));
         }
-        let s = load(&format!("{MIN}[priority]\nsnapshot_nice = 10\n")).unwrap();
-        assert_eq!((s.priority.nice, s.priority.snapshot_nice), (10, 10));
+        let s = load(MIN).unwrap();
+        assert_eq!((s.priority.nice, s.priority.snapshot_nice), (10, None));
+        let s = load(&format!("{MIN}[priority]\nsnapshot_nice = 0\n")).unwrap();
+        assert_eq!((s.priority.nice, s.priority.snapshot_nice), (10, Some(0)));
     }
 
     #[test]

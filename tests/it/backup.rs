@@ -510,3 +510,55 @@ fn upload_rate_limit_paces_what_is_written_to_a_target() {
         started.elapsed()
     );
 }
+
+/// The snapshot is pulled on a thread of its own (`etcd-snapshot`), at `priority.nice`
+/// unless `priority.snapshot_nice` says otherwise; the process's other threads keep
+/// `priority.nice`. The stream is slowed so the thread can be seen while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_thread_runs_at_snapshot_nice_else_at_nice() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 300, 1000);
+    let proxy = crate::support::ThrottleProxy::start(&etcd.endpoint, 150_000).await;
+    let w = Work::new();
+    let nice_of = |pid: u32, tid: &str| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        stat.rsplit(')').next()?.split_whitespace().nth(16)?.parse().ok()
+    };
+    for (i, (extra, want)) in [("", 10), ("\n[priority]\nsnapshot_nice = 3\n", 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let cfg = w.write_config(&proxy.endpoint(), None, extra);
+        let mut child = crate::common::bin(&["backup", "--no-election", "--config", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut seen = None;
+        while seen.is_none() && child.try_wait().unwrap().is_none() {
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let tid = task.file_name().to_string_lossy().to_string();
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                if comm.trim() == "etcd-snapshot"
+                    && let (Some(snap), Some(main)) = (nice_of(pid, &tid), nice_of(pid, &pid.to_string()))
+                {
+                    seen = Some((snap, main));
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(seen, Some((want, 10)), "{extra:?}: (snapshot thread, main thread) nice");
+        assert_eq!(w.sets().len(), i + 1, "{:?}", w.sets());
+    }
+}
