@@ -219,7 +219,6 @@ fn cut_off(msg: &str) -> bool {
         "connection reset",
         "Broken pipe",
         "connection closed",
-        "unexpected EOF",
     ]
     .iter()
     .any(|w| msg.contains(w))
@@ -458,7 +457,8 @@ pub async fn connect_first(settings: &EtcdSettings) -> Result<(Member, MemberSta
             // reset), or a TLS 1.3 server rejecting a missing client certificate (the client's
             // HTTP/2 preface meets the reset). Name both rather than guess.
             Err(e) if tls.is_some() && cut_off(&format!("{e:#}")) => {
-                down = false;
+                // A member restarting resets connections too: still "down" for the election.
+                down &= e.is::<Unanswered>();
                 let anonymous = tls.as_ref().is_some_and(|t| t.identity.is_none());
                 errors.push(format!(
                     "{e:#} (the server dropped the TLS connection: is the endpoint plain http:// rather than https://?{})",

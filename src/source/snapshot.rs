@@ -208,18 +208,32 @@ async fn stream_to(
         .spawn(move || {
             let _span = span.enter();
             let mut done = done;
-            let pulled = crate::priority::full_io_for_this_thread(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| anyhow!("cannot start the snapshot thread's runtime: {e}"))?;
-                rt.block_on(async {
-                    tokio::select! {
-                        pulled = pull(&reach, publisher, &part, &seal, &phase) => pulled,
-                        // The run was given up (its future dropped): stop pulling.
-                        () = done.closed() => Err(anyhow!("snapshot abandoned")),
-                    }
+            let pulled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::priority::full_io_for_this_thread(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| anyhow!("cannot start the snapshot thread's runtime: {e}"))?;
+                    let pulled = rt.block_on(async {
+                        tokio::select! {
+                            pulled = pull(&reach, publisher, &part, &seal, &phase) => pulled,
+                            // The run was given up (its future dropped): stop pulling.
+                            () = done.closed() => Err(anyhow!("snapshot abandoned")),
+                        }
+                    });
+                    // A blocking task still running (a hung DNS lookup) must not hold the
+                    // answer back.
+                    rt.shutdown_background();
+                    pulled
                 })
+            }))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(anyhow!("the snapshot thread panicked: {why}"))
             });
             let _ = done.send(pulled);
         })

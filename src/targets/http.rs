@@ -20,6 +20,9 @@ use crate::fsutil::Pace;
 
 /// hyper's words for a request whose connection closed before any answer came.
 const STALE_CONNECTION: &str = "connection closed before message completed";
+
+/// Methods whose request may arrive twice with the same effect as once.
+const RESENDABLE: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PROPFIND", "PUT"];
 /// How much of an error answer's body goes into the error message.
 pub const EXCERPT_LEN: usize = 200;
 /// How much of an error answer is read.
@@ -381,6 +384,11 @@ impl Http {
             attempt += 1;
             let progress = Arc::new(AtomicU64::new(0));
             let rb = make(progress.clone())?;
+            // A streamed body cannot be cloned: such a request is never resendable.
+            let resendable = rb
+                .try_clone()
+                .and_then(|b| b.build().ok())
+                .is_some_and(|r| RESENDABLE.contains(&r.method().as_str()));
             let outcome = watch_idle(rb.send(), &progress, self.idle).await;
             let (why, server_asks) = match outcome {
                 Ok(resp) if retry::retryable_status(resp.status()) => {
@@ -402,11 +410,12 @@ impl Http {
                     .context(format!("target '{}': {what} '{url}'", self.name)))
             };
             // A pooled keep-alive connection the server (or a proxy such as tinyproxy) closed
-            // just as a request without a streamed body went out: nothing was answered or
-            // uploaded, so one immediate retry on a new connection is not a retry in the
-            // budget's sense. A cut upload (bytes counted) takes the budget's path.
+            // just as a request went out: one immediate resend on a new connection is not a
+            // retry in the budget's sense, for a request that may safely arrive twice and
+            // has no streamed body. A cut upload, a MOVE or a POST takes the budget's path.
             if why.contains(STALE_CONNECTION)
                 && !stale_retried
+                && resendable
                 && progress.load(std::sync::atomic::Ordering::Relaxed) == 0
             {
                 stale_retried = true;
