@@ -250,6 +250,19 @@ impl Bench {
         )
     }
 
+    /// The shell `script` as a way that stores on the server (emptied after each run).
+    fn to_server(&self, name: &'static str, script: &str) -> Row {
+        self.both(
+            name,
+            || {
+                let mut c = Command::new("sh");
+                c.args(["-c", script]).stderr(Stdio::null());
+                c
+            },
+            || self.clear_server(),
+        )
+    }
+
     /// Empties the server between cases.
     fn clear_server(&self) -> u64 {
         let root = self.apache.root();
@@ -350,15 +363,7 @@ impl Bench {
             put1 = self.curl_put(&naive, "naive.db"),
             put2 = self.curl_put(&self.w().join("naive.db.sha256"), "naive.db.sha256"),
         );
-        rows.push(self.both(
-            "naive: etcdctl save + sha256sum + curl -T",
-            || {
-                let mut c = Command::new("sh");
-                c.args(["-c", &script]).stderr(Stdio::null());
-                c
-            },
-            || self.clear_server(),
-        ));
+        rows.push(self.to_server("naive: etcdctl save + sha256sum + curl -T", &script));
         let _ = std::fs::remove_file(&naive);
 
         let recipient = age::x25519::Identity::generate().to_public().to_string();
@@ -429,33 +434,10 @@ impl Bench {
             || 0,
         ));
         rows.last_mut().unwrap().stored = None;
-        let curl = self.curl_put(&local, "raw.db");
-        rows.push(self.both(
-            "curl -T of the same bytes",
-            || {
-                let mut c = Command::new("sh");
-                c.args(["-c", &curl]);
-                c
-            },
-            || self.clear_server(),
-        ));
+        rows.push(self.to_server("curl -T of the same bytes", &self.curl_put(&local, "raw.db")));
         // Our upload's length is not known while the snapshot streams: it goes chunked.
-        let chunked = format!(
-            "curl -sS --fail --cacert {} -u {DAV_USER}:{} -T - {}raw.db < {}",
-            self.apache.pki.ca.display(),
-            self.apache.password,
-            self.apache.url(),
-            local.display()
-        );
-        rows.push(self.both(
-            "curl -T of the same bytes, chunked (from a pipe)",
-            || {
-                let mut c = Command::new("sh");
-                c.args(["-c", &chunked]);
-                c
-            },
-            || self.clear_server(),
-        ));
+        let chunked = format!("{} < {}", self.curl_put(Path::new("-"), "raw.db"), local.display());
+        rows.push(self.to_server("curl -T of the same bytes, chunked (from a pipe)", &chunked));
         print_table(&rows, std::fs::metadata(&local).unwrap().len());
         std::fs::remove_file(&local).unwrap();
 

@@ -52,7 +52,7 @@ pub fn apply(p: &PriorityInputs) {
     }
 }
 
-/// The I/O priority `apply` set, to restore after [`full_io_for_this_thread`].
+/// The I/O priority `apply` set (`None`: leave I/O priorities alone).
 static CONFIGURED: std::sync::OnceLock<Option<libc::c_int>> = std::sync::OnceLock::new();
 
 /// `priority.snapshot_nice` (or `priority.nice`), as `apply` last set it; [`UNSET`] before.
@@ -64,31 +64,20 @@ fn set_this_thread(prio: libc::c_int) {
     unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prio) };
 }
 
-/// Runs `f` on this thread at normal I/O priority and `priority.snapshot_nice` (unset:
-/// `priority.nice`): the snapshot pull writes to staging unthrottled by the idle I/O class
-/// (a starved writer would hold etcd's read transaction open). A nice value the process
-/// may not lower to (no `CAP_SYS_NICE`) stays as it was; before [`apply`], the thread's
-/// nice value is left alone.
-pub fn full_io_for_this_thread<T>(f: impl FnOnce() -> T) -> T {
-    let configured = CONFIGURED.get().copied().flatten();
-    if configured.is_some() {
+/// Sets the calling thread, the snapshot's own (it ends with the pull, so nothing is
+/// restored), to normal I/O priority and `priority.snapshot_nice` (unset: `priority.nice`):
+/// the pull writes to staging unthrottled by the idle I/O class (a starved writer would
+/// hold etcd's read transaction open). A nice value the process may not lower to (no
+/// `CAP_SYS_NICE`) stays as it was; before [`apply`], both are left alone.
+pub fn for_the_snapshot_thread() {
+    if CONFIGURED.get().copied().flatten().is_some() {
         set_this_thread((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 4);
     }
-    let snapshot_nice = SNAPSHOT_NICE.load(std::sync::atomic::Ordering::Relaxed);
-    let set = snapshot_nice != UNSET;
-    // SAFETY: plain syscalls with integer arguments; `who` 0 is the calling thread.
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    if set {
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, snapshot_nice) };
-    }
-    let out = f();
-    if set {
+    let nice = SNAPSHOT_NICE.load(std::sync::atomic::Ordering::Relaxed);
+    if nice != UNSET {
+        // SAFETY: a plain syscall with integer arguments; `who` 0 is the calling thread.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     }
-    if let Some(prio) = configured {
-        set_this_thread(prio);
-    }
-    out
 }
 
 /// The I/O scheduler of the disk holding `path` (`[mq-deadline] none` -> `mq-deadline`).

@@ -214,14 +214,10 @@ impl SnapshotReach {
 /// Whether an error's text says the peer dropped a connection it had accepted (as opposed
 /// to refusing it or never answering): the wording is all that survives tonic's errors.
 fn cut_off(msg: &str) -> bool {
-    [
-        "Connection reset",
-        "connection reset",
-        "Broken pipe",
-        "connection closed",
-    ]
-    .iter()
-    .any(|w| msg.contains(w))
+    let msg = msg.to_ascii_lowercase();
+    ["connection reset", "broken pipe", "connection closed"]
+        .iter()
+        .any(|w| msg.contains(w))
 }
 
 /// Connects through `ep`; connection and TLS errors surface here, not later.

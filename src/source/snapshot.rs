@@ -209,23 +209,21 @@ async fn stream_to(
             let _span = span.enter();
             let mut done = done;
             let pulled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                crate::priority::full_io_for_this_thread(|| {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| anyhow!("cannot start the snapshot thread's runtime: {e}"))?;
-                    let pulled = rt.block_on(async {
-                        tokio::select! {
-                            pulled = pull(&reach, publisher, &part, &seal, &phase) => pulled,
-                            // The run was given up (its future dropped): stop pulling.
-                            () = done.closed() => Err(anyhow!("snapshot abandoned")),
-                        }
-                    });
-                    // A blocking task still running (a hung DNS lookup) must not hold the
-                    // answer back.
-                    rt.shutdown_background();
-                    pulled
-                })
+                crate::priority::for_the_snapshot_thread();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| anyhow!("cannot start the snapshot thread's runtime: {e}"))?;
+                let pulled = rt.block_on(async {
+                    tokio::select! {
+                        pulled = pull(&reach, publisher, &part, &seal, &phase) => pulled,
+                        // The run was given up (its future dropped): stop pulling.
+                        () = done.closed() => Err(anyhow!("snapshot abandoned")),
+                    }
+                });
+                // A blocking task still running (a hung DNS lookup) must not hold the answer back.
+                rt.shutdown_background();
+                pulled
             }))
             .unwrap_or_else(|panic| {
                 let why = panic

@@ -23,6 +23,7 @@ const STALE_CONNECTION: &str = "connection closed before message completed";
 
 /// Methods whose request may arrive twice with the same effect as once.
 const RESENDABLE: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PROPFIND", "PUT"];
+
 /// How much of an error answer's body goes into the error message.
 pub const EXCERPT_LEN: usize = 200;
 /// How much of an error answer is read.
@@ -383,13 +384,13 @@ impl Http {
         loop {
             attempt += 1;
             let progress = Arc::new(AtomicU64::new(0));
-            let rb = make(progress.clone())?;
-            // A streamed body cannot be cloned: such a request is never resendable.
-            let resendable = rb
-                .try_clone()
-                .and_then(|b| b.build().ok())
-                .is_some_and(|r| RESENDABLE.contains(&r.method().as_str()));
-            let outcome = watch_idle(rb.send(), &progress, self.idle).await;
+            let (client, request) = make(progress.clone())?.build_split();
+            // A streamed body (an upload) is never resent outside the budget.
+            let resendable = request.as_ref().is_ok_and(|r| {
+                RESENDABLE.contains(&r.method().as_str()) && r.body().is_none_or(|b| b.as_bytes().is_some())
+            });
+            let send = async move { client.execute(request?).await };
+            let outcome = watch_idle(send, &progress, self.idle).await;
             let (why, server_asks) = match outcome {
                 Ok(resp) if retry::retryable_status(resp.status()) => {
                     let status = resp.status();
@@ -413,11 +414,7 @@ impl Http {
             // just as a request went out: one immediate resend on a new connection is not a
             // retry in the budget's sense, for a request that may safely arrive twice and
             // has no streamed body. A cut upload, a MOVE or a POST takes the budget's path.
-            if why.contains(STALE_CONNECTION)
-                && !stale_retried
-                && resendable
-                && progress.load(std::sync::atomic::Ordering::Relaxed) == 0
-            {
+            if why.contains(STALE_CONNECTION) && resendable && !stale_retried {
                 stale_retried = true;
                 tracing::debug!(target_name = %self.name, error = %why, "{what} '{url}' met a closed keep-alive connection; sending it again");
                 continue;
