@@ -112,6 +112,12 @@ pub fn render(staging: &Path) -> String {
             .and_then(unix)
             .unwrap_or(0),
     );
+    gauge(
+        &mut out,
+        "etcd_backupd_import_refused_sets",
+        "Platform backup folders under import.dirs that cannot be imported (see status).",
+        state.import_refused.len(),
+    );
     let _ = writeln!(
         out,
         "# HELP etcd_backupd_runs_total Runs seen by this node, by result.\n# TYPE etcd_backupd_runs_total counter"

@@ -24,6 +24,7 @@ use tokio::io::AsyncReadExt;
 use crate::config::Settings;
 use crate::error::Stop;
 use crate::fsutil;
+use crate::source::static_resources::Restorability;
 use crate::manifest::{FileEntry, MANIFEST, Manifest, SHA256SUMS, SIGNATURE};
 use crate::targets::{self, Target};
 use crate::trust::signing::{AllowedSigners, Verdict};
@@ -44,6 +45,9 @@ pub struct Located {
     pub latest: Option<LatestChoice>,
     /// What its signature must be.
     pub trust: Trust,
+    /// `fetch --allow-unrestorable-archive`: take a static resources archive the platform's
+    /// restore cannot use (warned about) instead of refusing the set.
+    pub allow_unrestorable: bool,
 }
 
 /// What a reader requires of a set's signature: with `verify.allowed_signers`, a valid
@@ -244,6 +248,7 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
         identity: None,
         latest: (id == "latest").then_some(LatestChoice { next_intact: next }),
         trust,
+        allow_unrestorable: false,
     })
 }
 
@@ -363,6 +368,7 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
         .open_file(&located.cluster, &m.id, &f.stored_name)
         .await?;
     let (f2, identity) = (f.clone(), located.identity.clone());
+    let allow_unrestorable = located.allow_unrestorable;
     let phase = crate::progress::Phase::start(f.stored_name.clone(), Some(f.stored_size));
     let checked = tokio::task::spawn_blocking(move || -> Result<CheckedFile> {
         let f = f2;
@@ -370,16 +376,17 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
         stored.phase = phase;
         // An error opening the envelope (a wrong identity) ends the check at once.
         let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
-        let opened = (|| -> Result<(u64, String, Option<String>, Option<crate::source::snapshot::TrailerCheck>)> {
+        type Opened = (u64, String, Option<Restorability>, Option<crate::source::snapshot::TrailerCheck>);
+        let opened = (|| -> Result<Opened> {
             let mut plain = Tee::new(plain, f.size);
             plain.out = out;
             if f.name.starts_with("snapshot_") {
                 plain.trailer = Some(crate::source::snapshot::TrailerCheck::default());
             }
-            let also = if f.name.starts_with("static_kuberesources_") {
-                let members = crate::source::static_resources::check_archive(&mut plain)?;
+            let archive = if f.name.starts_with("static_kuberesources_") {
+                let found = crate::source::static_resources::check_archive(&mut plain)?;
                 std::io::copy(&mut plain, &mut std::io::sink())?;
-                Some(format!("readable tar.gz, {members} entries"))
+                Some(found)
             } else {
                 std::io::copy(&mut plain, &mut std::io::sink())?;
                 None
@@ -388,7 +395,7 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
                 o.sync_all()?;
             }
             let trailer = plain.trailer.take();
-            Ok((plain.size, hex::encode(plain.hash.clone().finalize()), also, trailer))
+            Ok((plain.size, hex::encode(plain.hash.clone().finalize()), archive, trailer))
         })();
         // Whatever follows the end of the compressed or encrypted stream is read too; after
         // a failure, the rest of the file, so that its checksum tells damage on the target
@@ -412,7 +419,7 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
         }
         // The stored bytes are what was stored: what is wrong now was wrong from the start.
         let damaged = |e: anyhow::Error| anyhow!(Damage(format!("'{}': {}", f.stored_name, crate::error::one_line(&e))));
-        let (size, sha, also, trailer) = opened.map_err(damaged)?;
+        let (size, sha, archive, trailer) = opened.map_err(damaged)?;
         if size != f.size || sha != f.sha256 {
             bail!(Damage(format!(
                 "'{}' opens to {size} bytes with SHA-256 {sha}, the manifest records {} bytes with {}",
@@ -420,12 +427,24 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
             )));
         }
         // Checked after the hashes: a file altered on the target is reported as such.
-        let also = match trailer {
-            Some(t) => {
+        let also = match (trailer, archive) {
+            (Some(t), _) => {
                 t.finish().map_err(damaged)?;
                 Some("etcd's snapshot trailer verified".to_string())
             }
-            None => also,
+            (None, Some(r)) if r.is_restorable() => Some(format!(
+                "readable tar.gz, {} entries, each component's revision and pod manifest under static-pod-resources/",
+                r.members
+            )),
+            // Intact, as stored, but the platform's restore would fail on it after it has
+            // stopped etcd: refused unless the reader takes it on purpose.
+            (None, Some(r)) if allow_unrestorable => Some(format!(
+                "readable tar.gz, {} entries, NOT restorable by cluster-restore.sh: {}",
+                r.members,
+                r.problems_line()
+            )),
+            (None, Some(r)) => return Err(r.require(&f.name).map(|_| ()).unwrap_err().into()),
+            (None, None) => None,
         };
         Ok(CheckedFile {
             name: f.name.clone(),
@@ -463,7 +482,11 @@ pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile,
     let mut renamed: Vec<PathBuf> = Vec::new();
     let result = async {
         let mut checked = Vec::new();
-        for f in &located.manifest.files {
+        // The archive first: it is small, and an archive the restore cannot use refuses the
+        // set before the snapshot is downloaded.
+        let mut files: Vec<&FileEntry> = located.manifest.files.iter().collect();
+        files.sort_by_key(|f| f.name.starts_with("snapshot_"));
+        for f in files {
             let tmp = dir.join(format!(".{}.partial-{:08x}", f.name, rand::random::<u32>()));
             let std_file = fsutil::create_private_file(&tmp)?;
             temps.push(tmp.clone());
@@ -1042,7 +1065,7 @@ mod tests {
             t.finish().unwrap();
         }
         let bytes = gz.finish().unwrap();
-        assert_eq!(crate::source::static_resources::check_archive(&bytes[..]).unwrap(), 1);
+        assert_eq!(crate::source::static_resources::check_archive(&bytes[..]).unwrap().members, 1);
         assert!(crate::source::static_resources::check_archive(&bytes[..bytes.len() - 4]).is_err());
         let mut flipped = bytes.clone();
         let mid = flipped.len() / 2;

@@ -13,6 +13,7 @@ pub(super) struct Allow {
     pub(super) version_mismatch: bool,
     pub(super) unsigned: bool,
     pub(super) expired_certificates: bool,
+    pub(super) unrestorable_archive: bool,
 }
 
 pub(super) async fn fetch(
@@ -29,6 +30,7 @@ pub(super) async fn fetch(
     let mut located = restore::locate(settings, target, id).await?;
     located.identity = identity;
     located.trust.allow_unsigned = allow.unsigned;
+    located.allow_unrestorable = allow.unrestorable_archive;
     // Before anything of the set is believed or written: its signature, then its certificates.
     let signature = restore::check_signature(&located).await?;
     let m = &located.manifest;

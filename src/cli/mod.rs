@@ -95,6 +95,11 @@ pub enum Command {
         /// Fetch even when the certificates in the set's static resources have expired.
         #[arg(long)]
         allow_expired_certificates: bool,
+        /// Fetch even when the static resources archive is not one the platform's
+        /// cluster-restore.sh can use (members outside static-pod-resources/, a component's
+        /// revision directory or pod manifest missing).
+        #[arg(long)]
+        allow_unrestorable_archive: bool,
         /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
         #[arg(long)]
         force: bool,
@@ -168,9 +173,13 @@ pub enum RenderWhat {
         /// Also embed the secret files the configuration names (readable by cluster admins).
         #[arg(long)]
         include_secrets: bool,
-        /// The MachineConfig's name.
-        #[arg(long, default_value = "99-master-etcd-backupd")]
-        name: String,
+        /// The MachineConfig's name (default: 99-<role>-etcd-backupd).
+        #[arg(long)]
+        name: Option<String>,
+        /// The pool it targets: master (control-plane nodes) or arbiter (the etcd member of a
+        /// two-node cluster with an arbiter, 4.19+).
+        #[arg(long, value_enum, default_value = "master")]
+        role: crate::cli::render::Role,
     },
 }
 
@@ -266,6 +275,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             allow_version_mismatch,
             allow_unsigned,
             allow_expired_certificates,
+            allow_unrestorable_archive,
             force,
             target,
             identity,
@@ -276,6 +286,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 version_mismatch: *allow_version_mismatch,
                 unsigned: *allow_unsigned,
                 expired_certificates: *allow_expired_certificates,
+                unrestorable_archive: *allow_unrestorable_archive,
             };
             fetch::fetch(&settings, id, to, allow, *force, target.as_deref(), identity).await
         }
@@ -318,6 +329,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     ignition_version,
                     include_secrets,
                     name,
+                    role,
                 },
         } => {
             // Syntax and meaning only: the node-side paths it names need not exist here.
@@ -326,7 +338,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ignition_version,
                 image: image.as_deref(),
                 include_secrets: *include_secrets,
-                name,
+                name: &name.clone().unwrap_or_else(|| role.default_name()),
+                role: *role,
             };
             let (yaml, warnings) = crate::cli::render::machineconfig(&settings, &opts)?;
             for w in warnings {

@@ -1,4 +1,4 @@
-//! `render machineconfig`: a MachineConfig for `role: master` that carries the shipped units
+//! `render machineconfig`: a MachineConfig for `role: master` (or `arbiter`) that carries the shipped units
 //! (byte for byte, embedded at build time), the configuration files as they are on this host
 //! (main file and drop-ins), the image reference the install unit copies the binary from,
 //! and, only when asked, the secret files.
@@ -25,11 +25,36 @@ pub const DEFAULT_IGNITION: &str = "3.2.0";
 pub const SIZE_LIMIT: usize = 100 * 1024;
 const CONFIG_DIR: &str = "/etc/etcd-backupd";
 
+/// The MachineConfigPool a MachineConfig targets. Control-plane nodes are `master`; on 4.19+
+/// "two nodes with an arbiter" clusters the arbiter node runs an etcd member too, in its own
+/// `arbiter` pool, so the daemon rolls out to both (README "Rolling it out").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Master,
+    Arbiter,
+}
+
+impl Role {
+    /// The pool label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Arbiter => "arbiter",
+        }
+    }
+
+    /// The MachineConfig's name unless `--name` says otherwise.
+    pub fn default_name(self) -> String {
+        format!("99-{}-etcd-backupd", self.as_str())
+    }
+}
+
 pub struct Options<'a> {
     pub ignition_version: &'a str,
     pub image: Option<&'a str>,
     pub include_secrets: bool,
     pub name: &'a str,
+    pub role: Role,
 }
 
 fn data_url(bytes: &[u8]) -> String {
@@ -162,7 +187,7 @@ pub fn machineconfig(settings: &Settings, opts: &Options) -> Result<(String, Vec
         "kind": "MachineConfig",
         "metadata": {
             "name": opts.name,
-            "labels": {"machineconfiguration.openshift.io/role": "master"},
+            "labels": {"machineconfiguration.openshift.io/role": opts.role.as_str()},
         },
         "spec": {"config": config},
     });

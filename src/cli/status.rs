@@ -66,6 +66,7 @@ pub(super) async fn status(settings: &Settings, json: bool) -> Result<()> {
             "pending": pending,
             "local_copies": local,
             "last_drill": state.last_drill,
+            "import_refused": state.import_refused,
             "runs": state.runs,
             "cluster_last_run": last,
             "current_runner": runner,
@@ -114,6 +115,9 @@ pub(super) async fn status(settings: &Settings, json: bool) -> Result<()> {
             }
             None => outln!("newest set  {}: no certificates recorded", n.id),
         }
+    }
+    for r in &state.import_refused {
+        outln!("import      REFUSED '{}' (since {}): {}", r.path, r.at, r.reason);
     }
     outln!(
         "schedule    {}; next run {}",

@@ -58,22 +58,59 @@ pub fn completed_upgrade(cv: &Value) -> Option<String> {
     newest.get("version").and_then(Value::as_str).map(str::to_string)
 }
 
-pub fn progressing(co: &Value) -> bool {
-    co.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c.get("type").and_then(Value::as_str) == Some("Progressing")
-                    && c.get("status").and_then(Value::as_str) == Some("True")
-            })
-        })
+/// What a ClusterOperator's `Progressing` condition says, as `cluster-backup.sh` reads it:
+/// only exactly `False` lets it back up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorState {
+    /// `Progressing=False`.
+    Settled,
+    /// `Progressing=True`.
+    Progressing,
+    /// `Progressing` with another status (`Unknown`, or anything else), as found.
+    Unsettled(String),
+    /// The object has no `Progressing` condition.
+    ConditionMissing,
+    /// No such object in etcd (or not JSON).
+    ObjectMissing,
+}
+
+impl OperatorState {
+    pub fn of(co: Option<&Value>) -> OperatorState {
+        let Some(co) = co else {
+            return OperatorState::ObjectMissing;
+        };
+        let condition = co
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c.get("type").and_then(Value::as_str) == Some("Progressing")));
+        match condition.map(|c| c.get("status").and_then(Value::as_str).unwrap_or("")) {
+            None => OperatorState::ConditionMissing,
+            Some("False") => OperatorState::Settled,
+            Some("True") => OperatorState::Progressing,
+            Some(other) => OperatorState::Unsettled(other.to_string()),
+        }
+    }
+
+    /// The state in words, for a skip reason: `Progressing=Unknown`, `condition Progressing
+    /// missing`...
+    pub fn describe(&self) -> String {
+        match self {
+            OperatorState::Settled => "Progressing=False".into(),
+            OperatorState::Progressing => "Progressing=True".into(),
+            OperatorState::Unsettled(s) if s.is_empty() => "Progressing with no status".into(),
+            OperatorState::Unsettled(s) => format!("Progressing={s}"),
+            OperatorState::ConditionMissing => "has no Progressing condition".into(),
+            OperatorState::ObjectMissing => "is missing from etcd".into(),
+        }
+    }
 }
 
 /// The cluster-wide facts the guards look at.
 #[derive(Debug, Default)]
 pub struct Facts {
     pub cluster_version: Option<Value>,
-    pub operators: Vec<(String, Value)>,
+    /// Each of [`OPERATORS`], with its object when etcd holds one (as JSON).
+    pub operators: Vec<(String, Option<Value>)>,
     pub alarms: Vec<String>,
 }
 
@@ -82,9 +119,7 @@ pub async fn gather(member: &mut Member) -> Result<Facts> {
     let cluster_version = parse(member.get(CLUSTER_VERSION_KEY).await?);
     let mut operators = Vec::new();
     for name in OPERATORS {
-        if let Some(v) = parse(member.get(&operator_key(name)).await?) {
-            operators.push((name.to_string(), v));
-        }
+        operators.push((name.to_string(), parse(member.get(&operator_key(name)).await?)));
     }
     let d = member.request_timeout;
     let resp = crate::etcd::within(d, "etcd alarm list", async {
@@ -215,10 +250,29 @@ pub fn check_all(
     {
         no(Guard::Upgrade, reason);
     }
-    if let Some((name, _)) = facts.operators.iter().find(|(_, co)| progressing(co)) {
+    // On OpenShift (a ClusterVersion exists) as strict as cluster-backup.sh: each of the
+    // four operators present with Progressing exactly False. Elsewhere only an operator
+    // object that says Progressing=True refuses.
+    let openshift = facts.cluster_version.is_some();
+    let unsettled: Vec<String> = facts
+        .operators
+        .iter()
+        .map(|(name, co)| (name, OperatorState::of(co.as_ref())))
+        .filter(|(_, state)| match state {
+            OperatorState::Settled => false,
+            OperatorState::Progressing => true,
+            _ => openshift,
+        })
+        .map(|(name, state)| format!("ClusterOperator {name} {}", state.describe()))
+        .collect();
+    if !unsettled.is_empty() {
         no(
             Guard::OperatorProgressing,
-            format!("ClusterOperator {name} is Progressing=True"),
+            format!(
+                "{} (cluster-backup.sh needs Progressing=False on each of {})",
+                unsettled.join(", "),
+                OPERATORS.join(", ")
+            ),
         );
     }
     let needed = g.min_free_space.required(status.db_size);
@@ -290,10 +344,17 @@ mod tests {
     }
 
     #[test]
-    fn operators_progressing() {
+    fn operator_states_as_the_script_reads_them() {
+        let of = |v: Value| OperatorState::of(Some(&v));
         let co = json!({"status": {"conditions": [{"type": "Available", "status": "True"}, {"type": "Progressing", "status": "True"}]}});
-        assert!(progressing(&co));
+        assert_eq!(of(co), OperatorState::Progressing);
         let co = json!({"status": {"conditions": [{"type": "Progressing", "status": "False"}]}});
-        assert!(!progressing(&co));
+        assert_eq!(of(co), OperatorState::Settled);
+        let co = json!({"status": {"conditions": [{"type": "Progressing", "status": "Unknown"}]}});
+        assert_eq!(of(co), OperatorState::Unsettled("Unknown".into()));
+        let co = json!({"status": {"conditions": [{"type": "Available", "status": "True"}]}});
+        assert_eq!(of(co), OperatorState::ConditionMissing);
+        assert_eq!(of(json!({})), OperatorState::ConditionMissing);
+        assert_eq!(OperatorState::of(None), OperatorState::ObjectMissing);
     }
 }

@@ -16,9 +16,10 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 
 use crate::config::Settings;
-use crate::manifest::{self, EtcdInfo, Manifest, ToolInfo, Trigger};
+use crate::manifest::{self, EtcdInfo, Manifest, OpenShiftInfo, ToolInfo, Trigger};
 use crate::run::context::RunContext;
-use crate::staging::state::State;
+use crate::source::platform_set;
+use crate::staging::state::{RefusedImport, State};
 use crate::{delivery, fsutil};
 
 /// A set whose files fail verification: remembered, so it is not tried again.
@@ -30,46 +31,54 @@ struct Unusable(String);
 #[derive(Debug, Clone)]
 pub struct Found {
     pub dir: PathBuf,
+    /// The set's id: the files' timestamp without `__POSSIBLY_DIRTY__`.
     pub ts: String,
-    /// Snapshot first.
+    /// Snapshot first, with their own names (dirty ones included).
     pub files: Vec<String>,
+    /// The names end in `__POSSIBLY_DIRTY__` (`cluster-backup.sh --force`, as the platform's
+    /// upgrade backups up to 4.14 were taken).
+    pub dirty: bool,
+    /// The OpenShift version the folder's name gives (`upgrade-backup-<version>-<ts>`).
+    pub openshift_version: Option<String>,
     /// What identifies it in `state.imported`.
     pub key: String,
 }
 
-fn set_in(dir: &Path) -> Option<Found> {
-    let mut snapshots = Vec::new();
-    let mut archives = Vec::new();
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(ts) = name.strip_prefix("snapshot_").and_then(|r| r.strip_suffix(".db")) {
-            snapshots.push((ts.to_string(), name));
-        } else if let Some(ts) = name
-            .strip_prefix("static_kuberesources_")
-            .and_then(|r| r.strip_suffix(".tar.gz"))
-        {
-            archives.push((ts.to_string(), name));
-        }
-    }
-    let [(ts, snapshot)] = <[_; 1]>::try_from(snapshots).ok()?;
-    let mut files = vec![snapshot.clone()];
-    match archives.as_slice() {
-        [] => {}
-        [(a_ts, a)] if *a_ts == ts => files.push(a.clone()),
-        _ => return None,
-    }
-    let size = std::fs::metadata(dir.join(&snapshot)).ok()?.len();
-    Some(Found {
-        key: format!("{}:{size}", dir.join(&snapshot).display()),
-        dir: dir.to_path_buf(),
-        ts,
-        files,
-    })
+/// What a directory holds: nothing to import, a set, or something that cannot be one.
+enum Scanned {
+    Found(Found),
+    Refused { key: String, reason: String },
 }
 
-/// The platform sets under the configured directories that were not imported yet.
+fn set_in(dir: &Path) -> Option<Scanned> {
+    let set = match platform_set::read(dir) {
+        Ok(Some(set)) => set,
+        Ok(None) => return None,
+        Err(e) => {
+            return Some(Scanned::Refused {
+                key: dir.display().to_string(),
+                reason: crate::error::one_line(&e),
+            });
+        }
+    };
+    let snapshot = dir.join(&set.files[0]);
+    let size = std::fs::metadata(&snapshot).ok()?.len();
+    let folder = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Some(Scanned::Found(Found {
+        key: format!("{}:{size}", snapshot.display()),
+        dir: dir.to_path_buf(),
+        ts: set.id,
+        files: set.files,
+        dirty: set.dirty,
+        openshift_version: platform_set::upgrade_folder_version(&folder),
+    }))
+}
+
+/// The platform sets under the configured directories that were not imported yet. Folders
+/// that cannot be imported and were not reported yet are recorded (and logged) once here.
 pub fn scan(settings: &Settings) -> Vec<Found> {
-    let done = State::load(&settings.snapshot.staging_dir).imported;
+    let state = State::load(&settings.snapshot.staging_dir);
+    let (done, refused) = (state.imported, state.import_refused);
     let mut found = Vec::new();
     for root in &settings.import.dirs {
         let mut dirs = vec![root.clone()];
@@ -78,10 +87,42 @@ pub fn scan(settings: &Settings) -> Vec<Found> {
             subs.sort();
             dirs.extend(subs);
         }
-        found.extend(dirs.iter().filter_map(|d| set_in(d)));
+        for dir in dirs {
+            match set_in(&dir) {
+                None => {}
+                Some(Scanned::Found(f)) => found.push(f),
+                Some(Scanned::Refused { key, reason }) => {
+                    if !refused.iter().any(|r| r.key == key) {
+                        refuse(settings, &dir, &key, &reason);
+                    }
+                }
+            }
+        }
     }
-    found.retain(|f| !done.contains(&f.key));
+    found.retain(|f| !done.contains(&f.key) && !refused.iter().any(|r| r.key == f.key));
     found
+}
+
+/// Reports a folder that cannot be imported, once: the log line, `status` and the gauge
+/// `etcd_backupd_import_refused_sets` read the record.
+fn refuse(settings: &Settings, dir: &Path, key: &str, reason: &str) {
+    tracing::error!(
+        path = %dir.display(),
+        error = %reason,
+        "cannot import the platform backup folder '{}': {reason}; it is not tried again until it changes",
+        dir.display()
+    );
+    let record = RefusedImport {
+        path: dir.display().to_string(),
+        key: key.to_string(),
+        reason: reason.to_string(),
+        at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    State::update_or_log(&settings.snapshot.staging_dir, |state| {
+        // A changed folder (another key for the same path) replaces its old record.
+        state.import_refused.retain(|r| r.path != record.path);
+        state.import_refused.push(record.clone());
+    });
 }
 
 fn remember(settings: &Settings, key: &str) {
@@ -96,10 +137,8 @@ fn remember(settings: &Settings, key: &str) {
 /// Copies and verifies one platform set into `sets/<ts>/`, owed to every target.
 async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdInfo) -> Result<()> {
     let staging = &settings.snapshot.staging_dir;
+    // Checked by `platform_set::read`: `%F_%H%M%S`.
     let id = found.ts.clone();
-    if chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT).is_err() {
-        bail!("timestamp {id:?} is not %F_%H%M%S");
-    }
     let sets_root = crate::staging::sets_dir(staging);
     if sets_root.join(&id).exists() {
         bail!("a set with id {id} is already in staging");
@@ -110,24 +149,24 @@ async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdI
         let mut files = Vec::new();
         for name in &found.files {
             let (from, to) = (found.dir.join(name), work.join(name));
+            let (name, checked) = (name.clone(), name.clone());
             let is_snapshot = name.starts_with("snapshot_");
             let entry = tokio::task::spawn_blocking(move || -> Result<_> {
                 let (size, sha) = fsutil::copy_private(&from, &to, None)?;
                 let verified = if is_snapshot {
                     crate::source::snapshot::verify_file(&to).map(|_| ())
                 } else {
-                    std::fs::File::open(&to)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|f| {
-                            crate::source::static_resources::check_archive(std::io::BufReader::new(f)).map(|_| ())
-                        })
+                    // What a restore needs of the archive, not only a readable tar.gz.
+                    crate::source::static_resources::check_archive_file(&to)
+                        .and_then(|r| Ok(r.require(&checked)?))
+                        .map(|_| ())
                         .with_context(|| format!("'{}'", from.display()))
                 };
                 verified.map_err(|e| anyhow::Error::new(Unusable(crate::error::one_line(&e))))?;
                 Ok((size, sha))
             })
             .await??;
-            files.push(crate::run::pipeline::plain_entry(name.clone(), entry.0, entry.1));
+            files.push(crate::run::pipeline::plain_entry(name, entry.0, entry.1));
         }
         // Read from the platform's archive, before it is sealed.
         let restore = {
@@ -148,11 +187,19 @@ async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdI
             run: None,
             node: settings.node_name.clone(),
             etcd,
-            // The platform's set does not say which release it was taken on.
-            openshift: None,
+            // The platform's set does not say which release it was taken on; an upgrade
+            // backup's folder name does, and `fetch` applies the z-stream rule to it.
+            openshift: found.openshift_version.clone().map(|v| OpenShiftInfo {
+                version: Some(v),
+                cluster_id: None,
+            }),
             files,
             tool: ToolInfo::this(),
-            forced: Vec::new(),
+            forced: if found.dirty {
+                vec!["imported __POSSIBLY_DIRTY__ files: cluster-backup.sh --force skipped its pre-checks".into()]
+            } else {
+                Vec::new()
+            },
             restore,
         };
         // Signed as our own sets are ([signing]).
@@ -228,11 +275,8 @@ pub async fn run(
                 staged += 1;
             }
             Err(e) if e.downcast_ref::<Unusable>().is_some() => {
-                tracing::error!(
-                    path = %f.dir.display(), error = %crate::error::one_line(&e),
-                    "cannot import a platform backup set: it fails verification; it is not tried again"
-                );
-                remember(settings, &f.key);
+                let reason = format!("it fails verification: {}", crate::error::one_line(&e));
+                refuse(settings, &f.dir, &f.key, &reason);
                 continue;
             }
             // Disk full, an id already staged...: tried again at the next poll.

@@ -20,7 +20,7 @@ use crate::outcome::RunResult;
 use crate::outcome::{Skip, SkipKind};
 use crate::staging::state::{RunState, State, TargetState};
 use crate::{etcd, fsutil};
-use pipeline::{BackupOptions, BackupReport};
+use pipeline::{BackupOptions, BackupReport, Force};
 
 pub enum Outcome {
     /// The backup ran (whether every target took it is in the report).
@@ -95,6 +95,7 @@ pub async fn run_once(
             lease: None,
             target,
             forced,
+            force: if force { Force::Yes } else { Force::No },
             deliver_by,
             abort: abort.clone(),
         };
@@ -172,6 +173,7 @@ pub async fn run_once(
         lease: Some(held.lease()),
         target,
         forced,
+        force: if force { Force::Yes } else { Force::No },
         deliver_by,
         abort: abort.clone(),
     };

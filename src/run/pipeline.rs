@@ -46,12 +46,22 @@ pub struct BackupOptions {
     pub target: Option<String>,
     /// The guards `backup --force` overrode, recorded in the manifest.
     pub forced: Vec<String>,
+    /// `backup --force`: also passed on to the script method's script.
+    pub force: Force,
     /// When this run's delivery pass must give up (the daemon: just before the next run),
     /// so that no target's retries delay the next snapshot; what is left is delivered later.
     pub deliver_by: Option<tokio::time::Instant>,
     /// Fired when the run must not publish any more sets (stopped, or the election lock
     /// may be lost): no set is moved into place after it.
     pub abort: tokio_util::sync::CancellationToken,
+}
+
+/// Whether the operator asked to back up despite the cluster-state checks (`backup --force`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Force {
+    #[default]
+    No,
+    Yes,
 }
 
 #[derive(Debug)]
@@ -431,6 +441,7 @@ async fn assemble(
     follow: Option<FollowTx>,
 ) -> Result<(Manifest, Duration)> {
     let snap_started = Instant::now();
+    let mut forced = opts.forced.clone();
     // The native method's own stream time (its uploads may take longer).
     let mut snapshot_duration = None;
     let (id, created, files, stream_revision) = match settings.snapshot.method {
@@ -442,7 +453,14 @@ async fn assemble(
         }
         SnapshotMethod::Script => {
             crate::notify::status(&format!("backing up: running {}", settings.snapshot.script.display()));
-            let produced = crate::source::script::take(settings, work).await?;
+            let force = opts.force == Force::Yes;
+            let produced = crate::source::script::take(settings, work, force).await?;
+            if produced.dirty {
+                forced.push(format!(
+                    "{} ran with --force: its own pre-checks were skipped (files marked __POSSIBLY_DIRTY__)",
+                    settings.snapshot.script.display()
+                ));
+            }
             // The script's own timestamp names the set, as its file names do.
             let created = chrono::NaiveDateTime::parse_from_str(&produced.ts, manifest::TS_FORMAT)
                 .map(|t| t.and_utc())
@@ -489,7 +507,7 @@ async fn assemble(
         }),
         files,
         tool: ToolInfo::this(),
-        forced: opts.forced.clone(),
+        forced,
         restore,
     };
     // SHA256SUMS, the signature ([signing]), then manifest.json.
@@ -666,8 +684,14 @@ async fn take_native(
         let name = manifest::archive_name(ts);
         let dest = work.join(&name);
         let root = root.clone();
-        let (size, sha256) =
-            tokio::task::spawn_blocking(move || static_resources::write_archive(&root, &dest)).await??;
+        let checked = name.clone();
+        let (size, sha256) = tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
+            let written = static_resources::write_archive(&root, &dest)?;
+            // The same check as every archive a set carries, on the bytes written.
+            static_resources::check_archive_file(&dest)?.require(&checked)?;
+            Ok(written)
+        })
+        .await??;
         files.push(plain_entry(name, size, sha256));
     }
     let name = manifest::snapshot_name(ts);

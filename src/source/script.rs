@@ -8,8 +8,9 @@
 //! `snapshot.script_timeout`. Every line it prints goes to the journal. Afterwards exactly
 //! one `snapshot_<ts>.db` and at most one `static_kuberesources_<ts>.tar.gz` must be there,
 //! with one timestamp; `__POSSIBLY_DIRTY__` files (its `--force`) are refused unless
-//! `snapshot.allow_dirty`. The snapshot's etcd trailer and the archive are verified before
-//! anything is shipped.
+//! `backup --force` ran it with `--force`, or `snapshot.allow_dirty`. The snapshot's etcd
+//! trailer and the archive (what a restore needs of it) are verified before anything is
+//! shipped.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -18,23 +19,31 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::AsyncBufReadExt;
 
 use crate::config::Settings;
+use crate::source::platform_set::{self, DIRTY, PlatformSet};
 
 /// What the script produced, moved into the set's directory.
 pub struct Produced {
-    /// The timestamp in the script's file names (`%F_%H%M%S`), which becomes the set's id.
+    /// The timestamp in the script's file names (`%F_%H%M%S`, without `__POSSIBLY_DIRTY__`),
+    /// which becomes the set's id.
     pub ts: String,
+    /// The files are `__POSSIBLY_DIRTY__`: the script skipped its pre-checks.
+    pub dirty: bool,
     /// (name, size, sha256), the snapshot first.
     pub files: Vec<(String, u64, String)>,
 }
 
-const DIRTY: &str = "__POSSIBLY_DIRTY__";
-
 /// Runs the script into `work/script-out/`, checks what it left, and moves the files into
-/// `work`.
-pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
+/// `work`. With `force` (`backup --force`) the script is run as `SCRIPT --force DIR`: its
+/// own pre-checks (the ClusterOperators) are skipped as ours were, and its dirty files are
+/// taken whatever `snapshot.allow_dirty` says.
+pub async fn take(settings: &Settings, work: &Path, force: bool) -> Result<Produced> {
     let script = &settings.snapshot.script;
     let out_dir = work.join("script-out");
     let mut cmd = tokio::process::Command::new(script);
+    // The script takes `--force` only as its first argument.
+    if force {
+        cmd.arg("--force");
+    }
     cmd.arg(&out_dir)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
@@ -100,11 +109,11 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
             }
         );
     }
-    let produced = collect(&out_dir, settings.snapshot.allow_dirty)?;
+    let produced = collect(&out_dir, force || settings.snapshot.allow_dirty)?;
     // Checked before anything is shipped: etcdctl 3.4 saves a corrupted stream without
     // complaint.
     let mut files = Vec::new();
-    for name in &produced.1 {
+    for name in &produced.files {
         let from = out_dir.join(name);
         let to = work.join(name);
         let check = from.clone();
@@ -113,9 +122,9 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
             if is_snapshot {
                 crate::source::snapshot::verify_file(&check)?;
             } else {
-                let f = std::fs::File::open(&check)?;
-                crate::source::static_resources::check_archive(std::io::BufReader::new(f))
-                    .with_context(|| format!("'{}'", check.display()))?;
+                // What a restore needs of the archive, not only a readable tar.gz.
+                let name = check.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                crate::source::static_resources::check_archive_file(&check)?.require(&name)?;
             }
             Ok(())
         })
@@ -126,7 +135,11 @@ pub async fn take(settings: &Settings, work: &Path) -> Result<Produced> {
     }
     std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let _ = std::fs::remove_dir_all(&out_dir);
-    Ok(Produced { ts: produced.0, files })
+    Ok(Produced {
+        ts: produced.id,
+        dirty: produced.dirty,
+        files,
+    })
 }
 
 fn kill_group(pid: Option<u32>) {
@@ -157,50 +170,22 @@ fn hash_file(p: &Path) -> Result<(u64, String)> {
     Ok((size, sha))
 }
 
-/// The timestamp and file names (snapshot first) the script left in `dir`.
-fn collect(dir: &Path, allow_dirty: bool) -> Result<(String, Vec<String>)> {
-    let mut snapshots = Vec::new();
-    let mut archives = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("the script left no '{}'", dir.display()))? {
-        let name = e?.file_name().to_string_lossy().to_string();
-        if let Some(rest) = name.strip_prefix("snapshot_").and_then(|r| r.strip_suffix(".db")) {
-            snapshots.push((rest.to_string(), name));
-        } else if let Some(rest) = name
-            .strip_prefix("static_kuberesources_")
-            .and_then(|r| r.strip_suffix(".tar.gz"))
-        {
-            archives.push((rest.to_string(), name));
-        } else {
-            tracing::warn!(file = %name, "ignoring an unexpected file the script left");
-        }
+/// The set the script left in `dir`. Dirty files (its `--force`) are taken when this run
+/// passed `--force` itself, or `snapshot.allow_dirty` says so.
+fn collect(dir: &Path, accept_dirty: bool) -> Result<PlatformSet> {
+    let set = platform_set::read(dir)
+        .with_context(|| "the script's output".to_string())?
+        .ok_or_else(|| anyhow!("the script left no snapshot_*.db file in '{}'", dir.display()))?;
+    for other in &set.others {
+        tracing::warn!(file = %other, "ignoring an unexpected file the script left");
     }
-    let [(ts, snapshot)] = <[_; 1]>::try_from(snapshots)
-        .map_err(|v: Vec<_>| anyhow!("the script left {} snapshot_*.db files, expected one", v.len()))?;
-    if archives.len() > 1 {
+    if set.dirty && !accept_dirty {
         bail!(
-            "the script left {} static_kuberesources_*.tar.gz files, expected one",
-            archives.len()
+            "the script produced {DIRTY} files (its pre-checks were skipped); set snapshot.allow_dirty = true to accept them, or run backup --force"
         );
     }
-    if let Some((archive_ts, _)) = archives.first()
-        && archive_ts != &ts
-    {
-        bail!("the script's files carry two timestamps ({ts} and {archive_ts})");
+    if set.dirty {
+        tracing::warn!(backup_id = %set.id, "the script marked this backup {DIRTY} (its --force skipped its checks)");
     }
-    let clean_ts = match ts.strip_suffix(DIRTY) {
-        Some(clean) if allow_dirty => {
-            tracing::warn!("the script marked this backup {DIRTY} (its --force skipped its checks)");
-            clean.to_string()
-        }
-        Some(_) => bail!(
-            "the script produced {DIRTY} files (its pre-checks were skipped); set snapshot.allow_dirty = true to accept them"
-        ),
-        None => ts.clone(),
-    };
-    if chrono::NaiveDateTime::parse_from_str(&clean_ts, crate::manifest::TS_FORMAT).is_err() {
-        bail!("the script's timestamp {clean_ts:?} is not %F_%H%M%S");
-    }
-    let mut names = vec![snapshot];
-    names.extend(archives.into_iter().map(|(_, n)| n));
-    Ok((clean_ts, names))
+    Ok(set)
 }

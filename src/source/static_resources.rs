@@ -9,25 +9,195 @@ use anyhow::{Context, Result, bail};
 
 use crate::fsutil;
 
-/// Checks a tar.gz stream to its end: every member readable, gzip CRC
-/// and length correct.
-pub fn check_archive(reader: impl Read) -> Result<usize> {
+/// Checks a tar.gz stream to its end (every member readable, gzip CRC and length correct)
+/// and what `cluster-restore.sh` needs of it ([`Restorability`]). An unreadable archive is
+/// an error; a readable one that a restore cannot use is a verdict the caller decides on.
+pub fn check_archive(reader: impl Read) -> Result<Restorability> {
     let mut gz = flate2::read::GzDecoder::new(reader);
-    let mut count = 0;
+    let mut seen = Members::default();
     {
         let mut archive = tar::Archive::new(&mut gz);
         for entry in archive.entries().context("not a tar archive")? {
             let mut entry = entry.context("corrupt tar archive")?;
+            let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let is_file = entry.header().entry_type().is_file();
             std::io::copy(&mut entry, &mut std::io::sink()).context("corrupt tar archive")?;
-            count += 1;
+            seen.add(&path, is_file);
         }
     }
     // Reading to the end makes the decoder check the gzip trailer (CRC and length).
     std::io::copy(&mut gz, &mut std::io::sink()).context("corrupt gzip stream")?;
-    if count == 0 {
+    if seen.count == 0 {
         bail!("the archive holds no files");
     }
-    Ok(count)
+    Ok(seen.verdict())
+}
+
+/// [`check_archive`] on a file, named in its errors.
+pub fn check_archive_file(path: &Path) -> Result<Restorability> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+    check_archive(std::io::BufReader::new(f)).with_context(|| format!("'{}'", path.display()))
+}
+
+/// Why `cluster-restore.sh` could not use an archive. The script extracts it with
+/// `tar -xzf ARCHIVE static-pod-resources` only after it has stopped etcd and moved its data
+/// aside, and (4.12-4.17) copies each component's pod manifest out of its revision directory:
+/// so every member must be under `static-pod-resources/` exactly, and each of the four
+/// components needs one revision directory holding `<c>-pod.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum ArchiveProblem {
+    /// A member outside `static-pod-resources/` (`./static-pod-resources/...`, an absolute
+    /// path, `..`, another folder): `tar -xzf ARCHIVE static-pod-resources` misses it.
+    OutsideResources { member: String, count: usize },
+    /// No `static-pod-resources/<c>-pod-<N>/` for a component.
+    NoRevision { component: &'static str },
+    /// More than one revision directory for a component: which one is running is unknown.
+    SeveralRevisions { component: &'static str, revisions: Vec<String> },
+    /// The revision directory lacks the component's pod manifest.
+    NoPodManifest { component: &'static str, revision: String },
+}
+
+impl std::fmt::Display for ArchiveProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArchiveProblem::OutsideResources { member, count: 1 } => {
+                write!(f, "member '{member}' is not under static-pod-resources/")
+            }
+            ArchiveProblem::OutsideResources { member, count } => write!(
+                f,
+                "{count} members are not under static-pod-resources/ (the first: '{member}')"
+            ),
+            ArchiveProblem::NoRevision { component } => {
+                write!(f, "no {component} revision directory (static-pod-resources/{component}-pod-<N>/)")
+            }
+            ArchiveProblem::SeveralRevisions { component, revisions } => write!(
+                f,
+                "{} {component} revision directories ({}), expected the one the running manifest names",
+                revisions.len(),
+                revisions.join(", ")
+            ),
+            ArchiveProblem::NoPodManifest { component, revision } => write!(
+                f,
+                "no {component} pod manifest (static-pod-resources/{revision}/{component}-pod.yaml)"
+            ),
+        }
+    }
+}
+
+/// What the restore script would find in an archive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Restorability {
+    /// How many members the archive holds.
+    pub members: usize,
+    /// Empty: the platform's restore can use it.
+    pub problems: Vec<ArchiveProblem>,
+}
+
+impl Restorability {
+    pub fn is_restorable(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// Every problem, on one line.
+    pub fn problems_line(&self) -> String {
+        self.problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    }
+
+    /// `Err(Unrestorable)` when the restore cannot use the archive named `name`.
+    pub fn require(self, name: &str) -> std::result::Result<Restorability, Unrestorable> {
+        if self.is_restorable() {
+            Ok(self)
+        } else {
+            Err(Unrestorable {
+                file: name.to_string(),
+                problems: self.problems,
+            })
+        }
+    }
+}
+
+/// A readable static resources archive that `cluster-restore.sh` cannot use: the set must
+/// not be handed over as restorable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "'{file}' cannot be restored by the platform's cluster-restore.sh: {}",
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+)]
+pub struct Unrestorable {
+    pub file: String,
+    pub problems: Vec<ArchiveProblem>,
+}
+
+/// The members seen so far, reduced to what the verdict needs.
+#[derive(Default)]
+struct Members {
+    count: usize,
+    outside: Option<(String, usize)>,
+    /// (component index, revision directory name).
+    revisions: std::collections::BTreeSet<(usize, String)>,
+    /// (component index, revision directory name) that hold `<c>-pod.yaml` as a file.
+    manifests: std::collections::BTreeSet<(usize, String)>,
+}
+
+impl Members {
+    fn add(&mut self, path: &str, is_file: bool) {
+        self.count += 1;
+        let mut parts = path.split('/').filter(|p| !p.is_empty());
+        let under = path.starts_with("static-pod-resources/") || path == "static-pod-resources";
+        if !under || path.split('/').any(|p| p == ".." || p == ".") {
+            let o = self.outside.get_or_insert_with(|| (path.to_string(), 0));
+            o.1 += 1;
+            return;
+        }
+        parts.next(); // static-pod-resources
+        let Some(dir) = parts.next() else { return };
+        let Some(i) = COMPONENTS.iter().position(|c| is_revision_dir(c, dir)) else {
+            return;
+        };
+        self.revisions.insert((i, dir.to_string()));
+        let file = parts.next();
+        if is_file && parts.next().is_none() && file == Some(format!("{}-pod.yaml", COMPONENTS[i]).as_str()) {
+            self.manifests.insert((i, dir.to_string()));
+        }
+    }
+
+    fn verdict(self) -> Restorability {
+        let mut problems = Vec::new();
+        if let Some((member, count)) = self.outside {
+            problems.push(ArchiveProblem::OutsideResources { member, count });
+        }
+        for (i, component) in COMPONENTS.iter().enumerate() {
+            let revisions: Vec<String> = self
+                .revisions
+                .iter()
+                .filter(|(c, _)| *c == i)
+                .map(|(_, r)| r.clone())
+                .collect();
+            match revisions.as_slice() {
+                [] => problems.push(ArchiveProblem::NoRevision { component }),
+                [one] if !self.manifests.contains(&(i, one.clone())) => {
+                    problems.push(ArchiveProblem::NoPodManifest {
+                        component,
+                        revision: one.clone(),
+                    })
+                }
+                [_] => {}
+                _ => problems.push(ArchiveProblem::SeveralRevisions { component, revisions }),
+            }
+        }
+        Restorability {
+            members: self.count,
+            problems,
+        }
+    }
+}
+
+/// `<component>-pod-<digits>`.
+fn is_revision_dir(component: &str, name: &str) -> bool {
+    name.strip_prefix(component)
+        .and_then(|r| r.strip_prefix("-pod-"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The components whose revision directories a restore needs, in the script's order.

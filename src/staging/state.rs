@@ -40,12 +40,30 @@ pub struct State {
     /// is shipped once.
     #[serde(default)]
     pub imported: Vec<String>,
+    /// Platform backup folders that cannot be imported, each reported once (log, `status`,
+    /// `etcd_backupd_import_refused_sets`) instead of at every poll.
+    #[serde(default)]
+    pub import_refused: Vec<RefusedImport>,
     /// The newest set this node staged (its own or imported), for `status` and the metrics.
     #[serde(default)]
     pub newest_set: Option<SetState>,
     /// What each target held when this node last listed it (after retention), by target name.
     #[serde(default)]
     pub targets: BTreeMap<String, TargetCoverage>,
+}
+
+/// A platform backup folder that cannot be imported, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusedImport {
+    /// The folder.
+    pub path: String,
+    /// What identifies this state of the folder: its snapshot's path and size, or the
+    /// folder's path when it holds no single snapshot. A changed folder is looked at again.
+    pub key: String,
+    /// Why, in one line.
+    pub reason: String,
+    /// When it was first refused (RFC 3339, UTC).
+    pub at: String,
 }
 
 /// A target's complete sets of this node's cluster, as this node last listed them.

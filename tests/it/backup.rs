@@ -38,6 +38,7 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
         "/kubernetes.io/config.openshift.io/clusterversions/version",
         r#"{"spec":{"clusterID":"c0ffee-id"},"status":{"desired":{"version":"4.15.4"},"history":[{"state":"Completed","version":"4.15.4","completionTime":"2026-01-01T00:00:00Z"}]}}"#,
     );
+    crate::common::settle_operators(&etcd);
     let w = Work::new();
     let resources = w.path().join("etc-kubernetes");
     static_pod_fixture(&resources, 7);

@@ -629,6 +629,8 @@ pub fn static_pod_fixture(root: &Path, rev: u32) {
             std::fs::create_dir_all(d.join("configmaps/config")).unwrap();
             std::fs::create_dir_all(d.join("secrets/serving-cert")).unwrap();
             std::fs::write(d.join("configmaps/config/config.yaml"), format!("{c} revision {r}\n")).unwrap();
+            // What the platform's restore (4.12-4.17) copies back into /etc/kubernetes/manifests.
+            std::fs::write(d.join(format!("{c}-pod.yaml")), format!("kind: Pod\n# {c} revision {r}\n")).unwrap();
             std::fs::write(d.join("secrets/serving-cert/tls.key"), "key material\n").unwrap();
             std::fs::set_permissions(
                 d.join("secrets/serving-cert/tls.key"),
@@ -637,6 +639,30 @@ pub fn static_pod_fixture(root: &Path, rev: u32) {
             .unwrap();
         }
         std::fs::create_dir_all(root.join("static-pod-resources").join(format!("{c}-certs"))).unwrap();
+    }
+}
+
+/// The ClusterOperators `cluster-backup.sh` checks (and the native guard with it, on
+/// OpenShift).
+pub const OPERATORS: [&str; 4] = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"];
+
+/// Puts ClusterOperator `name` with `Progressing=<status>` (`None`: no such condition).
+pub fn put_operator(etcd: &Etcd, name: &str, progressing: Option<&str>) {
+    let conditions: Vec<serde_json::Value> = std::iter::once(serde_json::json!({"type": "Available", "status": "True"}))
+        .chain(progressing.map(|s| serde_json::json!({"type": "Progressing", "status": s})))
+        .collect();
+    etcd.put(
+        None,
+        &format!("/kubernetes.io/config.openshift.io/clusteroperators/{name}"),
+        &serde_json::json!({"metadata": {"name": name}, "status": {"conditions": conditions}}).to_string(),
+    );
+}
+
+/// Each of the four ClusterOperators `Progressing=False`: a settled control plane, which
+/// every test that puts a ClusterVersion (an OpenShift cluster) needs for a backup to go.
+pub fn settle_operators(etcd: &Etcd) {
+    for name in OPERATORS {
+        put_operator(etcd, name, Some("False"));
     }
 }
 

@@ -320,6 +320,7 @@ fn guards_skip_with_reasons_and_a_completed_upgrade_is_backed_up_once() {
     let etcd = Etcd::start();
     let w = Work::new();
     let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &file_target(&w));
+    crate::common::settle_operators(&etcd);
     let backup = || run(&["backup", "--config", cfg.to_str().unwrap()]);
     let two_hours_ago = (chrono::Utc::now() - chrono::TimeDelta::hours(2)).to_rfc3339();
     let cases = [

@@ -27,6 +27,7 @@ fn force_backs_up_during_an_upgrade_and_records_which_guard_it_overrode() {
     let etcd = Etcd::start();
     etcd.fill(None, 50, 100);
     etcd.put(None, CV_KEY, UPGRADING);
+    crate::common::settle_operators(&etcd);
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "");
 
@@ -90,6 +91,7 @@ fn force_never_overrides_free_space_and_a_skip_exits_3() {
     let etcd = Etcd::start();
     etcd.fill(None, 50, 100);
     etcd.put(None, CV_KEY, UPGRADING);
+    crate::common::settle_operators(&etcd);
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "\n[guards]\nmin_free_space = \"1000TiB\"\n");
     let r = backup(&cfg, &["--force"]);

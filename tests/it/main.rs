@@ -15,6 +15,7 @@ mod proxy_env;
 mod records;
 mod render;
 mod restore;
+mod rollout;
 mod s3;
 mod script;
 mod seal;

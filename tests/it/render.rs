@@ -210,3 +210,45 @@ fn secrets_ride_along_only_when_asked() {
     let (ok, text) = ignition_validate(&mc["spec"]["config"]);
     assert!(ok, "{text}");
 }
+
+#[test]
+fn render_role_targets_the_arbiter_pool_and_validates() {
+    let cfg = repo("examples/openshift/config.toml");
+    for (role, name) in [
+        (None, "99-master-etcd-backupd"),
+        (Some("master"), "99-master-etcd-backupd"),
+        (Some("arbiter"), "99-arbiter-etcd-backupd"),
+    ] {
+        let mut args = vec!["render", "machineconfig", "--config", cfg.to_str().unwrap()];
+        if let Some(r) = role {
+            args.extend(["--role", r]);
+        }
+        let r = run(&args);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let mc = parse_yaml(&r.stdout);
+        assert_eq!(mc["metadata"]["name"], name);
+        assert_eq!(
+            mc["metadata"]["labels"]["machineconfiguration.openshift.io/role"],
+            role.unwrap_or("master")
+        );
+        let (ok, text) = ignition_validate(&mc["spec"]["config"]);
+        assert!(ok, "{role:?}: {text}");
+    }
+    // --name still wins over the role's default.
+    let r = run(&[
+        "render",
+        "machineconfig",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--role",
+        "arbiter",
+        "--name",
+        "50-arbiter-backups",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(parse_yaml(&r.stdout)["metadata"]["name"], "50-arbiter-backups");
+    // Workers run no etcd member: not a role it renders for.
+    let r = run(&["render", "machineconfig", "--config", cfg.to_str().unwrap(), "--role", "worker"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("worker"), "{}", r.stderr);
+}
