@@ -24,8 +24,8 @@ use tokio::io::AsyncReadExt;
 use crate::config::Settings;
 use crate::error::Stop;
 use crate::fsutil;
-use crate::source::static_resources::Restorability;
 use crate::manifest::{FileEntry, MANIFEST, Manifest, SHA256SUMS, SIGNATURE};
+use crate::source::static_resources::Restorability;
 use crate::targets::{self, Target};
 use crate::trust::signing::{AllowedSigners, Verdict};
 
@@ -443,7 +443,13 @@ async fn check_stream(located: &Located, f: &FileEntry, out: Option<std::fs::Fil
                 r.members,
                 r.problems_line()
             )),
-            (None, Some(r)) => return Err(r.require(&f.name).map(|_| ()).unwrap_err().into()),
+            (None, Some(r)) => {
+                return Err(crate::source::static_resources::Unrestorable {
+                    file: f.name.clone(),
+                    problems: r.problems,
+                }
+                .into());
+            }
             (None, None) => None,
         };
         Ok(CheckedFile {
@@ -1065,7 +1071,12 @@ mod tests {
             t.finish().unwrap();
         }
         let bytes = gz.finish().unwrap();
-        assert_eq!(crate::source::static_resources::check_archive(&bytes[..]).unwrap().members, 1);
+        assert_eq!(
+            crate::source::static_resources::check_archive(&bytes[..])
+                .unwrap()
+                .members,
+            1
+        );
         assert!(crate::source::static_resources::check_archive(&bytes[..bytes.len() - 4]).is_err());
         let mut flipped = bytes.clone();
         let mid = flipped.len() / 2;

@@ -71,11 +71,21 @@ pub(super) async fn fetch(
             }
         }
     }
+    let created = !dir.exists();
     let removed = restore::prepare_fetch_dir(dir, force)?;
     for p in &removed {
         errln!("removed {} (--force)", p.display());
     }
-    let files = restore::download(&located, dir).await?;
+    let files = match restore::download(&located, dir).await {
+        Ok(files) => files,
+        Err(e) => {
+            // download left no file; a directory this command made goes too.
+            if created {
+                let _ = std::fs::remove_dir(dir);
+            }
+            return Err(e);
+        }
+    };
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

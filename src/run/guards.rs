@@ -82,7 +82,10 @@ impl OperatorState {
         let condition = co
             .pointer("/status/conditions")
             .and_then(Value::as_array)
-            .and_then(|cs| cs.iter().find(|c| c.get("type").and_then(Value::as_str) == Some("Progressing")));
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.get("type").and_then(Value::as_str) == Some("Progressing"))
+            });
         match condition.map(|c| c.get("status").and_then(Value::as_str).unwrap_or("")) {
             None => OperatorState::ConditionMissing,
             Some("False") => OperatorState::Settled,

@@ -63,7 +63,10 @@ fn set_in(dir: &Path) -> Option<Scanned> {
     };
     let snapshot = dir.join(&set.files[0]);
     let size = std::fs::metadata(&snapshot).ok()?.len();
-    let folder = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let folder = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Some(Scanned::Found(Found {
         key: format!("{}:{size}", snapshot.display()),
         dir: dir.to_path_buf(),

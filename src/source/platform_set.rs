@@ -99,7 +99,10 @@ pub fn upgrade_folder_version(folder: &str) -> Option<String> {
 fn looks_like_version(v: &str) -> bool {
     let core = v.split('-').next().unwrap_or("");
     let parts: Vec<&str> = core.split('.').collect();
-    parts.len() >= 2 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    parts.len() >= 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `%F_%H%M%S` (with or without [`DIRTY`]), or a run of digits (a unix time).
@@ -117,7 +120,10 @@ mod tests {
     fn upgrade_folder_versions() {
         let v = |f: &str| upgrade_folder_version(f);
         assert_eq!(v("upgrade-backup-4.13.4-2023-06-25_152335").as_deref(), Some("4.13.4"));
-        assert_eq!(v("upgrade-backup-4.14.0-rc.2-2023-10-05_101010").as_deref(), Some("4.14.0-rc.2"));
+        assert_eq!(
+            v("upgrade-backup-4.14.0-rc.2-2023-10-05_101010").as_deref(),
+            Some("4.14.0-rc.2")
+        );
         assert_eq!(
             v("upgrade-backup-4.12.0-0.nightly-2023-01-02-030405-2023-01-03_010203").as_deref(),
             Some("4.12.0-0.nightly-2023-01-02-030405")

@@ -53,7 +53,10 @@ pub enum ArchiveProblem {
     /// No `static-pod-resources/<c>-pod-<N>/` for a component.
     NoRevision { component: &'static str },
     /// More than one revision directory for a component: which one is running is unknown.
-    SeveralRevisions { component: &'static str, revisions: Vec<String> },
+    SeveralRevisions {
+        component: &'static str,
+        revisions: Vec<String>,
+    },
     /// The revision directory lacks the component's pod manifest.
     NoPodManifest { component: &'static str, revision: String },
 }
@@ -69,7 +72,10 @@ impl std::fmt::Display for ArchiveProblem {
                 "{count} members are not under static-pod-resources/ (the first: '{member}')"
             ),
             ArchiveProblem::NoRevision { component } => {
-                write!(f, "no {component} revision directory (static-pod-resources/{component}-pod-<N>/)")
+                write!(
+                    f,
+                    "no {component} revision directory (static-pod-resources/{component}-pod-<N>/)"
+                )
             }
             ArchiveProblem::SeveralRevisions { component, revisions } => write!(
                 f,
@@ -101,7 +107,11 @@ impl Restorability {
 
     /// Every problem, on one line.
     pub fn problems_line(&self) -> String {
-        self.problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        self.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// `Err(Unrestorable)` when the restore cannot use the archive named `name`.
@@ -176,12 +186,10 @@ impl Members {
                 .collect();
             match revisions.as_slice() {
                 [] => problems.push(ArchiveProblem::NoRevision { component }),
-                [one] if !self.manifests.contains(&(i, one.clone())) => {
-                    problems.push(ArchiveProblem::NoPodManifest {
-                        component,
-                        revision: one.clone(),
-                    })
-                }
+                [one] if !self.manifests.contains(&(i, one.clone())) => problems.push(ArchiveProblem::NoPodManifest {
+                    component,
+                    revision: one.clone(),
+                }),
                 [_] => {}
                 _ => problems.push(ArchiveProblem::SeveralRevisions { component, revisions }),
             }

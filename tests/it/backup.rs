@@ -38,7 +38,7 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
         "/kubernetes.io/config.openshift.io/clusterversions/version",
         r#"{"spec":{"clusterID":"c0ffee-id"},"status":{"desired":{"version":"4.15.4"},"history":[{"state":"Completed","version":"4.15.4","completionTime":"2026-01-01T00:00:00Z"}]}}"#,
     );
-    crate::common::settle_operators(&etcd);
+    crate::common::settle_operators(&etcd, None);
     let w = Work::new();
     let resources = w.path().join("etc-kubernetes");
     static_pod_fixture(&resources, 7);
@@ -390,6 +390,28 @@ fn a_missing_static_pod_manifest_is_a_clear_error() {
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("kube-scheduler-pod.yaml"), "{}", r.stderr);
+    assert_nothing_left(&w);
+}
+
+/// The native archive gets the same restorability check: a running revision without its
+/// pod manifest fails the run, naming the file, and leaves nothing.
+#[test]
+fn a_revision_without_its_pod_manifest_fails_the_native_backup() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let resources = w.path().join("etc-kubernetes");
+    static_pod_fixture(&resources, 3);
+    std::fs::remove_file(resources.join("static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml")).unwrap();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    w.set_static_resources_dir(&resources);
+    let r = backup(&cfg);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("no kube-controller-manager pod manifest (static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml)"),
+        "{}",
+        r.stderr
+    );
     assert_nothing_left(&w);
 }
 

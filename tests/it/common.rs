@@ -630,7 +630,11 @@ pub fn static_pod_fixture(root: &Path, rev: u32) {
             std::fs::create_dir_all(d.join("secrets/serving-cert")).unwrap();
             std::fs::write(d.join("configmaps/config/config.yaml"), format!("{c} revision {r}\n")).unwrap();
             // What the platform's restore (4.12-4.17) copies back into /etc/kubernetes/manifests.
-            std::fs::write(d.join(format!("{c}-pod.yaml")), format!("kind: Pod\n# {c} revision {r}\n")).unwrap();
+            std::fs::write(
+                d.join(format!("{c}-pod.yaml")),
+                format!("kind: Pod\n# {c} revision {r}\n"),
+            )
+            .unwrap();
             std::fs::write(d.join("secrets/serving-cert/tls.key"), "key material\n").unwrap();
             std::fs::set_permissions(
                 d.join("secrets/serving-cert/tls.key"),
@@ -647,12 +651,13 @@ pub fn static_pod_fixture(root: &Path, rev: u32) {
 pub const OPERATORS: [&str; 4] = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"];
 
 /// Puts ClusterOperator `name` with `Progressing=<status>` (`None`: no such condition).
-pub fn put_operator(etcd: &Etcd, name: &str, progressing: Option<&str>) {
-    let conditions: Vec<serde_json::Value> = std::iter::once(serde_json::json!({"type": "Available", "status": "True"}))
-        .chain(progressing.map(|s| serde_json::json!({"type": "Progressing", "status": s})))
-        .collect();
+pub fn put_operator(etcd: &Etcd, pki: Option<&Pki>, name: &str, progressing: Option<&str>) {
+    let conditions: Vec<serde_json::Value> =
+        std::iter::once(serde_json::json!({"type": "Available", "status": "True"}))
+            .chain(progressing.map(|s| serde_json::json!({"type": "Progressing", "status": s})))
+            .collect();
     etcd.put(
-        None,
+        pki,
         &format!("/kubernetes.io/config.openshift.io/clusteroperators/{name}"),
         &serde_json::json!({"metadata": {"name": name}, "status": {"conditions": conditions}}).to_string(),
     );
@@ -660,10 +665,91 @@ pub fn put_operator(etcd: &Etcd, name: &str, progressing: Option<&str>) {
 
 /// Each of the four ClusterOperators `Progressing=False`: a settled control plane, which
 /// every test that puts a ClusterVersion (an OpenShift cluster) needs for a backup to go.
-pub fn settle_operators(etcd: &Etcd) {
+pub fn settle_operators(etcd: &Etcd, pki: Option<&Pki>) {
     for name in OPERATORS {
-        put_operator(etcd, name, Some("False"));
+        put_operator(etcd, pki, name, Some("False"));
     }
+}
+
+/// A simulated control-plane host for `cluster-backup.sh` (the stand-in in
+/// `tests/fixtures/`): a TLS etcd that requires client certificates, `/etc/kubernetes`
+/// with static pod revisions (the manifests name `rev`) and the node's etcd client
+/// certificate where the script looks for it, and the four ClusterOperators settled.
+pub struct ScriptHost {
+    pub etcd: Etcd,
+    pub pki: Pki,
+    /// The host's `/etc/kubernetes`.
+    pub k8s: PathBuf,
+}
+
+impl ScriptHost {
+    pub fn start(w: &Work, rev: u32) -> ScriptHost {
+        let pki = Pki::new(w.path(), "script-host");
+        let etcd = Etcd::start_with(Some(&pki));
+        let k8s = w.path().join("etc-kubernetes");
+        static_pod_fixture(&k8s, rev);
+        let certs = k8s.join("static-pod-resources/etcd-certs");
+        let bundle = certs.join("configmaps/etcd-all-bundles");
+        let secrets = certs.join("secrets/etcd-all-certs");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::copy(&pki.ca, bundle.join("server-ca-bundle.crt")).unwrap();
+        std::fs::copy(&pki.client_cert, secrets.join("etcd-peer-node-a.crt")).unwrap();
+        std::fs::copy(&pki.client_key, secrets.join("etcd-peer-node-a.key")).unwrap();
+        settle_operators(&etcd, Some(&pki));
+        ScriptHost { etcd, pki, k8s }
+    }
+
+    /// What the stand-in reads from the host, as environment.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("STANDIN_ENDPOINT", self.etcd.endpoint.clone()),
+            ("STANDIN_K8S_DIR", self.k8s.display().to_string()),
+            ("STANDIN_NODE", "node-a".to_string()),
+        ]
+    }
+
+    /// A configuration of `w` for this host's etcd (TLS) with `snapshot.method = "script"`
+    /// running `script`, with `snapshot_extra` in `[snapshot]` and `extra` at the end.
+    pub fn config(&self, w: &Work, script: &Path, snapshot_extra: &str, extra: &str) -> PathBuf {
+        let cfg = w.write_config(&self.etcd.endpoint, Some(&self.pki), extra);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "[snapshot]\n",
+            &format!(
+                "[snapshot]\nmethod = \"script\"\nscript = \"{}\"\n{snapshot_extra}",
+                script.display()
+            ),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    }
+
+    /// Puts a key through the TLS client port.
+    pub fn put(&self, key: &str, value: &str) {
+        self.etcd.put(Some(&self.pki), key, value);
+    }
+
+    /// Runs the stand-in itself into `dir` (with `--force` first when `force`), with
+    /// `extra` environment; returns its output.
+    pub fn run_script(&self, dir: &Path, force: bool, extra: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(standin_script());
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.arg(dir);
+        for (k, v) in self.env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+}
+
+/// The stand-in of the platform's `cluster-backup.sh`.
+pub fn standin_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cluster-backup.sh")
 }
 
 /// A TCP proxy that forwards both ways and flips one bit of the server's bytes at

@@ -320,7 +320,7 @@ fn guards_skip_with_reasons_and_a_completed_upgrade_is_backed_up_once() {
     let etcd = Etcd::start();
     let w = Work::new();
     let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &file_target(&w));
-    crate::common::settle_operators(&etcd);
+    crate::common::settle_operators(&etcd, None);
     let backup = || run(&["backup", "--config", cfg.to_str().unwrap()]);
     let two_hours_ago = (chrono::Utc::now() - chrono::TimeDelta::hours(2)).to_rfc3339();
     let cases = [
@@ -534,21 +534,15 @@ fn platform_backup_sets_are_imported_once_and_verified_first() {
     let etcd = Etcd::start();
     etcd.fill(None, 100, 100);
     let w = Work::new();
-    let k8s = w.path().join("etc-kubernetes");
-    crate::common::static_pod_fixture(&k8s, 2);
     let import = w.path().join("cluster-backup");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cluster-backup.sh");
-    // What the platform leaves before upgrades, made by the stand-in of its script: one good
-    // set, one whose snapshot was corrupted in transit (a second later: its own timestamp).
+    // What the platform leaves before upgrades, made by the stand-in of its script on a host
+    // of its own: one good set, one whose snapshot was corrupted in transit (a second later:
+    // its own timestamp).
+    let host = crate::common::ScriptHost::start(&w, 2);
     let take = |dir: &str, corrupt: bool| {
-        let mut cmd = Command::new(&script);
-        cmd.arg(import.join(dir))
-            .env("STANDIN_ENDPOINT", &etcd.endpoint)
-            .env("STANDIN_K8S_DIR", &k8s);
-        if corrupt {
-            cmd.env("STANDIN_CORRUPT", "1");
-        }
-        assert!(cmd.output().unwrap().status.success());
+        let env: &[(&str, &str)] = if corrupt { &[("STANDIN_CORRUPT", "1")] } else { &[] };
+        let out = host.run_script(&import.join(dir), false, env);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     };
     take("upgrade-backup-a", false);
     std::thread::sleep(Duration::from_millis(1100));
@@ -568,7 +562,7 @@ fn platform_backup_sets_are_imported_once_and_verified_first() {
     let sets = w.target_root().join("test");
     let mut d = Proc::daemon(&cfg, w.path().join("daemon-1.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.log().contains("cannot import a platform backup set") || !sets.join(&id).join("manifest.json").exists() {
+    while !d.log().contains("cannot import the platform backup folder") || !sets.join(&id).join("manifest.json").exists() {
         assert!(Instant::now() < deadline, "{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -597,6 +591,105 @@ fn platform_backup_sets_are_imported_once_and_verified_first() {
         assert!(Instant::now() < deadline, "{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    assert!(!d.log().contains("import"), "{}", d.log());
+    assert_eq!(std::fs::read_dir(&sets).unwrap().count(), 1);
+}
+
+/// The platform's upgrade backups as 4.14 and earlier wrote them (`cluster-backup.sh --force`
+/// into `upgrade-backup-<version>-<ts>/`): imported with their dirty names and the folder's
+/// version as the set's OpenShift version; folders that cannot be imported are reported once
+/// (log, `status`, gauge), not at every poll or start.
+#[test]
+fn upgrade_backups_import_with_their_version_and_refusals_are_reported_once() {
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let w = Work::new();
+    let import = w.path().join("cluster-backup");
+    let host = crate::common::ScriptHost::start(&w, 3);
+    let made = import.join("made");
+    let out = host.run_script(&made, true, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let names: Vec<String> = std::fs::read_dir(&made)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let snapshot = names.iter().find(|n| n.starts_with("snapshot_")).unwrap().clone();
+    let ts = snapshot.trim_start_matches("snapshot_").trim_end_matches(".db").to_string();
+    let id = ts.trim_end_matches("__POSSIBLY_DIRTY__").to_string();
+    assert_ne!(ts, id, "the stand-in's --force names are dirty");
+    let folder = import.join(format!("upgrade-backup-4.14.0-rc.2-{ts}"));
+    std::fs::rename(&made, &folder).unwrap();
+    // Two folders that cannot be imported: a name that is no timestamp, and an archive the
+    // restore could not use (one component missing).
+    let odd = import.join("upgrade-backup-4.13.1-2023-01-01_000000");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::copy(folder.join(&snapshot), odd.join("snapshot_yesterday.db")).unwrap();
+    let partial = import.join("upgrade-backup-4.13.2-2023-02-02_000000");
+    std::fs::create_dir_all(&partial).unwrap();
+    let out = host.run_script(&partial, false, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let archive = std::fs::read_dir(&partial)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .unwrap();
+    crate::seal::sh(&format!(
+        "cd {d} && mkdir x && tar -xzf {a} -C x && rm -rf x/static-pod-resources/kube-scheduler-pod-* && tar -czf {a} -C x static-pod-resources && rm -rf x",
+        d = partial.display(),
+        a = archive.display()
+    ));
+
+    let extra = format!("{}\n[import]\ndirs = [\"{}\"]\n", file_target(&w), import.display());
+    let cfg = node_config(&w, 0, &etcd.endpoint, "0 0 3 1 1 *", &extra);
+    let sets = w.target_root().join("test");
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon-1.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.log().matches("cannot import the platform backup folder").count() < 2
+        || !sets.join(&id).join("manifest.json").exists()
+    {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&odd.display().to_string()) && log.contains("\"yesterday\" in 'snapshot_yesterday.db' is not %F_%H%M%S"),
+        "{log}"
+    );
+    assert!(log.contains("no kube-scheduler revision directory"), "{log}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sets.join(&id).join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["trigger"], "imported");
+    assert_eq!(m["openshift"]["version"], "4.14.0-rc.2", "{m}");
+    for name in &names {
+        assert!(sets.join(&id).join(name).is_file(), "{name} kept its dirty name");
+    }
+    // status and the gauge name both refusals.
+    let st = run(&["status", "--json", "--config", cfg.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_else(|_| panic!("{}", st.all()));
+    let refused: Vec<&str> = v["import_refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(refused.len(), 2, "{v}");
+    assert!(refused.contains(&odd.to_str().unwrap()) && refused.contains(&partial.to_str().unwrap()));
+    let text = run(&["status", "--config", cfg.to_str().unwrap()]);
+    assert!(text.stdout.contains("import      REFUSED"), "{}", text.stdout);
+    let metrics = etcd_backupd::metrics::render(&w.path().join("staging-0"));
+    assert!(metrics.contains("\netcd_backupd_import_refused_sets 2\n"), "{metrics}");
+
+    // A restarted daemon polls again at start: nothing imported or reported twice.
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon-2.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !d.log().contains("waiting for the next run") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // As in the test above: the start's import pass comes within this.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
     assert!(!d.log().contains("import"), "{}", d.log());
@@ -688,17 +781,11 @@ fn imported_platform_sets_are_sealed_like_our_own() {
     etcd.fill(None, 100, 100);
     etcd.put(None, "/kubernetes.io/secrets/default/db", "imported-secret-value-98765");
     let w = Work::new();
-    let k8s = w.path().join("etc-kubernetes");
-    crate::common::static_pod_fixture(&k8s, 2);
     let import = w.path().join("cluster-backup");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cluster-backup.sh");
-    let out = Command::new(&script)
-        .arg(import.join("upgrade-backup-a"))
-        .env("STANDIN_ENDPOINT", &etcd.endpoint)
-        .env("STANDIN_K8S_DIR", &k8s)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let host = crate::common::ScriptHost::start(&w, 2);
+    host.put("/kubernetes.io/secrets/default/db", "imported-secret-value-98765");
+    let out = host.run_script(&import.join("upgrade-backup-a"), false, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let originals: Vec<(String, Vec<u8>)> = std::fs::read_dir(import.join("upgrade-backup-a"))
         .unwrap()
         .map(|e| {

@@ -27,7 +27,7 @@ fn force_backs_up_during_an_upgrade_and_records_which_guard_it_overrode() {
     let etcd = Etcd::start();
     etcd.fill(None, 50, 100);
     etcd.put(None, CV_KEY, UPGRADING);
-    crate::common::settle_operators(&etcd);
+    crate::common::settle_operators(&etcd, None);
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "");
 
@@ -91,7 +91,7 @@ fn force_never_overrides_free_space_and_a_skip_exits_3() {
     let etcd = Etcd::start();
     etcd.fill(None, 50, 100);
     etcd.put(None, CV_KEY, UPGRADING);
-    crate::common::settle_operators(&etcd);
+    crate::common::settle_operators(&etcd, None);
     let w = Work::new();
     let cfg = w.write_config(&etcd.endpoint, None, "\n[guards]\nmin_free_space = \"1000TiB\"\n");
     let r = backup(&cfg, &["--force"]);
@@ -128,4 +128,63 @@ fn a_backup_skipped_because_staging_is_busy_is_recorded_as_skipped_not_failed() 
     assert!(text.contains("etcd_backupd_runs_total{result=\"skipped\"} 1"), "{text}");
     assert!(text.contains("etcd_backupd_runs_total{result=\"failed\"} 0"), "{text}");
     assert!(text.contains("etcd_backupd_last_attempt_success 1"), "{text}");
+}
+
+/// On OpenShift (a ClusterVersion exists) the native guard is as strict as
+/// `cluster-backup.sh`: each of the four ClusterOperators present with Progressing=False;
+/// `Unknown`, a missing condition or a missing object is a skip naming the operator and
+/// what was found. `--force` overrides it, as it does the script's check.
+#[test]
+fn the_operator_guard_is_as_strict_as_the_script_on_openshift() {
+    use crate::common::put_operator;
+    let etcd = Etcd::start();
+    etcd.put(None, "k", "v");
+    let settled = UPGRADING
+        .replace(r#""desired":{"version":"4.15.5"}"#, r#""desired":{"version":"4.15.4"}"#)
+        .replace(
+            r#"{"state":"Partial","version":"4.15.5","startedTime":"2026-11-30T00:00:00Z","completionTime":null},"#,
+            "",
+        );
+    etcd.put(None, CV_KEY, &settled);
+    crate::common::settle_operators(&etcd, None);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, "");
+    let cases: [(&dyn Fn(), &str); 3] = [
+        (
+            &|| put_operator(&etcd, None, "kube-apiserver", Some("Unknown")),
+            "ClusterOperator kube-apiserver Progressing=Unknown",
+        ),
+        (
+            &|| put_operator(&etcd, None, "kube-scheduler", None),
+            "ClusterOperator kube-scheduler has no Progressing condition",
+        ),
+        (
+            &|| {
+                let out = etcd
+                    .etcdctl(None)
+                    .args(["del", "/kubernetes.io/config.openshift.io/clusteroperators/etcd"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            },
+            "ClusterOperator etcd is missing from etcd",
+        ),
+    ];
+    for (break_it, reason) in cases {
+        crate::common::settle_operators(&etcd, None);
+        break_it();
+        let r = backup(&cfg, &[]);
+        assert_eq!(r.code, 3, "{reason}: {}", r.all());
+        assert!(r.stderr.contains(reason), "{reason}: {}", r.stderr);
+        assert_eq!(newest_state_run(&w)["result"], "skipped");
+    }
+    assert!(w.sets().is_empty());
+    let r = backup(&cfg, &["--force"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("forced    ClusterOperator etcd is missing from etcd"), "{}", r.stdout);
+    // Settled again: a backup without --force goes.
+    crate::common::settle_operators(&etcd, None);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let r = backup(&cfg, &[]);
+    assert_eq!(r.code, 0, "{}", r.all());
 }

@@ -248,7 +248,14 @@ fn render_role_targets_the_arbiter_pool_and_validates() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(parse_yaml(&r.stdout)["metadata"]["name"], "50-arbiter-backups");
     // Workers run no etcd member: not a role it renders for.
-    let r = run(&["render", "machineconfig", "--config", cfg.to_str().unwrap(), "--role", "worker"]);
+    let r = run(&[
+        "render",
+        "machineconfig",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--role",
+        "worker",
+    ]);
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("worker"), "{}", r.stderr);
 }

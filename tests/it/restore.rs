@@ -294,7 +294,7 @@ fn cluster_version(etcd: &Etcd, version: &str) {
             r#"{{"spec":{{"clusterID":"c0ffee"}},"status":{{"desired":{{"version":"{version}"}},"history":[{{"state":"Completed","version":"{version}","completionTime":"2026-01-01T00:00:00Z"}}]}}}}"#
         ),
     );
-    crate::common::settle_operators(etcd);
+    crate::common::settle_operators(etcd, None);
 }
 
 /// Which files `cluster-restore.sh` would take from `dir`: the version-sorted last
@@ -588,7 +588,7 @@ fn cluster_version_history(etcd: &Etcd, desired: &str, history: &[(&str, &str)])
         "/kubernetes.io/config.openshift.io/clusterversions/version",
         &cv.to_string(),
     );
-    crate::common::settle_operators(etcd);
+    crate::common::settle_operators(etcd, None);
 }
 
 /// Takes a backup with `cfg`; returns the new set's id (the newest on the file target).

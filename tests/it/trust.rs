@@ -456,29 +456,16 @@ fn an_archive_with_an_expired_leaf_certificate_is_marked_by_list_and_refused_by_
 /// The script method reads the platform's archive too, and signs its sets.
 #[test]
 fn script_sets_record_restorable_until_and_are_signed() {
-    let etcd = Etcd::start();
-    etcd.fill(None, 50, 100);
     let w = Work::new();
-    let k8s = w.path().join("etc-kubernetes");
-    static_pod_fixture(&k8s, 5);
+    let host = crate::common::ScriptHost::start(&w, 5);
+    host.etcd.fill(Some(&host.pki), 50, 100);
     let (at, leaf) = day(40);
-    // The stand-in archives every revision on disk (the platform's script only the running
-    // ones): all their certificates count.
-    certificates(&k8s, 5, leaf, false);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cluster-backup.sh");
-    let cfg = w.write_config(&etcd.endpoint, None, "\n[signing]\nenabled = true\n");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "[snapshot]\n",
-        &format!("[snapshot]\nmethod = \"script\"\nscript = \"{}\"\n", script.display()),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let r = crate::common::run_env(
-        &["backup", "--no-election", "--config", cfg.to_str().unwrap()],
-        &[
-            ("STANDIN_ENDPOINT", etcd.endpoint.as_str()),
-            ("STANDIN_K8S_DIR", k8s.to_str().unwrap()),
-        ],
-    );
+    // The script archives the running revisions: their certificates count.
+    certificates(&host.k8s, 5, leaf, false);
+    let cfg = host.config(&w, &crate::common::standin_script(), "", "\n[signing]\nenabled = true\n");
+    let env = host.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = crate::common::run_env(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], &env);
     assert_eq!(r.code, 0, "{}", r.all());
     let set = w.sets().pop().unwrap();
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
