@@ -5,8 +5,9 @@
 # server (PyPI, in a venv at $MOTO_VENV) for the integration tests (which start their own instances on free loopback ports), protoc and
 # protobuf's well-known .proto files for the etcd gRPC client's build, systemd-analyze and
 # ignition-validate for the shipped unit and the rendered MachineConfig, promtool (Debian's
-# prometheus package; its server is not used) for the alert rules, a C toolchain, and
-# Rust (through rustup) when cargo is missing.
+# prometheus package) for the alert rules and its server for the console dashboard's test, systemd-nspawn and
+# debootstrap for the rollout test (a Debian 12 root booted with systemd, built by
+# scripts/nspawn-root.sh), a C toolchain, and Rust (through rustup) when cargo is missing.
 set -euo pipefail
 
 # libprotobuf-dev: google/protobuf/*.proto, which etcd-client's build script compiles against;
@@ -17,7 +18,9 @@ packages=(etcd-server etcd-client protobuf-compiler libprotobuf-dev build-essent
           systemd ignition python3-yaml    # systemd-analyze verify, ignition-validate, YAML parsing
           age zstd openssh-client          # the standard tools that must open sealed sets
           faketime                         # libfaketime: the clock-jump tests
-          prometheus)                      # promtool: check and unit-test examples/openshift/prometheusrule.yaml
+          prometheus                       # promtool (rules, exposition) and /usr/bin/prometheus (dashboard.yaml's test)
+          systemd-container debootstrap    # the rollout test: systemd-nspawn boots a debootstrapped root
+          debian-archive-keyring)          # ... of Debian 12, checked against Debian's keys (also on Ubuntu)
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 
@@ -65,4 +68,21 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
   # shellcheck disable=SC1091
   . "$HOME/.cargo/env"
+fi
+
+# With --supply-chain (scripts/test.sh passes it; the quickstart does not): cargo-deny for
+# the dependency policy (deny.toml) and cargo-about for the third-party notices
+# (about.toml), built from crates.io with their own Cargo.lock, at these versions only;
+# nothing is built when the right version is already on PATH.
+if [ "${1:-}" = "--supply-chain" ]; then
+  cargo_tool() { # crate version [cargo install options...]
+    local crate=$1 version=$2
+    shift 2
+    if [ "$(cargo "${crate#cargo-}" --version 2>/dev/null)" != "$crate $version" ]; then
+      echo "installing $crate $version (cargo install, a few minutes)"
+      nice -n 10 cargo install --locked --quiet --version "$version" "$@" "$crate"
+    fi
+  }
+  cargo_tool cargo-deny 0.20.2
+  cargo_tool cargo-about 0.9.3 --features cli # the binary needs the crate's `cli` feature
 fi

@@ -73,6 +73,34 @@ fn drill_schedule_of(s: &Settings) -> Result<Option<Schedule>> {
         .map_err(|e| anyhow::anyhow!("verify.schedule: {e}"))
 }
 
+/// `STATUS=` while the daemon waits: the next run as it will start (jitter included), the
+/// last run, pending deliveries, the probe's problems and a rejected reload.
+fn idle_status(
+    settings: &Settings,
+    slot: Option<crate::schedule::Slot>,
+    pending_sets: usize,
+    rejected: Option<&str>,
+) -> String {
+    let staging = &settings.snapshot.staging_dir;
+    let tz = crate::clock::zone(&settings.schedule.timezone);
+    let mut parts = Vec::new();
+    if let Some(why) = rejected {
+        parts.push(format!("configuration rejected: {why}"));
+    }
+    parts.push(format!(
+        "idle; next run {}",
+        slot.map(|s| crate::clock::show(s.start, tz)).unwrap_or_else(|| "none".into())
+    ));
+    parts.push(last_summary(staging));
+    if pending_sets > 0 {
+        parts.push(format!("{pending_sets} set(s) pending delivery"));
+    }
+    if let Some(p) = State::load(staging).probe {
+        parts.extend(p.problems().into_iter().map(|p| format!("problem: {p}")));
+    }
+    parts.join("; ")
+}
+
 fn last_summary(staging: &std::path::Path) -> String {
     match State::load(staging).runs.first() {
         Some(r) => match (r.result, &r.id) {
@@ -137,6 +165,14 @@ async fn serve(
     crate::staging::prepare_staging(&settings.snapshot.staging_dir)?;
     // The node's signing key: created on the first start, its allowed_signers line logged.
     crate::trust::signing::announce(&settings)?;
+    // A heartbeat (state.json, and etcd with the election on) every minute; restarted with
+    // the settings of each accepted reload.
+    let mut beat_stop = stop.child_token();
+    crate::heartbeat::spawn(tasks, settings.clone(), beat_stop.clone());
+    // What is wrong with etcd or a target, said now rather than at the first run.
+    crate::probe::spawn(tasks, settings.clone(), "at start");
+    // A rejected reload, said in every STATUS= until a reload is accepted.
+    let mut rejected: Option<String> = None;
     // In the background, from the start (also while etcd is awaited); a port that cannot be
     // bound is retried there and never stops backups.
     if let Some(addr) = &settings.metrics.listen {
@@ -196,25 +232,24 @@ async fn serve(
         };
         let staging = settings.snapshot.staging_dir.clone();
         let next_run = slot.map(|s| s.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        let next_start = slot.map(|s| s.start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         if crate::staging::prepare_staging(&staging).is_ok() {
-            State::update_or_log(&staging, |state| state.next_run = next_run);
+            State::update_or_log(&staging, |state| {
+                state.next_run = next_run;
+                state.next_start = next_start;
+            });
         }
         let (pending_sets, _) = crate::delivery::pending(&staging);
-        let idle = format!(
-            "idle; next run {}; {}{}",
-            slot.map(|s| format!("{} UTC", s.at.format("%Y-%m-%d %H:%M:%S")))
-                .unwrap_or_else(|| "none".into()),
-            last_summary(&staging),
-            if pending_sets > 0 {
-                format!("; {pending_sets} set(s) pending delivery")
-            } else {
-                String::new()
-            }
-        );
+        let idle = idle_status(&settings, slot, pending_sets, rejected.as_deref());
         notify::status(&idle);
         crate::metrics::refresh(&settings);
         if let Some(slot) = slot {
-            tracing::info!(next_run = %slot.at, start = %slot.start, "waiting for the next run");
+            let tz = crate::clock::zone(&settings.schedule.timezone);
+            tracing::info!(
+                next_run = %crate::clock::show(slot.at, tz),
+                start = %crate::clock::show(slot.start, tz),
+                "waiting for the next run"
+            );
         }
 
         // Sleep until the slot, waking for SIGHUP, SIGTERM and upgrade checks.
@@ -252,25 +287,37 @@ async fn serve(
             Wake::Stop => break,
             Wake::Reload => {
                 notify::reloading();
-                match Settings::load(&config).and_then(|s| s.check_node_files().map(|_| s)) {
-                    Ok(s) => match schedule_of(&s).and_then(|sch| Ok((sch, drill_schedule_of(&s)?))) {
-                        Ok((sch, dr)) => {
-                            tracing::info!("configuration reloaded");
-                            settings = s;
-                            schedule = sch;
-                            next_drill = dr.as_ref().and_then(|d| d.next_at(Utc::now()));
-                            drills = dr;
-                            crate::priority::apply(&settings.priority);
-                            // A new schedule starts from now: no run in the past is made up.
-                            after = after.max(Utc::now());
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %crate::error::one_line(&e), "new configuration rejected; keeping the old one")
-                        }
-                    },
-                    Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the old one"),
+                let loaded = (|| -> Result<_> {
+                    let s = Settings::load(&config)?;
+                    s.check_node_files()?;
+                    Ok((schedule_of(&s)?, drill_schedule_of(&s)?, s))
+                })();
+                match loaded {
+                    Ok((sch, dr, s)) => {
+                        tracing::info!("configuration reloaded");
+                        settings = s;
+                        schedule = sch;
+                        next_drill = dr.as_ref().and_then(|d| d.next_at(Utc::now()));
+                        drills = dr;
+                        crate::priority::apply(&settings.priority);
+                        // A new schedule starts from now: no run in the past is made up.
+                        after = after.max(Utc::now());
+                        rejected = None;
+                        beat_stop.cancel();
+                        beat_stop = stop.child_token();
+                        crate::heartbeat::spawn(tasks, settings.clone(), beat_stop.clone());
+                        crate::probe::spawn(tasks, settings.clone(), "after the reload");
+                        notify::ready("configuration reloaded");
+                    }
+                    Err(e) => {
+                        let why = crate::error::one_line(&e);
+                        tracing::error!(error = %why, "new configuration rejected, keeping the old one: {why}");
+                        // READY=1 ends the reload systemd waits for; the unit's ExecReload
+                        // validates first, so `systemctl reload` itself fails on this.
+                        notify::ready(&format!("configuration rejected: {why}"));
+                        rejected = Some(why);
+                    }
                 }
-                notify::ready("reloaded");
                 continue;
             }
             Wake::Import => {
@@ -573,9 +620,17 @@ fn log_outcome(run: &str, outcome: &Result<Outcome>, t0: Instant) {
         ),
         Ok(Outcome::Ran(r)) => {
             let (stored, missing) = r.stored_and_missing();
+            // What each target that lacks the set answered: the reason the alert sends the
+            // admin here for.
+            let reasons: Vec<String> = r
+                .targets
+                .iter()
+                .filter_map(|t| t.result.as_ref().err().map(|e| format!("'{}': {e}", t.name)))
+                .collect();
             tracing::error!(
                 message_id = crate::notify::MESSAGE_ID_FAILED, run, backup_id = %r.manifest.id, seconds,
                 stored_targets = %stored.join(","), failed_targets = %missing.join(","),
+                error = %reasons.join("; "),
                 "backup not stored on every target; it waits in staging for the others"
             )
         }

@@ -16,12 +16,27 @@ pub enum Stop {
     /// Skipped on purpose (a guard not met, not the elected runner): exit 3.
     #[error("skipped: {0}")]
     Skipped(crate::outcome::Skip),
+    /// Refused on purpose, by a rule that protects the user (a prune that would delete the
+    /// newest good backup): exit 3, as a skip.
+    #[error("{0}")]
+    Refused(String),
+    /// A verdict with its own exit code (`status`: 4 AT RISK, 1 FAILING), already printed on
+    /// stdout.
+    #[error("{summary}")]
+    Verdict { code: u8, summary: String },
 }
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_SKIPPED: u8 = 3;
+/// `status`: protected, but not fully (AT RISK).
+pub const EXIT_AT_RISK: u8 = 4;
+
+/// A verdict already printed on stdout: its stderr line adds nothing on a terminal.
+pub fn is_verdict(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<Stop>(), Some(Stop::Verdict { .. })))
+}
 
 /// The exit code for an error, from the first typed cause in its chain.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
@@ -29,7 +44,8 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(stop) = cause.downcast_ref::<Stop>() {
             return match stop {
                 Stop::Usage(_) => EXIT_USAGE,
-                Stop::Skipped(_) => EXIT_SKIPPED,
+                Stop::Skipped(_) | Stop::Refused(_) => EXIT_SKIPPED,
+                Stop::Verdict { code, .. } => *code,
             };
         }
         if cause.downcast_ref::<ConfigError>().is_some() {

@@ -22,14 +22,14 @@
 //!   its run's record; [`delivery::retention`]: which sets to keep, and pruning a target.
 //! - [`targets`]: where sets are stored, atomically: `file://`, HTTP/WebDAV and S3.
 //! - [`restore`]: `fetch`, `verify` and the restore drill.
-//! - [`cli`]: a file per command; `main.rs` only parses, sets up logging (journald or
-//!   stderr) and maps errors to exit codes ([`error`]).
+//! - [`cli`]: a file per command; `main.rs` only parses, sets up [`logging`] (journald or
+//!   stderr, one rendering) and maps errors to exit codes ([`error`]).
 //! - [`metrics`]: Prometheus text, as a textfile-collector file and on `GET /metrics`.
 //! - At the bottom: [`config`] (validated data, from which each domain module builds its
 //!   own objects; it reads the age recipients it checks through [`envelope`]), [`manifest`]
 //!   (what a set says about itself), [`outcome`] (typed run results and skips, each with its
 //!   metric label), [`error`], [`fsutil`], [`growing`] (a file that readers follow while it
-//!   is written), [`notify`], [`priority`], [`progress`], [`schedule`].
+//!   is written), [`clock`] (times as people read them), [`logging`], [`notify`], [`priority`], [`progress`], [`schedule`].
 //!
 //! The imports form a layering, checked with `python3 ../shared/tools/modcycles.py src` (no
 //! cycles; a folder counts as one module), from the bottom up: the modules above; then
@@ -40,6 +40,7 @@
 //! 10 s, and a target not ready by then gets the staged set afterwards.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
@@ -48,11 +49,15 @@ pub mod error;
 pub mod etcd;
 pub mod fsutil;
 pub mod growing;
+pub mod health;
+pub mod heartbeat;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;
 pub mod outcome;
 pub mod priority;
+pub mod probe;
 pub mod progress;
 pub mod restore;
 pub mod run;

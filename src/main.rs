@@ -8,51 +8,6 @@ use etcd_backupd::cli::Command;
 use etcd_backupd::cli::{self, Cli};
 use etcd_backupd::{error, progress};
 
-/// systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it connected; it is ours only if
-/// stderr is still that stream (a child of a journald-logged shell inherits the variable).
-fn stderr_is_journal() -> bool {
-    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
-        return false;
-    };
-    match nix::sys::stat::fstat(std::io::stderr()) {
-        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
-        Err(_) => false,
-    }
-}
-
-fn init_logging(verbose: u8) {
-    use tracing_subscriber::prelude::*;
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    // rustls logs every failed handshake itself; our error line already says it, once.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ETCD_BACKUPD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rustls=off")));
-    // Under systemd (stderr connected to the journal), log to the journal natively, so
-    // fields such as BACKUP_ID, BYTES, TARGET and MESSAGE_ID can be queried with journalctl.
-    if stderr_is_journal()
-        && let Ok(journal) = tracing_journald::layer()
-    {
-        let journal = journal
-            .with_field_prefix(None)
-            .with_syslog_identifier("etcd-backupd".into());
-        tracing_subscriber::registry().with(filter).with(journal).init();
-        return;
-    }
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| progress::LogWriter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -79,7 +34,7 @@ fn main() -> ExitCode {
         Command::Backup { .. } | Command::Fetch { .. } | Command::Verify { .. } => progress::bars_if_terminal(),
         _ => progress::Mode::Off,
     });
-    init_logging(cli.verbose);
+    etcd_backupd::logging::init(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -95,6 +50,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::from(error::EXIT_OK),
         // `| head` quit reading: end quietly, as coreutils do.
         Err(e) if error::is_closed_stdout(&e) => ExitCode::from(error::EXIT_OUTPUT_CLOSED),
+        // `status`'s verdict is its first line on stdout; a pipe or a check still gets it on
+        // stderr, once.
+        Err(e) if error::is_verdict(&e) => {
+            if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                let _ = writeln!(std::io::stderr(), "{}", error::one_line(&e));
+            }
+            ExitCode::from(error::exit_code(&e))
+        }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "error: {}", error::one_line(&e));
             ExitCode::from(error::exit_code(&e))

@@ -2,13 +2,27 @@
 //! textfile collector (`metrics.textfile`, atomically) and/or served by the daemon on
 //! `GET /metrics` (`metrics.listen`). Both show this node's view; a cluster's last success is
 //! the `max()` over its nodes, since one node runs each backup.
+//!
+//! The exposition is the official Prometheus client's (`prometheus-client`): a [`Collector`]
+//! reads the state at each scrape and its Prometheus text format (0.0.4) encoder writes it,
+//! escaping included. The endpoint is hyper's HTTP/1.1 server, bounded (see [`serve`]).
 
-use std::fmt::Write as _;
+use std::convert::Infallible;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, header};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -19,30 +33,80 @@ fn unix(ts: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(ts).ok().map(|t| t.timestamp())
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+/// Seconds rounded to the millisecond, as they are exported.
+fn millis(secs: f64) -> f64 {
+    (secs * 1000.0).round() / 1000.0
 }
 
-/// A label value in the exposition format: `\`, `"` and newlines escaped.
-fn label_value(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
+/// What the metric families are written through: one call per family, names as exported
+/// (a counter's without its `_total`, which the encoder appends).
+struct Families<'a>(DescriptorEncoder<'a>);
 
-/// A gauge with one series per target (`target="<name>"`); nothing without series.
-fn target_gauge(out: &mut String, name: &str, help: &str, series: &[(&str, String)]) {
-    if series.is_empty() {
-        return;
+impl Families<'_> {
+    /// A gauge without labels.
+    fn gauge(&mut self, name: &str, help: &str, value: impl EncodeGaugeValue) -> fmt::Result {
+        let metric = ConstGauge::new(value);
+        metric.encode(self.0.encode_descriptor(name, help, None, metric.metric_type())?)
     }
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-    for (target, value) in series {
-        let _ = writeln!(out, "{name}{{target=\"{}\"}} {value}", label_value(target));
+
+    /// A gauge with one series per value of `label`; nothing at all without series.
+    fn gauges<V: EncodeGaugeValue + Copy>(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: &[(&str, V)],
+    ) -> fmt::Result {
+        if series.is_empty() {
+            return Ok(());
+        }
+        let mut family = self.0.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (value_of_label, value) in series {
+            let labels = [(label, *value_of_label)];
+            ConstGauge::new(*value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// A counter (`<name>_total`) with one series per value of `label`; its HELP and TYPE
+    /// also without series.
+    fn counters(&mut self, name: &str, help: &str, label: &str, series: &[(&str, u64)]) -> fmt::Result {
+        let mut family = self.0.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (value_of_label, value) in series {
+            let labels = [(label, *value_of_label)];
+            ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
-/// The exposition text for the node whose staging directory is `staging`.
+/// The node's metrics, read afresh from `<staging>` each time they are encoded.
+#[derive(Debug)]
+struct NodeMetrics {
+    staging: PathBuf,
+}
+
+impl Collector for NodeMetrics {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        write_families(&mut Families(encoder), &self.staging)
+    }
+}
+
+/// The exposition text (Prometheus text format 0.0.4) for the node whose staging directory
+/// is `staging`.
 pub fn render(staging: &Path) -> String {
-    let state = State::load(staging);
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(NodeMetrics {
+        staging: staging.to_path_buf(),
+    }));
     let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+fn write_families(out: &mut Families, staging: &Path) -> fmt::Result {
+    let state = State::load(staging);
     // Runs this node took (not skipped, not another node's).
     let attempts: Vec<_> = state
         .runs
@@ -50,59 +114,50 @@ pub fn render(staging: &Path) -> String {
         .filter(|r| r.result.took_a_set() || r.result == RunResult::Failed)
         .collect();
     let last_ok = state.runs.iter().find(|r| r.result == RunResult::Ok);
-    gauge(
-        &mut out,
+    out.gauge(
         "etcd_backupd_last_success_timestamp_seconds",
         "When this node last stored a backup on every target (unix time; 0: never).",
         last_ok.and_then(|r| unix(&r.finished)).unwrap_or(0),
-    );
+    )?;
     if let Some(last) = attempts.first() {
-        gauge(
-            &mut out,
+        out.gauge(
             "etcd_backupd_last_attempt_timestamp_seconds",
             "When this node's last backup attempt ended.",
             unix(&last.finished).unwrap_or(0),
-        );
-        gauge(
-            &mut out,
+        )?;
+        out.gauge(
             "etcd_backupd_last_attempt_success",
             "1 if this node's last backup attempt stored the set on every target.",
-            u8::from(last.result == RunResult::Ok),
-        );
-        gauge(
-            &mut out,
+            i64::from(last.result == RunResult::Ok),
+        )?;
+        out.gauge(
             "etcd_backupd_last_duration_seconds",
             "Duration of this node's last backup attempt.",
-            format!("{:.3}", last.duration_s),
-        );
-        gauge(
-            &mut out,
+            millis(last.duration_s),
+        )?;
+        out.gauge(
             "etcd_backupd_last_bytes",
             "Bytes stored by this node's last backup attempt.",
             last.bytes.unwrap_or(0),
-        );
+        )?;
     }
     let (pending, pending_bytes) = crate::delivery::pending(staging);
-    gauge(
-        &mut out,
+    out.gauge(
         "etcd_backupd_pending_sets",
         "Verified sets in staging waiting for a target.",
         pending,
-    );
-    gauge(
-        &mut out,
+    )?;
+    out.gauge(
         "etcd_backupd_pending_bytes",
         "Bytes of the sets waiting in staging.",
         pending_bytes,
-    );
-    gauge(
-        &mut out,
+    )?;
+    out.gauge(
         "etcd_backupd_is_runner",
         "1 while this node runs a backup.",
-        u8::from(state.running.is_some()),
-    );
-    gauge(
-        &mut out,
+        i64::from(state.running.is_some()),
+    )?;
+    out.gauge(
         "etcd_backupd_newest_set_restorable_until_timestamp_seconds",
         "When the first leaf certificate in the static resources of the newest set this node staged expires (unix time; 0: none recorded).",
         state
@@ -111,97 +166,89 @@ pub fn render(staging: &Path) -> String {
             .and_then(|s| s.restorable_until.as_deref())
             .and_then(unix)
             .unwrap_or(0),
-    );
-    gauge(
-        &mut out,
+    )?;
+    out.gauge(
         "etcd_backupd_import_refused_sets",
         "Platform backup folders under import.dirs that cannot be imported (see status).",
         state.import_refused.len(),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP etcd_backupd_runs_total Runs seen by this node, by result.\n# TYPE etcd_backupd_runs_total counter"
-    );
-    for result in RunResult::ALL.map(RunResult::as_str) {
-        let n = state.runs_total.get(result).copied().unwrap_or(0);
-        let _ = writeln!(out, "etcd_backupd_runs_total{{result=\"{result}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP etcd_backupd_skips_total Skipped runs, by kind of reason.\n# TYPE etcd_backupd_skips_total counter"
-    );
-    for (kind, n) in &state.skips_total {
-        let _ = writeln!(out, "etcd_backupd_skips_total{{reason=\"{kind}\"}} {n}");
-    }
+    )?;
+    out.gauge(
+        "etcd_backupd_probe_problems",
+        "Problems the daemon's last probe of etcd and the targets found (at start and after each reload; see status).",
+        state.probe.as_ref().map(|p| p.problems().len()).unwrap_or(0),
+    )?;
+    let runs: Vec<(&str, u64)> = RunResult::ALL
+        .map(RunResult::as_str)
+        .into_iter()
+        .map(|result| (result, state.runs_total.get(result).copied().unwrap_or(0)))
+        .collect();
+    out.counters(
+        "etcd_backupd_runs",
+        "Runs seen by this node, by result.",
+        "result",
+        &runs,
+    )?;
+    let skips: Vec<(&str, u64)> = state.skips_total.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    out.counters(
+        "etcd_backupd_skips",
+        "Skipped runs, by kind of reason.",
+        "reason",
+        &skips,
+    )?;
     // Coverage: what each target held when this node last listed it (after a run's
     // retention), and the newest set a drill here restored from it.
-    let coverage: Vec<(&str, &crate::staging::state::TargetCoverage)> =
-        state.targets.iter().map(|(n, c)| (n.as_str(), c)).collect();
-    target_gauge(
-        &mut out,
+    out.gauges(
         "etcd_backupd_target_newest_set_timestamp_seconds",
         "Creation time of the newest complete set on the target, as this node last listed it after a backup (unix time; 0: none).",
-        &coverage
+        "target",
+        &state
+            .targets
             .iter()
-            .map(|(n, c)| {
-                (
-                    *n,
-                    c.newest_complete_time
-                        .as_deref()
-                        .and_then(unix)
-                        .unwrap_or(0)
-                        .to_string(),
-                )
-            })
+            .map(|(n, c)| (n.as_str(), c.newest_complete_time.as_deref().and_then(unix).unwrap_or(0)))
             .collect::<Vec<_>>(),
-    );
-    target_gauge(
-        &mut out,
+    )?;
+    out.gauges(
         "etcd_backupd_target_sets",
         "Complete (not damaged) sets of this cluster on the target, as this node last listed it after a backup.",
-        &coverage
+        "target",
+        &state
+            .targets
             .iter()
-            .map(|(n, c)| (*n, c.sets.to_string()))
+            .map(|(n, c)| (n.as_str(), c.sets))
             .collect::<Vec<_>>(),
-    );
+    )?;
     let drilled = state.last_drill.as_ref().map(|d| &d.drilled);
     let mut drill_targets: std::collections::BTreeSet<&str> = state.targets.keys().map(String::as_str).collect();
     drill_targets.extend(drilled.into_iter().flat_map(|m| m.keys().map(String::as_str)));
-    target_gauge(
-        &mut out,
+    out.gauges(
         "etcd_backupd_target_newest_drilled_set_timestamp_seconds",
         "Creation time of the newest set from the target that a successful restore drill on this host restored (unix time; 0: none).",
+        "target",
         &drill_targets
             .into_iter()
-            .map(|n| {
-                let t = drilled.and_then(|m| m.get(n)).and_then(|t| unix(t)).unwrap_or(0);
-                (n, t.to_string())
-            })
+            .map(|n| (n, drilled.and_then(|m| m.get(n)).and_then(|t| unix(t)).unwrap_or(0)))
             .collect::<Vec<_>>(),
-    );
+    )?;
     if let Some(d) = &state.last_drill {
-        gauge(
-            &mut out,
+        out.gauge(
             "etcd_backupd_last_drill_success",
             "1 if the last restore drill on this host succeeded.",
-            u8::from(d.ok),
-        );
-        gauge(
-            &mut out,
+            i64::from(d.ok),
+        )?;
+        out.gauge(
             "etcd_backupd_last_drill_timestamp_seconds",
             "When the last restore drill on this host ended.",
             unix(&d.finished).unwrap_or(0),
-        );
+        )?;
         if let Some(secs) = d.restore_seconds {
-            gauge(
-                &mut out,
+            out.gauge(
                 "etcd_backupd_last_drill_restore_duration_seconds",
                 "How long the last restore drill on this host, when it succeeded, took from its start until the restored etcd answered: fetching the set from its target, checking it (signature, checksums, decryption and decompression), snapshot restore and starting etcd on the restored data. Not included: the platform's restore procedure on the cluster.",
-                format!("{secs:.3}"),
-            );
+                millis(secs),
+            )?;
         }
     }
-    out
+    Ok(())
 }
 
 /// Rewrites `metrics.textfile`, if configured (temporary file + rename, so the collector
@@ -223,6 +270,15 @@ pub fn refresh(settings: &Settings) {
 const RETRY: Duration = Duration::from_secs(30);
 /// A failure that goes on is logged again this often (besides its first time and changes).
 const REMIND: Duration = Duration::from_secs(3600);
+/// A client must have sent its whole request head this soon after connecting.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection (one request: no keep-alive) is closed this long after it was accepted,
+/// whatever state it is in: a client reading the answer slowly cannot hold it longer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connections served at once; more wait in the listen backlog until one ends.
+const MAX_CONNECTIONS: usize = 8;
+/// The largest request head read (hyper's minimum buffer); a longer one is refused.
+const MAX_HEAD: usize = 8192;
 
 /// The retry interval; `ETCD_BACKUPD_METRICS_RETRY_MS` shortens it for the test suite only
 /// (internal, not a setting).
@@ -261,7 +317,7 @@ pub fn spawn(tasks: &tokio_util::task::TaskTracker, addr: String, staging: PathB
                     failures = 0;
                     logged = None;
                     // Its own task: a panic while serving ends that task, not this loop.
-                    match tokio::spawn(accept_loop(listener, staging.clone(), stop.clone())).await {
+                    match tokio::spawn(serve(listener, staging.clone(), stop.clone())).await {
                         Ok(()) => return,
                         Err(e) => format!("the metrics endpoint failed: {e}"),
                     }
@@ -289,16 +345,32 @@ pub fn spawn(tasks: &tokio_util::task::TaskTracker, addr: String, staging: PathB
     });
 }
 
-/// Answers connections on `listener` until `stop`: a tiny HTTP/1.1 responder, one request
-/// per connection, enough for Prometheus and curl.
-async fn accept_loop(listener: tokio::net::TcpListener, staging: PathBuf, stop: CancellationToken) {
+/// Answers connections on `listener` until `stop`, with hyper's HTTP/1.1 server: one request
+/// per connection, its head within [`HEAD_TIMEOUT`] and at most [`MAX_HEAD`] bytes, the
+/// whole connection within [`CONNECTION_TIMEOUT`], at most [`MAX_CONNECTIONS`] at once. The
+/// text is rendered on the blocking pool (it reads files), never on the daemon's own tasks.
+async fn serve(listener: tokio::net::TcpListener, staging: PathBuf, stop: CancellationToken) {
+    let staging: Arc<Path> = staging.into();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false);
     let mut accept_failing = false;
     loop {
-        let (mut sock, _) = tokio::select! {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            _ = stop.cancelled() => return,
+        };
+        let sock = tokio::select! {
             s = listener.accept() => match s {
-                Ok(s) => {
+                Ok((sock, _)) => {
                     accept_failing = false;
-                    s
+                    sock
                 }
                 // Out of file descriptors, say: do not spin, and say so once.
                 Err(e) => {
@@ -313,40 +385,62 @@ async fn accept_loop(listener: tokio::net::TcpListener, staging: PathBuf, stop: 
             _ = stop.cancelled() => return,
         };
         let staging = staging.clone();
+        let conn = http.serve_connection(
+            hyper_util::rt::TokioIo::new(sock),
+            hyper::service::service_fn(move |req| answer(req, staging.clone())),
+        );
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut got = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while got < buf.len() {
-                    let n = sock.read(&mut buf[got..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    got += n;
-                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
+            let _slot = slot;
+            tokio::select! {
+                // An error is the client's (gone, too slow, not HTTP): nothing to log.
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {}
+                _ = stop.cancelled() => {}
             }
-            let head = String::from_utf8_lossy(&buf[..got]);
-            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                ("200 OK", render(&staging))
-            } else {
-                ("404 Not Found", "only /metrics is served here\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
         });
     }
+}
+
+/// The answer to one request: the exposition on `GET` or `HEAD /metrics` (any query), 405
+/// for another method there, 404 elsewhere.
+async fn answer(req: Request<hyper::body::Incoming>, staging: Arc<Path>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+        resp
+    };
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "only /metrics is served here\n".into(),
+        ));
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut resp = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "/metrics answers GET and HEAD\n".into(),
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(resp);
+    }
+    Ok(match tokio::task::spawn_blocking(move || render(&staging)).await {
+        Ok(text) => reply(
+            StatusCode::OK,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            text,
+        ),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            PLAIN,
+            format!("cannot render the metrics: {e}\n"),
+        ),
+    })
 }
 
 #[cfg(test)]

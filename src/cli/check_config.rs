@@ -56,6 +56,26 @@ pub(super) fn offline_checks(settings: &Settings) -> Result<()> {
     }
 }
 
+/// What is not a configuration error but will fail backups until it changes: a `file://`
+/// root that does not exist (an unmounted share, mounted later, is not a mistake in the file).
+pub(super) fn warnings(settings: &Settings) -> Vec<String> {
+    settings
+        .targets
+        .iter()
+        .filter(|t| t.url.scheme() == "file")
+        .filter_map(|t| {
+            let root = t.url.to_file_path().ok()?;
+            (!root.is_dir()).then(|| {
+                format!(
+                    "target '{}': its file:// root '{}' does not exist (an unmounted share?); backups to it fail until it does",
+                    t.name,
+                    root.display()
+                )
+            })
+        })
+        .collect()
+}
+
 pub(super) async fn check_config(settings: &Settings, connect: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "# etcd-backupd configuration, merged from:")?;
@@ -63,9 +83,13 @@ pub(super) async fn check_config(settings: &Settings, connect: bool) -> Result<(
         writeln!(out, "#   {}", f.display())?;
     }
     writeln!(out, "# secrets are read from the *_file paths below and never printed")?;
-    writeln!(out, "{}", toml::to_string(settings)?)?;
+    // Loads back as it is (`check-config --config` on this output gives the same settings).
+    writeln!(out, "{}", settings.to_toml()?)?;
     drop(out);
     offline_checks(settings)?;
+    for w in warnings(settings) {
+        errln!("warning: {w}");
+    }
     // What is signed, and what readers require (as comments: the output stays TOML).
     match &settings.signing {
         Some(sg) if sg.key_file.exists() => {
@@ -113,25 +137,15 @@ pub(super) async fn check_config(settings: &Settings, connect: bool) -> Result<(
         }
     }
     for t in &settings.targets {
+        // One attempt each, as the daemon probes at start: the first failure, not the retry
+        // budget waited out.
         let checked = async {
-            // A check reports the first failure rather than waiting out the retry budget, and
-            // gives the first answer connect_timeout and a few seconds.
-            let once = t.single_attempt();
-            let target = targets::open(&once, None)?;
-            outln!("target '{}': {}", t.name, target.route());
-            let within = t.connect_timeout.0 + std::time::Duration::from_secs(5);
-            tokio::time::timeout(within, target.preflight())
-                .await
-                .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(within)))??;
-            target.list_sets(settings.cluster_name.as_deref()).await
+            outln!("target '{}': {}", t.name, crate::probe::route(t)?);
+            crate::probe::target(settings, t).await
         }
         .await;
         match checked {
-            Ok(sets) => outln!(
-                "ok: target '{}' answers and holds {} complete set(s)",
-                t.name,
-                sets.len()
-            ),
+            Ok(sets) => outln!("ok: target '{}' answers and holds {sets} complete set(s)", t.name),
             Err(e) => {
                 let line = crate::error::one_line(&e);
                 let prefix = format!("target '{}': ", t.name);

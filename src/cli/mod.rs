@@ -26,6 +26,7 @@ macro_rules! errln {
 mod backup;
 mod check_config;
 mod fetch;
+mod generate;
 mod list;
 mod prune;
 pub mod render;
@@ -36,11 +37,21 @@ use crate::error::Stop;
 use crate::manifest::Trigger;
 use crate::run;
 
+/// `0.1.0 (commit 0123456789ab)`: the package version and the commit `build.rs` found.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ETCD_BACKUPD_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "etcd-backupd",
-    version,
-    about = "Scheduled, verified, off-cluster etcd backups"
+    version = VERSION,
+    about = "Scheduled, verified, off-cluster etcd backups",
+    // Our own `help`, so that `help --help` is that command's help instead of an error.
+    disable_help_subcommand = true
 )]
 pub struct Cli {
     /// Main configuration file; drop-ins are read from config.d/ beside it.
@@ -77,6 +88,13 @@ pub enum Command {
         /// The target to list (default: the first).
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
+        /// List the sets of every configured target (a TARGET column says whose).
+        #[arg(long, conflicts_with = "target")]
+        all_targets: bool,
+        /// Every detail: the time in schedule.timezone, certificate expiry, signing key,
+        /// retention's reasons in full (wider than 120 columns).
+        #[arg(long)]
+        wide: bool,
     },
     /// Download and verify one set, ready for the restore script.
     Fetch {
@@ -146,6 +164,9 @@ pub enum Command {
     Status {
         #[arg(long)]
         json: bool,
+        /// Also every node's heartbeat from etcd (last run, targets, problems, next run).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Validate the configuration and print the merged result.
     CheckConfig {
@@ -157,6 +178,31 @@ pub enum Command {
     Render {
         #[command(subcommand)]
         what: RenderWhat,
+    },
+    /// Print this help, or the help of a command (`help render machineconfig`).
+    Help {
+        #[arg(value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Man pages and shell completions, for packaging (the RPM spec and the image run it).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateWhat {
+    /// Write etcd-backupd.1 and a page per command (etcd-backupd-backup.1, ...) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -192,6 +238,13 @@ fn load(cli: &Cli) -> Result<Settings> {
 /// Runs the parsed command; the returned error carries its exit code (see [`crate::error`]).
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Help { command } => generate::help(command),
+        Command::Generate {
+            what: GenerateWhat::Man { dir },
+        } => generate::man(dir),
+        Command::Generate {
+            what: GenerateWhat::Completions { shell },
+        } => generate::completions(*shell),
         Command::Backup {
             no_election,
             target,
@@ -252,9 +305,20 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ))),
             }
         }
-        Command::List { json, target } => {
+        Command::List {
+            json,
+            target,
+            all_targets,
+            wide,
+        } => {
             let settings = load(&cli)?;
-            list::list(&settings, target.as_deref(), *json).await
+            let opts = list::Options {
+                target: target.as_deref(),
+                all_targets: *all_targets,
+                wide: *wide,
+                json: *json,
+            };
+            list::list(&settings, opts).await
         }
         Command::CheckConfig { connect } => {
             let settings = load(&cli)?;
@@ -318,9 +382,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load(&cli)?;
             prune::prune(&settings, *dry_run, *force, target.as_deref()).await
         }
-        Command::Status { json } => {
+        Command::Status { json, cluster } => {
             let settings = Settings::load(&cli.config)?;
-            status::status(&settings, *json).await
+            status::status(&settings, *json, *cluster).await
         }
         Command::Render {
             what:

@@ -36,7 +36,8 @@ pub(super) async fn prune(settings: &Settings, dry_run: bool, force: bool, only:
         && !force
         && !dry_run
     {
-        bail!(Stop::Usage(format!(
+        // A refusal on purpose (exit 3, as a skip), not a usage error.
+        bail!(Stop::Refused(format!(
             "this node's newest backup ({}) {}; retention deletes nothing until a backup succeeds (--force to prune anyway)",
             r.run, r.result
         )));

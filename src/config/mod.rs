@@ -90,6 +90,13 @@ pub struct EtcdTls {
     pub key_file: Option<PathBuf>,
 }
 
+fn none_as_empty<S: serde::Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => p.serialize(s),
+        None => s.serialize_str(""),
+    }
+}
+
 /// The signing key's name in `snapshot.staging_dir` when `signing.key_file` is not set.
 pub const DEFAULT_SIGNING_KEY: &str = "signing.key";
 
@@ -104,7 +111,9 @@ pub struct SigningSettings {
 pub struct SnapshotSettings {
     pub method: SnapshotMethod,
     pub script: PathBuf,
-    /// `None`: a plain etcd cluster, no static resources archive.
+    /// `None`: a plain etcd cluster, no static resources archive (printed as `""`, as it is
+    /// configured: left out, it would mean the default).
+    #[serde(serialize_with = "none_as_empty")]
     pub static_resources_dir: Option<PathBuf>,
     pub staging_dir: PathBuf,
     pub script_timeout: HumanDuration,
@@ -251,9 +260,16 @@ impl Settings {
             serde_path_to_error::deserialize(toml::Value::Table(merged.table.clone())).map_err(|e| {
                 let path = e.path().to_string();
                 let path = if path == "." { String::new() } else { path };
-                ConfigError(merged.error_at(&path, e.inner().to_string().replace('\n', " ").trim_end()))
+                let msg = e.inner().to_string().replace('\n', " ");
+                ConfigError(merged.error_at(&path, suggest_key(msg.trim_end())))
             })?;
         validate(inputs, &merged).map_err(ConfigError)
+    }
+
+    /// The settings as TOML that loads back to the same settings: what `check-config`
+    /// prints. Secrets are never in it: they live in the files the `*_file` keys name.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 
     /// Checks what only the node can: secret files exist and are private.
@@ -368,8 +384,15 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         return Err(m.error_at("etcd.endpoints", "at least one endpoint is needed"));
     }
     let mut endpoints = Vec::new();
+    let tls_files_set = [&e.ca_file, &e.cert_file, &e.key_file]
+        .iter()
+        .any(|p| p.as_ref().is_some_and(|p| !p.as_os_str().is_empty()));
     for (i, raw) in e.endpoints.iter().enumerate() {
         let key = format!("etcd.endpoints[{i}]");
+        // `host:port` as etcdctl takes it parses as no URL, or as one whose scheme is the host.
+        if let Some(hint) = missing_scheme(raw, tls_files_set) {
+            return Err(m.error_at(&key, hint));
+        }
         let u = Url::parse(raw).map_err(|err| m.error_at(&key, err))?;
         if !matches!(u.scheme(), "http" | "https") {
             return Err(m.error_at(
@@ -734,6 +757,95 @@ fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     })
 }
 
+/// serde's `unknown field `x`, expected one of `a`, `b`` with the likely key named:
+/// `unknown field `endpionts`: did you mean `endpoints`?`, and the valid keys when they
+/// are few or none is close. Any other message is returned as it is.
+fn suggest_key(msg: &str) -> String {
+    let parsed = msg.strip_prefix("unknown field `").and_then(|rest| {
+        let (field, tail) = rest.split_once('`')?;
+        let expected = tail.strip_prefix(", expected ")?;
+        // "one of `a`, `b`" or "`a` or `b`", then maybe more words (toml adds "in `etcd`").
+        let mut valid = Vec::new();
+        let mut parts = expected.split('`');
+        let mut sep = parts.next()?;
+        while let Some(name) = parts.next()
+            && (valid.is_empty() || matches!(sep, ", " | " or " | ", or "))
+        {
+            valid.push(name);
+            sep = parts.next().unwrap_or_default();
+        }
+        Some((field, valid))
+    });
+    let Some((field, valid)) = parsed else {
+        return msg.to_string();
+    };
+    let keys = valid.join(", ");
+    let lower = field.to_ascii_lowercase();
+    let close = valid
+        .iter()
+        .map(|v| {
+            let d = edit_distance(&lower, v);
+            // `password` for `password_file`, `endpoint` for `endpoints`.
+            let prefix = lower.len() >= 3 && (v.starts_with(&lower) || lower.starts_with(*v));
+            (if prefix { d.min(1) } else { d }, *v)
+        })
+        .filter(|(d, _)| *d <= (lower.chars().count() / 3).max(1))
+        .min_by_key(|(d, _)| *d);
+    match close {
+        Some((_, v)) if valid.len() <= 8 => format!("unknown field `{field}`: did you mean `{v}`? (keys here: {keys})"),
+        Some((_, v)) => format!("unknown field `{field}`: did you mean `{v}`?"),
+        None if valid.is_empty() => format!("unknown field `{field}`"),
+        None => format!("unknown field `{field}`; keys here: {keys}"),
+    }
+}
+
+/// Edits (insert, delete, replace, swap two neighbours) that turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// The fix for an etcd endpoint written without a scheme (`127.0.0.1:2379`, as etcdctl
+/// takes it); `None` when it has one. https comes first when TLS files are configured.
+fn missing_scheme(raw: &str, tls_files_set: bool) -> Option<String> {
+    if raw.contains("://") || raw.trim().is_empty() {
+        return None;
+    }
+    let host = raw.trim();
+    // Only when adding a scheme gives a usable endpoint: else the parser's own words.
+    let usable = Url::parse(&format!("https://{host}"))
+        .is_ok_and(|u| u.host_str().is_some() && matches!(u.path(), "" | "/") && u.query().is_none());
+    if !usable {
+        return None;
+    }
+    let https = format!("\"https://{host}\" (TLS, with etcd.ca_file, cert_file and key_file)");
+    let http = format!("\"http://{host}\" (plain, no TLS)");
+    let (first, second) = if tls_files_set {
+        (https, http)
+    } else {
+        let https =
+            format!("\"https://{host}\" (TLS; without ca_file, cert_file and key_file those of an OpenShift node)");
+        (http, https)
+    };
+    Some(format!("{raw:?} has no scheme: did you mean {first} or {second}?"))
+}
+
 /// The S3 keys of target `t` with URL `url` and its (expanded) access and secret key files:
 /// `Some` for `s3://`, where `region`, `access_key_file` and `secret_key_file` are required;
 /// on any other scheme they must be unset. An error names the key.
@@ -920,6 +1032,156 @@ mod tests {
         );
         let e = load("node_name = \"n\"\nbogus = 1\n[[target]]\nurl = \"file:///x\"\n").unwrap_err();
         assert!(e.contains("bogus") && e.starts_with("config.toml: "), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_name_the_likely_one() {
+        let e = load(&format!("{MIN}[etcd]\nendpionts = [\"http://a:1\"]\n")).unwrap_err();
+        assert_eq!(
+            e,
+            "config.toml: etcd.endpionts: unknown field `endpionts`: did you mean `endpoints`? \
+             (keys here: endpoints, ca_file, cert_file, key_file, connect_timeout, request_timeout)"
+        );
+        // Many keys: only the likely one.
+        let e = load("[[target]]\nurl = \"https://dav/\"\npassword = \"x\"\n").unwrap_err();
+        assert_eq!(
+            e,
+            "config.toml: target[0].password: unknown field `password`: did you mean `password_file`?"
+        );
+        let e = load(&format!("{MIN}[schedul]\ncron = \"@daily\"\n")).unwrap_err();
+        assert!(e.ends_with("unknown field `schedul`: did you mean `schedule`?"), "{e}");
+        // Nothing close: every key, so the reader still learns what is there.
+        let e = load(&format!("{MIN}[compression]\nalgorithm = \"zstd\"\n")).unwrap_err();
+        assert_eq!(
+            e,
+            "config.toml: compression.algorithm: unknown field `algorithm`; keys here: zstd_level"
+        );
+        assert_eq!(edit_distance("endpionts", "endpoints"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(suggest_key("invalid type: string"), "invalid type: string");
+    }
+
+    #[test]
+    fn endpoints_without_a_scheme_get_the_fix() {
+        let e = load(&format!("{MIN}[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n")).unwrap_err();
+        assert_eq!(
+            e,
+            "config.toml: etcd.endpoints[0]: \"127.0.0.1:2379\" has no scheme: did you mean \
+             \"http://127.0.0.1:2379\" (plain, no TLS) or \"https://127.0.0.1:2379\" (TLS; without \
+             ca_file, cert_file and key_file those of an OpenShift node)?"
+        );
+        // With TLS files configured, https first; a host name (which parses as a scheme) too.
+        let e = load(&format!(
+            "{MIN}[etcd]\nendpoints = [\"https://a:2379\", \"localhost:2379\"]\nca_file = \"/ca\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "config.toml: etcd.endpoints[1]: \"localhost:2379\" has no scheme: did you mean \
+             \"https://localhost:2379\" (TLS, with etcd.ca_file, cert_file and key_file) or \
+             \"http://localhost:2379\" (plain, no TLS)?"
+        );
+        let e = load(&format!("{MIN}[etcd]\nendpoints = [\"ftp://a:1\"]\n")).unwrap_err();
+        assert!(e.contains("scheme 'ftp' is not supported"), "{e}");
+    }
+
+    #[test]
+    fn the_printed_configuration_loads_back_the_same() {
+        let full = r#"
+cluster_name = "prod-east"
+node_name = "m0"
+[etcd]
+endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+ca_file = "/etc/etcd/ca.crt"
+connect_timeout = "7s"
+request_timeout = "1m 30s"
+[snapshot]
+method = "script"
+static_resources_dir = ""
+staging_dir = "/var/lib/x/{node_name}"
+script_timeout = "45m"
+allow_dirty = true
+[schedule]
+cron = "@daily"
+timezone = "Europe/Berlin"
+jitter = "0s"
+after_upgrade = false
+[election]
+enabled = false
+prefix = "/backups"
+lease_ttl = "12s"
+[guards]
+min_cluster_age = "36h"
+skip_during_upgrade = false
+min_free_space = "1500MB"
+installed_at = "2026-01-02T03:04:05Z"
+[priority]
+io_class = "best-effort"
+nice = -3
+snapshot_nice = 5
+upload_rate_limit = "1500KB/s"
+[compression]
+zstd_level = 3
+[encryption]
+age_recipients_file = "/etc/etcd-backupd/recipients"
+[verify]
+schedule = "0 4 * * SUN"
+bin_dir = "/opt/etcd"
+scratch_dir = "/var/tmp"
+identity_file = "/etc/etcd-backupd/age.key"
+allowed_signers = "/etc/etcd-backupd/allowed_signers"
+[signing]
+key_file = "/etc/etcd-backupd/{node_name}.key"
+[import]
+dirs = ["/etc/kubernetes/cluster-backup"]
+[retention]
+keep_last = 2
+keep_daily = 0
+max_age = "90days"
+min_keep = 1
+[delivery]
+max_pending = 5
+keep_local = 0
+retry_interval = "1m"
+retry_max = "1h"
+[metrics]
+textfile = "/var/lib/node_exporter/textfile/etcd-backupd.prom"
+listen = "127.0.0.1:9983"
+[[target]]
+name = "dav"
+url = "https://dav.example.com/etcd"
+username = "backup"
+password_file = "/etc/etcd-backupd/dav.password"
+ca_file = "/etc/etcd-backupd/dav-ca.crt"
+client_cert_file = "/etc/etcd-backupd/c.crt"
+client_key_file = "/etc/etcd-backupd/c.key"
+proxy = "http://user@proxy:3128"
+proxy_password_file = "/etc/etcd-backupd/proxy.password"
+verify_upload = "read-back"
+connect_timeout = "5s"
+idle_timeout = "2m"
+retry_budget = "10m"
+[[target]]
+name = "s3"
+url = "s3://etcd-backups/prod"
+region = "eu-west-1"
+endpoint = "https://minio:9000"
+access_key_file = "/etc/ak"
+secret_key_file = "/etc/sk"
+proxy = "none"
+[[target]]
+url = "file:///srv/{node_name}"
+"#;
+        for text in [MIN, full, "node_name = \"n\"\n[[target]]\nurl = \"https://dav/\"\ntoken_file = \"/t\"\n"] {
+            let first = load(text).unwrap();
+            let printed = first.to_toml().unwrap();
+            let again = load(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+            assert_eq!(format!("{first:?}"), format!("{again:?}"), "{printed}");
+            assert_eq!(printed, again.to_toml().unwrap());
+        }
+        let printed = load(full).unwrap().to_toml().unwrap();
+        assert!(printed.contains("static_resources_dir = \"\""), "{printed}");
+        assert!(printed.contains("min_free_space = \"1500MB\""), "{printed}");
     }
 
     #[test]

@@ -54,6 +54,28 @@ impl Size {
     }
 }
 
+impl Size {
+    /// The size written so that it parses back to the same bytes (`1500MB`, `2GiB`,
+    /// `1234567`), for configuration that is printed to be read again; [`fmt::Display`]
+    /// rounds for humans (`1.4 GiB`).
+    pub fn exact(&self) -> String {
+        const UNITS: [(u64, &str); 8] = [
+            (1 << 40, "TiB"),
+            (1_000_000_000_000, "TB"),
+            (1 << 30, "GiB"),
+            (1_000_000_000, "GB"),
+            (1 << 20, "MiB"),
+            (1_000_000, "MB"),
+            (1 << 10, "KiB"),
+            (1_000, "KB"),
+        ];
+        match UNITS.iter().find(|(u, _)| self.0 != 0 && self.0 % u == 0) {
+            Some((u, name)) => format!("{}{name}", self.0 / u),
+            None => self.0.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", bytesize::ByteSize::b(self.0).display().iec())
@@ -77,7 +99,7 @@ impl<'de> Deserialize<'de> for Size {
 
 impl Serialize for Size {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(&self.exact())
     }
 }
 
@@ -117,7 +139,7 @@ impl Serialize for Rate {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.0 {
             None => s.serialize_str(""),
-            Some(n) => s.collect_str(&format_args!("{}/s", Size(n))),
+            Some(n) => s.collect_str(&format_args!("{}/s", Size(n).exact())),
         }
     }
 }
@@ -173,7 +195,10 @@ impl<'de> Deserialize<'de> for FreeSpace {
 
 impl Serialize for FreeSpace {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self {
+            FreeSpace::Absolute(size) => s.serialize_str(&size.exact()),
+            FreeSpace::TimesDbSize(_) => s.collect_str(self),
+        }
     }
 }
 
@@ -198,6 +223,31 @@ mod tests {
         assert_eq!(Size::parse("4096").unwrap().0, 4096);
         assert!(Size::parse("lots").is_err());
         assert!(Size::parse("").is_err());
+    }
+
+    #[test]
+    fn sizes_print_back_exactly() {
+        for (text, shown) in [
+            ("1500MB", "1500MB"),
+            ("2GiB", "2GiB"),
+            ("1536MiB", "1536MiB"),
+            ("4096", "4KiB"),
+            ("1234567", "1234567"),
+            ("0", "0"),
+        ] {
+            let size = Size::parse(text).unwrap();
+            assert_eq!(size.exact(), shown);
+            assert_eq!(Size::parse(&size.exact()).unwrap(), size, "{text}");
+        }
+        // Display is for humans and rounds.
+        assert_eq!(Size(1_500_000_000).to_string(), "1.4 GiB");
+        let rate = Rate::parse("1500KB/s").unwrap();
+        let v = serde_json::to_value(rate).unwrap();
+        assert_eq!(v, "1500KB/s");
+        assert_eq!(Rate::parse(v.as_str().unwrap()).unwrap(), rate);
+        let free = FreeSpace::parse("1500MB").unwrap();
+        assert_eq!(serde_json::to_value(free).unwrap(), "1500MB");
+        assert_eq!(serde_json::to_value(FreeSpace::parse("1.5x").unwrap()).unwrap(), "1.5x");
     }
 
     #[test]

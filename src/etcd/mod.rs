@@ -133,7 +133,9 @@ fn flatten(e: &dyn std::error::Error) -> String {
     let mut src = e.source();
     while let Some(s) = src {
         let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
+        // tonic's and hyper's layers that name no cause of their own: the chain said once.
+        let wrapper = t == "tcp connect error" || t.starts_with("client error (");
+        if !wrapper && !parts.iter().any(|p| p.contains(&t)) {
             parts.push(t);
         }
         src = s.source();
@@ -339,6 +341,36 @@ impl Member {
         })
         .await?;
         Ok(())
+    }
+
+    /// Puts `key` = `value`, with no lease: a record that outlives its writer.
+    pub async fn put(&mut self, key: &str, value: &str) -> Result<()> {
+        let what = format!("etcd endpoint '{}': put '{key}'", self.shown());
+        let d = self.request_timeout;
+        within(d, &what, async {
+            self.client.put(key, value, None).await.map_err(|e| self.rpc_error("put", e))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Every key under `prefix` with its value, in key order.
+    pub async fn get_prefix(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        use etcd_client::GetOptions;
+        let what = format!("etcd endpoint '{}': get '{prefix}*'", self.shown());
+        let d = self.request_timeout;
+        let resp = within(d, &what, async {
+            self.client
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(|e| self.rpc_error("get", e))
+        })
+        .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .collect())
     }
 
     /// Creates `key` (holding `value`, on a lease of `ttl_secs`) unless it exists: true if

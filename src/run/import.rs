@@ -94,11 +94,10 @@ pub fn scan(settings: &Settings) -> Vec<Found> {
             match set_in(&dir) {
                 None => {}
                 Some(Scanned::Found(f)) => found.push(f),
-                Some(Scanned::Refused { key, reason }) => {
-                    if !refused.iter().any(|r| r.key == key) {
-                        refuse(settings, &dir, &key, &reason);
-                    }
+                Some(Scanned::Refused { key, reason }) if !refused.iter().any(|r| r.key == key) => {
+                    refuse(settings, &dir, &key, &reason);
                 }
+                Some(Scanned::Refused { .. }) => {}
             }
         }
     }

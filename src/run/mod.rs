@@ -61,10 +61,12 @@ pub async fn run_once(
         Ok(c) => c,
         // In an elected run a node whose member is down steps aside: it cannot take a
         // snapshot, and the other nodes (whose members answer) take the run. A manual
-        // `--no-election` run fails instead: the operator asked for this node. Only a member
-        // that is unreachable or silent is a skip; TLS, auth and usage errors (the same on
-        // every node) fail the run.
-        Err(e) if elect && e.is::<etcd::MemberDown>() => {
+        // `--no-election` run fails instead: the operator asked for this node, and so does a
+        // manual `backup` (the admin at this node's console learns that its member is down,
+        // exit 1, rather than that "another node" takes a run no other node was asked for).
+        // Only a member that is unreachable or silent is a skip; TLS, auth and usage errors
+        // (the same on every node) fail the run.
+        Err(e) if elect && trigger != Trigger::Manual && e.is::<etcd::MemberDown>() => {
             return Ok(Outcome::Skipped(Skip::new(
                 SkipKind::Member,
                 format!(

@@ -21,6 +21,16 @@ pub struct State {
     pub runs: Vec<RunState>,
     /// The next scheduled run, RFC 3339 UTC, as the daemon last computed it.
     pub next_run: Option<String>,
+    /// When that run really starts (its jitter added), RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start: Option<String>,
+    /// The daemon's heartbeat, rewritten every minute while it runs: `status` tells a live
+    /// daemon from a state file left behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<DaemonBeat>,
+    /// What the daemon's last probe of etcd and the targets found (at start, after a reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
     /// Is a backup running on this node right now?
     pub running: Option<String>,
     /// Versions whose after-upgrade backup is done (here or by another node); kept whole,
@@ -50,6 +60,44 @@ pub struct State {
     /// What each target held when this node last listed it (after retention), by target name.
     #[serde(default)]
     pub targets: BTreeMap<String, TargetCoverage>,
+}
+
+/// The daemon's heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonBeat {
+    pub pid: u32,
+    /// When this daemon started (RFC 3339, UTC).
+    pub started: String,
+    /// Its last heartbeat (RFC 3339, UTC).
+    pub beat: String,
+    /// Its version.
+    pub version: String,
+}
+
+/// A probe of etcd and each target, and what it found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// etcd's problem; `None`: it answered.
+    #[serde(default)]
+    pub etcd: Option<String>,
+    /// Each target's problem (`None`: it answered), by name.
+    #[serde(default)]
+    pub targets: BTreeMap<String, Option<String>>,
+}
+
+impl Probe {
+    /// Every problem, each naming what it is about.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.etcd.iter().map(|e| format!("etcd: {e}")).collect();
+        out.extend(
+            self.targets
+                .iter()
+                .filter_map(|(name, p)| p.as_ref().map(|p| format!("target '{name}': {p}"))),
+        );
+        out
+    }
 }
 
 /// A platform backup folder that cannot be imported, and why.

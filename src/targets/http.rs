@@ -79,12 +79,19 @@ pub fn flat(e: &(dyn std::error::Error + 'static)) -> String {
             Some(re) => reqwest_kind(re).to_string(),
             None => err.to_string(),
         };
-        if !parts.iter().any(|p| p.contains(&s)) {
+        // hyper's wrappers repeat what the kind and the cause say ("client error (Connect)",
+        // "tcp connect error"): the chain is said once.
+        if !parts.iter().any(|p| p.contains(&s)) && !is_wrapper(&s) {
             parts.push(s);
         }
         cur = err.source();
     }
     parts.join(": ").replace('\n', " ")
+}
+
+/// A layer of hyper's error chain that names no cause of its own.
+fn is_wrapper(s: &str) -> bool {
+    s.starts_with("client error (") || s == "tcp connect error" || s == "error trying to connect"
 }
 
 fn reqwest_kind(e: &reqwest::Error) -> &'static str {
@@ -528,4 +535,18 @@ mod tests {
         let last = b.delay_for(1000);
         assert!(last >= Duration::from_millis(1900), "{last:?}");
     }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_said_once() {
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        install_crypto_provider();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let e = client.get(format!("http://127.0.0.1:{port}/")).send().await.unwrap_err();
+        let text = flat(&e);
+        assert!(text.starts_with("cannot connect: "), "{text}");
+        assert!(text.contains("Connection refused"), "{text}");
+        assert!(!text.contains("client error") && !text.contains("tcp connect error"), "{text}");
+    }
+
 }

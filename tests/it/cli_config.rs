@@ -106,6 +106,23 @@ fn unknown_keys_and_bad_values_exit_2_with_one_line() {
             "config.toml: snapshot.method: unknown variant `magic`",
         ),
         ("[schedule]\ncron = \"* * *\"\n", "config.toml: schedule.cron:"),
+        // Messages that teach: the field and its range, the likely key, the missing scheme.
+        (
+            "[schedule]\ncron = \"0 30 * * *\"\n",
+            "config.toml: schedule.cron: \"0 30 * * *\": field 2 (hour) is 30, must be 0-23",
+        ),
+        (
+            "[verify]\nschedule = \"0 4 * * 8\"\n",
+            "config.toml: verify.schedule: \"0 4 * * 8\": field 5 (day-of-week) is 8, must be 0-7",
+        ),
+        (
+            "[etcd]\nendpionts = [\"http://a:1\"]\n",
+            "config.toml: etcd.endpionts: unknown field `endpionts`: did you mean `endpoints`?",
+        ),
+        (
+            "[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n",
+            "config.toml: etcd.endpoints[0]: \"127.0.0.1:2379\" has no scheme: did you mean \"http://127.0.0.1:2379\"",
+        ),
         ("[etcd\n", "config.toml: line 2:"),
     ] {
         write(
@@ -128,6 +145,206 @@ fn unknown_keys_and_bad_values_exit_2_with_one_line() {
         "{}",
         r.stderr
     );
+}
+
+/// `--version` names the commit (build.rs), `help --help` is help, and the man pages and
+/// completions the RPM and the image install come from the command line definition.
+#[test]
+fn version_help_man_pages_and_completions() {
+    let r = run(&["--version"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let line = r.stdout.trim();
+    let commit = line
+        .strip_prefix(&format!("etcd-backupd {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{line}"));
+    let head = std::process::Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(head) => assert_eq!(commit, head, "{line}"),
+        None => assert_eq!(commit, "unknown", "{line}"),
+    }
+
+    for args in [&["help", "--help"][..], &["help"], &["help", "render", "machineconfig"], &["list", "--help"]] {
+        let r = run(args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.all());
+        assert!(r.stdout.contains("Usage: etcd-backupd"), "{args:?}: {}", r.stdout);
+    }
+    let r = run(&["help", "render", "machinecfg"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("no command 'machinecfg' of 'render'"), "{}", r.stderr);
+    let r = run(&["--help"]);
+    assert!(!r.stdout.contains("generate"), "hidden: {}", r.stdout);
+
+    let w = Work::new();
+    let dir = w.path().join("man1");
+    let r = run(&["generate", "man", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    for cmd in ["", "-daemon", "-backup", "-list", "-fetch", "-verify", "-prune", "-status", "-check-config", "-render-machineconfig"] {
+        let page = dir.join(format!("etcd-backupd{cmd}.1"));
+        let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+        assert!(text.starts_with(".ie \\n(.g .ds Aq"), "{}: not roff", page.display());
+        assert!(text.contains(".TH etcd-backupd"), "{}", page.display());
+    }
+    let list = std::fs::read_to_string(dir.join("etcd-backupd-list.1")).unwrap();
+    assert!(list.contains("etcd\\-backupd list") && list.contains("\\-\\-json"), "{list}");
+    if std::process::Command::new("groff").arg("--version").output().is_ok() {
+        let out = std::process::Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .arg(dir.join("etcd-backupd.1"))
+            .output()
+            .unwrap();
+        assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    for (shell, check) in [("bash", Some(["bash", "-n"])), ("zsh", None), ("fish", None)] {
+        let r = run(&["generate", "completions", shell]);
+        assert_eq!(r.code, 0, "{shell}: {}", r.all());
+        for word in ["check-config", "--all-targets", "machineconfig"] {
+            assert!(r.stdout.contains(word), "{shell}: no {word}");
+        }
+        assert!(!r.stdout.contains("generate"), "{shell}: the hidden command is offered");
+        if let Some(check) = check {
+            let file = w.path().join(format!("completion.{shell}"));
+            std::fs::write(&file, &r.stdout).unwrap();
+            let out = std::process::Command::new(check[0]).arg(check[1]).arg(&file).output().unwrap();
+            assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let r = run(&["generate", "completions", "tcsh"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+/// The default `list` fits 120 columns whatever the node names and versions, marks what is
+/// wrong and says it below; `--all-targets` lists every target, `--wide` every detail.
+#[test]
+fn list_fits_120_columns_and_shows_every_target_on_request() {
+    use crate::restore::fake_set;
+    let w = Work::new();
+    let (local, offsite) = (w.target_root(), w.path().join("offsite"));
+    let now = chrono::Utc::now();
+    let ids: Vec<String> = (1..=3)
+        .map(|d| fake_set(&local, "test", now - chrono::TimeDelta::days(d)))
+        .collect();
+    fake_set(&offsite, "test", now - chrono::TimeDelta::days(1));
+    // The newest set: a long node name, an OpenShift version, forced; the oldest damaged.
+    let manifest = local.join("test").join(&ids[0]).join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["node"] = "ip-10-0-141-23.eu-west-1.compute.internal".into();
+    m["trigger"] = "manual".into();
+    m["forced"] = serde_json::json!(["an upgrade to 4.16.12 is in progress"]);
+    m["openshift"] = serde_json::json!({"version": "4.16.0-0.nightly-2026-11-20-123456"});
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let snapshot = format!("snapshot_{}.db", ids[2]);
+    std::fs::remove_file(local.join("test").join(&ids[2]).join(&snapshot)).unwrap();
+    let cfg = w.write_config(
+        "http://127.0.0.1:1",
+        None,
+        &format!("\n[[target]]\nname = \"offsite\"\nurl = \"file://{}\"\n", offsite.display()),
+    );
+    let list = |extra: &[&str]| {
+        let mut args = vec!["list", "--config", cfg.to_str().unwrap()];
+        args.extend(extra);
+        let r = run(&args);
+        assert_eq!(r.code, 0, "{extra:?}: {}", r.all());
+        r.stdout
+    };
+    let widest = |text: &str| text.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+
+    let out = list(&[]);
+    assert!(widest(&out) <= 120, "{out}");
+    let mut lines = out.lines();
+    let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        head,
+        ["ID", "AGE", "TRIGGER", "VERSION", "REVISION", "SIZE", "NODE", "STATE", "RETENTION"],
+        "{out}"
+    );
+    let rows: Vec<&str> = lines.by_ref().take_while(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 3, "the first target only: {out}");
+    let cells = |row: &str| row.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let newest = cells(rows[0]);
+    assert_eq!(newest[..3], [ids[0].as_str(), "1d", "manual+forced"], "{out}");
+    assert!(newest[3].starts_with("4.16.0-0.night"), "{out}");
+    assert!(rows[0].contains("  37 B  ip-10-0-141-23"), "{out}");
+    // STATE and RETENTION, the last two.
+    assert_eq!(newest[newest.len() - 2], "ok", "{out}");
+    assert!(newest[newest.len() - 1].starts_with("last,daily"), "{out}");
+    assert!(cells(rows[2]).ends_with(&["DAMAGED".into(), "damaged".into()]), "{out}");
+    let notes: Vec<&str> = lines.collect();
+    assert_eq!(notes, [format!("{}: DAMAGED: '{snapshot}' is missing", ids[2])], "{out}");
+
+    let out = list(&["--all-targets"]);
+    assert!(widest(&out) <= 120, "{out}");
+    assert!(out.lines().next().unwrap().split_whitespace().take(2).eq(["TARGET", "ID"]), "{out}");
+    let copies: Vec<&str> = out.lines().filter(|l| l.contains(&ids[0])).collect();
+    assert_eq!(copies.len(), 2, "{out}");
+    assert!(copies[0].starts_with("local ") && copies[1].starts_with("offsite "), "{out}");
+    assert!(out.contains(&format!("{} on 'local': DAMAGED", ids[2])), "{out}");
+
+    let out = list(&["--wide"]);
+    assert!(widest(&out) > 120, "{out}");
+    let row = out.lines().find(|l| l.contains(&ids[0])).unwrap();
+    assert!(row.contains("ip-10-0-141-23.eu-west-1.compute.internal"), "{row}");
+    assert!(row.contains("4.16.0-0.nightly-2026-11-20-123456"), "{row}");
+    assert!(row.contains(" UTC (1d ago)") && row.contains("  keep: last 1, daily ") && row.ends_with("newest set"), "{row}");
+
+    let out = list(&["--json", "--all-targets"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let targets: Vec<&str> = v.as_array().unwrap().iter().map(|s| s["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["local", "offsite", "local", "local"], "{out}");
+
+    let r = run(&["list", "--all-targets", "--target", "local", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+#[test]
+fn cron_macros_are_accepted_wherever_a_cron_is() {
+    let w = Work::new();
+    let cfg = w.write_config(
+        "http://127.0.0.1:2379",
+        None,
+        "[schedule]\ncron = \"@daily\"\n[verify]\nschedule = \"@weekly\"\n",
+    );
+    let r = run(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("cron = \"@daily\""), "{}", r.stdout);
+    assert!(r.stdout.contains("schedule = \"@weekly\""), "{}", r.stdout);
+}
+
+/// `check-config` prints the merged configuration as TOML that loads back: fed to
+/// `check-config` again it passes and prints the same settings.
+#[test]
+fn the_printed_configuration_loads_back() {
+    let w = Work::new();
+    std::fs::create_dir_all(w.target_root()).unwrap();
+    let cfg = w.write_config(
+        "http://127.0.0.1:2379",
+        None,
+        "[guards]\nmin_free_space = \"1500MB\"\n[priority]\nupload_rate_limit = \"1500KB/s\"\n",
+    );
+    let first = run(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(first.code, 0, "{}", first.all());
+    assert!(first.stdout.contains("static_resources_dir = \"\""), "{}", first.stdout);
+    let printed = w.path().join("printed/config.toml");
+    write(&printed, &first.stdout);
+    let again = run(&["check-config", "--config", printed.to_str().unwrap()]);
+    assert_eq!(again.code, 0, "{}\n{}", again.all(), first.stdout);
+    // The same settings: only the list of files read differs.
+    let settings = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| !l.starts_with("#   "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(settings(&first.stdout), settings(&again.stdout));
+    for key in ["min_free_space = \"1500MB\"", "upload_rate_limit = \"1500KB/s\""] {
+        assert!(again.stdout.contains(key), "{key}: {}", again.stdout);
+    }
 }
 
 #[test]

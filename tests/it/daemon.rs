@@ -284,6 +284,10 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
         assert!(Instant::now() < deadline, "{}", d.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // systemd is told the reload ended, and why it changed nothing.
+    receive_until("STATUS=configuration rejected: ", &mut seen);
+    let rejected = seen.lines().find(|l| l.starts_with("STATUS=configuration rejected: ")).unwrap();
+    assert!(rejected.contains("bogus_key"), "{rejected}");
     std::fs::write(&cfg, good.replace("0 0 3 * * *", "0 15 4 * * *")).unwrap();
     d.signal(Signal::SIGHUP);
     receive_until("04:15:00 UTC", &mut seen);
@@ -298,14 +302,15 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
     receive_until("STOPPING=1", &mut seen);
     assert_eq!(code, Some(0), "{}", d.log());
 
-    // status works with the daemon stopped.
+    // status works with the daemon stopped, and says it is stopped: no next run, not OK.
     let r = run(&["status", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.all());
+    assert_ne!(r.code, 0, "{}", r.all());
     assert!(
-        r.stdout.contains("next run") && r.stdout.contains("0 15 4 * * * (UTC)"),
+        r.stdout.contains("next run    none: the daemon is not running") && r.stdout.contains("0 15 4 * * * (UTC)"),
         "{}",
         r.stdout
     );
+    assert!(r.stdout.contains("daemon NOT running (last heartbeat"), "{}", r.stdout);
 }
 
 fn put_json(etcd: &Etcd, key: &str, v: serde_json::Value) {

@@ -9,6 +9,7 @@ mod etcd35;
 mod faults;
 mod guards;
 mod monitoring;
+mod oncall;
 mod pipeline;
 mod props;
 mod proxy_env;

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -357,4 +358,383 @@ fn coverage_metrics_follow_the_sets_on_each_target() {
         .parse()
         .unwrap();
     assert!(secs > 0.0 && secs < 120.0, "{text}");
+}
+
+/// The objects of examples/openshift/dashboard.yaml, checked as the OpenShift console reads
+/// them: one ConfigMap in openshift-config-managed labelled
+/// `console.openshift.io/dashboard: "true"`, whose one data value is a Grafana dashboard of
+/// rows and the panel types the console draws, each with queries. Returns the dashboard.
+fn console_dashboard() -> Value {
+    let docs = parse_yaml_docs(&std::fs::read_to_string(repo("examples/openshift/dashboard.yaml")).unwrap());
+    assert_eq!(docs.len(), 1, "{docs:?}");
+    let cm = &docs[0];
+    assert_eq!(cm["apiVersion"], "v1");
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert_eq!(cm["metadata"]["namespace"], "openshift-config-managed");
+    // The string "true": the console selects with that label value, and a YAML boolean
+    // would not even be a valid ConfigMap.
+    assert_eq!(
+        cm["metadata"]["labels"]["console.openshift.io/dashboard"],
+        Value::String("true".into()),
+        "{cm}"
+    );
+    let data = cm["data"].as_object().unwrap();
+    assert_eq!(data.len(), 1, "the console reads the first value only: {data:?}");
+    let (key, json) = data.iter().next().unwrap();
+    assert!(key.ends_with(".json"), "{key}");
+    let board: Value = serde_json::from_str(json.as_str().unwrap()).unwrap();
+    assert!(!board["title"].as_str().unwrap().is_empty());
+    let mut ids = BTreeSet::new();
+    let mut queries = 0;
+    let mut walk = vec![board["panels"].as_array().unwrap().clone()];
+    while let Some(panels) = walk.pop() {
+        for p in panels {
+            assert!(ids.insert(p["id"].to_string()), "duplicate id: {p}");
+            let kind = p["type"].as_str().unwrap();
+            if kind == "row" {
+                walk.push(p["panels"].as_array().cloned().unwrap_or_default());
+                continue;
+            }
+            // What the console draws; it skips any other type without a word.
+            assert!(["graph", "singlestat", "table", "gauge"].contains(&kind), "{p}");
+            assert!(!p["title"].as_str().unwrap().is_empty(), "{p}");
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{p}");
+            for t in targets {
+                assert!(!t["expr"].as_str().unwrap().trim().is_empty(), "{p}");
+                queries += 1;
+            }
+        }
+    }
+    assert!(queries >= 10, "{queries}");
+    board
+}
+
+/// Every panel query of a dashboard: (panel title, expression).
+fn panel_queries(board: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut walk = vec![board["panels"].clone()];
+    while let Some(panels) = walk.pop() {
+        for p in panels.as_array().into_iter().flatten() {
+            if p["type"] == "row" {
+                walk.push(p["panels"].clone());
+            }
+            for t in p["targets"].as_array().into_iter().flatten() {
+                out.push((
+                    p["title"].as_str().unwrap().to_string(),
+                    t["expr"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A real Prometheus server (Debian's `prometheus`) on a free loopback port, scraping
+/// `target` (`host:port`) as job `etcd-backupd` every second, its data in a temporary
+/// directory; stopped and removed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        // The job is the Service's name on OpenShift (monitoring.yaml), as the rules and
+        // the dashboard's `up{job="etcd-backupd"}` expect.
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: etcd-backupd\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let listen = format!("127.0.0.1:{}", crate::common::free_port());
+        let mut cmd = Command::new("/usr/bin/prometheus");
+        cmd.arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={listen}"))
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap());
+        let child = crate::common::spawn_group(&mut cmd).expect("/usr/bin/prometheus (Debian package prometheus)");
+        let mut p = Prometheus {
+            child,
+            url: format!("http://{listen}"),
+            dir,
+        };
+        p.wait_for("ready", Duration::from_secs(30), |p| {
+            p.get("/-/ready", None).map(|_| ())
+        });
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// GET `path` (with `query=` URL-encoded), the body of a 200.
+    fn get(&self, path: &str, query: Option<&str>) -> Option<String> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-fsS", "--max-time", "5", "-G", &format!("{}{path}", self.url)]);
+        if let Some(q) = query {
+            cmd.arg("--data-urlencode").arg(format!("query={q}"));
+        }
+        let out = cmd.output().unwrap();
+        out.status.success().then(|| String::from_utf8(out.stdout).unwrap())
+    }
+
+    /// `/api/v1/query` at the current time: the `data` of a successful answer.
+    fn query(&self, expr: &str) -> Value {
+        let body = self
+            .get("/api/v1/query", Some(expr))
+            .unwrap_or_else(|| panic!("query {expr} failed: {}", self.log()));
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "success", "{expr}: {v}");
+        v["data"].clone()
+    }
+
+    /// Polls `check` every 200 ms until it gives a value, for at most `within`; panics
+    /// saying `what` if it does not, or if Prometheus exits.
+    fn wait_for<T>(&mut self, what: &str, within: Duration, check: impl Fn(&Prometheus) -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(v) = check(self) {
+                return v;
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "prometheus exited: {}",
+                self.log()
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "prometheus: not {what}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        crate::common::stop_group(&mut self.child, true);
+    }
+}
+
+/// The console dashboard against the real thing: a real daemon backs up a real etcd to a
+/// `file://` target and drills its set on a fast schedule, a real Prometheus scrapes its
+/// `/metrics` every second, and every panel's query, evaluated by that Prometheus, returns
+/// data. The scraped text also passes `promtool check metrics`.
+#[test]
+fn every_dashboard_panel_query_returns_data_from_a_scraped_daemon() {
+    let board = console_dashboard();
+    let queries = panel_queries(&board);
+
+    let etcd = Etcd::start();
+    for i in 0..3 {
+        etcd.put(None, &format!("/kubernetes.io/namespaces/ns-{i}"), "{}");
+    }
+    let w = Work::new();
+    let listen = format!("127.0.0.1:{}", crate::common::free_port());
+    // One backup a minute, at a second a few seconds from now, and a drill every 2 s: the
+    // drills after the backup succeed, long before the next backup would cut one short.
+    let second = (chrono::Utc::now().timestamp() + 5) % 60;
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        &format!(
+            "\n[schedule]\ncron = \"{second} * * * * *\"\ntimezone = \"UTC\"\njitter = \"0s\"\n\n[election]\nlease_ttl = \"3s\"\n\n[verify]\nschedule = \"*/2 * * * * *\"\n\n[metrics]\nlisten = \"{listen}\"\n"
+        ),
+    );
+    let daemon = crate::common::Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
+    let mut prom = Prometheus::start(&listen);
+
+    // The target is up: the daemon answered a scrape.
+    prom.wait_for("scraping the daemon", Duration::from_secs(30), |p| {
+        let v: Value = serde_json::from_str(&p.get("/api/v1/targets", None)?).ok()?;
+        let t = &v["data"]["activeTargets"][0];
+        (t["health"] == "up" && t["labels"]["job"] == "etcd-backupd").then_some(())
+    });
+    // A backup stored on the target and a drill that restored it, both scraped since.
+    prom.wait_for("seeing a backup and a successful drill", Duration::from_secs(120), |p| {
+        let ok = "etcd_backupd_last_attempt_success == 1 and on () etcd_backupd_last_drill_success == 1 and on () etcd_backupd_last_drill_restore_duration_seconds > 0";
+        let found = !p.query(ok)["result"].as_array()?.is_empty();
+        found.then_some(())
+    });
+
+    let mut empty = Vec::new();
+    for (title, expr) in &queries {
+        let data = prom.query(expr);
+        assert_eq!(data["resultType"], "vector", "{title}: {expr}: {data}");
+        if data["result"].as_array().unwrap().is_empty() {
+            empty.push(format!("{title}: {expr}"));
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "panel queries without data:\n{}\n\ndaemon:\n{}",
+        empty.join("\n"),
+        daemon.log()
+    );
+
+    // What Prometheus scraped is valid exposition, by Prometheus' own linter.
+    let out = Command::new("curl")
+        .args(["-fsS", "--max-time", "5", &format!("http://{listen}/metrics")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", daemon.log());
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lint.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success() && lint.stdout.is_empty() && lint.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `curl -sS -i` (or `-I` for HEAD) with `args`: status line and headers (lower-cased
+/// names), then the body.
+fn http(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let head = head
+        .lines()
+        .enumerate()
+        .map(|(i, l)| match l.split_once(':') {
+            Some((k, v)) if i > 0 => format!("{}:{v}", k.to_ascii_lowercase()),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    (head, body.to_string())
+}
+
+/// `GET /metrics` and `HEAD /metrics` answered (any query string), 405 for other methods
+/// there and 404 elsewhere; a request head over 8 KiB refused; clients that connect and send
+/// nothing, or half a request, cut off after the head timeout (5 s) while more of them than
+/// the endpoint serves at once wait in line, so a scrape behind them is answered; and none of
+/// them holds up the daemon's stop.
+#[test]
+fn the_metrics_endpoint_serves_only_metrics_and_no_client_holds_it() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    let etcd = Etcd::start();
+    let w = Work::new();
+    let addr = format!("127.0.0.1:{}", crate::common::free_port());
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        &format!("\n[schedule]\ncron = \"0 0 3 1 1 *\"\n\n[metrics]\nlisten = \"{addr}\"\n"),
+    );
+    let mut daemon = crate::common::Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
+    let url = format!("http://{addr}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Command::new("curl")
+        .args(["-fsS", "--max-time", "2", &url])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(daemon.running(), "{}", daemon.log());
+        assert!(Instant::now() < deadline, "no /metrics: {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (head, body) = http(&["-i", &url]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("\ncontent-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    assert!(body.contains("# TYPE etcd_backupd_runs_total counter\n"), "{body}");
+    assert!(body.contains("\netcd_backupd_pending_sets 0\n"), "{body}");
+    let (head, body) = http(&["-i", &format!("{url}?name[]=x")]);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && body.contains("etcd_backupd_"),
+        "{head}"
+    );
+    let (head, body) = http(&["-I", &url]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("\ncontent-length: "), "{head}");
+    assert!(body.is_empty(), "{body}");
+    for other in ["/", "/metricsx", "/metrics/", "/debug/pprof"] {
+        let (head, _) = http(&["-i", &format!("http://{addr}{other}")]);
+        assert!(head.starts_with("HTTP/1.1 404"), "{other}: {head}");
+    }
+    let (head, _) = http(&["-i", "-X", "POST", "--data", "x", &url]);
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(head.contains("\nallow: GET, HEAD"), "{head}");
+
+    // A request head larger than the endpoint reads.
+    let mut big = TcpStream::connect(&addr).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let long = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
+    // The server may close before it read everything: the answer is what counts.
+    let _ = big.write_all(long.as_bytes());
+    let mut answer = Vec::new();
+    let _ = big.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // More silent and half-speaking clients than the endpoint serves at once (8).
+    let started = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..12)
+        .map(|i| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            if i % 2 == 1 {
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+            }
+            s.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
+            s
+        })
+        .collect();
+    // A scrape behind them is answered once the head timeout frees their places.
+    let (head, body) = http(&["-i", &url]);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && body.contains("etcd_backupd_"),
+        "{head}"
+    );
+    // Each of them is cut off by the server, well before the 20 s a connection may last.
+    for (i, s) in idle.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "client {i}: {e}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(18), "{took:?}");
+    assert!(daemon.running(), "{}", daemon.log());
+
+    // A client that stays connected does not hold up the stop.
+    let _lingering = TcpStream::connect(&addr).unwrap();
+    let stopping = Instant::now();
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0), "{}", daemon.log());
+    assert!(stopping.elapsed() < Duration::from_secs(5), "{:?}", stopping.elapsed());
 }

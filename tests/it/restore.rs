@@ -136,8 +136,8 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
     );
     assert_eq!(names_in(&root.join("test")), before);
 
-    // `list` shows the same reasons.
-    let r = cli_cfg(&["list"], &cfg);
+    // `list --wide` shows the same reasons (the default table says them in a word each).
+    let r = cli_cfg(&["list", "--wide"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     let line = r.stdout.lines().find(|l| l.contains("2026-11-15_023000")).unwrap();
     assert!(line.ends_with("keep: weekly 2026-W46"), "{line}");
@@ -788,8 +788,8 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         assert_eq!(r.code, 0, "{name}: {}", r.all());
         assert_eq!(names_in(&dir), [format!("snapshot_{intact}.db")], "{name}");
 
-        // `list` shows the damaged set as a row, marked, with what is wrong.
-        let r = run_async_plain(argv(&["list", "--target", name], &cfg)).await;
+        // `list --wide` shows the damaged set as a row, marked, with what is wrong.
+        let r = run_async_plain(argv(&["list", "--wide", "--target", name], &cfg)).await;
         assert_eq!(r.code, 0, "{name}: {}", r.all());
         let row = r
             .stdout
@@ -850,7 +850,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         std::fs::write(root.join(&newest).join(&snapshot), &flipped).unwrap();
     }
     for (name, _) in &roots {
-        let r = run_async_plain(argv(&["list", "--target", name], &cfg)).await;
+        let r = run_async_plain(argv(&["list", "--wide", "--target", name], &cfg)).await;
         let row = r.stdout.lines().find(|l| l.contains(&newest)).unwrap();
         assert!(!row.contains("DAMAGED"), "{name}: sizes match, list cannot tell: {row}");
         let dir = w.path().join(format!("flipped-{name}"));

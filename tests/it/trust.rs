@@ -141,7 +141,8 @@ fn signed_sets_verify_with_openssh_and_forged_unsigned_or_foreign_sets_are_refus
     let public = public.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
     let line = format!("etcd-backupd {public} node-a");
     let st = cli(&["status"], &cfg);
-    assert_eq!(st.code, 0, "{}", st.all());
+    // Not OK (no daemon runs here), but the signing line is there whatever the verdict.
+    assert!(matches!(st.code, 0 | 1 | 4), "{}", st.all());
     assert!(
         st.stdout.lines().any(|l| l.trim() == line),
         "no {line:?} in {}",
@@ -201,7 +202,7 @@ fn signed_sets_verify_with_openssh_and_forged_unsigned_or_foreign_sets_are_refus
     let r = cli(&["check-config"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.contains("signed by one of the 1 key(s)"), "{}", r.stdout);
-    let r = cli(&["list"], &cfg);
+    let r = cli(&["list", "--wide"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     let row = |id: &str| r.stdout.lines().find(|l| l.contains(id)).unwrap().to_string();
     assert!(row(&signed).contains(&format!("{fp} (listed)")), "{}", r.stdout);
@@ -366,10 +367,19 @@ fn an_archive_with_an_expired_leaf_certificate_is_marked_by_list_and_refused_by_
     assert_eq!(m["format_version"], 1);
 
     let date = expired_at.format("%Y-%m-%d").to_string();
-    let r = cli(&["list"], &cfg);
+    let r = cli(&["list", "--wide"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     let row = r.stdout.lines().find(|l| l.contains(&expired)).unwrap();
     assert!(row.contains(&format!("{date}(EXPIRED)")), "{}", r.stdout);
+    // The default table marks it, and says why below.
+    let r = cli(&["list"], &cfg);
+    let row = r.stdout.lines().find(|l| l.contains(&expired)).unwrap();
+    assert!(row.contains("CERTS-EXPIRED"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("{expired}: certificates EXPIRED on {date}")),
+        "{}",
+        r.stdout
+    );
     let st = cli(&["status"], &cfg);
     assert!(
         st.stdout.contains(&format!(
@@ -594,7 +604,7 @@ fn sets_on_webdav_carry_their_signature() {
         r.stderr
     );
     assert!(!fetch_dir.exists() || files_in(&fetch_dir).is_empty());
-    let r = arg(&["list"], &cfg);
+    let r = arg(&["list", "--wide"], &cfg);
     let row = |id: &str| r.stdout.lines().find(|l| l.contains(id)).unwrap().to_string();
     assert!(
         row(&signed).contains("(listed)") && row(&unsigned).contains("unsigned"),
