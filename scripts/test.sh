@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: installs what it needs, then formatting, lints,
-# unit tests and the integration tests against real etcd processes, and last a check that
-# no process the tests started is still running.
+# The whole test suite, as CI runs it: installs what it needs, then formatting, lints, the
+# supply-chain checks (deny.toml, the third-party notices), unit tests and the integration
+# tests against real etcd processes, and last a check that no process the tests started is
+# still running.
 # Run as root: some tests mount a small tmpfs to fill a disk or make one read-only.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -26,7 +26,11 @@ pub fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
         return "just now".into();
     }
     let span = span(n);
-    if future { format!("in {span}") } else { format!("{span} ago") }
+    if future {
+        format!("in {span}")
+    } else {
+        format!("{span} ago")
+    }
 }
 
 /// `2026-12-07 15:39:00 CET (3h ago)`.

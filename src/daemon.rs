@@ -89,7 +89,8 @@ fn idle_status(
     }
     parts.push(format!(
         "idle; next run {}",
-        slot.map(|s| crate::clock::show(s.start, tz)).unwrap_or_else(|| "none".into())
+        slot.map(|s| crate::clock::show(s.start, tz))
+            .unwrap_or_else(|| "none".into())
     ));
     parts.push(last_summary(staging));
     if pending_sets > 0 {

@@ -35,7 +35,8 @@ pub const EXIT_AT_RISK: u8 = 4;
 
 /// A verdict already printed on stdout: its stderr line adds nothing on a terminal.
 pub fn is_verdict(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| matches!(c.downcast_ref::<Stop>(), Some(Stop::Verdict { .. })))
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<Stop>(), Some(Stop::Verdict { .. })))
 }
 
 /// The exit code for an error, from the first typed cause in its chain.

@@ -168,13 +168,15 @@ pub fn judge(f: &Facts) -> Verdict {
         at_risk.push(format!("{} set(s) wait in staging for delivery", f.pending_sets));
     }
     if !f.daemon_alive {
-        at_risk.push(match f.state.daemon.as_ref().and_then(|d| crate::clock::parse(&d.beat)) {
-            Some(t) => format!(
-                "the daemon is not running (last heartbeat {})",
-                crate::clock::relative(t, f.now)
-            ),
-            None => "the daemon is not running (no heartbeat recorded)".into(),
-        });
+        at_risk.push(
+            match f.state.daemon.as_ref().and_then(|d| crate::clock::parse(&d.beat)) {
+                Some(t) => format!(
+                    "the daemon is not running (last heartbeat {})",
+                    crate::clock::relative(t, f.now)
+                ),
+                None => "the daemon is not running (no heartbeat recorded)".into(),
+            },
+        );
     }
     if f.state.runs.is_empty() {
         at_risk.push("this node never ran a backup".into());
@@ -183,7 +185,11 @@ pub fn judge(f: &Facts) -> Verdict {
         at_risk.push(format!("etcd does not answer: {e}"));
     }
     if let Some(p) = &f.state.probe {
-        at_risk.extend(p.problems().into_iter().map(|p| format!("the daemon's probe found {p}")));
+        at_risk.extend(
+            p.problems()
+                .into_iter()
+                .map(|p| format!("the daemon's probe found {p}")),
+        );
     }
     let level = if !failing.is_empty() {
         Level::Failing
@@ -218,8 +224,16 @@ mod tests {
             bytes: Some(1),
             duration_s: 1.0,
             targets: vec![
-                TargetState { name: "a".into(), ok: true, error: None },
-                TargetState { name: "b".into(), ok: result == RunResult::Ok, error: (result != RunResult::Ok).then(|| "507 Insufficient Storage".into()) },
+                TargetState {
+                    name: "a".into(),
+                    ok: true,
+                    error: None,
+                },
+                TargetState {
+                    name: "b".into(),
+                    ok: result == RunResult::Ok,
+                    error: (result != RunResult::Ok).then(|| "507 Insufficient Storage".into()),
+                },
             ],
         }
     }
@@ -276,7 +290,11 @@ mod tests {
         assert_eq!((v.level, v.reasons.clone()), (Level::Ok, vec![]), "{v:?}");
         assert!(v.coverage.iter().all(|c| c.fresh));
         // The last run failed: FAILING, whatever the targets hold.
-        let s = state(vec![run(RunResult::Failed, Some("etcd is down"))], Some(recent), Some(recent));
+        let s = state(
+            vec![run(RunResult::Failed, Some("etcd is down"))],
+            Some(recent),
+            Some(recent),
+        );
         let v = judge(&facts(&s));
         assert_eq!(v.level, Level::Failing);
         assert!(v.reasons[0].contains("failed: etcd is down"), "{v:?}");
@@ -289,8 +307,14 @@ mod tests {
         let s = state(vec![run(RunResult::Partial, None)], Some(recent), Some(old));
         let v = judge(&facts(&s));
         assert_eq!(v.level, Level::AtRisk, "{v:?}");
-        assert!(v.reasons.iter().any(|r| r.contains("target 'b': its newest good set")), "{v:?}");
-        assert!(v.reasons.iter().any(|r| r.contains("'b': 507 Insufficient Storage")), "{v:?}");
+        assert!(
+            v.reasons.iter().any(|r| r.contains("target 'b': its newest good set")),
+            "{v:?}"
+        );
+        assert!(
+            v.reasons.iter().any(|r| r.contains("'b': 507 Insufficient Storage")),
+            "{v:?}"
+        );
         // Another node's fresher listing counts.
         let mut f = facts(&s);
         f.others = vec![("master-1".into(), BTreeMap::from([("b".to_string(), cov(recent))]))];

@@ -140,7 +140,11 @@ async fn publish(settings: &Settings, member: &mut Option<crate::etcd::Member>) 
         None => member.insert(crate::etcd::connect_first(&settings.etcd).await?.0),
     };
     let staging = &settings.snapshot.staging_dir;
-    let beat = of_state(settings, &State::load(staging), crate::delivery::pending(staging).0 as u64);
+    let beat = of_state(
+        settings,
+        &State::load(staging),
+        crate::delivery::pending(staging).0 as u64,
+    );
     m.put(
         &key(&settings.election.prefix, &settings.node_name),
         &serde_json::to_string(&beat)?,

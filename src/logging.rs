@@ -140,7 +140,13 @@ impl Fields {
 pub fn journal_key(name: &str) -> String {
     let key: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     if key.starts_with(|c: char| c == '_' || c.is_ascii_digit()) || key.is_empty() {
         format!("F{key}")
@@ -251,7 +257,13 @@ mod tests {
                 ("error".into(), "connection refused\nat 127.0.0.1".into()),
             ],
         };
-        let e = decode(&entry(&Level::ERROR, "etcd_backupd::delivery", Some("src/x.rs"), Some(7), &f));
+        let e = decode(&entry(
+            &Level::ERROR,
+            "etcd_backupd::delivery",
+            Some("src/x.rs"),
+            Some(7),
+            &f,
+        ));
         let get = |k: &str| e.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str());
         assert_eq!(
             get("MESSAGE"),
@@ -292,7 +304,10 @@ mod tests {
         let n = server.recv(&mut buf).unwrap();
         let e = decode(&buf[..n]);
         let get = |k: &str| e.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("MESSAGE"), Some("backup succeeded backup_id=2026-12-07_023012 bytes=42"));
+        assert_eq!(
+            get("MESSAGE"),
+            Some("backup succeeded backup_id=2026-12-07_023012 bytes=42")
+        );
         assert_eq!(get("PRIORITY"), Some("6"));
         assert_eq!(get("BYTES"), Some("42"));
     }

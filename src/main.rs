@@ -9,7 +9,18 @@ use etcd_backupd::cli::{self, Cli};
 use etcd_backupd::{error, progress};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // `generate man|completions` (packaging) is not a command users see: see cli::generate.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if cli::generate::is_generate(&args) {
+        return match cli::generate::run(&args) {
+            Ok(()) => ExitCode::from(error::EXIT_OK),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "error: {}", error::one_line(&e));
+                ExitCode::from(error::exit_code(&e))
+            }
+        };
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version
@@ -42,7 +53,22 @@ fn main() -> ExitCode {
             return ExitCode::from(error::EXIT_FAILED);
         }
     };
+    let (json, command) = (cli.command.json(), cli.command.name());
     let result = runtime.block_on(cli::run(cli));
+    // `--json`: stdout always carries one document, the failure's when the command printed
+    // none (a verdict's document is printed by `status` itself).
+    if let Err(e) = &result
+        && json
+        && !cli::report::printed()
+        && !error::is_closed_stdout(e)
+    {
+        let doc = cli::report::error_document(command, e);
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        );
+    }
     // Blocking work abandoned on SIGTERM (a copy to a target, which will not be moved into
     // place) must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));

@@ -31,6 +31,46 @@ use crate::trust::signing::{AllowedSigners, Verdict};
 
 /// Where `fetch` puts a set by default: the directory the platform's documentation uses.
 pub const DEFAULT_FETCH_DIR: &str = "/home/core/assets/backup";
+
+/// What tells an OpenShift control-plane node: the platform's restore script, or its static
+/// pod resources.
+const OPENSHIFT_NODE_MARKS: [&str; 2] = [
+    "/usr/local/bin/cluster-restore.sh",
+    "/etc/kubernetes/static-pod-resources",
+];
+
+/// `fetch`'s directory: `--to`, or [`DEFAULT_FETCH_DIR`] on an OpenShift control-plane node
+/// only (elsewhere, an admin's machine or a drill host, creating `/home/core/...` surprises).
+pub fn fetch_dir(to: Option<&Path>) -> Result<PathBuf> {
+    if let Some(to) = to {
+        return Ok(to.to_path_buf());
+    }
+    if OPENSHIFT_NODE_MARKS.iter().any(|p| Path::new(p).exists()) {
+        return Ok(PathBuf::from(DEFAULT_FETCH_DIR));
+    }
+    bail!(Stop::Usage(format!(
+        "--to DIR is required here: the default {DEFAULT_FETCH_DIR} is only used on an OpenShift control-plane node (none of {} exists)",
+        OPENSHIFT_NODE_MARKS.join(", ")
+    )))
+}
+
+/// The command that restores a set's snapshot into a data directory, for the etcd version
+/// it came from: `etcdutl` from 3.5 (3.6 has no `etcdctl snapshot restore`), `etcdctl` with
+/// API v3 before (3.4 has no `etcdutl`).
+pub fn restore_command(etcd_version: &str, snapshot: &str) -> String {
+    let (major, minor) = {
+        let mut it = etcd_version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    let args = format!(
+        "snapshot restore {snapshot} --data-dir /var/lib/etcd-restored --name NAME --initial-cluster NAME=https://HOST:2380 --initial-advertise-peer-urls https://HOST:2380"
+    );
+    if (major, minor) >= (3, 5) {
+        format!("etcdutl {args}")
+    } else {
+        format!("ETCDCTL_API=3 etcdctl {args}")
+    }
+}
 const SUMS_CAP: u64 = 64 * 1024;
 
 /// A set found on a target.

@@ -146,12 +146,48 @@ const MONTHS: &[&str] = &[
 const DAYS: &[&str] = &["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
 
 const FIELDS: [Field; 6] = [
-    Field { name: "second", min: 0, max: 59, names: &[], hint: "" },
-    Field { name: "minute", min: 0, max: 59, names: &[], hint: "" },
-    Field { name: "hour", min: 0, max: 23, names: &[], hint: "" },
-    Field { name: "day-of-month", min: 1, max: 31, names: &[], hint: "" },
-    Field { name: "month", min: 1, max: 12, names: MONTHS, hint: " or JAN-DEC" },
-    Field { name: "day-of-week", min: 0, max: 7, names: DAYS, hint: " (0 and 7 are Sunday) or SUN-SAT" },
+    Field {
+        name: "second",
+        min: 0,
+        max: 59,
+        names: &[],
+        hint: "",
+    },
+    Field {
+        name: "minute",
+        min: 0,
+        max: 59,
+        names: &[],
+        hint: "",
+    },
+    Field {
+        name: "hour",
+        min: 0,
+        max: 23,
+        names: &[],
+        hint: "",
+    },
+    Field {
+        name: "day-of-month",
+        min: 1,
+        max: 31,
+        names: &[],
+        hint: "",
+    },
+    Field {
+        name: "month",
+        min: 1,
+        max: 12,
+        names: MONTHS,
+        hint: " or JAN-DEC",
+    },
+    Field {
+        name: "day-of-week",
+        min: 0,
+        max: 7,
+        names: DAYS,
+        hint: " (0 and 7 are Sunday) or SUN-SAT",
+    },
 ];
 
 /// Why a 5- or 6-field pattern that croner refused is wrong, naming the field as written
@@ -197,8 +233,7 @@ fn check_field(text: &str, f: &Field) -> Result<(), String> {
                 // L, W, # and the like: croner's to judge.
                 Err(_)
                     if !v.is_empty()
-                        && v
-                            .chars()
+                        && v.chars()
                             .all(|c| c.is_ascii_digit() || matches!(c.to_ascii_uppercase(), 'L' | 'W' | '#')) =>
                 {
                     Ok(None)
@@ -266,12 +301,33 @@ mod tests {
             "\"0 0 2 * * *x\": field 6 (day-of-week) has \"*x\", must be 0-7 (0 and 7 are Sunday) or SUN-SAT"
         );
         // Six fields: the second comes first, so the hour is field 3.
-        assert_eq!(e("0 0 24 * * *"), "\"0 0 24 * * *\": field 3 (hour) is 24, must be 0-23");
-        assert_eq!(e("0 2 0 * *"), "\"0 2 0 * *\": field 3 (day-of-month) is 0, must be 1-31");
-        assert_eq!(e("0 2 * 13 *"), "\"0 2 * 13 *\": field 4 (month) is 13, must be 1-12 or JAN-DEC");
-        assert!(e("0 2 * * 8").starts_with("\"0 2 * * 8\": field 5 (day-of-week) is 8"), "{}", e("0 2 * * 8"));
-        assert!(e("*/0 2 * * *").contains("field 1 (minute) \"*/0\" has step 0"), "{}", e("*/0 2 * * *"));
-        assert!(e("0 5-60 * * *").contains("field 2 (hour) is 60"), "{}", e("0 5-60 * * *"));
+        assert_eq!(
+            e("0 0 24 * * *"),
+            "\"0 0 24 * * *\": field 3 (hour) is 24, must be 0-23"
+        );
+        assert_eq!(
+            e("0 2 0 * *"),
+            "\"0 2 0 * *\": field 3 (day-of-month) is 0, must be 1-31"
+        );
+        assert_eq!(
+            e("0 2 * 13 *"),
+            "\"0 2 * 13 *\": field 4 (month) is 13, must be 1-12 or JAN-DEC"
+        );
+        assert!(
+            e("0 2 * * 8").starts_with("\"0 2 * * 8\": field 5 (day-of-week) is 8"),
+            "{}",
+            e("0 2 * * 8")
+        );
+        assert!(
+            e("*/0 2 * * *").contains("field 1 (minute) \"*/0\" has step 0"),
+            "{}",
+            e("*/0 2 * * *")
+        );
+        assert!(
+            e("0 5-60 * * *").contains("field 2 (hour) is 60"),
+            "{}",
+            e("0 5-60 * * *")
+        );
         let count = e("* * *");
         assert!(count.contains("has 3 fields") && count.contains("@daily"), "{count}");
         assert!(e("@reboot").contains("is not a cron macro"), "{}", e("@reboot"));

@@ -7,6 +7,30 @@ use anyhow::Result;
 use super::human;
 use crate::run::pipeline::BackupReport;
 
+/// `backup --json`: the set, its files and each target's result.
+pub(super) fn json(r: &BackupReport) -> serde_json::Value {
+    let m = &r.manifest;
+    let targets: Vec<serde_json::Value> = r
+        .targets
+        .iter()
+        .map(|t| match &t.result {
+            Ok(()) => serde_json::json!({"name": t.name, "ok": true, "location": t.location}),
+            Err(e) => serde_json::json!({"name": t.name, "ok": false, "error": e}),
+        })
+        .collect();
+    serde_json::json!({
+        "id": m.id,
+        "cluster": m.cluster_name,
+        "result": r.result().as_str(),
+        "seconds": r.duration.as_secs_f64(),
+        "snapshot_seconds": r.snapshot_duration.as_secs_f64(),
+        "etcd": m.etcd,
+        "forced": m.forced,
+        "files": m.files,
+        "targets": targets,
+    })
+}
+
 pub(super) fn print_backup_summary(r: &BackupReport) -> Result<()> {
     let m = &r.manifest;
     let mut out = std::io::stdout().lock();

@@ -159,3 +159,39 @@ pub(super) async fn check_config(settings: &Settings, connect: bool) -> Result<(
     }
     Ok(())
 }
+
+/// `check-config --json`: the merged settings, the warnings, the offline checks' verdict and
+/// with `connect` what etcd and each target answered; `ok` only when nothing failed.
+pub(super) async fn check_config_json(settings: &Settings, connect: bool) -> Result<()> {
+    let mut v = serde_json::json!({
+        "files": settings.files,
+        "settings": settings,
+        "warnings": warnings(settings),
+    });
+    if let Err(e) = offline_checks(settings) {
+        v["error"] = crate::error::one_line(&e).into();
+        super::report::print(v, false)?;
+        return Err(e);
+    }
+    if !connect {
+        return super::report::print(v, true);
+    }
+    let etcd = crate::probe::etcd(settings).await;
+    let mut failed: Vec<String> = etcd.iter().map(|_| "etcd".to_string()).collect();
+    let mut targets = Vec::new();
+    for t in &settings.targets {
+        match crate::probe::target(settings, t).await {
+            Ok(sets) => targets.push(serde_json::json!({"name": t.name, "ok": true, "sets": sets})),
+            Err(e) => {
+                failed.push(format!("target '{}'", t.name));
+                targets.push(serde_json::json!({"name": t.name, "ok": false, "error": crate::error::one_line(&e)}));
+            }
+        }
+    }
+    v["connect"] = serde_json::json!({"etcd": {"ok": etcd.is_none(), "error": etcd}, "targets": targets});
+    super::report::print(v, failed.is_empty())?;
+    if !failed.is_empty() {
+        bail!("check-config --connect: {} failed", failed.join(", "));
+    }
+    Ok(())
+}

@@ -16,15 +16,28 @@ pub(super) struct Allow {
     pub(super) unrestorable_archive: bool,
 }
 
-pub(super) async fn fetch(
-    settings: &Settings,
-    id: &str,
-    dir: &std::path::Path,
-    allow: Allow,
-    force: bool,
-    target: Option<&str>,
-    identity: Option<String>,
-) -> Result<()> {
+/// What `fetch` was asked for.
+pub(super) struct Request<'a> {
+    pub(super) id: &'a str,
+    pub(super) dir: &'a std::path::Path,
+    pub(super) allow: Allow,
+    /// `--force`: a non-empty DIR has its restore candidates removed first.
+    pub(super) force: bool,
+    pub(super) target: Option<&'a str>,
+    pub(super) identity: Option<String>,
+    pub(super) json: bool,
+}
+
+pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
+    let Request {
+        id,
+        dir,
+        allow,
+        force,
+        target,
+        identity,
+        json,
+    } = req;
     use crate::restore;
     let allow_version_mismatch = allow.version_mismatch;
     let mut located = restore::locate(settings, target, id).await?;
@@ -86,6 +99,27 @@ pub(super) async fn fetch(
             return Err(e);
         }
     };
+    if json {
+        let laid_out: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(c, path)| serde_json::json!({"path": path, "name": c.name, "size": c.size, "sha256": c.sha256, "checked": c.also}))
+            .collect();
+        let v = serde_json::json!({
+            "id": m.id,
+            "cluster": located.cluster,
+            "target": located.target.name(),
+            "dir": dir,
+            "files": laid_out,
+            "openshift_version": set_version,
+            "version_check": version_rule,
+            "signature": {"state": signature.state(), "fingerprint": signature.fingerprint()},
+            "etcd": m.etcd,
+            "static_pod_revisions": m.restore.static_pod_revisions,
+            "restorable_until": m.restore.restorable_until,
+            "next": next_step(m, &files, dir),
+        });
+        return super::report::print(v, true);
+    }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -117,11 +151,6 @@ pub(super) async fn fetch(
             c.also.as_ref().map(|a| format!("; {a}")).unwrap_or_default()
         )?;
     }
-    let snapshot = files
-        .iter()
-        .find(|(c, _)| c.name.starts_with("snapshot_"))
-        .map(|(_, p)| p.display().to_string())
-        .unwrap_or_default();
     // What the restore brings back, as the manifest recorded it.
     let revisions: Vec<String> = m
         .restore
@@ -145,19 +174,33 @@ pub(super) async fn fetch(
             format!("; static pods {}", revisions.join(", "))
         }
     )?;
-    if files.iter().any(|(c, _)| c.name.starts_with("static_kuberesources_")) {
-        writeln!(
-            out,
-            "next: on the recovery control-plane host, as root, follow the platform's restore procedure:\n  sudo -E /usr/local/bin/cluster-restore.sh {}",
-            dir.display()
-        )?;
-    } else {
-        writeln!(
-            out,
-            "next: restore the snapshot into a new data directory for each member, e.g.\n  etcdutl snapshot restore {snapshot} --data-dir /var/lib/etcd-restored --name NAME --initial-cluster NAME=https://HOST:2380 --initial-advertise-peer-urls https://HOST:2380"
-        )?;
-    }
+    writeln!(out, "next: {}", next_step(m, &files, dir))?;
     Ok(())
+}
+
+/// What to do with the files: the platform's restore script when the set has its archive,
+/// else etcd's own restore, with the tool of the set's etcd version.
+fn next_step(
+    m: &crate::manifest::Manifest,
+    files: &[(crate::restore::CheckedFile, std::path::PathBuf)],
+    dir: &std::path::Path,
+) -> String {
+    if files.iter().any(|(c, _)| c.name.starts_with("static_kuberesources_")) {
+        return format!(
+            "on the recovery control-plane host, as root, follow the platform's restore procedure:\n  sudo -E /usr/local/bin/cluster-restore.sh {}",
+            dir.display()
+        );
+    }
+    let snapshot = files
+        .iter()
+        .find(|(c, _)| c.name.starts_with("snapshot_"))
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_default();
+    format!(
+        "restore the snapshot into a new data directory for each member, with etcd {}'s tools, e.g.\n  {}",
+        m.etcd.version,
+        crate::restore::restore_command(&m.etcd.version, &snapshot)
+    )
 }
 
 pub(super) async fn verify(
@@ -186,8 +229,7 @@ pub(super) async fn verify(
     if json {
         let sig = serde_json::json!({"state": signature.state(), "fingerprint": signature.fingerprint()});
         let v = serde_json::json!({"id": m.id, "cluster": located.cluster, "target": located.target.name(), "files": checked, "drill": drill, "signature": sig, "restorable_until": m.restore.restorable_until});
-        outln!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return super::report::print(v, true);
     }
     let mut out = std::io::stdout().lock();
     writeln!(

@@ -76,7 +76,13 @@ pub(super) async fn list(settings: &Settings, opts: Options<'_>) -> Result<()> {
     });
     let mut out = std::io::stdout().lock();
     if opts.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&json(&rows, now))?)?;
+        drop(out);
+        let v = serde_json::json!({"sets": json(&rows, now), "failed_targets": failed});
+        super::report::print(v, failed.is_empty())?;
+        if !failed.is_empty() {
+            bail!("cannot list target(s) {}", failed.join(", "));
+        }
+        return Ok(());
     } else if !rows.is_empty() {
         let show_target = chosen.len() > 1;
         let text = if opts.wide {
@@ -94,7 +100,11 @@ pub(super) async fn list(settings: &Settings, opts: Options<'_>) -> Result<()> {
 }
 
 fn position(settings: &Settings, name: &str) -> usize {
-    settings.targets.iter().position(|t| t.name == name).unwrap_or(usize::MAX)
+    settings
+        .targets
+        .iter()
+        .position(|t| t.name == name)
+        .unwrap_or(usize::MAX)
 }
 
 /// The sets on one target (damaged ones too, marked), each with retention's verdict as of
@@ -146,7 +156,7 @@ async fn rows_of(
         .collect())
 }
 
-/// `list --json`: an array, one object per set and target.
+/// `list --json`'s `sets`: an array, one object per set and target.
 fn json(rows: &[Row], now: DateTime<Utc>) -> serde_json::Value {
     rows.iter()
         .map(|r| {
@@ -209,15 +219,19 @@ fn problems(r: &Row, signatures_required: bool) -> Vec<(&'static str, String)> {
         out.push(("DAMAGED", format!("DAMAGED: {what}")));
     }
     match &r.expiry {
-        Expiry::Expired { .. } => out.push(("CERTS-EXPIRED", format!("certificates {}", r.expiry.line().unwrap_or_default()))),
-        Expiry::Soon { .. } => out.push(("certs-soon", format!("certificates {}", r.expiry.line().unwrap_or_default()))),
+        Expiry::Expired { .. } => out.push((
+            "CERTS-EXPIRED",
+            format!("certificates {}", r.expiry.line().unwrap_or_default()),
+        )),
+        Expiry::Soon { .. } => out.push((
+            "certs-soon",
+            format!("certificates {}", r.expiry.line().unwrap_or_default()),
+        )),
         Expiry::Valid { .. } | Expiry::Unknown => {}
     }
     match &r.verdict {
         Some(v @ Verdict::Invalid(_)) => out.push(("SIG-INVALID", format!("signature {}", v.describe()))),
-        Some(v @ Verdict::Unlisted { .. }) if signatures_required => {
-            out.push(("SIG-UNLISTED", v.describe()))
-        }
+        Some(v @ Verdict::Unlisted { .. }) if signatures_required => out.push(("SIG-UNLISTED", v.describe())),
         Some(v @ Verdict::Unsigned(_)) if signatures_required => out.push(("UNSIGNED", v.describe())),
         None => out.push(("sig-unread", "its signature could not be read".into())),
         Some(_) => {}
@@ -259,7 +273,11 @@ fn compact(rows: &[Row], show_target: bool, signatures_required: bool, now: Date
             true => "ok".to_string(),
             false => found.iter().map(|(w, _)| *w).collect::<Vec<_>>().join(","),
         };
-        let whose = if show_target { format!(" on '{}'", r.target) } else { String::new() };
+        let whose = if show_target {
+            format!(" on '{}'", r.target)
+        } else {
+            String::new()
+        };
         for (_, line) in found {
             notes.push(format!("{}{whose}: {line}", m.id));
         }
@@ -394,7 +412,10 @@ impl Table {
             // version string does not cost the node names their width.
             while total(&widths) > max {
                 let spare = |i: usize| floor[i].map_or(0, |f| widths[i].saturating_sub(f));
-                let Some(i) = (0..widths.len()).filter(|&i| spare(i) > 0).max_by_key(|&i| (spare(i), i)) else {
+                let Some(i) = (0..widths.len())
+                    .filter(|&i| spare(i) > 0)
+                    .max_by_key(|&i| (spare(i), i))
+                else {
                     break;
                 };
                 widths[i] -= 1;
@@ -448,7 +469,12 @@ mod tests {
         t.column("SIZE", Align::Right, 0);
         t.column("NODE", Align::Left, 6);
         t.column("NOTE", Align::Left, 6);
-        t.row(vec!["a".into(), "1 KiB".into(), "master-0.example.com".into(), "x".repeat(40)]);
+        t.row(vec![
+            "a".into(),
+            "1 KiB".into(),
+            "master-0.example.com".into(),
+            "x".repeat(40),
+        ]);
         t.row(vec!["bb".into(), "12 MiB".into(), "m1".into(), "short".into()]);
         let full = t.render(None);
         assert_eq!(
@@ -459,7 +485,11 @@ mod tests {
         // The widest gives way first, then both alike; never below a minimum or the header.
         let cut = t.render(Some(50));
         assert!(width(&cut) <= 50, "{cut}");
-        assert_eq!(cut.lines().nth(1).unwrap(), "a    1 KiB  master-0.example.…  xxxxxxxxxxxxxxxxx…", "{cut}");
+        assert_eq!(
+            cut.lines().nth(1).unwrap(),
+            "a    1 KiB  master-0.example.…  xxxxxxxxxxxxxxxxx…",
+            "{cut}"
+        );
         let cut = t.render(Some(30));
         assert_eq!(cut.lines().nth(1).unwrap(), "a    1 KiB  master-…  xxxxxxx…", "{cut}");
         let cut = t.render(Some(10));
@@ -477,7 +507,16 @@ mod tests {
         };
         let cell = |keep, reasons: &[&str]| retention_cell(Some(&d(keep, reasons)));
         assert_eq!(
-            cell(true, &["last 1", "daily 2026-11-24", "weekly 2026-W48", "monthly 2026-11", "newest set"]),
+            cell(
+                true,
+                &[
+                    "last 1",
+                    "daily 2026-11-24",
+                    "weekly 2026-W48",
+                    "monthly 2026-11",
+                    "newest set"
+                ]
+            ),
             "last,daily,weekly,monthly,newest"
         );
         assert_eq!(cell(true, &["within max_age 30days", "min_keep 3"]), "max_age,min_keep");

@@ -26,10 +26,11 @@ macro_rules! errln {
 mod backup;
 mod check_config;
 mod fetch;
-mod generate;
+pub mod generate;
 mod list;
 mod prune;
 pub mod render;
+pub mod report;
 mod status;
 
 use crate::config::read_identity;
@@ -38,12 +39,7 @@ use crate::manifest::Trigger;
 use crate::run;
 
 /// `0.1.0 (commit 0123456789ab)`: the package version and the commit `build.rs` found.
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("ETCD_BACKUPD_COMMIT"),
-    ")"
-);
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ETCD_BACKUPD_COMMIT"), ")");
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,6 +76,9 @@ pub enum Command {
         /// manifest); etcd's health, its alarms, free space and the election still apply.
         #[arg(long)]
         force: bool,
+        /// One JSON document on stdout (schema_version, ok, the set and each target's result).
+        #[arg(long)]
+        json: bool,
     },
     /// List the backup sets on a target.
     List {
@@ -100,9 +99,10 @@ pub enum Command {
     Fetch {
         /// A set id (see `list`) or `latest`.
         id: String,
-        /// Where to put the files; must be empty or missing.
-        #[arg(long, value_name = "DIR", default_value = crate::restore::DEFAULT_FETCH_DIR)]
-        to: PathBuf,
+        /// Where to put the files; must be empty or missing. Default, on an OpenShift
+        /// control-plane node only: /home/core/assets/backup (the platform's documented place).
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
         /// Fetch even when the set's OpenShift version differs from the running cluster's.
         #[arg(long)]
         allow_version_mismatch: bool,
@@ -121,6 +121,9 @@ pub enum Command {
         /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
         #[arg(long)]
         force: bool,
+        /// One JSON document on stdout (schema_version, ok, the files laid out, the next step).
+        #[arg(long)]
+        json: bool,
         /// age identity file (private key) for an encrypted set; must not be group/other readable.
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
@@ -159,6 +162,9 @@ pub enum Command {
         /// Only this target (default: every target).
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
+        /// One JSON document on stdout (schema_version, ok, each target's decisions).
+        #[arg(long)]
+        json: bool,
     },
     /// Last run, next run, current runner, pending uploads.
     Status {
@@ -173,6 +179,10 @@ pub enum Command {
         /// Also connect to etcd and check each target.
         #[arg(long)]
         connect: bool,
+        /// One JSON document on stdout (schema_version, ok, the merged settings, warnings,
+        /// and with --connect what etcd and each target answered).
+        #[arg(long)]
+        json: bool,
     },
     /// Print deployment objects.
     Render {
@@ -184,26 +194,38 @@ pub enum Command {
         #[arg(value_name = "COMMAND")]
         command: Vec<String>,
     },
-    /// Man pages and shell completions, for packaging (the RPM spec and the image run it).
-    #[command(hide = true)]
-    Generate {
-        #[command(subcommand)]
-        what: GenerateWhat,
-    },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum GenerateWhat {
-    /// Write etcd-backupd.1 and a page per command (etcd-backupd-backup.1, ...) into DIR.
-    Man {
-        #[arg(value_name = "DIR")]
-        dir: PathBuf,
-    },
-    /// Print the completion script for SHELL.
-    Completions {
-        #[arg(value_name = "SHELL")]
-        shell: clap_complete::Shell,
-    },
+impl Command {
+    /// Did the user ask for one JSON document on stdout (`--json`)?
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Backup { json, .. }
+            | Command::List { json, .. }
+            | Command::Fetch { json, .. }
+            | Command::Verify { json, .. }
+            | Command::Prune { json, .. }
+            | Command::Status { json, .. }
+            | Command::CheckConfig { json, .. } => *json,
+            _ => false,
+        }
+    }
+
+    /// The command's name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Daemon => "daemon",
+            Command::Backup { .. } => "backup",
+            Command::List { .. } => "list",
+            Command::Fetch { .. } => "fetch",
+            Command::Verify { .. } => "verify",
+            Command::Prune { .. } => "prune",
+            Command::Status { .. } => "status",
+            Command::CheckConfig { .. } => "check-config",
+            Command::Render { .. } => "render",
+            _ => "help",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,16 +261,11 @@ fn load(cli: &Cli) -> Result<Settings> {
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Help { command } => generate::help(command),
-        Command::Generate {
-            what: GenerateWhat::Man { dir },
-        } => generate::man(dir),
-        Command::Generate {
-            what: GenerateWhat::Completions { shell },
-        } => generate::completions(*shell),
         Command::Backup {
             no_election,
             target,
             force,
+            json,
         } => {
             let settings = load(&cli)?;
             // A staging directory that is not ours is a configuration error, found before etcd.
@@ -283,7 +300,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::metrics::refresh(&settings);
             match outcome? {
                 run::Outcome::Ran(report) => {
-                    backup::print_backup_summary(&report)?;
+                    if *json {
+                        report::print(backup::json(&report), report.all_stored())?;
+                    } else {
+                        backup::print_backup_summary(&report)?;
+                    }
                     if !report.all_stored() {
                         let failed: Vec<String> = report
                             .targets
@@ -320,11 +341,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             list::list(&settings, opts).await
         }
-        Command::CheckConfig { connect } => {
+        Command::CheckConfig { connect, json } => {
             let settings = load(&cli)?;
             // Checked here and by the daemon when drills are scheduled; a backup never reads it.
             read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?;
-            check_config::check_config(&settings, *connect).await
+            if *json {
+                check_config::check_config_json(&settings, *connect).await
+            } else {
+                check_config::check_config(&settings, *connect).await
+            }
         }
         Command::Daemon => {
             let settings = load(&cli)?;
@@ -341,6 +366,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             allow_expired_certificates,
             allow_unrestorable_archive,
             force,
+            json,
             target,
             identity,
         } => {
@@ -352,7 +378,17 @@ pub async fn run(cli: Cli) -> Result<()> {
                 expired_certificates: *allow_expired_certificates,
                 unrestorable_archive: *allow_unrestorable_archive,
             };
-            fetch::fetch(&settings, id, to, allow, *force, target.as_deref(), identity).await
+            let to = crate::restore::fetch_dir(to.as_deref())?;
+            let req = fetch::Request {
+                id,
+                dir: &to,
+                allow,
+                force: *force,
+                target: target.as_deref(),
+                identity,
+                json: *json,
+            };
+            fetch::fetch(&settings, req).await
         }
         Command::Verify {
             id,
@@ -378,9 +414,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
             .await
         }
-        Command::Prune { dry_run, force, target } => {
+        Command::Prune {
+            dry_run,
+            force,
+            target,
+            json,
+        } => {
             let settings = load(&cli)?;
-            prune::prune(&settings, *dry_run, *force, target.as_deref()).await
+            prune::prune(&settings, *dry_run, *force, target.as_deref(), *json).await
         }
         Command::Status { json, cluster } => {
             let settings = Settings::load(&cli.config)?;

@@ -26,7 +26,13 @@ pub(super) async fn cluster_folder(settings: &Settings) -> Result<String> {
     }
 }
 
-pub(super) async fn prune(settings: &Settings, dry_run: bool, force: bool, only: Option<&str>) -> Result<()> {
+pub(super) async fn prune(
+    settings: &Settings,
+    dry_run: bool,
+    force: bool,
+    only: Option<&str>,
+    json: bool,
+) -> Result<()> {
     let state = crate::staging::state::State::load(&settings.snapshot.staging_dir);
     if let Some(r) = state.runs.first()
         && {
@@ -53,6 +59,8 @@ pub(super) async fn prune(settings: &Settings, dry_run: bool, force: bool, only:
         None => settings.targets.iter().collect(),
     };
     let mut failed = Vec::new();
+    // `--json`: each target's decisions, printed once at the end.
+    let mut docs = Vec::new();
     for t in chosen {
         let report = async {
             let target = targets::open(t, None)?;
@@ -70,11 +78,33 @@ pub(super) async fn prune(settings: &Settings, dry_run: bool, force: bool, only:
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                outln!("target '{}': FAILED: {}", t.name, crate::error::one_line(&e));
+                if json {
+                    docs.push(serde_json::json!({"target": t.name, "ok": false, "error": crate::error::one_line(&e)}));
+                } else {
+                    outln!("target '{}': FAILED: {}", t.name, crate::error::one_line(&e));
+                }
                 failed.push(t.name.clone());
                 continue;
             }
         };
+        if !report.errors.is_empty() {
+            failed.push(t.name.clone());
+        }
+        if json {
+            let decisions: Vec<serde_json::Value> = report
+                .decisions
+                .iter()
+                .map(|d| serde_json::json!({"id": d.id, "keep": d.keep, "reasons": d.reasons}))
+                .collect();
+            docs.push(serde_json::json!({
+                "target": t.name,
+                "ok": report.errors.is_empty(),
+                "decisions": decisions,
+                "debris_removed": report.debris_removed,
+                "errors": report.errors,
+            }));
+            continue;
+        }
         let verb = if dry_run { "would delete" } else { "deleted" };
         outln!(
             "target '{}', cluster {}: {} set(s), keep {}, {verb} {}",
@@ -93,9 +123,10 @@ pub(super) async fn prune(settings: &Settings, dry_run: bool, force: bool, only:
         for e in &report.errors {
             outln!("  FAILED: {e}");
         }
-        if !report.errors.is_empty() {
-            failed.push(t.name.clone());
-        }
+    }
+    if json {
+        let v = serde_json::json!({"cluster": cluster, "dry_run": dry_run, "targets": docs});
+        super::report::print(v, failed.is_empty())?;
     }
     if !failed.is_empty() {
         bail!("prune failed on: {}", failed.join(", "));

@@ -18,9 +18,6 @@ use crate::health::{self, Level, Verdict};
 use crate::heartbeat::{self, NodeBeat};
 use crate::staging::state::State;
 
-/// The format of `status --json`.
-pub const SCHEMA_VERSION: u32 = 1;
-
 /// What etcd says, when it answers.
 #[derive(Default)]
 struct FromEtcd {
@@ -92,15 +89,28 @@ pub(super) async fn status(settings: &Settings, json: bool, cluster: bool) -> Re
         (Some(s), true) => match state.next_start.as_deref().and_then(clock::parse) {
             Some(t) => Next::At(t),
             None => match &etcd.cluster {
-                Some(seed) => s.next_slot(now, seed).map(|sl| Next::At(sl.start)).unwrap_or(Next::NoSchedule),
+                Some(seed) => s
+                    .next_slot(now, seed)
+                    .map(|sl| Next::At(sl.start))
+                    .unwrap_or(Next::NoSchedule),
                 None => Next::Unknown,
             },
         },
     };
+    let view = View {
+        settings,
+        state: &state,
+        etcd: &etcd,
+        verdict: &verdict,
+        next: &next,
+        staged: &staged,
+        daemon_alive,
+        now,
+    };
     if json {
-        print_json(settings, &state, &etcd, &verdict, &next, &staged, daemon_alive, cluster)?;
+        print_json(&view, cluster)?;
     } else {
-        print_text(settings, &state, &etcd, &verdict, &next, &staged, daemon_alive, now)?;
+        print_text(&view)?;
         if cluster {
             print_cluster(settings, &etcd, now)?;
         }
@@ -149,22 +159,36 @@ fn signing_json(settings: &Settings) -> serde_json::Value {
         return serde_json::json!({"key_file": key, "error": "not created yet"});
     }
     match crate::trust::signing::Signer::load(&sg.key_file) {
-        Ok(k) => serde_json::json!({"key_file": key, "fingerprint": k.fingerprint(), "allowed_signers": k.allowed_signers_line(&settings.node_name)}),
+        Ok(k) => {
+            serde_json::json!({"key_file": key, "fingerprint": k.fingerprint(), "allowed_signers": k.allowed_signers_line(&settings.node_name)})
+        }
         Err(e) => serde_json::json!({"key_file": key, "error": crate::error::one_line(&e)}),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn print_json(
-    settings: &Settings,
-    state: &State,
-    etcd: &FromEtcd,
-    verdict: &Verdict,
-    next: &Next,
-    staged: &[crate::delivery::Staged],
+/// What `status` found, for printing.
+struct View<'a> {
+    settings: &'a Settings,
+    state: &'a State,
+    etcd: &'a FromEtcd,
+    verdict: &'a Verdict,
+    next: &'a Next,
+    staged: &'a [crate::delivery::Staged],
     daemon_alive: bool,
-    cluster: bool,
-) -> Result<()> {
+    now: chrono::DateTime<Utc>,
+}
+
+fn print_json(view: &View, cluster: bool) -> Result<()> {
+    let View {
+        settings,
+        state,
+        etcd,
+        verdict,
+        next,
+        staged,
+        daemon_alive,
+        ..
+    } = *view;
     let pending: Vec<_> = staged
         .iter()
         .filter(|s| !s.pending.is_empty())
@@ -172,8 +196,6 @@ fn print_json(
         .collect();
     let local: Vec<&str> = staged.iter().filter(|s| s.pending.is_empty()).map(|s| s.id()).collect();
     let mut v = serde_json::json!({
-        "schema_version": SCHEMA_VERSION,
-        "ok": verdict.level == Level::Ok,
         "verdict": verdict.level,
         "reasons": verdict.reasons,
         "node": settings.node_name,
@@ -199,21 +221,20 @@ fn print_json(
     if cluster {
         v["nodes"] = serde_json::to_value(&etcd.beats)?;
     }
-    outln!("{}", serde_json::to_string_pretty(&v)?);
-    Ok(())
+    super::report::print(v, verdict.level == Level::Ok)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn print_text(
-    settings: &Settings,
-    state: &State,
-    etcd: &FromEtcd,
-    verdict: &Verdict,
-    next: &Next,
-    staged: &[crate::delivery::Staged],
-    daemon_alive: bool,
-    now: chrono::DateTime<Utc>,
-) -> Result<()> {
+fn print_text(view: &View) -> Result<()> {
+    let View {
+        settings,
+        state,
+        etcd,
+        verdict,
+        next,
+        staged,
+        daemon_alive,
+        now,
+    } = *view;
     let tz = clock::zone(&settings.schedule.timezone);
     let mut out = std::io::stdout().lock();
     match verdict.reasons.split_first() {
@@ -232,11 +253,15 @@ fn print_text(
         (Some(d), true) => format!(
             "daemon running (pid {}, heartbeat {})",
             d.pid,
-            clock::parse(&d.beat).map(|t| clock::relative(t, now)).unwrap_or_default()
+            clock::parse(&d.beat)
+                .map(|t| clock::relative(t, now))
+                .unwrap_or_default()
         ),
         (Some(d), false) => format!(
             "daemon NOT running (last heartbeat {})",
-            clock::parse(&d.beat).map(|t| clock::show_with_age(t, tz, now)).unwrap_or_default()
+            clock::parse(&d.beat)
+                .map(|t| clock::show_with_age(t, tz, now))
+                .unwrap_or_default()
         ),
         (None, _) => "daemon NOT running (never seen on this node)".into(),
     };
@@ -326,7 +351,11 @@ fn print_details(
     if let Some(n) = &state.newest_set {
         match n.restorable_until.as_deref().and_then(clock::parse) {
             Some(t) => {
-                let word = if t <= now { "certificates EXPIRED on" } else { "restorable until" };
+                let word = if t <= now {
+                    "certificates EXPIRED on"
+                } else {
+                    "restorable until"
+                };
                 outln!(
                     "newest set  {}: {word} {} ({})",
                     n.id,
@@ -409,12 +438,25 @@ fn print_cluster(settings: &Settings, etcd: &FromEtcd, now: chrono::DateTime<Utc
         return Ok(());
     }
     for b in &etcd.beats {
-        let alive = if heartbeat::alive(&b.beat, now) { "alive" } else { "SILENT" };
-        let beat = clock::parse(&b.beat).map(|t| clock::relative(t, now)).unwrap_or_default();
+        let alive = if heartbeat::alive(&b.beat, now) {
+            "alive"
+        } else {
+            "SILENT"
+        };
+        let beat = clock::parse(&b.beat)
+            .map(|t| clock::relative(t, now))
+            .unwrap_or_default();
         let last = b
             .last_run
             .as_ref()
-            .map(|r| format!("last run {} {}{}", r.run, r.result, r.id.as_ref().map(|i| format!(" {i}")).unwrap_or_default()))
+            .map(|r| {
+                format!(
+                    "last run {} {}{}",
+                    r.run,
+                    r.result,
+                    r.id.as_ref().map(|i| format!(" {i}")).unwrap_or_default()
+                )
+            })
             .unwrap_or_else(|| "no run yet".into());
         let next = b
             .next_start
@@ -422,7 +464,11 @@ fn print_cluster(settings: &Settings, etcd: &FromEtcd, now: chrono::DateTime<Utc
             .and_then(clock::parse)
             .map(|t| format!("; next {}", clock::show_with_age(t, tz, now)))
             .unwrap_or_default();
-        outln!("node        {} {alive} (heartbeat {beat}, {}): {last}{next}", b.node, b.version);
+        outln!(
+            "node        {} {alive} (heartbeat {beat}, {}): {last}{next}",
+            b.node,
+            b.version
+        );
         for (target, c) in &b.targets {
             let age = c
                 .newest_complete_time

@@ -806,8 +806,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
@@ -1172,7 +1172,11 @@ proxy = "none"
 [[target]]
 url = "file:///srv/{node_name}"
 "#;
-        for text in [MIN, full, "node_name = \"n\"\n[[target]]\nurl = \"https://dav/\"\ntoken_file = \"/t\"\n"] {
+        for text in [
+            MIN,
+            full,
+            "node_name = \"n\"\n[[target]]\nurl = \"https://dav/\"\ntoken_file = \"/t\"\n",
+        ] {
             let first = load(text).unwrap();
             let printed = first.to_toml().unwrap();
             let again = load(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));

@@ -69,7 +69,7 @@ impl Size {
             (1 << 10, "KiB"),
             (1_000, "KB"),
         ];
-        match UNITS.iter().find(|(u, _)| self.0 != 0 && self.0 % u == 0) {
+        match UNITS.iter().find(|(u, _)| self.0 != 0 && self.0.is_multiple_of(*u)) {
             Some((u, name)) => format!("{}{name}", self.0 / u),
             None => self.0.to_string(),
         }

@@ -348,7 +348,10 @@ impl Member {
         let what = format!("etcd endpoint '{}': put '{key}'", self.shown());
         let d = self.request_timeout;
         within(d, &what, async {
-            self.client.put(key, value, None).await.map_err(|e| self.rpc_error("put", e))
+            self.client
+                .put(key, value, None)
+                .await
+                .map_err(|e| self.rpc_error("put", e))
         })
         .await?;
         Ok(())

@@ -705,6 +705,10 @@ async fn take_native(
     if let Some(tx) = follow {
         let _ = tx.send((pending.follower(), stored_name.clone()));
     }
+    // etcd 3.4 does not stamp the stream with its revision: the member's revision read just
+    // before it starts (after this run's own writes: the lock, the id's reservation) is
+    // the snapshot's on a quiet member, and what a restore drill then reports.
+    let before = member.status().await.ok().map(|s| s.revision);
     let taken = pending.stream(member).await?;
     let streamed = started.elapsed();
     tracing::info!(
@@ -727,7 +731,7 @@ async fn take_native(
             encryption: seal.encryption().into(),
         },
     );
-    Ok((files, taken.revision, streamed))
+    Ok((files, taken.revision.filter(|r| *r > 0).or(before), streamed))
 }
 
 pub(crate) fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry {

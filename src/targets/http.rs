@@ -539,14 +539,24 @@ mod tests {
     #[tokio::test]
     async fn a_refused_connection_is_said_once() {
         // A port nothing listens on: bound, then closed.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         install_crypto_provider();
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
-        let e = client.get(format!("http://127.0.0.1:{port}/")).send().await.unwrap_err();
+        let e = client
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap_err();
         let text = flat(&e);
         assert!(text.starts_with("cannot connect: "), "{text}");
         assert!(text.contains("Connection refused"), "{text}");
-        assert!(!text.contains("client error") && !text.contains("tcp connect error"), "{text}");
+        assert!(
+            !text.contains("client error") && !text.contains("tcp connect error"),
+            "{text}"
+        );
     }
-
 }

@@ -159,7 +159,12 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
     assert!(r.stdout.contains(&id) && r.stdout.contains("4.15.4"), "{}", r.stdout);
     let r = run(&["list", "--json", "--config", cfg.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(v[0]["manifest"]["id"], id.as_str());
+    assert_eq!(
+        (v["schema_version"].as_u64(), v["ok"].as_bool()),
+        (Some(1), Some(true)),
+        "{v}"
+    );
+    assert_eq!(v["sets"][0]["manifest"]["id"], id.as_str());
 }
 
 #[test]
@@ -402,7 +407,10 @@ fn a_revision_without_its_pod_manifest_fails_the_native_backup() {
     let w = Work::new();
     let resources = w.path().join("etc-kubernetes");
     static_pod_fixture(&resources, 3);
-    std::fs::remove_file(resources.join("static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml")).unwrap();
+    std::fs::remove_file(
+        resources.join("static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml"),
+    )
+    .unwrap();
     let cfg = w.write_config(&etcd.endpoint, None, "");
     w.set_static_resources_dir(&resources);
     let r = backup(&cfg);

@@ -169,7 +169,12 @@ fn version_help_man_pages_and_completions() {
         None => assert_eq!(commit, "unknown", "{line}"),
     }
 
-    for args in [&["help", "--help"][..], &["help"], &["help", "render", "machineconfig"], &["list", "--help"]] {
+    for args in [
+        &["help", "--help"][..],
+        &["help"],
+        &["help", "render", "machineconfig"],
+        &["list", "--help"],
+    ] {
         let r = run(args);
         assert_eq!(r.code, 0, "{args:?}: {}", r.all());
         assert!(r.stdout.contains("Usage: etcd-backupd"), "{args:?}: {}", r.stdout);
@@ -184,35 +189,62 @@ fn version_help_man_pages_and_completions() {
     let dir = w.path().join("man1");
     let r = run(&["generate", "man", dir.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
-    for cmd in ["", "-daemon", "-backup", "-list", "-fetch", "-verify", "-prune", "-status", "-check-config", "-render-machineconfig"] {
+    for cmd in [
+        "",
+        "-daemon",
+        "-backup",
+        "-list",
+        "-fetch",
+        "-verify",
+        "-prune",
+        "-status",
+        "-check-config",
+        "-render-machineconfig",
+        "-help",
+    ] {
         let page = dir.join(format!("etcd-backupd{cmd}.1"));
         let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
         assert!(text.starts_with(".ie \\n(.g .ds Aq"), "{}: not roff", page.display());
         assert!(text.contains(".TH etcd-backupd"), "{}", page.display());
     }
     let list = std::fs::read_to_string(dir.join("etcd-backupd-list.1")).unwrap();
-    assert!(list.contains("etcd\\-backupd list") && list.contains("\\-\\-json"), "{list}");
+    assert!(
+        list.contains("etcd\\-backupd list") && list.contains("\\-\\-json"),
+        "{list}"
+    );
     if std::process::Command::new("groff").arg("--version").output().is_ok() {
         let out = std::process::Command::new("groff")
             .args(["-man", "-Tutf8", "-ww", "-z"])
             .arg(dir.join("etcd-backupd.1"))
             .output()
             .unwrap();
-        assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     for (shell, check) in [("bash", Some(["bash", "-n"])), ("zsh", None), ("fish", None)] {
         let r = run(&["generate", "completions", shell]);
         assert_eq!(r.code, 0, "{shell}: {}", r.all());
-        for word in ["check-config", "--all-targets", "machineconfig"] {
+        for word in ["check-config", "all-targets", "machineconfig"] {
             assert!(r.stdout.contains(word), "{shell}: no {word}");
         }
         assert!(!r.stdout.contains("generate"), "{shell}: the hidden command is offered");
         if let Some(check) = check {
             let file = w.path().join(format!("completion.{shell}"));
             std::fs::write(&file, &r.stdout).unwrap();
-            let out = std::process::Command::new(check[0]).arg(check[1]).arg(&file).output().unwrap();
-            assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = std::process::Command::new(check[0])
+                .arg(check[1])
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{shell}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     let r = run(&["generate", "completions", "tcsh"]);
@@ -244,7 +276,10 @@ fn list_fits_120_columns_and_shows_every_target_on_request() {
     let cfg = w.write_config(
         "http://127.0.0.1:1",
         None,
-        &format!("\n[[target]]\nname = \"offsite\"\nurl = \"file://{}\"\n", offsite.display()),
+        &format!(
+            "\n[[target]]\nname = \"offsite\"\nurl = \"file://{}\"\n",
+            offsite.display()
+        ),
     );
     let list = |extra: &[&str]| {
         let mut args = vec!["list", "--config", cfg.to_str().unwrap()];
@@ -261,7 +296,17 @@ fn list_fits_120_columns_and_shows_every_target_on_request() {
     let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         head,
-        ["ID", "AGE", "TRIGGER", "VERSION", "REVISION", "SIZE", "NODE", "STATE", "RETENTION"],
+        [
+            "ID",
+            "AGE",
+            "TRIGGER",
+            "VERSION",
+            "REVISION",
+            "SIZE",
+            "NODE",
+            "STATE",
+            "RETENTION"
+        ],
         "{out}"
     );
     let rows: Vec<&str> = lines.by_ref().take_while(|l| !l.is_empty()).collect();
@@ -276,14 +321,29 @@ fn list_fits_120_columns_and_shows_every_target_on_request() {
     assert!(newest[newest.len() - 1].starts_with("last,daily"), "{out}");
     assert!(cells(rows[2]).ends_with(&["DAMAGED".into(), "damaged".into()]), "{out}");
     let notes: Vec<&str> = lines.collect();
-    assert_eq!(notes, [format!("{}: DAMAGED: '{snapshot}' is missing", ids[2])], "{out}");
+    assert_eq!(
+        notes,
+        [format!("{}: DAMAGED: '{snapshot}' is missing", ids[2])],
+        "{out}"
+    );
 
     let out = list(&["--all-targets"]);
     assert!(widest(&out) <= 120, "{out}");
-    assert!(out.lines().next().unwrap().split_whitespace().take(2).eq(["TARGET", "ID"]), "{out}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .take(2)
+            .eq(["TARGET", "ID"]),
+        "{out}"
+    );
     let copies: Vec<&str> = out.lines().filter(|l| l.contains(&ids[0])).collect();
     assert_eq!(copies.len(), 2, "{out}");
-    assert!(copies[0].starts_with("local ") && copies[1].starts_with("offsite "), "{out}");
+    assert!(
+        copies[0].starts_with("local ") && copies[1].starts_with("offsite "),
+        "{out}"
+    );
     assert!(out.contains(&format!("{} on 'local': DAMAGED", ids[2])), "{out}");
 
     let out = list(&["--wide"]);
@@ -291,14 +351,29 @@ fn list_fits_120_columns_and_shows_every_target_on_request() {
     let row = out.lines().find(|l| l.contains(&ids[0])).unwrap();
     assert!(row.contains("ip-10-0-141-23.eu-west-1.compute.internal"), "{row}");
     assert!(row.contains("4.16.0-0.nightly-2026-11-20-123456"), "{row}");
-    assert!(row.contains(" UTC (1d ago)") && row.contains("  keep: last 1, daily ") && row.ends_with("newest set"), "{row}");
+    assert!(
+        row.contains(" UTC (1d ago)") && row.contains("  keep: last 1, daily ") && row.ends_with("newest set"),
+        "{row}"
+    );
 
     let out = list(&["--json", "--all-targets"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let targets: Vec<&str> = v.as_array().unwrap().iter().map(|s| s["target"].as_str().unwrap()).collect();
+    let targets: Vec<&str> = v["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["target"].as_str().unwrap())
+        .collect();
     assert_eq!(targets, ["local", "offsite", "local", "local"], "{out}");
 
-    let r = run(&["list", "--all-targets", "--target", "local", "--config", cfg.to_str().unwrap()]);
+    let r = run(&[
+        "list",
+        "--all-targets",
+        "--target",
+        "local",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
     assert_eq!(r.code, 2, "{}", r.all());
 }
 

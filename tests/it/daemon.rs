@@ -286,7 +286,10 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
     }
     // systemd is told the reload ended, and why it changed nothing.
     receive_until("STATUS=configuration rejected: ", &mut seen);
-    let rejected = seen.lines().find(|l| l.starts_with("STATUS=configuration rejected: ")).unwrap();
+    let rejected = seen
+        .lines()
+        .find(|l| l.starts_with("STATUS=configuration rejected: "))
+        .unwrap();
     assert!(rejected.contains("bogus_key"), "{rejected}");
     std::fs::write(&cfg, good.replace("0 0 3 * * *", "0 15 4 * * *")).unwrap();
     d.signal(Signal::SIGHUP);
@@ -567,7 +570,9 @@ fn platform_backup_sets_are_imported_once_and_verified_first() {
     let sets = w.target_root().join("test");
     let mut d = Proc::daemon(&cfg, w.path().join("daemon-1.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.log().contains("cannot import the platform backup folder") || !sets.join(&id).join("manifest.json").exists() {
+    while !d.log().contains("cannot import the platform backup folder")
+        || !sets.join(&id).join("manifest.json").exists()
+    {
         assert!(Instant::now() < deadline, "{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -621,7 +626,10 @@ fn upgrade_backups_import_with_their_version_and_refusals_are_reported_once() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     let snapshot = names.iter().find(|n| n.starts_with("snapshot_")).unwrap().clone();
-    let ts = snapshot.trim_start_matches("snapshot_").trim_end_matches(".db").to_string();
+    let ts = snapshot
+        .trim_start_matches("snapshot_")
+        .trim_end_matches(".db")
+        .to_string();
     let id = ts.trim_end_matches("__POSSIBLY_DIRTY__").to_string();
     assert_ne!(ts, id, "the stand-in's --force names are dirty");
     let folder = import.join(format!("upgrade-backup-4.14.0-rc.2-{ts}"));
@@ -660,7 +668,8 @@ fn upgrade_backups_import_with_their_version_and_refusals_are_reported_once() {
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
     let log = d.log();
     assert!(
-        log.contains(&odd.display().to_string()) && log.contains("\"yesterday\" in 'snapshot_yesterday.db' is not %F_%H%M%S"),
+        log.contains(&odd.display().to_string())
+            && log.contains("\"yesterday\" in 'snapshot_yesterday.db' is not %F_%H%M%S"),
         "{log}"
     );
     assert!(log.contains("no kube-scheduler revision directory"), "{log}");

@@ -181,7 +181,11 @@ fn the_operator_guard_is_as_strict_as_the_script_on_openshift() {
     assert!(w.sets().is_empty());
     let r = backup(&cfg, &["--force"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stdout.contains("forced    ClusterOperator etcd is missing from etcd"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("forced    ClusterOperator etcd is missing from etcd"),
+        "{}",
+        r.stdout
+    );
     // Settled again: a backup without --force goes.
     crate::common::settle_operators(&etcd, None);
     std::thread::sleep(std::time::Duration::from_millis(1100));

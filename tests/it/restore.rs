@@ -804,7 +804,8 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         assert_eq!(r.code, 0, "{name}: {}", r.all());
         let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
         let of = |id: &str| {
-            v.as_array()
+            v["sets"]
+                .as_array()
                 .unwrap()
                 .iter()
                 .find(|s| s["manifest"]["id"] == id)

@@ -711,9 +711,23 @@ fn the_rendered_machineconfig_runs_under_systemd_in_a_booted_root() {
         b"[schedule]\ncron = \"not a cron\"\n",
         0o600,
     );
-    // (Whether `systemctl reload` itself reports this one as failed is the unit's choice:
-    // with `ExecReload=/bin/kill -HUP` alone it succeeds; not asserted either way.)
-    let _ = machine.exec(&["systemctl", "reload", UNIT]);
+    // `systemctl reload` fails: the unit's ExecReload checks the configuration before the
+    // daemon is told, and the journal says why.
+    let out = machine.exec(&["systemctl", "reload", UNIT]);
+    assert!(
+        !out.status.success(),
+        "systemctl reload of a bad configuration succeeded"
+    );
+    machine.wait_journal(Duration::from_secs(10), "check-config's reason", |j| {
+        j.iter().any(|e| {
+            e["_SYSTEMD_UNIT"] == UNIT
+                && e["_PID"] != pid1
+                && e["MESSAGE"].as_str().is_some_and(|m| m.contains("schedule.cron"))
+        })
+    });
+    // A SIGHUP that reaches the daemon anyway (`systemctl kill -s HUP`): it keeps the old
+    // configuration, logs why, and says so in STATUS=.
+    machine.ok(&["systemctl", "kill", "-s", "HUP", "--kill-whom=main", UNIT]);
     let journal = machine.wait_journal(Duration::from_secs(10), "the bad configuration refused", |j| {
         !messages(j, &pid1, "new configuration rejected").is_empty()
     });
@@ -724,6 +738,11 @@ fn the_rendered_machineconfig_runs_under_systemd_in_a_booted_root() {
         "{rejected}"
     );
     assert_eq!(rejected["PRIORITY"], "3", "{rejected}");
+    machine.wait_show(
+        Duration::from_secs(10),
+        "STATUS= says the configuration was rejected",
+        |s| s["StatusText"].starts_with("configuration rejected: ") && s["StatusText"].contains("schedule.cron"),
+    );
     write_mode(&root.join("etc/etcd-backupd/config.toml"), &good, 0o600);
     machine.ok(&["systemctl", "reload", UNIT]);
     let journal = machine.wait_journal(Duration::from_secs(10), "the reload logged", |j| {

@@ -119,7 +119,8 @@ fn script_failures_leave_nothing_and_say_why() {
     assert_eq!(r.code, 1, "{}", r.all());
     let last = r.stderr.trim().lines().last().unwrap();
     assert!(
-        last.contains("failed (exit status: 1)") && last.contains("kube-apiserver operator is progressing (Progressing: Unknown)"),
+        last.contains("failed (exit status: 1)")
+            && last.contains("kube-apiserver operator is progressing (Progressing: Unknown)"),
         "{last}"
     );
     assert_nothing_left(&w);
@@ -128,7 +129,11 @@ fn script_failures_leave_nothing_and_say_why() {
     // An API that does not answer refuses too.
     let r = backup(&cfg, &host, &[("STANDIN_API_DOWN", "1")]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.stderr.contains("Could not get the kube-apiserver ClusterOperator"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Could not get the kube-apiserver ClusterOperator"),
+        "{}",
+        r.stderr
+    );
     assert_nothing_left(&w);
 
     // etcdctl cannot reach the member: the script removes both files and fails.
@@ -235,17 +240,32 @@ fn backup_force_reaches_the_script_and_its_dirty_set_goes_end_to_end() {
     assert!(set.join(&snapshot).is_file() && set.join(&archive).is_file(), "{id}");
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
     assert!(
-        m["forced"].as_array().unwrap().iter().any(|f| f.as_str().unwrap().contains("--force")),
+        m["forced"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains("--force")),
         "{m}"
     );
     // Listed, verified and fetched under the script's names.
     let list = run(&["list", "--config", cfg.to_str().unwrap()]);
     assert_eq!(list.code, 0, "{}", list.all());
-    assert!(list.stdout.contains(&id) && list.stdout.contains("+forced"), "{}", list.stdout);
+    assert!(
+        list.stdout.contains(&id) && list.stdout.contains("+forced"),
+        "{}",
+        list.stdout
+    );
     let verify = run(&["verify", &id, "--config", cfg.to_str().unwrap()]);
     assert_eq!(verify.code, 0, "{}", verify.all());
     let dir = w.path().join("restore");
-    let fetch = run(&["fetch", &id, "--to", dir.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+    let fetch = run(&[
+        "fetch",
+        &id,
+        "--to",
+        dir.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
     assert_eq!(fetch.code, 0, "{}", fetch.all());
     assert_eq!(restore_picks(&dir), (Some(snapshot), Some(archive)));
 }
@@ -286,7 +306,10 @@ rm -rf "$tmp"
     for (how, said) in [
         ("dot", "are not under static-pod-resources/ (the first: './')"),
         ("no-scheduler", "no kube-scheduler revision directory"),
-        ("no-pod-yaml", "no etcd pod manifest (static-pod-resources/etcd-pod-4/etcd-pod.yaml)"),
+        (
+            "no-pod-yaml",
+            "no etcd pod manifest (static-pod-resources/etcd-pod-4/etcd-pod.yaml)",
+        ),
     ] {
         let r = backup(&cfg, &host, &[("HOW", how)]);
         assert_eq!(r.code, 1, "{how}: {}", r.all());
@@ -347,22 +370,39 @@ fn verify_and_fetch_refuse_a_stored_archive_the_restore_cannot_use() {
         old
     };
     std::fs::write(set.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    let sums = std::fs::read_to_string(set.join("SHA256SUMS")).unwrap().replace(&old_sha, &sha);
+    let sums = std::fs::read_to_string(set.join("SHA256SUMS"))
+        .unwrap()
+        .replace(&old_sha, &sha);
     std::fs::write(set.join("SHA256SUMS"), sums).unwrap();
 
     let v = run(&["verify", &id, "--config", cfg.to_str().unwrap()]);
     assert_eq!(v.code, 1, "{}", v.all());
     assert!(
-        v.stderr.contains("cannot be restored by the platform's cluster-restore.sh")
+        v.stderr
+            .contains("cannot be restored by the platform's cluster-restore.sh")
             && v.stderr.contains("no kube-scheduler revision directory"),
         "{}",
         v.stderr
     );
     let dir = w.path().join("restore");
-    let f = run(&["fetch", &id, "--to", dir.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+    let f = run(&[
+        "fetch",
+        &id,
+        "--to",
+        dir.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
     assert_eq!(f.code, 1, "{}", f.all());
-    assert!(f.stderr.contains("no kube-scheduler revision directory"), "{}", f.stderr);
-    assert!(!dir.exists(), "a refused fetch leaves nothing, not even the directory it made");
+    assert!(
+        f.stderr.contains("no kube-scheduler revision directory"),
+        "{}",
+        f.stderr
+    );
+    assert!(
+        !dir.exists(),
+        "a refused fetch leaves nothing, not even the directory it made"
+    );
     let f = run(&[
         "fetch",
         &id,
@@ -373,6 +413,10 @@ fn verify_and_fetch_refuse_a_stored_archive_the_restore_cannot_use() {
         cfg.to_str().unwrap(),
     ]);
     assert_eq!(f.code, 0, "{}", f.all());
-    assert!(f.stdout.contains("NOT restorable by cluster-restore.sh"), "{}", f.stdout);
+    assert!(
+        f.stdout.contains("NOT restorable by cluster-restore.sh"),
+        "{}",
+        f.stdout
+    );
     assert!(dir.join(format!("static_kuberesources_{id}.tar.gz")).is_file());
 }

@@ -472,7 +472,12 @@ fn script_sets_record_restorable_until_and_are_signed() {
     let (at, leaf) = day(40);
     // The script archives the running revisions: their certificates count.
     certificates(&host.k8s, 5, leaf, false);
-    let cfg = host.config(&w, &crate::common::standin_script(), "", "\n[signing]\nenabled = true\n");
+    let cfg = host.config(
+        &w,
+        &crate::common::standin_script(),
+        "",
+        "\n[signing]\nenabled = true\n",
+    );
     let env = host.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let r = crate::common::run_env(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], &env);

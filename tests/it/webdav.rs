@@ -661,8 +661,16 @@ async fn truncated_listings_and_incomplete_sets_are_not_taken_for_sets() {
         .lines()
         .find(|l| l.contains("DAMAGED"))
         .unwrap_or_else(|| panic!("{}", r.all()));
-    assert!(!row.contains("is missing"), "the row is marked, the note says why: {}", r.all());
-    assert!(r.stdout.contains(&format!(": DAMAGED: '{name}' is missing")), "{}", r.all());
+    assert!(
+        !row.contains("is missing"),
+        "the row is marked, the note says why: {}",
+        r.all()
+    );
+    assert!(
+        r.stdout.contains(&format!(": DAMAGED: '{name}' is missing")),
+        "{}",
+        r.all()
+    );
     let (c, to) = (cfg.clone(), w.path().join("fetched"));
     let f = tokio::task::spawn_blocking(move || {
         run_env(

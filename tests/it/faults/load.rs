@@ -94,7 +94,7 @@ fn thousands_of_sets_are_listed_and_pruned_in_bounded_memory() {
     let (r, rss_list) = run_rss(&["list", "--json", "--config", c]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), N as usize);
+    assert_eq!(v["sets"].as_array().unwrap().len(), N as usize);
     let list_time = t.elapsed();
 
     let (r, rss_dry) = run_rss(&["prune", "--dry-run", "--config", c]);
@@ -169,7 +169,7 @@ async fn a_thousand_sets_on_webdav_are_listed_and_pruned_in_bounded_memory() {
     .unwrap();
     assert_eq!(list.0.code, 0, "{}", list.0.stderr);
     let v: serde_json::Value = serde_json::from_str(&list.0.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), N as usize);
+    assert_eq!(v["sets"].as_array().unwrap().len(), N as usize);
     assert_eq!(prune.0.code, 0, "{}", prune.0.stderr);
     let left: BTreeSet<String> = entries(&rclone.root().join("test")).into_iter().collect();
     assert_eq!(left, keep);
