@@ -9,7 +9,7 @@
 //! VmHWM, polled) and the ratios to the naive pipeline and to the raw snapshot stream; then
 //! under a put load (8 writers of 1 KiB values), wall time and etcd's put latency and rate
 //! over the whole operation, against `etcdctl snapshot save`'s. Then the idle daemon's RSS
-//! and CPU. Nothing here asserts: it reports (see README "Performance").
+//! and CPU. Nothing here asserts: it reports (see docs/performance.md).
 //!
 //! Each etcd-backupd run's log is kept in `target/bench-logs/<way>-quiet-<n>.log` and
 //! `-loaded-<n>.log`.

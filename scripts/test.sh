@@ -12,7 +12,7 @@ if ! command -v cargo >/dev/null 2>&1; then . "$HOME/.cargo/env"; fi
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 
-# Supply chain (README "Dependencies"), with no network past crates.io's own `cargo fetch`:
+# Supply chain (docs/dependencies.md, "Supply chain"), with no network past crates.io's own `cargo fetch`:
 # the dependency policy in deny.toml (licenses, bans, sources; `advisories` needs the
 # RustSec database, which CI cannot fetch), and the third-party notices, regenerated from
 # Cargo.lock and compared with the committed packaging/THIRD-PARTY-LICENSES.txt.

@@ -124,6 +124,7 @@ fn last_summary(staging: &std::path::Path) -> String {
 /// briefly, before it returns.
 pub async fn run(config: PathBuf, initial: Settings, stop: CancellationToken) -> Result<()> {
     let tasks = tokio_util::task::TaskTracker::new();
+    let staging = initial.snapshot.staging_dir.clone();
     let result = serve(config, initial, &stop, &tasks).await;
     stop.cancel();
     tasks.close();
@@ -133,6 +134,8 @@ pub async fn run(config: PathBuf, initial: Settings, stop: CancellationToken) ->
     {
         tracing::warn!("background tasks did not stop within 2 s");
     }
+    // After the heartbeat task ended: `status` says at once that no daemon runs.
+    crate::heartbeat::stopped(&staging);
     result
 }
 

@@ -184,7 +184,7 @@ fn zstd_encoder<W: Write>(w: W, level: i32) -> Result<zstd::Encoder<'static, W>>
         z.multithread(threads)?;
         // zstd's default job (4 windows, 8 MiB at level 3) buffers several jobs per worker:
         // about 60 MiB. 2 MiB jobs keep the whole process under 64 MiB at a ratio within
-        // a percent (see README "Performance").
+        // a percent (see docs/performance.md).
         z.set_parameter(zstd::zstd_safe::CParameter::JobSize(2 << 20))?;
     }
     Ok(z)

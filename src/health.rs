@@ -263,6 +263,7 @@ mod tests {
             started: "2026-12-07T00:00:00Z".into(),
             beat: "2026-12-07T11:59:30Z".into(),
             version: "0".into(),
+            stopped: None,
         });
         s
     }

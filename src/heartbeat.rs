@@ -59,6 +59,28 @@ pub fn nodes_prefix(prefix: &str) -> String {
     format!("{prefix}/nodes")
 }
 
+/// Marks the daemon stopped in `state.json` (a clean exit): `status` then says it is not
+/// running at once, not two and a half minutes later.
+pub fn stopped(staging: &std::path::Path) {
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    State::update_or_log(staging, |s| {
+        if let Some(d) = s.daemon.as_mut().filter(|d| d.pid == std::process::id()) {
+            d.stopped = Some(now);
+        }
+    });
+}
+
+/// Is this node's daemon running, by its record: a recent heartbeat, no clean stop since,
+/// and (where `/proc` shows this host's processes, as on the node) its process still there.
+pub fn daemon_alive(d: &DaemonBeat, now: chrono::DateTime<Utc>) -> bool {
+    let process = if std::path::Path::new("/proc/self").exists() {
+        std::path::Path::new(&format!("/proc/{}", d.pid)).exists()
+    } else {
+        true
+    };
+    d.stopped.is_none() && process && alive(&d.beat, now)
+}
+
 /// Is a heartbeat at `beat` (RFC 3339) recent enough for a live daemon?
 pub fn alive(beat: &str, now: chrono::DateTime<Utc>) -> bool {
     crate::clock::parse(beat).is_some_and(|t| {
@@ -108,6 +130,7 @@ pub fn spawn(tasks: &tokio_util::task::TaskTracker, settings: Settings, stop: to
                     started: started.clone(),
                     beat: beat.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
+                    stopped: None,
                 })
             });
             if settings.election.enabled {

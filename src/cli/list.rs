@@ -77,7 +77,9 @@ pub(super) async fn list(settings: &Settings, opts: Options<'_>) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if opts.json {
         drop(out);
-        let v = serde_json::json!({"sets": json(&rows, now), "failed_targets": failed});
+        let sets = json(&rows, now);
+        drop(rows);
+        let v = serde_json::json!({"sets": sets, "failed_targets": failed});
         super::report::print(v, failed.is_empty())?;
         if !failed.is_empty() {
             bail!("cannot list target(s) {}", failed.join(", "));

@@ -156,7 +156,8 @@ pub enum Command {
         /// Print the plan, delete nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Prune even though this node's newest backup failed or was skipped.
+        /// Prune even though this node's newest backup failed, was skipped, or is not on
+        /// every target yet.
         #[arg(long)]
         force: bool,
         /// Only this target (default: every target).

@@ -27,7 +27,9 @@ const CONFIG_DIR: &str = "/etc/etcd-backupd";
 
 /// The MachineConfigPool a MachineConfig targets. Control-plane nodes are `master`; on 4.19+
 /// "two nodes with an arbiter" clusters the arbiter node runs an etcd member too, in its own
-/// `arbiter` pool, so the daemon rolls out to both (README "Rolling it out").
+/// `arbiter` pool. It runs no kube-apiserver static pods, so the static resources archive a
+/// restore needs cannot be built there: the master pool alone is recommended, and
+/// `--role arbiter` says so (docs/install.md "The arbiter pool").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
     Master,
@@ -79,6 +81,11 @@ pub fn ignition(settings: &Settings, opts: &Options) -> Result<(Value, Vec<Strin
         )));
     }
     let mut warnings = Vec::new();
+    if opts.role == Role::Arbiter {
+        warnings.push(
+            "--role arbiter: the arbiter node runs no kube-apiserver, kube-controller-manager or kube-scheduler static pods, so a run it wins cannot build the static resources archive and fails; roll out to the master pool alone unless snapshot.static_resources_dir = \"\" is meant (docs/install.md, \"The arbiter pool\")".into(),
+        );
+    }
     let mut files = Vec::new();
     if settings.files.is_empty() {
         bail!("no configuration file was read");

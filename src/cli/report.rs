@@ -40,8 +40,11 @@ pub fn document(v: Value, ok: bool) -> Value {
 /// Prints the document for `v` on stdout.
 pub fn print(v: Value, ok: bool) -> Result<()> {
     PRINTED.store(true, Ordering::SeqCst);
-    let text = serde_json::to_string_pretty(&document(v, ok))?;
-    writeln!(std::io::stdout().lock(), "{text}")?;
+    // Written as it is serialized: a list of thousands of sets is not held twice.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut out, &document(v, ok)).map_err(std::io::Error::from)?;
+    writeln!(out)?;
+    out.flush()?;
     Ok(())
 }
 

@@ -64,7 +64,7 @@ pub(super) async fn status(settings: &Settings, json: bool, cluster: bool) -> Re
     let etcd = from_etcd(settings).await;
     let staged = crate::delivery::scan(staging);
     let pending_sets = staged.iter().filter(|s| !s.pending.is_empty()).count();
-    let daemon_alive = state.daemon.as_ref().is_some_and(|d| heartbeat::alive(&d.beat, now));
+    let daemon_alive = state.daemon.as_ref().is_some_and(|d| heartbeat::daemon_alive(d, now));
     let others = etcd
         .beats
         .iter()
@@ -257,12 +257,15 @@ fn print_text(view: &View) -> Result<()> {
                 .map(|t| clock::relative(t, now))
                 .unwrap_or_default()
         ),
-        (Some(d), false) => format!(
-            "daemon NOT running (last heartbeat {})",
-            clock::parse(&d.beat)
-                .map(|t| clock::show_with_age(t, tz, now))
-                .unwrap_or_default()
-        ),
+        (Some(d), false) => match d.stopped.as_deref().and_then(clock::parse) {
+            Some(t) => format!("daemon NOT running (stopped {})", clock::show_with_age(t, tz, now)),
+            None => format!(
+                "daemon NOT running (last heartbeat {})",
+                clock::parse(&d.beat)
+                    .map(|t| clock::show_with_age(t, tz, now))
+                    .unwrap_or_default()
+            ),
+        },
         (None, _) => "daemon NOT running (never seen on this node)".into(),
     };
     writeln!(out, "node        {}: {daemon}", settings.node_name)?;

@@ -98,10 +98,10 @@ impl OperatorState {
     /// missing`...
     pub fn describe(&self) -> String {
         match self {
-            OperatorState::Settled => "Progressing=False".into(),
-            OperatorState::Progressing => "Progressing=True".into(),
-            OperatorState::Unsettled(s) if s.is_empty() => "Progressing with no status".into(),
-            OperatorState::Unsettled(s) => format!("Progressing={s}"),
+            OperatorState::Settled => "is Progressing=False".into(),
+            OperatorState::Progressing => "is Progressing=True".into(),
+            OperatorState::Unsettled(s) if s.is_empty() => "has Progressing with no status".into(),
+            OperatorState::Unsettled(s) => format!("is Progressing={s}"),
             OperatorState::ConditionMissing => "has no Progressing condition".into(),
             OperatorState::ObjectMissing => "is missing from etcd".into(),
         }

@@ -1,13 +1,15 @@
-//! `[import] dirs`: ship the platform's own local backups off the node. Before a minor
-//! upgrade OpenShift writes a set with `cluster-backup.sh` on one control-plane node, under
-//! `/etc/kubernetes/cluster-backup/` (e.g. `upgrade-backup-<ts>/`), and nothing copies it off
-//! the host. Each directory named here, and each directory directly inside it, holding
+//! `[import] dirs`: ship the platform's own local backups off the node. Up to 4.14, before a
+//! minor upgrade OpenShift wrote a set with `cluster-backup.sh --force` on one control-plane
+//! node, under `/etc/kubernetes/cluster-backup/upgrade-backup-<version>-<ts>/` (4.15 removed
+//! that controller), and an admin's own `cluster-backup.sh` runs leave sets on the host too;
+//! nothing copies them off. Each directory named here, and each directory directly inside it, holding
 //! exactly one `snapshot_<ts>.db` (and at most one `static_kuberesources_<ts>.tar.gz` with
 //! the same timestamp) is a set: its files are copied into staging (the originals stay),
 //! verified (etcd's trailer, the archive readable), and delivered like a set of ours, with
 //! trigger `imported`, their original names, and the timestamp as id. Each is imported once:
-//! its path and size are remembered in `state.json`, as are sets that fail verification
-//! (logged once, not retried every poll). They are sealed (zstd, age) as configured, through
+//! its path and size are remembered in `state.json`. A folder that cannot be imported (fails
+//! verification, an archive the restore cannot use, names that are not a set) is reported
+//! once while it stays as it is, and its report goes when it changes or goes away. They are sealed (zstd, age) as configured, through
 //! the same step as every other set.
 
 use std::path::{Path, PathBuf};
@@ -83,6 +85,8 @@ pub fn scan(settings: &Settings) -> Vec<Found> {
     let state = State::load(&settings.snapshot.staging_dir);
     let (done, refused) = (state.imported, state.import_refused);
     let mut found = Vec::new();
+    // The key of every folder looked at now.
+    let mut seen: Vec<String> = Vec::new();
     for root in &settings.import.dirs {
         let mut dirs = vec![root.clone()];
         if let Ok(entries) = std::fs::read_dir(root) {
@@ -93,13 +97,30 @@ pub fn scan(settings: &Settings) -> Vec<Found> {
         for dir in dirs {
             match set_in(&dir) {
                 None => {}
-                Some(Scanned::Found(f)) => found.push(f),
-                Some(Scanned::Refused { key, reason }) if !refused.iter().any(|r| r.key == key) => {
-                    refuse(settings, &dir, &key, &reason);
+                Some(Scanned::Found(f)) => {
+                    seen.push(f.key.clone());
+                    found.push(f);
                 }
-                Some(Scanned::Refused { .. }) => {}
+                Some(Scanned::Refused { key, reason }) => {
+                    if !refused.iter().any(|r| r.key == key) {
+                        refuse(settings, &dir, &key, &reason);
+                    }
+                    seen.push(key);
+                }
             }
         }
+    }
+    // A refusal is reported while its folder stays as it was: one that changed (another
+    // key) or went away is forgotten, so status and the gauge clear.
+    let stale: Vec<&RefusedImport> = refused.iter().filter(|r| !seen.contains(&r.key)).collect();
+    if !stale.is_empty() {
+        for r in &stale {
+            tracing::info!(path = %r.path, "the import folder refused earlier changed or is gone; its report is cleared");
+        }
+        let keys: Vec<String> = stale.iter().map(|r| r.key.clone()).collect();
+        State::update_or_log(&settings.snapshot.staging_dir, |s| {
+            s.import_refused.retain(|r| !keys.contains(&r.key))
+        });
     }
     found.retain(|f| !done.contains(&f.key) && !refused.iter().any(|r| r.key == f.key));
     found

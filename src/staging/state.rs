@@ -72,6 +72,9 @@ pub struct DaemonBeat {
     pub beat: String,
     /// Its version.
     pub version: String,
+    /// When it stopped cleanly (RFC 3339, UTC): not running since, whatever the heartbeat's age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// A probe of etcd and each target, and what it found.

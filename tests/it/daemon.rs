@@ -310,10 +310,17 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
     assert_ne!(r.code, 0, "{}", r.all());
     assert!(
         r.stdout.contains("next run    none: the daemon is not running") && r.stdout.contains("0 15 4 * * * (UTC)"),
-        "{}",
-        r.stdout
+        "{}\n{}\n{}",
+        r.stdout,
+        std::fs::read_to_string(w.path().join("staging-0/state.json")).unwrap_or_default(),
+        d.log()
     );
-    assert!(r.stdout.contains("daemon NOT running (last heartbeat"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("daemon NOT running (stopped "),
+        "{}\n{}",
+        r.stdout,
+        std::fs::read_to_string(w.path().join("staging-0/state.json")).unwrap_or_default()
+    );
 }
 
 fn put_json(etcd: &Etcd, key: &str, v: serde_json::Value) {
@@ -696,18 +703,24 @@ fn upgrade_backups_import_with_their_version_and_refusals_are_reported_once() {
     let metrics = etcd_backupd::metrics::render(&w.path().join("staging-0"));
     assert!(metrics.contains("\netcd_backupd_import_refused_sets 2\n"), "{metrics}");
 
-    // A restarted daemon polls again at start: nothing imported or reported twice.
+    // A restarted daemon polls again at start: nothing imported or reported twice; the
+    // folder removed meanwhile has its report cleared.
+    std::fs::remove_dir_all(&odd).unwrap();
     let mut d = Proc::daemon(&cfg, w.path().join("daemon-2.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !d.log().contains("waiting for the next run") {
+    while !d.log().contains("its report is cleared") {
         assert!(Instant::now() < deadline, "{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    // As in the test above: the start's import pass comes within this.
-    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
-    assert!(!d.log().contains("import"), "{}", d.log());
+    let log = d.log();
+    assert!(
+        !log.contains("cannot import") && !log.contains("imported a platform backup set"),
+        "{log}"
+    );
     assert_eq!(std::fs::read_dir(&sets).unwrap().count(), 1);
+    let metrics = etcd_backupd::metrics::render(&w.path().join("staging-0"));
+    assert!(metrics.contains("\netcd_backupd_import_refused_sets 1\n"), "{metrics}");
 }
 
 /// GET /metrics on `addr` with curl; the body on a 200.

@@ -152,7 +152,7 @@ fn the_operator_guard_is_as_strict_as_the_script_on_openshift() {
     let cases: [(&dyn Fn(), &str); 3] = [
         (
             &|| put_operator(&etcd, None, "kube-apiserver", Some("Unknown")),
-            "ClusterOperator kube-apiserver Progressing=Unknown",
+            "ClusterOperator kube-apiserver is Progressing=Unknown",
         ),
         (
             &|| put_operator(&etcd, None, "kube-scheduler", None),

@@ -563,14 +563,23 @@ fn every_dashboard_panel_query_returns_data_from_a_scraped_daemon() {
         found.then_some(())
     });
 
-    let mut empty = Vec::new();
-    for (title, expr) in &queries {
-        let data = prom.query(expr);
-        assert_eq!(data["resultType"], "vector", "{title}: {expr}: {data}");
-        if data["result"].as_array().unwrap().is_empty() {
-            empty.push(format!("{title}: {expr}"));
+    // Every panel's query answers with data; a rate or an increase needs a second sample of
+    // its series, which a loaded machine may scrape a little later: asked again until then.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let empty = loop {
+        let mut empty = Vec::new();
+        for (title, expr) in &queries {
+            let data = prom.query(expr);
+            assert_eq!(data["resultType"], "vector", "{title}: {expr}: {data}");
+            if data["result"].as_array().unwrap().is_empty() {
+                empty.push(format!("{title}: {expr}"));
+            }
         }
-    }
+        if empty.is_empty() || std::time::Instant::now() > deadline {
+            break empty;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert!(
         empty.is_empty(),
         "panel queries without data:\n{}\n\ndaemon:\n{}",

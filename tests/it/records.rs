@@ -31,7 +31,8 @@ fn backup(cfg: &Path) -> crate::common::Run {
 
 fn status_runs(cfg: &Path) -> Vec<serde_json::Value> {
     let out = run(&["status", "--json", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(out.code, 0, "{}", out.all());
+    // The verdict's exit code (0, 4 or 1): the runs are read whatever it is.
+    assert!(matches!(out.code, 0 | 1 | 4), "{}", out.all());
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     v["runs"].as_array().cloned().unwrap_or_default()
 }

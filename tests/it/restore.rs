@@ -180,7 +180,8 @@ fn a_simulated_month_is_pruned_to_exactly_the_policy() {
         "\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 0\n",
     );
     let r = cli_cfg(&["prune"], &strict);
-    assert_eq!(r.code, 2, "{}", r.all());
+    // A refusal on purpose: exit 3, as the product contract has it.
+    assert_eq!(r.code, 3, "{}", r.all());
     assert!(
         r.stderr.contains("newest backup") && r.stderr.contains("failed"),
         "{}",
@@ -814,7 +815,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
         };
         assert_eq!(of(&newest)["damaged"], problem.as_str(), "{name}");
         assert!(of(&intact)["damaged"].is_null(), "{name}");
-        assert_eq!(v.as_array().unwrap().len(), 3, "{name}: {v}");
+        assert_eq!(v["sets"].as_array().unwrap().len(), 3, "{name}: {v}");
     }
 
     // Retention (keep_last 1) keeps the newest intact set, not only the damaged one.

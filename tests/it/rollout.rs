@@ -640,7 +640,7 @@ fn the_rendered_machineconfig_runs_under_systemd_in_a_booted_root() {
     let ok = with_id(&journal, SUCCEEDED);
     let root_sets = sets(&root);
     for e in &ok {
-        // Natively logged (not through the stderr stream), with the fields README names.
+        // Natively logged (not through the stderr stream), with the fields docs/daemon.md "The journal" names.
         assert_eq!(e["_TRANSPORT"], "journal", "{e}");
         assert_eq!(e["SYSLOG_IDENTIFIER"], "etcd-backupd", "{e}");
         assert_eq!(e["_SYSTEMD_UNIT"], UNIT, "{e}");

@@ -32,7 +32,7 @@ async fn lock_released_within(endpoints: &str, within: Duration, since: Instant)
 /// kill -9 of the daemon while etcd's snapshot streams (slowed by a throttling proxy): no set
 /// anywhere, no unverified file in sets/, the dead runner's lock gone within its lease, and
 /// the restarted daemon's next run completes (and cleans the debris). A single node does not
-/// make the killed run up (README: a missed run is not made up); with three nodes another
+/// make the killed run up (docs/daemon.md: a missed run is not made up); with three nodes another
 /// takes it over (daemon.rs covers that for the upload phase).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_the_snapshot_leaves_nothing_and_the_next_run_completes() {
