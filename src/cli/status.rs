@@ -179,16 +179,8 @@ struct View<'a> {
 }
 
 fn print_json(view: &View, cluster: bool) -> Result<()> {
-    let View {
-        settings,
-        state,
-        etcd,
-        verdict,
-        next,
-        staged,
-        daemon_alive,
-        ..
-    } = *view;
+    let (settings, state, etcd, verdict) = (view.settings, view.state, view.etcd, view.verdict);
+    let (next, staged, daemon_alive) = (view.next, view.staged, view.daemon_alive);
     let pending: Vec<_> = staged
         .iter()
         .filter(|s| !s.pending.is_empty())

@@ -24,6 +24,13 @@ fn backup(cfg: &Path, host: &ScriptHost, env: &[(&str, &str)]) -> Run {
     backup_args(cfg, host, &[], env)
 }
 
+/// `etcd-backupd ARGS --config CFG`.
+fn cli(cfg: &Path, args: &[&str]) -> Run {
+    let mut a = args.to_vec();
+    a.extend(["--config", cfg.to_str().unwrap()]);
+    run(&a)
+}
+
 /// Nothing visible anywhere: no set, no half-assembled or staged set.
 fn assert_nothing_left(w: &Work) {
     assert!(w.sets().is_empty(), "{:?}", w.sets());
@@ -248,24 +255,17 @@ fn backup_force_reaches_the_script_and_its_dirty_set_goes_end_to_end() {
         "{m}"
     );
     // Listed, verified and fetched under the script's names.
-    let list = run(&["list", "--config", cfg.to_str().unwrap()]);
+    let list = cli(&cfg, &["list"]);
     assert_eq!(list.code, 0, "{}", list.all());
     assert!(
         list.stdout.contains(&id) && list.stdout.contains("+forced"),
         "{}",
         list.stdout
     );
-    let verify = run(&["verify", &id, "--config", cfg.to_str().unwrap()]);
+    let verify = cli(&cfg, &["verify", &id]);
     assert_eq!(verify.code, 0, "{}", verify.all());
     let dir = w.path().join("restore");
-    let fetch = run(&[
-        "fetch",
-        &id,
-        "--to",
-        dir.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let fetch = cli(&cfg, &["fetch", &id, "--to", dir.to_str().unwrap()]);
     assert_eq!(fetch.code, 0, "{}", fetch.all());
     assert_eq!(restore_picks(&dir), (Some(snapshot), Some(archive)));
 }
@@ -338,7 +338,7 @@ fn verify_and_fetch_refuse_a_stored_archive_the_restore_cannot_use() {
     crate::common::static_pod_fixture(&k8s, 4);
     let cfg = w.write_config(&etcd.endpoint, None, "");
     w.set_static_resources_dir(&k8s);
-    let r = run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()]);
+    let r = cli(&cfg, &["backup", "--no-election"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let set = w.sets().pop().unwrap();
     let id = set.file_name().unwrap().to_str().unwrap().to_string();
@@ -375,7 +375,7 @@ fn verify_and_fetch_refuse_a_stored_archive_the_restore_cannot_use() {
         .replace(&old_sha, &sha);
     std::fs::write(set.join("SHA256SUMS"), sums).unwrap();
 
-    let v = run(&["verify", &id, "--config", cfg.to_str().unwrap()]);
+    let v = cli(&cfg, &["verify", &id]);
     assert_eq!(v.code, 1, "{}", v.all());
     assert!(
         v.stderr
@@ -385,14 +385,7 @@ fn verify_and_fetch_refuse_a_stored_archive_the_restore_cannot_use() {
         v.stderr
     );
     let dir = w.path().join("restore");
-    let f = run(&[
-        "fetch",
-        &id,
-        "--to",
-        dir.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let f = cli(&cfg, &["fetch", &id, "--to", dir.to_str().unwrap()]);
     assert_eq!(f.code, 1, "{}", f.all());
     assert!(
         f.stderr.contains("no kube-scheduler revision directory"),
@@ -403,15 +396,16 @@ fn verify_and_fetch_refuse_a_stored_archive_the_restore_cannot_use() {
         !dir.exists(),
         "a refused fetch leaves nothing, not even the directory it made"
     );
-    let f = run(&[
-        "fetch",
-        &id,
-        "--to",
-        dir.to_str().unwrap(),
-        "--allow-unrestorable-archive",
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let f = cli(
+        &cfg,
+        &[
+            "fetch",
+            &id,
+            "--to",
+            dir.to_str().unwrap(),
+            "--allow-unrestorable-archive",
+        ],
+    );
     assert_eq!(f.code, 0, "{}", f.all());
     assert!(
         f.stdout.contains("NOT restorable by cluster-restore.sh"),
