@@ -173,8 +173,6 @@ async fn serve(
     // the settings of each accepted reload.
     let mut beat_stop = stop.child_token();
     crate::heartbeat::spawn(tasks, settings.clone(), beat_stop.clone());
-    // What is wrong with etcd or a target, said now rather than at the first run.
-    crate::probe::spawn(tasks, settings.clone(), "at start");
     // A rejected reload, said in every STATUS= until a reload is accepted.
     let mut rejected: Option<String> = None;
     // In the background, from the start (also while etcd is awaited); a port that cannot be
@@ -205,6 +203,9 @@ async fn serve(
         }
     };
     notify::ready("started");
+    // What is wrong with etcd or a target, said now rather than at the first run (once etcd
+    // answered: after a boot the daemon waits for the etcd static pod, which is no problem).
+    crate::probe::spawn(tasks, settings.clone(), "at start");
     let cv_changed = if schedule.is_some() {
         watch_cluster_version(tasks, &settings, stop.clone())
     } else {

@@ -89,7 +89,20 @@ pub struct Facts<'a> {
     pub pending_sets: usize,
     /// etcd's problem when `status` asked it; `None`: it answered (or was not asked).
     pub etcd_problem: Option<String>,
+    /// The election's record of the cluster's last run, whichever node ran it.
+    pub cluster_last: Option<ClusterRun>,
     pub now: DateTime<Utc>,
+}
+
+/// The cluster's last elected run, as the election recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterRun {
+    pub run: String,
+    pub node: String,
+    /// `ok`, `failed`, `partial`, `skipped: ...` as the record says.
+    pub result: String,
+    /// RFC 3339, UTC.
+    pub finished: String,
 }
 
 /// Per target, the newest complete set any node's listing reports.
@@ -127,8 +140,14 @@ pub fn judge(f: &Facts) -> Verdict {
     let cov = coverage(f, limit);
     let mut failing = Vec::new();
     let mut at_risk = Vec::new();
-    // The last run that did something on this node (not another node's run).
-    if let Some(last) = f.state.runs.first()
+    // The last run this node did something in (not a skip, not another node's run): a
+    // skipped manual `backup` after a failed night hides nothing.
+    let local_last = f
+        .state
+        .runs
+        .iter()
+        .find(|r| !matches!(r.result, RunResult::Skipped | RunResult::DoneElsewhere));
+    if let Some(last) = local_last
         && last.result == RunResult::Failed
     {
         failing.push(format!(
@@ -137,10 +156,23 @@ pub fn judge(f: &Facts) -> Verdict {
             last.reason.as_deref().unwrap_or("no reason recorded")
         ));
     }
+    // Another node's failed run counts on every node: the cluster is not backed up.
+    if let Some(c) = &f.cluster_last
+        && c.result == RunResult::Failed.as_str()
+        && local_last.is_none_or(|l| l.run != c.run && l.finished < c.finished)
+    {
+        failing.push(format!("the cluster's last run ({}, on {}) failed", c.run, c.node));
+    }
     if !cov.is_empty() && cov.iter().all(|c| !c.fresh) {
-        failing.push(format!(
-            "no target holds a good set newer than {window} (the schedule's interval + 2h)"
-        ));
+        let stale = format!("no target holds a good set newer than {window} (the schedule's interval + 2h)");
+        if f.etcd_problem.is_some() {
+            // The other nodes' newer reports are in etcd, which does not answer: unknown.
+            at_risk.push(format!(
+                "{stale} as far as this node knows (the other nodes' reports are unreadable)"
+            ));
+        } else {
+            failing.push(stale);
+        }
     } else {
         for c in cov.iter().filter(|c| !c.fresh) {
             at_risk.push(match &c.newest_id {
@@ -149,7 +181,7 @@ pub fn judge(f: &Facts) -> Verdict {
             });
         }
     }
-    if let Some(last) = f.state.runs.first()
+    if let Some(last) = local_last
         && matches!(last.result, RunResult::Partial | RunResult::Pending)
     {
         let missing: Vec<String> = last
@@ -277,6 +309,7 @@ mod tests {
             daemon_alive: true,
             pending_sets: 0,
             etcd_problem: None,
+            cluster_last: None,
             now: crate::clock::parse("2026-12-07T12:00:00Z").unwrap(),
         }
     }
@@ -333,6 +366,32 @@ mod tests {
             change(&mut f);
             assert_eq!(judge(&f).level, Level::AtRisk);
         }
+        // Another node's failed run: FAILING here too; a skipped manual run after a failed
+        // one hides nothing.
+        let s = state(vec![run(RunResult::Ok, None)], Some(recent), Some(recent));
+        let mut f = facts(&s);
+        f.cluster_last = Some(ClusterRun {
+            run: "2026-12-08T0230".into(),
+            node: "master-1".into(),
+            result: "failed".into(),
+            finished: "2026-12-08T02:31:00Z".into(),
+        });
+        assert_eq!(judge(&f).level, Level::Failing, "{:?}", judge(&f));
+        let mut skipped = run(RunResult::Skipped, Some("an upgrade is in progress"));
+        skipped.run = "manual".into();
+        let s = state(
+            vec![skipped, run(RunResult::Failed, Some("disk full"))],
+            Some(recent),
+            Some(recent),
+        );
+        let v = judge(&facts(&s));
+        assert_eq!(v.level, Level::Failing, "{v:?}");
+        assert!(v.reasons[0].contains("disk full"), "{v:?}");
+        // Stale coverage while etcd does not answer: unknown, so AT RISK, not FAILING.
+        let s = state(vec![run(RunResult::Ok, None)], Some(old), None);
+        let mut f = facts(&s);
+        f.etcd_problem = Some("connection refused".into());
+        assert_eq!(judge(&f).level, Level::AtRisk, "{:?}", judge(&f));
         let empty = state(vec![], Some(recent), Some(recent));
         let v = judge(&facts(&empty));
         assert_eq!(v.level, Level::AtRisk);

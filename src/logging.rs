@@ -205,9 +205,10 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for JournalLayer {
         if self.socket.send(&buf).is_err() {
             // Too large for one datagram (or journald restarting): the text alone, cut to a
             // size a datagram takes, rather than nothing.
+            // MESSAGE_ID stays: it is what an alert's runbook looks the entry up by.
             let short = Fields {
                 message: f.text().chars().take(32 * 1024).collect(),
-                fields: Vec::new(),
+                fields: f.fields.iter().filter(|(k, _)| k == "message_id").cloned().collect(),
             };
             let buf = entry(meta.level(), meta.target(), meta.file(), meta.line(), &short);
             if self.socket.send(&buf).is_err() {

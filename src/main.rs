@@ -36,7 +36,24 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
-            let _ = writeln!(std::io::stderr(), "{} (see 'etcd-backupd --help')", parts.join(" "));
+            let line = format!("{} (see 'etcd-backupd --help')", parts.join(" "));
+            let _ = writeln!(std::io::stderr(), "{line}");
+            // `--json` asked for one document on stdout, a usage error's too.
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            if args.iter().any(|a| a == "--json") {
+                let command = args
+                    .iter()
+                    .find(|a| !a.starts_with('-'))
+                    .map(String::as_str)
+                    .unwrap_or("etcd-backupd");
+                let e = anyhow::anyhow!(error::Stop::Usage(line));
+                let doc = cli::report::error_document(command, &e);
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "{}",
+                    serde_json::to_string_pretty(&doc).unwrap_or_default()
+                );
+            }
             return ExitCode::from(error::EXIT_USAGE);
         }
     };

@@ -47,13 +47,14 @@ fn about(name: &str, e: &anyhow::Error) -> String {
 
 /// etcd and every target, side by side.
 pub async fn all(settings: &Settings) -> Probe {
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let targets = futures_util::future::join_all(settings.targets.iter().map(|t| async move {
         let problem = target(settings, t).await.err().map(|e| about(&t.name, &e));
         (t.name.clone(), problem)
     }));
     let (etcd, targets) = tokio::join!(etcd(settings), targets);
     Probe {
-        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        at,
         etcd,
         targets: targets.into_iter().collect(),
     }
@@ -74,7 +75,12 @@ pub fn spawn(tasks: &tokio_util::task::TaskTracker, settings: Settings, when: &'
         } else {
             crate::notify::status(&format!("problem: {}", problems.join("; ")));
         }
-        State::update_or_log(&settings.snapshot.staging_dir, |s| s.probe = Some(probe));
+        // A slower probe never replaces a newer one's finding (a start's after a reload's).
+        State::update_or_log(&settings.snapshot.staging_dir, |s| {
+            if s.probe.as_ref().is_none_or(|old| old.at <= probe.at) {
+                s.probe = Some(probe);
+            }
+        });
         crate::metrics::refresh(&settings);
     });
 }

@@ -519,9 +519,10 @@ pub async fn verify(located: &Located) -> Result<Vec<CheckedFile>> {
     result.map_err(|e| explain(located, e))
 }
 
-/// Downloads and checks the set into `dir` under temporary names (0600), then renames each
-/// file to its original name once all of them passed. On failure nothing is left.
-pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile, PathBuf)>> {
+/// Downloads and checks the set into `dir` under temporary names (0600), then, once all of
+/// them passed, removes `replaced` (the set `fetch --force` replaces) and renames each file
+/// to its original name. On failure nothing is left and `replaced` is untouched.
+pub async fn download(located: &Located, dir: &Path, replaced: &[PathBuf]) -> Result<Vec<(CheckedFile, PathBuf)>> {
     check_signature(located).await?;
     check_sums(located).await.map_err(|e| explain(located, e))?;
     let mut temps: Vec<PathBuf> = Vec::new();
@@ -541,6 +542,9 @@ pub async fn download(located: &Located, dir: &Path) -> Result<Vec<(CheckedFile,
             // Written and fsynced by the check itself.
             let c = check_file(located, f, Some(&mut file)).await?;
             checked.push((c, dir.join(&f.name)));
+        }
+        for p in replaced {
+            std::fs::remove_file(p).with_context(|| format!("cannot remove '{}'", p.display()))?;
         }
         for (tmp, (_, dest)) in temps.iter().zip(&checked) {
             fsutil::rename_noreplace(tmp, dest).map_err(|e| {
@@ -581,7 +585,9 @@ fn restore_candidates(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Makes `dir` ready to receive one set: created (0700) when missing; refused when not empty,
-/// unless `force`, which removes only the files the restore script would pick up instead.
+/// unless `force`. Returns the files the restore script would pick up, which `force` replaces:
+/// [`download`] removes them only once the new set passed every check, so a refused fetch
+/// leaves the set that was there.
 pub fn prepare_fetch_dir(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
@@ -590,15 +596,11 @@ pub fn prepare_fetch_dir(dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
             }
             if !force {
                 bail!(Stop::Usage(format!(
-                    "'{}' is not empty; the restore script picks the newest snapshot*.db and static_kuberesources*.tar.gz in it, so it must hold exactly one set: use an empty directory, or --force to remove those files first",
+                    "'{}' is not empty; the restore script picks the newest snapshot*.db and static_kuberesources*.tar.gz in it, so it must hold exactly one set: use an empty directory, or --force to replace those files",
                     dir.display()
                 )));
             }
-            let removed = restore_candidates(dir)?;
-            for p in &removed {
-                std::fs::remove_file(p).with_context(|| format!("cannot remove '{}'", p.display()))?;
-            }
-            Ok(removed)
+            restore_candidates(dir)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create '{}'", dir.display()))?;
@@ -807,7 +809,7 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
         .prefix("etcd-backupd-drill-")
         .tempdir_in(&scratch_parent)
         .with_context(|| format!("verify.scratch_dir '{}'", scratch_parent.display()))?;
-    let files = download(located, scratch.path()).await?;
+    let files = download(located, scratch.path(), &[]).await?;
     let snapshot = files
         .iter()
         .find(|(c, _)| c.name.starts_with("snapshot_"))

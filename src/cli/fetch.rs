@@ -85,11 +85,8 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
         }
     }
     let created = !dir.exists();
-    let removed = restore::prepare_fetch_dir(dir, force)?;
-    for p in &removed {
-        errln!("removed {} (--force)", p.display());
-    }
-    let files = match restore::download(&located, dir).await {
+    let replaced = restore::prepare_fetch_dir(dir, force)?;
+    let files = match restore::download(&located, dir, &replaced).await {
         Ok(files) => files,
         Err(e) => {
             // download left no file; a directory this command made goes too.
@@ -99,6 +96,9 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
             return Err(e);
         }
     };
+    for p in &replaced {
+        errln!("replaced {} (--force)", p.display());
+    }
     if json {
         let laid_out: Vec<serde_json::Value> = files
             .iter()

@@ -79,6 +79,16 @@ pub(super) async fn status(settings: &Settings, json: bool, cluster: bool) -> Re
         daemon_alive,
         pending_sets,
         etcd_problem: etcd.problem.clone(),
+        cluster_last: etcd
+            .last
+            .as_ref()
+            .filter(|_| settings.election.enabled)
+            .map(|r| health::ClusterRun {
+                run: r.run.clone(),
+                node: r.node.clone(),
+                result: r.result.clone(),
+                finished: r.finished.clone(),
+            }),
         now,
     });
     // The next run as it will start: the daemon's own reckoning (jitter included) while it

@@ -42,8 +42,12 @@ pub struct Found {
     pub dirty: bool,
     /// The OpenShift version the folder's name gives (`upgrade-backup-<version>-<ts>`).
     pub openshift_version: Option<String>,
-    /// What identifies it in `state.imported`.
+    /// What identifies it in `state.imported` (the snapshot's path and size, as earlier
+    /// releases recorded it).
     pub key: String,
+    /// What identifies the folder's state in `state.import_refused`: every file's name, size
+    /// and time, so a replaced archive is looked at again.
+    pub refusal_key: String,
 }
 
 /// What a directory holds: nothing to import, a set, or something that cannot be one.
@@ -52,13 +56,45 @@ enum Scanned {
     Refused { key: String, reason: String },
 }
 
+/// What identifies a folder's present state: its path and each file's name, size and
+/// modification time. A refusal stands while this stays the same.
+fn folder_key(dir: &Path) -> String {
+    use sha2::Digest;
+    let mut entries: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let m = e.metadata().ok();
+            let mtime = m
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            format!(
+                "{}:{}:{}",
+                e.file_name().to_string_lossy(),
+                m.map(|m| m.len()).unwrap_or(0),
+                mtime.map(|d| d.as_nanos()).unwrap_or(0)
+            )
+        })
+        .collect();
+    entries.sort();
+    let digest = sha2::Sha256::digest(entries.join("\n").as_bytes());
+    format!("{}#{}", dir.display(), &hex::encode(digest)[..16])
+}
+
 fn set_in(dir: &Path) -> Option<Scanned> {
+    // A configured directory that does not exist (4.15+ writes no upgrade backups) holds
+    // nothing to import; it is not a refusal.
+    if !dir.exists() {
+        return None;
+    }
     let set = match platform_set::read(dir) {
         Ok(Some(set)) => set,
         Ok(None) => return None,
         Err(e) => {
             return Some(Scanned::Refused {
-                key: dir.display().to_string(),
+                key: folder_key(dir),
                 reason: crate::error::one_line(&e),
             });
         }
@@ -71,6 +107,7 @@ fn set_in(dir: &Path) -> Option<Scanned> {
         .unwrap_or_default();
     Some(Scanned::Found(Found {
         key: format!("{}:{size}", snapshot.display()),
+        refusal_key: folder_key(dir),
         dir: dir.to_path_buf(),
         ts: set.id,
         files: set.files,
@@ -98,7 +135,7 @@ pub fn scan(settings: &Settings) -> Vec<Found> {
             match set_in(&dir) {
                 None => {}
                 Some(Scanned::Found(f)) => {
-                    seen.push(f.key.clone());
+                    seen.push(f.refusal_key.clone());
                     found.push(f);
                 }
                 Some(Scanned::Refused { key, reason }) => {
@@ -122,7 +159,7 @@ pub fn scan(settings: &Settings) -> Vec<Found> {
             s.import_refused.retain(|r| !keys.contains(&r.key))
         });
     }
-    found.retain(|f| !done.contains(&f.key) && !refused.iter().any(|r| r.key == f.key));
+    found.retain(|f| !done.contains(&f.key) && !refused.iter().any(|r| r.key == f.refusal_key));
     found
 }
 
@@ -163,8 +200,9 @@ async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdI
     // Checked by `platform_set::read`: `%F_%H%M%S`.
     let id = found.ts.clone();
     let sets_root = crate::staging::sets_dir(staging);
+    // Reported once, as a refusal: it would not change by polling again.
     if sets_root.join(&id).exists() {
-        bail!("a set with id {id} is already in staging");
+        bail!(Unusable(format!("a set with id {id} is already in staging")));
     }
     let work = crate::staging::tmp_dir(staging).join(format!("import-{id}-{:08x}", rand::random::<u32>()));
     fsutil::create_private_dir(&work)?;
@@ -299,7 +337,7 @@ pub async fn run(
             }
             Err(e) if e.downcast_ref::<Unusable>().is_some() => {
                 let reason = format!("it fails verification: {}", crate::error::one_line(&e));
-                refuse(settings, &f.dir, &f.key, &reason);
+                refuse(settings, &f.dir, &f.refusal_key, &reason);
                 continue;
             }
             // Disk full, an id already staged...: tried again at the next poll.

@@ -152,6 +152,14 @@ pub fn note_coverage(staging: &Path, listed: BTreeMap<String, TargetCoverage>, c
         return;
     }
     State::update_or_log(staging, |state| {
+        // A target listed now answers: what a probe found wrong with it earlier is over.
+        if let Some(p) = state.probe.as_mut() {
+            for name in listed.keys() {
+                if let Some(problem) = p.targets.get_mut(name) {
+                    *problem = None;
+                }
+            }
+        }
         state.targets.extend(listed);
         state.targets.retain(|name, _| configured(name));
     });

@@ -71,7 +71,14 @@ fn status_gives_a_verdict_and_the_exit_code_a_check_feeds_on() {
 
     // The daemon beats: OK, exit 0; the next run as it will start (jitter included).
     let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
-    wait_for("OK", || status_json(&cfg).0 == 0, || d.log());
+    wait_for(
+        "OK with the next run",
+        || {
+            let (code, v) = status_json(&cfg);
+            code == 0 && v["next_run"].is_string()
+        },
+        || d.log(),
+    );
     let (_, v) = status_json(&cfg);
     assert_eq!(
         (v["ok"].as_bool(), &v["verdict"]),
@@ -359,4 +366,12 @@ fn every_reporting_command_prints_one_json_document_success_or_not() {
         w.path().join("x").to_str().unwrap(),
     ]);
     assert_eq!((code, v["ok"].as_bool()), (1, Some(false)), "{v}");
+    // A usage error too.
+    let (code, v) = doc(&["status", "--no-such-flag"]);
+    assert_eq!(
+        (code, v["ok"].as_bool(), v["exit_code"].as_u64()),
+        (2, Some(false), Some(2)),
+        "{v}"
+    );
+    assert_eq!(v["command"], "status", "{v}");
 }

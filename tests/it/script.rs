@@ -413,4 +413,10 @@ fn verify_and_fetch_refuse_a_stored_archive_the_restore_cannot_use() {
         f.stdout
     );
     assert!(dir.join(format!("static_kuberesources_{id}.tar.gz")).is_file());
+    // `--force` over it, refused again: the set already there stays, byte for byte.
+    let before = std::fs::read(dir.join(format!("snapshot_{id}.db"))).unwrap();
+    let f = cli(&cfg, &["fetch", &id, "--to", dir.to_str().unwrap(), "--force"]);
+    assert_eq!(f.code, 1, "{}", f.all());
+    assert_eq!(std::fs::read(dir.join(format!("snapshot_{id}.db"))).unwrap(), before);
+    assert!(dir.join(format!("static_kuberesources_{id}.tar.gz")).is_file());
 }
