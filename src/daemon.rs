@@ -205,7 +205,7 @@ async fn serve(
     notify::ready("started");
     // What is wrong with etcd or a target, said now rather than at the first run (once etcd
     // answered: after a boot the daemon waits for the etcd static pod, which is no problem).
-    crate::probe::spawn(tasks, settings.clone(), "at start");
+    crate::probe::spawn(tasks, settings.clone(), "at start", stop.clone());
     let cv_changed = if schedule.is_some() {
         watch_cluster_version(tasks, &settings, stop.clone())
     } else {
@@ -311,7 +311,7 @@ async fn serve(
                         beat_stop.cancel();
                         beat_stop = stop.child_token();
                         crate::heartbeat::spawn(tasks, settings.clone(), beat_stop.clone());
-                        crate::probe::spawn(tasks, settings.clone(), "after the reload");
+                        crate::probe::spawn(tasks, settings.clone(), "after the reload", stop.clone());
                         notify::ready("configuration reloaded");
                     }
                     Err(e) => {

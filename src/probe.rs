@@ -63,9 +63,18 @@ pub async fn all(settings: &Settings) -> Probe {
 /// Probes in the background and says at once what is wrong: an error line per problem, the
 /// problems in `STATUS=`, the record in `state.json` (for `status` and the metrics). Never
 /// stops the daemon. `when` names the occasion ("at start", "after the reload").
-pub fn spawn(tasks: &tokio_util::task::TaskTracker, settings: Settings, when: &'static str) {
+pub fn spawn(
+    tasks: &tokio_util::task::TaskTracker,
+    settings: Settings,
+    when: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) {
     tasks.spawn(async move {
-        let probe = all(&settings).await;
+        // A stop does not wait for a target that does not answer.
+        let probe = tokio::select! {
+            p = all(&settings) => p,
+            _ = stop.cancelled() => return,
+        };
         let problems = probe.problems();
         for p in &problems {
             tracing::error!("probe {when} found a problem: {p}");

@@ -196,6 +196,7 @@ fn broken_targets_are_said_at_start_and_the_daemon_keeps_running() {
     assert!(metrics.contains("\netcd_backupd_probe_problems 2\n"), "{metrics}");
     assert!(d.running(), "the daemon keeps running: {}", d.log());
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+    assert!(!d.log().contains("did not stop"), "{}", d.log());
 }
 
 /// The product contract's exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3
