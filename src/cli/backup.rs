@@ -4,8 +4,84 @@ use std::io::Write;
 
 use anyhow::Result;
 
+use anyhow::bail;
+
 use super::human;
+use crate::config::Settings;
+use crate::error::Stop;
+use crate::manifest::Trigger;
+use crate::run;
 use crate::run::pipeline::BackupReport;
+
+/// What `backup` was asked for.
+pub(super) struct Asked {
+    pub(super) no_election: bool,
+    pub(super) target: Option<String>,
+    pub(super) force: bool,
+    pub(super) json: bool,
+}
+
+/// `backup`: one run now, through the guards and the election (unless `--no-election`),
+/// recorded as the daemon's are, then its summary.
+pub(super) async fn run(settings: &Settings, asked: Asked) -> Result<()> {
+    // A staging directory that is not ours is a configuration error, found before etcd.
+    crate::staging::check_staging(&settings.snapshot.staging_dir)?;
+    crate::priority::apply(&settings.priority);
+    let cancel = crate::daemon::cancel_on_signals();
+    // A manual run competes like a scheduled one, but does not wait: if another node
+    // holds the lock, this one is skipped.
+    let run = format!(
+        "manual-{}-{}",
+        settings.node_name,
+        crate::manifest::timestamp(chrono::Utc::now())
+    );
+    let elect = settings.election.enabled && !asked.no_election;
+    let (started, t0) = (chrono::Utc::now(), std::time::Instant::now());
+    let outcome = run::run_once(
+        settings,
+        Trigger::Manual,
+        asked.target.clone(),
+        &run,
+        elect,
+        asked.force,
+        std::time::Duration::ZERO,
+        None,
+        &cancel,
+    )
+    .await;
+    run::remember(
+        &settings.snapshot.staging_dir,
+        run::record(Trigger::Manual, &run, started, t0, &outcome),
+    );
+    crate::metrics::refresh(settings);
+    match outcome? {
+        run::Outcome::Ran(report) => {
+            if asked.json {
+                super::report::print(json(&report), report.all_stored())?;
+            } else {
+                print_backup_summary(&report)?;
+            }
+            if !report.all_stored() {
+                let failed: Vec<String> = report
+                    .targets
+                    .iter()
+                    .filter_map(|t| t.result.as_ref().err().map(|e| format!("{} ({e})", t.name)))
+                    .collect();
+                bail!(
+                    "backup {} was not stored on: {} (it stays in staging and is delivered by the next run or the daemon)",
+                    report.manifest.id,
+                    failed.join("; ")
+                );
+            }
+            Ok(())
+        }
+        run::Outcome::Skipped(reason) => bail!(Stop::Skipped(reason)),
+        run::Outcome::Elsewhere(rec) => bail!(Stop::Skipped(crate::outcome::Skip::new(
+            crate::outcome::SkipKind::Elsewhere,
+            format!("node {} ran this backup", rec.node)
+        ))),
+    }
+}
 
 /// `backup --json`: the set, its files and each target's result.
 pub(super) fn json(r: &BackupReport) -> serde_json::Value {

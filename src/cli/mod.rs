@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Settings};
@@ -34,9 +34,6 @@ pub mod report;
 mod status;
 
 use crate::config::read_identity;
-use crate::error::Stop;
-use crate::manifest::Trigger;
-use crate::run;
 
 /// `0.1.0 (commit 0123456789ab)`: the package version and the commit `build.rs` found.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ETCD_BACKUPD_COMMIT"), ")");
@@ -269,63 +266,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let settings = load(&cli)?;
-            // A staging directory that is not ours is a configuration error, found before etcd.
-            crate::staging::check_staging(&settings.snapshot.staging_dir)?;
-            crate::priority::apply(&settings.priority);
-            let cancel = crate::daemon::cancel_on_signals();
-            // A manual run competes like a scheduled one, but does not wait: if another node
-            // holds the lock, this one is skipped.
-            let run = format!(
-                "manual-{}-{}",
-                settings.node_name,
-                crate::manifest::timestamp(chrono::Utc::now())
-            );
-            let elect = settings.election.enabled && !no_election;
-            let (started, t0) = (chrono::Utc::now(), std::time::Instant::now());
-            let outcome = run::run_once(
-                &settings,
-                Trigger::Manual,
-                target.clone(),
-                &run,
-                elect,
-                *force,
-                std::time::Duration::ZERO,
-                None,
-                &cancel,
-            )
-            .await;
-            run::remember(
-                &settings.snapshot.staging_dir,
-                run::record(Trigger::Manual, &run, started, t0, &outcome),
-            );
-            crate::metrics::refresh(&settings);
-            match outcome? {
-                run::Outcome::Ran(report) => {
-                    if *json {
-                        report::print(backup::json(&report), report.all_stored())?;
-                    } else {
-                        backup::print_backup_summary(&report)?;
-                    }
-                    if !report.all_stored() {
-                        let failed: Vec<String> = report
-                            .targets
-                            .iter()
-                            .filter_map(|t| t.result.as_ref().err().map(|e| format!("{} ({e})", t.name)))
-                            .collect();
-                        bail!(
-                            "backup {} was not stored on: {} (it stays in staging and is delivered by the next run or the daemon)",
-                            report.manifest.id,
-                            failed.join("; ")
-                        );
-                    }
-                    Ok(())
-                }
-                run::Outcome::Skipped(reason) => bail!(Stop::Skipped(reason)),
-                run::Outcome::Elsewhere(rec) => bail!(Stop::Skipped(crate::outcome::Skip::new(
-                    crate::outcome::SkipKind::Elsewhere,
-                    format!("node {} ran this backup", rec.node)
-                ))),
-            }
+            let asked = backup::Asked {
+                no_election: *no_election,
+                target: target.clone(),
+                force: *force,
+                json: *json,
+            };
+            backup::run(&settings, asked).await
         }
         Command::List {
             json,
