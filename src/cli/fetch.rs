@@ -100,24 +100,14 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
         errln!("replaced {} (--force)", p.display());
     }
     if json {
-        let laid_out: Vec<serde_json::Value> = files
-            .iter()
-            .map(|(c, path)| serde_json::json!({"path": path, "name": c.name, "size": c.size, "sha256": c.sha256, "checked": c.also}))
-            .collect();
-        let v = serde_json::json!({
-            "id": m.id,
-            "cluster": located.cluster,
-            "target": located.target.name(),
-            "dir": dir,
-            "files": laid_out,
-            "openshift_version": set_version,
-            "version_check": version_rule,
-            "signature": {"state": signature.state(), "fingerprint": signature.fingerprint()},
-            "etcd": m.etcd,
-            "static_pod_revisions": m.restore.static_pod_revisions,
-            "restorable_until": m.restore.restorable_until,
-            "next": next_step(m, &files, dir),
-        });
+        let v = fetched_json(
+            &located,
+            &files,
+            dir,
+            set_version.as_deref(),
+            version_rule.as_deref(),
+            &signature,
+        );
         return super::report::print(v, true);
     }
     let mut out = std::io::stdout().lock();
@@ -176,6 +166,36 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
     )?;
     writeln!(out, "next: {}", next_step(m, &files, dir))?;
     Ok(())
+}
+
+/// `fetch --json`: what was laid out where, what was checked, and what to do next.
+fn fetched_json(
+    located: &crate::restore::Located,
+    files: &[(crate::restore::CheckedFile, std::path::PathBuf)],
+    dir: &std::path::Path,
+    set_version: Option<&str>,
+    version_rule: Option<&str>,
+    signature: &crate::trust::signing::Verdict,
+) -> serde_json::Value {
+    let m = &located.manifest;
+    let laid_out: Vec<serde_json::Value> = files
+        .iter()
+        .map(|(c, path)| serde_json::json!({"path": path, "name": c.name, "size": c.size, "sha256": c.sha256, "checked": c.also}))
+        .collect();
+    serde_json::json!({
+        "id": m.id,
+        "cluster": located.cluster,
+        "target": located.target.name(),
+        "dir": dir,
+        "files": laid_out,
+        "openshift_version": set_version,
+        "version_check": version_rule,
+        "signature": {"state": signature.state(), "fingerprint": signature.fingerprint()},
+        "etcd": m.etcd,
+        "static_pod_revisions": m.restore.static_pod_revisions,
+        "restorable_until": m.restore.restorable_until,
+        "next": next_step(m, files, dir),
+    })
 }
 
 /// What to do with the files: the platform's restore script when the set has its archive,
