@@ -77,10 +77,13 @@ pub(super) async fn list(settings: &Settings, opts: Options<'_>) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if opts.json {
         drop(out);
-        let sets = json(&rows, now);
-        drop(rows);
-        let v = serde_json::json!({"sets": sets, "failed_targets": failed});
-        super::report::print(v, failed.is_empty())?;
+        let doc = ListDoc {
+            schema_version: super::report::SCHEMA_VERSION,
+            ok: failed.is_empty(),
+            sets: rows.iter().map(|r| JsonRow::of(r, now)).collect(),
+            failed_targets: &failed,
+        };
+        super::report::print_typed(&doc)?;
         if !failed.is_empty() {
             bail!("cannot list target(s) {}", failed.join(", "));
         }
@@ -158,19 +161,43 @@ async fn rows_of(
         .collect())
 }
 
-/// `list --json`'s `sets`: an array, one object per set and target.
-fn json(rows: &[Row], now: DateTime<Utc>) -> serde_json::Value {
-    rows.iter()
-        .map(|r| {
-            let s = &r.set;
-            let sig = r
+/// `list --json`: the report's document, serialized as it is written.
+#[derive(serde::Serialize)]
+struct ListDoc<'a> {
+    schema_version: u32,
+    ok: bool,
+    /// One object per set and target.
+    sets: Vec<JsonRow<'a>>,
+    failed_targets: &'a [String],
+}
+
+#[derive(serde::Serialize)]
+struct JsonRow<'a> {
+    target: &'a str,
+    cluster: &'a str,
+    manifest: &'a crate::manifest::Manifest,
+    damaged: &'a Option<String>,
+    retention: &'a Option<Decision>,
+    signature: Option<serde_json::Value>,
+    certificates_expired: Option<bool>,
+}
+
+impl<'a> JsonRow<'a> {
+    fn of(r: &'a Row, now: DateTime<Utc>) -> JsonRow<'a> {
+        let s = &r.set;
+        JsonRow {
+            target: &r.target,
+            cluster: &s.cluster,
+            manifest: &s.manifest,
+            damaged: &s.damaged,
+            retention: &r.decision,
+            signature: r
                 .verdict
                 .as_ref()
-                .map(|v| serde_json::json!({"state": v.state(), "fingerprint": v.fingerprint()}));
-            let expired = s.manifest.restorable_until().map(|t| t <= now);
-            serde_json::json!({"target": r.target, "cluster": s.cluster, "manifest": s.manifest, "damaged": s.damaged, "retention": r.decision, "signature": sig, "certificates_expired": expired})
-        })
-        .collect()
+                .map(|v| serde_json::json!({"state": v.state(), "fingerprint": v.fingerprint()})),
+            certificates_expired: s.manifest.restorable_until().map(|t| t <= now),
+        }
+    }
 }
 
 /// `schedule`, `manual+forced` (a set taken despite a guard says so where the trigger is).

@@ -48,6 +48,17 @@ pub fn print(v: Value, ok: bool) -> Result<()> {
     Ok(())
 }
 
+/// Prints a document typed by the command (which carries `schema_version` and `ok` itself),
+/// serialized straight to stdout: a list of thousands of sets is never held as a JSON tree.
+pub fn print_typed(doc: &impl serde::Serialize) -> Result<()> {
+    PRINTED.store(true, Ordering::SeqCst);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut out, doc).map_err(std::io::Error::from)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
 /// Did the command print its own document?
 pub fn printed() -> bool {
     PRINTED.load(Ordering::SeqCst)
