@@ -178,7 +178,17 @@ async fn sigkill_during_the_upload_leaves_nothing_visible_and_the_set_is_deliver
     );
     let mut d = Proc::daemon(&cfg, w.path().join("daemon-2.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(40);
-    while visible(&root).len() < 2 {
+    // Two sets stored, and each recorded by its run: a run is stopped only after it recorded
+    // its set (a SIGTERM between the two is another test's subject).
+    let recorded = |root: &Path| {
+        let ids: BTreeSet<String> = etcd_prefix(&etcd.endpoint, "/etcd-backupd/runs/")
+            .values()
+            .filter_map(|m| m["id"].as_str().map(String::from))
+            .collect();
+        let sets = visible(root);
+        sets.len() >= 2 && sets.iter().all(|s| ids.contains(s))
+    };
+    while !recorded(&root) {
         assert!(Instant::now() < deadline, "{:?}: {}", entries(&root), d.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
