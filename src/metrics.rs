@@ -195,8 +195,12 @@ fn write_families(out: &mut Families, staging: &Path) -> fmt::Result {
         "reason",
         &skips,
     )?;
-    // Coverage: what each target held when this node last listed it (after a run's
-    // retention), and the newest set a drill here restored from it.
+    write_coverage(out, &state)
+}
+
+/// Coverage: what each target held when this node last listed it (after a run's retention),
+/// and the newest set a drill here restored from it.
+fn write_coverage(out: &mut Families, state: &State) -> fmt::Result {
     out.gauges(
         "etcd_backupd_target_newest_set_timestamp_seconds",
         "Creation time of the newest complete set on the target, as this node last listed it after a backup (unix time; 0: none).",

@@ -39,7 +39,6 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
         json,
     } = req;
     use crate::restore;
-    let allow_version_mismatch = allow.version_mismatch;
     let mut located = restore::locate(settings, target, id).await?;
     located.identity = identity;
     located.trust.allow_unsigned = allow.unsigned;
@@ -59,31 +58,7 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
         tracing::warn!("set {}: {w}", m.id);
     }
     let set_version = m.openshift.as_ref().and_then(|o| o.version.clone());
-    let mut version_rule = None;
-    match restore::version_facts(settings).await {
-        Ok(facts) => match restore::check_versions(set_version.as_deref(), &facts.unwrap_or_default()) {
-            Ok(rule) => version_rule = rule,
-            Err(why) => {
-                if !allow_version_mismatch {
-                    // A refusal of the set (not of the command line): exit 1, as for a damaged,
-                    // unsigned or expired set.
-                    bail!(
-                        "refusing set {}: {why} (--allow-version-mismatch to fetch it anyway)",
-                        m.id
-                    );
-                }
-                tracing::warn!("{why}; fetching anyway (--allow-version-mismatch)");
-            }
-        },
-        Err(e) => {
-            if let Some(v) = &set_version {
-                tracing::warn!(
-                    "cannot read the running cluster's version ({}); restore this set only onto OpenShift {v}",
-                    crate::error::one_line(&e)
-                );
-            }
-        }
-    }
+    let version_rule = version_rule(settings, m, set_version.as_deref(), allow.version_mismatch).await?;
     let created = !dir.exists();
     let replaced = restore::prepare_fetch_dir(dir, force)?;
     let files = match restore::download(&located, dir, &replaced).await {
@@ -166,6 +141,40 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
     )?;
     writeln!(out, "next: {}", next_step(m, &files, dir))?;
     Ok(())
+}
+
+/// The z-stream rule between the set and the running cluster: the rule that passed, `None`
+/// when nothing can be checked, a refusal (exit 1) unless `allow_mismatch`.
+async fn version_rule(
+    settings: &Settings,
+    m: &crate::manifest::Manifest,
+    set_version: Option<&str>,
+    allow_mismatch: bool,
+) -> Result<Option<String>> {
+    match crate::restore::version_facts(settings).await {
+        Ok(facts) => match crate::restore::check_versions(set_version, &facts.unwrap_or_default()) {
+            Ok(rule) => Ok(rule),
+            // A refusal of the set (not of the command line): exit 1, as for a damaged,
+            // unsigned or expired set.
+            Err(why) if !allow_mismatch => bail!(
+                "refusing set {}: {why} (--allow-version-mismatch to fetch it anyway)",
+                m.id
+            ),
+            Err(why) => {
+                tracing::warn!("{why}; fetching anyway (--allow-version-mismatch)");
+                Ok(None)
+            }
+        },
+        Err(e) => {
+            if let Some(v) = set_version {
+                tracing::warn!(
+                    "cannot read the running cluster's version ({}); restore this set only onto OpenShift {v}",
+                    crate::error::one_line(&e)
+                );
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// `fetch --json`: what was laid out where, what was checked, and what to do next.

@@ -249,6 +249,36 @@ pub enum RenderWhat {
     },
 }
 
+/// `render machineconfig`: the YAML on stdout, its warnings on stderr.
+fn print_machineconfig(settings: &Settings, command: &Command) -> Result<()> {
+    let Command::Render {
+        what:
+            RenderWhat::Machineconfig {
+                image,
+                ignition_version,
+                include_secrets,
+                name,
+                role,
+            },
+    } = command
+    else {
+        return Ok(());
+    };
+    let opts = render::Options {
+        ignition_version,
+        image: image.as_deref(),
+        include_secrets: *include_secrets,
+        name: &name.clone().unwrap_or_else(|| role.default_name()),
+        role: *role,
+    };
+    let (yaml, warnings) = render::machineconfig(settings, &opts)?;
+    for w in warnings {
+        errln!("warning: {w}");
+    }
+    std::io::stdout().lock().write_all(yaml.as_bytes())?;
+    Ok(())
+}
+
 fn load(cli: &Cli) -> Result<Settings> {
     let settings = Settings::load(&cli.config)?;
     settings.check_node_files()?;
@@ -376,30 +406,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             status::status(&settings, *json, *cluster).await
         }
         Command::Render {
-            what:
-                RenderWhat::Machineconfig {
-                    image,
-                    ignition_version,
-                    include_secrets,
-                    name,
-                    role,
-                },
+            what: RenderWhat::Machineconfig { .. },
         } => {
             // Syntax and meaning only: the node-side paths it names need not exist here.
             let settings = Settings::load(&cli.config)?;
-            let opts = crate::cli::render::Options {
-                ignition_version,
-                image: image.as_deref(),
-                include_secrets: *include_secrets,
-                name: &name.clone().unwrap_or_else(|| role.default_name()),
-                role: *role,
-            };
-            let (yaml, warnings) = crate::cli::render::machineconfig(&settings, &opts)?;
-            for w in warnings {
-                errln!("warning: {w}");
-            }
-            std::io::stdout().lock().write_all(yaml.as_bytes())?;
-            Ok(())
+            print_machineconfig(&settings, &cli.command)
         }
     }
 }
