@@ -85,4 +85,10 @@ if [ "${1:-}" = "--supply-chain" ]; then
   }
   cargo_tool cargo-deny 0.20.2
   cargo_tool cargo-about 0.9.3 --features cli # the binary needs the crate's `cli` feature
+  # s3s-fs: a second S3 server for the suite (SigV4 checked, files on disk), which lacks
+  # optional operations moto has (it answers 501 to ListMultipartUploads).
+  if [ "$(s3s-fs --version 2>/dev/null)" != "s3s-fs 0.14.1" ]; then
+    echo "installing s3s-fs 0.14.1 (cargo install, a few minutes)"
+    nice -n 10 cargo install --locked --quiet --version 0.14.1 --features binary s3s-fs
+  fi
 fi

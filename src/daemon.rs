@@ -222,7 +222,7 @@ async fn serve(
     // Sets a previous daemon could not deliver are retried right away.
     let mut delivery_backoff = settings.delivery.retry_interval.0;
     let mut next_delivery =
-        (crate::delivery::pending(&settings.snapshot.staging_dir).0 > 0).then(tokio::time::Instant::now);
+        (crate::staging::sets::pending(&settings.snapshot.staging_dir).0 > 0).then(tokio::time::Instant::now);
     let mut after = Utc::now();
     // Checked at start (an upgrade may have completed while the daemon was down), then every
     // UPGRADE_POLL while idle.
@@ -244,7 +244,7 @@ async fn serve(
                 state.next_start = next_start;
             });
         }
-        let (pending_sets, _) = crate::delivery::pending(&staging);
+        let (pending_sets, _) = crate::staging::sets::pending(&staging);
         let idle = idle_status(&settings, slot, pending_sets, rejected.as_deref());
         notify::status(&idle);
         crate::metrics::refresh(&settings);
@@ -336,7 +336,7 @@ async fn serve(
                     tracing::error!(error = %crate::error::one_line(&e), "cannot import platform backup sets");
                 }
                 // Sets still owed to a target are retried by the delivery timer.
-                if crate::delivery::pending(&settings.snapshot.staging_dir).0 > 0 && next_delivery.is_none() {
+                if crate::staging::sets::pending(&settings.snapshot.staging_dir).0 > 0 && next_delivery.is_none() {
                     next_delivery = Some(tokio::time::Instant::now() + delivery_backoff);
                 }
                 if stop.is_cancelled() {
@@ -427,18 +427,21 @@ async fn serve(
             (Trigger::Schedule, Some(slot)) => schedule.as_ref().and_then(|s| s.next_slot(slot.at, &seed)),
             _ => slot,
         };
-        let outcome = run::run_once(
-            &settings,
+        let request = run::Request {
             trigger,
-            None,
-            &run,
-            settings.election.enabled,
-            false,
-            WAIT_FOR_HOLDER,
-            following.map(|n| yield_before(n.start)),
-            &stop,
-        )
-        .await;
+            run: run.clone(),
+            target: None,
+            mode: if settings.election.enabled {
+                run::Mode::Elected {
+                    wait_max: WAIT_FOR_HOLDER,
+                }
+            } else {
+                run::Mode::Alone
+            },
+            force: run::pipeline::Force::No,
+            deliver_by: following.map(|n| yield_before(n.start)),
+        };
+        let outcome = run::run_once(&settings, &request, &stop).await;
         log_outcome(&run, &outcome, t0);
         if trigger == Trigger::AfterUpgrade && !matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_))) {
             // A skipped or failed after-upgrade backup is tried again, but not every 30 s.
@@ -465,7 +468,7 @@ async fn serve(
         // the timer, starting again from the shortest interval.
         delivery_backoff = settings.delivery.retry_interval.0;
         next_delivery =
-            (crate::delivery::pending(&staging).0 > 0).then(|| tokio::time::Instant::now() + delivery_backoff);
+            (crate::staging::sets::pending(&staging).0 > 0).then(|| tokio::time::Instant::now() + delivery_backoff);
         if trigger == Trigger::Schedule
             && let Some(slot) = slot
         {

@@ -166,7 +166,7 @@ async fn publish(settings: &Settings, member: &mut Option<crate::etcd::Member>) 
     let beat = of_state(
         settings,
         &State::load(staging),
-        crate::delivery::pending(staging).0 as u64,
+        crate::staging::sets::pending(staging).0 as u64,
     );
     m.put(
         &key(&settings.election.prefix, &settings.node_name),

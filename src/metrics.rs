@@ -141,7 +141,7 @@ fn write_families(out: &mut Families, staging: &Path) -> fmt::Result {
             last.bytes.unwrap_or(0),
         )?;
     }
-    let (pending, pending_bytes) = crate::delivery::pending(staging);
+    let (pending, pending_bytes) = crate::staging::sets::pending(staging);
     out.gauge(
         "etcd_backupd_pending_sets",
         "Verified sets in staging waiting for a target.",

@@ -35,20 +35,26 @@ pub(super) async fn run(settings: &Settings, asked: Asked) -> Result<()> {
         settings.node_name,
         crate::manifest::timestamp(chrono::Utc::now())
     );
-    let elect = settings.election.enabled && !asked.no_election;
+    let request = run::Request {
+        trigger: Trigger::Manual,
+        run: run.clone(),
+        target: asked.target.clone(),
+        mode: if settings.election.enabled && !asked.no_election {
+            run::Mode::Elected {
+                wait_max: std::time::Duration::ZERO,
+            }
+        } else {
+            run::Mode::Alone
+        },
+        force: if asked.force {
+            run::pipeline::Force::Yes
+        } else {
+            run::pipeline::Force::No
+        },
+        deliver_by: None,
+    };
     let (started, t0) = (chrono::Utc::now(), std::time::Instant::now());
-    let outcome = run::run_once(
-        settings,
-        Trigger::Manual,
-        asked.target.clone(),
-        &run,
-        elect,
-        asked.force,
-        std::time::Duration::ZERO,
-        None,
-        &cancel,
-    )
-    .await;
+    let outcome = run::run_once(settings, &request, &cancel).await;
     run::remember(
         &settings.snapshot.staging_dir,
         run::record(Trigger::Manual, &run, started, t0, &outcome),

@@ -62,7 +62,7 @@ pub(super) async fn status(settings: &Settings, json: bool, cluster: bool) -> Re
     let state = State::load(staging);
     let schedule = crate::daemon::schedule_of(settings).map_err(|e| Stop::Usage(e.to_string()))?;
     let etcd = from_etcd(settings).await;
-    let staged = crate::delivery::scan(staging);
+    let staged = crate::staging::sets::scan(staging);
     let pending_sets = staged.iter().filter(|s| !s.pending.is_empty()).count();
     let daemon_alive = state.daemon.as_ref().is_some_and(|d| heartbeat::daemon_alive(d, now));
     let others = etcd
@@ -183,7 +183,7 @@ struct View<'a> {
     etcd: &'a FromEtcd,
     verdict: &'a Verdict,
     next: &'a Next,
-    staged: &'a [crate::delivery::Staged],
+    staged: &'a [crate::staging::sets::Staged],
     daemon_alive: bool,
     now: chrono::DateTime<Utc>,
 }
@@ -332,7 +332,7 @@ fn print_details(
     settings: &Settings,
     state: &State,
     etcd: &FromEtcd,
-    staged: &[crate::delivery::Staged],
+    staged: &[crate::staging::sets::Staged],
     tz: chrono_tz::Tz,
     now: chrono::DateTime<Utc>,
 ) -> Result<()> {

@@ -195,18 +195,23 @@ fn remember(settings: &Settings, key: &str) {
 }
 
 /// Copies and verifies one platform set into `sets/<ts>/`, owed to every target.
-async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdInfo) -> Result<()> {
-    let staging = &settings.snapshot.staging_dir;
+async fn stage(
+    settings: &Settings,
+    staging: &crate::staging::Locked,
+    ctx: &RunContext,
+    found: &Found,
+    etcd: EtcdInfo,
+) -> Result<()> {
     // Checked by `platform_set::read`: `%F_%H%M%S`.
     let id = found.ts.clone();
-    let sets_root = crate::staging::sets_dir(staging);
     // Reported once, as a refusal: it would not change by polling again.
-    if sets_root.join(&id).exists() {
+    if staging.holds(&id) {
         bail!(Unusable(format!("a set with id {id} is already in staging")));
     }
-    let work = crate::staging::tmp_dir(staging).join(format!("import-{id}-{:08x}", rand::random::<u32>()));
-    fsutil::create_private_dir(&work)?;
-    let result = async {
+    let work = staging.begin(&format!("import-{id}"))?;
+    let work_dir = work.dir().to_path_buf();
+    let m = {
+        let work = work_dir.as_path();
         let mut files = Vec::new();
         for name in &found.files {
             let (from, to) = (found.dir.join(name), work.join(name));
@@ -231,11 +236,11 @@ async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdI
         }
         // Read from the platform's archive, before it is sealed.
         let restore = {
-            let (dir, plain) = (work.clone(), files.clone());
+            let (dir, plain) = (work.to_path_buf(), files.clone());
             tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
         };
         // Compressed and encrypted as our own sets are: an imported set holds every Secret.
-        let files = crate::run::pipeline::seal_files(&ctx.seal, &work, files).await?;
+        let files = crate::run::pipeline::seal_files(&ctx.seal, work, files).await?;
         let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());
@@ -264,20 +269,13 @@ async fn stage(settings: &Settings, ctx: &RunContext, found: &Found, etcd: EtcdI
             restore,
         };
         // Signed as our own sets are ([signing]).
-        crate::trust::signing::write_set_files(ctx.signer.as_ref(), &work, &m)?;
-        let names: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
-        delivery::mark(&work, &names)?;
-        fsutil::fsync_dir(&work)?;
-        fsutil::rename_noreplace(&work, &sets_root.join(&id))
-            .with_context(|| format!("cannot move the set into '{}'", sets_root.join(&id).display()))?;
-        crate::staging::state::note_newest_set(staging, &m);
-        Ok(())
-    }
-    .await;
-    if result.is_err() {
-        fsutil::remove_dir_quietly(&work);
-    }
-    result
+        crate::trust::signing::write_set_files(ctx.signer.as_ref(), work, &m)?;
+        m
+    };
+    let names: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
+    staging.commit(work, &id, &names)?;
+    crate::staging::state::note_newest_set(staging.root(), &m);
+    Ok(())
 }
 
 /// Imports every new platform set, then runs a delivery pass. Returns how many were staged.
@@ -293,11 +291,7 @@ pub async fn run(
     if found.is_empty() {
         return Ok(0);
     }
-    let staging = &settings.snapshot.staging_dir;
-    crate::staging::prepare_staging(staging)?;
-    fsutil::create_private_dir(&crate::staging::tmp_dir(staging))?;
-    fsutil::create_private_dir(&crate::staging::sets_dir(staging))?;
-    let Some(lock) = fsutil::try_lock(&crate::staging::lock_file(staging))? else {
+    let Some(staging) = crate::staging::try_lock(&settings.snapshot.staging_dir)? else {
         return Ok(0); // a backup runs; the next poll imports
     };
     // The member's identity for the manifest, when etcd answers; the revision is unknown.
@@ -330,7 +324,7 @@ pub async fn run(
     let ctx = RunContext::for_cluster(settings, cluster.to_string())?;
     let mut staged = 0;
     for f in &found {
-        match stage(settings, &ctx, f, etcd.clone()).await {
+        match stage(settings, &staging, &ctx, f, etcd.clone()).await {
             Ok(()) => {
                 tracing::info!(path = %f.dir.display(), backup_id = %f.ts, "imported a platform backup set; delivering it");
                 staged += 1;
@@ -348,7 +342,7 @@ pub async fn run(
         }
         remember(settings, &f.key);
     }
-    drop(lock);
+    drop(staging);
     if staged > 0 {
         let retried = delivery::retry(settings, abort, deliver_by).await?;
         tracing::info!(

@@ -14,7 +14,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::etcd::election::{Claim, Election, RunRecord};
+use crate::etcd::election::{Claim, Election, Held, RunRecord};
 use crate::manifest::Trigger;
 use crate::outcome::RunResult;
 use crate::outcome::{Skip, SkipKind};
@@ -40,199 +40,294 @@ fn staging_free(staging: &Path) -> Result<u64> {
     fsutil::free_space(p)
 }
 
-/// Runs `run` once. `wait_max` bounds how long this node waits for another holder of the run
-/// lock (zero: give up at once, as a manual `backup` does). `cancel` stops the run (SIGTERM).
-/// With `force` (`backup --force`), the cluster-state guards (cluster age, upgrade,
-/// operators) are overridden and named in the manifest; etcd's health, its alarms and free
-/// space still decide.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_once(
-    settings: &Settings,
-    trigger: Trigger,
-    target: Option<String>,
-    run: &str,
-    elect: bool,
-    force: bool,
-    wait_max: Duration,
-    deliver_by: Option<tokio::time::Instant>,
-    cancel: &CancellationToken,
-) -> Result<Outcome> {
-    let (mut member, status) = match etcd::connect_first(&settings.etcd).await {
-        Ok(c) => c,
-        // In an elected run a node whose member is down steps aside: it cannot take a
-        // snapshot, and the other nodes (whose members answer) take the run. A manual
-        // `--no-election` run fails instead: the operator asked for this node, and so does a
-        // manual `backup` (the admin at this node's console learns that its member is down,
-        // exit 1, rather than that "another node" takes a run no other node was asked for).
-        // Only a member that is unreachable or silent is a skip; TLS, auth and usage errors
-        // (the same on every node) fail the run.
-        Err(e) if elect && trigger != Trigger::Manual && e.is::<etcd::MemberDown>() => {
-            return Ok(Outcome::Skipped(Skip::new(
-                SkipKind::Member,
-                format!(
-                    "this node's etcd member does not answer; another node takes the run ({})",
-                    crate::error::one_line(&e)
-                ),
-            )));
-        }
-        Err(e) => return Err(e),
+/// How a run competes with the other nodes' runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Through the election: one node takes the run. `wait_max` bounds how long this node
+    /// waits for another holder of the lock (zero: give up at once, as a manual `backup`).
+    Elected { wait_max: Duration },
+    /// This node alone (`election.enabled = false`, `backup --no-election`).
+    Alone,
+}
+
+/// What was asked of a run.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub trigger: Trigger,
+    /// The run's name: its election key, recorded in the set's manifest.
+    pub run: String,
+    /// Store on this target only (`backup --target`).
+    pub target: Option<String>,
+    pub mode: Mode,
+    /// `backup --force`: the cluster-state guards (cluster age, upgrade, operators) are
+    /// overridden and named in the manifest; etcd's health, its alarms and free space still
+    /// decide.
+    pub force: Force,
+    /// When the run's delivery pass yields (see [`BackupOptions::deliver_by`]).
+    pub deliver_by: Option<tokio::time::Instant>,
+}
+
+/// The error of a run stopped by SIGTERM mid-backup.
+const STOPPED: &str = "stopped while backing up; the incomplete set stays hidden and is removed by the next run";
+/// The error of a run whose election lock may be lost.
+const LOCK_LOST: &str = "the election lock may be lost mid-run; another node takes this run over";
+
+/// Runs `req` once: guards, then the election (or not), then the backup while the lock is
+/// held, then the record. `cancel` stops the run (SIGTERM).
+pub async fn run_once(settings: &Settings, req: &Request, cancel: &CancellationToken) -> Result<Outcome> {
+    let mut run = match Run::connect(settings, req).await? {
+        Ok(run) => run,
+        Err(skip) => return Ok(Outcome::Skipped(skip)),
     };
-    let mut election = Election::of(member.client.clone(), settings);
     // A run another node finished needs no guard check (nor a skip record).
-    if elect && let Some(rec) = election.done(run).await? {
+    if run.elected()
+        && let Some(rec) = run.election.done(&req.run).await?
+    {
         return Ok(Outcome::Elsewhere(rec));
     }
-    let forced = match check_guards(settings, &mut member, &status, force).await? {
+    let forced = match run.guards().await? {
         Verdict::Skip(reason) => return Ok(Outcome::Skipped(reason)),
         Verdict::Go { forced } => forced,
     };
     for reason in &forced {
         tracing::warn!(reason = %reason, "backing up despite a guard (--force)");
     }
-    if !elect {
-        let abort = cancel.child_token();
-        let opts = BackupOptions {
-            trigger,
-            run: None,
-            lease: None,
-            target,
-            forced,
-            force: if force { Force::Yes } else { Force::No },
-            deliver_by,
-            abort: abort.clone(),
+    match req.mode {
+        Mode::Alone => run.alone(forced, cancel).await,
+        Mode::Elected { wait_max } => run.contended(forced, wait_max, cancel).await,
+    }
+}
+
+/// One run, once connected to this node's member.
+struct Run<'a> {
+    settings: &'a Settings,
+    req: &'a Request,
+    member: etcd::Member,
+    status: etcd::MemberStatus,
+    election: Election,
+}
+
+impl<'a> Run<'a> {
+    /// Connects to this node's member; `Err(skip)` when it is down and the run is elected.
+    async fn connect(settings: &'a Settings, req: &'a Request) -> Result<std::result::Result<Run<'a>, Skip>> {
+        let (member, status) = match etcd::connect_first(&settings.etcd).await {
+            Ok(c) => c,
+            // In an elected run a node whose member is down steps aside: it cannot take a
+            // snapshot, and the other nodes (whose members answer) take the run. A manual
+            // `--no-election` run fails instead: the operator asked for this node, and so
+            // does a manual `backup` (the admin at this node's console learns that its member
+            // is down, exit 1, rather than that "another node" takes a run no other node was
+            // asked for). Only a member that is unreachable or silent is a skip; TLS, auth
+            // and usage errors (the same on every node) fail the run.
+            Err(e)
+                if matches!(req.mode, Mode::Elected { .. })
+                    && req.trigger != Trigger::Manual
+                    && e.is::<etcd::MemberDown>() =>
+            {
+                return Ok(Err(Skip::new(
+                    SkipKind::Member,
+                    format!(
+                        "this node's etcd member does not answer; another node takes the run ({})",
+                        crate::error::one_line(&e)
+                    ),
+                )));
+            }
+            Err(e) => return Err(e),
         };
-        return tokio::select! {
-            r = pipeline::run_backup(settings, &opts, &mut member) => r.map(|r| Outcome::Ran(Box::new(r))),
+        let election = Election::of(member.client.clone(), settings);
+        Ok(Ok(Run {
+            settings,
+            req,
+            member,
+            status,
+            election,
+        }))
+    }
+
+    fn elected(&self) -> bool {
+        matches!(self.req.mode, Mode::Elected { .. })
+    }
+
+    async fn guards(&mut self) -> Result<Verdict> {
+        check_guards(self.settings, &mut self.member, &self.status, self.req.force).await
+    }
+
+    /// The pipeline's options for this run; `held` is the lock of an elected run.
+    fn options(&self, forced: Vec<String>, held: Option<&Held>, abort: CancellationToken) -> BackupOptions {
+        BackupOptions {
+            trigger: self.req.trigger,
+            run: held.map(|_| self.req.run.clone()),
+            lease: held.map(Held::lease),
+            target: self.req.target.clone(),
+            forced,
+            force: self.req.force,
+            deliver_by: self.req.deliver_by,
+            abort,
+        }
+    }
+
+    /// A run of this node alone: the backup, stopped by `cancel`.
+    async fn alone(mut self, forced: Vec<String>, cancel: &CancellationToken) -> Result<Outcome> {
+        let abort = cancel.child_token();
+        let opts = self.options(forced, None, abort.clone());
+        tokio::select! {
+            r = pipeline::run_backup(self.settings, &opts, &mut self.member) => r.map(|r| Outcome::Ran(Box::new(r))),
             _ = cancel.cancelled() => {
                 abort.cancel();
-                Err(anyhow!("stopped while backing up; the incomplete set stays hidden and is removed by the next run"))
+                Err(anyhow!(STOPPED))
             }
-        };
+        }
     }
-    let waited = Instant::now();
-    let held = match election.contend(run, &status, wait_max, cancel).await? {
-        Claim::Won(held) => held,
-        Claim::Done(rec) => return Ok(Outcome::Elsewhere(rec)),
-        Claim::Skip(reason) => return Ok(Outcome::Skipped(reason)),
-    };
-    let record = |result: String, id: Option<String>| RunRecord {
-        run: run.to_string(),
-        node: settings.node_name.clone(),
-        id,
-        result,
-        finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        stored: Vec::new(),
-        missing: Vec::new(),
-    };
-    // After a long wait (a dead runner), the cluster may have changed: look again.
-    if waited.elapsed() > settings.election.lease_ttl.0 {
-        let recheck = async {
-            let (mut m, st) = etcd::connect_first(&settings.etcd).await?;
-            check_guards(settings, &mut m, &st, force).await
+
+    /// An elected run: the lock won (or the run found done or skipped), a second look at
+    /// the guards after a long wait, the backup while the lock is held, then the record.
+    async fn contended(
+        mut self,
+        forced: Vec<String>,
+        wait_max: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome> {
+        let (settings, run) = (self.settings, self.req.run.as_str());
+        let waited = Instant::now();
+        let held = match self.election.contend(run, &self.status, wait_max, cancel).await? {
+            Claim::Won(held) => held,
+            Claim::Done(rec) => return Ok(Outcome::Elsewhere(rec)),
+            Claim::Skip(reason) => return Ok(Outcome::Skipped(reason)),
         };
-        if let Ok(Verdict::Skip(reason)) = recheck.await {
-            if let Err(e) = election
-                .finish(held, &record(format!("skipped: {}", reason.reason), None))
-                .await
-            {
+        // After a long wait (a dead runner), the cluster may have changed: look again.
+        if waited.elapsed() > settings.election.lease_ttl.0
+            && let Some(reason) = self.recheck().await
+        {
+            let rec = self.record(RunResult::Skipped, Some(reason.reason.clone()), None);
+            if let Err(e) = self.election.finish(held, &rec).await {
                 tracing::warn!(error = %crate::error::one_line(&e), "cannot record the skipped run");
             }
             return Ok(Outcome::Skipped(reason));
         }
-    }
-    // The pipeline stops publishing as soon as the lock may be lost or the run is stopped.
-    let abort = CancellationToken::new();
-    let (lost, stop) = (held.lost.clone(), cancel.clone());
-    let watcher = {
-        let abort = abort.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = lost.cancelled() => {}
-                _ = stop.cancelled() => {}
-            }
-            abort.cancel();
-        })
-    };
-    // A runner that lost its lock after storing its set, before recording the run, noted
-    // which set it was publishing: if that set is on a target, it is this run's backup.
-    let cluster = settings.cluster_folder(status.cluster_id);
-    if let Some(rec) = already_published(settings, &mut election, run, &cluster).await {
-        let id = rec.id.clone();
-        tracing::info!(run = %run, node = %rec.node, backup_id = ?id, "the run's set was stored by a runner that could not record it; recording it");
-        let done = RunRecord {
-            result: RunResult::Ok.as_str().into(),
-            finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            ..rec
-        };
-        if let Err(e) = election.finish(held, &done).await {
-            tracing::warn!(error = %crate::error::one_line(&e), "cannot record the run");
-        }
-        return Ok(Outcome::Elsewhere(done));
-    }
-    let opts = BackupOptions {
-        trigger,
-        run: Some(run.to_string()),
-        lease: Some(held.lease()),
-        target,
-        forced,
-        force: if force { Force::Yes } else { Force::No },
-        deliver_by,
-        abort: abort.clone(),
-    };
-    let result = tokio::select! {
-        r = pipeline::run_backup(settings, &opts, &mut member) => r,
-        _ = abort.cancelled() => Err(if held.lost.is_cancelled() {
-            anyhow!("the election lock may be lost mid-run; another node takes this run over")
-        } else {
-            anyhow!("stopped while backing up; the incomplete set stays hidden and is removed by the next run")
-        }),
-    };
-    watcher.abort();
-    let lost = held.lost.clone();
-    match result {
-        // The lock may have been lost as the run ended, before its set reached every target:
-        // the set then waits for no one, and the run is left to another node, not recorded
-        // as failed (which would keep everyone from taking it over).
-        Ok(report) if lost.is_cancelled() && !report.all_stored() => {
-            election.release(held).await;
-            crate::delivery::abandon_run(&settings.snapshot.staging_dir, run);
-            Err(anyhow!(
-                "the election lock may be lost mid-run; another node takes this run over"
-            ))
-        }
-        Ok(report) => {
-            // What happened to the set: on every target (ok), on some (partial, naming
-            // them), or on none yet (pending: it waits in staging). Never "failed": a set
-            // exists. A later delivery settles the marker (see `Election::settle_all`).
-            let (stored, missing) = report.stored_and_missing();
-            let result = report.result();
-            let rec = RunRecord {
-                stored: if result == RunResult::Partial {
-                    stored
-                } else {
-                    Vec::new()
-                },
-                missing,
-                ..record(result.as_str().into(), Some(report.manifest.id.clone()))
+        // A runner that lost its lock after storing its set, before recording the run, noted
+        // which set it was publishing: if that set is on a target, it is this run's backup.
+        let cluster = settings.cluster_folder(self.status.cluster_id);
+        if let Some(rec) = already_published(settings, &mut self.election, run, &cluster).await {
+            tracing::info!(run = %run, node = %rec.node, backup_id = ?rec.id, "the run's set was stored by a runner that could not record it; recording it");
+            let done = RunRecord {
+                result: RunResult::Ok.as_str().into(),
+                finished: now(),
+                ..rec
             };
-            if let Err(e) = election.finish(held, &rec).await {
-                tracing::error!(error = %crate::error::one_line(&e), "cannot record the run in etcd");
+            if let Err(e) = self.election.finish(held, &done).await {
+                tracing::warn!(error = %crate::error::one_line(&e), "cannot record the run");
             }
-            election.settle_all(&report.settled, Some(run)).await;
-            Ok(Outcome::Ran(Box::new(report)))
+            return Ok(Outcome::Elsewhere(done));
         }
-        Err(e) => {
-            // The lock goes at once, so another node can take the run over without waiting
-            // for the lease to expire. If the lock may be lost, a set this run staged is not
-            // delivered by this node: the node that takes the run over stores its own.
-            let lost = held.lost.is_cancelled();
-            election.release(held).await;
-            if lost {
-                crate::delivery::abandon_run(&settings.snapshot.staging_dir, run);
-            }
-            Err(e)
+        let result = self.backup_held(forced, &held, cancel).await;
+        self.finish(held, result).await
+    }
+
+    /// The guards again, on a fresh connection; `Some` when they now refuse.
+    async fn recheck(&self) -> Option<Skip> {
+        let (mut m, st) = etcd::connect_first(&self.settings.etcd).await.ok()?;
+        match check_guards(self.settings, &mut m, &st, self.req.force).await {
+            Ok(Verdict::Skip(reason)) => Some(reason),
+            _ => None,
         }
     }
+
+    /// The backup while `held`: it stops publishing as soon as the lock may be lost or the
+    /// run is stopped.
+    async fn backup_held(
+        &mut self,
+        forced: Vec<String>,
+        held: &Held,
+        cancel: &CancellationToken,
+    ) -> Result<BackupReport> {
+        let abort = CancellationToken::new();
+        let watcher = {
+            let (abort, lost, stop) = (abort.clone(), held.lost.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = lost.cancelled() => {}
+                    _ = stop.cancelled() => {}
+                }
+                abort.cancel();
+            })
+        };
+        let opts = self.options(forced, Some(held), abort.clone());
+        let result = tokio::select! {
+            r = pipeline::run_backup(self.settings, &opts, &mut self.member) => r,
+            _ = abort.cancelled() => Err(anyhow!(if held.lost.is_cancelled() { LOCK_LOST } else { STOPPED })),
+        };
+        watcher.abort();
+        result
+    }
+
+    /// Records an elected run's result and lets the lock go.
+    async fn finish(mut self, held: Held, result: Result<BackupReport>) -> Result<Outcome> {
+        let (staging, run) = (&self.settings.snapshot.staging_dir, self.req.run.as_str());
+        let lost = held.lost.is_cancelled();
+        match result {
+            // The lock may have been lost as the run ended, before its set reached every
+            // target: the set then waits for no one, and the run is left to another node,
+            // not recorded as failed (which would keep everyone from taking it over).
+            Ok(report) if lost && !report.all_stored() => {
+                self.election.release(held).await;
+                crate::staging::sets::abandon_run(staging, run);
+                Err(anyhow!(LOCK_LOST))
+            }
+            Ok(report) => {
+                // What happened to the set: on every target (ok), on some (partial, naming
+                // them), or on none yet (pending: it waits in staging). Never "failed": a set
+                // exists. A later delivery settles the marker (see `Election::settle_all`).
+                let (stored, missing) = report.stored_and_missing();
+                let result = report.result();
+                let rec = RunRecord {
+                    stored: if result == RunResult::Partial {
+                        stored
+                    } else {
+                        Vec::new()
+                    },
+                    missing,
+                    ..self.record(result, None, Some(report.manifest.id.clone()))
+                };
+                if let Err(e) = self.election.finish(held, &rec).await {
+                    tracing::error!(error = %crate::error::one_line(&e), "cannot record the run in etcd");
+                }
+                self.election.settle_all(&report.settled, Some(run)).await;
+                Ok(Outcome::Ran(Box::new(report)))
+            }
+            Err(e) => {
+                // The lock goes at once, so another node can take the run over without
+                // waiting for the lease to expire. If the lock may be lost, a set this run
+                // staged is not delivered by this node: the node that takes the run over
+                // stores its own.
+                self.election.release(held).await;
+                if lost {
+                    crate::staging::sets::abandon_run(staging, run);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// This run's record in etcd, with `result` (and a skip's `reason`).
+    fn record(&self, result: RunResult, reason: Option<String>, id: Option<String>) -> RunRecord {
+        let result = match reason {
+            Some(reason) => format!("{}: {reason}", result.as_str()),
+            None => result.as_str().to_string(),
+        };
+        RunRecord {
+            run: self.req.run.clone(),
+            node: self.settings.node_name.clone(),
+            id,
+            result,
+            finished: now(),
+            stored: Vec::new(),
+            missing: Vec::new(),
+        }
+    }
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// The set another runner noted it was publishing for `run`, if a target holds it.
@@ -276,15 +371,17 @@ async fn check_guards(
     settings: &Settings,
     member: &mut etcd::Member,
     status: &etcd::MemberStatus,
-    force: bool,
+    force: Force,
 ) -> Result<Verdict> {
     let facts = guards::gather(member).await?;
     // Staged sets must never be what stops the next backup: the space they hold counts as
-    // free here; the runner drops them (see `delivery::make_room`) only once it has won.
+    // free here; the runner drops them (see `crate::staging::sets::make_room`) only once it has won.
     let staging = &settings.snapshot.staging_dir;
-    let free = staging_free(staging)? + crate::delivery::staged_bytes(staging);
+    let free = staging_free(staging)? + crate::staging::sets::staged_bytes(staging);
     let refused = guards::check_all(settings, &facts, status, free, Utc::now());
-    let (may, must): (Vec<_>, Vec<_>) = refused.into_iter().partition(|r| force && r.guard.overridable());
+    let (may, must): (Vec<_>, Vec<_>) = refused
+        .into_iter()
+        .partition(|r| force == Force::Yes && r.guard.overridable());
     Ok(match must.into_iter().next() {
         Some(r) => Verdict::Skip(r.skip()),
         None => Verdict::Go {

@@ -13,11 +13,11 @@
 //! `tmp/<id>-<random>/` (leftovers are removed at the next run) and committed by one rename
 //! to `sets/<id>/`, where it waits for (or is done with) delivery.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chrono::Utc;
 
 use crate::config::{Settings, SnapshotMethod};
@@ -32,7 +32,7 @@ use crate::outcome::{Skip, SkipKind};
 use crate::run::context::RunContext;
 use crate::source::snapshot;
 use crate::source::static_resources;
-use crate::staging::prepare_staging;
+use crate::staging::{Locked, Work, sets};
 use crate::targets::{self, Draft, Sent, Target};
 
 #[derive(Debug, Clone)]
@@ -143,13 +143,134 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
         .collect())
 }
 
-/// Removes the half-assembled sets an interrupted run of this node left in staging.
-fn clean_staging_leftovers(dirs: &[&Path]) {
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        for entry in entries.flatten() {
-            tracing::info!(path = %entry.path().display(), "removing a leftover from an interrupted run");
-            fsutil::remove_dir_quietly(&entry.path());
+/// What the targets' preflight found: those that cannot take a set (with why), and those
+/// that did not answer in time (they get the set after the snapshot, from staging).
+struct Preflight {
+    unusable: BTreeMap<String, String>,
+    late: BTreeSet<String>,
+}
+
+impl Preflight {
+    /// Checks the targets side by side, each for a short while only ([`preflight_deadline`]),
+    /// one attempt each (no retry budget): an answer worth retrying ("not now", a 503)
+    /// makes the target late, not unusable; only a permanent answer rules it out.
+    async fn check(settings: &Settings, targets: &[Selected]) -> Preflight {
+        let checks = targets.iter().map(|sel| async move {
+            let t = match &sel.target {
+                Ok(t) => t,
+                Err(e) => return Some(Err(e.clone())),
+            };
+            let probe = crate::targets::retry::retries_until(Some(tokio::time::Instant::now()), t.preflight());
+            match tokio::time::timeout(preflight_deadline(settings, &sel.name), probe).await {
+                Err(_) => None,
+                Ok(Ok(())) => Some(Ok(())),
+                Ok(Err(e)) if is_transient(&e) => {
+                    tracing::warn!(target_name = %sel.name, error = %crate::error::one_line(&e), "target not ready now");
+                    None
+                }
+                Ok(Err(e)) => Some(Err(crate::error::one_line(&e))),
+            }
+        });
+        let mut found = Preflight {
+            unusable: BTreeMap::new(),
+            late: BTreeSet::new(),
+        };
+        for (sel, check) in targets.iter().zip(futures_util::future::join_all(checks).await) {
+            match check {
+                Some(Err(e)) => {
+                    tracing::error!(target_name = %sel.name, error = %e, "target cannot take a backup set");
+                    found.unusable.insert(sel.name.clone(), e);
+                }
+                Some(Ok(())) => {}
+                None => {
+                    tracing::warn!(
+                        target_name = %sel.name,
+                        "the target was not ready within {}; the set is stored on it after the snapshot",
+                        humantime::format_duration(preflight_deadline(settings, &sel.name))
+                    );
+                    found.late.insert(sel.name.clone());
+                }
+            }
+        }
+        if found.unusable.len() == targets.len() {
+            // The snapshot is still taken: it waits in staging and is delivered once a
+            // target is back (see `delivery`).
+            tracing::error!("no target can take a backup set now; the set will wait in staging");
+        }
+        found
+    }
+
+    /// The run's targets by name: opened, or why each cannot be used.
+    fn open(&self, targets: Vec<Selected>) -> Opened {
+        let mut opened = BTreeMap::new();
+        for sel in targets {
+            let usable = match (sel.target, self.unusable.get(&sel.name)) {
+                (Ok(t), None) => Ok(t),
+                (Err(e), _) => Err(e),
+                (Ok(_), Some(e)) => Err(e.clone()),
+            };
+            opened.insert(sel.name, usable);
+        }
+        opened
+    }
+}
+
+/// Takes staging's lock for the run: another backup of this node holding it skips this one.
+fn lock_staging(settings: &Settings) -> Result<Locked> {
+    let staging = &settings.snapshot.staging_dir;
+    crate::staging::try_lock(staging)?.ok_or_else(|| {
+        Stop::Skipped(Skip::new(
+            SkipKind::Busy,
+            format!(
+                "another backup is running on this node (it holds '{}')",
+                crate::staging::lock_file(staging).display()
+            ),
+        ))
+        .into()
+    })
+}
+
+/// Reserves the set's id: ids have one-second resolution and name the set on every target,
+/// so a second already used by a set staged here (a run killed a moment ago), or reserved
+/// in etcd by another node's run of another slot (or a manual backup), makes this run wait
+/// for the next second and take that one.
+async fn reserve_id(
+    settings: &Settings,
+    member: &mut etcd::Member,
+    cluster: &str,
+    staging: &Locked,
+) -> Result<chrono::DateTime<Utc>> {
+    let started = Instant::now();
+    loop {
+        let created = Utc::now();
+        let id = manifest::timestamp(created);
+        if !staging.holds(&id) {
+            let key = format!("{}/ids/{cluster}/{id}", settings.election.prefix);
+            match member.reserve(&key, &settings.node_name, 3600).await {
+                Ok(true) => return Ok(created),
+                Ok(false) => {
+                    tracing::info!(backup_id = %id, "another node's run took this second's id; waiting for the next")
+                }
+                // Without the reservation two nodes could store different sets under one id
+                // (the later one then never delivered): try again, within the request
+                // timeout, then give the run up.
+                Err(e) if started.elapsed() < settings.etcd.request_timeout.0 => {
+                    tracing::warn!(error = %crate::error::one_line(&e), "cannot reserve the set id in etcd yet; retrying");
+                }
+                Err(e) => return Err(e.context("cannot reserve the set id in etcd")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The ClusterVersion for the manifest; a failure to read it is logged, not fatal.
+async fn openshift_of(member: &mut etcd::Member) -> Option<etcd::ClusterVersion> {
+    match member.cluster_version().await {
+        Ok(cv) => cv,
+        Err(e) => {
+            tracing::warn!(error = %crate::error::one_line(&e), "cannot read the ClusterVersion; the manifest will not record the OpenShift version");
+            None
         }
     }
 }
@@ -161,73 +282,10 @@ fn clean_staging_leftovers(dirs: &[&Path]) {
 pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut etcd::Member) -> Result<BackupReport> {
     let started = Instant::now();
     let targets = selected_targets(settings, opts.target.as_deref())?;
-
-    let staging = &settings.snapshot.staging_dir;
-    prepare_staging(staging)?;
-    let tmp_root = crate::staging::tmp_dir(staging);
-    let sets_root = crate::staging::sets_dir(staging);
-    fsutil::create_private_dir(&tmp_root).context("snapshot.staging_dir")?;
-    fsutil::create_private_dir(&sets_root).context("snapshot.staging_dir")?;
-    // One run at a time per node: staging's tmp/ is cleaned below, which would pull files
-    // from under a concurrent run.
-    let lock_file = crate::staging::lock_file(staging);
-    let _lock = fsutil::try_lock(&lock_file)?.ok_or_else(|| {
-        Stop::Skipped(Skip::new(
-            SkipKind::Busy,
-            format!(
-                "another backup is running on this node (it holds '{}')",
-                lock_file.display()
-            ),
-        ))
-    })?;
-    clean_staging_leftovers(&[&tmp_root]);
+    let staging = lock_staging(settings)?;
+    staging.clean_tmp();
     // Targets that cannot take a set are known before a snapshot is taken; the others go on.
-    // Checked side by side, each for a short while only (`preflight_deadline`): a target
-    // still retrying then gets the set after the snapshot, from staging.
-    // One attempt each (no retry budget): an answer that is worth retrying ("not now", a
-    // 503) makes the target late, not unusable; only a permanent answer rules it out.
-    let checks = targets.iter().map(|sel| async move {
-        let t = match &sel.target {
-            Ok(t) => t,
-            Err(e) => return Some(Err(e.clone())),
-        };
-        // A retry deadline of now: one attempt per request, never a retry.
-        let probe = crate::targets::retry::retries_until(Some(tokio::time::Instant::now()), t.preflight());
-        match tokio::time::timeout(preflight_deadline(settings, &sel.name), probe).await {
-            Err(_) => None,
-            Ok(Ok(())) => Some(Ok(())),
-            Ok(Err(e)) if is_transient(&e) => {
-                tracing::warn!(target_name = %sel.name, error = %crate::error::one_line(&e), "target not ready now");
-                None
-            }
-            Ok(Err(e)) => Some(Err(crate::error::one_line(&e))),
-        }
-    });
-    let mut unusable: Vec<Option<String>> = Vec::new();
-    let mut late = std::collections::BTreeSet::new();
-    for (sel, check) in targets.iter().zip(futures_util::future::join_all(checks).await) {
-        match check {
-            Some(Err(e)) => {
-                tracing::error!(target_name = %sel.name, error = %e, "target cannot take a backup set");
-                unusable.push(Some(e));
-            }
-            Some(Ok(())) => unusable.push(None),
-            None => {
-                tracing::warn!(
-                    target_name = %sel.name,
-                    "the target was not ready within {}; the set is stored on it after the snapshot",
-                    humantime::format_duration(preflight_deadline(settings, &sel.name))
-                );
-                late.insert(sel.name.clone());
-                unusable.push(None);
-            }
-        }
-    }
-    if unusable.iter().all(Option::is_some) {
-        // The snapshot is still taken: it waits in staging and is delivered once a target
-        // is back (see `delivery`).
-        tracing::error!("no target can take a backup set now; the set will wait in staging");
-    }
+    let preflight = Preflight::check(settings, &targets).await;
 
     // Fresh: the revision and DB size just before the snapshot, not from before a wait.
     let status = member.status().await?;
@@ -242,63 +300,20 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
     // The recipients and the signing key (created on first use) are read once, before the
     // snapshot: the whole set is sealed and signed with what was read here.
     let ctx = RunContext::resolve(settings, status.cluster_id)?;
-
     let needed = settings.guards.min_free_space.required(status.db_size);
     // Staging scanned once for the run: room, early uploads, delivery, retention, bounds.
-    let mut sets = delivery::scan(staging);
-    delivery::make_room(&mut sets, needed, || fsutil::free_space(staging))?;
-
-    let openshift = match member.cluster_version().await {
-        Ok(cv) => cv,
-        Err(e) => {
-            tracing::warn!(error = %crate::error::one_line(&e), "cannot read the ClusterVersion; the manifest will not record the OpenShift version");
-            None
-        }
-    };
-
-    // Ids have one-second resolution and name the set on every target: a second already
-    // used by a set staged here (a run killed a moment ago), or reserved in etcd by another
-    // node's run of another slot (or a manual backup), makes this run take the next one.
-    let mut created = Utc::now();
-    let reserve_started = Instant::now();
-    loop {
-        let id = manifest::timestamp(created);
-        if !sets_root.join(&id).exists() {
-            let key = format!("{}/ids/{}/{id}", settings.election.prefix, ctx.cluster);
-            match member.reserve(&key, &settings.node_name, 3600).await {
-                Ok(true) => break,
-                Ok(false) => {
-                    tracing::info!(backup_id = %id, "another node's run took this second's id; waiting for the next")
-                }
-                // Without the reservation two nodes could store different sets under one id
-                // (the later one then never delivered): try again, within the request
-                // timeout, then give the run up.
-                Err(e) if reserve_started.elapsed() < settings.etcd.request_timeout.0 => {
-                    tracing::warn!(error = %crate::error::one_line(&e), "cannot reserve the set id in etcd yet; retrying");
-                }
-                Err(e) => return Err(e.context("cannot reserve the set id in etcd")),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        created = Utc::now();
-    }
+    let mut sets = sets::scan(staging.root());
+    sets::make_room(&mut sets, needed, || fsutil::free_space(staging.root()))?;
+    let openshift = openshift_of(member).await;
+    let created = reserve_id(settings, member, &ctx.cluster, &staging).await?;
     let id = manifest::timestamp(created);
-    let work = tmp_root.join(format!("{id}-{:08x}", rand::random::<u32>()));
-    fsutil::create_private_dir(&work)?;
+    let work = staging.begin(&id)?;
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    let mut opened = BTreeMap::new();
-    for (sel, preflight) in targets.into_iter().zip(unusable) {
-        let usable = match (sel.target, preflight) {
-            (Ok(t), None) => Ok(t),
-            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
-        };
-        opened.insert(sel.name, usable);
-    }
+    let opened = preflight.open(targets);
     // The snapshot's uploads run beside the rest of the run: they follow its staging file
     // while it streams, and the delivery pass waits for each before it finishes that set.
-    let owed: std::collections::BTreeSet<&str> =
-        sets.iter().flat_map(|s| s.pending.iter().map(String::as_str)).collect();
-    let drafts = begin_early(settings, &opened, &late, &owed, &ctx.cluster, &id).await;
+    let owed: BTreeSet<&str> = sets.iter().flat_map(|s| s.pending.iter().map(String::as_str)).collect();
+    let drafts = begin_early(settings, &opened, &preflight.late, &owed, &ctx.cluster, &id).await;
     let (follow_tx, follow_rx) = tokio::sync::oneshot::channel();
     let mut uploads = BTreeMap::new();
     let mut early = BTreeMap::new();
@@ -307,56 +322,81 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         uploads.insert(name.clone(), (draft.clone(), tx));
         early.insert(name, delivery::Early { draft, sent: rx });
     }
-    let run = async {
-        let assembled = assemble(
-            settings,
-            &ctx,
-            member,
-            &status,
-            &id,
-            created,
-            openshift,
-            opts,
-            &work,
-            Some(follow_tx),
-        )
-        .await;
-        let (manifest, snapshot_duration) = match assembled {
+    let backup = Backup {
+        settings,
+        opts,
+        ctx: &ctx,
+        status: &status,
+        staging: &staging,
+        opened: &opened,
+        names,
+        started,
+    };
+    let new = NewSet { id, created, openshift };
+    let run = backup.publish(member, new, work, sets, early, follow_tx);
+    let ((), report) = tokio::join!(follow_snapshot(&opened, uploads, follow_rx), run);
+    report
+}
+
+/// One backup once its targets are chosen, staging is locked and its id reserved.
+struct Backup<'a> {
+    settings: &'a Settings,
+    opts: &'a BackupOptions,
+    ctx: &'a RunContext,
+    /// The member's status read just before the snapshot.
+    status: &'a etcd::MemberStatus,
+    staging: &'a Locked,
+    opened: &'a Opened,
+    /// The targets chosen for the run, usable or not: the set is owed to each.
+    names: Vec<String>,
+    started: Instant,
+}
+
+/// What names the set about to be taken, and what its manifest records of the cluster.
+struct NewSet {
+    id: String,
+    created: chrono::DateTime<Utc>,
+    openshift: Option<etcd::ClusterVersion>,
+}
+
+impl Backup<'_> {
+    /// Assembles the set in `work`, commits it to staging, delivers it (and what older sets
+    /// are owed), applies retention and bounds staging.
+    async fn publish(
+        &self,
+        member: &mut etcd::Member,
+        new: NewSet,
+        work: Work,
+        mut sets: Vec<sets::Staged>,
+        early: BTreeMap<String, delivery::Early>,
+        follow: FollowTx,
+    ) -> Result<BackupReport> {
+        let (manifest, snapshot_duration) = match self.assemble(member, new, work.dir(), Some(follow)).await {
             Ok(r) => r,
             Err(e) => {
-                fsutil::remove_dir_quietly(&work);
-                delivery::discard_drafts(&opened, early).await;
+                delivery::discard_drafts(self.opened, early).await;
                 return Err(e);
             }
         };
-        // The script method names the set after the script's own timestamp.
-        let id = manifest.id.clone();
-        // Owed to every target chosen for this run, recorded before the set becomes visible in
-        // sets/ (a set there without it would count as delivered); a delivery pass then stores
-        // the sets still waiting in staging, oldest first, this one last.
-        let staged_dir = sets_root.join(&id);
-        let staged = delivery::mark(&work, &names).and_then(|()| {
-            fsutil::rename_noreplace(&work, &staged_dir)
-                .map_err(|e| anyhow::anyhow!("cannot move the set into '{}': {e}", staged_dir.display()))
-        });
-        if let Err(e) = staged {
-            fsutil::remove_dir_quietly(&work);
-            delivery::discard_drafts(&opened, early).await;
-            return Err(e);
-        }
-        if let Err(e) = fsutil::fsync_dir(&sets_root) {
-            delivery::discard_drafts(&opened, early).await;
-            return Err(e);
-        }
-        crate::staging::state::note_newest_set(staging, &manifest);
-        let mut sets = sets;
-        sets.push(delivery::Staged {
+        // The script method names the set after the script's own timestamp. Owed to every
+        // target chosen for this run; a delivery pass then stores the sets still waiting in
+        // staging, oldest first, this one last.
+        let staged_dir = match self.staging.commit(work, &manifest.id, &self.names) {
+            Ok(dir) => dir,
+            Err(e) => {
+                delivery::discard_drafts(self.opened, early).await;
+                return Err(e);
+            }
+        };
+        crate::staging::state::note_newest_set(self.staging.root(), &manifest);
+        sets.push(sets::Staged {
             set: targets::StagedSet {
                 dir: staged_dir,
                 manifest: manifest.clone(),
             },
-            pending: names.clone(),
+            pending: self.names.clone(),
         });
+        let (settings, opts) = (self.settings, self.opts);
         if let Some(run) = &opts.run {
             note_publishing(settings, member, run, &manifest).await;
         }
@@ -364,14 +404,34 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
         let results = delivery::pass(
             settings,
             &mut sets,
-            &opened,
+            self.opened,
             &opts.abort,
             early,
             Some(&mut records),
             opts.deliver_by,
         )
         .await;
-        let outcomes: Vec<TargetOutcome> = names
+        if !opts.abort.is_cancelled() {
+            // Bounded like the deliveries: retention never holds the next run back either.
+            crate::targets::retry::retries_until(
+                opts.deliver_by,
+                delivery::apply_retention(settings, &sets, self.opened, &results),
+            )
+            .await;
+        }
+        sets::tidy(settings, &mut sets);
+        Ok(BackupReport {
+            targets: self.outcomes(&manifest.id, &results),
+            manifest,
+            duration: self.started.elapsed(),
+            snapshot_duration,
+            settled: delivery::settled(&results),
+        })
+    }
+
+    /// What became of set `id` on each of the run's targets.
+    fn outcomes(&self, id: &str, results: &[delivery::Delivered]) -> Vec<TargetOutcome> {
+        self.names
             .iter()
             .map(|name| {
                 let mine = results.iter().find(|d| d.id == id && &d.target == name);
@@ -383,27 +443,98 @@ pub async fn run_backup(settings: &Settings, opts: &BackupOptions, member: &mut 
                         .unwrap_or_else(|| Err("not attempted".into())),
                 }
             })
-            .collect();
-        if !opts.abort.is_cancelled() {
-            // Bounded like the deliveries: retention never holds the next run back either.
-            crate::targets::retry::retries_until(
-                opts.deliver_by,
-                delivery::apply_retention(settings, &sets, &opened, &results),
-            )
-            .await;
-        }
-        delivery::tidy(settings, &mut sets);
+            .collect()
+    }
 
-        Ok(BackupReport {
-            manifest,
-            duration: started.elapsed(),
-            snapshot_duration,
-            targets: outcomes,
-            settled: delivery::settled(&results),
-        })
-    };
-    let ((), report) = tokio::join!(follow_snapshot(&opened, uploads, follow_rx), run);
-    report
+    /// Takes the files by the configured method, seals them, and writes the manifest,
+    /// checksums and signature into `work`.
+    async fn assemble(
+        &self,
+        member: &mut etcd::Member,
+        new: NewSet,
+        work: &Path,
+        follow: Option<FollowTx>,
+    ) -> Result<(Manifest, Duration)> {
+        let (settings, opts, status) = (self.settings, self.opts, self.status);
+        let snap_started = Instant::now();
+        let mut forced = opts.forced.clone();
+        // The native method's own stream time (its uploads may take longer).
+        let mut snapshot_duration = None;
+        let (id, created, files, stream_revision) = match settings.snapshot.method {
+            SnapshotMethod::Native => {
+                let (files, revision, streamed) = self.take_native(member, &new.id, work, follow).await?;
+                snapshot_duration = Some(streamed);
+                (new.id, new.created, files, revision)
+            }
+            SnapshotMethod::Script => {
+                let produced = self.take_script(work, &mut forced).await?;
+                // The script's own timestamp names the set, as its file names do.
+                let created = chrono::NaiveDateTime::parse_from_str(&produced.ts, manifest::TS_FORMAT)
+                    .map(|t| t.and_utc())
+                    .unwrap_or(new.created);
+                let files = produced
+                    .files
+                    .into_iter()
+                    .map(|(name, size, sha)| plain_entry(name, size, sha))
+                    .collect();
+                (produced.ts, created, files, None)
+            }
+        };
+        let snapshot_duration = snapshot_duration.unwrap_or_else(|| snap_started.elapsed());
+        // Read from the archive as written, before it is sealed.
+        let restore = {
+            let (dir, plain) = (work.to_path_buf(), files.clone());
+            tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
+        };
+        let files = seal_files(&self.ctx.seal, work, files).await?;
+        let manifest = Manifest {
+            format_version: manifest::FORMAT_VERSION,
+            id,
+            created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            cluster_name: self.ctx.cluster.clone(),
+            trigger: opts.trigger,
+            run: opts.run.clone(),
+            node: settings.node_name.clone(),
+            etcd: EtcdInfo {
+                endpoint: member.shown().to_string(),
+                member_id: hex_id(status.member_id),
+                cluster_id: hex_id(status.cluster_id),
+                version: status.version.clone(),
+                storage_version: status.storage_version.clone(),
+                // etcd 3.5+ stamps the stream with the snapshot's revision; 3.4 does not, and
+                // then the revision seen just before the snapshot started is recorded.
+                revision: stream_revision.filter(|r| *r > 0).unwrap_or(status.revision),
+                db_size: status.db_size,
+            },
+            openshift: new.openshift.map(|cv| OpenShiftInfo {
+                version: cv.version,
+                cluster_id: cv.cluster_id,
+            }),
+            files,
+            tool: ToolInfo::this(),
+            forced,
+            restore,
+        };
+        // SHA256SUMS, the signature ([signing]), then manifest.json.
+        crate::trust::signing::write_set_files(self.ctx.signer.as_ref(), work, &manifest)?;
+        fsutil::fsync_dir(work)?;
+        Ok((manifest, snapshot_duration))
+    }
+
+    /// The script method: the platform's script writes the set's files into `work`; a run
+    /// with `--force` passes it on, and what the script then skipped joins `forced`.
+    async fn take_script(&self, work: &Path, forced: &mut Vec<String>) -> Result<crate::source::script::Produced> {
+        let script = &self.settings.snapshot.script;
+        crate::notify::status(&format!("backing up: running {}", script.display()));
+        let produced = crate::source::script::take(self.settings, work, self.opts.force == Force::Yes).await?;
+        if produced.dirty {
+            forced.push(format!(
+                "{} ran with --force: its own pre-checks were skipped (files marked __POSSIBLY_DIRTY__)",
+                script.display()
+            ));
+        }
+        Ok(produced)
+    }
 }
 
 /// Notes in etcd which set this run is about to publish (see
@@ -425,95 +556,6 @@ async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &s
     if let Err(e) = member.put_with_lease(&key, &value, ttl).await {
         tracing::warn!(error = %crate::error::one_line(&e), "cannot note the set about to be published in etcd");
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn assemble(
-    settings: &Settings,
-    ctx: &RunContext,
-    member: &mut etcd::Member,
-    status: &etcd::MemberStatus,
-    id: &str,
-    created: chrono::DateTime<Utc>,
-    openshift: Option<etcd::ClusterVersion>,
-    opts: &BackupOptions,
-    work: &Path,
-    follow: Option<FollowTx>,
-) -> Result<(Manifest, Duration)> {
-    let snap_started = Instant::now();
-    let mut forced = opts.forced.clone();
-    // The native method's own stream time (its uploads may take longer).
-    let mut snapshot_duration = None;
-    let (id, created, files, stream_revision) = match settings.snapshot.method {
-        SnapshotMethod::Native => {
-            let (files, revision, streamed) =
-                take_native(settings, &ctx.seal, member, status.db_size, id, work, follow).await?;
-            snapshot_duration = Some(streamed);
-            (id.to_string(), created, files, revision)
-        }
-        SnapshotMethod::Script => {
-            crate::notify::status(&format!("backing up: running {}", settings.snapshot.script.display()));
-            let force = opts.force == Force::Yes;
-            let produced = crate::source::script::take(settings, work, force).await?;
-            if produced.dirty {
-                forced.push(format!(
-                    "{} ran with --force: its own pre-checks were skipped (files marked __POSSIBLY_DIRTY__)",
-                    settings.snapshot.script.display()
-                ));
-            }
-            // The script's own timestamp names the set, as its file names do.
-            let created = chrono::NaiveDateTime::parse_from_str(&produced.ts, manifest::TS_FORMAT)
-                .map(|t| t.and_utc())
-                .unwrap_or(created);
-            let files = produced
-                .files
-                .into_iter()
-                .map(|(name, size, sha)| plain_entry(name, size, sha))
-                .collect();
-            (produced.ts, created, files, None)
-        }
-    };
-    let snapshot_duration = snapshot_duration.unwrap_or_else(|| snap_started.elapsed());
-    let id = id.as_str();
-    // Read from the archive as written, before it is sealed.
-    let restore = {
-        let (dir, plain) = (work.to_path_buf(), files.clone());
-        tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
-    };
-    let files = seal_files(&ctx.seal, work, files).await?;
-
-    let manifest = Manifest {
-        format_version: manifest::FORMAT_VERSION,
-        id: id.to_string(),
-        created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        cluster_name: ctx.cluster.clone(),
-        trigger: opts.trigger,
-        run: opts.run.clone(),
-        node: settings.node_name.clone(),
-        etcd: EtcdInfo {
-            endpoint: member.shown().to_string(),
-            member_id: hex_id(status.member_id),
-            cluster_id: hex_id(status.cluster_id),
-            version: status.version.clone(),
-            storage_version: status.storage_version.clone(),
-            // etcd 3.5+ stamps the stream with the snapshot's revision; 3.4 does not, and
-            // then the revision seen just before the snapshot started is recorded.
-            revision: stream_revision.filter(|r| *r > 0).unwrap_or(status.revision),
-            db_size: status.db_size,
-        },
-        openshift: openshift.map(|cv| OpenShiftInfo {
-            version: cv.version,
-            cluster_id: cv.cluster_id,
-        }),
-        files,
-        tool: ToolInfo::this(),
-        forced,
-        restore,
-    };
-    // SHA256SUMS, the signature ([signing]), then manifest.json.
-    crate::trust::signing::write_set_files(ctx.signer.as_ref(), work, &manifest)?;
-    fsutil::fsync_dir(work)?;
-    Ok((manifest, snapshot_duration))
 }
 
 /// Compresses and/or encrypts each verified file in `work` not sealed yet (see
@@ -665,73 +707,73 @@ async fn follow_snapshot(
     futures_util::future::join_all(each).await;
 }
 
-/// The native method: the archive (first, as cluster-backup.sh does: it is cheap and fails
-/// fast on a bad tree), then the snapshot stream, verified and sealed as it flows; `follow`
-/// gets its file for the uploads that follow it. Returns the files, the revision the stream
-/// was stamped with (etcd 3.5+) and how long the stream took.
-#[allow(clippy::too_many_arguments)]
-async fn take_native(
-    settings: &Settings,
-    seal: &Seal,
-    member: &mut etcd::Member,
-    db_size: u64,
-    ts: &str,
-    work: &Path,
-    follow: Option<FollowTx>,
-) -> Result<(Vec<FileEntry>, Option<i64>, Duration)> {
-    let mut files = Vec::new();
-    if let Some(root) = &settings.snapshot.static_resources_dir {
-        let name = manifest::archive_name(ts);
-        let dest = work.join(&name);
-        let root = root.clone();
-        let checked = name.clone();
-        let (size, sha256) = tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
-            let written = static_resources::write_archive(&root, &dest)?;
-            // The same check as every archive a set carries, on the bytes written.
-            static_resources::check_archive_file(&dest)?.require(&checked)?;
-            Ok(written)
-        })
-        .await??;
-        files.push(plain_entry(name, size, sha256));
+impl Backup<'_> {
+    /// The native method: the archive (first, as cluster-backup.sh does: it is cheap and fails
+    /// fast on a bad tree), then the snapshot stream, verified and sealed as it flows; `follow`
+    /// gets its file for the uploads that follow it. Returns the files, the revision the stream
+    /// was stamped with (etcd 3.5+) and how long the stream took.
+    async fn take_native(
+        &self,
+        member: &mut etcd::Member,
+        ts: &str,
+        work: &Path,
+        follow: Option<FollowTx>,
+    ) -> Result<(Vec<FileEntry>, Option<i64>, Duration)> {
+        let (settings, seal, db_size) = (self.settings, &self.ctx.seal, self.status.db_size);
+        let mut files = Vec::new();
+        if let Some(root) = &settings.snapshot.static_resources_dir {
+            let name = manifest::archive_name(ts);
+            let dest = work.join(&name);
+            let root = root.clone();
+            let checked = name.clone();
+            let (size, sha256) = tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
+                let written = static_resources::write_archive(&root, &dest)?;
+                // The same check as every archive a set carries, on the bytes written.
+                static_resources::check_archive_file(&dest)?.require(&checked)?;
+                Ok(written)
+            })
+            .await??;
+            files.push(plain_entry(name, size, sha256));
+        }
+        let name = manifest::snapshot_name(ts);
+        let stored_name = format!("{name}{}", seal.suffix());
+        let started = Instant::now();
+        crate::notify::status(&format!(
+            "backing up {ts}: streaming the snapshot from {}",
+            member.shown()
+        ));
+        let pending = snapshot::Pending::create(&work.join(&stored_name), seal)?.expecting(db_size);
+        if let Some(tx) = follow {
+            let _ = tx.send((pending.follower(), stored_name.clone()));
+        }
+        // etcd 3.4 does not stamp the stream with its revision: the member's revision read just
+        // before it starts (after this run's own writes: the lock, the id's reservation) is
+        // the snapshot's on a quiet member, and what a restore drill then reports.
+        let before = member.status().await.ok().map(|s| s.revision);
+        let taken = pending.stream(member).await?;
+        let streamed = started.elapsed();
+        tracing::info!(
+            bytes = taken.verified.size,
+            sha256 = %taken.verified.sha256,
+            stored_bytes = taken.stored.size,
+            seconds = streamed.as_secs_f64(),
+            "snapshot streamed and its trailer verified"
+        );
+        files.insert(
+            0,
+            FileEntry {
+                name,
+                size: taken.verified.size,
+                sha256: taken.verified.sha256,
+                stored_name,
+                stored_size: taken.stored.size,
+                stored_sha256: taken.stored.sha256,
+                compression: seal.compression().into(),
+                encryption: seal.encryption().into(),
+            },
+        );
+        Ok((files, taken.revision.filter(|r| *r > 0).or(before), streamed))
     }
-    let name = manifest::snapshot_name(ts);
-    let stored_name = format!("{name}{}", seal.suffix());
-    let started = Instant::now();
-    crate::notify::status(&format!(
-        "backing up {ts}: streaming the snapshot from {}",
-        member.shown()
-    ));
-    let pending = snapshot::Pending::create(&work.join(&stored_name), seal)?.expecting(db_size);
-    if let Some(tx) = follow {
-        let _ = tx.send((pending.follower(), stored_name.clone()));
-    }
-    // etcd 3.4 does not stamp the stream with its revision: the member's revision read just
-    // before it starts (after this run's own writes: the lock, the id's reservation) is
-    // the snapshot's on a quiet member, and what a restore drill then reports.
-    let before = member.status().await.ok().map(|s| s.revision);
-    let taken = pending.stream(member).await?;
-    let streamed = started.elapsed();
-    tracing::info!(
-        bytes = taken.verified.size,
-        sha256 = %taken.verified.sha256,
-        stored_bytes = taken.stored.size,
-        seconds = streamed.as_secs_f64(),
-        "snapshot streamed and its trailer verified"
-    );
-    files.insert(
-        0,
-        FileEntry {
-            name,
-            size: taken.verified.size,
-            sha256: taken.verified.sha256,
-            stored_name,
-            stored_size: taken.stored.size,
-            stored_sha256: taken.stored.sha256,
-            compression: seal.compression().into(),
-            encryption: seal.encryption().into(),
-        },
-    );
-    Ok((files, taken.revision.filter(|r| *r > 0).or(before), streamed))
 }
 
 pub(crate) fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry {

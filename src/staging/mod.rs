@@ -7,6 +7,7 @@
 //! - `lock`: held by the one run or delivery pass working on `tmp/` and `sets/`;
 //! - `state.json` and `state.lock`: the node's record of its runs ([`state`]).
 
+pub mod sets;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,96 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::error::Stop;
 use crate::fsutil;
+
+/// Staging, locked by the one run, import or delivery pass that works on `tmp/` and `sets/`
+/// (a second one would clean files from under the first). The lock goes with it.
+pub struct Locked {
+    root: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Makes sure `staging` is ours, lays it out, and takes its lock: `None` when another run or
+/// pass of this node holds it.
+pub fn try_lock(staging: &Path) -> Result<Option<Locked>> {
+    prepare_staging(staging)?;
+    fsutil::create_private_dir(&tmp_dir(staging)).context("snapshot.staging_dir")?;
+    fsutil::create_private_dir(&sets_dir(staging)).context("snapshot.staging_dir")?;
+    Ok(fsutil::try_lock(&lock_file(staging))?.map(|lock| Locked {
+        root: staging.to_path_buf(),
+        _lock: lock,
+    }))
+}
+
+impl Locked {
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Removes what an interrupted run of this node left in `tmp/` (half-assembled sets,
+    /// sets half removed).
+    pub fn clean_tmp(&self) {
+        let Ok(entries) = std::fs::read_dir(tmp_dir(&self.root)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            tracing::info!(path = %entry.path().display(), "removing a leftover from an interrupted run");
+            fsutil::remove_dir_quietly(&entry.path());
+        }
+    }
+
+    /// Whether `sets/` holds a set named `id` already.
+    pub fn holds(&self, id: &str) -> bool {
+        sets_dir(&self.root).join(id).exists()
+    }
+
+    /// A new private folder in `tmp/` to assemble a set in, named after `label`.
+    pub fn begin(&self, label: &str) -> Result<Work> {
+        let dir = tmp_dir(&self.root).join(format!("{label}-{:08x}", rand::random::<u32>()));
+        fsutil::create_private_dir(&dir)?;
+        Ok(Work { dir: Some(dir) })
+    }
+
+    /// Commits the set assembled in `work` as `sets/<id>/`, owed to `owed`: the delivery
+    /// record first (a set in `sets/` without one would count as delivered), everything
+    /// flushed, one rename, then the rename flushed. The same sequence for every source
+    /// (native, script, import). On failure the folder is removed.
+    pub fn commit(&self, work: Work, id: &str, owed: &[String]) -> Result<PathBuf> {
+        let sets = sets_dir(&self.root);
+        let to = sets.join(id);
+        sets::owe(work.dir(), owed)?;
+        fsutil::fsync_dir(work.dir())?;
+        fsutil::rename_noreplace(work.dir(), &to)
+            .map_err(|e| anyhow!("cannot move the set into '{}': {e}", to.display()))?;
+        work.committed();
+        fsutil::fsync_dir(&sets)?;
+        Ok(to)
+    }
+}
+
+/// A set being assembled in `tmp/`: removed when dropped before [`Locked::commit`] took it
+/// (any error on the way), so a failed run leaves nothing behind but what a kill leaves,
+/// which the next run's [`Locked::clean_tmp`] removes.
+pub struct Work {
+    dir: Option<PathBuf>,
+}
+
+impl Work {
+    pub fn dir(&self) -> &Path {
+        self.dir.as_deref().unwrap_or(Path::new(""))
+    }
+
+    fn committed(mut self) {
+        self.dir = None;
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            fsutil::remove_dir_quietly(dir);
+        }
+    }
+}
 
 /// Marks a directory as ours, so that a mistyped `staging_dir` (say `/var`) is refused
 /// instead of having its contents cleaned and its mode changed.

@@ -85,6 +85,8 @@ pub struct S3Target {
     part_size: u64,
     /// Cleared once the server refuses `If-None-Match` (501): it cannot guard a key then.
     conditional: AtomicBool,
+    /// Cleared once the server answers `ListMultipartUploads` with 501.
+    lists_uploads: AtomicBool,
 }
 
 /// An object in a listing.
@@ -370,6 +372,17 @@ struct Listing {
     next: &'static [(&'static str, &'static str)],
     /// What a truncated answer lacking them is without, for the error.
     no_next: &'static str,
+    /// Optional to a set: a server that answers `501 Not Implemented` lacks it, and the
+    /// listing is then empty ([`Listed::NotImplemented`]).
+    optional: bool,
+}
+
+/// How a paged listing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    Complete,
+    /// An optional listing the server answered with `501 Not Implemented`.
+    NotImplemented,
 }
 
 const LIST_OBJECTS: Listing = Listing {
@@ -378,6 +391,7 @@ const LIST_OBJECTS: Listing = Listing {
     kind: "a listing",
     next: &[("NextContinuationToken", "continuation-token")],
     no_next: "a new continuation token",
+    optional: false,
 };
 
 const LIST_UPLOADS: Listing = Listing {
@@ -389,6 +403,8 @@ const LIST_UPLOADS: Listing = Listing {
         ("NextUploadIdMarker", "upload-id-marker"),
     ],
     no_next: "new markers",
+    // Used only to find uploads a crash left behind; s3s-fs, for one, does not implement it.
+    optional: true,
 };
 
 /// What a guarded write found.
@@ -436,6 +452,7 @@ impl S3Target {
             verify: settings.verify_upload,
             part_size,
             conditional: AtomicBool::new(true),
+            lists_uploads: AtomicBool::new(true),
         })
     }
 
@@ -597,7 +614,7 @@ impl S3Target {
         prefix: &str,
         query: &[(&str, &str)],
         mut page: impl FnMut(&Xml, &str) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Listed> {
         let shown = self.shown(prefix);
         let what = format!("target '{}': {} '{shown}'", self.name, listing.op);
         let root = listing.root;
@@ -606,11 +623,17 @@ impl S3Target {
             let mut query = query.to_vec();
             query.extend(markers.iter().map(|(k, v)| (*k, v.as_str())));
             let url = self.url("", &query);
+            let ok: &[StatusCode] = if listing.optional {
+                &[StatusCode::OK, StatusCode::NOT_IMPLEMENTED]
+            } else {
+                &[StatusCode::OK]
+            };
             let resp = self
-                .call(listing.op, &shown, &[StatusCode::OK], |_| {
-                    self.signed(Method::GET, &url, &[])
-                })
+                .call(listing.op, &shown, ok, |_| self.signed(Method::GET, &url, &[]))
                 .await?;
+            if resp.status() == StatusCode::NOT_IMPLEMENTED {
+                return Ok(Listed::NotImplemented);
+            }
             let body = self.http.read_capped(resp, LIST_CAP, &what).await?;
             let xml = Xml::parse(&body).with_context(|| what.clone())?;
             if xml.root() != root {
@@ -618,7 +641,7 @@ impl S3Target {
             }
             page(&xml, &what)?;
             if xml.field(&format!("{root}/IsTruncated")) != Some("true") {
-                return Ok(());
+                return Ok(Listed::Complete);
             }
             let next: Option<Vec<(&str, String)>> = listing
                 .next
@@ -663,26 +686,39 @@ impl S3Target {
         Ok((objects, prefixes))
     }
 
-    /// The multipart uploads in progress under `prefix` (paged).
+    /// The multipart uploads in progress under `prefix` (paged); none on a server that does
+    /// not implement the listing (said once per target: uploads a crash cut short then stay
+    /// until the bucket's own lifecycle rule aborts them).
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<Upload>> {
         let mut uploads = Vec::new();
+        if !self.lists_uploads.load(Ordering::Relaxed) {
+            return Ok(uploads);
+        }
         let query = [("uploads", ""), ("prefix", prefix)];
-        self.list_paged(&LIST_UPLOADS, prefix, &query, |xml, _| {
-            for r in xml.records("ListMultipartUploadsResult/Upload") {
-                let (Some(key), Some(id)) = (r.get("Key"), r.get("UploadId")) else {
-                    continue;
-                };
-                if key.starts_with(prefix) {
-                    uploads.push(Upload {
-                        key: key.clone(),
-                        id: id.clone(),
-                        initiated: parse_time(r.get("Initiated")),
-                    });
+        let listed = self
+            .list_paged(&LIST_UPLOADS, prefix, &query, |xml, _| {
+                for r in xml.records("ListMultipartUploadsResult/Upload") {
+                    let (Some(key), Some(id)) = (r.get("Key"), r.get("UploadId")) else {
+                        continue;
+                    };
+                    if key.starts_with(prefix) {
+                        uploads.push(Upload {
+                            key: key.clone(),
+                            id: id.clone(),
+                            initiated: parse_time(r.get("Initiated")),
+                        });
+                    }
                 }
-            }
-            Ok(())
-        })
-        .await?;
+                Ok(())
+            })
+            .await?;
+        if listed == Listed::NotImplemented && self.lists_uploads.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                target_name = %self.name,
+                "target '{}': the server does not implement ListMultipartUploads (501 Not Implemented); uploads a crash cut short are not aborted by etcd-backupd here: give the bucket a lifecycle rule that aborts incomplete multipart uploads",
+                self.name
+            );
+        }
         Ok(uploads)
     }
 

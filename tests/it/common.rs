@@ -2,7 +2,7 @@
 //! the real binary run as a child process, and a corrupting TCP proxy for the one fault a
 //! real etcd does not produce on demand.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -158,7 +158,36 @@ impl Etcd {
         Etcd::spawn_in(None, pki, data, peer)
     }
 
+    /// Starts etcd and waits until it serves. A port that another test took between
+    /// [`free_port`] and etcd's bind is the one failure worth another try (the suite runs
+    /// dozens of servers at once): etcd exits naming it, and it is started again on fresh
+    /// ports (the peer port too, unless a restored data directory fixed it).
     fn spawn_in(bin_dir: Option<&Path>, pki: Option<&Pki>, data: Option<&Path>, peer: u16) -> Etcd {
+        let mut peer = peer;
+        for attempt in 1.. {
+            let mut etcd = Etcd::launch(bin_dir, pki, data, peer);
+            match etcd.wait_ready() {
+                Ok(()) => return etcd,
+                Err(log) if attempt < 5 && log.contains("address already in use") => {
+                    stop_group(&mut etcd.child, false);
+                    if data.is_none() {
+                        peer = free_port();
+                    }
+                }
+                Err(log) => {
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    panic!(
+                        "etcd did not start (attempt {attempt}); its log ends:\n{}",
+                        tail.join("\n")
+                    );
+                }
+            }
+        }
+        unreachable!()
+    }
+
+    fn launch(bin_dir: Option<&Path>, pki: Option<&Pki>, data: Option<&Path>, peer: u16) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let client = free_port();
         let data = data.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("data"));
@@ -183,34 +212,30 @@ impl Etcd {
                 .arg("--client-cert-auth");
         }
         let child = spawn_group(&mut cmd).expect("etcd must be installed (Debian package etcd-server)");
-        let etcd = Etcd {
+        Etcd {
             endpoint,
             dir,
             child,
             bin_dir: bin_dir.map(Path::to_path_buf),
-        };
-        etcd.wait_ready();
-        etcd
+        }
     }
 
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Waits (up to 60 s: a loaded CI machine) for etcd's "ready" line; `Err` carries its
+    /// log when it exited or never got there.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
         let log = self.dir.path().join("etcd.log");
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
         while Instant::now() < deadline {
-            if let Ok(f) = std::fs::File::open(&log)
-                && std::io::BufReader::new(f)
-                    .lines()
-                    .map_while(Result::ok)
-                    .any(|l| l.contains("ready to serve client requests"))
-            {
-                return;
+            if read().contains("ready to serve client requests") {
+                return Ok(());
+            }
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return Err(read());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "etcd did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        Err(read())
     }
 
     /// Writes `count` keys of `value_len` bytes each with `etcdctl` (the real client).
