@@ -145,109 +145,161 @@ async fn serve(
     stop: &CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<()> {
-    let stop = stop.clone();
     let mut hup = signal(SignalKind::hangup())?;
-    let mut settings = initial;
-    crate::priority::apply(&settings.priority);
-    log_io_scheduler(&settings);
-    let mut schedule = schedule_of(&settings)?;
-    let mut drills = drill_schedule_of(&settings)?;
-
-    if let Some(every) = notify::watchdog_interval() {
-        let stop = stop.clone();
-        tasks.spawn(async move {
-            loop {
-                notify::watchdog();
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = stop.cancelled() => return,
-                }
-            }
-        });
-    }
-
-    crate::staging::prepare_staging(&settings.snapshot.staging_dir)?;
-    // The node's signing key: created on the first start, its allowed_signers line logged.
-    crate::trust::signing::announce(&settings)?;
-    // A heartbeat (state.json, and etcd with the election on) every minute; restarted with
-    // the settings of each accepted reload.
-    let mut beat_stop = stop.child_token();
-    crate::heartbeat::spawn(tasks, settings.clone(), beat_stop.clone());
-    // A rejected reload, said in every STATUS= until a reload is accepted.
-    let mut rejected: Option<String> = None;
-    // In the background, from the start (also while etcd is awaited); a port that cannot be
-    // bound is retried there and never stops backups.
-    if let Some(addr) = &settings.metrics.listen {
-        crate::metrics::spawn(tasks, addr.clone(), settings.snapshot.staging_dir.clone(), stop.clone());
-    }
-    // READY once the configuration is valid and etcd answers (when this host takes backups).
-    let seed = loop {
-        if schedule.is_none() {
-            break String::new();
-        }
-        match etcd::connect_first(&settings.etcd).await {
-            Ok((_, status)) => {
-                break settings.cluster_folder(status.cluster_id);
-            }
-            // A missing TLS file will not appear by waiting: a configuration error, exit 2.
-            Err(e) if crate::error::exit_code(&e) == crate::error::EXIT_USAGE => return Err(e),
-            Err(e) => {
-                let msg = format!("waiting for etcd: {}", crate::error::one_line(&e));
-                tracing::warn!("{msg}");
-                notify::status(&msg);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = stop.cancelled() => { notify::stopping(); return Ok(()); }
-                }
-            }
-        }
+    let Some(mut daemon) = Daemon::start(config, initial, stop.clone(), tasks).await? else {
+        notify::stopping();
+        return Ok(());
     };
-    notify::ready("started");
-    // What is wrong with etcd or a target, said now rather than at the first run (once etcd
-    // answered: after a boot the daemon waits for the etcd static pod, which is no problem).
-    crate::probe::spawn(tasks, settings.clone(), "at start", stop.clone());
-    let cv_changed = if schedule.is_some() {
-        watch_cluster_version(tasks, &settings, stop.clone())
-    } else {
-        std::sync::Arc::new(tokio::sync::Notify::new())
-    };
-    tracing::info!(
-        schedule = %schedule.as_ref().map(|s| s.describe()).unwrap_or_else(|| "none".into()),
-        drills = %drills.as_ref().map(|s| s.describe()).unwrap_or_else(|| "none".into()),
-        node = %settings.node_name, "daemon started"
-    );
-    let mut next_drill = drills.as_ref().and_then(|d| d.next_at(Utc::now()));
-    let mut next_import = tokio::time::Instant::now();
-
-    // Sets a previous daemon could not deliver are retried right away.
-    let mut delivery_backoff = settings.delivery.retry_interval.0;
-    let mut next_delivery =
-        (crate::staging::sets::pending(&settings.snapshot.staging_dir).0 > 0).then(tokio::time::Instant::now);
-    let mut after = Utc::now();
-    // Checked at start (an upgrade may have completed while the daemon was down), then every
-    // UPGRADE_POLL while idle.
-    let mut next_upgrade_check = tokio::time::Instant::now();
     loop {
-        let slot = match &schedule {
-            Some(s) => Some(
-                s.next_slot(after, &seed)
-                    .ok_or_else(|| anyhow::anyhow!("schedule {} has no next run", s.describe()))?,
-            ),
-            None => None,
+        let slot = daemon.next_slot()?;
+        daemon.announce_idle(slot);
+        match daemon.sleep(slot, &mut hup).await {
+            Wake::Stop => break,
+            Wake::Reload => daemon.reload(),
+            Wake::Import => daemon.import(slot).await,
+            Wake::Drill => daemon.drill(slot).await,
+            Wake::Deliver => daemon.deliver(slot).await,
+            Wake::Upgrade(version) => daemon.run(Kind::AfterUpgrade(version), slot).await,
+            Wake::Slot => {
+                if let Some(slot) = slot {
+                    daemon.run(Kind::Scheduled(slot), Some(slot)).await;
+                }
+            }
+        }
+        if daemon.stop.is_cancelled() {
+            break;
+        }
+    }
+    notify::stopping();
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// The kind of run the daemon starts.
+enum Kind {
+    Scheduled(crate::schedule::Slot),
+    /// A backup after a completed upgrade to this version.
+    AfterUpgrade(String),
+}
+
+/// The daemon between wake-ups: its settings and schedules (replaced by an accepted
+/// reload), and its timers. Each kind of wake-up is one method.
+struct Daemon<'a> {
+    config: PathBuf,
+    settings: Settings,
+    schedule: Option<Schedule>,
+    drills: Option<Schedule>,
+    stop: CancellationToken,
+    tasks: &'a tokio_util::task::TaskTracker,
+    /// Stops the heartbeat of the current settings (restarted on each accepted reload).
+    beat_stop: CancellationToken,
+    /// A rejected reload, said in every STATUS= until a reload is accepted.
+    rejected: Option<String>,
+    /// The cluster folder, which seeds the jitter (and names imports without cluster_name).
+    seed: String,
+    cv_changed: std::sync::Arc<tokio::sync::Notify>,
+    next_drill: Option<chrono::DateTime<Utc>>,
+    next_import: tokio::time::Instant,
+    delivery_backoff: Duration,
+    next_delivery: Option<tokio::time::Instant>,
+    /// The next slot is the first after this.
+    after: chrono::DateTime<Utc>,
+    next_upgrade_check: tokio::time::Instant,
+}
+
+impl<'a> Daemon<'a> {
+    /// Everything up to READY: priorities, staging, the signing key, the heartbeat, the
+    /// metrics listener, then etcd awaited (when this host takes backups). `None`: stopped
+    /// while waiting.
+    async fn start(
+        config: PathBuf,
+        settings: Settings,
+        stop: CancellationToken,
+        tasks: &'a tokio_util::task::TaskTracker,
+    ) -> Result<Option<Daemon<'a>>> {
+        crate::priority::apply(&settings.priority);
+        log_io_scheduler(&settings);
+        let schedule = schedule_of(&settings)?;
+        let drills = drill_schedule_of(&settings)?;
+        spawn_watchdog(tasks, &stop);
+        crate::staging::prepare_staging(&settings.snapshot.staging_dir)?;
+        // The node's signing key: created on the first start, its allowed_signers line logged.
+        crate::trust::signing::announce(&settings)?;
+        // A heartbeat (state.json, and etcd with the election on) every minute.
+        let beat_stop = stop.child_token();
+        crate::heartbeat::spawn(tasks, settings.clone(), beat_stop.clone());
+        // In the background, from the start (also while etcd is awaited); a port that cannot
+        // be bound is retried there and never stops backups.
+        if let Some(addr) = &settings.metrics.listen {
+            crate::metrics::spawn(tasks, addr.clone(), settings.snapshot.staging_dir.clone(), stop.clone());
+        }
+        let Some(seed) = wait_for_etcd(&settings, schedule.is_some(), &stop).await? else {
+            return Ok(None);
         };
-        let staging = settings.snapshot.staging_dir.clone();
+        notify::ready("started");
+        // What is wrong with etcd or a target, said now rather than at the first run (once
+        // etcd answered: after a boot the daemon waits for the etcd static pod).
+        crate::probe::spawn(tasks, settings.clone(), "at start", stop.clone());
+        let cv_changed = if schedule.is_some() {
+            watch_cluster_version(tasks, &settings, stop.clone())
+        } else {
+            std::sync::Arc::new(tokio::sync::Notify::new())
+        };
+        tracing::info!(
+            schedule = %schedule.as_ref().map(|s| s.describe()).unwrap_or_else(|| "none".into()),
+            drills = %drills.as_ref().map(|s| s.describe()).unwrap_or_else(|| "none".into()),
+            node = %settings.node_name, "daemon started"
+        );
+        let now = tokio::time::Instant::now();
+        Ok(Some(Daemon {
+            next_drill: drills.as_ref().and_then(|d| d.next_at(Utc::now())),
+            // Sets a previous daemon could not deliver are retried right away.
+            next_delivery: (crate::staging::sets::pending(&settings.snapshot.staging_dir).0 > 0).then_some(now),
+            delivery_backoff: settings.delivery.retry_interval.0,
+            config,
+            settings,
+            schedule,
+            drills,
+            stop,
+            tasks,
+            beat_stop,
+            rejected: None,
+            seed,
+            cv_changed,
+            next_import: now,
+            after: Utc::now(),
+            // Checked at start (an upgrade may have completed while the daemon was down),
+            // then every UPGRADE_POLL while idle.
+            next_upgrade_check: now,
+        }))
+    }
+
+    fn next_slot(&self) -> Result<Option<crate::schedule::Slot>> {
+        match &self.schedule {
+            Some(s) => {
+                Ok(Some(s.next_slot(self.after, &self.seed).ok_or_else(|| {
+                    anyhow::anyhow!("schedule {} has no next run", s.describe())
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The next run in the state file, STATUS= and the journal.
+    fn announce_idle(&self, slot: Option<crate::schedule::Slot>) {
+        let settings = &self.settings;
+        let staging = &settings.snapshot.staging_dir;
         let next_run = slot.map(|s| s.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         let next_start = slot.map(|s| s.start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-        if crate::staging::prepare_staging(&staging).is_ok() {
-            State::update_or_log(&staging, |state| {
+        if crate::staging::prepare_staging(staging).is_ok() {
+            State::update_or_log(staging, |state| {
                 state.next_run = next_run;
                 state.next_start = next_start;
             });
         }
-        let (pending_sets, _) = crate::staging::sets::pending(&staging);
-        let idle = idle_status(&settings, slot, pending_sets, rejected.as_deref());
-        notify::status(&idle);
-        crate::metrics::refresh(&settings);
+        let (pending_sets, _) = crate::staging::sets::pending(staging);
+        notify::status(&idle_status(settings, slot, pending_sets, self.rejected.as_deref()));
+        crate::metrics::refresh(settings);
         if let Some(slot) = slot {
             let tz = crate::clock::zone(&settings.schedule.timezone);
             tracing::info!(
@@ -256,176 +308,174 @@ async fn serve(
                 "waiting for the next run"
             );
         }
+    }
 
-        // Sleep until the slot, waking for SIGHUP, SIGTERM and upgrade checks.
-        let wake = loop {
-            if schedule.is_some()
-                && settings.schedule.after_upgrade
-                && tokio::time::Instant::now() >= next_upgrade_check
+    /// Sleeps until something is due, waking for SIGHUP, SIGTERM and upgrade checks.
+    async fn sleep(&mut self, slot: Option<crate::schedule::Slot>, hup: &mut tokio::signal::unix::Signal) -> Wake {
+        loop {
+            if self.schedule.is_some()
+                && self.settings.schedule.after_upgrade
+                && tokio::time::Instant::now() >= self.next_upgrade_check
             {
-                next_upgrade_check = tokio::time::Instant::now() + UPGRADE_POLL;
-                if let Some(version) = pending_upgrade(&settings).await {
-                    break Wake::Upgrade(version);
+                self.next_upgrade_check = tokio::time::Instant::now() + UPGRADE_POLL;
+                if let Some(version) = pending_upgrade(&self.settings).await {
+                    return Wake::Upgrade(version);
                 }
             }
             let due = Due {
                 slot: slot.map(|s| s.start),
-                import: (!settings.import.dirs.is_empty()).then_some(next_import),
-                drill: next_drill,
-                delivery: next_delivery,
+                import: (!self.settings.import.dirs.is_empty()).then_some(self.next_import),
+                drill: self.next_drill,
+                delivery: self.next_delivery,
             };
             let sleep = match due.next(Utc::now(), tokio::time::Instant::now()) {
-                Next::Now(w) => break w,
+                Next::Now(w) => return w,
                 Next::In(d) => d.min(UPGRADE_POLL),
             };
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
-                _ = cv_changed.notified() => {
+                _ = self.cv_changed.notified() => {
                     // Checked right away on the next turn of this loop.
-                    next_upgrade_check = tokio::time::Instant::now();
+                    self.next_upgrade_check = tokio::time::Instant::now();
                 }
-                _ = hup.recv() => break Wake::Reload,
-                _ = stop.cancelled() => break Wake::Stop,
+                _ = hup.recv() => return Wake::Reload,
+                _ = self.stop.cancelled() => return Wake::Stop,
             }
-        };
-        let (trigger, run) = match wake {
-            Wake::Stop => break,
-            Wake::Reload => {
-                notify::reloading();
-                let loaded = (|| -> Result<_> {
-                    let s = Settings::load(&config)?;
-                    s.check_node_files()?;
-                    Ok((schedule_of(&s)?, drill_schedule_of(&s)?, s))
-                })();
-                match loaded {
-                    Ok((sch, dr, s)) => {
-                        tracing::info!("configuration reloaded");
-                        settings = s;
-                        schedule = sch;
-                        next_drill = dr.as_ref().and_then(|d| d.next_at(Utc::now()));
-                        drills = dr;
-                        crate::priority::apply(&settings.priority);
-                        // A new schedule starts from now: no run in the past is made up.
-                        after = after.max(Utc::now());
-                        rejected = None;
-                        beat_stop.cancel();
-                        beat_stop = stop.child_token();
-                        crate::heartbeat::spawn(tasks, settings.clone(), beat_stop.clone());
-                        crate::probe::spawn(tasks, settings.clone(), "after the reload", stop.clone());
-                        notify::ready("configuration reloaded");
-                    }
-                    Err(e) => {
-                        let why = crate::error::one_line(&e);
-                        tracing::error!(error = %why, "new configuration rejected, keeping the old one: {why}");
-                        // READY=1 ends the reload systemd waits for; the unit's ExecReload
-                        // validates first, so `systemctl reload` itself fails on this.
-                        notify::ready(&format!("configuration rejected: {why}"));
-                        rejected = Some(why);
-                    }
-                }
-                continue;
-            }
-            Wake::Import => {
-                next_import = tokio::time::Instant::now() + IMPORT_POLL;
-                let cluster = settings.cluster_name.clone().unwrap_or_else(|| seed.clone());
-                if cluster.is_empty() {
-                    tracing::warn!("import.dirs needs cluster_name on a host that takes no backups");
-                } else if let Err(e) =
-                    crate::run::import::run(&settings, &cluster, &stop, slot.map(|s| yield_before(s.start))).await
-                {
-                    tracing::error!(error = %crate::error::one_line(&e), "cannot import platform backup sets");
-                }
-                // Sets still owed to a target are retried by the delivery timer.
-                if crate::staging::sets::pending(&settings.snapshot.staging_dir).0 > 0 && next_delivery.is_none() {
-                    next_delivery = Some(tokio::time::Instant::now() + delivery_backoff);
-                }
-                if stop.is_cancelled() {
-                    break;
-                }
-                continue;
-            }
-            Wake::Drill => {
-                notify::status("restore drill of the newest set");
-                let located = match crate::config::read_identity(
-                    settings.verify.identity_file.as_deref(),
-                    "verify.identity_file",
-                ) {
-                    Ok(identity) => crate::restore::locate(&settings, None, "latest").await.map(|mut l| {
-                        l.identity = identity;
-                        l
-                    }),
-                    Err(e) => Err(e),
-                };
-                let (id, result) = match located {
-                    Ok(l) => (
-                        l.manifest.id.clone(),
-                        // The next backup comes first: a drill still running then is cut short.
-                        tokio::select! {
-                            r = crate::restore::drill(&settings, &l) => r,
-                            _ = stop.cancelled() => Err(anyhow::anyhow!("stopped during the drill")),
-                            _ = until(slot.map(|s| yield_before(s.start))) => {
-                                Err(anyhow::anyhow!("cut short: the next scheduled backup is due"))
-                            }
-                        },
-                    ),
-                    Err(e) => ("latest".to_string(), Err(e)),
-                };
-                run::remember_drill(&settings, &id, &result);
-                next_drill = drills.as_ref().and_then(|d| d.next_at(Utc::now()));
-                if stop.is_cancelled() {
-                    break;
-                }
-                continue;
-            }
-            Wake::Deliver => {
-                notify::status("delivering pending backup sets");
-                // Never past the next run's start: the snapshot comes first.
-                let retried = crate::delivery::retry(&settings, &stop, slot.map(|s| yield_before(s.start))).await;
-                next_delivery = match retried {
-                    Ok(r) if r.pending == 0 => {
-                        tracing::info!(delivered = r.delivered, "every pending backup set is delivered");
-                        delivery_backoff = settings.delivery.retry_interval.0;
-                        None
-                    }
-                    Ok(r) => {
-                        if !r.busy {
-                            delivery_backoff = (delivery_backoff * 2).min(settings.delivery.retry_max.0);
-                        }
-                        tracing::warn!(
-                            delivered = r.delivered,
-                            failed = r.failed,
-                            pending = r.pending,
-                            retry_in_s = delivery_backoff.as_secs(),
-                            "backup sets still pending delivery"
-                        );
-                        Some(tokio::time::Instant::now() + delivery_backoff)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %crate::error::one_line(&e), "cannot retry pending deliveries");
-                        Some(tokio::time::Instant::now() + delivery_backoff)
-                    }
-                };
-                if stop.is_cancelled() {
-                    break;
-                }
-                continue;
-            }
-            Wake::Upgrade(version) => (Trigger::AfterUpgrade, format!("upgrade-{version}")),
-            Wake::Slot => match slot {
-                Some(slot) => (Trigger::Schedule, crate::etcd::election::run_key(slot.at)),
-                None => continue,
-            },
-        };
+        }
+    }
 
+    /// SIGHUP: the new configuration replaces the old one only if it is valid throughout.
+    fn reload(&mut self) {
+        notify::reloading();
+        let loaded = (|| -> Result<_> {
+            let s = Settings::load(&self.config)?;
+            s.check_node_files()?;
+            Ok((schedule_of(&s)?, drill_schedule_of(&s)?, s))
+        })();
+        match loaded {
+            Ok((schedule, drills, settings)) => {
+                tracing::info!("configuration reloaded");
+                self.settings = settings;
+                self.schedule = schedule;
+                self.next_drill = drills.as_ref().and_then(|d| d.next_at(Utc::now()));
+                self.drills = drills;
+                crate::priority::apply(&self.settings.priority);
+                // A new schedule starts from now: no run in the past is made up.
+                self.after = self.after.max(Utc::now());
+                self.rejected = None;
+                self.beat_stop.cancel();
+                self.beat_stop = self.stop.child_token();
+                crate::heartbeat::spawn(self.tasks, self.settings.clone(), self.beat_stop.clone());
+                crate::probe::spawn(self.tasks, self.settings.clone(), "after the reload", self.stop.clone());
+                notify::ready("configuration reloaded");
+            }
+            Err(e) => {
+                let why = crate::error::one_line(&e);
+                tracing::error!(error = %why, "new configuration rejected, keeping the old one: {why}");
+                // READY=1 ends the reload systemd waits for; the unit's ExecReload validates
+                // first, so `systemctl reload` itself fails on this.
+                notify::ready(&format!("configuration rejected: {why}"));
+                self.rejected = Some(why);
+            }
+        }
+    }
+
+    /// Imports the platform's new sets; what stays owed is retried by the delivery timer.
+    async fn import(&mut self, slot: Option<crate::schedule::Slot>) {
+        self.next_import = tokio::time::Instant::now() + IMPORT_POLL;
+        let settings = &self.settings;
+        let cluster = settings.cluster_name.clone().unwrap_or_else(|| self.seed.clone());
+        if cluster.is_empty() {
+            tracing::warn!("import.dirs needs cluster_name on a host that takes no backups");
+        } else if let Err(e) =
+            crate::run::import::run(settings, &cluster, &self.stop, slot.map(|s| yield_before(s.start))).await
+        {
+            tracing::error!(error = %crate::error::one_line(&e), "cannot import platform backup sets");
+        }
+        if crate::staging::sets::pending(&settings.snapshot.staging_dir).0 > 0 && self.next_delivery.is_none() {
+            self.next_delivery = Some(tokio::time::Instant::now() + self.delivery_backoff);
+        }
+    }
+
+    /// A restore drill of the newest set, cut short when the next backup is due.
+    async fn drill(&mut self, slot: Option<crate::schedule::Slot>) {
+        notify::status("restore drill of the newest set");
+        let settings = &self.settings;
+        let located =
+            match crate::config::read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file") {
+                Ok(identity) => crate::restore::locate(settings, None, "latest").await.map(|mut l| {
+                    l.identity = identity;
+                    l
+                }),
+                Err(e) => Err(e),
+            };
+        let (id, result) = match located {
+            Ok(l) => (
+                l.manifest.id.clone(),
+                // The next backup comes first: a drill still running then is cut short.
+                tokio::select! {
+                    r = crate::restore::drill(settings, &l) => r,
+                    _ = self.stop.cancelled() => Err(anyhow::anyhow!("stopped during the drill")),
+                    _ = until(slot.map(|s| yield_before(s.start))) => {
+                        Err(anyhow::anyhow!("cut short: the next scheduled backup is due"))
+                    }
+                },
+            ),
+            Err(e) => ("latest".to_string(), Err(e)),
+        };
+        run::remember_drill(settings, &id, &result);
+        self.next_drill = self.drills.as_ref().and_then(|d| d.next_at(Utc::now()));
+    }
+
+    /// A delivery pass of the sets still owed, backing off while targets keep failing.
+    async fn deliver(&mut self, slot: Option<crate::schedule::Slot>) {
+        notify::status("delivering pending backup sets");
+        let settings = &self.settings;
+        // Never past the next run's start: the snapshot comes first.
+        let retried = crate::delivery::retry(settings, &self.stop, slot.map(|s| yield_before(s.start))).await;
+        self.next_delivery = match retried {
+            Ok(r) if r.pending == 0 => {
+                tracing::info!(delivered = r.delivered, "every pending backup set is delivered");
+                self.delivery_backoff = settings.delivery.retry_interval.0;
+                None
+            }
+            Ok(r) => {
+                if !r.busy {
+                    self.delivery_backoff = (self.delivery_backoff * 2).min(settings.delivery.retry_max.0);
+                }
+                tracing::warn!(
+                    delivered = r.delivered,
+                    failed = r.failed,
+                    pending = r.pending,
+                    retry_in_s = self.delivery_backoff.as_secs(),
+                    "backup sets still pending delivery"
+                );
+                Some(tokio::time::Instant::now() + self.delivery_backoff)
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error::one_line(&e), "cannot retry pending deliveries");
+                Some(tokio::time::Instant::now() + self.delivery_backoff)
+            }
+        };
+    }
+
+    /// A backup run: scheduled, or after an upgrade; recorded in the node's state.
+    async fn run(&mut self, kind: Kind, slot: Option<crate::schedule::Slot>) {
+        let (trigger, run) = match &kind {
+            Kind::Scheduled(slot) => (Trigger::Schedule, crate::etcd::election::run_key(slot.at)),
+            Kind::AfterUpgrade(version) => (Trigger::AfterUpgrade, format!("upgrade-{version}")),
+        };
+        let settings = &self.settings;
+        let staging = settings.snapshot.staging_dir.clone();
         notify::status(&format!("running {run}: guards, election, backup"));
         State::update_or_log(&staging, |st| st.running = Some(run.clone()));
-        crate::metrics::refresh(&settings);
+        crate::metrics::refresh(settings);
         let (started, t0) = (Utc::now(), Instant::now());
         // The run's delivery pass yields just before the run after it: a target that keeps
         // failing never costs a snapshot (its sets wait for the timer or the next run).
-        let following = match (trigger, slot) {
-            (Trigger::Schedule, Some(slot)) => schedule.as_ref().and_then(|s| s.next_slot(slot.at, &seed)),
-            _ => slot,
+        let following = match &kind {
+            Kind::Scheduled(slot) => self.schedule.as_ref().and_then(|s| s.next_slot(slot.at, &self.seed)),
+            Kind::AfterUpgrade(_) => slot,
         };
         let request = run::Request {
             trigger,
@@ -441,47 +491,83 @@ async fn serve(
             force: run::pipeline::Force::No,
             deliver_by: following.map(|n| yield_before(n.start)),
         };
-        let outcome = run::run_once(&settings, &request, &stop).await;
+        let outcome = run::run_once(settings, &request, &self.stop).await;
         log_outcome(&run, &outcome, t0);
-        if trigger == Trigger::AfterUpgrade && !matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_))) {
-            // A skipped or failed after-upgrade backup is tried again, but not every 30 s.
-            next_upgrade_check = tokio::time::Instant::now() + UPGRADE_RETRY;
+        let took = matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_)));
+        match &kind {
+            // A skipped after-upgrade attempt is logged, but kept out of the history of
+            // runs; a skipped or failed one is tried again, but not every 30 s.
+            Kind::AfterUpgrade(_) if !took => {
+                self.next_upgrade_check = tokio::time::Instant::now() + UPGRADE_RETRY;
+                if matches!(outcome, Ok(Outcome::Skipped(_))) {
+                    State::update_or_log(&staging, |st| st.finished_running(&run));
+                } else {
+                    run::remember(&staging, run::record(trigger, &run, started, t0, &outcome));
+                }
+            }
+            _ => run::remember(&staging, run::record(trigger, &run, started, t0, &outcome)),
         }
-        let upgrade_skipped = trigger == Trigger::AfterUpgrade && matches!(outcome, Ok(Outcome::Skipped(_)));
-        // A skipped after-upgrade attempt is logged, but kept out of the history of runs.
-        if upgrade_skipped {
-            State::update_or_log(&staging, |st| st.finished_running(&run));
-        } else {
-            run::remember(&staging, run::record(trigger, &run, started, t0, &outcome));
-        }
-        crate::metrics::refresh(&settings);
-        if let Some(version) = run.strip_prefix("upgrade-")
-            && matches!(outcome, Ok(Outcome::Ran(_) | Outcome::Elsewhere(_)))
+        crate::metrics::refresh(settings);
+        if let Kind::AfterUpgrade(version) = &kind
+            && took
         {
             State::update_or_log(&staging, |state| {
                 if !state.upgrades_done.iter().any(|v| v == version) {
-                    state.upgrades_done.push(version.to_string());
+                    state.upgrades_done.push(version.clone());
                 }
             });
         }
         // A run's own delivery pass covered older pending sets too; what is left waits for
         // the timer, starting again from the shortest interval.
-        delivery_backoff = settings.delivery.retry_interval.0;
-        next_delivery =
-            (crate::staging::sets::pending(&staging).0 > 0).then(|| tokio::time::Instant::now() + delivery_backoff);
-        if trigger == Trigger::Schedule
-            && let Some(slot) = slot
-        {
+        self.delivery_backoff = settings.delivery.retry_interval.0;
+        self.next_delivery = (crate::staging::sets::pending(&staging).0 > 0)
+            .then(|| tokio::time::Instant::now() + self.delivery_backoff);
+        if let Kind::Scheduled(slot) = kind {
             // The next slot is computed from now: a run is never made up twice, never overlaps.
-            after = slot.at.max(Utc::now());
-        }
-        if stop.is_cancelled() {
-            break;
+            self.after = slot.at.max(Utc::now());
         }
     }
-    notify::stopping();
-    tracing::info!("daemon stopped");
-    Ok(())
+}
+
+/// Pets systemd's watchdog (when the unit has one) until `stop`.
+fn spawn_watchdog(tasks: &tokio_util::task::TaskTracker, stop: &CancellationToken) {
+    if let Some(every) = notify::watchdog_interval() {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            loop {
+                notify::watchdog();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+}
+
+/// Waits until etcd answers, when this host takes backups (`takes_backups`); the cluster
+/// folder it names (the jitter's seed), or `""` on a host that takes none. `None`: stopped
+/// while waiting. A configuration error (a missing TLS file) will not go away by waiting:
+/// it ends the daemon (exit 2).
+async fn wait_for_etcd(settings: &Settings, takes_backups: bool, stop: &CancellationToken) -> Result<Option<String>> {
+    if !takes_backups {
+        return Ok(Some(String::new()));
+    }
+    loop {
+        match etcd::connect_first(&settings.etcd).await {
+            Ok((_, status)) => return Ok(Some(settings.cluster_folder(status.cluster_id))),
+            Err(e) if crate::error::exit_code(&e) == crate::error::EXIT_USAGE => return Err(e),
+            Err(e) => {
+                let msg = format!("waiting for etcd: {}", crate::error::one_line(&e));
+                tracing::warn!("{msg}");
+                notify::status(&msg);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.cancelled() => return Ok(None),
+                }
+            }
+        }
+    }
 }
 
 /// I/O priorities only bite under BFQ/CFQ: say which scheduler staging is on.
