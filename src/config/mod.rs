@@ -10,10 +10,10 @@
 pub mod inputs;
 pub mod load;
 pub mod types;
+mod validate;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::Serialize;
 use url::Url;
@@ -263,7 +263,7 @@ impl Settings {
                 let msg = e.inner().to_string().replace('\n', " ");
                 ConfigError(merged.error_at(&path, suggest_key(msg.trim_end())))
             })?;
-        validate(inputs, &merged).map_err(ConfigError)
+        validate::validate(inputs, &merged).map_err(ConfigError)
     }
 
     /// The settings as TOML that loads back to the same settings: what `check-config`
@@ -312,7 +312,7 @@ pub fn check_secret_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn host_name() -> Result<String, String> {
+pub(super) fn host_name() -> Result<String, String> {
     nix::unistd::gethostname()
         .map_err(|e| format!("cannot read the host name: {e}"))?
         .into_string()
@@ -342,7 +342,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// Expands `{node_name}`; any other `{...}` is an error, as it is surely a typo.
-fn expand(path: &Path, node_name: &str) -> Result<PathBuf, String> {
+pub(super) fn expand(path: &Path, node_name: &str) -> Result<PathBuf, String> {
     let s = path.to_str().ok_or_else(|| format!("{path:?} is not UTF-8"))?;
     let out = s.replace("{node_name}", node_name);
     if let Some(start) = out.find('{') {
@@ -353,408 +353,6 @@ fn expand(path: &Path, node_name: &str) -> Result<PathBuf, String> {
         ));
     }
     Ok(PathBuf::from(out))
-}
-
-fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
-    let node_name = match inputs.node_name {
-        Some(n) => {
-            check_name(&n).map_err(|e| m.error_at("node_name", e))?;
-            n
-        }
-        None => {
-            let h = host_name()?;
-            check_name(&h).map_err(|e| format!("node_name: the host name is not usable ({e}); set node_name"))?;
-            h
-        }
-    };
-    if let Some(c) = &inputs.cluster_name {
-        check_name(c).map_err(|e| m.error_at("cluster_name", e))?;
-    }
-    let path = |key: &str, p: &Path| expand(p, &node_name).map_err(|e| m.error_at(key, e));
-    let opt_path = |key: &str, p: &Option<PathBuf>| -> Result<Option<PathBuf>, String> {
-        match p {
-            Some(p) if !p.as_os_str().is_empty() => Ok(Some(path(key, p)?)),
-            _ => Ok(None),
-        }
-    };
-
-    // etcd
-    let e = &inputs.etcd;
-    if e.endpoints.is_empty() {
-        return Err(m.error_at("etcd.endpoints", "at least one endpoint is needed"));
-    }
-    let mut endpoints = Vec::new();
-    let tls_files_set = [&e.ca_file, &e.cert_file, &e.key_file]
-        .iter()
-        .any(|p| p.as_ref().is_some_and(|p| !p.as_os_str().is_empty()));
-    for (i, raw) in e.endpoints.iter().enumerate() {
-        let key = format!("etcd.endpoints[{i}]");
-        // `host:port` as etcdctl takes it parses as no URL, or as one whose scheme is the host.
-        if let Some(hint) = missing_scheme(raw, tls_files_set) {
-            return Err(m.error_at(&key, hint));
-        }
-        let u = Url::parse(raw).map_err(|err| m.error_at(&key, err))?;
-        if !matches!(u.scheme(), "http" | "https") {
-            return Err(m.error_at(
-                &key,
-                format!("scheme '{}' is not supported; use https:// or http://", u.scheme()),
-            ));
-        }
-        if u.host_str().is_none() || u.port_or_known_default().is_none() {
-            return Err(m.error_at(&key, "needs a host and port, e.g. https://localhost:2379"));
-        }
-        if !u.username().is_empty() || u.password().is_some() {
-            return Err(m.error_at(&key, "credentials in the URL are not allowed"));
-        }
-        if !matches!(u.path(), "" | "/") || u.query().is_some() {
-            return Err(m.error_at(&key, "must be scheme://host:port only, without a path"));
-        }
-        endpoints.push(u);
-    }
-    let https = endpoints[0].scheme() == "https";
-    if endpoints.iter().any(|u| (u.scheme() == "https") != https) {
-        return Err(m.error_at("etcd.endpoints", "mixes http:// and https:// endpoints"));
-    }
-    let ca = opt_path("etcd.ca_file", &e.ca_file)?;
-    let cert = opt_path("etcd.cert_file", &e.cert_file)?;
-    let key = opt_path("etcd.key_file", &e.key_file)?;
-    let tls = if https {
-        // Unset or "" alike: the defaults apply only when none of the three is given.
-        let unset = ca.is_none() && cert.is_none() && key.is_none();
-        let (ca, cert, key) = if unset {
-            // Nothing configured: the OpenShift control-plane host's own files.
-            (
-                Some(path("etcd.ca_file", Path::new(OPENSHIFT_ETCD_CA))?),
-                Some(path("etcd.cert_file", Path::new(OPENSHIFT_ETCD_CERT))?),
-                Some(path("etcd.key_file", Path::new(OPENSHIFT_ETCD_KEY))?),
-            )
-        } else {
-            (ca, cert, key)
-        };
-        let ca_file = ca.ok_or_else(|| m.error_at("etcd.ca_file", "required with https:// endpoints"))?;
-        if cert.is_some() != key.is_some() {
-            let missing = if cert.is_none() {
-                "etcd.cert_file"
-            } else {
-                "etcd.key_file"
-            };
-            return Err(m.error_at(missing, "cert_file and key_file go together; set both or neither"));
-        }
-        Some(EtcdTls {
-            ca_file,
-            cert_file: cert,
-            key_file: key,
-        })
-    } else {
-        for (k, v) in [
-            ("etcd.ca_file", &ca),
-            ("etcd.cert_file", &cert),
-            ("etcd.key_file", &key),
-        ] {
-            if v.is_some() {
-                return Err(m.error_at(
-                    k,
-                    "set, but the endpoints are plain http://; use https:// endpoints or remove it",
-                ));
-            }
-        }
-        None
-    };
-    if e.connect_timeout.0.is_zero() || e.request_timeout.0.is_zero() {
-        return Err(m.error_at("etcd", "connect_timeout and request_timeout must be above zero"));
-    }
-    let etcd = EtcdSettings {
-        endpoints,
-        tls,
-        connect_timeout: e.connect_timeout,
-        request_timeout: e.request_timeout,
-    };
-
-    // snapshot
-    let s = &inputs.snapshot;
-    let staging_dir = path("snapshot.staging_dir", &s.staging_dir)?;
-    if !staging_dir.is_absolute() {
-        return Err(m.error_at("snapshot.staging_dir", "must be an absolute path"));
-    }
-    let static_resources_dir = opt_path("snapshot.static_resources_dir", &Some(s.static_resources_dir.clone()))?;
-    if static_resources_dir.as_ref().is_some_and(|p| !p.is_absolute()) {
-        return Err(m.error_at(
-            "snapshot.static_resources_dir",
-            "must be an absolute path, or \"\" for none",
-        ));
-    }
-    if s.script_timeout.0.is_zero() {
-        return Err(m.error_at("snapshot.script_timeout", "must be above zero"));
-    }
-    let snapshot = SnapshotSettings {
-        method: s.method,
-        script: path("snapshot.script", &s.script)?,
-        static_resources_dir,
-        staging_dir,
-        script_timeout: s.script_timeout,
-        allow_dirty: s.allow_dirty,
-    };
-
-    if !(0..=22).contains(&inputs.compression.zstd_level) {
-        return Err(m.error_at(
-            "compression.zstd_level",
-            format!(
-                "{} is not a zstd level: 0 (off) or 1 to 22",
-                inputs.compression.zstd_level
-            ),
-        ));
-    }
-    for (i, r) in inputs.encryption.age_recipients.iter().enumerate() {
-        crate::envelope::parse_recipient(r).map_err(|e| m.error_at(&format!("encryption.age_recipients[{i}]"), e))?;
-    }
-    if let Some(p) = &inputs.encryption.age_recipients_file
-        && !p.is_absolute()
-    {
-        return Err(m.error_at("encryption.age_recipients_file", "must be an absolute path"));
-    }
-    if !inputs.verify.schedule.is_empty() {
-        crate::schedule::Schedule::new(
-            &inputs.verify.schedule,
-            &inputs.schedule.timezone,
-            std::time::Duration::ZERO,
-        )
-        .map_err(|e| m.error_at("verify.schedule", e))?;
-    }
-    if let Some(listen) = &inputs.metrics.listen
-        && listen.parse::<std::net::SocketAddr>().is_err()
-    {
-        return Err(m.error_at(
-            "metrics.listen",
-            format!("{listen:?} is not ADDRESS:PORT (e.g. \"127.0.0.1:9983\")"),
-        ));
-    }
-    if inputs.metrics.textfile.as_ref().is_some_and(|p| !p.is_absolute()) {
-        return Err(m.error_at("metrics.textfile", "must be an absolute path"));
-    }
-    if inputs.retention.max_age.is_some_and(|d| d.0.is_zero()) {
-        return Err(m.error_at("retention.max_age", "must be above zero (leave it out for no cap)"));
-    }
-    if inputs.delivery.max_pending == 0 {
-        return Err(m.error_at(
-            "delivery.max_pending",
-            "must be at least 1 (the set just taken waits there when a target is down)",
-        ));
-    }
-    for (k, d) in [
-        ("delivery.retry_interval", inputs.delivery.retry_interval),
-        ("delivery.retry_max", inputs.delivery.retry_max),
-    ] {
-        if d.0.is_zero() {
-            return Err(m.error_at(k, "must be above zero"));
-        }
-    }
-    if let Some(p) = &inputs.verify.allowed_signers
-        && !p.is_absolute()
-    {
-        return Err(m.error_at("verify.allowed_signers", "must be an absolute path"));
-    }
-    let signing_key = opt_path("signing.key_file", &inputs.signing.key_file)?;
-    if signing_key.as_ref().is_some_and(|p| !p.is_absolute()) {
-        return Err(m.error_at("signing.key_file", "must be an absolute path"));
-    }
-    let signing = match (inputs.signing.enabled, signing_key) {
-        (Some(false), _) | (None, None) => None,
-        (_, Some(key_file)) => Some(SigningSettings { key_file }),
-        (Some(true), None) => Some(SigningSettings {
-            key_file: snapshot.staging_dir.join(DEFAULT_SIGNING_KEY),
-        }),
-    };
-    if let Some(bad) = inputs.import.dirs.iter().find(|d| !d.is_absolute()) {
-        return Err(m.error_at("import.dirs", format!("'{}' must be an absolute path", bad.display())));
-    }
-
-    // schedule and election: checked here so check-config catches them before the daemon.
-    if chrono_tz::Tz::from_str(&inputs.schedule.timezone).is_err() {
-        return Err(m.error_at(
-            "schedule.timezone",
-            format!(
-                "{:?} is not an IANA time zone name (e.g. \"UTC\", \"Europe/Berlin\")",
-                inputs.schedule.timezone
-            ),
-        ));
-    }
-    // Empty: this host takes no backups (a drill host with only a target configured).
-    if !inputs.schedule.cron.is_empty() {
-        crate::schedule::Schedule::new(
-            &inputs.schedule.cron,
-            &inputs.schedule.timezone,
-            inputs.schedule.jitter.0,
-        )
-        .map_err(|e| m.error_at("schedule.cron", e))?;
-    }
-    let prefix = &inputs.election.prefix;
-    if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') || prefix.starts_with("/kubernetes.io") {
-        return Err(m.error_at(
-            "election.prefix",
-            format!("{prefix:?} must start with '/', not end with '/', and stay out of /kubernetes.io"),
-        ));
-    }
-    if inputs.election.lease_ttl.0.as_secs() < 2 {
-        return Err(m.error_at("election.lease_ttl", "must be at least 2s"));
-    }
-    if !(-20..=19).contains(&inputs.priority.nice) {
-        return Err(m.error_at("priority.nice", format!("{} is outside -20..19", inputs.priority.nice)));
-    }
-    if let Some(n) = inputs.priority.snapshot_nice
-        && !(-20..=19).contains(&n)
-    {
-        return Err(m.error_at("priority.snapshot_nice", format!("{n} is outside -20..19")));
-    }
-
-    // targets
-    if inputs.targets.is_empty() {
-        return Err(match m.files.first() {
-            Some(f) => format!(
-                "{}: no [[target]]: add one with a url (https://... or file:///...)",
-                f.display()
-            ),
-            None => "no [[target]]: add one with a url".into(),
-        });
-    }
-    let mut targets: Vec<TargetSettings> = Vec::new();
-    let mut secret_files = Vec::new();
-    for (i, t) in inputs.targets.iter().enumerate() {
-        let at = |k: &str| format!("target[{i}].{k}");
-        let name = t.name.clone().unwrap_or_else(|| format!("target-{}", i + 1));
-        check_name(&name).map_err(|e| m.error_at(&at("name"), e))?;
-        if targets.iter().any(|o| o.name == name) {
-            return Err(m.error_at(&at("name"), format!("{name:?} is used by two targets")));
-        }
-        let raw_url = t.url.replace("{node_name}", &node_name);
-        let url = parse_target_url(&raw_url).map_err(|e| m.error_at(&at("url"), e))?;
-        let p = |k: &str, v: &Option<PathBuf>| opt_path(&at(k), v);
-        let keys = (
-            p("access_key_file", &t.access_key_file)?,
-            p("secret_key_file", &t.secret_key_file)?,
-        );
-        let s3 = s3_settings(t, &url, keys).map_err(|(k, e)| m.error_at(&at(k), e))?;
-        let target = TargetSettings {
-            name,
-            username: t.username.clone().filter(|u| !u.is_empty()),
-            password_file: p("password_file", &t.password_file)?,
-            token_file: p("token_file", &t.token_file)?,
-            ca_file: p("ca_file", &t.ca_file)?,
-            client_cert_file: p("client_cert_file", &t.client_cert_file)?,
-            client_key_file: p("client_key_file", &t.client_key_file)?,
-            proxy: t.proxy.clone(),
-            proxy_password_file: p("proxy_password_file", &t.proxy_password_file)?,
-            verify_upload: t.verify_upload,
-            connect_timeout: t.connect_timeout,
-            idle_timeout: t.idle_timeout,
-            retry_budget: t.retry_budget,
-            s3,
-            url,
-        };
-        if target.url.scheme() == "file" {
-            let remote_only = [
-                ("username", target.username.is_some()),
-                ("password_file", target.password_file.is_some()),
-                ("token_file", target.token_file.is_some()),
-                ("ca_file", target.ca_file.is_some()),
-                ("client_cert_file", target.client_cert_file.is_some()),
-                ("client_key_file", target.client_key_file.is_some()),
-                ("proxy_password_file", target.proxy_password_file.is_some()),
-            ];
-            if let Some((k, _)) = remote_only.iter().find(|(_, set)| *set) {
-                return Err(m.error_at(&at(k), "does not apply to a file:// target"));
-            }
-        }
-        if target.url.scheme() == "s3" {
-            let webdav_only = [
-                ("username", target.username.is_some()),
-                ("password_file", target.password_file.is_some()),
-                ("token_file", target.token_file.is_some()),
-            ];
-            if let Some((k, _)) = webdav_only.iter().find(|(_, set)| *set) {
-                return Err(m.error_at(
-                    &at(k),
-                    "does not apply to an s3:// target; use access_key_file and secret_key_file",
-                ));
-            }
-        }
-        if target.password_file.is_some() && target.username.is_none() {
-            return Err(m.error_at(&at("password_file"), "needs username"));
-        }
-        if target.token_file.is_some() && target.username.is_some() {
-            return Err(m.error_at(
-                &at("username"),
-                "does not go with token_file (Bearer auth has no user name)",
-            ));
-        }
-        if target.password_file.is_some() && target.token_file.is_some() {
-            return Err(m.error_at(&at("token_file"), "use either password_file or token_file, not both"));
-        }
-        if target.client_cert_file.is_some() != target.client_key_file.is_some() {
-            return Err(m.error_at(
-                &at("client_cert_file"),
-                "client_cert_file and client_key_file go together",
-            ));
-        }
-        match target.proxy.as_str() {
-            "env" | "none" => {}
-            other => {
-                let u =
-                    Url::parse(other).map_err(|e| m.error_at(&at("proxy"), format!("not env, none or a URL: {e}")))?;
-                if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                    return Err(m.error_at(&at("proxy"), "must be env, none, or http(s)://host:port"));
-                }
-                if u.password().is_some() {
-                    return Err(m.error_at(
-                        &at("proxy"),
-                        "a password in the URL is not allowed; use proxy_password_file",
-                    ));
-                }
-                if target.proxy_password_file.is_some() && u.username().is_empty() {
-                    return Err(m.error_at(
-                        &at("proxy_password_file"),
-                        "needs a user name in proxy (http://user@host:port)",
-                    ));
-                }
-            }
-        }
-        if target.proxy_password_file.is_some() && matches!(target.proxy.as_str(), "env" | "none") {
-            return Err(m.error_at(&at("proxy_password_file"), "needs an explicit proxy URL"));
-        }
-        for (k, d) in [
-            ("connect_timeout", target.connect_timeout),
-            ("idle_timeout", target.idle_timeout),
-        ] {
-            if d.0.is_zero() {
-                return Err(m.error_at(&at(k), "must be above zero"));
-            }
-        }
-        for (key, path) in target.secret_files() {
-            secret_files.push((m.locate(&at(key)), path.to_path_buf()));
-        }
-        targets.push(target);
-    }
-
-    Ok(Settings {
-        files: m.files.clone(),
-        cluster_name: inputs.cluster_name,
-        node_name,
-        etcd,
-        snapshot,
-        schedule: inputs.schedule,
-        election: inputs.election,
-        guards: inputs.guards,
-        priority: inputs.priority,
-        retention: inputs.retention,
-        delivery: inputs.delivery,
-        metrics: inputs.metrics,
-        import: inputs.import,
-        compression: inputs.compression,
-        encryption: inputs.encryption,
-        verify: inputs.verify,
-        signing,
-        targets,
-        secret_files,
-    })
 }
 
 /// serde's `unknown field `x`, expected one of `a`, `b`` with the likely key named:
@@ -823,7 +421,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The fix for an etcd endpoint written without a scheme (`127.0.0.1:2379`, as etcdctl
 /// takes it); `None` when it has one. https comes first when TLS files are configured.
-fn missing_scheme(raw: &str, tls_files_set: bool) -> Option<String> {
+pub(super) fn missing_scheme(raw: &str, tls_files_set: bool) -> Option<String> {
     if raw.contains("://") || raw.trim().is_empty() {
         return None;
     }
@@ -849,7 +447,7 @@ fn missing_scheme(raw: &str, tls_files_set: bool) -> Option<String> {
 /// The S3 keys of target `t` with URL `url` and its (expanded) access and secret key files:
 /// `Some` for `s3://`, where `region`, `access_key_file` and `secret_key_file` are required;
 /// on any other scheme they must be unset. An error names the key.
-fn s3_settings(
+pub(super) fn s3_settings(
     t: &inputs::TargetInputs,
     url: &Url,
     (access_key_file, secret_key_file): (Option<PathBuf>, Option<PathBuf>),
@@ -939,7 +537,7 @@ fn check_bucket(b: &str) -> Result<(), String> {
 }
 
 /// Parses a target URL without ever echoing it: it might hold a password.
-fn parse_target_url(raw: &str) -> Result<Url, String> {
+pub(super) fn parse_target_url(raw: &str) -> Result<Url, String> {
     let url = Url::parse(raw).map_err(|e| e.to_string())?;
     if url.password().is_some() {
         return Err("a password in the URL is not allowed; use username and password_file".into());
