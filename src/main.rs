@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     };
     progress::init(match cli.command {
         Command::Daemon => progress::Mode::Log,
-        Command::Backup { .. } | Command::Fetch { .. } | Command::Verify { .. } => progress::bars_if_terminal(),
+        Command::Backup { .. } | Command::Fetch(_) | Command::Verify { .. } => progress::bars_if_terminal(),
         _ => progress::Mode::Off,
     });
     etcd_backupd::logging::init(cli.verbose);

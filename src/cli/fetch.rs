@@ -299,3 +299,25 @@ pub(super) async fn verify(
     }
     Ok(())
 }
+
+/// `fetch`, as asked on the command line.
+pub(super) async fn run(settings: &Settings, args: &super::FetchArgs) -> Result<()> {
+    let identity = crate::config::read_identity(args.identity.as_deref(), "--identity")?;
+    let allow = Allow {
+        version_mismatch: args.allow_version_mismatch,
+        unsigned: args.allow_unsigned,
+        expired_certificates: args.allow_expired_certificates,
+        unrestorable_archive: args.allow_unrestorable_archive,
+    };
+    let to = crate::restore::fetch_dir(args.to.as_deref())?;
+    let req = Request {
+        id: &args.id,
+        dir: &to,
+        allow,
+        force: args.force,
+        target: args.target.as_deref(),
+        identity,
+        json: args.json,
+    };
+    fetch(settings, req).await
+}

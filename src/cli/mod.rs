@@ -93,41 +93,7 @@ pub enum Command {
         wide: bool,
     },
     /// Download and verify one set, ready for the restore script.
-    Fetch {
-        /// A set id (see `list`) or `latest`.
-        id: String,
-        /// Where to put the files; must be empty or missing. Default, on an OpenShift
-        /// control-plane node only: /home/core/assets/backup (the platform's documented place).
-        #[arg(long, value_name = "DIR")]
-        to: Option<PathBuf>,
-        /// Fetch even when the set's OpenShift version differs from the running cluster's.
-        #[arg(long)]
-        allow_version_mismatch: bool,
-        /// Fetch even when verify.allowed_signers is set and the set is unsigned or not
-        /// signed by a listed key.
-        #[arg(long)]
-        allow_unsigned: bool,
-        /// Fetch even when the certificates in the set's static resources have expired.
-        #[arg(long)]
-        allow_expired_certificates: bool,
-        /// Fetch even when the static resources archive is not one the platform's
-        /// cluster-restore.sh can use (members outside static-pod-resources/, a component's
-        /// revision directory or pod manifest missing).
-        #[arg(long)]
-        allow_unrestorable_archive: bool,
-        /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
-        #[arg(long)]
-        force: bool,
-        /// One JSON document on stdout (schema_version, ok, the files laid out, the next step).
-        #[arg(long)]
-        json: bool,
-        /// age identity file (private key) for an encrypted set; must not be group/other readable.
-        #[arg(long, value_name = "FILE")]
-        identity: Option<PathBuf>,
-        /// The target to read (default: the first).
-        #[arg(long, value_name = "NAME")]
-        target: Option<String>,
-    },
+    Fetch(FetchArgs),
     /// Verify a stored set without keeping it.
     Verify {
         /// A set id (see `list`) or `latest`.
@@ -200,7 +166,7 @@ impl Command {
         match self {
             Command::Backup { json, .. }
             | Command::List { json, .. }
-            | Command::Fetch { json, .. }
+            | Command::Fetch(FetchArgs { json, .. })
             | Command::Verify { json, .. }
             | Command::Prune { json, .. }
             | Command::Status { json, .. }
@@ -215,7 +181,7 @@ impl Command {
             Command::Daemon => "daemon",
             Command::Backup { .. } => "backup",
             Command::List { .. } => "list",
-            Command::Fetch { .. } => "fetch",
+            Command::Fetch(_) => "fetch",
             Command::Verify { .. } => "verify",
             Command::Prune { .. } => "prune",
             Command::Status { .. } => "status",
@@ -279,6 +245,44 @@ fn print_machineconfig(settings: &Settings, command: &Command) -> Result<()> {
     Ok(())
 }
 
+/// `fetch`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct FetchArgs {
+    /// A set id (see `list`) or `latest`.
+    id: String,
+    /// Where to put the files; must be empty or missing. Default, on an OpenShift
+    /// control-plane node only: /home/core/assets/backup (the platform's documented place).
+    #[arg(long, value_name = "DIR")]
+    to: Option<PathBuf>,
+    /// Fetch even when the set's OpenShift version differs from the running cluster's.
+    #[arg(long)]
+    allow_version_mismatch: bool,
+    /// Fetch even when verify.allowed_signers is set and the set is unsigned or not
+    /// signed by a listed key.
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// Fetch even when the certificates in the set's static resources have expired.
+    #[arg(long)]
+    allow_expired_certificates: bool,
+    /// Fetch even when the static resources archive is not one the platform's
+    /// cluster-restore.sh can use (members outside static-pod-resources/, a component's
+    /// revision directory or pod manifest missing).
+    #[arg(long)]
+    allow_unrestorable_archive: bool,
+    /// Accept a non-empty DIR, removing the snapshot*.db and static_kuberesources*.tar.gz in it.
+    #[arg(long)]
+    force: bool,
+    /// One JSON document on stdout (schema_version, ok, the files laid out, the next step).
+    #[arg(long)]
+    json: bool,
+    /// age identity file (private key) for an encrypted set; must not be group/other readable.
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// The target to read (default: the first).
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+}
+
 fn load(cli: &Cli) -> Result<Settings> {
     let settings = Settings::load(&cli.config)?;
     settings.check_node_files()?;
@@ -336,38 +340,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             crate::daemon::run(cli.config.clone(), settings, crate::daemon::cancel_on_signals()).await
         }
-        Command::Fetch {
-            id,
-            to,
-            allow_version_mismatch,
-            allow_unsigned,
-            allow_expired_certificates,
-            allow_unrestorable_archive,
-            force,
-            json,
-            target,
-            identity,
-        } => {
-            let settings = load(&cli)?;
-            let identity = read_identity(identity.as_deref(), "--identity")?;
-            let allow = fetch::Allow {
-                version_mismatch: *allow_version_mismatch,
-                unsigned: *allow_unsigned,
-                expired_certificates: *allow_expired_certificates,
-                unrestorable_archive: *allow_unrestorable_archive,
-            };
-            let to = crate::restore::fetch_dir(to.as_deref())?;
-            let req = fetch::Request {
-                id,
-                dir: &to,
-                allow,
-                force: *force,
-                target: target.as_deref(),
-                identity,
-                json: *json,
-            };
-            fetch::fetch(&settings, req).await
-        }
+        Command::Fetch(args) => fetch::run(&load(&cli)?, args).await,
         Command::Verify {
             id,
             deep,

@@ -69,12 +69,7 @@ async fn already_there(target: &dyn Target, set: &StagedSet) -> bool {
 
 /// Applies retention on each target that took a set in this pass and owes nothing more
 /// (a target still missing a newer set is not pruned: its newest backup failed).
-pub async fn apply_retention(
-    settings: &Settings,
-    staged: &[Staged],
-    opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
-    results: &[Delivered],
-) {
+pub async fn apply_retention(settings: &Settings, staged: &[Staged], opened: &Opened, results: &[Delivered]) {
     let policy = settings.retention_policy();
     // What each target holds once pruned, for the coverage metrics: written once.
     let mut coverage = BTreeMap::new();
@@ -139,136 +134,138 @@ pub async fn apply_retention(
 pub async fn pass(
     settings: &Settings,
     sets: &mut [Staged],
-    opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
+    opened: &Opened,
     abort: &CancellationToken,
-    mut early: BTreeMap<String, Early>,
+    early: BTreeMap<String, Early>,
     mut records: Option<&mut crate::etcd::election::Election>,
     retry_until: Option<tokio::time::Instant>,
 ) -> Vec<Delivered> {
-    use crate::etcd::election::MayDeliver;
-    let staging = &settings.snapshot.staging_dir;
-    let mut down: BTreeMap<String, String> = BTreeMap::new();
-    let mut results = Vec::new();
+    let mut pass = Pass {
+        settings,
+        opened,
+        abort,
+        early,
+        retry_until,
+        down: BTreeMap::new(),
+        results: Vec::new(),
+    };
     let mut completed: Vec<String> = Vec::new();
     for staged in sets.iter_mut() {
-        if staged.pending.is_empty() {
+        if staged.pending.is_empty() || !cleared(settings, staged, records.as_deref_mut()).await {
             continue;
         }
-        if let Some(run) = staged.set.manifest.run.clone().filter(|_| settings.election.enabled) {
-            let id = staged.set.manifest.id.clone();
-            let verdict = match records.as_deref_mut() {
-                Some(e) => e
-                    .may_deliver(&run, &id)
-                    .await
-                    .unwrap_or_else(|e| MayDeliver::Wait(crate::error::one_line(&e))),
-                None => MayDeliver::Wait("etcd cannot be asked whether it is the run's set".into()),
-            };
-            match verdict {
-                MayDeliver::Yes => {}
-                MayDeliver::NotOurs(why) => {
-                    tracing::warn!(backup_id = %id, run = %run, reason = %why, "another set is this run's backup; this node's set stays a local copy and is not delivered");
-                    staged.pending.clear();
-                    if let Err(e) = owe(&staged.set.dir, &[]) {
-                        tracing::error!(error = %crate::error::one_line(&e), "cannot record the delivery state");
-                    }
-                    continue;
-                }
-                MayDeliver::Wait(why) => {
-                    tracing::info!(backup_id = %id, run = %run, reason = %why, "the set waits: not known yet whether it is the run's backup");
-                    continue;
-                }
-            }
+        if pass.deliver(staged).await {
+            completed.push(staged.id().to_string());
         }
+    }
+    let Pass { early, results, .. } = pass;
+    discard_drafts(opened, early).await;
+    // This node's entries for those sets, once per pass.
+    if !completed.is_empty() {
+        crate::staging::state::State::update_or_log(&settings.snapshot.staging_dir, |state| {
+            for id in &completed {
+                state.settle(id);
+            }
+        });
+    }
+    results
+}
+
+/// The targets of a pass by name: opened, or why each cannot be used.
+pub type Opened = BTreeMap<String, std::result::Result<Box<dyn Target>, String>>;
+
+/// Whether a staged set may go out: a set of an elected run only once the election says it
+/// is that run's set (one that is not becomes a local copy).
+async fn cleared(
+    settings: &Settings,
+    staged: &mut Staged,
+    records: Option<&mut crate::etcd::election::Election>,
+) -> bool {
+    use crate::etcd::election::MayDeliver;
+    let Some(run) = staged.set.manifest.run.clone().filter(|_| settings.election.enabled) else {
+        return true;
+    };
+    let id = staged.id().to_string();
+    let verdict = match records {
+        Some(e) => e
+            .may_deliver(&run, &id)
+            .await
+            .unwrap_or_else(|e| MayDeliver::Wait(crate::error::one_line(&e))),
+        None => MayDeliver::Wait("etcd cannot be asked whether it is the run's set".into()),
+    };
+    match verdict {
+        MayDeliver::Yes => true,
+        MayDeliver::NotOurs(why) => {
+            tracing::warn!(backup_id = %id, run = %run, reason = %why, "another set is this run's backup; this node's set stays a local copy and is not delivered");
+            staged.pending.clear();
+            if let Err(e) = owe(&staged.set.dir, &[]) {
+                tracing::error!(error = %crate::error::one_line(&e), "cannot record the delivery state");
+            }
+            false
+        }
+        MayDeliver::Wait(why) => {
+            tracing::info!(backup_id = %id, run = %run, reason = %why, "the set waits: not known yet whether it is the run's backup");
+            false
+        }
+    }
+}
+
+/// One delivery pass in progress: the targets found down so far (not tried again in it),
+/// and what each attempt came to.
+struct Pass<'a> {
+    settings: &'a Settings,
+    opened: &'a Opened,
+    abort: &'a CancellationToken,
+    early: BTreeMap<String, Early>,
+    retry_until: Option<tokio::time::Instant>,
+    down: BTreeMap<String, String>,
+    results: Vec<Delivered>,
+}
+
+impl Pass<'_> {
+    /// Stores `staged` on each target still owed it and records what is still owed. True
+    /// when the set reached its last target in this pass (the run that took it is settled).
+    async fn deliver(&mut self, staged: &mut Staged) -> bool {
         let before = staged.pending.clone();
         let m = staged.set.manifest.clone();
         let mut still = Vec::new();
         for name in &before {
-            if settings.target(name).is_none() {
+            if self.settings.target(name).is_none() {
                 tracing::warn!(backup_id = %m.id, target_name = %name, "target no longer configured; the set is not delivered to it");
                 continue;
             }
-            let Some(opened) = opened.get(name) else {
+            let Some(opened) = self.opened.get(name) else {
                 // Not part of this pass (`backup --target` chose another).
                 still.push(name.clone());
                 continue;
             };
             // A target that cannot be opened, or failed earlier in this pass, is not tried.
-            let skipped = match (opened, down.get(name)) {
-                (Err(e), _) => Some(e.clone()),
-                (Ok(_), Some(why)) => Some(format!("not tried: the target failed earlier in this pass ({why})")),
-                (Ok(_), None) => None,
-            };
-            if let Some(why) = skipped {
-                down.entry(name.clone()).or_insert_with(|| why.clone());
-                still.push(name.clone());
-                results.push(Delivered {
-                    id: m.id.clone(),
-                    cluster: m.cluster_name.clone(),
-                    target: name.clone(),
-                    location: String::new(),
-                    result: Err(why),
-                    completes_run: None,
-                });
-                continue;
-            }
-            let Ok(target) = opened else { continue };
-            let location = target.describe(&m.cluster_name, &m.id);
-            crate::notify::status(&format!("storing {} on target '{name}'", m.id));
-            // After an abort the draft stays in `early`, and is removed at the end.
-            let begun = match early.get(name) {
-                Some(e) if e.draft.id == m.id && !abort.is_cancelled() => early.remove(name),
-                _ => None,
-            };
-            let put = async {
-                match begun {
-                    _ if abort.is_cancelled() => {
-                        Err(anyhow::anyhow!("the run was stopped before this target was written"))
-                    }
-                    Some(e) => {
-                        let draft = e.settle(name).await;
-                        target.finish_set(draft, &staged.set, abort).await
-                    }
-                    None => {
-                        target
-                            .put_set(&m.cluster_name, &settings.node_name, &staged.set, abort)
-                            .await
-                    }
+            let (location, result, tried) = match (opened, self.down.get(name)) {
+                (Err(e), _) => (String::new(), Err(e.clone()), false),
+                (Ok(_), Some(why)) => (
+                    String::new(),
+                    Err(format!("not tried: the target failed earlier in this pass ({why})")),
+                    false,
+                ),
+                (Ok(target), None) => {
+                    let location = target.describe(&m.cluster_name, &m.id);
+                    (location, self.store(name, target.as_ref(), staged).await, true)
                 }
-            };
-            // Retries stop at the pass's deadline (the next run); a moving upload is not cut.
-            let result = crate::targets::retry::retries_until(retry_until, put).await;
-            let result = match result {
-                Err(e)
-                    if !abort.is_cancelled()
-                        && crate::targets::retry::retries_until(
-                            retry_until,
-                            already_there(target.as_ref(), &staged.set),
-                        )
-                        .await =>
-                {
-                    tracing::info!(target_name = %name, backup_id = %m.id, "the target already holds this set (an earlier answer was lost)");
-                    let _ = e;
-                    Ok(())
-                }
-                Err(e) => {
-                    // Another set holds this id there: only this set is stuck, not the target.
-                    if e.downcast_ref::<crate::targets::SetExists>().is_none() {
-                        down.insert(name.clone(), crate::error::one_line(&e));
-                    }
-                    Err(crate::error::one_line(&e))
-                }
-                Ok(()) => Ok(()),
             };
             match &result {
                 Ok(()) => {
                     tracing::info!(target_name = %name, backup_id = %m.id, location = %location, "backup set stored")
+                }
+                Err(e) if !tried => {
+                    self.down.entry(name.clone()).or_insert_with(|| e.clone());
+                    still.push(name.clone());
                 }
                 Err(e) => {
                     tracing::error!(target_name = %name, backup_id = %m.id, error = %e, "cannot store the backup set; it stays pending in staging");
                     still.push(name.clone());
                 }
             }
-            results.push(Delivered {
+            self.results.push(Delivered {
                 id: m.id.clone(),
                 cluster: m.cluster_name.clone(),
                 target: name.clone(),
@@ -277,12 +274,12 @@ pub async fn pass(
                 completes_run: None,
             });
         }
-        // The set reached its last target in this pass: the run that took it is settled.
+        let mut completes = false;
         if still.is_empty()
-            && let Some(d) = results.iter_mut().rev().find(|d| d.id == m.id && d.result.is_ok())
+            && let Some(d) = self.results.iter_mut().rev().find(|d| d.id == m.id && d.result.is_ok())
         {
             d.completes_run = m.run.clone();
-            completed.push(m.id.clone());
+            completes = true;
         }
         if still != before {
             staged.pending = still;
@@ -290,17 +287,46 @@ pub async fn pass(
                 tracing::error!(backup_id = %m.id, error = %crate::error::one_line(&e), "cannot record the delivery state");
             }
         }
+        completes
     }
-    discard_drafts(opened, early).await;
-    // This node's entries for those sets, once per pass.
-    if !completed.is_empty() {
-        crate::staging::state::State::update_or_log(staging, |state| {
-            for id in &completed {
-                state.settle(id);
+
+    /// One set on one target: finishing the draft begun while the snapshot streamed, or the
+    /// whole set from staging. Retries stop at the pass's deadline (the next run); a moving
+    /// upload is not cut. A failure marks the target down for the rest of the pass.
+    async fn store(&mut self, name: &str, target: &dyn Target, staged: &Staged) -> Result<(), String> {
+        let (m, abort) = (&staged.set.manifest, self.abort);
+        crate::notify::status(&format!("storing {} on target '{name}'", m.id));
+        // After an abort the draft stays in `early`, and is removed at the end.
+        let begun = match self.early.get(name) {
+            Some(e) if e.draft.id == m.id && !abort.is_cancelled() => self.early.remove(name),
+            _ => None,
+        };
+        let node = &self.settings.node_name;
+        let put = async {
+            match begun {
+                _ if abort.is_cancelled() => Err(anyhow::anyhow!("the run was stopped before this target was written")),
+                Some(e) => {
+                    let draft = e.settle(name).await;
+                    target.finish_set(draft, &staged.set, abort).await
+                }
+                None => target.put_set(&m.cluster_name, node, &staged.set, abort).await,
             }
-        });
+        };
+        let Err(e) = crate::targets::retry::retries_until(self.retry_until, put).await else {
+            return Ok(());
+        };
+        if !abort.is_cancelled()
+            && crate::targets::retry::retries_until(self.retry_until, already_there(target, &staged.set)).await
+        {
+            tracing::info!(target_name = %name, backup_id = %m.id, "the target already holds this set (an earlier answer was lost)");
+            return Ok(());
+        }
+        // Another set holds this id there: only this set is stuck, not the target.
+        if e.downcast_ref::<crate::targets::SetExists>().is_none() {
+            self.down.insert(name.to_string(), crate::error::one_line(&e));
+        }
+        Err(crate::error::one_line(&e))
     }
-    results
 }
 
 /// A set begun on a target before its snapshot was taken, and the upload that follows the
@@ -330,10 +356,7 @@ impl Early {
 
 /// Removes drafts that will not be finished, once their uploads have ended (best effort:
 /// a leftover is debris the next run removes).
-pub async fn discard_drafts(
-    opened: &BTreeMap<String, std::result::Result<Box<dyn Target>, String>>,
-    early: BTreeMap<String, Early>,
-) {
+pub async fn discard_drafts(opened: &Opened, early: BTreeMap<String, Early>) {
     for (name, e) in early {
         let draft = e.settle(&name).await;
         if let Some(Ok(target)) = opened.get(&name)
@@ -345,10 +368,7 @@ pub async fn discard_drafts(
 }
 
 /// Opens the named targets for a pass.
-pub fn open_targets<'a>(
-    settings: &Settings,
-    names: impl IntoIterator<Item = &'a str>,
-) -> BTreeMap<String, std::result::Result<Box<dyn Target>, String>> {
+pub fn open_targets<'a>(settings: &Settings, names: impl IntoIterator<Item = &'a str>) -> Opened {
     names
         .into_iter()
         .filter_map(|n| settings.target(n))

@@ -21,7 +21,7 @@ use anyhow::Result;
 use chrono::Utc;
 
 use crate::config::{Settings, SnapshotMethod};
-use crate::delivery;
+use crate::delivery::{self, Opened};
 use crate::envelope::Seal;
 use crate::error::Stop;
 use crate::etcd::{self, hex_id};
@@ -622,9 +622,6 @@ const PREFLIGHT_MAX: Duration = Duration::from_secs(10);
 /// How long a target may take to create a set's folder before the snapshot starts without
 /// it (a folder made later is this node's debris, removed by its next run).
 const BEGIN_EARLY_MAX: Duration = Duration::from_secs(10);
-
-/// The targets of a run by name, or why each cannot be used.
-type Opened = BTreeMap<String, std::result::Result<Box<dyn Target>, String>>;
 
 /// Begins the set on every target that can take the snapshot while it streams: the
 /// native method only (the script writes its own files), usable targets only, and only

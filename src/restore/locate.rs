@@ -1,0 +1,232 @@
+//! Finding a set on the targets (`latest` or an id), with its manifest, sums and signature
+//! read and judged before any file of it is.
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::AsyncReadExt;
+
+use crate::config::Settings;
+use crate::error::Stop;
+use crate::manifest::{MANIFEST, Manifest, SIGNATURE};
+use crate::targets::{self, Target};
+use crate::trust::signing::{AllowedSigners, Verdict};
+
+pub(super) const SUMS_CAP: u64 = 64 * 1024;
+
+/// A set found on a target.
+pub struct Located {
+    pub target: Box<dyn Target>,
+    pub cluster: String,
+    pub manifest: Manifest,
+    /// The text of an age identity file, for encrypted sets.
+    pub identity: Option<String>,
+    /// Set when the set was chosen as `latest`: what to name instead should it turn out
+    /// damaged while it is read.
+    pub latest: Option<LatestChoice>,
+    /// What its signature must be.
+    pub trust: Trust,
+    /// `fetch --allow-unrestorable-archive`: take a static resources archive the platform's
+    /// restore cannot use (warned about) instead of refusing the set.
+    pub allow_unrestorable: bool,
+}
+
+/// What a reader requires of a set's signature: with `verify.allowed_signers`, a valid
+/// `manifest.json.sig` by a key it lists; without, none (but an invalid one is refused).
+#[derive(Debug, Default)]
+pub struct Trust {
+    pub allowed: Option<AllowedSigners>,
+    /// `--allow-unsigned`: take the set whatever its signature is (warned about).
+    pub allow_unsigned: bool,
+    /// The verdict, once [`check_signature`] has read it.
+    verdict: std::sync::OnceLock<Verdict>,
+}
+
+impl Trust {
+    /// The trust `settings` asks for (`verify.allowed_signers`, read here).
+    pub fn of(settings: &Settings) -> Result<Trust> {
+        let allowed = match &settings.verify.allowed_signers {
+            Some(p) => Some(AllowedSigners::load(p)?),
+            None => None,
+        };
+        Ok(Trust {
+            allowed,
+            ..Trust::default()
+        })
+    }
+}
+
+/// Reads a small file of a set whole, refusing more than `cap` bytes.
+pub(super) async fn read_small(target: &dyn Target, cluster: &str, id: &str, name: &str, cap: u64) -> Result<Vec<u8>> {
+    let mut r = target.open_file(cluster, id, name).await?.take(cap + 1);
+    let mut bytes = Vec::new();
+    r.read_to_end(&mut bytes)
+        .await
+        .with_context(|| format!("cannot read {name}"))?;
+    if bytes.len() as u64 > cap {
+        bail!(Damage(format!("{name} is larger than {cap} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// What the signature of set `m` on `target` says, judged against `allowed`: the exact
+/// bytes of its `manifest.json` (which must say what `m` says) and its `manifest.json.sig`.
+pub async fn signature_of(
+    target: &dyn Target,
+    cluster: &str,
+    m: &Manifest,
+    allowed: Option<&AllowedSigners>,
+) -> Result<Verdict> {
+    let sig = read_small(target, cluster, &m.id, SIGNATURE, crate::trust::signing::SIGNATURE_CAP)
+        .await
+        .map_err(|e| crate::error::one_line(&e));
+    let sig = match sig {
+        Ok(s) => s,
+        Err(why) => return Ok(Verdict::Unsigned(why)),
+    };
+    let json = read_small(target, cluster, &m.id, MANIFEST, targets::MANIFEST_CAP).await?;
+    if Manifest::parse(&json).ok().as_ref() != Some(m) {
+        bail!(Damage(format!("{MANIFEST} changed while the set was being read")));
+    }
+    Ok(crate::trust::signing::judge(&json, Ok(&sig), allowed))
+}
+
+/// Checks the set's signature as [`Trust`] requires before anything of it is used: a set
+/// refused fails with the reason, naming the signature, unless `--allow-unsigned`.
+pub async fn check_signature(located: &Located) -> Result<Verdict> {
+    if let Some(v) = located.trust.verdict.get() {
+        return Ok(v.clone());
+    }
+    let (m, allowed) = (&located.manifest, located.trust.allowed.as_ref());
+    let verdict = signature_of(located.target.as_ref(), &located.cluster, m, allowed)
+        .await
+        .map_err(|e| explain(located, e))?;
+    // A signed manifest names its cluster: a set moved into another cluster's folder is not
+    // that cluster's backup.
+    let moved = (matches!(verdict, Verdict::Good { .. }) && m.cluster_name != located.cluster).then(|| {
+        format!(
+            "its signed manifest names cluster '{}', but it is in the folder of cluster '{}': it was moved there",
+            m.cluster_name, located.cluster
+        )
+    });
+    if let Some(why) = verdict.refusal(allowed).or(moved) {
+        if !located.trust.allow_unsigned {
+            bail!(
+                "refusing set {} on target '{}': {why} (--allow-unsigned to take it anyway)",
+                m.id,
+                located.target.name()
+            );
+        }
+        tracing::warn!("set {}: {why}; taking it anyway (--allow-unsigned)", m.id);
+    }
+    let _ = located.trust.verdict.set(verdict.clone());
+    Ok(verdict)
+}
+
+/// How `latest` was resolved: the newest set with a manifest, whatever its state, so that
+/// `latest` never silently means "the newest good one".
+#[derive(Debug, Clone)]
+pub struct LatestChoice {
+    /// The newest older set whose files are all there at their recorded sizes.
+    pub next_intact: Option<String>,
+}
+
+/// A set whose stored bytes are not what its manifest records (missing, shorter, longer,
+/// another checksum), or that cannot be restored although they are. `verify` and `download`
+/// tell it from transport and identity errors, to name the set and what to use instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Damage(pub String);
+
+/// The refusal of a damaged newest set, naming the newest intact one.
+pub(super) fn damaged_latest(target: &str, id: &str, what: &str, next: Option<&str>) -> String {
+    let instead = match next {
+        Some(n) => format!("the newest intact set is {n}: fetch it by id (not `latest`)"),
+        None => format!("no older set on target '{target}' is intact"),
+    };
+    format!("the newest set {id} on target '{target}' is damaged: {what}; {instead}")
+}
+
+/// `e`, reworded when it is damage of the set (see [`Damage`]).
+pub(super) fn explain(located: &Located, e: anyhow::Error) -> anyhow::Error {
+    let Some(damage) = e.chain().find_map(|c| c.downcast_ref::<Damage>()) else {
+        return e;
+    };
+    let (target, id) = (located.target.name(), &located.manifest.id);
+    match &located.latest {
+        Some(l) => anyhow!(Damage(damaged_latest(target, id, &damage.0, l.next_intact.as_deref()))),
+        None => anyhow!(Damage(format!(
+            "set {id} on target '{target}' is damaged: {}",
+            damage.0
+        ))),
+    }
+}
+
+/// Finds set `id` (or the newest, for `latest`) on the target named `target` (default: the
+/// first configured), in the configured cluster's folder, or in any when none is configured.
+pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Result<Located> {
+    let trust = Trust::of(settings)?;
+    let ts = match target {
+        Some(name) => settings
+            .target(name)
+            .ok_or_else(|| Stop::Usage(format!("--target {name:?}: no such target")))?,
+        None => &settings.targets[0],
+    };
+    let t = targets::open(ts, None)?;
+    // Damaged sets too: the newest set is `latest` whatever its state (a damaged one is
+    // refused below, naming the newest intact one), never silently the one before it.
+    let sets = t.list_all_sets(settings.cluster_name.as_deref()).await?;
+    let next_intact = |after: &str| {
+        sets.iter()
+            .find(|s| s.damaged.is_none() && s.manifest.id.as_str() < after)
+            .map(|s| s.manifest.id.clone())
+    };
+    let chosen: Vec<_> = if id == "latest" {
+        let clusters: std::collections::BTreeSet<&str> = sets.iter().map(|s| s.cluster.as_str()).collect();
+        if clusters.len() > 1 {
+            bail!(Stop::Usage(format!(
+                "target '{}' holds sets of several clusters ({}); set cluster_name to choose one",
+                ts.name,
+                clusters.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        sets.iter().take(1).cloned().collect()
+    } else {
+        sets.iter().filter(|s| s.manifest.id == id).cloned().collect()
+    };
+    match chosen.len() {
+        0 if id == "latest" => bail!("target '{}' holds no complete backup set", ts.name),
+        0 => bail!(
+            "target '{}' holds no complete backup set '{id}' (see `etcd-backupd list`)",
+            ts.name
+        ),
+        1 => {}
+        _ => bail!(Stop::Usage(format!(
+            "set '{id}' exists for several clusters on target '{}'; set cluster_name to choose one",
+            ts.name
+        ))),
+    }
+    let s = chosen.into_iter().next().expect("one set");
+    let next = next_intact(&s.manifest.id);
+    if let Some(what) = &s.damaged {
+        if id == "latest" {
+            bail!(Damage(damaged_latest(&ts.name, &s.manifest.id, what, next.as_deref())));
+        }
+        let instead = sets
+            .iter()
+            .find(|s| s.damaged.is_none())
+            .map(|s| format!("; the newest intact set is {}", s.manifest.id))
+            .unwrap_or_default();
+        bail!(Damage(format!(
+            "set {id} on target '{}' is damaged: {what}{instead}",
+            ts.name
+        )));
+    }
+    Ok(Located {
+        target: t,
+        cluster: s.cluster,
+        manifest: s.manifest,
+        identity: None,
+        latest: (id == "latest").then_some(LatestChoice { next_intact: next }),
+        trust,
+        allow_unrestorable: false,
+    })
+}
