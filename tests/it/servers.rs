@@ -793,3 +793,66 @@ impl Drop for Moto {
         stop_group(&mut self.child, false);
     }
 }
+
+/// s3s-fs (crates.io, `--features binary`): a second S3 server, over plain HTTP on
+/// loopback, that checks every request's SigV4 signature against its one key and keeps
+/// objects as files under `root/<bucket>/`. It lacks operations moto has: it answers
+/// `501 Not Implemented` to `ListMultipartUploads`. The bucket `backups` exists.
+pub struct S3sFs {
+    pub port: u16,
+    pub dir: TempDir,
+    pub access_key: String,
+    pub secret_key: String,
+    child: Child,
+}
+
+impl S3sFs {
+    pub fn start() -> S3sFs {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("backups")).unwrap();
+        let (access_key, secret_key) = (
+            "AKIDS3SFSTEST".to_string(),
+            format!("s3s-{:016x}", rand::random::<u64>()),
+        );
+        let port = free_port();
+        let log = dir.path().join("s3s-fs.log");
+        let child = spawn_group(
+            Command::new("s3s-fs")
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", &access_key, "--secret-key", &secret_key])
+                .arg(&root)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        )
+        .expect("s3s-fs 0.14.1 (scripts/install-deps.sh --supply-chain)");
+        wait_for_port(port, "s3s-fs", &log);
+        S3sFs {
+            port,
+            dir,
+            access_key,
+            secret_key,
+            child,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Where the server keeps the bucket's objects, read directly (not through etcd-backupd).
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.dir.path().join("root/backups")
+    }
+
+    /// What it printed (for a failure's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("s3s-fs.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for S3sFs {
+    fn drop(&mut self) {
+        stop_group(&mut self.child, false);
+    }
+}
