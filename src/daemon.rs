@@ -231,7 +231,8 @@ impl<'a> Daemon<'a> {
         // In the background, from the start (also while etcd is awaited); a port that cannot
         // be bound is retried there and never stops backups.
         if let Some(addr) = &settings.metrics.listen {
-            crate::metrics::spawn(tasks, addr.clone(), settings.snapshot.staging_dir.clone(), stop.clone());
+            let listen = (addr.clone(), settings.metrics.listen_retry.0);
+            crate::metrics::spawn(tasks, listen, settings.snapshot.staging_dir.clone(), stop.clone());
         }
         let Some(seed) = wait_for_etcd(&settings, schedule.is_some(), &stop).await? else {
             return Ok(None);

@@ -270,8 +270,6 @@ pub fn refresh(settings: &Settings) {
     }
 }
 
-/// How long a metrics endpoint that could not bind (or failed) waits before trying again.
-const RETRY: Duration = Duration::from_secs(30);
 /// A failure that goes on is logged again this often (besides its first time and changes).
 const REMIND: Duration = Duration::from_secs(3600);
 /// A client must have sent its whole request head this soon after connecting.
@@ -284,26 +282,19 @@ const MAX_CONNECTIONS: usize = 8;
 /// The largest request head read (hyper's minimum buffer); a longer one is refused.
 const MAX_HEAD: usize = 8192;
 
-/// The retry interval; `ETCD_BACKUPD_METRICS_RETRY_MS` shortens it for the test suite only
-/// (internal, not a setting).
-fn retry_interval() -> Duration {
-    std::env::var("ETCD_BACKUPD_METRICS_RETRY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
-        .map(Duration::from_millis)
-        .unwrap_or(RETRY)
-}
-
 /// Serves `GET /metrics` on `addr` in the background until `stop`. Metrics never stop
 /// backups: nothing here can end the daemon. A bind failure (the port taken, the address not
 /// on this host yet) is logged as a warning with the address and the error, the first time,
 /// when the error changes and once an hour, and the bind is retried every
-/// [`RETRY`]; once it succeeds, recovery is logged. A serving task that dies (a panic) is
+/// `retry` (`metrics.listen_retry`); once it succeeds, recovery is logged. A serving task that dies (a panic) is
 /// started again the same way.
-pub fn spawn(tasks: &tokio_util::task::TaskTracker, addr: String, staging: PathBuf, stop: CancellationToken) {
+pub fn spawn(
+    tasks: &tokio_util::task::TaskTracker,
+    (addr, retry): (String, Duration),
+    staging: PathBuf,
+    stop: CancellationToken,
+) {
     tasks.spawn(async move {
-        let retry = retry_interval();
         let mut failures: u64 = 0;
         let mut logged: Option<(String, Instant)> = None;
         loop {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{FreeSpace, HumanDuration, Rate};
+use super::types::{FreeSpace, HumanDuration, Rate, Size};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -262,7 +262,7 @@ impl Default for RetentionInputs {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsInputs {
     /// A node_exporter textfile-collector file (`.../etcd-backupd.prom`), rewritten
@@ -272,6 +272,19 @@ pub struct MetricsInputs {
     /// `ADDRESS:PORT` where the daemon answers `GET /metrics`; unset = none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// How soon a `listen` address that cannot be bound (the port taken, the address not on
+    /// this host yet) is tried again.
+    pub listen_retry: HumanDuration,
+}
+
+impl Default for MetricsInputs {
+    fn default() -> Self {
+        MetricsInputs {
+            textfile: None,
+            listen: None,
+            listen_retry: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -345,6 +358,8 @@ pub struct TargetInputs {
     /// `s3://`: `https://endpoint/bucket/` rather than `https://bucket.endpoint/`; unset
     /// means true with an `endpoint`, false without (AWS).
     pub path_style: Option<bool>,
+    /// `s3://`: the size of each part of a multipart upload (files larger than one part).
+    pub part_size: Option<Size>,
 }
 
 fn default_proxy() -> String {

@@ -157,6 +157,8 @@ pub struct S3Settings {
     pub access_key_file: PathBuf,
     pub secret_key_file: PathBuf,
     pub path_style: bool,
+    /// Each part of a multipart upload, in bytes (all but the last).
+    pub part_size: u64,
 }
 
 impl TargetSettings {
@@ -459,6 +461,7 @@ pub(super) fn s3_settings(
             ("access_key_file", access_key_file.is_some()),
             ("secret_key_file", secret_key_file.is_some()),
             ("path_style", t.path_style.is_some()),
+            ("part_size", t.part_size.is_some()),
         ];
         return match s3_only.iter().find(|(_, set)| *set) {
             Some((k, _)) => Err((k, "applies only to an s3:// target".into())),
@@ -508,6 +511,18 @@ pub(super) fn s3_settings(
             ),
         ));
     }
+    let part_size = t.part_size.map_or(crate::targets::s3::PART_SIZE, |s| s.0);
+    // S3 itself, MinIO and Ceph refuse parts under 5 MiB (but the last) at completion;
+    // smaller parts are for servers that take them. At most 5 GiB, S3's own cap.
+    if !(MIN_PART_SIZE..=5 << 30).contains(&part_size) {
+        return Err((
+            "part_size",
+            format!(
+                "{} is outside 64 KiB..5 GiB (S3 needs at least 5 MiB)",
+                types::Size(part_size)
+            ),
+        ));
+    }
     let required = |k: &'static str, v: Option<PathBuf>| v.ok_or((k, "required for an s3:// target".to_string()));
     Ok(Some(S3Settings {
         endpoint,
@@ -515,8 +530,12 @@ pub(super) fn s3_settings(
         access_key_file: required("access_key_file", access_key_file)?,
         secret_key_file: required("secret_key_file", secret_key_file)?,
         path_style,
+        part_size,
     }))
 }
+
+/// The smallest `part_size` taken.
+const MIN_PART_SIZE: u64 = 64 << 10;
 
 /// An S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-', starting and ending
 /// with a letter or digit.

@@ -268,6 +268,9 @@ fn check_operations(at: &At, inputs: &Inputs) -> Result<(), String> {
         ));
     }
     at.absolute("metrics.textfile", inputs.metrics.textfile.as_deref())?;
+    if inputs.metrics.listen_retry.0 < std::time::Duration::from_secs(1) {
+        return Err(at.err("metrics.listen_retry", "must be at least 1s"));
+    }
     if inputs.retention.max_age.is_some_and(|d| d.0.is_zero()) {
         return Err(at.err("retention.max_age", "must be above zero (leave it out for no cap)"));
     }

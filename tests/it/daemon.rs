@@ -22,6 +22,25 @@ fn node_config(w: &Work, i: usize, endpoint: &str, cron: &str, targets: &str) ->
     cfg
 }
 
+/// The I/O scheduler the kernel chose for the disk holding `path` (or its nearest existing
+/// ancestor), from /sys; `None` when /sys has no queue for it (as in some containers).
+fn io_scheduler_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = path.ancestors().find_map(|p| std::fs::metadata(p).ok())?.dev();
+    let sys = std::fs::canonicalize(format!(
+        "/sys/dev/block/{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    ))
+    .ok()?;
+    // A partition has no queue of its own: its disk's is the one.
+    let text = std::fs::read_to_string(sys.join("queue/scheduler"))
+        .or_else(|_| std::fs::read_to_string(sys.parent().unwrap().join("queue/scheduler")))
+        .ok()?;
+    let chosen = text.split_whitespace().find(|s| s.starts_with('['))?;
+    Some(chosen.trim_matches(['[', ']']).to_string())
+}
+
 /// The run markers the election left in etcd: run -> JSON record.
 fn markers(endpoints: &str) -> BTreeMap<String, serde_json::Value> {
     crate::support::etcd_prefix(endpoints, "/etcd-backupd/runs/")
@@ -272,7 +291,17 @@ fn systemd_hears_ready_status_watchdog_and_stopping_and_sighup_reloads() {
         .parse()
         .unwrap();
     assert_eq!(nice, 10, "{stat}");
-    assert!(d.log().contains("I/O scheduler"), "{}", d.log());
+    // The one line the staging disk's scheduler (read here from /sys) calls for.
+    let want = match io_scheduler_of(&w.path().join("staging-0")) {
+        Some(s) if s == "bfq" || s == "cfq" => format!("I/O scheduler honours priority.io_class scheduler={s}"),
+        Some(s) => format!(
+            "I/O scheduler ignores priority.io_class; the unit's IOWeight and bandwidth limits still apply scheduler={s}"
+        ),
+        None => "cannot tell the staging disk's I/O scheduler".to_string(),
+    };
+    let log = d.log();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("I/O scheduler")).collect();
+    assert!(said.len() == 1 && said[0].contains(&want), "want {want:?}:\n{log}");
 
     // SIGHUP with a broken config keeps the old one; with a good one, reloads.
     let good = std::fs::read_to_string(&cfg).unwrap();
@@ -740,14 +769,13 @@ fn a_taken_metrics_port_never_stops_backups_and_is_bound_once_free() {
     // Another process holds the port of metrics.listen (as etcd's pod holds 9979 on a master).
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let targets = format!("{}\n[metrics]\nlisten = \"{addr}\"\n", file_target(&w));
+    let targets = format!(
+        "{}\n[metrics]\nlisten = \"{addr}\"\nlisten_retry = \"1s\"\n",
+        file_target(&w)
+    );
     let cfg = node_config(&w, 0, &etcd.endpoint, "*/2 * * * * *", &targets);
     // The retry interval (30 s) shortened to 1 s for the test, through an internal variable.
-    let mut d = Proc::daemon(
-        &cfg,
-        w.path().join("daemon.log"),
-        &[("ETCD_BACKUPD_METRICS_RETRY_MS", "1000")],
-    );
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
 
     // Backups go on, every 2 s, and the daemon keeps running.
     let deadline = Instant::now() + Duration::from_secs(40);

@@ -236,12 +236,11 @@ while not [u for u in s3.list_multipart_uploads(Bucket="{BUCKET}").get("Uploads"
 }
 
 /// Runs `backup` until a new multipart upload is under way, then SIGKILLs it.
-fn kill_mid_upload(moto: &Moto, cfg: &Path, env: (&str, &str)) {
+fn kill_mid_upload(moto: &Moto, cfg: &Path) {
     let known = upload_ids(moto);
     let mut child = crate::common::spawn_group(
         Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
             .args(cfg_args(&["backup", "--no-election"], cfg))
-            .env(env.0, env.1)
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
             .stdout(std::process::Stdio::null())
@@ -259,20 +258,19 @@ fn a_multipart_upload_killed_midway_leaves_nothing_listed_and_the_next_run_clean
     etcd.fill(None, 3000, 1000); // ~3+ MB: a dozen parts of 256 KiB
     let moto = Moto::start();
     let w = Work::new();
-    let targets = s3_target(&moto, &w, &moto.secret_key, "");
+    let targets = s3_target(&moto, &w, &moto.secret_key, "part_size = \"256KiB\"");
     let slow = format!("{targets}\n[priority]\nupload_rate_limit = \"512KiB/s\"\n");
-    let part = ("ETCD_BACKUPD_S3_PART_SIZE", "262144");
     let cfg = w.write_config_targets(&etcd.endpoint, &slow);
     let nothing_listed = || {
         assert!(sets_on(&moto, BUCKET).is_empty(), "{:?}", moto.objects(BUCKET));
-        let r = cli(&["list"], &cfg, &[part]);
+        let r = cli(&["list"], &cfg, &[]);
         assert_eq!(r.code, 0, "{}", r.all());
         assert!(r.stderr.contains("no complete backup sets"), "{}", r.all());
     };
 
     // Killed while the snapshot streams into its multipart upload (the pipelined path):
     // nothing is listed; what is there is the marker naming this node, and the upload.
-    kill_mid_upload(&moto, &cfg, part);
+    kill_mid_upload(&moto, &cfg);
     nothing_listed();
     let debris = debris_on(&moto, BUCKET);
     assert!(debris.iter().any(|k| k.ends_with("/.partial-node-a")), "{debris:?}");
@@ -283,7 +281,7 @@ fn a_multipart_upload_killed_midway_leaves_nothing_listed_and_the_next_run_clean
     // The next run takes its own snapshot, then delivers the killed run's set from staging
     // first: killed during that upload, still nothing is listed.
     std::thread::sleep(Duration::from_millis(1100));
-    kill_mid_upload(&moto, &cfg, part);
+    kill_mid_upload(&moto, &cfg);
     nothing_listed();
     assert_eq!(moto.uploads(BUCKET).len(), 1, "the first run's upload was aborted");
     let staged = w.staged();
@@ -293,7 +291,7 @@ fn a_multipart_upload_killed_midway_leaves_nothing_listed_and_the_next_run_clean
     // both staged sets (multipart again), then its own.
     std::thread::sleep(Duration::from_millis(1100));
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
-    let r = backup_env(&cfg, &[part]);
+    let r = backup_env(&cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
         r.stderr.contains("removed an incomplete set left by an earlier run"),
@@ -504,11 +502,11 @@ fn the_secret_key_never_shows_in_any_output_at_trace_level_or_in_any_file() {
     etcd.fill(None, 500, 500);
     let moto = Moto::start();
     let w = Work::new();
-    let cfg = w.write_config_targets(&etcd.endpoint, &s3_target(&moto, &w, &moto.secret_key, ""));
+    let target = s3_target(&moto, &w, &moto.secret_key, "part_size = \"256KiB\"");
+    let cfg = w.write_config_targets(&etcd.endpoint, &target);
     let secret = moto.secret_key.clone();
     let mut outputs = Vec::new();
-    let parts = [("ETCD_BACKUPD_S3_PART_SIZE", "262144")];
-    let r = cli(&["backup", "--no-election", "-vv"], &cfg, &parts);
+    let r = cli(&["backup", "--no-election", "-vv"], &cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("TRACE"), "not at trace level");
     outputs.push(r.all());

@@ -687,7 +687,7 @@ impl Moto {
                 .arg("-k")
                 .arg(&pki.server_key)
                 .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-                // Parts as small as the tests' part size (ETCD_BACKUPD_S3_PART_SIZE).
+                // Parts as small as the tests' `part_size`.
                 .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(d.join("moto.log")).unwrap()),

@@ -366,10 +366,21 @@ mod names {
         fn propfind_entries_are_always_safe(hrefs in proptest::collection::vec("(/|%2[Ff]|%5[Cc]|%00|%2[Ee]|\\.|\\.\\.|[a-z0-9_-]{1,6}|\\\\|http://h){0,8}", 1..6)) {
             let entries: Vec<(String, Option<u64>)> = hrefs.into_iter().map(|h| (h, Some(1))).collect();
             let body = super::multistatus(&entries);
-            if let Ok(parsed) = etcd_backupd::targets::propfind::parse(&body) {
-                for e in parsed {
-                    prop_assert!(e.name.is_empty() || etcd_backupd::targets::safe_component(&e.name), "{:?}", e);
-                    prop_assert!(!e.path.split('/').any(|s| s == "." || s == ".."), "{:?}", e);
+            match etcd_backupd::targets::propfind::parse(&body) {
+                Ok(parsed) => {
+                    prop_assert_eq!(parsed.len(), entries.len());
+                    for e in parsed {
+                        prop_assert!(e.name.is_empty() || etcd_backupd::targets::safe_component(&e.name), "{:?}", e);
+                        prop_assert!(!e.path.split('/').any(|s| s == "." || s == ".."), "{:?}", e);
+                    }
+                }
+                // Refused only for a dot segment or an unsafe name, and only when some href
+                // holds a dot, a backslash or an encoded '/', '\', NUL or '.'.
+                Err(err) => {
+                    let err = format!("{err:#}");
+                    prop_assert!(err.contains("'..' or '.'") || err.contains("unsafe name"), "{}", err);
+                    let risky = ["%2F", "%2f", "%5C", "%5c", "%00", "%2E", "%2e", ".", "\\"];
+                    prop_assert!(entries.iter().any(|(h, _)| risky.iter().any(|r| h.contains(r))), "{}: {:?}", err, entries);
                 }
             }
         }

@@ -38,10 +38,11 @@ fn run_rss(args: &[&str]) -> (Run, u64) {
                     .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             })
     };
-    let mut peak = 0u64;
+    let (mut peak, mut samples) = (0u64, 0);
     let status = loop {
         if let Some(kib) = hwm(child.id()) {
             peak = peak.max(kib);
+            samples += 1;
         }
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -53,6 +54,11 @@ fn run_rss(args: &[&str]) -> (Run, u64) {
         stdout: t_out.join().unwrap(),
         stderr: t_err.join().unwrap(),
     };
+    // A sampler that read nothing would pass any bound.
+    assert!(
+        samples > 0 && peak > 0,
+        "{args:?}: {samples} VmHWM samples, peak {peak} KiB"
+    );
     (run, peak)
 }
 

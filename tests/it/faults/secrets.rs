@@ -238,19 +238,34 @@ fn staging_target_and_fetched_files_are_private_whatever_the_umask() {
         assert_eq!(mode(p), want, "{} is {:04o}", p.display(), mode(p));
     };
     private(&w.staging());
-    for p in Work::files_under(&w.staging()) {
+    let staged = Work::files_under(&w.staging());
+    for name in ["tmp", "sets", "state.json", "lock", ".etcd-backupd-staging"] {
+        assert!(
+            staged.contains(&w.staging().join(name)),
+            "no {name} in staging: {staged:?}"
+        );
+    }
+    for p in staged {
         private(&p);
     }
     let root = w.target_root().join("test");
     private(&root);
-    for p in Work::files_under(&root) {
+    let stored = Work::files_under(&root);
+    let set_dirs = stored
+        .iter()
+        .filter(|p| p.parent() == Some(root.as_path()) && p.is_dir())
+        .count();
+    assert!(set_dirs == 2 && stored.len() > 2, "two stored sets: {stored:?}");
+    for p in stored {
         private(&p);
     }
     let dir = w.path().join("new/fetch");
     let r = umask0(&["fetch", "latest", "--to", dir.to_str().unwrap(), "--config", c]);
     assert_eq!(r.code, 0, "{}", r.all());
     private(&dir);
-    for p in Work::files_under(&dir) {
+    let fetched = Work::files_under(&dir);
+    assert!(fetched.len() >= 2, "the snapshot and the archive: {fetched:?}");
+    for p in fetched {
         private(&p);
     }
     let existing = w.path().join("existing");

@@ -20,32 +20,20 @@
 //!    marker is removed.
 
 use std::collections::BTreeMap;
-use std::io::SeekFrom;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{
-    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings, UriPathNormalizationMode,
-    sign,
-};
-use base64::Engine as _;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::future::BoxFuture;
-use futures_util::stream::{BoxStream, FuturesUnordered};
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use md5::Md5;
-use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use sha2::Digest;
 use url::Url;
 
-use super::http::{ERROR_CAP, Http, Pacer, Refusal, is_loopback, paced_body, read_secret, size_and_sha256};
+use super::http::{Http, Refusal, is_loopback, read_secret, size_and_sha256};
 use super::{
     Draft, FOREIGN_DEBRIS_AGE, FileReader, ListedSet, MANIFEST_CAP, PARTIAL_MARK, Sent, StagedSet, Target, is_set_name,
     safe_component,
@@ -54,6 +42,13 @@ use crate::config::{TargetSettings, VerifyUpload};
 use crate::growing::Follower;
 use crate::manifest::{MANIFEST, Manifest};
 use tokio_util::sync::CancellationToken;
+
+mod multipart;
+mod sign;
+mod xml;
+
+use multipart::Source;
+use xml::{Xml, b64, code_hint, error_fields, parse_time};
 
 /// The size of each part of a multipart upload (all but the last). 16 MiB: few requests
 /// for a multi-GiB snapshot, up to 160 GiB within S3's 10,000 parts, and no memory cost,
@@ -67,8 +62,6 @@ const MAX_PARTS: u32 = 10_000;
 const CHUNK: usize = 256 * 1024;
 /// The largest listing page read (S3 sends at most 1000 keys a page).
 const LIST_CAP: u64 = 16 << 20;
-/// The test suite's knob for a small part size (moto then needs `S3_UPLOAD_PART_MIN_SIZE`).
-const PART_SIZE_ENV: &str = "ETCD_BACKUPD_S3_PART_SIZE";
 
 /// An S3 target. It holds secrets, so it has no `Debug`.
 pub struct S3Target {
@@ -136,227 +129,6 @@ impl SetObjects {
         !self.has_manifest()
             && (self.markers.iter().any(|(n, _)| n == node)
                 || self.newest().is_some_and(|t| now - t >= FOREIGN_DEBRIS_AGE))
-    }
-}
-
-/// Where the bytes of an upload come from.
-#[derive(Clone)]
-enum Source {
-    /// A complete file in staging.
-    File(PathBuf),
-    /// The snapshot file while it is written (the pipelined path).
-    Growing(Follower),
-}
-
-impl Source {
-    /// Bytes `from..from + len` (fewer if the file ends sooner).
-    fn range(&self, from: u64, len: u64) -> BoxStream<'static, std::io::Result<Bytes>> {
-        match self {
-            Source::Growing(f) => f.range(from, len, CHUNK).boxed(),
-            Source::File(path) => {
-                let path = path.clone();
-                futures_util::stream::once(async move {
-                    let mut f = tokio::fs::File::open(&path)
-                        .await
-                        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open '{}': {e}", path.display())))?;
-                    f.seek(SeekFrom::Start(from)).await?;
-                    Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::with_capacity(f.take(len), CHUNK))
-                })
-                .try_flatten()
-                .boxed()
-            }
-        }
-    }
-
-    /// The length and MD5 of bytes `from..from + len`, fed to `whole` too. For a growing
-    /// file this waits until they are written (or the file ends).
-    async fn digest(&self, from: u64, len: u64, whole: &mut Sha256) -> Result<(u64, [u8; 16])> {
-        let mut md5 = Md5::new();
-        let mut n = 0u64;
-        let mut chunks = self.range(from, len);
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            md5.update(&chunk);
-            whole.update(&chunk);
-            n += chunk.len() as u64;
-        }
-        Ok((n, md5.finalize().into()))
-    }
-}
-
-/// An S3 XML answer, flattened: the text of every element by its path of local names
-/// (`ListBucketResult/Contents/Key`), in document order; a container appears after its
-/// children, with empty text. Only the predefined entities and character references are
-/// resolved; a DOCTYPE is refused.
-struct Xml(Vec<(String, String)>);
-
-impl Xml {
-    fn parse(body: &[u8]) -> Result<Xml> {
-        use quick_xml::events::Event;
-        let mut reader = quick_xml::Reader::from_reader(body);
-        let mut buf = Vec::new();
-        let mut stack: Vec<String> = Vec::new();
-        let mut text = String::new();
-        let mut out = Vec::new();
-        let bad = |e: &dyn std::fmt::Display| anyhow!("invalid XML answer: {e}");
-        loop {
-            match reader.read_event_into(&mut buf).map_err(|e| bad(&e))? {
-                Event::Start(e) => {
-                    stack.push(String::from_utf8_lossy(e.local_name().as_ref()).into_owned());
-                    text.clear();
-                }
-                Event::Empty(e) => {
-                    let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
-                    let path = stack.iter().chain([&name]).cloned().collect::<Vec<_>>().join("/");
-                    out.push((path, String::new()));
-                }
-                Event::Text(t) => text.push_str(&t.decode().map_err(|e| bad(&e))?),
-                Event::CData(t) => text.push_str(&t.decode().map_err(|e| bad(&e))?),
-                Event::GeneralRef(r) => match r.resolve_char_ref().map_err(|e| bad(&e))? {
-                    Some(c) => text.push(c),
-                    None => text.push(match r.decode().map_err(|e| bad(&e))?.as_ref() {
-                        "amp" => '&',
-                        "lt" => '<',
-                        "gt" => '>',
-                        "quot" => '"',
-                        "apos" => '\'',
-                        other => bail!("invalid XML answer: entity '&{other};' is not allowed"),
-                    }),
-                },
-                Event::DocType(_) => bail!("invalid XML answer: a DOCTYPE is not allowed"),
-                Event::End(_) => {
-                    let path = stack.join("/");
-                    stack.pop();
-                    out.push((path, std::mem::take(&mut text).trim().to_string()));
-                }
-                Event::Eof => break,
-                _ => {}
-            }
-            buf.clear();
-        }
-        if !stack.is_empty() || out.is_empty() {
-            bail!("invalid XML answer: the document is incomplete");
-        }
-        Ok(Xml(out))
-    }
-
-    /// The root element's name (it closes last).
-    fn root(&self) -> &str {
-        self.0.last().map(|(p, _)| p.as_str()).unwrap_or_default()
-    }
-
-    fn field(&self, path: &str) -> Option<&str> {
-        self.0.iter().find(|(p, _)| p == path).map(|(_, t)| t.as_str())
-    }
-
-    /// Each element at `path`, as its children's texts by name.
-    fn records(&self, path: &str) -> Vec<BTreeMap<String, String>> {
-        let inner = format!("{path}/");
-        let mut out = Vec::new();
-        let mut current = BTreeMap::new();
-        for (p, t) in &self.0 {
-            if let Some(child) = p.strip_prefix(&inner) {
-                if !child.contains('/') {
-                    current.insert(child.to_string(), t.clone());
-                }
-            } else if p == path {
-                out.push(std::mem::take(&mut current));
-            }
-        }
-        out
-    }
-}
-
-/// The `Code` and `Message` of an S3 error answer, when it is one.
-fn error_fields(body: &[u8]) -> (Option<String>, Option<String>) {
-    match Xml::parse(body) {
-        Ok(x) if x.root() == "Error" => (
-            x.field("Error/Code").map(str::to_string),
-            x.field("Error/Message").map(str::to_string),
-        ),
-        _ => (None, None),
-    }
-}
-
-/// What an S3 error code most likely means, for the message.
-fn code_hint(code: Option<&str>, status: StatusCode) -> &'static str {
-    match code {
-        Some("SignatureDoesNotMatch" | "InvalidAccessKeyId" | "InvalidSecurity") => {
-            " (the server refused the key: check access_key_file and secret_key_file)"
-        }
-        Some("AccessDenied" | "AllAccessDisabled") => {
-            " (the key may not do this in this bucket: check its policy, and for a delete the bucket's Object Lock)"
-        }
-        Some("NoSuchBucket") => " (no such bucket: create it, or fix the bucket in url)",
-        Some("RequestTimeTooSkewed") => " (this host's clock is off by more than 15 minutes: check NTP)",
-        Some("AuthorizationHeaderMalformed" | "PermanentRedirect" | "IllegalLocationConstraintException") => {
-            " (the bucket is elsewhere: check region and endpoint)"
-        }
-        _ if status == StatusCode::MOVED_PERMANENTLY || status == StatusCode::TEMPORARY_REDIRECT => {
-            " (the bucket is elsewhere: check region and endpoint)"
-        }
-        _ if status == StatusCode::FORBIDDEN => {
-            " (the server refused the request: check access_key_file, secret_key_file and the key's policy)"
-        }
-        _ => "",
-    }
-}
-
-fn parse_time(s: Option<&String>) -> Option<DateTime<Utc>> {
-    s.and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.to_utc())
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// The request body of `CompleteMultipartUpload`.
-fn complete_body(parts: &[(u32, String)]) -> String {
-    let mut xml = String::from("<CompleteMultipartUpload>");
-    for (n, etag) in parts {
-        xml.push_str(&format!(
-            "<Part><PartNumber>{n}</PartNumber><ETag>{}</ETag></Part>",
-            quick_xml::escape::escape(etag.as_str())
-        ));
-    }
-    xml.push_str("</CompleteMultipartUpload>");
-    xml
-}
-
-/// The parts of one multipart upload being sent.
-struct Parts<'a> {
-    inflight: FuturesUnordered<BoxFuture<'a, Result<(u32, String, u64)>>>,
-    /// Part numbers and ETags of the parts stored.
-    done: Vec<(u32, String)>,
-    /// Bytes stored.
-    stored: u64,
-    phase: &'a crate::progress::Phase,
-}
-
-impl Parts<'_> {
-    fn record(&mut self, (number, etag, len): (u32, String, u64)) {
-        self.done.push((number, etag));
-        self.stored += len;
-        self.phase.set(self.stored);
-    }
-
-    /// Waits for the next part in flight to be stored; a failed part ends it all.
-    async fn wait_one(&mut self) -> Result<()> {
-        if let Some(r) = self.inflight.next().await {
-            self.record(r?);
-        }
-        Ok(())
-    }
-
-    /// Runs `fut` while the parts in flight go on.
-    async fn drive<T>(&mut self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        tokio::pin!(fut);
-        loop {
-            tokio::select! {
-                out = &mut fut => return out,
-                Some(r) = self.inflight.next(), if !self.inflight.is_empty() => self.record(r?),
-            }
-        }
     }
 }
 
@@ -436,11 +208,7 @@ impl S3Target {
         let access = read_secret(&s3.access_key_file, "access_key_file", &name)?;
         let secret = read_secret(&s3.secret_key_file, "secret_key_file", &name)?;
         http.add_secret(secret.clone());
-        let part_size = std::env::var(PART_SIZE_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|n| *n >= 1024)
-            .unwrap_or(PART_SIZE);
+        let part_size = s3.part_size;
         Ok(S3Target {
             name,
             bucket,
@@ -489,72 +257,6 @@ impl S3Target {
             }
         }
         u
-    }
-
-    /// A request to `url` without a body, signed with SigV4 (in the `Authorization`
-    /// header); `headers` are sent and signed.
-    fn signed(&self, method: Method, url: &Url, headers: &[(&str, String)]) -> Result<RequestBuilder> {
-        self.sign(method, url, headers, SignableBody::Bytes(&[]))
-    }
-
-    /// [`S3Target::signed`] for a body streamed from a file: its hash is not signed
-    /// (`UNSIGNED-PAYLOAD`), its `Content-MD5` (in `headers`) is, and the server checks that.
-    fn signed_stream(&self, method: Method, url: &Url, headers: &[(&str, String)]) -> Result<RequestBuilder> {
-        self.sign(method, url, headers, SignableBody::UnsignedPayload)
-    }
-
-    /// [`S3Target::signed`] with `body`, whose SHA-256 is signed too.
-    fn signed_with(
-        &self,
-        method: Method,
-        url: &Url,
-        headers: &[(&str, String)],
-        body: &[u8],
-    ) -> Result<RequestBuilder> {
-        Ok(self
-            .sign(method, url, headers, SignableBody::Bytes(body))?
-            .body(body.to_vec()))
-    }
-
-    fn sign(
-        &self,
-        method: Method,
-        url: &Url,
-        headers: &[(&str, String)],
-        body: SignableBody,
-    ) -> Result<RequestBuilder> {
-        let mut settings = SigningSettings::default();
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-        let identity = self.credentials.clone().into();
-        let params = aws_sigv4::sign::v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("s3")
-            .time(SystemTime::now())
-            .settings(settings)
-            .build()
-            .map_err(|e| anyhow!("target '{}': cannot sign a request: {e}", self.name))?
-            .into();
-        let signable = SignableRequest::new(
-            method.as_str(),
-            url.as_str(),
-            headers.iter().map(|(k, v)| (*k, v.as_str())),
-            body,
-        )
-        .map_err(|e| anyhow!("target '{}': cannot sign a request: {e}", self.name))?;
-        let (instructions, _) = sign(signable, &params)
-            .map_err(|e| anyhow!("target '{}': cannot sign a request: {e}", self.name))?
-            .into_parts();
-        let mut rb = self.http.client.request(method, url.clone());
-        for (k, v) in headers {
-            rb = rb.header(*k, v);
-        }
-        for (k, v) in instructions.headers() {
-            rb = rb.header(k, v);
-        }
-        Ok(rb)
     }
 
     async fn send(
@@ -853,294 +555,6 @@ impl S3Target {
             .await?;
         let what = format!("target '{}': GetObject '{shown}'", self.name);
         size_and_sha256(resp, self.http.idle, &what).await
-    }
-
-    /// The headers of a guarded write: `If-None-Match: *` unless the server refused it.
-    fn guard(&self) -> Vec<(&'static str, String)> {
-        if self.conditional.load(Ordering::Relaxed) {
-            vec![("if-none-match", "*".to_string())]
-        } else {
-            Vec::new()
-        }
-    }
-
-    /// A server that does not implement `If-None-Match` says 501; then it cannot guard.
-    fn unguarded(&self, status: StatusCode) -> bool {
-        if status == StatusCode::NOT_IMPLEMENTED && self.conditional.swap(false, Ordering::Relaxed) {
-            tracing::warn!(target_name = %self.name, "the server does not implement If-None-Match; writes are not guarded against replacing an object");
-            return true;
-        }
-        false
-    }
-
-    /// One PUT of `len` bytes of `source` at offset 0 ([`S3Target::put_guarded`]).
-    #[allow(clippy::too_many_arguments)]
-    async fn put_object(
-        &self,
-        key: &str,
-        source: &Source,
-        len: u64,
-        md5: [u8; 16],
-        sha256: &str,
-        pacer: &Option<Pacer>,
-        phase: &crate::progress::Phase,
-    ) -> Result<Put> {
-        self.put_guarded(key, len, md5, sha256, |url, headers, progress| {
-            Ok(self
-                .signed_stream(Method::PUT, url, headers)?
-                .header(header::CONTENT_LENGTH, len)
-                .body(paced_body(source.range(0, len), progress, pacer.clone(), phase.clone())))
-        })
-        .await
-    }
-
-    /// A small object from memory ([`S3Target::put_guarded`]).
-    async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<Put> {
-        let md5: [u8; 16] = Md5::digest(bytes).into();
-        let sha = hex::encode(Sha256::digest(bytes));
-        self.put_guarded(key, bytes.len() as u64, md5, &sha, |url, headers, _| {
-            self.signed_with(Method::PUT, url, headers, bytes)
-        })
-        .await
-    }
-
-    /// A `PutObject` of `len` bytes with this MD5 and SHA-256, guarded: a key already taken
-    /// is [`Put::Taken`] unless it holds exactly these bytes (an answer lost before a
-    /// retry). `make` builds each attempt's signed request from its URL, headers and
-    /// progress counter.
-    async fn put_guarded(
-        &self,
-        key: &str,
-        len: u64,
-        md5: [u8; 16],
-        sha256: &str,
-        make: impl Fn(&Url, &[(&str, String)], Arc<AtomicU64>) -> Result<RequestBuilder>,
-    ) -> Result<Put> {
-        let url = self.url(key, &[]);
-        let shown = self.shown(key);
-        loop {
-            let mut headers = vec![
-                ("content-md5", b64(&md5)),
-                ("content-type", "application/octet-stream".to_string()),
-            ];
-            headers.extend(self.guard());
-            let (resp, _) = self
-                .send("PutObject", &shown, |progress| make(&url, &headers, progress))
-                .await?;
-            let status = resp.status();
-            if self.unguarded(status) {
-                continue;
-            }
-            if status == StatusCode::PRECONDITION_FAILED {
-                return Ok(if self.holds(key, len, sha256).await? {
-                    Put::Stored
-                } else {
-                    Put::Taken
-                });
-            }
-            self.expect("PutObject", &shown, resp, &[StatusCode::OK]).await?;
-            return Ok(Put::Stored);
-        }
-    }
-
-    /// Uploads `source` to `key`: one PUT when it fits in a part, else a multipart upload
-    /// ([`PARTS_IN_FLIGHT`] parts at once, each retried on its own, aborted on failure).
-    /// Returns the size and SHA-256 of what was stored.
-    async fn put_source(
-        &self,
-        key: &str,
-        source: &Source,
-        phase: &crate::progress::Phase,
-    ) -> Result<(u64, String, Put)> {
-        let pacer = self.http.pacer();
-        let mut whole = Sha256::new();
-        let (n, md5) = source.digest(0, self.part_size, &mut whole).await?;
-        if n < self.part_size {
-            let sha = hex::encode(whole.finalize());
-            let put = self.put_object(key, source, n, md5, &sha, &pacer, phase).await?;
-            return Ok((n, sha, put));
-        }
-        let id = self.create_upload(key).await?;
-        let sent = self
-            .put_parts(key, &id, source, (n, md5), &mut whole, &pacer, phase)
-            .await;
-        let sha = hex::encode(whole.finalize());
-        let done = match sent {
-            Ok((parts, size)) => self.complete_upload(key, &id, &parts, size, &sha).await,
-            Err(e) => Err(e),
-        };
-        match done {
-            Ok((size, Put::Stored)) => Ok((size, sha, Put::Stored)),
-            other => {
-                if let Err(a) = self.abort_upload(key, &id).await {
-                    tracing::warn!(target_name = %self.name, key = %key, error = %crate::error::one_line(&a), "cannot abort a failed multipart upload; the next run removes it");
-                }
-                other.map(|(size, put)| (size, sha, put))
-            }
-        }
-    }
-
-    async fn create_upload(&self, key: &str) -> Result<String> {
-        let url = self.url(key, &[("uploads", "")]);
-        let shown = self.shown(key);
-        let headers = [("content-type", "application/octet-stream".to_string())];
-        let resp = self
-            .call("CreateMultipartUpload", &shown, &[StatusCode::OK], |_| {
-                self.signed(Method::POST, &url, &headers)
-            })
-            .await?;
-        let what = format!("target '{}': CreateMultipartUpload '{shown}'", self.name);
-        let body = self.http.read_capped(resp, ERROR_CAP, &what).await?;
-        let xml = Xml::parse(&body).with_context(|| what.clone())?;
-        xml.field("InitiateMultipartUploadResult/UploadId")
-            .filter(|id| !id.is_empty())
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("{what}: the answer names no UploadId"))
-    }
-
-    /// Sends the parts of `source`, the first (`first`: its length and MD5) already read;
-    /// each next part is read (for its MD5) while the ones before it are sent. Returns the
-    /// part numbers and ETags, in order, and the bytes sent.
-    #[allow(clippy::too_many_arguments)]
-    async fn put_parts(
-        &self,
-        key: &str,
-        id: &str,
-        source: &Source,
-        first: (u64, [u8; 16]),
-        whole: &mut Sha256,
-        pacer: &Option<Pacer>,
-        phase: &crate::progress::Phase,
-    ) -> Result<(Vec<(u32, String)>, u64)> {
-        let mut parts = Parts {
-            inflight: FuturesUnordered::new(),
-            done: Vec::new(),
-            stored: 0,
-            phase,
-        };
-        let (mut number, mut offset, mut part) = (1u32, 0u64, first);
-        loop {
-            while parts.inflight.len() >= PARTS_IN_FLIGHT {
-                parts.wait_one().await?;
-            }
-            let (len, md5) = part;
-            parts.inflight.push(
-                self.put_part(key, id, number, source, offset, len, md5, pacer.clone())
-                    .boxed(),
-            );
-            if len < self.part_size {
-                break;
-            }
-            offset += len;
-            if number >= MAX_PARTS {
-                bail!(
-                    "target '{}': '{}' is larger than {MAX_PARTS} parts of {} bytes",
-                    self.name,
-                    self.shown(key),
-                    self.part_size
-                );
-            }
-            part = parts.drive(source.digest(offset, self.part_size, whole)).await?;
-            if part.0 == 0 {
-                break;
-            }
-            number += 1;
-        }
-        while !parts.inflight.is_empty() {
-            parts.wait_one().await?;
-        }
-        parts.done.sort();
-        Ok((parts.done, parts.stored))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn put_part(
-        &self,
-        key: &str,
-        id: &str,
-        number: u32,
-        source: &Source,
-        offset: u64,
-        len: u64,
-        md5: [u8; 16],
-        pacer: Option<Pacer>,
-    ) -> Result<(u32, String, u64)> {
-        let n = number.to_string();
-        let url = self.url(key, &[("partNumber", &n), ("uploadId", id)]);
-        let shown = format!("{} part {number}", self.shown(key));
-        let headers = [("content-md5", b64(&md5))];
-        let resp = self
-            .call("UploadPart", &shown, &[StatusCode::OK], |progress| {
-                Ok(self
-                    .signed_stream(Method::PUT, &url, &headers)?
-                    .header(header::CONTENT_LENGTH, len)
-                    .body(paced_body(
-                        source.range(offset, len),
-                        progress,
-                        pacer.clone(),
-                        crate::progress::Phase::default(),
-                    )))
-            })
-            .await?;
-        let etag = resp
-            .headers()
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("target '{}': UploadPart '{shown}': the answer has no ETag", self.name))?;
-        tracing::debug!(target_name = %self.name, key = %key, part = number, bytes = len, "part stored");
-        Ok((number, etag, len))
-    }
-
-    /// Completes an upload of `size` bytes, guarded like a PUT. When the answer to an
-    /// earlier attempt was lost, the upload is gone (404): then the object must hold
-    /// exactly what was sent.
-    async fn complete_upload(
-        &self,
-        key: &str,
-        id: &str,
-        parts: &[(u32, String)],
-        size: u64,
-        sha256: &str,
-    ) -> Result<(u64, Put)> {
-        let url = self.url(key, &[("uploadId", id)]);
-        let shown = self.shown(key);
-        let body = complete_body(parts);
-        let md5: [u8; 16] = Md5::digest(body.as_bytes()).into();
-        loop {
-            let mut headers = vec![
-                ("content-md5", b64(&md5)),
-                ("content-type", "application/xml".to_string()),
-            ];
-            headers.extend(self.guard());
-            let (resp, retried) = self
-                .send("CompleteMultipartUpload", &shown, |_| {
-                    self.signed_with(Method::POST, &url, &headers, body.as_bytes())
-                })
-                .await?;
-            let status = resp.status();
-            if self.unguarded(status) {
-                continue;
-            }
-            if status == StatusCode::PRECONDITION_FAILED || (retried && status == StatusCode::NOT_FOUND) {
-                let put = if self.holds(key, size, sha256).await? {
-                    Put::Stored
-                } else {
-                    Put::Taken
-                };
-                return Ok((size, put));
-            }
-            let resp = self
-                .expect("CompleteMultipartUpload", &shown, resp, &[StatusCode::OK])
-                .await?;
-            // The answer is sent early and may still turn into an error.
-            let what = format!("target '{}': CompleteMultipartUpload '{shown}'", self.name);
-            let answer = self.http.read_capped(resp, ERROR_CAP, &what).await?;
-            if let (Some(code), message) = error_fields(&answer) {
-                bail!("{what}: {code}: {}", self.http.scrub(message.unwrap_or_default()));
-            }
-            return Ok((size, Put::Stored));
-        }
     }
 
     fn taken(&self, cluster: &str, id: &str) -> anyhow::Error {
@@ -1449,6 +863,7 @@ impl Target for S3Target {
 
 #[cfg(test)]
 mod tests {
+    use super::xml::complete_body;
     use super::*;
 
     #[test]
