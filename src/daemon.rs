@@ -20,9 +20,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::manifest::Trigger;
 use crate::run::guards;
-use crate::run::{self, Outcome};
+use crate::run::{self, Outcome, RunKind};
 use crate::schedule::Schedule;
 use crate::staging::state::State;
 use crate::{etcd, notify};
@@ -159,10 +158,10 @@ async fn serve(
             Wake::Import => daemon.import(slot).await,
             Wake::Drill => daemon.drill(slot).await,
             Wake::Deliver => daemon.deliver(slot).await,
-            Wake::Upgrade(version) => daemon.run(Kind::AfterUpgrade(version), slot).await,
+            Wake::Upgrade(version) => daemon.run(RunKind::AfterUpgrade(version), slot).await,
             Wake::Slot => {
                 if let Some(slot) = slot {
-                    daemon.run(Kind::Scheduled(slot), Some(slot)).await;
+                    daemon.run(RunKind::Scheduled(slot.at), Some(slot)).await;
                 }
             }
         }
@@ -173,13 +172,6 @@ async fn serve(
     notify::stopping();
     tracing::info!("daemon stopped");
     Ok(())
-}
-
-/// The kind of run the daemon starts.
-enum Kind {
-    Scheduled(crate::schedule::Slot),
-    /// A backup after a completed upgrade to this version.
-    AfterUpgrade(String),
 }
 
 /// The daemon between wake-ups: its settings and schedules (replaced by an accepted
@@ -460,12 +452,10 @@ impl<'a> Daemon<'a> {
         };
     }
 
-    /// A backup run: scheduled, or after an upgrade; recorded in the node's state.
-    async fn run(&mut self, kind: Kind, slot: Option<crate::schedule::Slot>) {
-        let (trigger, run) = match &kind {
-            Kind::Scheduled(slot) => (Trigger::Schedule, crate::etcd::election::run_key(slot.at)),
-            Kind::AfterUpgrade(version) => (Trigger::AfterUpgrade, format!("upgrade-{version}")),
-        };
+    /// A backup run: scheduled (at `slot`), or after an upgrade; recorded in the node's
+    /// state.
+    async fn run(&mut self, kind: RunKind, slot: Option<crate::schedule::Slot>) {
+        let (trigger, run) = (kind.trigger(), kind.name());
         let settings = &self.settings;
         let staging = settings.snapshot.staging_dir.clone();
         notify::status(&format!("running {run}: guards, election, backup"));
@@ -475,22 +465,19 @@ impl<'a> Daemon<'a> {
         // The run's delivery pass yields just before the run after it: a target that keeps
         // failing never costs a snapshot (its sets wait for the timer or the next run).
         let following = match &kind {
-            Kind::Scheduled(slot) => self.schedule.as_ref().and_then(|s| s.next_slot(slot.at, &self.seed)),
-            Kind::AfterUpgrade(_) => slot,
+            RunKind::Scheduled(at) => self.schedule.as_ref().and_then(|s| s.next_slot(*at, &self.seed)),
+            _ => slot,
+        };
+        let mode = if settings.election.enabled {
+            run::Mode::Elected {
+                wait_max: WAIT_FOR_HOLDER,
+            }
+        } else {
+            run::Mode::Alone
         };
         let request = run::Request {
-            trigger,
-            run: run.clone(),
-            target: None,
-            mode: if settings.election.enabled {
-                run::Mode::Elected {
-                    wait_max: WAIT_FOR_HOLDER,
-                }
-            } else {
-                run::Mode::Alone
-            },
-            force: run::pipeline::Force::No,
             deliver_by: following.map(|n| yield_before(n.start)),
+            ..run::Request::new(&kind, mode)
         };
         let outcome = run::run_once(settings, &request, &self.stop).await;
         log_outcome(&run, &outcome, t0);
@@ -498,7 +485,7 @@ impl<'a> Daemon<'a> {
         match &kind {
             // A skipped after-upgrade attempt is logged, but kept out of the history of
             // runs; a skipped or failed one is tried again, but not every 30 s.
-            Kind::AfterUpgrade(_) if !took => {
+            RunKind::AfterUpgrade(_) if !took => {
                 self.next_upgrade_check = tokio::time::Instant::now() + UPGRADE_RETRY;
                 if matches!(outcome, Ok(Outcome::Skipped(_))) {
                     State::update_or_log(&staging, |st| st.finished_running(&run));
@@ -509,7 +496,7 @@ impl<'a> Daemon<'a> {
             _ => run::remember(&staging, run::record(trigger, &run, started, t0, &outcome)),
         }
         crate::metrics::refresh(settings);
-        if let Kind::AfterUpgrade(version) = &kind
+        if let RunKind::AfterUpgrade(version) = &kind
             && took
         {
             State::update_or_log(&staging, |state| {
@@ -523,9 +510,9 @@ impl<'a> Daemon<'a> {
         self.delivery_backoff = settings.delivery.retry_interval.0;
         self.next_delivery = (crate::staging::sets::pending(&staging).0 > 0)
             .then(|| tokio::time::Instant::now() + self.delivery_backoff);
-        if let Kind::Scheduled(slot) = kind {
+        if let RunKind::Scheduled(at) = kind {
             // The next slot is computed from now: a run is never made up twice, never overlaps.
-            self.after = slot.at.max(Utc::now());
+            self.after = at.max(Utc::now());
         }
     }
 }
@@ -695,7 +682,7 @@ async fn pending_upgrade(settings: &Settings) -> Option<String> {
     let raw = member.get(etcd::CLUSTER_VERSION_KEY).await.ok()??;
     let cv: serde_json::Value = serde_json::from_slice(&raw).ok()?;
     let version = guards::completed_upgrade(&cv)?;
-    let run = format!("upgrade-{version}");
+    let run = RunKind::AfterUpgrade(version.clone()).name();
     let state = State::load(&settings.snapshot.staging_dir);
     // Once per cluster and version: the election marker covers the cluster for 7 days, the
     // node's list of done upgrades for ever.

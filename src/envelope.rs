@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::fsutil::{self, HashingWriter};
+use crate::manifest::{Compression, Encryption};
 
 /// How stored files are sealed.
 #[derive(Debug, Clone, Default)]
@@ -28,13 +29,21 @@ impl Seal {
     }
 
     /// The manifest's `compression` value.
-    pub fn compression(&self) -> &'static str {
-        if self.zstd_level.is_some() { "zstd" } else { "none" }
+    pub fn compression(&self) -> Compression {
+        if self.zstd_level.is_some() {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
     }
 
     /// The manifest's `encryption` value.
-    pub fn encryption(&self) -> &'static str {
-        if self.recipients.is_empty() { "none" } else { "age" }
+    pub fn encryption(&self) -> Encryption {
+        if self.recipients.is_empty() {
+            Encryption::None
+        } else {
+            Encryption::Age
+        }
     }
 
     /// `.zst`, `.age` or `.zst.age`.
@@ -194,13 +203,13 @@ fn zstd_encoder<W: Write>(w: W, level: i32) -> Result<zstd::Encoder<'static, W>>
 /// identity file, when the file is encrypted) and decompresses. Returns the original bytes.
 pub fn open_reader<'a>(
     stored: Box<dyn Read + Send + 'a>,
-    compression: &str,
-    encryption: &str,
+    compression: Compression,
+    encryption: Encryption,
     identity: Option<&str>,
 ) -> Result<Box<dyn Read + Send + 'a>> {
     let decrypted: Box<dyn Read + Send + 'a> = match encryption {
-        "none" => stored,
-        "age" => {
+        Encryption::None => stored,
+        Encryption::Age => {
             let text = identity.ok_or_else(|| {
                 crate::error::Stop::Usage("the set is encrypted with age: give --identity FILE".into())
             })?;
@@ -228,11 +237,15 @@ pub fn open_reader<'a>(
                 .map_err(|e| anyhow!("cannot decrypt ({e}): wrong --identity?"))?;
             Box::new(r)
         }
-        other => bail!("unknown encryption {other:?}"),
+        Encryption::Unknown => {
+            bail!("the file's encryption is one this release does not know; use a newer etcd-backupd")
+        }
     };
     match compression {
-        "none" => Ok(decrypted),
-        "zstd" => Ok(Box::new(zstd::Decoder::new(decrypted)?)),
-        other => bail!("unknown compression {other:?}"),
+        Compression::None => Ok(decrypted),
+        Compression::Zstd => Ok(Box::new(zstd::Decoder::new(decrypted)?)),
+        Compression::Unknown => {
+            bail!("the file's compression is one this release does not know; use a newer etcd-backupd")
+        }
     }
 }

@@ -99,8 +99,7 @@ pub struct Facts<'a> {
 pub struct ClusterRun {
     pub run: String,
     pub node: String,
-    /// `ok`, `failed`, `partial`, `skipped: ...` as the record says.
-    pub result: String,
+    pub result: crate::outcome::Recorded,
     /// RFC 3339, UTC.
     pub finished: String,
 }
@@ -158,7 +157,7 @@ pub fn judge(f: &Facts) -> Verdict {
     }
     // Another node's failed run counts on every node: the cluster is not backed up.
     if let Some(c) = &f.cluster_last
-        && c.result == RunResult::Failed.as_str()
+        && c.result.result() == Some(RunResult::Failed)
         && local_last.is_none_or(|l| l.run != c.run && l.finished < c.finished)
     {
         failing.push(format!("the cluster's last run ({}, on {}) failed", c.run, c.node));
@@ -373,7 +372,7 @@ mod tests {
         f.cluster_last = Some(ClusterRun {
             run: "2026-12-08T0230".into(),
             node: "master-1".into(),
-            result: "failed".into(),
+            result: RunResult::Failed.into(),
             finished: "2026-12-08T02:31:00Z".into(),
         });
         assert_eq!(judge(&f).level, Level::Failing, "{:?}", judge(&f));

@@ -5,23 +5,30 @@
 //!
 //! schedule → guards → election → source → seal → staging commit → deliver → retain → record
 //!
-//! - [`daemon`]: the service loop: its next wake-up a pure function of its state (`Due::next`),
-//!   signals, [`notify`] (sd_notify), the after-upgrade check, the delivery timer.
-//! - [`run`]: one run, as the daemon and `backup` both do it: [`run::guards`], the election,
-//!   then [`run::pipeline`] (one backup, from etcd to every target) while the lock is held,
-//!   then the record; [`run::import`] ships the platform's own local sets the same way.
+//! - [`daemon`]: the service loop as a small state machine (`Daemon`, one method per kind of
+//!   wake-up: reload, import, drill, deliver, run), its next wake-up a pure function of its
+//!   timers (`Due::next`), [`notify`] (sd_notify), the after-upgrade check.
+//! - [`run`]: one run as a value (`run::Request` says what was asked: its [`run::RunKind`],
+//!   which names it, election or not, force), walked through [`run::guards`], the election,
+//!   then [`run::pipeline`] (preflight, id, source, seal, staging commit, deliver, retain)
+//!   while the lock is held, then the typed record ([`outcome::Recorded`]);
+//!   [`run::import`] ships the platform's own local sets the same way.
 //! - [`etcd`]: a client bound to one configured member (no discovery), and
 //!   [`etcd::election`]: the run lock, run records and "one set per run" in etcd itself.
 //! - [`source`]: where a set's files come from: the native snapshot stream, the platform's
 //!   `cluster-backup.sh`, the static resources archive.
 //! - [`envelope`] (zstd, age) and [`trust`] (each node's signature of `manifest.json`; the
 //!   certificates' "restorable until"): the seal.
-//! - [`staging`]: the one owner of the staging directory: ours or not, its layout, and
-//!   [`staging::state`], the node's record of its runs, changed only under its lock.
-//! - [`delivery`]: staged sets owed to targets, delivered oldest first, each checked against
-//!   its run's record; [`delivery::retention`]: which sets to keep, and pruning a target.
-//! - [`targets`]: where sets are stored, atomically: `file://`, HTTP/WebDAV and S3.
-//! - [`restore`]: `fetch`, `verify` and the restore drill.
+//! - [`staging`]: the one owner of the staging directory: ours or not, its layout, its lock
+//!   (`staging::Locked`: begin a set in `tmp/`, commit it to `sets/` with one fsync
+//!   sequence for every source), [`staging::sets`] (scanning, what each set is owed,
+//!   bounding staging) and [`staging::state`], the node's record of its runs.
+//! - [`delivery`]: only delivering: staged sets to the targets owed them, oldest first, each
+//!   checked against its run's record; [`delivery::retention`]: which sets to keep, and
+//!   pruning a target. Unit-tested against a target in memory (`targets::memory`).
+//! - [`targets`]: where sets are stored, atomically: `file://`, HTTP/WebDAV and S3
+//!   ([`targets::s3`]: XML, signing and multipart in their own files).
+//! - [`restore`]: a folder per step: locate, verify, fetch, versions, drill.
 //! - [`cli`]: a file per command; `main.rs` only parses, sets up [`logging`] (journald or
 //!   stderr, one rendering) and maps errors to exit codes ([`error`]).
 //! - [`metrics`]: Prometheus text, as a textfile-collector file and on `GET /metrics`.

@@ -96,8 +96,31 @@ pub struct FileEntry {
     pub sha256: String,
     pub stored_size: u64,
     pub stored_sha256: String,
-    pub compression: String,
-    pub encryption: String,
+    pub compression: Compression,
+    pub encryption: Encryption,
+}
+
+/// How a stored file is compressed: `"none"` or `"zstd"` in the manifest. A word this
+/// release does not know (a later one's) reads as `Unknown`: the set still lists, and
+/// reading that file says why it cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Zstd,
+    #[serde(other)]
+    Unknown,
+}
+
+/// How a stored file is encrypted: `"none"` or `"age"` in the manifest (see [`Compression`]
+/// for a word this release does not know).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    None,
+    Age,
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,8 +185,7 @@ impl Manifest {
             return Err(format!("invalid manifest.json: id {:?} is not a set name", m.id));
         }
         for f in &m.files {
-            let named =
-                |n: &str| safe_component(n) && (n.starts_with("snapshot_") || n.starts_with("static_kuberesources_"));
+            let named = |n: &str| safe_component(n) && FileKind::of(n).is_some();
             if let Some(bad) = [&f.name, &f.stored_name].into_iter().find(|n| !named(n)) {
                 return Err(format!("invalid manifest.json: file name {bad:?} is not allowed"));
             }
@@ -193,7 +215,7 @@ impl Manifest {
     }
 
     pub fn snapshot(&self) -> Option<&FileEntry> {
-        self.files.iter().find(|f| f.name.starts_with("snapshot_"))
+        self.files.iter().find(|f| f.kind() == Some(FileKind::Snapshot))
     }
 
     /// [`RestoreFacts::restorable_until`] as a time (checked by [`Manifest::parse`]).
@@ -208,6 +230,36 @@ pub const TS_FORMAT: &str = "%F_%H%M%S";
 
 pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format(TS_FORMAT).to_string()
+}
+
+/// What a file of a set is, read from its name (the platform's names: the restore script
+/// finds its files by them). The one place a file's kind is read from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// `snapshot_<ts>.db` (and its sealed or `__POSSIBLY_DIRTY__` forms).
+    Snapshot,
+    /// `static_kuberesources_<ts>.tar.gz`: the static pod resources, with etcd's
+    /// encryption keys when etcd encryption is on.
+    Resources,
+}
+
+impl FileKind {
+    /// The kind of `name`; `None` for a name that is neither.
+    pub fn of(name: &str) -> Option<FileKind> {
+        if name.starts_with("snapshot_") {
+            Some(FileKind::Snapshot)
+        } else if name.starts_with("static_kuberesources_") {
+            Some(FileKind::Resources)
+        } else {
+            None
+        }
+    }
+}
+
+impl FileEntry {
+    pub fn kind(&self) -> Option<FileKind> {
+        FileKind::of(&self.name)
+    }
 }
 
 pub fn snapshot_name(ts: &str) -> String {
@@ -265,8 +317,8 @@ mod tests {
                 sha256: "ab".repeat(32),
                 stored_size: 3,
                 stored_sha256: "ab".repeat(32),
-                compression: "none".into(),
-                encryption: "none".into(),
+                compression: Compression::None,
+                encryption: Encryption::None,
             }],
             tool: ToolInfo::this(),
             forced: Vec::new(),
@@ -312,6 +364,29 @@ mod tests {
                 "{path} = {bad:?} accepted"
             );
         }
+    }
+
+    /// The words manifests already on targets hold read back as the same words; a word
+    /// of a later release keeps the manifest readable and marks only that file.
+    #[test]
+    fn file_seals_read_the_words_manifests_hold() {
+        let mut m = sample();
+        m.files[0].compression = Compression::Zstd;
+        m.files[0].encryption = Encryption::Age;
+        let json = m.to_json();
+        assert!(
+            json.contains(r#""compression": "zstd""#) && json.contains(r#""encryption": "age""#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""compression": "none""#) || m.files.len() == 1,
+            "{json}"
+        );
+        assert_eq!(Manifest::parse(json.as_bytes()).unwrap(), m);
+        let later = json.replace(r#""compression": "zstd""#, r#""compression": "xz""#);
+        let read = Manifest::parse(later.as_bytes()).unwrap();
+        assert_eq!(read.files[0].compression, Compression::Unknown);
+        assert_eq!(read.files[0].encryption, Encryption::Age);
     }
 
     #[test]

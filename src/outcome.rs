@@ -121,11 +121,85 @@ impl RunResult {
     pub fn took_a_set(self) -> bool {
         matches!(self, RunResult::Ok | RunResult::Partial | RunResult::Pending)
     }
+}
 
-    /// The result a recorded text names (`skipped: <reason>` in etcd markers).
-    pub fn parse(text: &str) -> Option<RunResult> {
-        let head = text.split(':').next().unwrap_or_default();
-        RunResult::ALL.into_iter().find(|r| r.as_str() == head)
+/// The result a run record in etcd holds (`<prefix>/runs/<run>`, `last`, the note of a set
+/// about to be published). Its serialized form is the one string earlier releases wrote and
+/// read, so nodes of both releases share the records during a rolling update: `ok`,
+/// `partial`, `pending`, `failed`, `done-elsewhere`, `skipped: <reason>` and `publishing`.
+/// A form this release does not know (a later release's) is kept as written and never taken
+/// for one it knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// A run's result; a skip has its reason in [`Recorded::Skipped`].
+    Run(RunResult),
+    Skipped(String),
+    /// The runner is about to publish the set (not a result yet).
+    Publishing,
+    Unknown(String),
+}
+
+impl Recorded {
+    pub fn parse(text: &str) -> Recorded {
+        if text == "publishing" {
+            return Recorded::Publishing;
+        }
+        if let Some(reason) = text.strip_prefix("skipped") {
+            if reason.is_empty() {
+                return Recorded::Skipped(String::new());
+            }
+            if let Some(reason) = reason.strip_prefix(": ") {
+                return Recorded::Skipped(reason.to_string());
+            }
+        }
+        match RunResult::ALL.into_iter().find(|r| r.as_str() == text) {
+            Some(RunResult::Skipped) => Recorded::Skipped(String::new()),
+            Some(r) => Recorded::Run(r),
+            None => Recorded::Unknown(text.to_string()),
+        }
+    }
+
+    /// The run's result, when the record holds one this release knows.
+    pub fn result(&self) -> Option<RunResult> {
+        match self {
+            Recorded::Run(r) => Some(*r),
+            Recorded::Skipped(_) => Some(RunResult::Skipped),
+            Recorded::Publishing | Recorded::Unknown(_) => None,
+        }
+    }
+}
+
+impl From<RunResult> for Recorded {
+    fn from(r: RunResult) -> Recorded {
+        match r {
+            RunResult::Skipped => Recorded::Skipped(String::new()),
+            r => Recorded::Run(r),
+        }
+    }
+}
+
+impl fmt::Display for Recorded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Recorded::Run(r) => f.write_str(r.as_str()),
+            Recorded::Skipped(reason) if reason.is_empty() => f.write_str("skipped"),
+            Recorded::Skipped(reason) => write!(f, "skipped: {reason}"),
+            Recorded::Publishing => f.write_str("publishing"),
+            Recorded::Unknown(text) => f.write_str(text),
+        }
+    }
+}
+
+impl serde::Serialize for Recorded {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Recorded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Recorded, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        Ok(Recorded::parse(&text))
     }
 }
 
@@ -163,7 +237,40 @@ mod tests {
             let json = serde_json::to_string(&r).unwrap();
             assert_eq!(json, format!("\"{}\"", r.as_str()));
             assert_eq!(serde_json::from_str::<RunResult>(&json).unwrap(), r);
-            assert_eq!(RunResult::parse(&format!("{r}: why")), Some(r));
+            let recorded = Recorded::from(r);
+            assert_eq!(serde_json::to_string(&recorded).unwrap(), json);
+            assert_eq!(Recorded::parse(r.as_str()).result(), Some(r));
         }
+    }
+
+    /// The strings earlier releases wrote into etcd's run records read back as what they
+    /// meant, and write back byte for byte; a form a later release might write is kept as
+    /// it is and never taken for a result.
+    #[test]
+    fn records_read_the_strings_earlier_releases_wrote() {
+        let cases = [
+            ("ok", Recorded::Run(RunResult::Ok)),
+            ("partial", Recorded::Run(RunResult::Partial)),
+            ("pending", Recorded::Run(RunResult::Pending)),
+            ("failed", Recorded::Run(RunResult::Failed)),
+            ("done-elsewhere", Recorded::Run(RunResult::DoneElsewhere)),
+            ("publishing", Recorded::Publishing),
+            (
+                "skipped: cluster is upgrading: Progressing=True",
+                Recorded::Skipped("cluster is upgrading: Progressing=True".into()),
+            ),
+            ("skipped", Recorded::Skipped(String::new())),
+            ("superseded", Recorded::Unknown("superseded".into())),
+            ("skippedX", Recorded::Unknown("skippedX".into())),
+        ];
+        for (text, want) in cases {
+            let json = format!("\"{text}\"");
+            let got: Recorded = serde_json::from_str(&json).unwrap();
+            assert_eq!(got, want, "{text}");
+            assert_eq!(serde_json::to_string(&got).unwrap(), json, "{text}");
+        }
+        assert_eq!(Recorded::Unknown("superseded".into()).result(), None);
+        assert_eq!(Recorded::Publishing.result(), None);
+        assert_eq!(Recorded::Skipped("x".into()).result(), Some(RunResult::Skipped));
     }
 }

@@ -30,28 +30,26 @@ pub(super) async fn run(settings: &Settings, asked: Asked) -> Result<()> {
     let cancel = crate::daemon::cancel_on_signals();
     // A manual run competes like a scheduled one, but does not wait: if another node
     // holds the lock, this one is skipped.
-    let run = format!(
-        "manual-{}-{}",
-        settings.node_name,
-        crate::manifest::timestamp(chrono::Utc::now())
-    );
+    let kind = run::RunKind::Manual {
+        node: settings.node_name.clone(),
+        at: chrono::Utc::now(),
+    };
+    let run = kind.name();
+    let mode = if settings.election.enabled && !asked.no_election {
+        run::Mode::Elected {
+            wait_max: std::time::Duration::ZERO,
+        }
+    } else {
+        run::Mode::Alone
+    };
     let request = run::Request {
-        trigger: Trigger::Manual,
-        run: run.clone(),
         target: asked.target.clone(),
-        mode: if settings.election.enabled && !asked.no_election {
-            run::Mode::Elected {
-                wait_max: std::time::Duration::ZERO,
-            }
-        } else {
-            run::Mode::Alone
-        },
         force: if asked.force {
             run::pipeline::Force::Yes
         } else {
             run::pipeline::Force::No
         },
-        deliver_by: None,
+        ..run::Request::new(&kind, mode)
     };
     let (started, t0) = (chrono::Utc::now(), std::time::Instant::now());
     let outcome = run::run_once(settings, &request, &cancel).await;

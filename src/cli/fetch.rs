@@ -6,6 +6,7 @@ use anyhow::{Result, bail};
 
 use super::human;
 use crate::config::Settings;
+use crate::manifest::FileKind;
 
 /// What `fetch` is told to accept despite its checks.
 #[derive(Debug, Clone, Copy)]
@@ -214,7 +215,7 @@ fn next_step(
     files: &[(crate::restore::CheckedFile, std::path::PathBuf)],
     dir: &std::path::Path,
 ) -> String {
-    if files.iter().any(|(c, _)| c.name.starts_with("static_kuberesources_")) {
+    if files.iter().any(|(c, _)| c.kind() == Some(FileKind::Resources)) {
         return format!(
             "on the recovery control-plane host, as root, follow the platform's restore procedure:\n  sudo -E /usr/local/bin/cluster-restore.sh {}",
             dir.display()
@@ -222,7 +223,7 @@ fn next_step(
     }
     let snapshot = files
         .iter()
-        .find(|(c, _)| c.name.starts_with("snapshot_"))
+        .find(|(c, _)| c.kind() == Some(FileKind::Snapshot))
         .map(|(_, p)| p.display().to_string())
         .unwrap_or_default();
     format!(

@@ -136,7 +136,7 @@ pub struct TargetSettings {
     pub client_cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_key_file: Option<PathBuf>,
-    pub proxy: String,
+    pub proxy: ProxyMode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_password_file: Option<PathBuf>,
     pub verify_upload: VerifyUpload,
@@ -159,6 +159,53 @@ pub struct S3Settings {
     pub path_style: bool,
     /// Each part of a multipart upload, in bytes (all but the last).
     pub part_size: u64,
+}
+
+/// `[[target]] proxy`: curl's rules over the environment's variables, no proxy, or this
+/// proxy for this target alone. Printed as it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyMode {
+    Env,
+    None,
+    /// An `http(s)://[user@]host:port` URL (no password: see `proxy_password_file`), and
+    /// the text it was written as.
+    Url(Url, String),
+}
+
+impl ProxyMode {
+    /// `env`, `none`, or an http(s) URL with a host and no password.
+    pub fn parse(text: &str) -> Result<ProxyMode, String> {
+        match text {
+            "env" => Ok(ProxyMode::Env),
+            "none" => Ok(ProxyMode::None),
+            other => {
+                let u = Url::parse(other).map_err(|e| format!("not env, none or a URL: {e}"))?;
+                if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                    return Err("must be env, none, or http(s)://host:port".into());
+                }
+                if u.password().is_some() {
+                    return Err("a password in the URL is not allowed; use proxy_password_file".into());
+                }
+                Ok(ProxyMode::Url(u, other.to_string()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProxyMode::Env => "env",
+            ProxyMode::None => "none",
+            ProxyMode::Url(_, text) => text,
+        })
+    }
+}
+
+impl Serialize for ProxyMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl TargetSettings {
@@ -511,7 +558,7 @@ pub(super) fn s3_settings(
             ),
         ));
     }
-    let part_size = t.part_size.map_or(crate::targets::s3::PART_SIZE, |s| s.0);
+    let part_size = t.part_size.map_or(DEFAULT_PART_SIZE, |s| s.0);
     // S3 itself, MinIO and Ceph refuse parts under 5 MiB (but the last) at completion;
     // smaller parts are for servers that take them. At most 5 GiB, S3's own cap.
     if !(MIN_PART_SIZE..=5 << 30).contains(&part_size) {
@@ -533,6 +580,9 @@ pub(super) fn s3_settings(
         part_size,
     }))
 }
+
+/// `part_size` when unset: 16 MiB, few requests and S3's 10,000 parts reach 156 GiB.
+pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
 
 /// The smallest `part_size` taken.
 const MIN_PART_SIZE: u64 = 64 << 10;

@@ -10,8 +10,8 @@ use url::Url;
 use super::load::Merged;
 use super::{
     DEFAULT_SIGNING_KEY, EtcdSettings, EtcdTls, Inputs, OPENSHIFT_ETCD_CA, OPENSHIFT_ETCD_CERT, OPENSHIFT_ETCD_KEY,
-    Settings, SigningSettings, SnapshotSettings, TargetSettings, check_name, expand, host_name, missing_scheme,
-    parse_target_url, s3_settings,
+    ProxyMode, Settings, SigningSettings, SnapshotSettings, TargetSettings, check_name, expand, host_name,
+    missing_scheme, parse_target_url, s3_settings,
 };
 
 /// What every domain's check needs: the merged files (for the key's location) and the node
@@ -400,7 +400,7 @@ fn target(at: &At, i: usize, t: &super::inputs::TargetInputs) -> Result<TargetSe
         ca_file: p("ca_file", &t.ca_file)?,
         client_cert_file: p("client_cert_file", &t.client_cert_file)?,
         client_key_file: p("client_key_file", &t.client_key_file)?,
-        proxy: t.proxy.clone(),
+        proxy: ProxyMode::parse(&t.proxy).map_err(|e| at.err(&key("proxy"), e))?,
         proxy_password_file: p("proxy_password_file", &t.proxy_password_file)?,
         verify_upload: t.verify_upload,
         connect_timeout: t.connect_timeout,
@@ -472,31 +472,18 @@ fn check_target_options(at: &At, i: usize, target: &TargetSettings) -> Result<()
     Ok(())
 }
 
-/// `target[i].proxy`: `env`, `none`, or an http(s) URL without a password.
+/// `target[i].proxy_password_file` goes with an explicit proxy URL naming a user.
 fn check_proxy(at: &At, i: usize, target: &TargetSettings) -> Result<(), String> {
     let key = |k: &str| format!("target[{i}].{k}");
-    let has_password_file = target.proxy_password_file.is_some();
-    match target.proxy.as_str() {
-        "env" | "none" if has_password_file => Err(at.err(&key("proxy_password_file"), "needs an explicit proxy URL")),
-        "env" | "none" => Ok(()),
-        other => {
-            let u = Url::parse(other).map_err(|e| at.err(&key("proxy"), format!("not env, none or a URL: {e}")))?;
-            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                return Err(at.err(&key("proxy"), "must be env, none, or http(s)://host:port"));
-            }
-            if u.password().is_some() {
-                return Err(at.err(
-                    &key("proxy"),
-                    "a password in the URL is not allowed; use proxy_password_file",
-                ));
-            }
-            if has_password_file && u.username().is_empty() {
-                return Err(at.err(
-                    &key("proxy_password_file"),
-                    "needs a user name in proxy (http://user@host:port)",
-                ));
-            }
-            Ok(())
+    match (&target.proxy, target.proxy_password_file.is_some()) {
+        (_, false) => Ok(()),
+        (ProxyMode::Env | ProxyMode::None, true) => {
+            Err(at.err(&key("proxy_password_file"), "needs an explicit proxy URL"))
         }
+        (ProxyMode::Url(u, _), true) if u.username().is_empty() => Err(at.err(
+            &key("proxy_password_file"),
+            "needs a user name in proxy (http://user@host:port)",
+        )),
+        (ProxyMode::Url(..), true) => Ok(()),
     }
 }

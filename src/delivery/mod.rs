@@ -455,3 +455,200 @@ pub async fn retry(
         busy: false,
     })
 }
+
+/// Delivery and retention against targets in memory ([`crate::targets::memory`]), with the
+/// faults real servers do not produce on demand.
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use sha2::Digest;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::staging::sets;
+    use crate::targets::memory::{Fault, MemoryTarget};
+
+    const CLUSTER: &str = "c";
+
+    fn settings(staging: &Path, targets: &[&str], extra: &str) -> Settings {
+        let mut text = format!(
+            "node_name = \"n1\"\ncluster_name = \"{CLUSTER}\"\n[snapshot]\nstaging_dir = \"{}\"\n[election]\nenabled = false\n{extra}\n",
+            staging.display()
+        );
+        for t in targets {
+            text.push_str(&format!("[[target]]\nname = \"{t}\"\nurl = \"file:///srv/{t}\"\n"));
+        }
+        Settings::from_str_named("config.toml", &text).unwrap()
+    }
+
+    /// A set `id` in staging's `sets/`, owed to `owed`: a snapshot of a few bytes and its
+    /// manifest, as a run commits it.
+    fn stage(staging: &Path, id: &str, owed: &[&str]) {
+        let dir = crate::staging::sets_dir(staging).join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = crate::manifest::snapshot_name(id);
+        let bytes = format!("snapshot of {id}").into_bytes();
+        std::fs::write(dir.join(&name), &bytes).unwrap();
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        let m = manifest(id, &name, bytes.len() as u64, &sha);
+        std::fs::write(dir.join(crate::manifest::MANIFEST), m.to_json()).unwrap();
+        let owed: Vec<String> = owed.iter().map(|s| s.to_string()).collect();
+        sets::owe(&dir, &owed).unwrap();
+    }
+
+    fn manifest(id: &str, name: &str, size: u64, sha: &str) -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "format_version": 1, "id": id, "created": "2026-11-25T02:30:12Z",
+            "cluster_name": CLUSTER, "trigger": "manual", "node": "n1", "openshift": null,
+            "etcd": {"endpoint": "http://127.0.0.1:2379", "member_id": "1", "cluster_id": "2",
+                     "version": "3.5.0", "revision": 1, "db_size": 1},
+            "files": [{"name": name, "stored_name": name, "size": size, "sha256": sha,
+                       "stored_size": size, "stored_sha256": sha,
+                       "compression": "none", "encryption": "none"}],
+            "tool": {"name": "etcd-backupd", "version": "0"},
+        }))
+        .unwrap()
+    }
+
+    /// The targets of a pass, and a handle on each (sharing its store).
+    fn opened(names: &[&str]) -> (Opened, BTreeMap<String, MemoryTarget>) {
+        let handles: BTreeMap<String, MemoryTarget> =
+            names.iter().map(|n| (n.to_string(), MemoryTarget::new(n))).collect();
+        let opened = handles
+            .iter()
+            .map(|(n, t)| (n.clone(), Ok(Box::new(t.clone()) as Box<dyn Target>)))
+            .collect();
+        (opened, handles)
+    }
+
+    async fn run_pass(settings: &Settings, opened: &Opened) -> (Vec<Delivered>, Vec<Staged>) {
+        let mut staged = scan(&settings.snapshot.staging_dir);
+        let results = pass(
+            settings,
+            &mut staged,
+            opened,
+            &CancellationToken::new(),
+            BTreeMap::new(),
+            None,
+            None,
+        )
+        .await;
+        (results, staged)
+    }
+
+    #[tokio::test]
+    async fn sets_go_oldest_first_and_a_target_that_fails_is_not_tried_again_in_the_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), &["a", "b"], "");
+        stage(dir.path(), "2026-11-25_010000", &["a", "b"]);
+        stage(dir.path(), "2026-11-25_020000", &["a", "b"]);
+        let (opened, t) = opened(&["a", "b"]);
+        t["b"].fail(Fault::Down);
+
+        let (results, staged) = run_pass(&s, &opened).await;
+        assert_eq!(t["a"].ids(CLUSTER), ["2026-11-25_010000", "2026-11-25_020000"]);
+        let a_calls: Vec<String> = t["a"].calls().into_iter().filter(|c| c.starts_with("finish")).collect();
+        assert_eq!(
+            a_calls,
+            ["finish 2026-11-25_010000", "finish 2026-11-25_020000"],
+            "oldest first"
+        );
+        // b failed on the first set; the second was not tried against it.
+        let b: Vec<_> = results.iter().filter(|d| d.target == "b").collect();
+        assert_eq!(b.len(), 2);
+        assert!(
+            b[0].result.as_ref().unwrap_err().contains("connection refused"),
+            "{b:?}"
+        );
+        assert!(
+            b[1].result
+                .as_ref()
+                .unwrap_err()
+                .starts_with("not tried: the target failed earlier"),
+            "{b:?}"
+        );
+        assert_eq!(t["b"].calls().iter().filter(|c| c.starts_with("begin")).count(), 1);
+        // What is still owed is recorded, in memory and on disk.
+        for st in [staged, scan(dir.path())] {
+            assert!(st.iter().all(|x| x.pending == ["b"]), "{st:?}");
+        }
+        // b back: the next pass delivers both, and nothing is owed any more.
+        t["b"].heal();
+        let (results, staged) = run_pass(&s, &opened).await;
+        assert!(
+            results.iter().all(|d| d.result.is_ok() && d.target == "b"),
+            "{results:?}"
+        );
+        assert_eq!(t["b"].ids(CLUSTER).len(), 2);
+        assert!(staged.iter().all(|x| x.pending.is_empty()));
+        assert!(t["a"].hidden().is_empty() && t["b"].hidden().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_set_that_landed_but_whose_answer_was_lost_counts_as_delivered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), &["a"], "");
+        stage(dir.path(), "2026-11-25_010000", &["a"]);
+        let (opened, t) = opened(&["a"]);
+        t["a"].fail(Fault::LoseAnswer);
+        let (results, staged) = run_pass(&s, &opened).await;
+        assert!(results[0].result.is_ok(), "{results:?}");
+        assert_eq!(t["a"].ids(CLUSTER), ["2026-11-25_010000"]);
+        assert!(staged[0].pending.is_empty());
+        assert_eq!(settled(&results), Vec::<(String, String)>::new(), "no run to settle");
+    }
+
+    #[tokio::test]
+    async fn another_set_under_the_id_stops_that_set_only_and_a_removed_target_is_owed_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), &["a"], "");
+        stage(dir.path(), "2026-11-25_010000", &["a", "gone"]);
+        stage(dir.path(), "2026-11-25_020000", &["a"]);
+        let (opened, t) = opened(&["a"]);
+        // Another node's set of the same id, with other contents.
+        t["a"].insert(
+            CLUSTER,
+            &manifest("2026-11-25_010000", "snapshot_2026-11-25_010000.db", 3, "00"),
+        );
+        let (results, staged) = run_pass(&s, &opened).await;
+        assert!(
+            results[0].result.as_ref().unwrap_err().contains("already exists"),
+            "{results:?}"
+        );
+        assert!(results[1].result.is_ok(), "the target is not down: {results:?}");
+        assert_eq!(staged[0].pending, ["a"], "{staged:?}");
+        assert!(staged[1].pending.is_empty());
+        assert!(!results.iter().any(|d| d.target == "gone"));
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_what_the_policy_says_and_goes_on_past_a_refused_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(
+            dir.path(),
+            &["a"],
+            "[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 1\n",
+        );
+        let t = MemoryTarget::new("a");
+        for id in ["2026-11-25_010000", "2026-11-25_020000", "2026-11-25_030000"] {
+            t.insert(CLUSTER, &manifest(id, &crate::manifest::snapshot_name(id), 8, "00"));
+        }
+        let policy = s.retention_policy();
+        let prune = |t| retention::prune_target(t, CLUSTER, "n1", &policy, s.time_zone(), false);
+        t.fail(Fault::RefuseDelete);
+        let r = prune(&t).await.unwrap();
+        assert_eq!((r.deleted.len(), r.errors.len()), (0, 2), "{:?}", r.errors);
+        assert!(r.errors.iter().all(|e| e.contains("403 Forbidden")), "{:?}", r.errors);
+        assert_eq!(t.ids(CLUSTER).len(), 3);
+        t.heal();
+        let r = prune(&t).await.unwrap();
+        assert_eq!(r.deleted, ["2026-11-25_010000", "2026-11-25_020000"], "oldest first");
+        assert_eq!(t.ids(CLUSTER), ["2026-11-25_030000"]);
+        let dry = retention::prune_target(&t, CLUSTER, "n1", &policy, s.time_zone(), true)
+            .await
+            .unwrap();
+        assert!(dry.deleted.is_empty() && dry.decisions.iter().all(|d| d.keep));
+    }
+}

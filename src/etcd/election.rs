@@ -44,8 +44,8 @@ pub struct RunRecord {
     pub node: String,
     /// The backup id, when a set was taken.
     pub id: Option<String>,
-    /// A [`crate::outcome::RunResult`]; `skipped: <reason>` for a skip.
-    pub result: String,
+    /// What the run came to (one string, as every release writes it).
+    pub result: crate::outcome::Recorded,
     /// RFC 3339, UTC.
     pub finished: String,
     /// For a partial run: the targets that hold the set, and those still owed it.
@@ -463,7 +463,7 @@ impl Election {
             run: run.to_string(),
             node: node.clone(),
             id: Some(id.to_string()),
-            result: crate::outcome::RunResult::Pending.as_str().into(),
+            result: crate::outcome::RunResult::Pending.into(),
             finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             stored: Vec::new(),
             missing: Vec::new(),
@@ -544,15 +544,12 @@ impl Election {
         let Ok(rec) = serde_json::from_slice::<RunRecord>(kv.value()) else {
             return Ok(false);
         };
-        let unsettled = matches!(
-            RunResult::parse(&rec.result),
-            Some(RunResult::Partial | RunResult::Pending)
-        );
+        let unsettled = matches!(rec.result.result(), Some(RunResult::Partial | RunResult::Pending));
         if rec.node != self.node || rec.id.as_deref() != Some(id) || !unsettled {
             return Ok(false);
         }
         let done = RunRecord {
-            result: RunResult::Ok.as_str().to_string(),
+            result: RunResult::Ok.into(),
             stored: Vec::new(),
             missing: Vec::new(),
             ..rec.clone()

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::config::Settings;
+use crate::manifest::FileKind;
 
 use super::fetch::download;
 use super::locate::Located;
@@ -260,7 +261,7 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
     let files = download(located, scratch.path(), &[]).await?;
     let snapshot = files
         .iter()
-        .find(|(c, _)| c.name.starts_with("snapshot_"))
+        .find(|(c, _)| c.kind() == Some(FileKind::Snapshot))
         .map(|(_, p)| p.clone())
         .ok_or_else(|| anyhow!("the set has no snapshot"))?;
     let data = scratch.path().join("data");

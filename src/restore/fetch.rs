@@ -8,6 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::error::Stop;
 use crate::fsutil;
 use crate::manifest::FileEntry;
+use crate::manifest::FileKind;
 
 use super::locate::{Located, check_signature, explain};
 use super::verify::{CheckedFile, check_file, check_sums};
@@ -68,7 +69,7 @@ pub async fn download(located: &Located, dir: &Path, replaced: &[PathBuf]) -> Re
         // The archive first: it is small, and an archive the restore cannot use refuses the
         // set before the snapshot is downloaded.
         let mut files: Vec<&FileEntry> = located.manifest.files.iter().collect();
-        files.sort_by_key(|f| f.name.starts_with("snapshot_"));
+        files.sort_by_key(|f| f.kind() == Some(FileKind::Snapshot));
         for f in files {
             let tmp = dir.join(format!(".{}.partial-{:08x}", f.name, rand::random::<u32>()));
             let std_file = fsutil::create_private_file(&tmp)?;

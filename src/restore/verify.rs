@@ -10,6 +10,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
+use crate::manifest::FileKind;
 use crate::manifest::{FileEntry, SHA256SUMS};
 use crate::source::static_resources::Restorability;
 
@@ -23,6 +24,12 @@ pub struct CheckedFile {
     pub sha256: String,
     /// What was proven beyond size and hash.
     pub also: Option<String>,
+}
+
+impl CheckedFile {
+    pub fn kind(&self) -> Option<FileKind> {
+        FileKind::of(&self.name)
+    }
 }
 
 /// Reads `SHA256SUMS` from the target and checks it says what the manifest says.
@@ -142,15 +149,15 @@ pub(super) async fn check_stream(located: &Located, f: &FileEntry, out: Option<s
         let mut stored = Tee::new(tokio_util::io::SyncIoBridge::new(reader), f.stored_size);
         stored.phase = phase;
         // An error opening the envelope (a wrong identity) ends the check at once.
-        let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, identity.as_deref())?;
+        let plain = crate::envelope::open_reader(Box::new(&mut stored), f.compression, f.encryption, identity.as_deref())?;
         type Opened = (u64, String, Option<Restorability>, Option<crate::source::snapshot::TrailerCheck>);
         let opened = (|| -> Result<Opened> {
             let mut plain = Tee::new(plain, f.size);
             plain.out = out;
-            if f.name.starts_with("snapshot_") {
+            if f.kind() == Some(FileKind::Snapshot) {
                 plain.trailer = Some(crate::source::snapshot::TrailerCheck::default());
             }
-            let archive = if f.name.starts_with("static_kuberesources_") {
+            let archive = if f.kind() == Some(FileKind::Resources) {
                 let found = crate::source::static_resources::check_archive(&mut plain)?;
                 std::io::copy(&mut plain, &mut std::io::sink())?;
                 Some(found)

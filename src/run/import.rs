@@ -216,7 +216,7 @@ async fn stage(
         for name in &found.files {
             let (from, to) = (found.dir.join(name), work.join(name));
             let (name, checked) = (name.clone(), name.clone());
-            let is_snapshot = name.starts_with("snapshot_");
+            let is_snapshot = crate::manifest::FileKind::of(&name) == Some(crate::manifest::FileKind::Snapshot);
             let entry = tokio::task::spawn_blocking(move || -> Result<_> {
                 let (size, sha) = fsutil::copy_private(&from, &to, None)?;
                 let verified = if is_snapshot {

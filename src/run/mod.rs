@@ -50,11 +50,41 @@ pub enum Mode {
     Alone,
 }
 
+/// What started a run, which names it: the name is its election key (the same on every
+/// node for one slot or one upgrade) and the manifest's `run`. Made here and only here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunKind {
+    /// The schedule's slot at this time: `20261208T023000Z`.
+    Scheduled(chrono::DateTime<Utc>),
+    /// After a completed upgrade to this version: `upgrade-4.15.3`.
+    AfterUpgrade(String),
+    /// `backup` on this node at this time: `manual-<node>-<ts>`.
+    Manual { node: String, at: chrono::DateTime<Utc> },
+}
+
+impl RunKind {
+    pub fn trigger(&self) -> Trigger {
+        match self {
+            RunKind::Scheduled(_) => Trigger::Schedule,
+            RunKind::AfterUpgrade(_) => Trigger::AfterUpgrade,
+            RunKind::Manual { .. } => Trigger::Manual,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            RunKind::Scheduled(at) => crate::etcd::election::run_key(*at),
+            RunKind::AfterUpgrade(version) => format!("upgrade-{version}"),
+            RunKind::Manual { node, at } => format!("manual-{node}-{}", crate::manifest::timestamp(*at)),
+        }
+    }
+}
+
 /// What was asked of a run.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub trigger: Trigger,
-    /// The run's name: its election key, recorded in the set's manifest.
+    /// The run's name ([`RunKind::name`]).
     pub run: String,
     /// Store on this target only (`backup --target`).
     pub target: Option<String>,
@@ -65,6 +95,20 @@ pub struct Request {
     pub force: Force,
     /// When the run's delivery pass yields (see [`BackupOptions::deliver_by`]).
     pub deliver_by: Option<tokio::time::Instant>,
+}
+
+impl Request {
+    /// A run of `kind` on the whole cluster's behalf (nothing forced, every target).
+    pub fn new(kind: &RunKind, mode: Mode) -> Request {
+        Request {
+            trigger: kind.trigger(),
+            run: kind.name(),
+            target: None,
+            mode,
+            force: Force::No,
+            deliver_by: None,
+        }
+    }
 }
 
 /// The error of a run stopped by SIGTERM mid-backup.
@@ -198,7 +242,7 @@ impl<'a> Run<'a> {
         if waited.elapsed() > settings.election.lease_ttl.0
             && let Some(reason) = self.recheck().await
         {
-            let rec = self.record(RunResult::Skipped, Some(reason.reason.clone()), None);
+            let rec = self.record(crate::outcome::Recorded::Skipped(reason.reason.clone()), None);
             if let Err(e) = self.election.finish(held, &rec).await {
                 tracing::warn!(error = %crate::error::one_line(&e), "cannot record the skipped run");
             }
@@ -210,7 +254,7 @@ impl<'a> Run<'a> {
         if let Some(rec) = already_published(settings, &mut self.election, run, &cluster).await {
             tracing::info!(run = %run, node = %rec.node, backup_id = ?rec.id, "the run's set was stored by a runner that could not record it; recording it");
             let done = RunRecord {
-                result: RunResult::Ok.as_str().into(),
+                result: RunResult::Ok.into(),
                 finished: now(),
                 ..rec
             };
@@ -286,7 +330,7 @@ impl<'a> Run<'a> {
                         Vec::new()
                     },
                     missing,
-                    ..self.record(result, None, Some(report.manifest.id.clone()))
+                    ..self.record(result.into(), Some(report.manifest.id.clone()))
                 };
                 if let Err(e) = self.election.finish(held, &rec).await {
                     tracing::error!(error = %crate::error::one_line(&e), "cannot record the run in etcd");
@@ -308,12 +352,8 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// This run's record in etcd, with `result` (and a skip's `reason`).
-    fn record(&self, result: RunResult, reason: Option<String>, id: Option<String>) -> RunRecord {
-        let result = match reason {
-            Some(reason) => format!("{}: {reason}", result.as_str()),
-            None => result.as_str().to_string(),
-        };
+    /// This run's record in etcd.
+    fn record(&self, result: crate::outcome::Recorded, id: Option<String>) -> RunRecord {
         RunRecord {
             run: self.req.run.clone(),
             node: self.settings.node_name.clone(),

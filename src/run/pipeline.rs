@@ -545,7 +545,7 @@ async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &s
         run: run.to_string(),
         node: settings.node_name.clone(),
         id: Some(manifest.id.clone()),
-        result: "publishing".into(),
+        result: crate::outcome::Recorded::Publishing,
         finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         stored: Vec::new(),
         missing: Vec::new(),
@@ -592,8 +592,8 @@ pub(crate) async fn seal_files(seal: &Seal, work: &Path, files: Vec<FileEntry>) 
         f.stored_name = stored_name;
         f.stored_size = size;
         f.stored_sha256 = sha;
-        f.compression = seal.compression().into();
-        f.encryption = seal.encryption().into();
+        f.compression = seal.compression();
+        f.encryption = seal.encryption();
         sealed.push(f);
     }
     Ok(sealed)
@@ -604,7 +604,9 @@ fn is_transient(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(
             c.downcast_ref::<crate::targets::retry::TransportError>(),
-            Some(crate::targets::retry::TransportError::Transient(_))
+            Some(
+                crate::targets::retry::TransportError::Transient(_) | crate::targets::retry::TransportError::Closed(_)
+            )
         )
     })
 }
@@ -765,8 +767,8 @@ impl Backup<'_> {
                 stored_name,
                 stored_size: taken.stored.size,
                 stored_sha256: taken.stored.sha256,
-                compression: seal.compression().into(),
-                encryption: seal.encryption().into(),
+                compression: seal.compression(),
+                encryption: seal.encryption(),
             },
         );
         Ok((files, taken.revision.filter(|r| *r > 0).or(before), streamed))
@@ -781,7 +783,7 @@ pub(crate) fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry 
         stored_size: size,
         stored_sha256: sha256.clone(),
         sha256,
-        compression: "none".into(),
-        encryption: "none".into(),
+        compression: crate::manifest::Compression::None,
+        encryption: crate::manifest::Encryption::None,
     }
 }

@@ -18,9 +18,6 @@ use super::retry::{self, Backoff, TransportError};
 use crate::config::TargetSettings;
 use crate::fsutil::Pace;
 
-/// hyper's words for a request whose connection closed before any answer came.
-const STALE_CONNECTION: &str = "connection closed before message completed";
-
 /// Methods whose request may arrive twice with the same effect as once.
 const RESENDABLE: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PROPFIND", "PUT"];
 
@@ -398,19 +395,20 @@ impl Http {
             });
             let send = async move { client.execute(request?).await };
             let outcome = watch_idle(send, &progress, self.idle).await;
-            let (why, server_asks) = match outcome {
+            let (why, server_asks, closed) = match outcome {
                 Ok(resp) if retry::retryable_status(resp.status()) => {
                     let status = resp.status();
                     let asks = retry::retry_after(resp.headers(), chrono::Utc::now());
                     let body = read_capped(resp, ERROR_CAP, self.idle, what).await.unwrap_or_default();
-                    (format!("{status}: {}", self.scrub(excerpt(&body))), asks)
+                    (format!("{status}: {}", self.scrub(excerpt(&body))), asks, false)
                 }
                 Ok(resp) => return Ok((resp, attempt > 1)),
                 // No retry changes it: this target fails now, and the run goes on.
                 Err(e @ TransportError::Permanent { .. }) => {
                     return Err(anyhow::Error::new(e).context(format!("target '{}': {what} '{url}'", self.name)));
                 }
-                Err(TransportError::Transient(e)) => (e, None),
+                Err(TransportError::Transient(e)) => (e, None, false),
+                Err(TransportError::Closed(e)) => (e, None, true),
             };
             // Typed: a caller probing the target (preflight) tells "not now" from "never".
             let not_now = |why: String| {
@@ -421,7 +419,7 @@ impl Http {
             // just as a request went out: one immediate resend on a new connection is not a
             // retry in the budget's sense, for a request that may safely arrive twice and
             // has no streamed body. A cut upload, a MOVE or a POST takes the budget's path.
-            if why.contains(STALE_CONNECTION) && resendable && !stale_retried {
+            if closed && resendable && !stale_retried {
                 stale_retried = true;
                 tracing::debug!(target_name = %self.name, error = %why, "{what} '{url}' met a closed keep-alive connection; sending it again");
                 continue;

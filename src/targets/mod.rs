@@ -8,6 +8,8 @@
 pub mod dns;
 pub mod file;
 pub mod http;
+#[cfg(test)]
+pub mod memory;
 pub mod propfind;
 pub mod proxy;
 pub mod retry;

@@ -18,6 +18,8 @@ use std::net::IpAddr;
 
 use url::Url;
 
+use crate::config::ProxyMode;
+
 /// The proxy decision for one target.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProxyChoice {
@@ -54,20 +56,17 @@ impl Env for ProcessEnv {
     }
 }
 
-/// Resolves `mode` ("env", "none" or a proxy URL) for `target`.
-pub fn choose(mode: &str, target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
+/// Resolves `mode` for `target`.
+pub fn choose(mode: &ProxyMode, target: &Url, env: &dyn Env) -> Result<ProxyChoice, String> {
     match mode {
-        "none" => Ok(ProxyChoice::Direct {
+        ProxyMode::None => Ok(ProxyChoice::Direct {
             why: "proxy = \"none\"".into(),
         }),
-        "env" => from_env(target, env),
-        explicit => {
-            let url = Url::parse(explicit).map_err(|e| format!("proxy: {e}"))?;
-            Ok(ProxyChoice::Via {
-                url,
-                why: "this target's proxy setting".into(),
-            })
-        }
+        ProxyMode::Env => from_env(target, env),
+        ProxyMode::Url(url, _) => Ok(ProxyChoice::Via {
+            url: url.clone(),
+            why: "this target's proxy setting".into(),
+        }),
     }
 }
 
@@ -197,7 +196,7 @@ mod tests {
 
     fn choose_with(vars: &[(&'static str, &'static str)], target: &str) -> ProxyChoice {
         choose(
-            "env",
+            &ProxyMode::Env,
             &Url::parse(target).unwrap(),
             &Fake(vars.iter().cloned().collect()),
         )
@@ -322,7 +321,7 @@ mod tests {
         let v = [("HTTPS_PROXY", "socks5://p:1080")];
         assert!(
             choose(
-                "env",
+                &ProxyMode::Env,
                 &Url::parse("https://x/").unwrap(),
                 &Fake(v.into_iter().collect())
             )
@@ -333,7 +332,7 @@ mod tests {
         let c = choose_with(&v, "https://x/");
         assert!(!c.describe().contains("s3cret"), "{}", c.describe());
         let none = choose(
-            "none",
+            &ProxyMode::None,
             &Url::parse("https://x/").unwrap(),
             &Fake([("HTTPS_PROXY", "http://p:1")].into()),
         )

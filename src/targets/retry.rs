@@ -44,6 +44,11 @@ pub enum TransportError {
     /// Worth another attempt within the retry budget.
     #[error("{0}")]
     Transient(String),
+    /// A pooled keep-alive connection the server closed just as the request went out
+    /// (hyper's "incomplete message"): transient, and a request that may arrive twice is
+    /// sent again at once, outside the budget.
+    #[error("{0}")]
+    Closed(String),
 }
 
 impl TransportError {
@@ -62,6 +67,9 @@ impl TransportError {
     /// A typed cause is described by itself (`cannot resolve host name 'x': ...`), without
     /// the layers of wrapping around it; other errors keep `message`.
     pub fn classify(e: &reqwest::Error, message: String) -> TransportError {
+        if find_in_chain::<hyper::Error>(e).is_some_and(hyper::Error::is_incomplete_message) {
+            return TransportError::Closed(message);
+        }
         if let Some(r) = find_in_chain::<ResolveError>(e) {
             return if r.transient {
                 TransportError::Transient(message)
@@ -114,7 +122,9 @@ impl TransportError {
 
 /// hyper-util's `TunnelError` texts for a proxy that answered `CONNECT` with a refusal (or
 /// nonsense); its other kinds (the proxy unreachable, an I/O error, an early EOF) are worth
-/// retrying.
+/// retrying. The one decision here made on an error's text: hyper-util 0.1 keeps
+/// `TunnelError` in a private module, so its kind cannot be matched as a type; the suite's
+/// proxy tests (a tinyproxy that refuses the tunnel) fail if these words change.
 const PERMANENT_TUNNEL_ERRORS: [&str; 4] = [
     "tunnel error: unsuccessful",
     "tunnel error: proxy authorization required",
@@ -293,6 +303,7 @@ mod tests {
                 assert_eq!(hint, "");
             }
             TransportError::Transient(m) => assert!(lookup.transient, "{m}"),
+            TransportError::Closed(m) => panic!("a lookup is not a closed connection: {m}"),
         }
         // TLS to a plain-HTTP server: for good, with the hint.
         let plain = fake_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -316,6 +327,11 @@ mod tests {
         let cut = fake_server(b"");
         let e = classified(&format!("https://127.0.0.1:{cut}/")).await;
         assert!(matches!(e, TransportError::Transient(_)), "{e:?}");
+        // A plain-HTTP server that closes the connection without answering: hyper's
+        // incomplete message, typed (a request that may arrive twice is sent again at once).
+        let closed = fake_server(b"");
+        let e = classified(&format!("http://127.0.0.1:{closed}/")).await;
+        assert!(matches!(e, TransportError::Closed(_)), "{e:?}");
         // An answer cut short is not a connect error at all.
         let short = fake_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
         let client = reqwest::Client::builder().no_proxy().build().unwrap();

@@ -52,7 +52,10 @@ pub fn read_archive(path: &Path) -> Result<ArchiveFacts> {
 /// The facts of the set's archive among `files` (by platform name) in `dir`, if it has one;
 /// logged, and `RestoreFacts::default()` when it cannot be read.
 pub fn facts_of_set(dir: &Path, files: &[crate::manifest::FileEntry]) -> RestoreFacts {
-    let Some(archive) = files.iter().find(|f| f.name.starts_with("static_kuberesources_")) else {
+    let Some(archive) = files
+        .iter()
+        .find(|f| f.kind() == Some(crate::manifest::FileKind::Resources))
+    else {
         return RestoreFacts::default();
     };
     match read_archive(&dir.join(&archive.stored_name)) {

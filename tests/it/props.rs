@@ -26,8 +26,8 @@ fn manifest_naming(names: &[(usize, String)]) -> Manifest {
         sha256: "ab".repeat(32),
         stored_size: 3,
         stored_sha256: "ab".repeat(32),
-        compression: "none".into(),
-        encryption: "none".into(),
+        compression: etcd_backupd::manifest::Compression::None,
+        encryption: etcd_backupd::manifest::Encryption::None,
     };
     let mut m = Manifest {
         format_version: FORMAT_VERSION,

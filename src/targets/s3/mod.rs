@@ -50,10 +50,10 @@ mod xml;
 use multipart::Source;
 use xml::{Xml, b64, code_hint, error_fields, parse_time};
 
-/// The size of each part of a multipart upload (all but the last). 16 MiB: few requests
-/// for a multi-GiB snapshot, up to 160 GiB within S3's 10,000 parts, and no memory cost,
-/// since a part is streamed from its file rather than held.
-pub const PART_SIZE: u64 = 16 << 20;
+/// The size of each part of a multipart upload (all but the last) unless `part_size` says
+/// otherwise. 16 MiB: few requests for a multi-GiB snapshot, up to 156 GiB within S3's
+/// 10,000 parts, and no memory cost, since a part is streamed from its file rather than held.
+pub const PART_SIZE: u64 = crate::config::DEFAULT_PART_SIZE;
 /// Parts of one upload sent at once.
 pub const PARTS_IN_FLIGHT: usize = 3;
 /// S3's limit on the parts of one upload.
