@@ -53,25 +53,6 @@ pub fn cancel_on_signals() -> CancellationToken {
     token
 }
 
-/// The backup schedule; `None` when `schedule.cron` is empty (a host that takes no backups).
-pub fn schedule_of(s: &Settings) -> Result<Option<Schedule>> {
-    if s.schedule.cron.is_empty() {
-        return Ok(None);
-    }
-    Schedule::new(&s.schedule.cron, &s.schedule.timezone, s.schedule.jitter.0)
-        .map(Some)
-        .map_err(|e| anyhow::anyhow!("schedule: {e}"))
-}
-
-fn drill_schedule_of(s: &Settings) -> Result<Option<Schedule>> {
-    if s.verify.schedule.is_empty() {
-        return Ok(None);
-    }
-    Schedule::new(&s.verify.schedule, &s.schedule.timezone, Duration::ZERO)
-        .map(Some)
-        .map_err(|e| anyhow::anyhow!("verify.schedule: {e}"))
-}
-
 /// `STATUS=` while the daemon waits: the next run as it will start (jitter included), the
 /// last run, pending deliveries, the probe's problems and a rejected reload.
 fn idle_status(
@@ -211,8 +192,8 @@ impl<'a> Daemon<'a> {
     ) -> Result<Option<Daemon<'a>>> {
         crate::priority::apply(&settings.priority);
         log_io_scheduler(&settings);
-        let schedule = schedule_of(&settings)?;
-        let drills = drill_schedule_of(&settings)?;
+        let schedule = settings.backup_schedule.clone();
+        let drills = settings.drill_schedule.clone();
         spawn_watchdog(tasks, &stop);
         crate::staging::prepare_staging(&settings.snapshot.staging_dir)?;
         // The node's signing key: created on the first start, its allowed_signers line logged.
@@ -343,7 +324,7 @@ impl<'a> Daemon<'a> {
         let loaded = (|| -> Result<_> {
             let s = Settings::load(&self.config)?;
             s.check_node_files()?;
-            Ok((schedule_of(&s)?, drill_schedule_of(&s)?, s))
+            Ok((s.backup_schedule.clone(), s.drill_schedule.clone(), s))
         })();
         match loaded {
             Ok((schedule, drills, settings)) => {

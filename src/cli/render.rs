@@ -133,12 +133,14 @@ pub fn ignition(settings: &Settings, opts: &Options) -> Result<(Value, Vec<Strin
     // Files the configuration names on the node that are not secrets: not embedded, so say so.
     let mut node_files: Vec<String> = Vec::new();
     for t in &settings.targets {
-        node_files.extend(
-            [&t.ca_file, &t.client_cert_file]
-                .into_iter()
-                .flatten()
-                .map(|p| p.display().to_string()),
-        );
+        if let Some(r) = t.remote() {
+            node_files.extend(
+                [&r.ca_file, &r.client_cert_file]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.display().to_string()),
+            );
+        }
     }
     node_files.extend(
         [

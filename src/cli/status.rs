@@ -60,7 +60,7 @@ pub(super) async fn status(settings: &Settings, json: bool, cluster: bool) -> Re
     let now = Utc::now();
     let staging = &settings.snapshot.staging_dir;
     let state = State::load(staging);
-    let schedule = crate::daemon::schedule_of(settings).map_err(|e| Stop::Usage(e.to_string()))?;
+    let schedule = settings.backup_schedule.clone();
     let etcd = from_etcd(settings).await;
     let staged = crate::staging::sets::scan(staging);
     let pending_sets = staged.iter().filter(|s| !s.pending.is_empty()).count();
@@ -321,7 +321,7 @@ fn print_text(view: &View) -> Result<()> {
         writeln!(out, "last run    none on this node yet")?;
     }
     writeln!(out, "next run    {}", next.text(tz, now))?;
-    if let Ok(Some(s)) = crate::daemon::schedule_of(settings) {
+    if let Some(s) = &settings.backup_schedule {
         writeln!(out, "schedule    {}", s.describe())?;
     }
     drop(out);

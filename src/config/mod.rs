@@ -66,6 +66,13 @@ pub struct Settings {
     pub signing: Option<SigningSettings>,
     #[serde(rename = "target")]
     pub targets: Vec<TargetSettings>,
+    /// `schedule.cron` in `schedule.timezone`, parsed once; `None` when the cron is empty
+    /// (a host that takes no backups).
+    #[serde(skip)]
+    pub backup_schedule: Option<crate::schedule::Schedule>,
+    /// `verify.schedule`, parsed once; `None`: no scheduled drills.
+    #[serde(skip)]
+    pub drill_schedule: Option<crate::schedule::Schedule>,
     /// Each secret file with where it was configured (`file: target[0].password_file`).
     #[serde(skip)]
     pub secret_files: Vec<(String, PathBuf)>,
@@ -120,16 +127,40 @@ pub struct SnapshotSettings {
     pub allow_dirty: bool,
 }
 
+/// One `[[target]]`: what every kind has, and its kind's own settings (printed flat, as
+/// they are configured).
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetSettings {
     pub name: String,
     pub url: Url,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub password_file: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_file: Option<PathBuf>,
+    pub verify_upload: VerifyUpload,
+    pub connect_timeout: HumanDuration,
+    pub idle_timeout: HumanDuration,
+    pub retry_budget: HumanDuration,
+    #[serde(flatten)]
+    pub kind: TargetKind,
+}
+
+/// The kinds of target, by URL scheme, each with only the settings that apply to it. A new
+/// kind is a variant here, its settings built in `validate::target`, and an implementation
+/// of `targets::Target` chosen in `targets::open`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum TargetKind {
+    /// `file://`: a directory on this host (or a mount); nothing more to configure.
+    File(FileSettings),
+    /// `http(s)://`: a WebDAV server.
+    WebDav(WebDavSettings),
+    /// `s3://BUCKET/PREFIX/`.
+    S3(S3Settings),
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FileSettings {}
+
+/// How a remote target (WebDAV, S3) is reached: TLS trust and client certificate, proxy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RemoteSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,32 +170,41 @@ pub struct TargetSettings {
     pub proxy: ProxyMode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_password_file: Option<PathBuf>,
-    pub verify_upload: VerifyUpload,
-    pub connect_timeout: HumanDuration,
-    pub idle_timeout: HumanDuration,
-    pub retry_budget: HumanDuration,
-    /// How an `s3://` target reaches its bucket; `None` for the other schemes.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub s3: Option<S3Settings>,
+}
+
+/// A WebDAV target: how it is reached, and its credentials (Basic or Bearer, or none).
+#[derive(Debug, Clone, Serialize)]
+pub struct WebDavSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(flatten)]
+    pub remote: RemoteSettings,
 }
 
 /// An `s3://BUCKET/PREFIX/` target's keys, defaults filled in.
 #[derive(Debug, Clone, Serialize)]
 pub struct S3Settings {
+    #[serde(flatten)]
+    pub remote: RemoteSettings,
     /// The S3 API's base URL (`https://s3.<region>.amazonaws.com` when not configured).
     pub endpoint: Url,
     pub region: String,
     pub access_key_file: PathBuf,
     pub secret_key_file: PathBuf,
     pub path_style: bool,
-    /// Each part of a multipart upload, in bytes (all but the last).
-    pub part_size: u64,
+    /// Each part of a multipart upload (all but the last).
+    pub part_size: types::Size,
 }
 
 /// `[[target]] proxy`: curl's rules over the environment's variables, no proxy, or this
 /// proxy for this target alone. Printed as it was written.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum ProxyMode {
+    #[default]
     Env,
     None,
     /// An `http(s)://[user@]host:port` URL (no password: see `proxy_password_file`), and
@@ -218,15 +258,39 @@ impl TargetSettings {
         }
     }
 
+    /// How a remote target is reached; `None` for `file://`.
+    pub fn remote(&self) -> Option<&RemoteSettings> {
+        match &self.kind {
+            TargetKind::File(_) => None,
+            TargetKind::WebDav(d) => Some(&d.remote),
+            TargetKind::S3(s) => Some(&s.remote),
+        }
+    }
+
+    pub fn s3(&self) -> Option<&S3Settings> {
+        match &self.kind {
+            TargetKind::S3(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The files holding this target's secrets, with their keys.
     pub fn secret_files(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        let remote = self.remote();
+        let dav = match &self.kind {
+            TargetKind::WebDav(d) => Some(d),
+            _ => None,
+        };
         [
-            ("password_file", self.password_file.as_deref()),
-            ("token_file", self.token_file.as_deref()),
-            ("client_key_file", self.client_key_file.as_deref()),
-            ("proxy_password_file", self.proxy_password_file.as_deref()),
-            ("access_key_file", self.s3.as_ref().map(|s| s.access_key_file.as_path())),
-            ("secret_key_file", self.s3.as_ref().map(|s| s.secret_key_file.as_path())),
+            ("password_file", dav.and_then(|d| d.password_file.as_deref())),
+            ("token_file", dav.and_then(|d| d.token_file.as_deref())),
+            ("client_key_file", remote.and_then(|r| r.client_key_file.as_deref())),
+            (
+                "proxy_password_file",
+                remote.and_then(|r| r.proxy_password_file.as_deref()),
+            ),
+            ("access_key_file", self.s3().map(|s| s.access_key_file.as_path())),
+            ("secret_key_file", self.s3().map(|s| s.secret_key_file.as_path())),
         ]
         .into_iter()
         .filter_map(|(k, p)| p.map(|p| (k, p)))
@@ -572,12 +636,13 @@ pub(super) fn s3_settings(
     }
     let required = |k: &'static str, v: Option<PathBuf>| v.ok_or((k, "required for an s3:// target".to_string()));
     Ok(Some(S3Settings {
+        remote: RemoteSettings::default(),
         endpoint,
         region,
         access_key_file: required("access_key_file", access_key_file)?,
         secret_key_file: required("secret_key_file", secret_key_file)?,
         path_style,
-        part_size,
+        part_size: types::Size(part_size),
     }))
 }
 
@@ -1015,17 +1080,17 @@ url = "file:///srv/{node_name}"
         let s = load(&format!("node_name = \"m0\"\n{S3}")).unwrap();
         let t = &s.targets[0];
         assert_eq!(t.url.as_str(), "s3://etcd-backups/prod/m0/");
-        let s3 = t.s3.as_ref().unwrap();
+        let s3 = t.s3().unwrap();
         assert_eq!(s3.endpoint.as_str(), "https://s3.eu-west-1.amazonaws.com/");
         assert!(!s3.path_style, "AWS: virtual-hosted by default");
         let names: Vec<&str> = t.secret_files().map(|(k, _)| k).collect();
         assert_eq!(names, ["access_key_file", "secret_key_file"]);
         let s = load(&format!("{S3}endpoint = \"http://10.0.0.5:9000\"\n")).unwrap();
-        let s3 = s.targets[0].s3.as_ref().unwrap();
+        let s3 = s.targets[0].s3().unwrap();
         assert!(s3.path_style, "an endpoint: path style by default");
         assert_eq!(s3.endpoint.as_str(), "http://10.0.0.5:9000/");
         let s = load(&format!("{S3}endpoint = \"https://minio:9000\"\npath_style = false\n")).unwrap();
-        assert!(!s.targets[0].s3.as_ref().unwrap().path_style);
+        assert!(!s.targets[0].s3().unwrap().path_style);
 
         let without = |key: &str| {
             S3.lines()

@@ -7,11 +7,14 @@ use std::str::FromStr;
 
 use url::Url;
 
+use crate::schedule::Schedule;
+
+use super::inputs::TargetInputs;
 use super::load::Merged;
 use super::{
-    DEFAULT_SIGNING_KEY, EtcdSettings, EtcdTls, Inputs, OPENSHIFT_ETCD_CA, OPENSHIFT_ETCD_CERT, OPENSHIFT_ETCD_KEY,
-    ProxyMode, Settings, SigningSettings, SnapshotSettings, TargetSettings, check_name, expand, host_name,
-    missing_scheme, parse_target_url, s3_settings,
+    DEFAULT_SIGNING_KEY, EtcdSettings, EtcdTls, FileSettings, Inputs, OPENSHIFT_ETCD_CA, OPENSHIFT_ETCD_CERT,
+    OPENSHIFT_ETCD_KEY, ProxyMode, RemoteSettings, S3Settings, Settings, SigningSettings, SnapshotSettings, TargetKind,
+    TargetSettings, WebDavSettings, check_name, expand, host_name, missing_scheme, parse_target_url, s3_settings,
 };
 
 /// What every domain's check needs: the merged files (for the key's location) and the node
@@ -55,9 +58,9 @@ pub(super) fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
     let etcd = etcd_settings(&at, &inputs)?;
     let snapshot = snapshot_settings(&at, &inputs)?;
     check_seal(&at, &inputs)?;
-    check_operations(&at, &inputs)?;
+    let drill_schedule = check_operations(&at, &inputs)?;
     let signing = signing_settings(&at, &inputs, &snapshot.staging_dir)?;
-    check_schedule_and_election(&at, &inputs)?;
+    let backup_schedule = check_schedule_and_election(&at, &inputs)?;
     let (targets, secret_files) = targets(&at, &inputs)?;
     Ok(Settings {
         files: m.files.clone(),
@@ -79,6 +82,8 @@ pub(super) fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         signing,
         targets,
         secret_files,
+        backup_schedule,
+        drill_schedule,
     })
 }
 
@@ -248,16 +253,16 @@ fn check_seal(at: &At, inputs: &Inputs) -> Result<(), String> {
     )
 }
 
-/// `[verify]`, `[metrics]`, `[retention]`, `[delivery]` and `[import]`.
-fn check_operations(at: &At, inputs: &Inputs) -> Result<(), String> {
-    if !inputs.verify.schedule.is_empty() {
-        crate::schedule::Schedule::new(
-            &inputs.verify.schedule,
-            &inputs.schedule.timezone,
-            std::time::Duration::ZERO,
-        )
-        .map_err(|e| at.err("verify.schedule", e))?;
-    }
+/// `[verify]` (its drill schedule, returned), `[metrics]`, `[retention]`, `[delivery]` and
+/// `[import]`.
+fn check_operations(at: &At, inputs: &Inputs) -> Result<Option<Schedule>, String> {
+    let drills = match inputs.verify.schedule.as_str() {
+        "" => None,
+        cron => Some(
+            Schedule::new(cron, &inputs.schedule.timezone, std::time::Duration::ZERO)
+                .map_err(|e| at.err("verify.schedule", e))?,
+        ),
+    };
     at.absolute("verify.allowed_signers", inputs.verify.allowed_signers.as_deref())?;
     if let Some(listen) = &inputs.metrics.listen
         && listen.parse::<std::net::SocketAddr>().is_err()
@@ -291,7 +296,7 @@ fn check_operations(at: &At, inputs: &Inputs) -> Result<(), String> {
     if let Some(bad) = inputs.import.dirs.iter().find(|d| !d.is_absolute()) {
         return Err(at.err("import.dirs", format!("'{}' must be an absolute path", bad.display())));
     }
-    Ok(())
+    Ok(drills)
 }
 
 /// `[signing]`: on when a key file is set or `enabled = true` (then in staging).
@@ -307,9 +312,9 @@ fn signing_settings(at: &At, inputs: &Inputs, staging_dir: &Path) -> Result<Opti
     })
 }
 
-/// `[schedule]`, `[election]` and `[priority]`: checked here so check-config catches them
-/// before the daemon.
-fn check_schedule_and_election(at: &At, inputs: &Inputs) -> Result<(), String> {
+/// `[schedule]` (the backup schedule, returned), `[election]` and `[priority]`: checked
+/// here so check-config catches them before the daemon.
+fn check_schedule_and_election(at: &At, inputs: &Inputs) -> Result<Option<Schedule>, String> {
     if chrono_tz::Tz::from_str(&inputs.schedule.timezone).is_err() {
         return Err(at.err(
             "schedule.timezone",
@@ -320,14 +325,13 @@ fn check_schedule_and_election(at: &At, inputs: &Inputs) -> Result<(), String> {
         ));
     }
     // Empty: this host takes no backups (a drill host with only a target configured).
-    if !inputs.schedule.cron.is_empty() {
-        crate::schedule::Schedule::new(
-            &inputs.schedule.cron,
-            &inputs.schedule.timezone,
-            inputs.schedule.jitter.0,
-        )
-        .map_err(|e| at.err("schedule.cron", e))?;
-    }
+    let schedule = match inputs.schedule.cron.as_str() {
+        "" => None,
+        cron => Some(
+            Schedule::new(cron, &inputs.schedule.timezone, inputs.schedule.jitter.0)
+                .map_err(|e| at.err("schedule.cron", e))?,
+        ),
+    };
     let prefix = &inputs.election.prefix;
     if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') || prefix.starts_with("/kubernetes.io") {
         return Err(at.err(
@@ -346,7 +350,7 @@ fn check_schedule_and_election(at: &At, inputs: &Inputs) -> Result<(), String> {
     {
         return Err(at.err("priority.snapshot_nice", format!("{n} is outside -20..19")));
     }
-    Ok(())
+    Ok(schedule)
 }
 
 /// Every `[[target]]`, and each secret file with where it was configured.
@@ -379,8 +383,8 @@ fn targets(at: &At, inputs: &Inputs) -> Result<Targets, String> {
     Ok((targets, secret_files))
 }
 
-/// One `[[target]]` (`target[i]`), built from its inputs.
-fn target(at: &At, i: usize, t: &super::inputs::TargetInputs) -> Result<TargetSettings, String> {
+/// One `[[target]]` (`target[i]`), built from its inputs: the settings of its kind only.
+fn target(at: &At, i: usize, t: &TargetInputs) -> Result<TargetSettings, String> {
     let key = |k: &str| format!("target[{i}].{k}");
     let name = t.name.clone().unwrap_or_else(|| format!("target-{}", i + 1));
     check_name(&name).map_err(|e| at.err(&key("name"), e))?;
@@ -392,56 +396,74 @@ fn target(at: &At, i: usize, t: &super::inputs::TargetInputs) -> Result<TargetSe
         p("secret_key_file", &t.secret_key_file)?,
     );
     let s3 = s3_settings(t, &url, keys).map_err(|(k, e)| at.err(&key(k), e))?;
+    let (user, password, token) = (
+        t.username.as_ref().is_some_and(|u| !u.is_empty()),
+        p("password_file", &t.password_file)?.is_some(),
+        p("token_file", &t.token_file)?.is_some(),
+    );
+    let kind = match (url.scheme(), s3) {
+        ("file", _) => {
+            let remote_only = [
+                ("username", user),
+                ("password_file", password),
+                ("token_file", token),
+                ("ca_file", p("ca_file", &t.ca_file)?.is_some()),
+                (
+                    "client_cert_file",
+                    p("client_cert_file", &t.client_cert_file)?.is_some(),
+                ),
+                ("client_key_file", p("client_key_file", &t.client_key_file)?.is_some()),
+                (
+                    "proxy_password_file",
+                    p("proxy_password_file", &t.proxy_password_file)?.is_some(),
+                ),
+            ];
+            if let Some((k, _)) = remote_only.iter().find(|(_, set)| *set) {
+                return Err(at.err(&key(k), "does not apply to a file:// target"));
+            }
+            TargetKind::File(FileSettings::default())
+        }
+        (_, Some(s3)) => {
+            let webdav_only = [("username", user), ("password_file", password), ("token_file", token)];
+            if let Some((k, _)) = webdav_only.iter().find(|(_, set)| *set) {
+                return Err(at.err(
+                    &key(k),
+                    "does not apply to an s3:// target; use access_key_file and secret_key_file",
+                ));
+            }
+            TargetKind::S3(S3Settings {
+                remote: remote(at, i, t)?,
+                ..s3
+            })
+        }
+        (_, None) => TargetKind::WebDav(webdav(at, i, t)?),
+    };
     Ok(TargetSettings {
         name,
-        username: t.username.clone().filter(|u| !u.is_empty()),
-        password_file: p("password_file", &t.password_file)?,
-        token_file: p("token_file", &t.token_file)?,
-        ca_file: p("ca_file", &t.ca_file)?,
-        client_cert_file: p("client_cert_file", &t.client_cert_file)?,
-        client_key_file: p("client_key_file", &t.client_key_file)?,
-        proxy: ProxyMode::parse(&t.proxy).map_err(|e| at.err(&key("proxy"), e))?,
-        proxy_password_file: p("proxy_password_file", &t.proxy_password_file)?,
+        url,
         verify_upload: t.verify_upload,
         connect_timeout: t.connect_timeout,
         idle_timeout: t.idle_timeout,
         retry_budget: t.retry_budget,
-        s3,
-        url,
+        kind,
     })
 }
 
-/// The options of `target[i]` that apply to its kind only, and those that go together.
-fn check_target_options(at: &At, i: usize, target: &TargetSettings) -> Result<(), String> {
+/// A WebDAV target's credentials: Basic (`username` and `password_file`), Bearer
+/// (`token_file`) or none.
+fn webdav(at: &At, i: usize, t: &TargetInputs) -> Result<WebDavSettings, String> {
     let key = |k: &str| format!("target[{i}].{k}");
+    let dav = WebDavSettings {
+        username: t.username.clone().filter(|u| !u.is_empty()),
+        password_file: at.opt_path(&key("password_file"), &t.password_file)?,
+        token_file: at.opt_path(&key("token_file"), &t.token_file)?,
+        remote: remote(at, i, t)?,
+    };
     let (user, password, token) = (
-        target.username.is_some(),
-        target.password_file.is_some(),
-        target.token_file.is_some(),
+        dav.username.is_some(),
+        dav.password_file.is_some(),
+        dav.token_file.is_some(),
     );
-    if target.url.scheme() == "file" {
-        let remote_only = [
-            ("username", user),
-            ("password_file", password),
-            ("token_file", token),
-            ("ca_file", target.ca_file.is_some()),
-            ("client_cert_file", target.client_cert_file.is_some()),
-            ("client_key_file", target.client_key_file.is_some()),
-            ("proxy_password_file", target.proxy_password_file.is_some()),
-        ];
-        if let Some((k, _)) = remote_only.iter().find(|(_, set)| *set) {
-            return Err(at.err(&key(k), "does not apply to a file:// target"));
-        }
-    }
-    if target.url.scheme() == "s3" {
-        let webdav_only = [("username", user), ("password_file", password), ("token_file", token)];
-        if let Some((k, _)) = webdav_only.iter().find(|(_, set)| *set) {
-            return Err(at.err(
-                &key(k),
-                "does not apply to an s3:// target; use access_key_file and secret_key_file",
-            ));
-        }
-    }
     if password && !user {
         return Err(at.err(&key("password_file"), "needs username"));
     }
@@ -454,29 +476,27 @@ fn check_target_options(at: &At, i: usize, target: &TargetSettings) -> Result<()
     if password && token {
         return Err(at.err(&key("token_file"), "use either password_file or token_file, not both"));
     }
-    if target.client_cert_file.is_some() != target.client_key_file.is_some() {
+    Ok(dav)
+}
+
+/// How a remote target is reached: its CA, client certificate and proxy.
+fn remote(at: &At, i: usize, t: &TargetInputs) -> Result<RemoteSettings, String> {
+    let key = |k: &str| format!("target[{i}].{k}");
+    let p = |k: &str, v: &Option<PathBuf>| at.opt_path(&key(k), v);
+    let remote = RemoteSettings {
+        ca_file: p("ca_file", &t.ca_file)?,
+        client_cert_file: p("client_cert_file", &t.client_cert_file)?,
+        client_key_file: p("client_key_file", &t.client_key_file)?,
+        proxy: ProxyMode::parse(&t.proxy).map_err(|e| at.err(&key("proxy"), e))?,
+        proxy_password_file: p("proxy_password_file", &t.proxy_password_file)?,
+    };
+    if remote.client_cert_file.is_some() != remote.client_key_file.is_some() {
         return Err(at.err(
             &key("client_cert_file"),
             "client_cert_file and client_key_file go together",
         ));
     }
-    check_proxy(at, i, target)?;
-    for (k, d) in [
-        ("connect_timeout", target.connect_timeout),
-        ("idle_timeout", target.idle_timeout),
-    ] {
-        if d.0.is_zero() {
-            return Err(at.err(&key(k), "must be above zero"));
-        }
-    }
-    Ok(())
-}
-
-/// `target[i].proxy_password_file` goes with an explicit proxy URL naming a user.
-fn check_proxy(at: &At, i: usize, target: &TargetSettings) -> Result<(), String> {
-    let key = |k: &str| format!("target[{i}].{k}");
-    match (&target.proxy, target.proxy_password_file.is_some()) {
-        (_, false) => Ok(()),
+    match (&remote.proxy, remote.proxy_password_file.is_some()) {
         (ProxyMode::Env | ProxyMode::None, true) => {
             Err(at.err(&key("proxy_password_file"), "needs an explicit proxy URL"))
         }
@@ -484,6 +504,19 @@ fn check_proxy(at: &At, i: usize, target: &TargetSettings) -> Result<(), String>
             &key("proxy_password_file"),
             "needs a user name in proxy (http://user@host:port)",
         )),
-        (ProxyMode::Url(..), true) => Ok(()),
+        _ => Ok(remote),
     }
+}
+
+/// The timeouts of `target[i]`.
+fn check_target_options(at: &At, i: usize, target: &TargetSettings) -> Result<(), String> {
+    for (k, d) in [
+        ("connect_timeout", target.connect_timeout),
+        ("idle_timeout", target.idle_timeout),
+    ] {
+        if d.0.is_zero() {
+            return Err(at.err(&format!("target[{i}].{k}"), "must be above zero"));
+        }
+    }
+    Ok(())
 }

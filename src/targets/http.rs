@@ -288,8 +288,11 @@ impl Http {
     pub fn new(settings: &TargetSettings, url: &Url, rate: Option<u64>) -> Result<Http> {
         install_crypto_provider();
         let name = settings.name.clone();
+        let remote = settings
+            .remote()
+            .ok_or_else(|| anyhow!("target '{name}': {} is not a remote target", settings.url))?;
         let proxy =
-            proxy::choose(&settings.proxy, url, &proxy::ProcessEnv).map_err(|e| anyhow!("target '{name}': {e}"))?;
+            proxy::choose(&remote.proxy, url, &proxy::ProcessEnv).map_err(|e| anyhow!("target '{name}': {e}"))?;
         let mut secrets = Vec::new();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout.0)
@@ -308,7 +311,7 @@ impl Http {
                 if let Some(pw) = url.password() {
                     secrets.push(pw.to_string());
                 }
-                if let Some(file) = &settings.proxy_password_file {
+                if let Some(file) = &remote.proxy_password_file {
                     let password = read_secret(file, "proxy_password_file", &name)?;
                     p = p.basic_auth(url.username(), &password);
                     secrets.push(password);
@@ -316,7 +319,7 @@ impl Http {
                 builder.proxy(p)
             }
         };
-        if let Some(ca) = &settings.ca_file {
+        if let Some(ca) = &remote.ca_file {
             let pem = std::fs::read(ca).with_context(|| format!("target '{name}': ca_file '{}'", ca.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| anyhow!("target '{name}': ca_file '{}': {e}", ca.display()))?;
@@ -327,7 +330,7 @@ impl Http {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        if let (Some(cert), Some(key)) = (&settings.client_cert_file, &settings.client_key_file) {
+        if let (Some(cert), Some(key)) = (&remote.client_cert_file, &remote.client_key_file) {
             let mut pem = std::fs::read(cert)
                 .with_context(|| format!("target '{name}': client_cert_file '{}'", cert.display()))?;
             pem.push(b'\n');

@@ -281,14 +281,14 @@ pub trait Target: Send + Sync {
     async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize>;
 }
 
-/// The target for `settings`, by URL scheme; `rate` caps what is written to it (bytes/s).
+/// The target for `settings`, by its kind; `rate` caps what is written to it (bytes/s).
 pub fn open(settings: &TargetSettings, rate: Option<u64>) -> Result<Box<dyn Target>> {
-    match settings.url.scheme() {
-        "file" => Ok(Box::new(file::FileTarget::new(settings, rate)?)),
-        "http" | "https" => Ok(Box::new(webdav::DavTarget::new(settings, rate)?)),
-        "s3" => Ok(Box::new(s3::S3Target::new(settings, rate)?)),
-        other => bail!("target '{}': unsupported scheme '{other}'", settings.name),
-    }
+    use crate::config::TargetKind;
+    Ok(match &settings.kind {
+        TargetKind::File(_) => Box::new(file::FileTarget::new(settings, rate)?),
+        TargetKind::WebDav(_) => Box::new(webdav::DavTarget::new(settings, rate)?),
+        TargetKind::S3(_) => Box::new(s3::S3Target::new(settings, rate)?),
+    })
 }
 
 /// Logs that `file` (`bytes` long) went to target `target`, and how fast since `started`;

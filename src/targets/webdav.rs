@@ -52,7 +52,10 @@ impl DavTarget {
     pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<DavTarget> {
         let mut http = Http::new(settings, &settings.url, rate)?;
         let name = settings.name.clone();
-        let auth = match (&settings.username, &settings.password_file, &settings.token_file) {
+        let crate::config::TargetKind::WebDav(dav) = &settings.kind else {
+            bail!("target '{name}': {} is not a WebDAV target", settings.url);
+        };
+        let auth = match (&dav.username, &dav.password_file, &dav.token_file) {
             (Some(user), Some(pw), _) => {
                 let password = read_secret(pw, "password_file", &name)?;
                 http.add_secret(password.clone());

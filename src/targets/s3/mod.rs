@@ -190,8 +190,7 @@ impl S3Target {
     pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<S3Target> {
         let name = settings.name.clone();
         let s3 = settings
-            .s3
-            .as_ref()
+            .s3()
             .ok_or_else(|| anyhow!("target '{name}': an s3:// target needs its s3 settings"))?;
         let bucket = settings.url.host_str().unwrap_or_default().to_string();
         let prefix = settings.url.path().trim_start_matches('/').to_string();
@@ -208,7 +207,7 @@ impl S3Target {
         let access = read_secret(&s3.access_key_file, "access_key_file", &name)?;
         let secret = read_secret(&s3.secret_key_file, "secret_key_file", &name)?;
         http.add_secret(secret.clone());
-        let part_size = s3.part_size;
+        let part_size = s3.part_size.0;
         Ok(S3Target {
             name,
             bucket,
