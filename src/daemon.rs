@@ -378,7 +378,7 @@ impl<'a> Daemon<'a> {
         let located =
             match crate::config::read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file") {
                 Ok(identity) => crate::restore::locate(settings, None, "latest").await.map(|mut l| {
-                    l.identity = identity;
+                    l.identity = identity.into_iter().collect();
                     l
                 }),
                 Err(e) => Err(e),

@@ -199,41 +199,31 @@ fn zstd_encoder<W: Write>(w: W, level: i32) -> Result<zstd::Encoder<'static, W>>
     Ok(z)
 }
 
-/// Opens a stored stream: decrypts (with the identities in `identity`, the text of an age
-/// identity file, when the file is encrypted) and decompresses. Returns the original bytes.
+/// Opens a stored stream: decrypts (with the identities in `identities`, each the text of
+/// an age identity file or an SSH private key, when the file is encrypted) and decompresses.
+/// Returns the original bytes.
 pub fn open_reader<'a>(
     stored: Box<dyn Read + Send + 'a>,
     compression: Compression,
     encryption: Encryption,
-    identity: Option<&str>,
+    identities: &[String],
 ) -> Result<Box<dyn Read + Send + 'a>> {
     let decrypted: Box<dyn Read + Send + 'a> = match encryption {
         Encryption::None => stored,
         Encryption::Age => {
-            let text = identity.ok_or_else(|| {
-                crate::error::Stop::Usage("the set is encrypted with age: give --identity FILE".into())
-            })?;
-            let identities: Vec<Box<dyn age::Identity>> = if text.trim_start().starts_with("-----BEGIN") {
-                // An SSH private key (ed25519 or RSA), as `age -i` accepts.
-                match age::ssh::Identity::from_buffer(text.as_bytes(), None)
-                    .map_err(|e| anyhow!("--identity: not a usable SSH private key ({e})"))?
-                {
-                    age::ssh::Identity::Unencrypted(k) => vec![Box::new(age::ssh::Identity::from(k))],
-                    age::ssh::Identity::Encrypted(_) => bail!(crate::error::Stop::Usage(
-                        "--identity: the SSH key has a passphrase; use an unencrypted copy or an age identity".into()
-                    )),
-                    age::ssh::Identity::Unsupported(_) => bail!("--identity: unsupported SSH key type"),
-                }
-            } else {
-                age::IdentityFile::from_buffer(text.as_bytes())
-                    .map_err(|e| anyhow!("--identity: not an age identity file ({e})"))?
-                    .into_identities()
-                    .map_err(|e| anyhow!("--identity: {e}"))?
-            };
+            if identities.is_empty() {
+                bail!(crate::error::Stop::Usage(
+                    "the set is encrypted with age: give --identity FILE".into()
+                ));
+            }
+            let mut keys: Vec<Box<dyn age::Identity>> = Vec::new();
+            for text in identities {
+                keys.extend(parse_identities(text)?);
+            }
             let reader: Box<dyn BufRead + Send + 'a> = Box::new(std::io::BufReader::new(stored));
             let d = age::Decryptor::new_buffered(reader).map_err(|e| anyhow!("not an age file: {e}"))?;
             let r = d
-                .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+                .decrypt(keys.iter().map(|i| i.as_ref() as &dyn age::Identity))
                 .map_err(|e| anyhow!("cannot decrypt ({e}): wrong --identity?"))?;
             Box::new(r)
         }
@@ -248,4 +238,26 @@ pub fn open_reader<'a>(
             bail!("the file's compression is one this release does not know; use a newer etcd-backupd")
         }
     }
+}
+
+/// The identities in `text`: an SSH private key (ed25519 or RSA, as `age -i` takes), or an
+/// age identity file (one or more `AGE-SECRET-KEY-1...` lines).
+fn parse_identities(text: &str) -> Result<Vec<Box<dyn age::Identity>>> {
+    Ok(if text.trim_start().starts_with("-----BEGIN") {
+        // An SSH private key (ed25519 or RSA), as `age -i` accepts.
+        match age::ssh::Identity::from_buffer(text.as_bytes(), None)
+            .map_err(|e| anyhow!("--identity: not a usable SSH private key ({e})"))?
+        {
+            age::ssh::Identity::Unencrypted(k) => vec![Box::new(age::ssh::Identity::from(k))],
+            age::ssh::Identity::Encrypted(_) => bail!(crate::error::Stop::Usage(
+                "--identity: the SSH key has a passphrase; use an unencrypted copy or an age identity".into()
+            )),
+            age::ssh::Identity::Unsupported(_) => bail!("--identity: unsupported SSH key type"),
+        }
+    } else {
+        age::IdentityFile::from_buffer(text.as_bytes())
+            .map_err(|e| anyhow!("--identity: not an age identity file ({e})"))?
+            .into_identities()
+            .map_err(|e| anyhow!("--identity: {e}"))?
+    })
 }

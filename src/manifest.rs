@@ -98,6 +98,11 @@ pub struct FileEntry {
     pub stored_sha256: String,
     pub compression: Compression,
     pub encryption: Encryption,
+    /// The targets that hold this file, when the set is split between targets (`[[target]]
+    /// files`: the snapshot on some, the static resources, with etcd's encryption keys, on
+    /// others); empty: every target the set is on, as in every set before split custody.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
 }
 
 /// How a stored file is compressed: `"none"` or `"zstd"` in the manifest. A word this
@@ -210,6 +215,11 @@ impl Manifest {
             .collect()
     }
 
+    /// The files target `target` holds of this set (all of them, unless the set is split).
+    pub fn files_on<'a>(&'a self, target: &'a str) -> impl Iterator<Item = &'a FileEntry> + 'a {
+        self.files.iter().filter(move |f| f.held_by(target))
+    }
+
     pub fn total_stored_size(&self) -> u64 {
         self.files.iter().map(|f| f.stored_size).sum()
     }
@@ -259,6 +269,11 @@ impl FileKind {
 impl FileEntry {
     pub fn kind(&self) -> Option<FileKind> {
         FileKind::of(&self.name)
+    }
+
+    /// Does target `target` hold this file (when it holds the set)?
+    pub fn held_by(&self, target: &str) -> bool {
+        self.targets.is_empty() || self.targets.iter().any(|t| t == target)
     }
 }
 
@@ -319,6 +334,7 @@ mod tests {
                 stored_sha256: "ab".repeat(32),
                 compression: Compression::None,
                 encryption: Encryption::None,
+                targets: Vec::new(),
             }],
             tool: ToolInfo::this(),
             forced: Vec::new(),

@@ -21,6 +21,28 @@ pub(super) struct Asked {
     pub(super) json: bool,
 }
 
+/// A manual run's name (its election key) has one-second resolution, and only this node
+/// makes its manual runs: one that finished in this same second would make this one look
+/// done already, so this run waits for the next second instead.
+async fn manual_run(settings: &Settings) -> run::RunKind {
+    let staging = &settings.snapshot.staging_dir;
+    loop {
+        let kind = run::RunKind::Manual {
+            node: settings.node_name.clone(),
+            at: chrono::Utc::now(),
+        };
+        let name = kind.name();
+        if !crate::staging::state::State::load(staging)
+            .runs
+            .iter()
+            .any(|r| r.run == name)
+        {
+            return kind;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// `backup`: one run now, through the guards and the election (unless `--no-election`),
 /// recorded as the daemon's are, then its summary.
 pub(super) async fn run(settings: &Settings, asked: Asked) -> Result<()> {
@@ -30,10 +52,7 @@ pub(super) async fn run(settings: &Settings, asked: Asked) -> Result<()> {
     let cancel = crate::daemon::cancel_on_signals();
     // A manual run competes like a scheduled one, but does not wait: if another node
     // holds the lock, this one is skipped.
-    let kind = run::RunKind::Manual {
-        node: settings.node_name.clone(),
-        at: chrono::Utc::now(),
-    };
+    let kind = manual_run(settings).await;
     let run = kind.name();
     let mode = if settings.election.enabled && !asked.no_election {
         run::Mode::Elected {

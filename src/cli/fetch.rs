@@ -25,7 +25,7 @@ pub(super) struct Request<'a> {
     /// `--force`: a non-empty DIR has its restore candidates removed first.
     pub(super) force: bool,
     pub(super) target: Option<&'a str>,
-    pub(super) identity: Option<String>,
+    pub(super) identity: Vec<String>,
     pub(super) json: bool,
 }
 
@@ -240,7 +240,7 @@ pub(super) async fn verify(
     allow_unsigned: bool,
     target: Option<&str>,
     json: bool,
-    identity: Option<String>,
+    identity: Vec<String>,
 ) -> Result<()> {
     use crate::restore;
     let mut located = restore::locate(settings, target, id).await?;
@@ -303,7 +303,7 @@ pub(super) async fn verify(
 
 /// `fetch`, as asked on the command line.
 pub(super) async fn run(settings: &Settings, args: &super::FetchArgs) -> Result<()> {
-    let identity = crate::config::read_identity(args.identity.as_deref(), "--identity")?;
+    let identity = super::read_identities(&args.identity)?;
     let allow = Allow {
         version_mismatch: args.allow_version_mismatch,
         unsigned: args.allow_unsigned,

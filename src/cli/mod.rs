@@ -35,6 +35,15 @@ mod status;
 
 use crate::config::read_identity;
 
+/// The texts of the `--identity` files, each checked as `read_identity` does.
+fn read_identities(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
+    for p in paths {
+        texts.extend(read_identity(Some(p), "--identity")?);
+    }
+    Ok(texts)
+}
+
 /// `0.1.0 (commit 0123456789ab)`: the package version and the commit `build.rs` found.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ETCD_BACKUPD_COMMIT"), ")");
 
@@ -105,9 +114,10 @@ pub enum Command {
         /// signed by a listed key.
         #[arg(long)]
         allow_unsigned: bool,
-        /// age identity file (private key) for an encrypted set; must not be group/other readable.
+        /// age identity file (or SSH private key) for an encrypted set; must not be
+        /// group/other readable. Repeat it for a set whose archive is sealed to other keys.
         #[arg(long, value_name = "FILE")]
-        identity: Option<PathBuf>,
+        identity: Vec<PathBuf>,
         /// The target to read (default: the first).
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
@@ -275,9 +285,11 @@ pub struct FetchArgs {
     /// One JSON document on stdout (schema_version, ok, the files laid out, the next step).
     #[arg(long)]
     json: bool,
-    /// age identity file (private key) for an encrypted set; must not be group/other readable.
+    /// age identity file (or SSH private key) for an encrypted set; must not be group/other
+    /// readable. Repeat it for a set whose archive is sealed to other keys than its snapshot
+    /// (`encryption.resources_recipients`).
     #[arg(long, value_name = "FILE")]
-    identity: Option<PathBuf>,
+    identity: Vec<PathBuf>,
     /// The target to read (default: the first).
     #[arg(long, value_name = "NAME")]
     target: Option<String>,
@@ -350,9 +362,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             identity,
         } => {
             let settings = load(&cli)?;
-            let identity = match identity {
-                Some(p) => read_identity(Some(p), "--identity")?,
-                None => read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?,
+            let identity = if identity.is_empty() {
+                read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?
+                    .into_iter()
+                    .collect()
+            } else {
+                read_identities(identity)?
             };
             fetch::verify(
                 &settings,

@@ -198,6 +198,12 @@ pub struct CompressionInputs {
 pub struct EncryptionInputs {
     pub age_recipients: Vec<String>,
     pub age_recipients_file: Option<PathBuf>,
+    /// Recipients of the static resources archive alone (it holds etcd's encryption keys
+    /// when etcd encryption is on); unset with no file: the snapshot's recipients.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resources_recipients: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources_recipients_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -360,6 +366,24 @@ pub struct TargetInputs {
     pub path_style: Option<bool>,
     /// `s3://`: the size of each part of a multipart upload (files larger than one part).
     pub part_size: Option<Size>,
+    /// The files of each set this target holds (default both): `snapshot`, `resources`.
+    #[serde(default = "both_files")]
+    pub files: Vec<SetFile>,
+}
+
+/// A file of a set, as `[[target]] files` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetFile {
+    /// `snapshot_<ts>.db`.
+    Snapshot,
+    /// `static_kuberesources_<ts>.tar.gz` (with etcd's encryption keys when etcd encryption
+    /// is on).
+    Resources,
+}
+
+fn both_files() -> Vec<SetFile> {
+    vec![SetFile::Snapshot, SetFile::Resources]
 }
 
 fn default_proxy() -> String {

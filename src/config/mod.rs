@@ -20,8 +20,8 @@ use url::Url;
 
 pub use inputs::{
     CompressionInputs, DeliveryInputs, ElectionInputs, EncryptionInputs, GuardsInputs, ImportInputs, Inputs, IoClass,
-    MetricsInputs, PriorityInputs, RetentionInputs, ScheduleInputs, SigningInputs, SnapshotMethod, VerifyInputs,
-    VerifyUpload,
+    MetricsInputs, PriorityInputs, RetentionInputs, ScheduleInputs, SetFile, SigningInputs, SnapshotMethod,
+    VerifyInputs, VerifyUpload,
 };
 use load::Merged;
 use types::HumanDuration;
@@ -133,6 +133,8 @@ pub struct SnapshotSettings {
 pub struct TargetSettings {
     pub name: String,
     pub url: Url,
+    /// The files of each set it holds (`[[target]] files`).
+    pub files: Vec<SetFile>,
     pub verify_upload: VerifyUpload,
     pub connect_timeout: HumanDuration,
     pub idle_timeout: HumanDuration,
@@ -317,6 +319,41 @@ impl Settings {
             zstd_level: (self.compression.zstd_level > 0).then_some(self.compression.zstd_level),
             recipients,
         })
+    }
+
+    /// The seal of the static resources archive: `encryption.resources_recipients` (and its
+    /// file) when set, else the snapshot's ([`Settings::seal`]).
+    pub fn resources_seal(&self) -> anyhow::Result<crate::envelope::Seal> {
+        let e = &self.encryption;
+        if e.resources_recipients.is_empty() && e.resources_recipients_file.is_none() {
+            return self.seal();
+        }
+        let mut recipients = e.resources_recipients.clone();
+        if let Some(p) = &e.resources_recipients_file {
+            recipients.extend(
+                crate::envelope::read_recipients_file(p)
+                    .map_err(|e| anyhow::anyhow!("encryption.resources_recipients_file: {e:#}"))?,
+            );
+        }
+        Ok(crate::envelope::Seal {
+            zstd_level: (self.compression.zstd_level > 0).then_some(self.compression.zstd_level),
+            recipients,
+        })
+    }
+
+    /// Of the targets `chosen` for a set, those that hold `file`; empty when every one does
+    /// (the set is not split, and its manifest says nothing about custody).
+    pub fn holders(&self, chosen: &[String], file: SetFile) -> Vec<String> {
+        let holding: Vec<String> = chosen
+            .iter()
+            .filter(|n| self.target(n).is_none_or(|t| t.files.contains(&file)))
+            .cloned()
+            .collect();
+        if holding.len() == chosen.len() {
+            Vec::new()
+        } else {
+            holding
+        }
     }
 
     /// Are stored sets encrypted?
@@ -1072,6 +1109,33 @@ url = "file:///srv/{node_name}"
         assert!(e.contains("target[0].proxy"), "{e}");
         let e = load("node_name = \"n\"\n").unwrap_err();
         assert!(e.contains("no [[target]]"), "{e}");
+    }
+
+    /// Split custody: which files each target holds, and the archive's own recipients.
+    #[test]
+    fn split_custody_is_checked() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "node_name = \"n1\"\n[[target]]\nname = \"a\"\nurl = \"file:///a\"\nfiles = {a}\n[[target]]\nname = \"b\"\nurl = \"file:///b\"\nfiles = {b}\n"
+            )
+        };
+        let s = load(&two(r#"["snapshot"]"#, r#"["resources"]"#)).unwrap();
+        let chosen = ["a".to_string(), "b".to_string()];
+        assert_eq!(s.holders(&chosen, SetFile::Snapshot), ["a"]);
+        assert_eq!(s.holders(&chosen, SetFile::Resources), ["b"]);
+        let both = load(MIN).unwrap();
+        assert!(
+            both.holders(&["target-1".into()], SetFile::Resources).is_empty(),
+            "not split: nothing recorded"
+        );
+        let e = load(&two(r#"["snapshot"]"#, r#"["snapshot"]"#)).unwrap_err();
+        assert!(e.contains("no [[target]] holds \"resources\""), "{e}");
+        let e = load(&two("[]", r#"["snapshot", "resources"]"#)).unwrap_err();
+        assert!(e.contains("target[0].files: names no file"), "{e}");
+        let e = load(&two(r#"["keys"]"#, r#"["snapshot"]"#)).unwrap_err();
+        assert!(e.contains("files"), "{e}");
+        let e = load(&format!("{MIN}[encryption]\nresources_recipients = [\"nope\"]\n")).unwrap_err();
+        assert!(e.contains("encryption.resources_recipients[0]"), "{e}");
     }
 
     #[test]

@@ -13,8 +13,9 @@ use super::inputs::TargetInputs;
 use super::load::Merged;
 use super::{
     DEFAULT_SIGNING_KEY, EtcdSettings, EtcdTls, FileSettings, Inputs, OPENSHIFT_ETCD_CA, OPENSHIFT_ETCD_CERT,
-    OPENSHIFT_ETCD_KEY, ProxyMode, RemoteSettings, S3Settings, Settings, SigningSettings, SnapshotSettings, TargetKind,
-    TargetSettings, WebDavSettings, check_name, expand, host_name, missing_scheme, parse_target_url, s3_settings,
+    OPENSHIFT_ETCD_KEY, ProxyMode, RemoteSettings, S3Settings, SetFile, Settings, SigningSettings, SnapshotSettings,
+    TargetKind, TargetSettings, WebDavSettings, check_name, expand, host_name, missing_scheme, parse_target_url,
+    s3_settings,
 };
 
 /// What every domain's check needs: the merged files (for the key's location) and the node
@@ -247,6 +248,13 @@ fn check_seal(at: &At, inputs: &Inputs) -> Result<(), String> {
     for (i, r) in inputs.encryption.age_recipients.iter().enumerate() {
         crate::envelope::parse_recipient(r).map_err(|e| at.err(&format!("encryption.age_recipients[{i}]"), e))?;
     }
+    for (i, r) in inputs.encryption.resources_recipients.iter().enumerate() {
+        crate::envelope::parse_recipient(r).map_err(|e| at.err(&format!("encryption.resources_recipients[{i}]"), e))?;
+    }
+    at.absolute(
+        "encryption.resources_recipients_file",
+        inputs.encryption.resources_recipients_file.as_deref(),
+    )?;
     at.absolute(
         "encryption.age_recipients_file",
         inputs.encryption.age_recipients_file.as_deref(),
@@ -380,6 +388,16 @@ fn targets(at: &At, inputs: &Inputs) -> Result<Targets, String> {
         }
         targets.push(target);
     }
+    // A file no target holds would never be stored: every set would lack it.
+    for file in [SetFile::Snapshot, SetFile::Resources] {
+        if !targets.iter().any(|t| t.files.contains(&file)) {
+            let word = serde_json::to_string(&file).unwrap_or_default();
+            return Err(at.err(
+                "target",
+                format!("no [[target]] holds {word}: add it to some target's files"),
+            ));
+        }
+    }
     Ok((targets, secret_files))
 }
 
@@ -438,9 +456,19 @@ fn target(at: &At, i: usize, t: &TargetInputs) -> Result<TargetSettings, String>
         }
         (_, None) => TargetKind::WebDav(webdav(at, i, t)?),
     };
+    let mut files = t.files.clone();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(at.err(
+            &key("files"),
+            "names no file; use [\"snapshot\", \"resources\"] or one of them",
+        ));
+    }
     Ok(TargetSettings {
         name,
         url,
+        files,
         verify_upload: t.verify_upload,
         connect_timeout: t.connect_timeout,
         idle_timeout: t.idle_timeout,

@@ -1,24 +1,68 @@
 //! Finding a set on the targets (`latest` or an id), with its manifest, sums and signature
 //! read and judged before any file of it is.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::AsyncReadExt;
 
 use crate::config::Settings;
 use crate::error::Stop;
-use crate::manifest::{MANIFEST, Manifest, SIGNATURE};
+use crate::manifest::{FileEntry, MANIFEST, Manifest, SIGNATURE};
 use crate::targets::{self, Target};
 use crate::trust::signing::{AllowedSigners, Verdict};
 
 pub(super) const SUMS_CAP: u64 = 64 * 1024;
+
+/// The configured targets that hold the files of `m` that target `found_on` does not: one
+/// per such file (the first configured of the file's holders). A holder this configuration
+/// does not name is a usage error naming it.
+fn holders_of(settings: &Settings, found_on: &str, m: &Manifest) -> Result<BTreeMap<String, Box<dyn Target>>> {
+    let mut holders = BTreeMap::new();
+    for f in m.files.iter().filter(|f| !f.held_by(found_on)) {
+        if f.targets.iter().any(|n| holders.contains_key(n)) {
+            continue;
+        }
+        let Some(t) = f.targets.iter().find_map(|n| settings.target(n)) else {
+            bail!(Stop::Usage(format!(
+                "set {}: '{}' is on target(s) {} only (the set is split between targets), which this configuration does not name; add one as a [[target]]",
+                m.id,
+                f.name,
+                f.targets.join(", ")
+            )));
+        };
+        let opened =
+            targets::open(t, None).map_err(|e| anyhow!("target '{}': {}", t.name, crate::error::one_line(&e)))?;
+        holders.insert(t.name.clone(), opened);
+    }
+    Ok(holders)
+}
+
+impl Located {
+    /// The target to read file `f` from: where the set was found, or a holder of `f`.
+    pub fn source_of(&self, f: &FileEntry) -> Result<&dyn Target> {
+        if f.held_by(self.target.name()) {
+            return Ok(self.target.as_ref());
+        }
+        f.targets
+            .iter()
+            .find_map(|n| self.holders.get(n))
+            .map(|t| t.as_ref())
+            .ok_or_else(|| anyhow!("'{}' is on target(s) {} only", f.name, f.targets.join(", ")))
+    }
+}
 
 /// A set found on a target.
 pub struct Located {
     pub target: Box<dyn Target>,
     pub cluster: String,
     pub manifest: Manifest,
-    /// The text of an age identity file, for encrypted sets.
-    pub identity: Option<String>,
+    /// The texts of the identity files given (age identities or SSH keys), for encrypted
+    /// sets: one per key holder when the archive is sealed to its own recipients.
+    pub identity: Vec<String>,
+    /// The other targets this set's files are on, by name, when it is split between
+    /// targets (`[[target]] files`): each file is read from a target that holds it.
+    pub holders: BTreeMap<String, Box<dyn Target>>,
     /// Set when the set was chosen as `latest`: what to name instead should it turn out
     /// damaged while it is read.
     pub latest: Option<LatestChoice>,
@@ -220,11 +264,13 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
             ts.name
         )));
     }
+    let holders = holders_of(settings, t.name(), &s.manifest)?;
     Ok(Located {
         target: t,
         cluster: s.cluster,
         manifest: s.manifest,
-        identity: None,
+        identity: Vec::new(),
+        holders,
         latest: (id == "latest").then_some(LatestChoice { next_intact: next }),
         trust,
         allow_unrestorable: false,

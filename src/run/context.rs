@@ -10,8 +10,12 @@ use crate::envelope::Seal;
 use crate::trust::signing::{self, Signer};
 
 pub struct RunContext {
-    /// Compression and the age recipients, as the configuration said at the run's start.
+    /// Compression and the age recipients, as the configuration said at the run's start: the
+    /// snapshot's.
     pub seal: Seal,
+    /// The static resources archive's (`encryption.resources_recipients`, by default the
+    /// snapshot's): it holds etcd's encryption keys when etcd encryption is on.
+    pub resources_seal: Seal,
     /// This node's signing key (`[signing]`), created on first use; `None`: unsigned sets.
     pub signer: Option<Signer>,
     /// The folder the set goes to on every target ([`Settings::cluster_folder`]).
@@ -29,6 +33,7 @@ impl RunContext {
     pub fn for_cluster(settings: &Settings, cluster: String) -> Result<RunContext> {
         Ok(RunContext {
             seal: settings.seal()?,
+            resources_seal: settings.resources_seal()?,
             signer: signing::signer(settings)?,
             cluster,
         })

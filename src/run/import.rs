@@ -240,7 +240,8 @@ async fn stage(
             tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
         };
         // Compressed and encrypted as our own sets are: an imported set holds every Secret.
-        let files = crate::run::pipeline::seal_files(&ctx.seal, work, files).await?;
+        let chosen: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
+        let files = crate::run::pipeline::seal_files(settings, ctx, work, (files, &chosen)).await?;
         let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());

@@ -20,14 +20,13 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use chrono::Utc;
 
-use crate::config::{Settings, SnapshotMethod};
+use crate::config::{SetFile, Settings, SnapshotMethod};
 use crate::delivery::{self, Opened};
-use crate::envelope::Seal;
 use crate::error::Stop;
 use crate::etcd::{self, hex_id};
 use crate::fsutil;
 use crate::growing::Follower;
-use crate::manifest::{self, EtcdInfo, FileEntry, Manifest, OpenShiftInfo, ToolInfo, Trigger};
+use crate::manifest::{self, EtcdInfo, FileEntry, FileKind, Manifest, OpenShiftInfo, ToolInfo, Trigger};
 use crate::outcome::{Skip, SkipKind};
 use crate::run::context::RunContext;
 use crate::source::snapshot;
@@ -486,7 +485,7 @@ impl Backup<'_> {
             let (dir, plain) = (work.to_path_buf(), files.clone());
             tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
         };
-        let files = seal_files(&self.ctx.seal, work, files).await?;
+        let files = seal_files(self.settings, self.ctx, work, (files, &self.names)).await?;
         let manifest = Manifest {
             format_version: manifest::FORMAT_VERSION,
             id,
@@ -559,16 +558,25 @@ async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &s
 }
 
 /// Compresses and/or encrypts each verified file in `work` not sealed yet (see
-/// [`crate::envelope`]); the originals go, the manifest keeps their names, sizes and hashes.
-/// Every set goes through here (native, script, imported): one set, one seal.
-pub(crate) async fn seal_files(seal: &Seal, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
-    if seal.is_plain() {
-        return Ok(files);
-    }
+/// [`crate::envelope`]), the archive to its own recipients; the originals go, the manifest
+/// keeps their names, sizes and hashes. Every set goes through here (native, script,
+/// imported): one set, one seal per kind of file. Then records which of the `chosen`
+/// targets hold each file, when they do not all hold both.
+pub(crate) async fn seal_files(
+    settings: &Settings,
+    ctx: &RunContext,
+    work: &Path,
+    (files, chosen): (Vec<FileEntry>, &[String]),
+) -> Result<Vec<FileEntry>> {
     let mut sealed = Vec::new();
     for mut f in files {
-        if f.stored_name != f.name {
-            // Sealed as it streamed (the snapshot).
+        let (seal, file) = match f.kind() {
+            Some(FileKind::Resources) => (&ctx.resources_seal, SetFile::Resources),
+            _ => (&ctx.seal, SetFile::Snapshot),
+        };
+        f.targets = settings.holders(chosen, file);
+        if f.stored_name != f.name || seal.is_plain() {
+            // Sealed as it streamed (the snapshot), or not to be sealed.
             sealed.push(f);
             continue;
         }
@@ -644,7 +652,12 @@ async fn begin_early(
     // gets the set after the snapshot instead.
     let begun = opened.iter().filter_map(|(name, target)| {
         let Ok(target) = target else { return None };
-        if late.contains(name) {
+        // A target that does not hold the snapshot (`[[target]] files`) has nothing to follow.
+        if late.contains(name)
+            || settings
+                .target(name)
+                .is_some_and(|t| !t.files.contains(&SetFile::Snapshot))
+        {
             return None;
         }
         if owed.contains(name.as_str()) {
@@ -769,6 +782,7 @@ impl Backup<'_> {
                 stored_sha256: taken.stored.sha256,
                 compression: seal.compression(),
                 encryption: seal.encryption(),
+                targets: Vec::new(),
             },
         );
         Ok((files, taken.revision.filter(|r| *r > 0).or(before), streamed))
@@ -785,5 +799,6 @@ pub(crate) fn plain_entry(name: String, size: u64, sha256: String) -> FileEntry 
         sha256,
         compression: crate::manifest::Compression::None,
         encryption: crate::manifest::Encryption::None,
+        targets: Vec::new(),
     }
 }

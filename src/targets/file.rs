@@ -84,7 +84,7 @@ impl FileTarget {
         let final_dir = cluster_dir.join(id);
         let tmp = cluster_dir.join(&draft.folder);
         let result = (|| -> Result<()> {
-            for f in &set.manifest.files {
+            for f in set.manifest.files_on(&self.name) {
                 if draft.has(f) {
                     continue;
                 }
@@ -196,7 +196,7 @@ impl FileTarget {
                     // The manifest goes last, so a set missing a file or with one of another
                     // size was damaged after it was stored: listed, marked.
                     Ok(m) if m.id == id => {
-                        let damaged = super::size_damage(&m, |name| {
+                        let damaged = super::size_damage(&m, &self.name, |name| {
                             std::fs::metadata(dir.join(&id).join(name))
                                 .ok()
                                 .map(|md| Some(md.len()))

@@ -186,7 +186,7 @@ impl Target for MemoryTarget {
     async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
         self.enter(format!("finish {}", draft.id), true)?;
         let mut files = BTreeMap::new();
-        for f in &set.manifest.files {
+        for f in set.manifest.files_on(&self.name) {
             files.insert(f.stored_name.clone(), std::fs::read(set.dir.join(&f.stored_name))?);
         }
         for (name, bytes) in set.closing_files()? {

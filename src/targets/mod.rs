@@ -80,10 +80,11 @@ pub struct ListedSet {
 /// What is wrong with a set, judged by the sizes the target reports: `found(stored_name)` is
 /// `None` when the file is absent, `Some(None)` when the target reports no size. `None` when
 /// every file the manifest lists is there at its recorded size.
-pub fn size_damage(manifest: &Manifest, found: impl Fn(&str) -> Option<Option<u64>>) -> Option<String> {
+/// Only the files `target` holds count: a set split between targets on purpose is whole on
+/// each with its part.
+pub fn size_damage(manifest: &Manifest, target: &str, found: impl Fn(&str) -> Option<Option<u64>>) -> Option<String> {
     let problems: Vec<String> = manifest
-        .files
-        .iter()
+        .files_on(target)
         .filter_map(|f| match found(&f.stored_name) {
             None => Some(format!("'{}' is missing", f.stored_name)),
             Some(None) => Some(format!("'{}' has no size on the target", f.stored_name)),
@@ -108,8 +109,7 @@ pub fn check_sizes(
     shown: impl Fn(&str) -> String,
 ) -> Result<()> {
     let expected = manifest
-        .files
-        .iter()
+        .files_on(target)
         .map(|f| (f.stored_name.as_str(), f.stored_size))
         .chain(extra.iter().map(|(n, s)| (*n, *s as u64)));
     for (name, want) in expected {
@@ -162,7 +162,7 @@ pub fn listed_set(
     manifest: Manifest,
     found: impl Fn(&str) -> Option<Option<u64>>,
 ) -> ListedSet {
-    let damaged = size_damage(&manifest, found);
+    let damaged = size_damage(&manifest, target, found);
     if let Some(d) = &damaged {
         tracing::warn!(target_name = %target, set = %at, damage = %d, "a damaged set");
     }
@@ -366,19 +366,24 @@ mod tests {
         .unwrap();
         let f = &m.files[0];
         let right = f.stored_size;
-        assert_eq!(size_damage(&m, |_| Some(Some(right))), None);
+        assert_eq!(size_damage(&m, "t", |_| Some(Some(right))), None);
         assert_eq!(
-            size_damage(&m, |_| None).unwrap(),
+            size_damage(&m, "t", |_| None).unwrap(),
             format!("'{}' is missing", f.stored_name)
         );
         assert_eq!(
-            size_damage(&m, |_| Some(Some(right + 1))).unwrap(),
+            size_damage(&m, "t", |_| Some(Some(right + 1))).unwrap(),
             format!(
                 "'{}' is {} bytes, the manifest records {right}",
                 f.stored_name,
                 right + 1
             )
         );
-        assert!(size_damage(&m, |_| Some(None)).unwrap().contains("no size"));
+        assert!(size_damage(&m, "t", |_| Some(None)).unwrap().contains("no size"));
+        // A file held by another target on purpose is not missing here.
+        let mut split = m.clone();
+        split.files[0].targets = vec!["vault".into()];
+        assert_eq!(size_damage(&split, "t", |_| None), None);
+        assert!(size_damage(&split, "vault", |_| None).is_some());
     }
 }

@@ -319,7 +319,7 @@ impl DavTarget {
             |name| format!("'{name}' in '{collection}'"),
         )?;
         if read_back {
-            for f in &manifest.files {
+            for f in manifest.files_on(&self.name) {
                 let got = self.read_back(&join(collection, &f.stored_name)?).await?;
                 super::check_read_back(&self.name, f, got)?;
             }
@@ -328,7 +328,7 @@ impl DavTarget {
     }
 
     async fn upload(&self, tmp: &Url, set: &StagedSet, draft: &Draft) -> Result<()> {
-        for f in &set.manifest.files {
+        for f in set.manifest.files_on(&self.name) {
             if draft.has(f) {
                 continue;
             }

@@ -80,7 +80,6 @@ fn force_backs_up_during_an_upgrade_and_records_which_guard_it_overrode() {
                 "",
             ),
     );
-    std::thread::sleep(std::time::Duration::from_millis(1100));
     let r = backup(&cfg, &["--force"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(!r.stdout.contains("forced"), "{}", r.stdout);
@@ -118,7 +117,6 @@ fn a_backup_skipped_because_staging_is_busy_is_recorded_as_skipped_not_failed() 
         .open(w.staging().join("lock"))
         .unwrap();
     let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1100));
     let r = backup(&cfg, &[]);
     assert_eq!(r.code, 3, "{}", r.all());
     assert!(r.stderr.contains("another backup is running"), "{}", r.stderr);
@@ -188,7 +186,6 @@ fn the_operator_guard_is_as_strict_as_the_script_on_openshift() {
     );
     // Settled again: a backup without --force goes.
     crate::common::settle_operators(&etcd, None);
-    std::thread::sleep(std::time::Duration::from_millis(1100));
     let r = backup(&cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.all());
 }

@@ -28,6 +28,7 @@ fn manifest_naming(names: &[(usize, String)]) -> Manifest {
         stored_sha256: "ab".repeat(32),
         compression: etcd_backupd::manifest::Compression::None,
         encryption: etcd_backupd::manifest::Encryption::None,
+        targets: Vec::new(),
     };
     let mut m = Manifest {
         format_version: FORMAT_VERSION,

@@ -79,7 +79,6 @@ fn upper_case_http_proxy_routes_http_targets_unless_no_proxy_names_them() {
             r.stdout
         );
 
-        std::thread::sleep(Duration::from_millis(1100));
         let before = proxy.requests();
         let r = backup_env(&cfg, &env);
         assert_eq!(r.code, 0, "case {i} {env:?}: {}", r.all());

@@ -57,7 +57,6 @@ fn a_set_owed_to_its_only_target_is_pending_then_settled_to_ok_when_delivered() 
 
     // The target is back: the next run delivers the waiting set first, then its own.
     unblock_cluster_folder(&w.target_root());
-    std::thread::sleep(Duration::from_millis(1100));
     let second = backup(&cfg);
     assert_eq!(second.code, 0, "{}", second.all());
     let sets: Vec<String> = w
@@ -122,7 +121,6 @@ fn an_id_taken_on_the_target_by_another_set_does_not_hold_back_newer_sets() {
     let squatter = w.target_root().join("test").join(&stuck_id);
     std::fs::create_dir_all(&squatter).unwrap();
     std::fs::write(squatter.join("manifest.json"), b"{}").unwrap();
-    std::thread::sleep(Duration::from_millis(1100));
     // The stuck set cannot go; the new one still does, in the same pass.
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -156,7 +154,6 @@ fn a_set_staged_for_a_run_another_node_recorded_is_never_delivered() {
     let other = serde_json::json!({"run": run1, "node": "node-b", "id": "2026-01-01_000000", "result": "ok", "finished": "2026-01-01T00:00:00Z"});
     etcd.put(None, &format!("/etcd-backupd/runs/{run1}"), &other.to_string());
     unblock_cluster_folder(&w.target_root());
-    std::thread::sleep(Duration::from_millis(1100));
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("another set is this run's backup"), "{}", r.stderr);

@@ -204,7 +204,6 @@ fn the_proxy_from_the_environment_carries_every_request() {
     assert_eq!(sets_on(&moto, BUCKET).len(), 1);
 
     // NO_PROXY naming the endpoint: direct, the proxy sees nothing.
-    std::thread::sleep(Duration::from_millis(1100));
     let before = proxy.requests();
     let r = backup_env(&cfg, &[("HTTPS_PROXY", purl.as_str()), ("NO_PROXY", "127.0.0.1")]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -280,7 +279,6 @@ fn a_multipart_upload_killed_midway_leaves_nothing_listed_and_the_next_run_clean
 
     // The next run takes its own snapshot, then delivers the killed run's set from staging
     // first: killed during that upload, still nothing is listed.
-    std::thread::sleep(Duration::from_millis(1100));
     kill_mid_upload(&moto, &cfg);
     nothing_listed();
     assert_eq!(moto.uploads(BUCKET).len(), 1, "the first run's upload was aborted");
@@ -289,7 +287,6 @@ fn a_multipart_upload_killed_midway_leaves_nothing_listed_and_the_next_run_clean
 
     // The next run of this node removes its debris at once, aborts the upload, delivers
     // both staged sets (multipart again), then its own.
-    std::thread::sleep(Duration::from_millis(1100));
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
     let r = backup_env(&cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -440,7 +437,6 @@ s3.put_object_lock_configuration(Bucket="locked", ObjectLockConfiguration={
     for _ in 0..3 {
         let r = backup_env(&cfg, &[]);
         assert_eq!(r.code, 0, "{}", r.all());
-        std::thread::sleep(Duration::from_millis(1100));
     }
     let ids = sets_on(&moto, BUCKET);
     assert_eq!(ids.len(), 3);

@@ -234,3 +234,170 @@ fn compression_alone_opens_with_zstd() {
         r.stderr
     );
 }
+
+/// Split custody: the snapshot on one target sealed to one key, the static resources archive
+/// (etcd's encryption keys) on another sealed to another key. Each target holds its half
+/// and lists the set as intact; neither key opens the other half; `fetch` takes both
+/// identities and lays the whole set out in one command; `verify --deep` drills it; prune
+/// keeps both halves.
+#[test]
+fn the_archive_kept_apart_from_the_snapshot_restores_in_one_command() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 500, 300);
+    let w = Work::new();
+    let k8s = w.path().join("etc-kubernetes");
+    static_pod_fixture(&k8s, 5);
+    let keygen = |name: &str| {
+        let key = w.path().join(name);
+        sh(&format!("age-keygen -o {} 2>/dev/null", key.display()));
+        let recipient = String::from_utf8(sh(&format!("age-keygen -y {}", key.display()))).unwrap();
+        (key, recipient.trim().to_string())
+    };
+    let (snap_key, snap_recipient) = keygen("snapshot.key");
+    let (keys_key, keys_recipient) = keygen("keys.key");
+    let (store, vault) = (w.path().join("store"), w.path().join("vault"));
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&vault).unwrap();
+    let targets = format!(
+        "[[target]]\nname = \"store\"\nurl = \"file://{}\"\nfiles = [\"snapshot\"]\n\n[[target]]\nname = \"vault\"\nurl = \"file://{}\"\nfiles = [\"resources\"]\n\n[encryption]\nage_recipients = [\"{snap_recipient}\"]\nresources_recipients = [\"{keys_recipient}\"]\n",
+        store.display(),
+        vault.display()
+    );
+    let cfg = w.write_config_targets(&etcd.endpoint, &targets);
+    w.set_static_resources_dir(&k8s);
+    let c = cfg.to_str().unwrap();
+    let r = run(&["backup", "--no-election", "--config", c]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let id = std::fs::read_dir(store.join("test"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| !n.starts_with('.'))
+        .expect("a set on store");
+    let names = |root: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(root.join("test").join(&id))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (snap, archive) = (
+        format!("snapshot_{id}.db.age"),
+        format!("static_kuberesources_{id}.tar.gz.age"),
+    );
+    assert_eq!(names(&store), ["SHA256SUMS", "manifest.json", snap.as_str()]);
+    assert_eq!(names(&vault), ["SHA256SUMS", "manifest.json", archive.as_str()]);
+    // The manifest, the same on both, says which target holds which file.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("test").join(&id).join("manifest.json")).unwrap()).unwrap();
+    let holders: Vec<(String, serde_json::Value)> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap().to_string(), f["targets"].clone()))
+        .collect();
+    assert_eq!(
+        holders,
+        [
+            (format!("snapshot_{id}.db"), serde_json::json!(["store"])),
+            (
+                format!("static_kuberesources_{id}.tar.gz"),
+                serde_json::json!(["vault"])
+            ),
+        ]
+    );
+    // Whoever holds the snapshot's key cannot open the archive, and the other way round.
+    let archive_path = vault.join("test").join(&id).join(&archive);
+    let snap_path = store.join("test").join(&id).join(&snap);
+    let opens = |key: &Path, file: &Path| {
+        Command::new("age")
+            .args(["-d", "-i"])
+            .arg(key)
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(!opens(&snap_key, &archive_path) && opens(&keys_key, &archive_path));
+    assert!(!opens(&keys_key, &snap_path) && opens(&snap_key, &snap_path));
+
+    // list: intact on both (a half held on purpose is not damage).
+    let r = run(&["list", "--all-targets", "--config", c]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(!r.all().contains("damaged"), "{}", r.all());
+    assert_eq!(r.stdout.matches(id.as_str()).count(), 2, "{}", r.stdout);
+
+    // fetch from either target, both identities: the whole set, one command.
+    let (sk, kk) = (snap_key.to_str().unwrap(), keys_key.to_str().unwrap());
+    for from in ["store", "vault"] {
+        let dir = w.path().join(format!("restore-{from}"));
+        let d = dir.to_str().unwrap();
+        let r = run(&[
+            "fetch",
+            "latest",
+            "--target",
+            from,
+            "--to",
+            d,
+            "--identity",
+            sk,
+            "--identity",
+            kk,
+            "--config",
+            c,
+        ]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let mut got: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [format!("snapshot_{id}.db"), format!("static_kuberesources_{id}.tar.gz")]
+        );
+    }
+    // One key alone does not open the set.
+    let dir = w.path().join("restore-one-key");
+    let r = run(&[
+        "fetch",
+        "latest",
+        "--to",
+        dir.to_str().unwrap(),
+        "--identity",
+        sk,
+        "--config",
+        c,
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("static_kuberesources") && r.stderr.contains("cannot decrypt"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0);
+
+    // The drill, and retention: both halves stay.
+    let r = run(&[
+        "verify",
+        "latest",
+        "--deep",
+        "--identity",
+        sk,
+        "--identity",
+        kk,
+        "--config",
+        c,
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("restore drill"), "{}", r.stdout);
+    let r = run(&["prune", "--config", c]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(names(&vault).len(), 3);
+    assert_eq!(names(&store).len(), 3);
+}

@@ -587,7 +587,7 @@ impl S3Target {
             |name| format!("'{}'", self.shown(&format!("{set_prefix}{name}"))),
         )?;
         if read_back {
-            for f in &manifest.files {
+            for f in manifest.files_on(&self.name) {
                 let key = format!("{set_prefix}{}", f.stored_name);
                 super::check_read_back(&self.name, f, self.read_back(&key).await?)?;
             }
@@ -598,7 +598,7 @@ impl S3Target {
     /// Uploads what the draft lacks, the closing files, checks, then the manifest.
     async fn upload(&self, draft: &Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
         let (cluster, id) = (&draft.cluster, &set.manifest.id);
-        for f in &set.manifest.files {
+        for f in set.manifest.files_on(&self.name) {
             if draft.has(f) {
                 continue;
             }

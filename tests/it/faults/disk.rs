@@ -1,7 +1,5 @@
 //! A staging filesystem that fills up.
 
-use std::time::Duration;
-
 use crate::backup::mount_tmpfs;
 use crate::common::{Etcd, Work, assert_sha256sums, run};
 use crate::support::{NO_RETENTION, assert_complete, entries};
@@ -23,7 +21,6 @@ fn a_nearly_full_staging_filesystem_fails_clearly_and_keeps_older_sets_intact() 
     let r = backup();
     assert_eq!(r.code, 0, "{}", r.all());
     let a = w.staged()[0].0.clone();
-    std::thread::sleep(Duration::from_millis(1100));
     let away = w.path().join("target-away");
     std::fs::rename(w.target_root(), &away).unwrap();
     let r = backup();
@@ -38,7 +35,6 @@ fn a_nearly_full_staging_filesystem_fails_clearly_and_keeps_older_sets_intact() 
     );
 
     etcd.fill(None, 8000, 1000); // ~9-10 MB: more than the tmpfs holds
-    std::thread::sleep(Duration::from_millis(1100));
     let r = backup();
     assert_eq!(r.code, 1, "{}", r.all());
     let last = r.stderr.trim().lines().last().unwrap();
@@ -84,7 +80,6 @@ fn a_nearly_full_staging_filesystem_fails_clearly_and_keeps_older_sets_intact() 
     ctl(&["compact", "--physical", &rev]);
     ctl(&["defrag"]);
     let cfg = w.write_config(&etcd.endpoint, None, &no_guard);
-    std::thread::sleep(Duration::from_millis(1100));
     let r = run(&["backup", "--no-election", "--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
     let root = w.target_root().join("test");

@@ -288,7 +288,6 @@ async fn sigkill_around_the_final_move_never_shows_a_partial_set_and_stores_noth
         }
         lock_released_within(&etcd.endpoint, Duration::from_secs(3 + 3), killed_at).await;
 
-        tokio::time::sleep(Duration::from_millis(1100)).await;
         let r = run_async(argv(&["backup"], &cfg), vec![]).await;
         assert_eq!(r.code, 0, "{variant}: {}", r.all());
         if variant == "after" {
@@ -333,7 +332,9 @@ fn sigkill_at_random_moments_never_leaves_a_visible_partial_set() {
     // Kills that found the run still going: the test is about those.
     let mut mid_run = 0;
     for i in 0..20 {
-        std::thread::sleep(Duration::from_millis(1100)); // a new id each time
+        // Not only a new id: without it the run would wait in reserve_id for the killed
+        // run's second to pass, and the kills (timed on an undisturbed run) would land there.
+        std::thread::sleep(Duration::from_millis(1100));
         let frac = (next_rand(&mut seed) % 1000) as f64 / 1000.0 * 1.2;
         let mut p = Proc::spawn(
             &["backup", "--no-election", "--config", cfg.to_str().unwrap()],
@@ -352,7 +353,6 @@ fn sigkill_at_random_moments_never_leaves_a_visible_partial_set() {
         let _ = w.staged(); // asserts every staged set has its manifest
     }
     assert!(mid_run >= 5, "only {mid_run} of 20 kills landed mid-run");
-    std::thread::sleep(Duration::from_millis(1100));
     let staged_before: Vec<String> = w
         .staged()
         .into_iter()

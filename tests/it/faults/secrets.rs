@@ -142,9 +142,6 @@ async fn no_command_shows_a_password_token_proxy_credential_or_age_identity_anyw
             (vec!["render".into(), "machineconfig".into()], 0),
         ];
         for (mut args, code) in commands {
-            if args[0] == "backup" {
-                tokio::time::sleep(Duration::from_millis(1100)).await;
-            }
             let what = format!("{args:?} trace={trace}");
             args.push("-vv".into());
             args.push("--config".into());
@@ -231,7 +228,6 @@ fn staging_target_and_fetched_files_are_private_whatever_the_umask() {
     for _ in 0..2 {
         let r = umask0(&["backup", "--no-election", "--config", c]);
         assert_eq!(r.code, 0, "{}", r.all());
-        std::thread::sleep(Duration::from_millis(1100));
     }
     let private = |p: &Path| {
         let want = if p.is_dir() { 0o700 } else { 0o600 };
