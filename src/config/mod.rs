@@ -306,19 +306,14 @@ impl Settings {
         self.cluster_name.clone().unwrap_or_else(|| format!("{cluster_id:x}"))
     }
 
-    /// How stored files are sealed; reads `encryption.age_recipients_file`.
+    /// How stored files (the snapshot's) are sealed; reads `encryption.age_recipients_file`.
     pub fn seal(&self) -> anyhow::Result<crate::envelope::Seal> {
-        let mut recipients = self.encryption.age_recipients.clone();
-        if let Some(p) = &self.encryption.age_recipients_file {
-            recipients.extend(
-                crate::envelope::read_recipients_file(p)
-                    .map_err(|e| anyhow::anyhow!("encryption.age_recipients_file: {e:#}"))?,
-            );
-        }
-        Ok(crate::envelope::Seal {
-            zstd_level: (self.compression.zstd_level > 0).then_some(self.compression.zstd_level),
-            recipients,
-        })
+        let e = &self.encryption;
+        self.seal_to(
+            &e.age_recipients,
+            e.age_recipients_file.as_deref(),
+            "encryption.age_recipients_file",
+        )
     }
 
     /// The seal of the static resources archive: `encryption.resources_recipients` (and its
@@ -328,12 +323,18 @@ impl Settings {
         if e.resources_recipients.is_empty() && e.resources_recipients_file.is_none() {
             return self.seal();
         }
-        let mut recipients = e.resources_recipients.clone();
-        if let Some(p) = &e.resources_recipients_file {
-            recipients.extend(
-                crate::envelope::read_recipients_file(p)
-                    .map_err(|e| anyhow::anyhow!("encryption.resources_recipients_file: {e:#}"))?,
-            );
+        self.seal_to(
+            &e.resources_recipients,
+            e.resources_recipients_file.as_deref(),
+            "encryption.resources_recipients_file",
+        )
+    }
+
+    /// Compression, and `listed` recipients with those of the recipients `file` (`key`).
+    fn seal_to(&self, listed: &[String], file: Option<&Path>, key: &str) -> anyhow::Result<crate::envelope::Seal> {
+        let mut recipients = listed.to_vec();
+        if let Some(p) = file {
+            recipients.extend(crate::envelope::read_recipients_file(p).map_err(|e| anyhow::anyhow!("{key}: {e:#}"))?);
         }
         Ok(crate::envelope::Seal {
             zstd_level: (self.compression.zstd_level > 0).then_some(self.compression.zstd_level),

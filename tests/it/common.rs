@@ -363,6 +363,49 @@ pub fn run(args: &[&str]) -> Run {
     run_env(args, &[])
 }
 
+/// Runs the binary to its end; returns what it printed and its peak RSS in KiB: its VmHWM,
+/// polled while it runs (wait4's ru_maxrss would also count this large, multi-threaded test
+/// process, whose memory the child shares between spawn and exec).
+pub fn run_rss(args: &[&str]) -> (Run, u64) {
+    let mut child = bin(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let hwm = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+        line.split_whitespace().next()?.parse::<u64>().ok()
+    };
+    let (mut peak, mut samples) = (0, 0);
+    let status = loop {
+        if let Some(kib) = hwm(child.id()) {
+            peak = peak.max(kib);
+            samples += 1;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let run = Run {
+        code: status.code().unwrap_or(-1),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    // A sampler that read nothing would pass any bound.
+    assert!(
+        samples > 0 && peak > 0,
+        "{args:?}: {samples} VmHWM samples, peak {peak} KiB"
+    );
+    (run, peak)
+}
+
 /// Runs the binary to its end, with `env` added to a clean environment (see [`bin`]).
 pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = bin(args);

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{Etcd, Run, Work};
+use crate::common::{Etcd, Run, Work, run_rss};
 use crate::servers::{Moto, Tinyproxy};
 use crate::webdav::backup_env;
 
@@ -318,59 +318,6 @@ fn fill_mb(etcd: &Etcd, count: usize) {
         child.stdin.take().unwrap().write_all(value.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success());
     }
-}
-
-/// Runs the binary to its end; returns what it printed and its peak RSS in KiB (VmHWM,
-/// polled while it runs: wait4 would count this test process, which it shares memory with
-/// until exec).
-fn run_rss(args: &[&str]) -> (Run, u64) {
-    use std::io::Read;
-    use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_etcd-backupd"))
-        .args(args)
-        .env_remove("ETCD_BACKUPD_LOG")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let hwm = |pid: u32| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-        line.split_whitespace().next()?.parse::<u64>().ok()
-    };
-    let (mut peak, mut samples) = (0, 0);
-    let status = loop {
-        if let Some(kib) = hwm(child.id()) {
-            peak = peak.max(kib);
-            samples += 1;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let run = Run {
-        code: status.code().unwrap_or(-1),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    };
-    // A sampler that read nothing would pass any bound.
-    assert!(
-        samples > 0 && peak > 0,
-        "{args:?}: {samples} VmHWM samples, peak {peak} KiB"
-    );
-    (run, peak)
 }
 
 #[test]

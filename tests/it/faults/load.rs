@@ -1,66 +1,14 @@
 //! Thousands of sets: listed and pruned in bounded time and memory.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::common::{Run, Work, bin};
+use crate::common::{Work, run_rss};
 use crate::restore::fake_set;
 use crate::servers::Rclone;
 use crate::support::entries;
-
-/// Runs the binary to its end and returns its peak RSS in KiB (its VmHWM, polled).
-fn run_rss(args: &[&str]) -> (Run, u64) {
-    let mut child = bin(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    // The high-water mark of the child's own memory, read while it runs: wait4's ru_maxrss
-    // would also count this (large, multi-threaded) test process, whose memory the child
-    // shares between spawn and exec.
-    let hwm = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            })
-    };
-    let (mut peak, mut samples) = (0u64, 0);
-    let status = loop {
-        if let Some(kib) = hwm(child.id()) {
-            peak = peak.max(kib);
-            samples += 1;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let run = Run {
-        code: status.code().unwrap_or(-1),
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    };
-    // A sampler that read nothing would pass any bound.
-    assert!(
-        samples > 0 && peak > 0,
-        "{args:?}: {samples} VmHWM samples, peak {peak} KiB"
-    );
-    (run, peak)
-}
 
 /// 5000 sets on a file target: `list --json`, `prune --dry-run` and `prune` finish with the
 /// exact plan `retention::plan` computes, in bounded time and under 100 MiB peak RSS each.
