@@ -220,6 +220,28 @@ impl Manifest {
         self.files.iter().filter(move |f| f.held_by(target))
     }
 
+    /// What target `target` stores of this set, in bytes (the files it holds).
+    pub fn stored_size_on(&self, target: &str) -> u64 {
+        self.files_on(target).map(|f| f.stored_size).sum()
+    }
+
+    /// For a set split between targets: what `target` holds and where the rest is, in words
+    /// (`the snapshot here; static_kuberesources_<ts>.tar.gz on vault`); `None` when it holds
+    /// every file.
+    pub fn custody_on(&self, target: &str) -> Option<String> {
+        let elsewhere: Vec<String> = self
+            .files
+            .iter()
+            .filter(|f| !f.held_by(target))
+            .map(|f| format!("{} on {}", f.name, f.targets.join(", ")))
+            .collect();
+        if elsewhere.is_empty() {
+            return None;
+        }
+        let here: Vec<&str> = self.files_on(target).map(|f| f.name.as_str()).collect();
+        Some(format!("holds {}; {}", here.join(", "), elsewhere.join("; ")))
+    }
+
     pub fn total_stored_size(&self) -> u64 {
         self.files.iter().map(|f| f.stored_size).sum()
     }

@@ -310,13 +310,17 @@ fn compact(rows: &[Row], show_target: bool, signatures_required: bool, now: Date
         for (_, line) in found {
             notes.push(format!("{}{whose}: {line}", m.id));
         }
+        // A set split between targets on purpose: what this one holds, where the rest is.
+        if let Some(custody) = m.custody_on(&r.target) {
+            notes.push(format!("{} on '{}': {custody}", m.id, r.target));
+        }
         cells.extend([
             m.id.clone(),
             r.created.map_or_else(|| "?".into(), |c| age(c, now)),
             trigger(m)?,
             version(m),
             m.etcd.revision.to_string(),
-            human(m.total_stored_size()),
+            human(m.stored_size_on(&r.target)),
             m.node.clone(),
             state,
             retention_cell(r.decision.as_ref()),
@@ -382,7 +386,7 @@ fn wide(rows: &[Row], show_target: bool, tz: chrono_tz::Tz, now: DateTime<Utc>) 
             trigger(m)?,
             version(m),
             m.etcd.revision.to_string(),
-            human(m.total_stored_size()),
+            human(m.stored_size_on(&r.target)),
             m.node.clone(),
             r.expiry.cell(),
             r.verdict.as_ref().map_or_else(|| "?".to_string(), Verdict::cell),

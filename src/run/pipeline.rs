@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use chrono::Utc;
 
 use crate::config::{SetFile, Settings, SnapshotMethod};
@@ -119,6 +119,18 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
                     names.join(", ")
                 ))
             })?;
+            // A set split between targets cannot go to one of them alone: the other part
+            // would be stored nowhere.
+            let archive =
+                settings.snapshot.static_resources_dir.is_some() || settings.snapshot.method == SnapshotMethod::Script;
+            for (file, needed) in [(SetFile::Snapshot, true), (SetFile::Resources, archive)] {
+                if needed && !t.files.contains(&file) {
+                    let word = serde_json::to_string(&file).unwrap_or_default();
+                    bail!(Stop::Usage(format!(
+                        "--target {name:?} does not hold {word} (its files); the set's {word} would be stored nowhere: back up to every target"
+                    )));
+                }
+            }
             vec![t]
         }
         None => settings.targets.iter().collect(),
