@@ -204,8 +204,8 @@ fn zstd_encoder<W: Write>(w: W, level: i32) -> Result<zstd::Encoder<'static, W>>
 /// Returns the original bytes.
 pub fn open_reader<'a>(
     stored: Box<dyn Read + Send + 'a>,
-    compression: Compression,
-    encryption: Encryption,
+    compression: &Compression,
+    encryption: &Encryption,
     identities: &[String],
 ) -> Result<Box<dyn Read + Send + 'a>> {
     let decrypted: Box<dyn Read + Send + 'a> = match encryption {
@@ -227,15 +227,15 @@ pub fn open_reader<'a>(
                 .map_err(|e| anyhow!("cannot decrypt ({e}): wrong --identity?"))?;
             Box::new(r)
         }
-        Encryption::Unknown => {
-            bail!("the file's encryption is one this release does not know; use a newer etcd-backupd")
+        Encryption::Unknown(word) => {
+            bail!("the file's encryption {word:?} is one this release does not know; use a newer etcd-backupd")
         }
     };
     match compression {
         Compression::None => Ok(decrypted),
         Compression::Zstd => Ok(Box::new(zstd::Decoder::new(decrypted)?)),
-        Compression::Unknown => {
-            bail!("the file's compression is one this release does not know; use a newer etcd-backupd")
+        Compression::Unknown(word) => {
+            bail!("the file's compression {word:?} is one this release does not know; use a newer etcd-backupd")
         }
     }
 }

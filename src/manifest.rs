@@ -8,6 +8,19 @@ pub const SHA256SUMS: &str = "SHA256SUMS";
 /// The SSH signature of `manifest.json` (see [`crate::trust::signing`]), stored before it.
 pub const SIGNATURE: &str = "manifest.json.sig";
 pub const FORMAT_VERSION: u32 = 1;
+/// The format of a set split between targets (`files[].targets`): a release from before split
+/// custody skips it as a newer format, rather than take its absent half for damage, during a
+/// rolling update. Every other set keeps [`FORMAT_VERSION`].
+pub const SPLIT_FORMAT_VERSION: u32 = 2;
+
+/// The format version a manifest listing `files` is written with.
+pub fn format_version_of(files: &[FileEntry]) -> u32 {
+    if files.iter().any(|f| !f.targets.is_empty()) {
+        SPLIT_FORMAT_VERSION
+    } else {
+        FORMAT_VERSION
+    }
+}
 
 /// What started a backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,27 +119,56 @@ pub struct FileEntry {
 }
 
 /// How a stored file is compressed: `"none"` or `"zstd"` in the manifest. A word this
-/// release does not know (a later one's) reads as `Unknown`: the set still lists, and
+/// release does not know (a later one's) is kept as it is written: the set still lists, and
 /// reading that file says why it cannot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compression {
     None,
     Zstd,
-    #[serde(other)]
-    Unknown,
+    Unknown(String),
 }
 
 /// How a stored file is encrypted: `"none"` or `"age"` in the manifest (see [`Compression`]
 /// for a word this release does not know).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Encryption {
     None,
     Age,
-    #[serde(other)]
-    Unknown,
+    Unknown(String),
 }
+
+/// The manifest's words for a seal: serialized as the word, a word not known kept as is.
+macro_rules! seal_words {
+    ($ty:ident, $($variant:ident => $word:literal),+) => {
+        impl $ty {
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($ty::$variant => $word,)+
+                    $ty::Unknown(word) => word,
+                }
+            }
+        }
+
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+                let word = String::deserialize(d)?;
+                Ok(match word.as_str() {
+                    $($word => $ty::$variant,)+
+                    _ => $ty::Unknown(word),
+                })
+            }
+        }
+    };
+}
+
+seal_words!(Compression, None => "none", Zstd => "zstd");
+seal_words!(Encryption, None => "none", Age => "age");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolInfo {
@@ -155,7 +197,7 @@ impl Manifest {
     /// characters (they would reach a terminal through `list`).
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("invalid manifest.json: {e}"))?;
-        if m.format_version != FORMAT_VERSION {
+        if !(FORMAT_VERSION..=SPLIT_FORMAT_VERSION).contains(&m.format_version) {
             return Err(format!(
                 "manifest.json format_version {} is not supported",
                 m.format_version
@@ -226,8 +268,8 @@ impl Manifest {
     }
 
     /// For a set split between targets: what `target` holds and where the rest is, in words
-    /// (`the snapshot here; static_kuberesources_<ts>.tar.gz on vault`); `None` when it holds
-    /// every file.
+    /// (`holds snapshot_<ts>.db; static_kuberesources_<ts>.tar.gz on vault`); `None` when it
+    /// holds every file.
     pub fn custody_on(&self, target: &str) -> Option<String> {
         let elsewhere: Vec<String> = self
             .files
@@ -423,8 +465,10 @@ mod tests {
         assert_eq!(Manifest::parse(json.as_bytes()).unwrap(), m);
         let later = json.replace(r#""compression": "zstd""#, r#""compression": "xz""#);
         let read = Manifest::parse(later.as_bytes()).unwrap();
-        assert_eq!(read.files[0].compression, Compression::Unknown);
+        assert_eq!(read.files[0].compression, Compression::Unknown("xz".into()));
         assert_eq!(read.files[0].encryption, Encryption::Age);
+        // Written back, the word is the one read.
+        assert!(read.to_json().contains(r#""compression": "xz""#));
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub(super) fn offline_checks(settings: &Settings) -> Result<()> {
     check(crate::staging::check_staging(&settings.snapshot.staging_dir));
     check(crate::etcd::TlsMaterial::load(&settings.etcd).map(|_| ()));
     check(settings.seal().map(|_| ()));
+    check(settings.resources_seal().map(|_| ()));
     // A key not created yet is created by the daemon's first start or the next backup.
     if let Some(sg) = settings.signing.as_ref().filter(|s| s.key_file.exists()) {
         check(crate::trust::signing::Signer::load(&sg.key_file).map(|_| ()));

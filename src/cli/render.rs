@@ -145,6 +145,7 @@ pub fn ignition(settings: &Settings, opts: &Options) -> Result<(Value, Vec<Strin
     node_files.extend(
         [
             &settings.encryption.age_recipients_file,
+            &settings.encryption.resources_recipients_file,
             &settings.verify.identity_file,
             &settings.verify.allowed_signers,
         ]

@@ -343,15 +343,17 @@ impl Settings {
     }
 
     /// Of the targets `chosen` for a set, those that hold `file`; empty when every one does
-    /// (the set is not split, and its manifest says nothing about custody).
+    /// (the set is not split, and its manifest says nothing about custody). When none of
+    /// them does (`backup --target` refuses that before a snapshot), every configured target
+    /// that holds it: an empty list would claim the opposite.
     pub fn holders(&self, chosen: &[String], file: SetFile) -> Vec<String> {
-        let holding: Vec<String> = chosen
-            .iter()
-            .filter(|n| self.target(n).is_none_or(|t| t.files.contains(&file)))
-            .cloned()
-            .collect();
+        let holds = |n: &String| self.target(n).is_none_or(|t| t.files.contains(&file));
+        let holding: Vec<String> = chosen.iter().filter(|n| holds(n)).cloned().collect();
         if holding.len() == chosen.len() {
             Vec::new()
+        } else if holding.is_empty() {
+            let all: Vec<String> = self.targets.iter().map(|t| t.name.clone()).collect();
+            all.into_iter().filter(|n| holds(n)).collect()
         } else {
             holding
         }

@@ -388,9 +388,13 @@ fn targets(at: &At, inputs: &Inputs) -> Result<Targets, String> {
         }
         targets.push(target);
     }
-    // A file no target holds would never be stored: every set would lack it.
-    for file in [SetFile::Snapshot, SetFile::Resources] {
-        if !targets.iter().any(|t| t.files.contains(&file)) {
+    // A file no target holds would never be stored: every set would lack it. The archive
+    // exists only with static resources, the script method or imports.
+    let archive = !inputs.snapshot.static_resources_dir.as_os_str().is_empty()
+        || inputs.snapshot.method == super::SnapshotMethod::Script
+        || !inputs.import.dirs.is_empty();
+    for (file, needed) in [(SetFile::Snapshot, true), (SetFile::Resources, archive)] {
+        if needed && !targets.iter().any(|t| t.files.contains(&file)) {
             let word = serde_json::to_string(&file).unwrap_or_default();
             return Err(at.err(
                 "target",
@@ -422,6 +426,7 @@ fn target(at: &At, i: usize, t: &TargetInputs) -> Result<TargetSettings, String>
     let kind = match (url.scheme(), s3) {
         ("file", _) => {
             let remote_only = [
+                ("proxy", t.proxy != "env"),
                 ("username", user),
                 ("password_file", password),
                 ("token_file", token),

@@ -9,7 +9,7 @@ use tokio::io::AsyncReadExt;
 use crate::config::Settings;
 use crate::error::Stop;
 use crate::manifest::{FileEntry, MANIFEST, Manifest, SIGNATURE};
-use crate::targets::{self, Target};
+use crate::targets::{self, ListedSet, Target};
 use crate::trust::signing::{AllowedSigners, Verdict};
 
 pub(super) const SUMS_CAP: u64 = 64 * 1024;
@@ -36,6 +36,42 @@ fn holders_of(settings: &Settings, found_on: &str, m: &Manifest) -> Result<BTree
         holders.insert(t.name.clone(), opened);
     }
     Ok(holders)
+}
+
+/// A set split between targets is whole only with its other part: a set whose file is on
+/// none of its holders (never delivered there, dropped, damaged there) is marked damaged
+/// here, so that `latest` names the newest set that can be restored. Each holder is listed
+/// once; one that is not configured is left to [`holders_of`] to name.
+async fn mark_missing_parts(settings: &Settings, found_on: &str, sets: &mut [ListedSet]) {
+    let mut listed: BTreeMap<String, Option<Vec<ListedSet>>> = BTreeMap::new();
+    for s in sets.iter_mut().filter(|s| s.damaged.is_none()) {
+        let mut missing = Vec::new();
+        for f in s.manifest.files.iter().filter(|f| !f.held_by(found_on)) {
+            let mut found = false;
+            for name in &f.targets {
+                if !listed.contains_key(name) {
+                    let sets = match settings.target(name).map(|ts| targets::open(ts, None)) {
+                        Some(Ok(t)) => t.list_all_sets(Some(&s.cluster)).await.ok(),
+                        _ => None,
+                    };
+                    listed.insert(name.clone(), sets);
+                }
+                let there = listed[name].as_ref().and_then(|l| {
+                    l.iter()
+                        .find(|o| o.cluster == s.cluster && o.manifest.id == s.manifest.id)
+                });
+                found |= there.is_some_and(|o| o.damaged.is_none() && o.manifest == s.manifest);
+                // A holder that could not be listed (not configured, down): not judged here.
+                found |= listed[name].is_none();
+            }
+            if !found {
+                missing.push(format!("its '{}' is not intact on {}", f.name, f.targets.join(", ")));
+            }
+        }
+        if !missing.is_empty() {
+            s.damaged = Some(missing.join("; "));
+        }
+    }
 }
 
 impl Located {
@@ -217,7 +253,8 @@ pub async fn locate(settings: &Settings, target: Option<&str>, id: &str) -> Resu
     let t = targets::open(ts, None)?;
     // Damaged sets too: the newest set is `latest` whatever its state (a damaged one is
     // refused below, naming the newest intact one), never silently the one before it.
-    let sets = t.list_all_sets(settings.cluster_name.as_deref()).await?;
+    let mut sets = t.list_all_sets(settings.cluster_name.as_deref()).await?;
+    mark_missing_parts(settings, t.name(), &mut sets).await;
     let next_intact = |after: &str| {
         sets.iter()
             .find(|s| s.damaged.is_none() && s.manifest.id.as_str() < after)

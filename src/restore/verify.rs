@@ -149,7 +149,7 @@ pub(super) async fn check_stream(located: &Located, f: &FileEntry, out: Option<s
         let mut stored = Tee::new(tokio_util::io::SyncIoBridge::new(reader), f.stored_size);
         stored.phase = phase;
         // An error opening the envelope (a wrong identity) ends the check at once.
-        let plain = crate::envelope::open_reader(Box::new(&mut stored), f.compression, f.encryption, &identity)?;
+        let plain = crate::envelope::open_reader(Box::new(&mut stored), &f.compression, &f.encryption, &identity)?;
         type Opened = (u64, String, Option<Restorability>, Option<crate::source::snapshot::TrailerCheck>);
         let opened = (|| -> Result<Opened> {
             let mut plain = Tee::new(plain, f.size);

@@ -246,7 +246,7 @@ async fn stage(
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());
         let m = Manifest {
-            format_version: manifest::FORMAT_VERSION,
+            format_version: manifest::format_version_of(&files),
             id: id.clone(),
             created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             cluster_name: ctx.cluster.clone(),

@@ -137,7 +137,7 @@ fn selected_targets(settings: &Settings, only: Option<&str>) -> Result<Vec<Selec
     };
     for t in chosen
         .iter()
-        .filter(|t| t.url.scheme() != "file" && !settings.encrypts())
+        .filter(|t| t.url.scheme() != "file" && !settings.encrypts() && t.files.contains(&SetFile::Snapshot))
     {
         // Said on every run: the target sees every Secret.
         tracing::warn!(
@@ -499,7 +499,7 @@ impl Backup<'_> {
         };
         let files = seal_files(self.settings, self.ctx, work, (files, &self.names)).await?;
         let manifest = Manifest {
-            format_version: manifest::FORMAT_VERSION,
+            format_version: manifest::format_version_of(&files),
             id,
             created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             cluster_name: self.ctx.cluster.clone(),

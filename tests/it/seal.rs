@@ -292,6 +292,10 @@ fn the_archive_kept_apart_from_the_snapshot_restores_in_one_command() {
     // The manifest, the same on both, says which target holds which file.
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(store.join("test").join(&id).join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        m["format_version"], 2,
+        "a release before split custody skips it as newer"
+    );
     let holders: Vec<(String, serde_json::Value)> = m["files"]
         .as_array()
         .unwrap()
@@ -406,6 +410,27 @@ fn the_archive_kept_apart_from_the_snapshot_restores_in_one_command() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(names(&vault).len(), 3);
     assert_eq!(names(&store).len(), 3);
+    // A split set whose other half is gone is not restorable: named as such, not fetched.
+    std::fs::remove_dir_all(vault.join("test").join(&id)).unwrap();
+    let dir = w.path().join("restore-half");
+    let d = dir.to_str().unwrap();
+    let r = run(&[
+        "fetch",
+        "latest",
+        "--target",
+        "store",
+        "--to",
+        d,
+        "--identity",
+        sk,
+        "--identity",
+        kk,
+        "--config",
+        c,
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("is not intact on vault"), "{}", r.stderr);
+    assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0);
     // One half alone cannot be asked for: the other would be stored nowhere.
     let r = run(&["backup", "--no-election", "--target", "vault", "--config", c]);
     assert_eq!(r.code, 2, "{}", r.all());
