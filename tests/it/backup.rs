@@ -7,7 +7,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::common::{CorruptingProxy, Etcd, Pki, Work, run, static_pod_fixture};
+use crate::common::{CorruptingProxy, Etcd, Pki, Work, run, snapshot_status, static_pod_fixture};
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -81,18 +81,7 @@ fn backup_of_a_real_etcd_is_complete_and_verifiable() {
 
     // The platform's tools accept it.
     crate::common::assert_sha256sums(&set);
-    let out = etcd
-        .etcdctl(None)
-        .args(["snapshot", "status", "-w", "json"])
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "etcdctl snapshot status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = snapshot_status(etcd.etcdctl(None), &snap);
     assert!(status["totalKey"].as_u64().unwrap() >= 3001, "{status}");
 
     // etcd's trailer is kept and verifies.
@@ -382,45 +371,36 @@ fn unusable_staging_or_target_fails_cleanly() {
     assert!(!w.path().join("not-mounted").exists());
 }
 
-#[test]
-fn a_missing_static_pod_manifest_is_a_clear_error() {
+/// A backup with a static pod fixture (revision 3) lacking `missing` fails (exit 1) with
+/// `says` on stderr, and leaves nothing.
+fn assert_fails_without(missing: &str, says: &str) {
     let etcd = Etcd::start();
     etcd.put(None, "k", "v");
     let w = Work::new();
     let resources = w.path().join("etc-kubernetes");
     static_pod_fixture(&resources, 3);
-    std::fs::remove_file(resources.join("manifests/kube-scheduler-pod.yaml")).unwrap();
+    std::fs::remove_file(resources.join(missing)).unwrap();
     let cfg = w.write_config(&etcd.endpoint, None, "");
     w.set_static_resources_dir(&resources);
     let r = backup(&cfg);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.stderr.contains("kube-scheduler-pod.yaml"), "{}", r.stderr);
+    assert!(r.stderr.contains(says), "{}", r.stderr);
     assert_nothing_left(&w);
+}
+
+#[test]
+fn a_missing_static_pod_manifest_is_a_clear_error() {
+    assert_fails_without("manifests/kube-scheduler-pod.yaml", "kube-scheduler-pod.yaml");
 }
 
 /// The native archive gets the same restorability check: a running revision without its
 /// pod manifest fails the run, naming the file, and leaves nothing.
 #[test]
 fn a_revision_without_its_pod_manifest_fails_the_native_backup() {
-    let etcd = Etcd::start();
-    etcd.put(None, "k", "v");
-    let w = Work::new();
-    let resources = w.path().join("etc-kubernetes");
-    static_pod_fixture(&resources, 3);
-    std::fs::remove_file(
-        resources.join("static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml"),
-    )
-    .unwrap();
-    let cfg = w.write_config(&etcd.endpoint, None, "");
-    w.set_static_resources_dir(&resources);
-    let r = backup(&cfg);
-    assert_eq!(r.code, 1, "{}", r.all());
-    assert!(
-        r.stderr.contains("no kube-controller-manager pod manifest (static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml)"),
-        "{}",
-        r.stderr
+    assert_fails_without(
+        "static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml",
+        "no kube-controller-manager pod manifest (static-pod-resources/kube-controller-manager-pod-3/kube-controller-manager-pod.yaml)",
     );
-    assert_nothing_left(&w);
 }
 
 #[tokio::test]

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use etcd_backupd::manifest::{
+    Compression, Encryption, EtcdInfo, FORMAT_VERSION, FileEntry, Manifest, ToolInfo, Trigger,
+};
 use tempfile::TempDir;
 
 /// Starts `cmd` in a process group of its own, so that [`stop_group`] reaches whatever it
@@ -320,6 +323,75 @@ pub fn assert_sha256sums(dir: &Path) {
     );
 }
 
+/// The manifest of a set a test makes up rather than takes: set `id` of cluster `cluster` with
+/// `files`, taken at `created` (RFC 3339) by `node` for `trigger`, of a made-up etcd 3.4.23 at
+/// revision 1; no elected run, no OpenShift facts, nothing forced.
+pub fn made_up_manifest(
+    cluster: &str,
+    id: &str,
+    created: &str,
+    trigger: Trigger,
+    node: &str,
+    files: Vec<FileEntry>,
+) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        id: id.into(),
+        created: created.into(),
+        cluster_name: cluster.into(),
+        trigger,
+        run: None,
+        node: node.into(),
+        etcd: EtcdInfo {
+            endpoint: "http://127.0.0.1:2379".into(),
+            member_id: "1".into(),
+            cluster_id: "2".into(),
+            version: "3.4.23".into(),
+            storage_version: None,
+            revision: 1,
+            db_size: 1,
+        },
+        openshift: None,
+        files,
+        tool: ToolInfo::this(),
+        forced: Vec::new(),
+        restore: Default::default(),
+    }
+}
+
+/// A manifest's entry for file `name` stored as it is (neither compressed nor encrypted), of
+/// `size` bytes with SHA-256 `sha256`, on every target the set is on.
+pub fn plain_file(name: &str, size: u64, sha256: &str) -> FileEntry {
+    FileEntry {
+        name: name.into(),
+        stored_name: name.into(),
+        size,
+        sha256: sha256.into(),
+        stored_size: size,
+        stored_sha256: sha256.into(),
+        compression: Compression::None,
+        encryption: Encryption::None,
+        targets: Vec::new(),
+    }
+}
+
+/// `snapshot status -w json` of the snapshot file `snap` by `tool` (an `etcdctl`, or the
+/// `etcdutl` with which 3.5 reads snapshot files), which must pass; what it says.
+pub fn snapshot_status(mut tool: Command, snap: &Path) -> serde_json::Value {
+    let out = tool
+        .args(["snapshot", "status", "-w", "json"])
+        .arg(snap)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} snapshot status: {}",
+        Path::new(tool.get_program()).display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The result of running the binary.
 pub struct Run {
     pub code: i32,
@@ -586,6 +658,11 @@ impl Work {
         );
         std::fs::write(self.config(), text).unwrap();
         self.config()
+    }
+
+    /// [`Work::write_config_targets`] with one target: [`dav_target`] at `url`, `extra` after it.
+    pub fn write_dav_config(&self, endpoint: &str, url: &str, extra: &str) -> PathBuf {
+        self.write_config_targets(endpoint, &dav_target(url, extra))
     }
 
     /// Complete set directories of cluster `test` on the target.

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{Etcd, EtcdCluster, Run, Work, assert_sha256sums, etcd35_dir, free_port, run_env};
+use crate::common::{Etcd, EtcdCluster, Run, Work, assert_sha256sums, etcd35_dir, free_port, run_env, snapshot_status};
 
 /// Runs the binary with `--config cfg` appended and debug logs for the crate, so the drill's
 /// steps (which restore tool it ran) show on stderr.
@@ -147,17 +147,7 @@ fn backup_of_etcd35_passes_etcdutl_snapshot_status_and_records_its_version() {
     assert_sha256sums(&b.set);
     let snap = b.set.join(format!("snapshot_{id}.db"));
     // 3.5 reads snapshot files with etcdutl (etcdctl's `snapshot status` is deprecated there).
-    let out = Command::new(b.etcd.tool("etcdutl"))
-        .args(["snapshot", "status", "-w", "json"])
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "etcdutl snapshot status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = snapshot_status(Command::new(b.etcd.tool("etcdutl")), &snap);
     assert_eq!(status["revision"].as_i64(), Some(b.revision), "{status}");
     assert!(status["totalKey"].as_i64().unwrap() >= b.keys, "{status}");
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{Etcd, Proc, Work, run};
+use crate::common::{Etcd, Proc, Work, free_port, run};
 
 fn status_json(cfg: &Path) -> (i32, serde_json::Value) {
     let r = run(&["status", "--json", "--config", cfg.to_str().unwrap()]);
@@ -128,11 +128,7 @@ fn broken_targets_are_said_at_start_and_the_daemon_keeps_running() {
     etcd.put(None, "k", "v");
     let w = Work::new();
     // A file:// root that is not mounted, and a WebDAV port nothing listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = free_port();
     let unmounted = w.path().join("not-mounted");
     let targets = format!(
         "\n[[target]]\nname = \"share\"\nurl = \"file://{}\"\n\n[[target]]\nname = \"dav\"\nurl = \"http://127.0.0.1:{dead}/backups/\"\n",
@@ -208,11 +204,7 @@ fn exit_codes_follow_the_contract() {
     let w = Work::new();
     // A failed run on record: prune refuses on purpose, exit 3 (not 2: nothing is wrong
     // with the command line).
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = free_port();
     let down = config(&w, &format!("http://127.0.0.1:{dead}"), "");
     let r = run(&["backup", "--config", down.to_str().unwrap()]);
     // A manual backup whose own member is down fails (1): no other node was asked.

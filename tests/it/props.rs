@@ -6,7 +6,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 
 use etcd_backupd::delivery::retention::{Policy, plan};
-use etcd_backupd::manifest::{EtcdInfo, FORMAT_VERSION, FileEntry, Manifest, ToolInfo, Trigger};
+use etcd_backupd::manifest::{Manifest, Trigger};
+
+use crate::common::{made_up_manifest, plain_file};
 
 fn config() -> ProptestConfig {
     // Bounded, so the suite stays fast in CI.
@@ -19,43 +21,18 @@ fn config() -> ProptestConfig {
 /// A manifest that `Manifest::parse` accepts, with a snapshot and an archive; `names` puts a
 /// file name into a slot: 0/1 the snapshot's `name`/`stored_name`, 2/3 the archive's.
 fn manifest_naming(names: &[(usize, String)]) -> Manifest {
-    let entry = |name: &str| FileEntry {
-        name: name.into(),
-        stored_name: name.into(),
-        size: 3,
-        sha256: "ab".repeat(32),
-        stored_size: 3,
-        stored_sha256: "ab".repeat(32),
-        compression: etcd_backupd::manifest::Compression::None,
-        encryption: etcd_backupd::manifest::Encryption::None,
-        targets: Vec::new(),
-    };
-    let mut m = Manifest {
-        format_version: FORMAT_VERSION,
-        id: "2026-11-25_023012".into(),
-        created: "2026-11-25T02:30:12Z".into(),
-        cluster_name: "c".into(),
-        trigger: Trigger::Manual,
-        run: None,
-        node: "n".into(),
-        etcd: EtcdInfo {
-            endpoint: "http://127.0.0.1:2379".into(),
-            member_id: "1".into(),
-            cluster_id: "2".into(),
-            version: "3.4.23".into(),
-            storage_version: None,
-            revision: 1,
-            db_size: 1,
-        },
-        openshift: None,
-        files: vec![
+    let entry = |name: &str| plain_file(name, 3, &"ab".repeat(32));
+    let mut m = made_up_manifest(
+        "c",
+        "2026-11-25_023012",
+        "2026-11-25T02:30:12Z",
+        Trigger::Manual,
+        "n",
+        vec![
             entry("snapshot_2026-11-25_023012.db"),
             entry("static_kuberesources_2026-11-25_023012.tar.gz"),
         ],
-        tool: ToolInfo::this(),
-        forced: Vec::new(),
-        restore: Default::default(),
-    };
+    );
     for (slot, name) in names {
         let f = &mut m.files[slot / 2];
         *(if slot % 2 == 0 { &mut f.name } else { &mut f.stored_name }) = name.clone();

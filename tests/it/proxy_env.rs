@@ -38,7 +38,7 @@ fn upper_case_http_proxy_routes_http_targets_unless_no_proxy_names_them() {
     let rclone = Rclone::start();
     let proxy = Tinyproxy::start();
     let w = Work::new();
-    let cfg = w.write_config_targets(&etcd.endpoint, &crate::common::dav_target(&rclone.url(), ""));
+    let cfg = w.write_dav_config(&etcd.endpoint, &rclone.url(), "");
     let purl = proxy.url();
     let dead = format!("http://127.0.0.1:{}", free_port());
     type Case<'a> = (Vec<(&'a str, &'a str)>, String, bool);

@@ -3,7 +3,7 @@
 //! staging for all of them, `failed` only when no set was taken; and a record left partial or
 //! pending is settled to `ok` once a later delivery brings the set to every target.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::{Etcd, Work, run};
@@ -29,6 +29,29 @@ fn backup(cfg: &Path) -> crate::common::Run {
     run(&["backup", "--config", cfg.to_str().unwrap()])
 }
 
+/// An etcd with 50 keys and a node configured for it with `extra`, whose first `backup` failed
+/// (exit 1) because its target could not take the set (the cluster folder is a file, which
+/// stops even root): the set waits in staging, and the target stays blocked until
+/// [`unblock_cluster_folder`].
+fn first_run_blocked(extra: &str) -> (Etcd, Work, PathBuf) {
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, extra);
+    block_cluster_folder(&w.target_root());
+    let first = backup(&cfg);
+    assert_eq!(first.code, 1, "{}", first.all());
+    (etcd, w, cfg)
+}
+
+/// The ids of the sets on `w`'s file target, sorted.
+fn set_ids(w: &Work) -> Vec<String> {
+    w.sets()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
 fn status_runs(cfg: &Path) -> Vec<serde_json::Value> {
     let out = run(&["status", "--json", "--config", cfg.to_str().unwrap()]);
     // The verdict's exit code (0, 4 or 1): the runs are read whatever it is.
@@ -39,14 +62,7 @@ fn status_runs(cfg: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_set_owed_to_its_only_target_is_pending_then_settled_to_ok_when_delivered() {
-    let etcd = Etcd::start();
-    etcd.fill(None, 50, 100);
-    let w = Work::new();
-    let cfg = w.write_config(&etcd.endpoint, None, "");
-    // The cluster folder is a file: the target cannot take the set (even as root).
-    block_cluster_folder(&w.target_root());
-    let first = backup(&cfg);
-    assert_eq!(first.code, 1, "{}", first.all());
+    let (etcd, w, cfg) = first_run_blocked("");
     let m = markers(&etcd);
     assert_eq!(m.len(), 1, "{m:?}");
     assert_eq!(m[0]["result"], "pending", "a set was taken and waits in staging: {m:?}");
@@ -59,11 +75,7 @@ fn a_set_owed_to_its_only_target_is_pending_then_settled_to_ok_when_delivered() 
     unblock_cluster_folder(&w.target_root());
     let second = backup(&cfg);
     assert_eq!(second.code, 0, "{}", second.all());
-    let sets: Vec<String> = w
-        .sets()
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let sets = set_ids(&w);
     assert!(sets.contains(&first_id), "{sets:?}");
     assert_eq!(sets.len(), 2, "{sets:?}");
     let m = markers(&etcd);
@@ -106,14 +118,9 @@ fn a_set_on_some_targets_is_partial_naming_them_never_failed() {
 
 #[test]
 fn an_id_taken_on_the_target_by_another_set_does_not_hold_back_newer_sets() {
-    let etcd = Etcd::start();
-    etcd.fill(None, 50, 100);
-    let w = Work::new();
-    let cfg = w.write_config(&etcd.endpoint, None, "");
     // A first set, then the same id taken on the target by a different set (another node's
     // set under that id, as when two nodes once stored different sets in one second).
-    block_cluster_folder(&w.target_root());
-    assert_eq!(backup(&cfg).code, 1);
+    let (etcd, w, cfg) = first_run_blocked("");
     let staged = w.staged();
     assert_eq!(staged.len(), 1, "{staged:?}");
     let stuck_id = staged[0].0.clone();
@@ -139,13 +146,8 @@ fn an_id_taken_on_the_target_by_another_set_does_not_hold_back_newer_sets() {
 
 #[test]
 fn a_set_staged_for_a_run_another_node_recorded_is_never_delivered() {
-    let etcd = Etcd::start();
-    etcd.fill(None, 50, 100);
-    let w = Work::new();
-    let cfg = w.write_config(&etcd.endpoint, None, "");
-    block_cluster_folder(&w.target_root());
     // This node takes a run's set but cannot deliver it (as a runner killed after staging).
-    assert_eq!(backup(&cfg).code, 1);
+    let (etcd, w, cfg) = first_run_blocked("");
     let m = markers(&etcd);
     assert_eq!(m.len(), 1, "{m:?}");
     let run1 = m[0]["run"].as_str().unwrap().to_string();
@@ -157,11 +159,7 @@ fn a_set_staged_for_a_run_another_node_recorded_is_never_delivered() {
     let r = backup(&cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("another set is this run's backup"), "{}", r.stderr);
-    let on_target: Vec<String> = w
-        .sets()
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let on_target = set_ids(&w);
     assert_eq!(on_target.len(), 1, "{on_target:?}");
     assert!(
         !on_target.contains(&id1),
@@ -177,12 +175,7 @@ fn a_set_staged_for_a_run_another_node_recorded_is_never_delivered() {
 
 #[test]
 fn a_set_of_an_elected_run_waits_while_etcd_cannot_be_asked() {
-    let etcd = Etcd::start();
-    etcd.fill(None, 50, 100);
-    let w = Work::new();
-    let cfg = w.write_config(&etcd.endpoint, None, "\n[schedule]\ncron = \"\"\n");
-    block_cluster_folder(&w.target_root());
-    assert_eq!(backup(&cfg).code, 1);
+    let (etcd, w, cfg) = first_run_blocked("\n[schedule]\ncron = \"\"\n");
     unblock_cluster_folder(&w.target_root());
     drop(etcd);
     // The daemon's delivery pass at start: etcd is gone, so the set is not delivered unchecked.

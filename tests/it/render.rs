@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{Work, run};
+use crate::common::{Run, Work, run};
 
 fn repo(p: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
@@ -39,6 +39,13 @@ fn decode(source: &str) -> Vec<u8> {
     use base64::Engine;
     let b64 = source.strip_prefix("data:;base64,").expect("a base64 data URL");
     base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+/// `render machineconfig --config cfg` with `extra` arguments after it.
+fn render(cfg: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["render", "machineconfig", "--config", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run(&args)
 }
 
 fn files_of(config: &serde_json::Value) -> Vec<(String, u64, Vec<u8>)> {
@@ -75,14 +82,7 @@ fn shipped_units_pass_systemd_analyze_verify() {
 fn the_rendered_machineconfig_carries_the_repository_files_and_validates() {
     let cfg = repo("examples/openshift/config.toml");
     let image = "registry.example.com/etcd/etcd-backupd@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-    let r = run(&[
-        "render",
-        "machineconfig",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--image",
-        image,
-    ]);
+    let r = render(&cfg, &["--image", image]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.len() < 100 * 1024, "{} bytes", r.stdout.len());
     // The secret it names is left out, and the operator is told.
@@ -141,28 +141,14 @@ fn the_rendered_machineconfig_carries_the_repository_files_and_validates() {
 
     // Every Ignition version Debian's validator knows is accepted; an unknown one is refused.
     for v in ["3.1.0", "3.3.0"] {
-        let r = run(&[
-            "render",
-            "machineconfig",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--ignition-version",
-            v,
-        ]);
+        let r = render(&cfg, &["--ignition-version", v]);
         assert_eq!(r.code, 0, "{}", r.all());
         let mc = parse_yaml(&r.stdout);
         assert_eq!(mc["spec"]["config"]["ignition"]["version"], v);
         let (ok, text) = ignition_validate(&mc["spec"]["config"]);
         assert!(ok, "{v}: {text}");
     }
-    let r = run(&[
-        "render",
-        "machineconfig",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--ignition-version",
-        "9.9.9",
-    ]);
+    let r = render(&cfg, &["--ignition-version", "9.9.9"]);
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("--ignition-version 9.9.9"), "{}", r.stderr);
 }
@@ -181,7 +167,7 @@ fn secrets_ride_along_only_when_asked() {
             secret.display()
         ),
     );
-    let r = run(&["render", "machineconfig", "--config", cfg.to_str().unwrap()]);
+    let r = render(&cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.all());
     let files = files_of(&parse_yaml(&r.stdout)["spec"]["config"]);
     assert!(files.iter().all(|(p, _, _)| Path::new(p) != secret), "{files:?}");
@@ -193,13 +179,7 @@ fn secrets_ride_along_only_when_asked() {
     }
     assert!(r.stderr.contains("no --image"), "{}", r.stderr);
 
-    let r = run(&[
-        "render",
-        "machineconfig",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--include-secrets",
-    ]);
+    let r = render(&cfg, &["--include-secrets"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("readable by every cluster admin"), "{}", r.stderr);
     let mc = parse_yaml(&r.stdout);
@@ -219,11 +199,8 @@ fn render_role_targets_the_arbiter_pool_and_validates() {
         (Some("master"), "99-master-etcd-backupd"),
         (Some("arbiter"), "99-arbiter-etcd-backupd"),
     ] {
-        let mut args = vec!["render", "machineconfig", "--config", cfg.to_str().unwrap()];
-        if let Some(r) = role {
-            args.extend(["--role", r]);
-        }
-        let r = run(&args);
+        let role_args: Vec<&str> = role.map_or(Vec::new(), |r| vec!["--role", r]);
+        let r = render(&cfg, &role_args);
         assert_eq!(r.code, 0, "{}", r.all());
         let mc = parse_yaml(&r.stdout);
         assert_eq!(mc["metadata"]["name"], name);
@@ -235,27 +212,11 @@ fn render_role_targets_the_arbiter_pool_and_validates() {
         assert!(ok, "{role:?}: {text}");
     }
     // --name still wins over the role's default.
-    let r = run(&[
-        "render",
-        "machineconfig",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--role",
-        "arbiter",
-        "--name",
-        "50-arbiter-backups",
-    ]);
+    let r = render(&cfg, &["--role", "arbiter", "--name", "50-arbiter-backups"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(parse_yaml(&r.stdout)["metadata"]["name"], "50-arbiter-backups");
     // Workers run no etcd member: not a role it renders for.
-    let r = run(&[
-        "render",
-        "machineconfig",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--role",
-        "worker",
-    ]);
+    let r = render(&cfg, &["--role", "worker"]);
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("worker"), "{}", r.stderr);
 }

@@ -8,10 +8,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use etcd_backupd::manifest::{EtcdInfo, FORMAT_VERSION, FileEntry, Manifest, ToolInfo, Trigger};
+use etcd_backupd::manifest::{Manifest, Trigger};
 
-use crate::common::{Etcd, Run, Work, argv, free_port, run, run_async_plain, static_pod_fixture};
+use crate::common::{
+    Etcd, Run, Work, argv, free_port, made_up_manifest, plain_file, run, run_async_plain, static_pod_fixture,
+};
 use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone};
+use crate::webdav::backup_async;
 
 /// Writes a complete set of `cluster` straight onto a file target, as if taken at `created`.
 pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chrono::Utc>) -> String {
@@ -22,39 +25,14 @@ pub(crate) fn fake_set(root: &Path, cluster: &str, created: chrono::DateTime<chr
     let data = format!("not a real snapshot {id}");
     std::fs::write(dir.join(&name), &data).unwrap();
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data.as_bytes()));
-    let m = Manifest {
-        format_version: FORMAT_VERSION,
-        id: id.clone(),
-        created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        cluster_name: cluster.into(),
-        trigger: Trigger::Schedule,
-        run: None,
-        node: "node-a".into(),
-        etcd: EtcdInfo {
-            endpoint: "http://127.0.0.1:2379".into(),
-            member_id: "1".into(),
-            cluster_id: "2".into(),
-            version: "3.4.23".into(),
-            storage_version: None,
-            revision: 1,
-            db_size: 1,
-        },
-        openshift: None,
-        files: vec![FileEntry {
-            name: name.clone(),
-            stored_name: name,
-            size: data.len() as u64,
-            sha256: sha.clone(),
-            stored_size: data.len() as u64,
-            stored_sha256: sha,
-            compression: etcd_backupd::manifest::Compression::None,
-            encryption: etcd_backupd::manifest::Encryption::None,
-            targets: Vec::new(),
-        }],
-        tool: ToolInfo::this(),
-        forced: Vec::new(),
-        restore: Default::default(),
-    };
+    let m = made_up_manifest(
+        cluster,
+        &id,
+        &created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        Trigger::Schedule,
+        "node-a",
+        vec![plain_file(&name, data.len() as u64, &sha)],
+    );
     std::fs::write(dir.join("SHA256SUMS"), m.sha256sums()).unwrap();
     std::fs::write(dir.join("manifest.json"), m.to_json()).unwrap();
     id
@@ -223,13 +201,10 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     })
     .await;
     let w = Work::new();
-    let cfg = w.write_config_targets(
-        &etcd.endpoint,
-        &crate::common::dav_target(&fault.url(), "retry_budget = \"1s\"\n"),
-    );
+    let cfg = w.write_dav_config(&etcd.endpoint, &fault.url(), "retry_budget = \"1s\"\n");
     let mut taken = Vec::new();
     for run in 1..=3 {
-        let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
+        let r = backup_async(cfg.clone()).await;
         assert_eq!(r.code, 1, "{}", r.all());
         assert!(r.stderr.contains("503 Service Unavailable"), "{}", r.stderr);
         assert!(r.stderr.contains("stays in staging"), "{}", r.stderr);
@@ -245,7 +220,7 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     assert_eq!(status["pending"].as_array().unwrap().len(), 3, "{status}");
 
     down.store(false, Ordering::SeqCst);
-    let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
+    let r = backup_async(cfg.clone()).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let new_id = w.staged().last().unwrap().0.clone();
     taken.push(new_id);
@@ -278,9 +253,9 @@ async fn a_target_down_for_three_runs_gets_every_set_once_when_back() {
     down.store(true, Ordering::SeqCst);
     let text = std::fs::read_to_string(&cfg).unwrap() + "\n[delivery]\nmax_pending = 1\n";
     std::fs::write(&cfg, text).unwrap();
-    let r1 = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
+    let r1 = backup_async(cfg.clone()).await;
     assert_eq!(r1.code, 1, "{}", r1.all());
-    let r2 = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
+    let r2 = backup_async(cfg.clone()).await;
     assert_eq!(r2.code, 1, "{}", r2.all());
     assert!(r2.stderr.contains("delivery.max_pending (1)"), "{}", r2.stderr);
     let staged = w.staged();
@@ -338,7 +313,7 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &target);
     w.set_static_resources_dir(&resources);
-    let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
+    let r = backup_async(cfg.clone()).await;
     assert_eq!(r.code, 0, "{}", r.all());
     let id = dav_sets(&apache.root()).pop().unwrap();
 
@@ -708,7 +683,7 @@ async fn a_damaged_newest_set_is_named_never_skipped() {
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let r = run_async_plain(argv(&["backup", "--no-election"], &cfg)).await;
+        let r = backup_async(cfg.clone()).await;
         assert_eq!(r.code, 0, "{}", r.all());
         ids.push(
             w.sets()

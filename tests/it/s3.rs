@@ -62,6 +62,19 @@ fn debris_on(moto: &Moto, bucket: &str) -> Vec<String> {
         .collect()
 }
 
+/// `list` shows set `id`, and `fetch` takes it into `fetched` in `w`: what fetch said, and the
+/// snapshot it wrote.
+fn list_and_fetch(w: &Work, cfg: &Path, id: &str) -> (Run, Vec<u8>) {
+    let r = cli(&["list"], cfg, &[]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains(id), "{}", r.stdout);
+    let dir = w.path().join("fetched");
+    let r = cli(&["fetch", id, "--to", dir.to_str().unwrap()], cfg, &[]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let snapshot = std::fs::read(dir.join(format!("snapshot_{id}.db"))).unwrap();
+    (r, snapshot)
+}
+
 fn assert_clean(moto: &Moto, bucket: &str) {
     assert_eq!(debris_on(moto, bucket), Vec::<String>::new(), "debris left");
     assert_eq!(moto.uploads(bucket), Vec::<String>::new(), "multipart uploads left");
@@ -94,25 +107,15 @@ fn a_set_is_stored_listed_fetched_verified_and_drilled_from_s3() {
     );
     assert_clean(&moto, BUCKET);
 
-    let r = cli(&["list"], &cfg, &[]);
-    assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stdout.contains(id.as_str()), "{}", r.stdout);
-
     // Fetched, the snapshot is byte for byte what boto3 reads from the server.
-    let dir = w.path().join("fetched");
-    let r = cli(&["fetch", id, "--to", dir.to_str().unwrap()], &cfg, &[]);
-    assert_eq!(r.code, 0, "{}", r.all());
+    let (r, fetched) = list_and_fetch(&w, &cfg, id);
     assert!(r.stdout.contains("etcd's snapshot trailer verified"), "{}", r.stdout);
-    let snapshot = format!("snapshot_{id}.db");
     let theirs = w.path().join("theirs.db");
     moto.py(&format!(
-        "s3.download_file(\"{BUCKET}\", \"etcd/test/{id}/{snapshot}\", \"{}\")\n",
+        "s3.download_file(\"{BUCKET}\", \"etcd/test/{id}/snapshot_{id}.db\", \"{}\")\n",
         theirs.display()
     ));
-    assert_eq!(
-        std::fs::read(dir.join(&snapshot)).unwrap(),
-        std::fs::read(&theirs).unwrap()
-    );
+    assert_eq!(fetched, std::fs::read(&theirs).unwrap());
 
     // verify, and the restore drill (a real etcd restored from the set).
     let r = cli(&["verify", "latest", "--deep"], &cfg, &[]);
@@ -549,17 +552,11 @@ fn every_command_works_on_s3s_fs_which_lacks_listing_uploads() {
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
     let id = &ids[0];
-    let snapshot = format!("snapshot_{id}.db");
-    let stored = std::fs::read(sets.join(id).join(&snapshot)).unwrap();
+    let stored = std::fs::read(sets.join(id).join(format!("snapshot_{id}.db"))).unwrap();
     assert!(stored.len() > 16 << 20, "more than one part: {} bytes", stored.len());
 
-    let r = cli(&["list"], &cfg, &[]);
-    assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stdout.contains(id.as_str()), "{}", r.stdout);
-    let dir = w.path().join("fetched");
-    let r = cli(&["fetch", id, "--to", dir.to_str().unwrap()], &cfg, &[]);
-    assert_eq!(r.code, 0, "{}", r.all());
-    assert_eq!(std::fs::read(dir.join(&snapshot)).unwrap(), stored);
+    let (_, fetched) = list_and_fetch(&w, &cfg, id);
+    assert_eq!(fetched, stored);
     let r = cli(&["verify", "latest", "--deep"], &cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.contains("restore drill"), "{}", r.stdout);

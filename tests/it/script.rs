@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{Run, ScriptHost, Work, put_operator, run, run_env, standin_script};
+use crate::common::{Run, ScriptHost, Work, put_operator, run, run_env, snapshot_status, standin_script};
 
 fn fixture() -> PathBuf {
     standin_script()
@@ -103,13 +103,9 @@ fn the_platform_script_produces_a_complete_verified_set() {
     );
     assert_eq!(w.staged(), vec![(id.clone(), vec![])]);
     assert!(m["etcd"]["revision"].as_i64().unwrap() > 0);
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["snapshot", "status"])
-        .arg(sets[0].join(format!("snapshot_{id}.db")))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut etcdctl = std::process::Command::new("etcdctl");
+    etcdctl.env("ETCDCTL_API", "3");
+    snapshot_status(etcdctl, &sets[0].join(format!("snapshot_{id}.db")));
 }
 
 #[test]

@@ -33,6 +33,56 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
     Work::files_under(dir).into_iter().filter(|p| p.is_file()).collect()
 }
 
+/// The manifest of the set in `set`.
+fn manifest_of(set: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The manifest `m` gives `at` as the time its set is restorable until.
+fn assert_restorable_until(m: &serde_json::Value, at: chrono::DateTime<chrono::Utc>) {
+    assert_eq!(
+        m["restorable_until"],
+        at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        "{m}"
+    );
+}
+
+/// The metrics textfile gives `at` as the time the newest set is restorable until.
+fn assert_restorable_until_metric(textfile: &Path, at: chrono::DateTime<chrono::Utc>) {
+    let metrics = std::fs::read_to_string(textfile).unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "etcd_backupd_newest_set_restorable_until_timestamp_seconds {}",
+            at.timestamp()
+        )),
+        "{metrics}"
+    );
+}
+
+/// Writes `allowed_signers` in `w` with the line for the node's key that `status` shows, and
+/// returns its path.
+fn allow_the_key_status_shows(w: &Work, cfg: &Path) -> PathBuf {
+    let st = cli(&["status"], cfg);
+    let line = st
+        .stdout
+        .lines()
+        .find(|l| l.trim().starts_with("etcd-backupd ssh-ed25519 "))
+        .unwrap_or_else(|| panic!("{}", st.stdout));
+    let allowed = w.path().join("allowed_signers");
+    std::fs::write(&allowed, format!("{}\n", line.trim())).unwrap();
+    allowed
+}
+
+/// A configuration in `w` (for an etcd nothing listens for) with `extra`, then
+/// `signing.key_file` naming `key`.
+fn key_file_config(w: &Work, key: &Path, extra: &str) -> PathBuf {
+    w.write_config(
+        "http://127.0.0.1:1",
+        None,
+        &format!("{extra}\n[signing]\nkey_file = \"{}\"\n", key.display()),
+    )
+}
+
 /// `ssh-keygen -Y verify` (the real OpenSSH) of `set`'s manifest against `allowed`.
 fn ssh_keygen_verify(allowed: &Path, set: &Path) -> (bool, String) {
     let out = Command::new("ssh-keygen")
@@ -57,7 +107,7 @@ fn ssh_keygen_verify(allowed: &Path, set: &Path) -> (bool, String) {
 /// the snapshot changed, etcd's SHA-256 trailer, SHA256SUMS and the manifest's hashes made to
 /// match. Keeps or drops the signature.
 fn forge(set: &Path, keep_signature: bool) {
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    let mut m = manifest_of(set);
     let files = m["files"].as_array_mut().unwrap();
     let f = files
         .iter_mut()
@@ -354,14 +404,9 @@ fn an_archive_with_an_expired_leaf_certificate_is_marked_by_list_and_refused_by_
     let expired = backup(&cfg);
 
     // The manifest records the leaf's notAfter and its file, not the CA's earlier one.
-    let set = w.target_root().join("test").join(&expired);
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    let m = manifest_of(&w.target_root().join("test").join(&expired));
     let source = "static-pod-resources/kube-apiserver-pod-3/secrets/serving-cert/tls.crt";
-    assert_eq!(
-        m["restorable_until"],
-        expired_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-        "{m}"
-    );
+    assert_restorable_until(&m, expired_at);
     assert_eq!(m["restorable_until_source"], source, "{m}");
     assert_eq!(m["static_pod_revisions"]["kube-apiserver"], 3, "{m}");
     assert_eq!(m["format_version"], 1);
@@ -388,14 +433,7 @@ fn an_archive_with_an_expired_leaf_certificate_is_marked_by_list_and_refused_by_
         "{}",
         st.stdout
     );
-    let metrics = std::fs::read_to_string(&textfile).unwrap();
-    assert!(
-        metrics.contains(&format!(
-            "etcd_backupd_newest_set_restorable_until_timestamp_seconds {}",
-            expired_at.timestamp()
-        )),
-        "{metrics}"
-    );
+    assert_restorable_until_metric(&textfile, expired_at);
 
     let fetch_dir = w.path().join("restore");
     let to = fetch_dir.to_str().unwrap();
@@ -439,22 +477,13 @@ fn an_archive_with_an_expired_leaf_certificate_is_marked_by_list_and_refused_by_
         "{}",
         r.stderr
     );
-    let metrics = std::fs::read_to_string(&textfile).unwrap();
-    assert!(
-        metrics.contains(&format!(
-            "etcd_backupd_newest_set_restorable_until_timestamp_seconds {}",
-            soon_at.timestamp()
-        )),
-        "{metrics}"
-    );
+    assert_restorable_until_metric(&textfile, soon_at);
     std::fs::remove_dir_all(&fetch_dir).unwrap();
 
     // A set without an archive records none, and is never refused for it.
     let plain = w.write_config(&etcd.endpoint, None, "");
     let none = backup(&plain);
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(w.target_root().join("test").join(&none).join("manifest.json")).unwrap())
-            .unwrap();
+    let m = manifest_of(&w.target_root().join("test").join(&none));
     assert!(
         m.get("restorable_until").is_none() && m.get("restorable_until_source").is_none(),
         "{m}"
@@ -483,24 +512,13 @@ fn script_sets_record_restorable_until_and_are_signed() {
     let r = crate::common::run_env(&["backup", "--no-election", "--config", cfg.to_str().unwrap()], &env);
     assert_eq!(r.code, 0, "{}", r.all());
     let set = w.sets().pop().unwrap();
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(
-        m["restorable_until"],
-        at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-        "{m}"
-    );
+    let m = manifest_of(&set);
+    assert_restorable_until(&m, at);
     assert_eq!(
         m["restorable_until_source"], "static-pod-resources/kube-apiserver-pod-5/secrets/serving-cert/tls.crt",
         "{m}"
     );
-    let st = cli(&["status"], &cfg);
-    let line = st
-        .stdout
-        .lines()
-        .find(|l| l.trim().starts_with("etcd-backupd ssh-ed25519 "))
-        .unwrap();
-    let allowed = w.path().join("allowed_signers");
-    std::fs::write(&allowed, format!("{}\n", line.trim())).unwrap();
+    let allowed = allow_the_key_status_shows(&w, &cfg);
     let (ok, text) = ssh_keygen_verify(&allowed, &set);
     assert!(ok, "{text}");
 }
@@ -510,11 +528,7 @@ fn script_sets_record_restorable_until_and_are_signed() {
 fn render_never_embeds_the_signing_key() {
     let w = Work::new();
     let key = w.path().join("node.key");
-    let cfg = w.write_config(
-        "http://127.0.0.1:2379",
-        None,
-        &format!("\n[signing]\nkey_file = \"{}\"\n", key.display()),
-    );
+    let cfg = key_file_config(&w, &key, "");
     // A key as the node would have it, and a secret file that is embedded.
     etcd_backupd::trust::signing::Signer::load_or_create(&key, "node-a").unwrap();
     let r = cli(
@@ -565,28 +579,16 @@ fn sets_on_webdav_carry_their_signature() {
     let target = apache_target(&apache, &w, "");
     let config = |extra: &str| w.write_config_targets(&etcd.endpoint, &format!("{target}{extra}"));
     let cfg = config("\n[signing]\nenabled = true\n");
-    let arg = |args: &[&str], cfg: &Path| {
-        let mut all = args.to_vec();
-        all.extend(["--config", cfg.to_str().unwrap()]);
-        crate::common::run_env(&all, &[])
-    };
-    let r = arg(&["backup", "--no-election"], &cfg);
+    let r = cli(&["backup", "--no-election"], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
-    let st = arg(&["status"], &cfg);
-    let line = st
-        .stdout
-        .lines()
-        .find(|l| l.trim().starts_with("etcd-backupd ssh-ed25519 "))
-        .unwrap_or_else(|| panic!("{}", st.stdout));
-    let allowed = w.path().join("allowed_signers");
-    std::fs::write(&allowed, format!("{}\n", line.trim())).unwrap();
+    let allowed = allow_the_key_status_shows(&w, &cfg);
     let set = sets_on(&apache.root()).pop().unwrap();
     let signed = set.file_name().unwrap().to_str().unwrap().to_string();
     let (ok, text) = ssh_keygen_verify(&allowed, &set);
     assert!(ok, "ssh-keygen -Y verify on the server's copy: {text}");
 
     // One more set, unsigned.
-    let r = arg(&["backup", "--no-election"], &config(""));
+    let r = cli(&["backup", "--no-election"], &config(""));
     assert_eq!(r.code, 0, "{}", r.all());
     let unsigned = sets_on(&apache.root())
         .iter()
@@ -597,11 +599,11 @@ fn sets_on_webdav_carry_their_signature() {
     let cfg = config(&format!("\n[verify]\nallowed_signers = \"{}\"\n", allowed.display()));
     let fetch_dir = w.path().join("restore");
     let to = fetch_dir.to_str().unwrap();
-    let r = arg(&["fetch", &signed, "--to", to], &cfg);
+    let r = cli(&["fetch", &signed, "--to", to], &cfg);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.contains(", listed in allowed_signers"), "{}", r.stdout);
     std::fs::remove_dir_all(&fetch_dir).unwrap();
-    let r = arg(&["fetch", &unsigned, "--to", to], &cfg);
+    let r = cli(&["fetch", &unsigned, "--to", to], &cfg);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
         r.stderr.contains("unsigned") && r.stderr.contains("manifest.json.sig"),
@@ -609,7 +611,7 @@ fn sets_on_webdav_carry_their_signature() {
         r.stderr
     );
     assert!(!fetch_dir.exists() || files_in(&fetch_dir).is_empty());
-    let r = arg(&["list", "--wide"], &cfg);
+    let r = cli(&["list", "--wide"], &cfg);
     let row = |id: &str| r.stdout.lines().find(|l| l.contains(id)).unwrap().to_string();
     assert!(
         row(&signed).contains("(listed)") && row(&unsigned).contains("unsigned"),
@@ -626,14 +628,7 @@ fn the_daemon_creates_the_signing_key_on_its_first_start() {
     use std::time::{Duration, Instant};
     let w = Work::new();
     let key = w.path().join("keys/node.key");
-    let cfg = w.write_config(
-        "http://127.0.0.1:1",
-        None,
-        &format!(
-            "\n[schedule]\ncron = \"\"\n\n[signing]\nkey_file = \"{}\"\n",
-            key.display()
-        ),
-    );
+    let cfg = key_file_config(&w, &key, "\n[schedule]\ncron = \"\"\n");
     let start = |n: usize| {
         let mut d = Proc::daemon(&cfg, w.path().join(format!("daemon-{n}.log")), &[]);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -693,21 +688,10 @@ fn imported_platform_sets_record_restorable_until_and_are_signed() {
     }
     assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
     let set = w.sets().pop().unwrap();
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    let m = manifest_of(&set);
     assert_eq!(m["trigger"], "imported", "{m}");
-    assert_eq!(
-        m["restorable_until"],
-        at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-        "{m}"
-    );
-    let st = cli(&["status"], &cfg);
-    let line = st
-        .stdout
-        .lines()
-        .find(|l| l.trim().starts_with("etcd-backupd ssh-ed25519 "))
-        .unwrap_or_else(|| panic!("{}", st.stdout));
-    let allowed = w.path().join("allowed_signers");
-    std::fs::write(&allowed, format!("{}\n", line.trim())).unwrap();
+    assert_restorable_until(&m, at);
+    let allowed = allow_the_key_status_shows(&w, &cfg);
     let (ok, text) = ssh_keygen_verify(&allowed, &set);
     assert!(ok, "{text}");
     // Its certificates expired yesterday: fetch refuses it.

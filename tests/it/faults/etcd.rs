@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::common::{EtcdCluster, Proc, Work, file_target};
+use crate::common::{EtcdCluster, Proc, Work, file_target, snapshot_status};
 use crate::support::{
     ThrottleProxy, assert_complete, daemon_config, entries, etcd_get, etcd_prefix, etcdctl, staging_of, visible,
 };
@@ -147,12 +147,10 @@ async fn a_leader_change_during_the_snapshot_does_not_break_the_run() {
     let sets = visible(&root);
     assert_eq!(sets.len(), 1, "{:?}", entries(&root));
     assert_complete(&root.join(&sets[0]));
-    let out = etcdctl(&all)
-        .args(["snapshot", "status", "-w", "json"])
-        .arg(root.join(&sets[0]).join(format!("snapshot_{}.db", sets[0])))
-        .output()
-        .unwrap();
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = snapshot_status(
+        etcdctl(&all),
+        &root.join(&sets[0]).join(format!("snapshot_{}.db", sets[0])),
+    );
     assert!(st["totalKey"].as_u64().unwrap() >= 4000, "{st}");
     let last: serde_json::Value = serde_json::from_str(&etcd_get(&all, "/etcd-backupd/last").unwrap()).unwrap();
     assert_eq!(last["result"], "ok", "{last}");

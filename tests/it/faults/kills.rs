@@ -1,7 +1,7 @@
 //! kill -9 in each phase: while etcd's snapshot streams, during the upload, around the final
 //! MOVE on WebDAV, and at pseudo-random moments of a whole run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -29,6 +29,30 @@ async fn lock_released_within(endpoints: &str, within: Duration, since: Instant)
     }
 }
 
+/// The set ids the run records `marks` (`/etcd-backupd/runs/`) name.
+fn recorded_ids(marks: &BTreeMap<String, serde_json::Value>) -> BTreeSet<String> {
+    marks
+        .values()
+        .filter_map(|m| m["id"].as_str().map(String::from))
+        .collect()
+}
+
+/// The visible sets on `root` are exactly `want` (`what` says which those are), each complete.
+fn assert_exactly_these_sets(root: &Path, want: &BTreeSet<String>, what: &str) {
+    let sets: BTreeSet<String> = visible(root).into_iter().collect();
+    assert_eq!(&sets, want, "{what}");
+    for id in &sets {
+        assert_complete(&root.join(id));
+    }
+}
+
+/// Starts node-a's daemon against `endpoint` with a run every 5 s, lease_ttl 6 s and `extra`
+/// (targets, other tables), logging to `daemon-<n>.log`.
+fn daemon_every_5_s(w: &Work, endpoint: &str, extra: &str, n: u32) -> Proc {
+    let cfg = daemon_config(w, "node-a", endpoint, "*/5 * * * * *", "lease_ttl = \"6s\"", extra);
+    Proc::daemon(&cfg, w.path().join(format!("daemon-{n}.log")), &[])
+}
+
 /// kill -9 of the daemon while etcd's snapshot streams (slowed by a throttling proxy): no set
 /// anywhere, no unverified file in sets/, the dead runner's lock gone within its lease, and
 /// the restarted daemon's next run completes (and cleans the debris). A single node does not
@@ -43,15 +67,7 @@ async fn sigkill_during_the_snapshot_leaves_nothing_and_the_next_run_completes()
     let extra = format!("{}{NO_RETENTION}", file_target(&w));
     // lease_ttl 6 s: lock considered lost after 3 s without a renewal; the throttled stream
     // shares the connection with the keep-alives, and h2's 64 KiB window keeps them prompt.
-    let cfg = daemon_config(
-        &w,
-        "node-a",
-        &slow.endpoint(),
-        "*/5 * * * * *",
-        "lease_ttl = \"6s\"",
-        &extra,
-    );
-    let mut d = Proc::daemon(&cfg, w.path().join("daemon-1.log"), &[]);
+    let mut d = daemon_every_5_s(&w, &slow.endpoint(), &extra, 1);
     let deadline = Instant::now() + Duration::from_secs(40);
     while slow.down.load(SeqCst) < 1 << 20 || w.staging_tmp_files().is_empty() {
         assert!(Instant::now() < deadline, "no snapshot started: {}", d.log());
@@ -80,7 +96,7 @@ async fn sigkill_during_the_snapshot_leaves_nothing_and_the_next_run_completes()
     lock_released_within(&etcd.endpoint, Duration::from_secs(6 + 3), killed_at).await;
 
     slow.rate.store(0, SeqCst);
-    let mut d = Proc::daemon(&cfg, w.path().join("daemon-2.log"), &[]);
+    let mut d = daemon_every_5_s(&w, &slow.endpoint(), &extra, 2);
     let deadline = Instant::now() + Duration::from_secs(40);
     while visible(&root).is_empty() {
         assert!(Instant::now() < deadline, "the next run did not complete: {}", d.log());
@@ -94,15 +110,7 @@ async fn sigkill_during_the_snapshot_leaves_nothing_and_the_next_run_completes()
         !marks.contains_key(&killed_run),
         "the killed run was recorded: {marks:?}"
     );
-    let marked: BTreeSet<String> = marks
-        .values()
-        .filter_map(|m| m["id"].as_str().map(String::from))
-        .collect();
-    let sets: BTreeSet<String> = visible(&root).into_iter().collect();
-    assert_eq!(sets, marked, "one set per completed run, no other");
-    for id in &sets {
-        assert_complete(&root.join(id));
-    }
+    assert_exactly_these_sets(&root, &recorded_ids(&marks), "one set per completed run, no other");
     assert!(
         hidden(&root).is_empty(),
         "the next run removes this node's debris: {:?}",
@@ -123,15 +131,7 @@ async fn sigkill_during_the_upload_leaves_nothing_visible_and_the_set_is_deliver
     let w = Work::new();
     let base = format!("{}{NO_RETENTION}", file_target(&w));
     let slow = format!("{base}\n[priority]\nupload_rate_limit = \"512KiB/s\"\n");
-    let cfg = daemon_config(
-        &w,
-        "node-a",
-        &etcd.endpoint,
-        "*/5 * * * * *",
-        "lease_ttl = \"6s\"",
-        &slow,
-    );
-    let mut d = Proc::daemon(&cfg, w.path().join("daemon-1.log"), &[]);
+    let mut d = daemon_every_5_s(&w, &etcd.endpoint, &slow, 1);
     let root = w.target_root().join("test");
     let uploading = |root: &Path| {
         hidden(root).iter().any(|h| {
@@ -168,23 +168,12 @@ async fn sigkill_during_the_upload_leaves_nothing_visible_and_the_set_is_deliver
     let killed_id = staged[0].0.clone();
     lock_released_within(&etcd.endpoint, Duration::from_secs(6 + 3), killed_at).await;
 
-    let cfg = daemon_config(
-        &w,
-        "node-a",
-        &etcd.endpoint,
-        "*/5 * * * * *",
-        "lease_ttl = \"6s\"",
-        &base,
-    );
-    let mut d = Proc::daemon(&cfg, w.path().join("daemon-2.log"), &[]);
+    let mut d = daemon_every_5_s(&w, &etcd.endpoint, &base, 2);
     let deadline = Instant::now() + Duration::from_secs(40);
     // Two sets stored, and each recorded by its run: a run is stopped only after it recorded
     // its set (a SIGTERM between the two is another test's subject).
     let recorded = |root: &Path| {
-        let ids: BTreeSet<String> = etcd_prefix(&etcd.endpoint, "/etcd-backupd/runs/")
-            .values()
-            .filter_map(|m| m["id"].as_str().map(String::from))
-            .collect();
+        let ids = recorded_ids(&etcd_prefix(&etcd.endpoint, "/etcd-backupd/runs/"));
         let sets = visible(root);
         sets.len() >= 2 && sets.iter().all(|s| ids.contains(s))
     };
@@ -208,15 +197,11 @@ async fn sigkill_during_the_upload_leaves_nothing_visible_and_the_set_is_deliver
         (Some("node-a"), Some(killed_id.as_str()), Some("ok")),
         "{marks:?}"
     );
-    let want: BTreeSet<String> = marks
-        .values()
-        .filter_map(|m| m["id"].as_str().map(String::from))
-        .collect();
-    let sets: BTreeSet<String> = visible(&root).into_iter().collect();
-    assert_eq!(sets, want, "the killed run's set once, plus one per completed run");
-    for id in &sets {
-        assert_complete(&root.join(id));
-    }
+    assert_exactly_these_sets(
+        &root,
+        &recorded_ids(&marks),
+        "the killed run's set once, plus one per completed run",
+    );
     assert!(hidden(&root).is_empty(), "{:?}", entries(&root));
     assert!(w.staged().iter().all(|(_, p)| p.is_empty()), "{:?}", w.staged());
     assert!(w.staging_tmp_files().is_empty());
@@ -251,12 +236,10 @@ async fn sigkill_around_the_final_move_never_shows_a_partial_set_and_stores_noth
         })
         .await;
         let w = Work::new();
-        let cfg = w.write_config_targets(
+        let cfg = w.write_dav_config(
             &etcd.endpoint,
-            &crate::common::dav_target(
-                &fault.url(),
-                "retry_budget = \"30s\"\n\n[election]\nlease_ttl = \"3s\"\n",
-            ),
+            &fault.url(),
+            "retry_budget = \"30s\"\n\n[election]\nlease_ttl = \"3s\"\n",
         );
         let mut p = Proc::spawn(
             &["backup", "--config", cfg.to_str().unwrap()],

@@ -1,6 +1,7 @@
 //! Thousands of sets: listed and pruned in bounded time and memory.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -10,38 +11,52 @@ use crate::restore::fake_set;
 use crate::servers::Rclone;
 use crate::support::entries;
 
+/// `n` made-up sets of cluster `test` under `root`, the newest an hour old and each `hours`
+/// older than the one before, with the times they were taken.
+fn made_up_sets(root: &Path, n: i64, hours: i64) -> Vec<(String, DateTime<Utc>)> {
+    let newest = DateTime::from_timestamp(Utc::now().timestamp() - 3600, 0).unwrap();
+    (0..n)
+        .map(|k| {
+            let t = newest - TimeDelta::hours(hours * k);
+            (fake_set(root, "test", t), t)
+        })
+        .collect()
+}
+
+/// Keep rules without max_age, `[keep_last, keep_daily, keep_weekly, keep_monthly, min_keep]`:
+/// the `[retention]` table that says them, and the ids of `sets` that `retention::plan` keeps
+/// under them now.
+fn retention(sets: &[(String, DateTime<Utc>)], rules: [u32; 5]) -> (String, BTreeSet<String>) {
+    let [keep_last, keep_daily, keep_weekly, keep_monthly, min_keep] = rules;
+    let table = format!(
+        "\n[retention]\nkeep_last = {keep_last}\nkeep_daily = {keep_daily}\nkeep_weekly = {keep_weekly}\nkeep_monthly = {keep_monthly}\nmin_keep = {min_keep}\n"
+    );
+    let policy = etcd_backupd::delivery::retention::Policy {
+        keep_last,
+        keep_daily,
+        keep_weekly,
+        keep_monthly,
+        max_age: None,
+        min_keep,
+    };
+    let tz: chrono_tz::Tz = "UTC".parse().unwrap();
+    let keep = etcd_backupd::delivery::retention::plan(sets, &policy, Utc::now(), tz)
+        .into_iter()
+        .filter(|d| d.keep)
+        .map(|d| d.id)
+        .collect();
+    (table, keep)
+}
+
 /// 5000 sets on a file target: `list --json`, `prune --dry-run` and `prune` finish with the
 /// exact plan `retention::plan` computes, in bounded time and under 100 MiB peak RSS each.
 #[test]
 fn thousands_of_sets_are_listed_and_pruned_in_bounded_memory() {
     const N: i64 = 5000;
     let w = Work::new();
-    let newest = DateTime::from_timestamp(Utc::now().timestamp() - 3600, 0).unwrap();
-    let sets: Vec<(String, DateTime<Utc>)> = (0..N)
-        .map(|k| {
-            let t = newest - TimeDelta::hours(3 * k);
-            (fake_set(&w.target_root(), "test", t), t)
-        })
-        .collect();
-    let cfg = w.write_config(
-        "http://127.0.0.1:1",
-        None,
-        "\n[retention]\nkeep_last = 5\nkeep_daily = 14\nkeep_weekly = 8\nkeep_monthly = 12\nmin_keep = 3\n",
-    );
-    let policy = etcd_backupd::delivery::retention::Policy {
-        keep_last: 5,
-        keep_daily: 14,
-        keep_weekly: 8,
-        keep_monthly: 12,
-        max_age: None,
-        min_keep: 3,
-    };
-    let tz: chrono_tz::Tz = "UTC".parse().unwrap();
-    let keep: BTreeSet<String> = etcd_backupd::delivery::retention::plan(&sets, &policy, Utc::now(), tz)
-        .into_iter()
-        .filter(|d| d.keep)
-        .map(|d| d.id)
-        .collect();
+    let sets = made_up_sets(&w.target_root(), N, 3);
+    let (table, keep) = retention(&sets, [5, 14, 8, 12, 3]);
+    let cfg = w.write_config("http://127.0.0.1:1", None, &table);
     let c = cfg.to_str().unwrap();
 
     let t = Instant::now();
@@ -84,34 +99,9 @@ async fn a_thousand_sets_on_webdav_are_listed_and_pruned_in_bounded_memory() {
     const N: i64 = 1000;
     let rclone = Rclone::start();
     let w = Work::new();
-    let newest = DateTime::from_timestamp(Utc::now().timestamp() - 3600, 0).unwrap();
-    let sets: Vec<(String, DateTime<Utc>)> = (0..N)
-        .map(|k| {
-            let t = newest - TimeDelta::hours(5 * k);
-            (fake_set(&rclone.root(), "test", t), t)
-        })
-        .collect();
-    let cfg = w.write_config_targets(
-        "http://127.0.0.1:1",
-        &crate::common::dav_target(
-            &rclone.url(),
-            "\n[retention]\nkeep_last = 3\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 6\nmin_keep = 3\n",
-        ),
-    );
-    let policy = etcd_backupd::delivery::retention::Policy {
-        keep_last: 3,
-        keep_daily: 7,
-        keep_weekly: 4,
-        keep_monthly: 6,
-        max_age: None,
-        min_keep: 3,
-    };
-    let tz: chrono_tz::Tz = "UTC".parse().unwrap();
-    let keep: BTreeSet<String> = etcd_backupd::delivery::retention::plan(&sets, &policy, Utc::now(), tz)
-        .into_iter()
-        .filter(|d| d.keep)
-        .map(|d| d.id)
-        .collect();
+    let sets = made_up_sets(&rclone.root(), N, 5);
+    let (table, keep) = retention(&sets, [3, 7, 4, 6, 3]);
+    let cfg = w.write_dav_config("http://127.0.0.1:1", &rclone.url(), &table);
     let c = cfg.to_str().unwrap().to_string();
     let (list, prune) = tokio::task::spawn_blocking(move || {
         (

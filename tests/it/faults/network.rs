@@ -1,6 +1,7 @@
 //! Hostile networks and servers in the way of an upload: a proxy that drops connections,
 //! redirects, slow-loris answers.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -8,9 +9,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{Etcd, Work, argv, run_async};
+use crate::common::{Etcd, Run, Work, argv, run_async};
 use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone, Tinyproxy, multistatus};
 use crate::support::{assert_complete, entries, visible};
+use crate::webdav::backup_async;
 
 /// A TCP relay in front of a real forward proxy that cuts the first `drops` connections once
 /// more than `after` bytes went from the client through them: a proxy dropping connections
@@ -101,7 +103,7 @@ async fn a_proxy_that_drops_connections_mid_upload_is_retried_to_a_complete_set(
         relay.port
     );
     let cfg = w.write_config_targets(&etcd.endpoint, &targets);
-    let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
+    let r = backup_async(cfg).await;
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(relay.dropped.load(SeqCst), 3, "{}", r.stderr);
     assert!(r.stderr.matches("retrying").count() >= 3, "{}", r.stderr);
@@ -123,10 +125,7 @@ async fn a_connection_closed_before_any_answer_is_sent_again_once_even_without_r
     let w = Work::new();
     for (drops, code) in [(1, 0), (2, 1)] {
         let relay = DropRelay::start(rclone.port, drops, 0).await;
-        let cfg = w.write_config_targets(
-            &etcd.endpoint,
-            &crate::common::dav_target(&format!("http://127.0.0.1:{}/", relay.port), ""),
-        );
+        let cfg = w.write_dav_config(&etcd.endpoint, &format!("http://127.0.0.1:{}/", relay.port), "");
         let r = run_async(argv(&["check-config", "--connect"], &cfg), vec![]).await;
         assert_eq!(r.code, code, "{drops} closed: {}", r.all());
         assert_eq!(relay.dropped.load(SeqCst), drops, "{}", r.all());
@@ -166,11 +165,8 @@ async fn redirects_are_reported_with_their_location_and_never_followed() {
         })
         .await;
         let w = Work::new();
-        let cfg = w.write_config_targets(
-            &etcd.endpoint,
-            &crate::common::dav_target(&all.url(), "retry_budget = \"1s\"\n"),
-        );
-        let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
+        let cfg = w.write_dav_config(&etcd.endpoint, &all.url(), "retry_budget = \"1s\"\n");
+        let r = backup_async(cfg.clone()).await;
         assert_eq!(r.code, 1, "{code}: {}", r.all());
         assert!(
             r.all().contains(&code.to_string()) && r.all().contains(&format!("Location: {location}")),
@@ -204,11 +200,8 @@ async fn redirects_are_reported_with_their_location_and_never_followed() {
         })
         .await;
         let w = Work::new();
-        let cfg = w.write_config_targets(
-            &etcd.endpoint,
-            &crate::common::dav_target(&put.url(), "retry_budget = \"1s\"\n"),
-        );
-        let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
+        let cfg = w.write_dav_config(&etcd.endpoint, &put.url(), "retry_budget = \"1s\"\n");
+        let r = backup_async(cfg).await;
         assert_eq!(r.code, 1, "{code}: {}", r.all());
         assert!(
             r.stderr.trim().lines().last().unwrap().contains(&code.to_string()),
@@ -223,6 +216,23 @@ async fn redirects_are_reported_with_their_location_and_never_followed() {
         assert_eq!(w.staged().len(), 1);
     }
     assert_eq!(visits.load(SeqCst), 0, "a redirect was followed");
+}
+
+/// A workspace whose one target is the WebDAV server at `url`, with idle_timeout 1 s and
+/// retry_budget 3 s; its config.
+fn impatient_dav(endpoint: &str, url: &str) -> (Work, PathBuf) {
+    let w = Work::new();
+    let cfg = w.write_dav_config(endpoint, url, "idle_timeout = \"1s\"\nretry_budget = \"3s\"\n");
+    (w, cfg)
+}
+
+/// `backup` with `cfg` fails (exit 1) within 30 s (`what`: the case); what it said.
+async fn backup_fails_within_30_s(cfg: &Path, what: &str) -> Run {
+    let t = Instant::now();
+    let r = backup_async(cfg.to_path_buf()).await;
+    assert_eq!(r.code, 1, "{what}: {}", r.all());
+    assert!(t.elapsed() < Duration::from_secs(30), "{what}: took {:?}", t.elapsed());
+    r
 }
 
 /// Slow-loris answers: a PROPFIND whose head arrives one byte every 300 ms, one whose body
@@ -261,11 +271,7 @@ async fn slow_loris_answers_fail_within_bounded_time_and_leave_nothing() {
             if m == "PROPFIND" { rp.clone() } else { Fault::Forward }
         })
         .await;
-        let w = Work::new();
-        let cfg = w.write_config_targets(
-            &etcd.endpoint,
-            &crate::common::dav_target(&srv.url(), "idle_timeout = \"1s\"\nretry_budget = \"3s\"\n"),
-        );
+        let (w, cfg) = impatient_dav(&etcd.endpoint, &srv.url());
         let t = Instant::now();
         let r = run_async(argv(&["list"], &cfg), vec![]).await;
         assert_eq!(r.code, 1, "{what}: {}", r.all());
@@ -275,10 +281,7 @@ async fn slow_loris_answers_fail_within_bounded_time_and_leave_nothing() {
             "{what}: {}",
             r.stderr
         );
-        let t = Instant::now();
-        let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
-        assert_eq!(r.code, 1, "{what}: {}", r.all());
-        assert!(t.elapsed() < Duration::from_secs(30), "{what}: took {:?}", t.elapsed());
+        backup_fails_within_30_s(&cfg, what).await;
         assert_eq!(w.staged().len(), 1, "{what}: {:?}", w.staged());
     }
     // The PUT's answer dribbled: retried (each attempt cut after 1 s), then given up.
@@ -295,15 +298,8 @@ async fn slow_loris_answers_fail_within_bounded_time_and_leave_nothing() {
         }
     })
     .await;
-    let w = Work::new();
-    let cfg = w.write_config_targets(
-        &etcd.endpoint,
-        &crate::common::dav_target(&srv.url(), "idle_timeout = \"1s\"\nretry_budget = \"3s\"\n"),
-    );
-    let t = Instant::now();
-    let r = run_async(argv(&["backup", "--no-election"], &cfg), vec![]).await;
-    assert_eq!(r.code, 1, "{}", r.all());
-    assert!(t.elapsed() < Duration::from_secs(30), "took {:?}", t.elapsed());
+    let (w, cfg) = impatient_dav(&etcd.endpoint, &srv.url());
+    let r = backup_fails_within_30_s(&cfg, "PUT").await;
     assert!(r.stderr.contains("retrying"), "{}", r.stderr);
     assert!(
         entries(&rclone.root().join("test")).is_empty(),
