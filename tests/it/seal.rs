@@ -97,41 +97,24 @@ fn sealed_sets_open_with_age_and_zstd_and_fetch_restores_the_originals() {
 
     // fetch: without the identity it says what is missing; with a readable-by-all one it refuses.
     let dir = w.path().join("restore");
-    let r = run(&[
-        "fetch",
-        &id,
-        "--to",
-        dir.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let fetch = |identities: &[&Path]| {
+        let mut args = vec!["fetch", id.as_str(), "--to", dir.to_str().unwrap()];
+        for i in identities {
+            args.extend(["--identity", i.to_str().unwrap()]);
+        }
+        args.extend(["--config", cfg.to_str().unwrap()]);
+        run(&args)
+    };
+    let r = fetch(&[]);
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("--identity"), "{}", r.stderr);
     assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let r = run(&[
-        "fetch",
-        &id,
-        "--to",
-        dir.to_str().unwrap(),
-        "--identity",
-        key.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let r = fetch(&[&key]);
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("readable by group or others"), "{}", r.stderr);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let r = run(&[
-        "fetch",
-        &id,
-        "--to",
-        dir.to_str().unwrap(),
-        "--identity",
-        key.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let r = fetch(&[&key]);
     assert_eq!(r.code, 0, "{}", r.all());
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
@@ -145,14 +128,11 @@ fn sealed_sets_open_with_age_and_zstd_and_fetch_restores_the_originals() {
         let got = hex::encode(Sha256::digest(std::fs::read(dir.join(name)).unwrap()));
         assert_eq!(got, want[name.as_str()], "{name}");
     }
-    let r = run(&[
-        "verify",
-        &id,
-        "--identity",
-        ssh_key.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let verify_with = |identity: &Path| {
+        let (i, c) = (identity.to_str().unwrap(), cfg.to_str().unwrap());
+        run(&["verify", id.as_str(), "--identity", i, "--config", c])
+    };
+    let r = verify_with(&ssh_key);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.contains("etcd's snapshot trailer verified"), "{}", r.stdout);
     // The private key appears in no output and no file etcd-backupd wrote.
@@ -183,14 +163,7 @@ fn sealed_sets_open_with_age_and_zstd_and_fetch_restores_the_originals() {
         other.display(),
         other.display()
     ));
-    let r = run(&[
-        "verify",
-        &id,
-        "--identity",
-        other.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let r = verify_with(&other);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("cannot decrypt"), "{}", r.stderr);
 }
@@ -343,23 +316,19 @@ fn the_archive_kept_apart_from_the_snapshot_restores_in_one_command() {
 
     // fetch from either target, both identities: the whole set, one command.
     let (sk, kk) = (snap_key.to_str().unwrap(), keys_key.to_str().unwrap());
+    // A command with these `--identity` keys and the configuration.
+    let keyed = |args: &[&str], keys: &[&str]| {
+        let mut all = args.to_vec();
+        for k in keys {
+            all.extend(["--identity", k]);
+        }
+        all.extend(["--config", c]);
+        run(&all)
+    };
     for from in ["store", "vault"] {
         let dir = w.path().join(format!("restore-{from}"));
         let d = dir.to_str().unwrap();
-        let r = run(&[
-            "fetch",
-            "latest",
-            "--target",
-            from,
-            "--to",
-            d,
-            "--identity",
-            sk,
-            "--identity",
-            kk,
-            "--config",
-            c,
-        ]);
+        let r = keyed(&["fetch", "latest", "--target", from, "--to", d], &[sk, kk]);
         assert_eq!(r.code, 0, "{}", r.all());
         let mut got: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
@@ -374,16 +343,7 @@ fn the_archive_kept_apart_from_the_snapshot_restores_in_one_command() {
     }
     // One key alone does not open the set.
     let dir = w.path().join("restore-one-key");
-    let r = run(&[
-        "fetch",
-        "latest",
-        "--to",
-        dir.to_str().unwrap(),
-        "--identity",
-        sk,
-        "--config",
-        c,
-    ]);
+    let r = keyed(&["fetch", "latest", "--to", dir.to_str().unwrap()], &[sk]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
         r.stderr.contains("static_kuberesources") && r.stderr.contains("cannot decrypt"),
@@ -393,17 +353,7 @@ fn the_archive_kept_apart_from_the_snapshot_restores_in_one_command() {
     assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0);
 
     // The drill, and retention: both halves stay.
-    let r = run(&[
-        "verify",
-        "latest",
-        "--deep",
-        "--identity",
-        sk,
-        "--identity",
-        kk,
-        "--config",
-        c,
-    ]);
+    let r = keyed(&["verify", "latest", "--deep"], &[sk, kk]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stdout.contains("restore drill"), "{}", r.stdout);
     let r = run(&["prune", "--config", c]);
@@ -414,20 +364,7 @@ fn the_archive_kept_apart_from_the_snapshot_restores_in_one_command() {
     std::fs::remove_dir_all(vault.join("test").join(&id)).unwrap();
     let dir = w.path().join("restore-half");
     let d = dir.to_str().unwrap();
-    let r = run(&[
-        "fetch",
-        "latest",
-        "--target",
-        "store",
-        "--to",
-        d,
-        "--identity",
-        sk,
-        "--identity",
-        kk,
-        "--config",
-        c,
-    ]);
+    let r = keyed(&["fetch", "latest", "--target", "store", "--to", d], &[sk, kk]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("is not intact on vault"), "{}", r.stderr);
     assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0);
