@@ -78,6 +78,9 @@ pub struct Facts<'a> {
     pub state: &'a State,
     /// The configured targets, by name.
     pub targets: Vec<String>,
+    /// When sets are split between targets (`[[target]] files`): each file of a set, and
+    /// the targets that hold it. Empty: every target holds every file.
+    pub custody: Vec<(String, Vec<String>)>,
     /// (node, what it last listed per target) of the other nodes' heartbeats.
     pub others: Vec<(String, BTreeMap<String, TargetCoverage>)>,
     /// The schedule's interval (the longest gap between its runs); `None`: this host has no
@@ -162,8 +165,20 @@ pub fn judge(f: &Facts) -> Verdict {
     {
         failing.push(format!("the cluster's last run ({}, on {}) failed", c.run, c.node));
     }
-    if !cov.is_empty() && cov.iter().all(|c| !c.fresh) {
-        let stale = format!("no target holds a good set newer than {window} (the schedule's interval + 2h)");
+    // A restore needs every file of a set: with sets split between targets, the targets
+    // holding one file all being stale is as bad as every target being stale.
+    let stale_part = f.custody.iter().find(|(_, holders)| {
+        let held: Vec<&Coverage> = cov.iter().filter(|c| holders.contains(&c.target)).collect();
+        !held.is_empty() && held.iter().all(|c| !c.fresh)
+    });
+    if !cov.is_empty() && (cov.iter().all(|c| !c.fresh) || stale_part.is_some()) {
+        let stale = match stale_part.filter(|_| cov.iter().any(|c| c.fresh)) {
+            Some((file, holders)) => format!(
+                "no target holding the {file} ({}) holds a good set newer than {window} (the schedule's interval + 2h)",
+                holders.join(", ")
+            ),
+            None => format!("no target holds a good set newer than {window} (the schedule's interval + 2h)"),
+        };
         if f.etcd_problem.is_some() {
             // The other nodes' newer reports are in etcd, which does not answer: unknown.
             at_risk.push(format!(
@@ -303,6 +318,7 @@ mod tests {
         Facts {
             state,
             targets: vec!["a".into(), "b".into()],
+            custody: Vec::new(),
             others: Vec::new(),
             interval: Some(Duration::from_secs(24 * 3600)),
             daemon_alive: true,
@@ -311,6 +327,29 @@ mod tests {
             cluster_last: None,
             now: crate::clock::parse("2026-12-07T12:00:00Z").unwrap(),
         }
+    }
+
+    /// Sets split between targets: every file needs a fresh holder.
+    #[test]
+    fn a_split_set_needs_a_fresh_holder_of_each_file() {
+        let (recent, old) = ("2026-12-07T02:30:12Z", "2026-12-05T02:30:12Z");
+        let s = state(vec![run(RunResult::Ok, None)], Some(old), Some(recent));
+        // Without custody, one stale target of two: AT RISK.
+        assert_eq!(judge(&facts(&s)).level, Level::AtRisk);
+        // a alone holds the snapshot: FAILING, naming it.
+        let mut f = facts(&s);
+        f.custody = vec![
+            ("snapshot".into(), vec!["a".into()]),
+            ("static resources archive".into(), vec!["b".into()]),
+        ];
+        let v = judge(&f);
+        assert_eq!(v.level, Level::Failing, "{v:?}");
+        assert!(v.reasons[0].contains("no target holding the snapshot (a)"), "{v:?}");
+        // Both fresh: OK.
+        let s = state(vec![run(RunResult::Ok, None)], Some(recent), Some(recent));
+        let mut f = facts(&s);
+        f.custody = vec![("snapshot".into(), vec!["a".into()])];
+        assert_eq!(judge(&f).level, Level::Ok);
     }
 
     #[test]

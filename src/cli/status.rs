@@ -74,6 +74,7 @@ pub(super) async fn status(settings: &Settings, json: bool, cluster: bool) -> Re
     let verdict = health::judge(&health::Facts {
         state: &state,
         targets: settings.targets.iter().map(|t| t.name.clone()).collect(),
+        custody: custody(settings),
         others,
         interval: schedule.as_ref().and_then(|s| s.interval(now)),
         daemon_alive,
@@ -495,4 +496,19 @@ fn print_cluster(settings: &Settings, etcd: &FromEtcd, now: chrono::DateTime<Utc
         }
     }
     Ok(())
+}
+
+/// Each file of a set and the targets that hold it, when sets are split between targets
+/// (see [`health::Facts::custody`]); empty when every target holds both.
+fn custody(settings: &Settings) -> Vec<(String, Vec<String>)> {
+    use crate::config::SetFile;
+    let names: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
+    [
+        (SetFile::Snapshot, "snapshot"),
+        (SetFile::Resources, "static resources archive"),
+    ]
+    .into_iter()
+    .map(|(file, word)| (word.to_string(), settings.holders(&names, file)))
+    .filter(|(_, holders)| !holders.is_empty())
+    .collect()
 }

@@ -231,6 +231,23 @@ impl Pass<'_> {
         let mut still = Vec::new();
         for name in &before {
             if self.settings.target(name).is_none() {
+                // The only configured holder of a file of a split set: dropping it would
+                // leave that file stored nowhere, so the set stays owed (and says so).
+                let orphaned: Vec<&str> = m
+                    .files
+                    .iter()
+                    .filter(|f| f.targets.iter().any(|t| t == name))
+                    .filter(|f| f.targets.iter().all(|t| self.settings.target(t).is_none()))
+                    .map(|f| f.name.as_str())
+                    .collect();
+                if !orphaned.is_empty() {
+                    tracing::error!(
+                        backup_id = %m.id, target_name = %name, files = %orphaned.join(", "),
+                        "target no longer configured, but it alone holds these files of the set; it stays owed: configure the target again"
+                    );
+                    still.push(name.clone());
+                    continue;
+                }
                 tracing::warn!(backup_id = %m.id, target_name = %name, "target no longer configured; the set is not delivered to it");
                 continue;
             }
@@ -621,6 +638,25 @@ mod tests {
         assert_eq!(staged[0].pending, ["a"], "{staged:?}");
         assert!(staged[1].pending.is_empty());
         assert!(!results.iter().any(|d| d.target == "gone"));
+    }
+
+    /// A removed target that alone holds a file of a split set keeps the set owed to it.
+    #[tokio::test]
+    async fn a_removed_target_that_alone_holds_a_file_keeps_the_set_owed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), &["a"], "");
+        stage(dir.path(), "2026-11-25_010000", &["a", "vault"]);
+        let set_dir = crate::staging::sets_dir(dir.path()).join("2026-11-25_010000");
+        let mut m = Manifest::parse(&std::fs::read(set_dir.join(MANIFEST)).unwrap()).unwrap();
+        m.files[0].targets = vec!["vault".into()];
+        std::fs::write(set_dir.join(MANIFEST), m.to_json()).unwrap();
+        let (opened, _t) = opened(&["a"]);
+        let (_, staged) = run_pass(&s, &opened).await;
+        assert_eq!(staged[0].pending, ["vault"], "{staged:?}");
+        // Held by every target (not split): a removed target is simply dropped.
+        stage(dir.path(), "2026-11-25_020000", &["a", "gone"]);
+        let (_, staged) = run_pass(&s, &opened).await;
+        assert!(staged[1].pending.is_empty(), "{staged:?}");
     }
 
     #[tokio::test]
