@@ -382,7 +382,7 @@ fn targets(at: &At, inputs: &Inputs) -> Result<Targets, String> {
         if targets.iter().any(|o| o.name == target.name) {
             return Err(at.err(&key("name"), format!("{:?} is used by two targets", target.name)));
         }
-        check_target_options(at, i, &target)?;
+        check_timeouts(at, i, &target)?;
         for (k, path) in target.secret_files() {
             secret_files.push((at.m.locate(&key(k)), path.to_path_buf()));
         }
@@ -542,7 +542,7 @@ fn remote(at: &At, i: usize, t: &TargetInputs) -> Result<RemoteSettings, String>
 }
 
 /// The timeouts of `target[i]`.
-fn check_target_options(at: &At, i: usize, target: &TargetSettings) -> Result<(), String> {
+fn check_timeouts(at: &At, i: usize, target: &TargetSettings) -> Result<(), String> {
     for (k, d) in [
         ("connect_timeout", target.connect_timeout),
         ("idle_timeout", target.idle_timeout),

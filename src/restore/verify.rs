@@ -8,13 +8,12 @@ use std::io::Read;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use crate::manifest::FileKind;
 use crate::manifest::{FileEntry, SHA256SUMS};
 use crate::source::static_resources::Restorability;
 
-use super::locate::{Damage, Located, SUMS_CAP, check_signature, explain};
+use super::locate::{Damage, Located, SUMS_CAP, check_signature, explain, read_small};
 
 /// What checking one file found.
 #[derive(Debug, Clone, Serialize)]
@@ -35,18 +34,8 @@ impl CheckedFile {
 /// Reads `SHA256SUMS` from the target and checks it says what the manifest says.
 pub(super) async fn check_sums(located: &Located) -> Result<()> {
     let m = &located.manifest;
-    let mut r = located
-        .target
-        .open_file(&located.cluster, &m.id, SHA256SUMS)
-        .await?
-        .take(SUMS_CAP + 1);
-    let mut text = String::new();
-    r.read_to_string(&mut text)
-        .await
-        .with_context(|| format!("cannot read {SHA256SUMS}"))?;
-    if text.len() as u64 > SUMS_CAP {
-        bail!(Damage(format!("{SHA256SUMS} is larger than {SUMS_CAP} bytes")));
-    }
+    let bytes = read_small(located.target.as_ref(), &located.cluster, &m.id, SHA256SUMS, SUMS_CAP).await?;
+    let text = String::from_utf8(bytes).map_err(|_| Damage(format!("{SHA256SUMS} is not UTF-8 text")))?;
     let mut listed = BTreeMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let (hash, name) = line.split_once("  ").ok_or_else(|| {

@@ -241,7 +241,8 @@ async fn stage(
         };
         // Compressed and encrypted as our own sets are: an imported set holds every Secret.
         let chosen: Vec<String> = settings.targets.iter().map(|t| t.name.clone()).collect();
-        let files = crate::run::pipeline::seal_files(settings, ctx, work, (files, &chosen)).await?;
+        let mut files = crate::run::pipeline::seal_files(ctx, work, files).await?;
+        crate::run::pipeline::record_custody(settings, &chosen, &mut files);
         let created = chrono::NaiveDateTime::parse_from_str(&id, manifest::TS_FORMAT)
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());

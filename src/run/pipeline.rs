@@ -497,7 +497,8 @@ impl Backup<'_> {
             let (dir, plain) = (work.to_path_buf(), files.clone());
             tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
         };
-        let files = seal_files(self.settings, self.ctx, work, (files, &self.names)).await?;
+        let mut files = seal_files(self.ctx, work, files).await?;
+        record_custody(self.settings, &self.names, &mut files);
         let manifest = Manifest {
             format_version: manifest::format_version_of(&files),
             id,
@@ -526,9 +527,8 @@ impl Backup<'_> {
             forced,
             restore,
         };
-        // SHA256SUMS, the signature ([signing]), then manifest.json.
+        // SHA256SUMS, the signature ([signing]), then manifest.json; flushed by the commit.
         crate::trust::signing::write_set_files(self.ctx.signer.as_ref(), work, &manifest)?;
-        fsutil::fsync_dir(work)?;
         Ok((manifest, snapshot_duration))
     }
 
@@ -569,24 +569,30 @@ async fn note_publishing(settings: &Settings, member: &mut etcd::Member, run: &s
     }
 }
 
+/// Records, on each file, which of the `chosen` targets hold it (`[[target]] files`; nothing
+/// when they all hold every file). Every set's manifest goes through here (native, script,
+/// imported).
+pub(crate) fn record_custody(settings: &Settings, chosen: &[String], files: &mut [FileEntry]) {
+    for f in files {
+        let file = match f.kind() {
+            Some(FileKind::Resources) => SetFile::Resources,
+            _ => SetFile::Snapshot,
+        };
+        f.targets = settings.holders(chosen, file);
+    }
+}
+
 /// Compresses and/or encrypts each verified file in `work` not sealed yet (see
 /// [`crate::envelope`]), the archive to its own recipients; the originals go, the manifest
 /// keeps their names, sizes and hashes. Every set goes through here (native, script,
-/// imported): one set, one seal per kind of file. Then records which of the `chosen`
-/// targets hold each file, when they do not all hold both.
-pub(crate) async fn seal_files(
-    settings: &Settings,
-    ctx: &RunContext,
-    work: &Path,
-    (files, chosen): (Vec<FileEntry>, &[String]),
-) -> Result<Vec<FileEntry>> {
+/// imported): one set, one seal per kind of file.
+pub(crate) async fn seal_files(ctx: &RunContext, work: &Path, files: Vec<FileEntry>) -> Result<Vec<FileEntry>> {
     let mut sealed = Vec::new();
     for mut f in files {
-        let (seal, file) = match f.kind() {
-            Some(FileKind::Resources) => (&ctx.resources_seal, SetFile::Resources),
-            _ => (&ctx.seal, SetFile::Snapshot),
+        let seal = match f.kind() {
+            Some(FileKind::Resources) => &ctx.resources_seal,
+            _ => &ctx.seal,
         };
-        f.targets = settings.holders(chosen, file);
         if f.stored_name != f.name || seal.is_plain() {
             // Sealed as it streamed (the snapshot), or not to be sealed.
             sealed.push(f);

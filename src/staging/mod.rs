@@ -77,21 +77,21 @@ impl Locked {
     pub fn begin(&self, label: &str) -> Result<Work> {
         let dir = tmp_dir(&self.root).join(format!("{label}-{:08x}", rand::random::<u32>()));
         fsutil::create_private_dir(&dir)?;
-        Ok(Work { dir: Some(dir) })
+        Ok(Work { dir, committed: false })
     }
 
     /// Commits the set assembled in `work` as `sets/<id>/`, owed to `owed`: the delivery
     /// record first (a set in `sets/` without one would count as delivered), everything
     /// flushed, one rename, then the rename flushed. The same sequence for every source
     /// (native, script, import). On failure the folder is removed.
-    pub fn commit(&self, work: Work, id: &str, owed: &[String]) -> Result<PathBuf> {
+    pub fn commit(&self, mut work: Work, id: &str, owed: &[String]) -> Result<PathBuf> {
         let sets = sets_dir(&self.root);
         let to = sets.join(id);
         sets::owe(work.dir(), owed)?;
         fsutil::fsync_dir(work.dir())?;
         fsutil::rename_noreplace(work.dir(), &to)
             .map_err(|e| anyhow!("cannot move the set into '{}': {e}", to.display()))?;
-        work.committed();
+        work.committed = true;
         fsutil::fsync_dir(&sets)?;
         Ok(to)
     }
@@ -101,23 +101,21 @@ impl Locked {
 /// (any error on the way), so a failed run leaves nothing behind but what a kill leaves,
 /// which the next run's [`Locked::clean_tmp`] removes.
 pub struct Work {
-    dir: Option<PathBuf>,
+    dir: PathBuf,
+    /// Moved into `sets/`: no longer ours to remove.
+    committed: bool,
 }
 
 impl Work {
     pub fn dir(&self) -> &Path {
-        self.dir.as_deref().unwrap_or(Path::new(""))
-    }
-
-    fn committed(mut self) {
-        self.dir = None;
+        &self.dir
     }
 }
 
 impl Drop for Work {
     fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
-            fsutil::remove_dir_quietly(dir);
+        if !self.committed {
+            fsutil::remove_dir_quietly(&self.dir);
         }
     }
 }

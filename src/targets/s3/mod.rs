@@ -11,7 +11,7 @@
 //!    another node's once nothing under the set has changed for a day;
 //! 2. every file, with `Content-MD5` (which buckets with Object Lock require) and
 //!    `If-None-Match: *` (where the server honours it, nothing is ever replaced); a file of
-//!    more than [`PART_SIZE`] goes as a multipart upload, [`PARTS_IN_FLIGHT`] parts at once,
+//!    more than `part_size` ([`crate::config::DEFAULT_PART_SIZE`] unless set) goes as a multipart upload, [`PARTS_IN_FLIGHT`] parts at once,
 //!    each part read from its file twice (once for its MD5, once to send it: memory stays a
 //!    few chunks whatever the part size) and retried on its own; an upload that fails is
 //!    aborted;
@@ -50,10 +50,6 @@ mod xml;
 use multipart::Source;
 use xml::{Xml, b64, code_hint, error_fields, parse_time};
 
-/// The size of each part of a multipart upload (all but the last) unless `part_size` says
-/// otherwise. 16 MiB: few requests for a multi-GiB snapshot, up to 156 GiB within S3's
-/// 10,000 parts, and no memory cost, since a part is streamed from its file rather than held.
-pub const PART_SIZE: u64 = crate::config::DEFAULT_PART_SIZE;
 /// Parts of one upload sent at once.
 pub const PARTS_IN_FLIGHT: usize = 3;
 /// S3's limit on the parts of one upload.

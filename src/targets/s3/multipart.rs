@@ -115,6 +115,14 @@ impl S3Target {
         }
     }
 
+    /// The headers of a guarded write of a body with this MD5 and content type (asked anew
+    /// on each attempt: a 501 to the guard drops it for the retry).
+    fn guarded_headers(&self, md5: &[u8; 16], content_type: &str) -> Vec<(&'static str, String)> {
+        let mut headers = vec![("content-md5", b64(md5)), ("content-type", content_type.to_string())];
+        headers.extend(self.guard());
+        headers
+    }
+
     /// A server that does not implement `If-None-Match` says 501; then it cannot guard.
     pub(super) fn unguarded(&self, status: StatusCode) -> bool {
         if status == StatusCode::NOT_IMPLEMENTED && self.conditional.swap(false, Ordering::Relaxed) {
@@ -168,11 +176,7 @@ impl S3Target {
         let url = self.url(key, &[]);
         let shown = self.shown(key);
         loop {
-            let mut headers = vec![
-                ("content-md5", b64(&md5)),
-                ("content-type", "application/octet-stream".to_string()),
-            ];
-            headers.extend(self.guard());
+            let headers = self.guarded_headers(&md5, "application/octet-stream");
             let (resp, _) = self
                 .send("PutObject", &shown, |progress| make(&url, &headers, progress))
                 .await?;
@@ -267,11 +271,7 @@ impl S3Target {
         let body = complete_body(parts);
         let md5: [u8; 16] = Md5::digest(body.as_bytes()).into();
         loop {
-            let mut headers = vec![
-                ("content-md5", b64(&md5)),
-                ("content-type", "application/xml".to_string()),
-            ];
-            headers.extend(self.guard());
+            let headers = self.guarded_headers(&md5, "application/xml");
             let (resp, retried) = self
                 .send("CompleteMultipartUpload", &shown, |_| {
                     self.signed_with(Method::POST, &url, &headers, body.as_bytes())
