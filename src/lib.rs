@@ -26,8 +26,10 @@
 //! - [`delivery`]: only delivering: staged sets to the targets owed them, oldest first, each
 //!   checked against its run's record; [`delivery::retention`]: which sets to keep, and
 //!   pruning a target. Unit-tested against a target in memory (`targets::memory`).
-//! - [`targets`]: where sets are stored, atomically: `file://`, HTTP/WebDAV and S3
-//!   ([`targets::s3`]: XML, signing and multipart in their own files).
+//! - [`targets`]: where sets are stored. The set protocol (drafts, debris, sizes checked,
+//!   manifest last, the one atomic step) is written once in [`targets::sets`] over
+//!   [`targets::objects::ObjectStore`] (files in folders); `file://`, HTTP/WebDAV and S3
+//!   implement only that ([`targets::s3`]: XML, signing and multipart in their own files).
 //! - [`restore`]: a folder per step: locate, verify, fetch, versions, drill.
 //! - [`cli`]: a file per command; `main.rs` only parses, sets up [`logging`] (journald or
 //!   stderr, one rendering) and maps errors to exit codes ([`error`]).

@@ -532,7 +532,7 @@ mod tests {
     /// The targets of a pass, and a handle on each (sharing its store).
     fn opened(names: &[&str]) -> (Opened, BTreeMap<String, MemoryTarget>) {
         let handles: BTreeMap<String, MemoryTarget> =
-            names.iter().map(|n| (n.to_string(), MemoryTarget::new(n))).collect();
+            names.iter().map(|n| (n.to_string(), MemoryTarget::memory(n))).collect();
         let opened = handles
             .iter()
             .map(|(n, t)| (n.clone(), Ok(Box::new(t.clone()) as Box<dyn Target>)))
@@ -566,10 +566,13 @@ mod tests {
 
         let (results, staged) = run_pass(&s, &opened).await;
         assert_eq!(t["a"].ids(CLUSTER), ["2026-11-25_010000", "2026-11-25_020000"]);
-        let a_calls: Vec<String> = t["a"].calls().into_iter().filter(|c| c.starts_with("finish")).collect();
+        let a_calls: Vec<String> = t["a"].calls().into_iter().filter(|c| c.starts_with("rename")).collect();
         assert_eq!(
             a_calls,
-            ["finish 2026-11-25_010000", "finish 2026-11-25_020000"],
+            [
+                format!("rename {CLUSTER}/2026-11-25_010000"),
+                format!("rename {CLUSTER}/2026-11-25_020000")
+            ],
             "oldest first"
         );
         // b failed on the first set; the second was not tried against it.
@@ -586,7 +589,7 @@ mod tests {
                 .starts_with("not tried: the target failed earlier"),
             "{b:?}"
         );
-        assert_eq!(t["b"].calls().iter().filter(|c| c.starts_with("begin")).count(), 1);
+        assert_eq!(t["b"].calls().iter().filter(|c| c.starts_with("mkdir")).count(), 1);
         // What is still owed is recorded, in memory and on disk.
         for st in [staged, scan(dir.path())] {
             assert!(st.iter().all(|x| x.pending == ["b"]), "{st:?}");
@@ -667,7 +670,7 @@ mod tests {
             &["a"],
             "[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 1\n",
         );
-        let t = MemoryTarget::new("a");
+        let t = MemoryTarget::memory("a");
         for id in ["2026-11-25_010000", "2026-11-25_020000", "2026-11-25_030000"] {
             t.insert(CLUSTER, &manifest(id, &crate::manifest::snapshot_name(id), 8, "00"));
         }

@@ -1,40 +1,39 @@
-//! A directory on this host (`file:///path`), e.g. an NFS mount. Sets are assembled in
-//! `<cluster>/.<id>.partial-<node>-<random>/` and renamed to `<cluster>/<id>/` with
-//! `RENAME_NOREPLACE` once every file is copied, checked against the manifest and fsynced.
+//! A directory on this host (`file:///path`), e.g. an NFS mount. Its atomic step is a
+//! rename with `RENAME_NOREPLACE`; every file is fsynced, and so is each folder before and
+//! after the rename.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 
-use super::{
-    Draft, FileReader, ListedSet, Sent, StagedSet, Target, is_removable_debris, is_set_name, partial_name,
-    safe_component,
-};
-use crate::config::TargetSettings;
+use super::objects::{Body, Commit, Entry, Guard, Moved, ObjectStore, Put};
+use super::{FileReader, safe_component};
+use crate::config::{TargetSettings, VerifyUpload};
 use crate::fsutil;
 use crate::growing::Follower;
-use crate::manifest::{MANIFEST, Manifest};
-use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
-pub struct FileTarget {
+pub struct FileStore {
     name: String,
     root: PathBuf,
     rate: Option<u64>,
+    verify: VerifyUpload,
 }
 
-impl FileTarget {
+impl FileStore {
     pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<Self> {
         let root = settings
             .url
             .to_file_path()
             .map_err(|_| anyhow!("target '{}': the file:// URL is not a local path", settings.name))?;
-        Ok(FileTarget {
+        Ok(FileStore {
             name: settings.name.clone(),
             root,
             rate,
+            verify: settings.verify_upload,
         })
     }
 
@@ -52,91 +51,31 @@ impl FileTarget {
         }
     }
 
-    fn begin_blocking(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
-        self.check_root()?;
-        let cluster_dir = self.root.join(cluster);
-        fsutil::create_private_dir(&cluster_dir).with_context(|| format!("target '{}'", self.name))?;
-        let final_dir = cluster_dir.join(id);
-        if final_dir.exists() {
-            return Err(super::SetExists {
-                target: self.name.clone(),
-                id: id.to_string(),
-                at: final_dir.display().to_string(),
-            }
-            .into());
+    /// `<root>/<seg>/…`, refusing segments that are not plain path components.
+    fn path(&self, segments: &[&str]) -> Result<PathBuf> {
+        if let Some(bad) = segments.iter().find(|s| !safe_component(s)) {
+            bail!("target '{}': {bad:?} is not a usable name", self.name);
         }
-        // Hidden, and named so that no reader takes it for a set even though it holds a
-        // manifest.json just before the rename.
-        self.remove_debris_in(&cluster_dir, node);
-        let folder = partial_name(id, node);
-        fsutil::create_private_dir(&cluster_dir.join(&folder)).with_context(|| format!("target '{}'", self.name))?;
-        Ok(Draft {
-            cluster: cluster.to_string(),
-            id: id.to_string(),
-            folder,
-            sent: Vec::new(),
-        })
+        Ok(segments.iter().fold(self.root.clone(), |p, s| p.join(s)))
     }
 
-    fn finish_blocking(&self, draft: &Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        let id = &set.manifest.id;
-        let cluster_dir = self.root.join(&draft.cluster);
-        let final_dir = cluster_dir.join(id);
-        let tmp = cluster_dir.join(&draft.folder);
-        let result = (|| -> Result<()> {
-            for f in set.manifest.files_on(&self.name) {
-                if draft.has(f) {
-                    continue;
-                }
-                let (size, sha) =
-                    fsutil::copy_private(&set.dir.join(&f.stored_name), &tmp.join(&f.stored_name), self.rate)?;
-                if size != f.stored_size || sha != f.stored_sha256 {
-                    bail!(
-                        "'{}' landed as {size} bytes with SHA-256 {sha}, expected {} bytes with {}",
-                        f.stored_name,
-                        f.stored_size,
-                        f.stored_sha256
-                    );
-                }
-            }
-            // SHA256SUMS and the signature (stored before the manifest: every visible set is
-            // signed), then the manifest, last: a directory holding one is a complete set.
-            for (name, bytes) in set.closing_files()? {
-                fsutil::write_private_file(&tmp.join(name), &bytes)?;
-            }
-            fsutil::write_private_file(&tmp.join(MANIFEST), &set.manifest_json())?;
-            fsutil::fsync_dir(&tmp)?;
-            if abort.is_cancelled() {
-                bail!("the run was stopped before the set was moved into place");
-            }
-            fsutil::rename_noreplace(&tmp, &final_dir).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    anyhow::Error::from(super::SetExists {
-                        target: self.name.clone(),
-                        id: id.clone(),
-                        at: final_dir.display().to_string(),
-                    })
-                } else {
-                    anyhow!("cannot rename '{}' to '{}': {e}", tmp.display(), final_dir.display())
-                }
-            })?;
-            fsutil::fsync_dir(&cluster_dir)
-        })();
-        if result.is_err() {
-            fsutil::remove_dir_quietly(&tmp);
-        }
-        result.with_context(|| format!("target '{}'", self.name))
+    /// Runs blocking filesystem work off the async threads, naming the target in its errors.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&FileStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || work(&this))
+            .await?
+            .with_context(|| format!("target '{name}'"))
     }
 
-    /// Copies a growing file into the draft as it is written (async: it waits on the writer).
-    async fn copy_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
+    /// Copies a growing file to `path` as it is written (async: it waits on the writer).
+    async fn copy_growing(&self, path: &Path, file: Follower) -> Result<Put> {
         use futures_util::StreamExt;
         use tokio::io::AsyncWriteExt;
-        if !safe_component(name) {
-            bail!("{name:?} is not a valid file name");
-        }
-        let path = self.root.join(&draft.cluster).join(&draft.folder).join(name);
-        let mut out = tokio::fs::File::from_std(fsutil::create_private_file(&path)?);
+        let mut out = tokio::fs::File::from_std(fsutil::create_private_file(path)?);
         let mut hash = Sha256::new();
         let mut pace = self.rate.map(crate::fsutil::Pace::new);
         let mut size = 0u64;
@@ -159,201 +98,161 @@ impl FileTarget {
         out.sync_all()
             .await
             .with_context(|| format!("cannot fsync '{}'", path.display()))?;
-        Ok(Sent {
-            name: name.to_string(),
+        Ok(Put::Stored {
             size,
             sha256: Some(hex::encode(hash.finalize())),
         })
     }
-
-    fn list_blocking(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
-        self.check_root()?;
-        let clusters: Vec<String> = match cluster {
-            Some(c) => vec![c.to_string()],
-            None => read_names(&self.root)?
-                .into_iter()
-                .filter(|n| self.root.join(n).is_dir())
-                .collect(),
-        };
-        let mut sets = Vec::new();
-        for c in clusters {
-            let dir = self.root.join(&c);
-            if !dir.exists() {
-                continue;
-            }
-            for id in read_names(&dir)? {
-                if !is_set_name(&id) {
-                    continue;
-                }
-                let path = dir.join(&id).join(MANIFEST);
-                let bytes = match std::fs::read(&path) {
-                    Ok(b) => b,
-                    // No manifest: not a complete set.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => bail!("target '{}': cannot read '{}': {e}", self.name, path.display()),
-                };
-                match Manifest::parse(&bytes) {
-                    // The manifest goes last, so a set missing a file or with one of another
-                    // size was damaged after it was stored: listed, marked.
-                    Ok(m) if m.id == id => {
-                        let damaged = super::size_damage(&m, &self.name, |name| {
-                            std::fs::metadata(dir.join(&id).join(name))
-                                .ok()
-                                .map(|md| Some(md.len()))
-                        });
-                        if let Some(d) = &damaged {
-                            tracing::warn!(target_name = %self.name, path = %path.display(), damage = %d, "a damaged set");
-                        }
-                        sets.push(ListedSet {
-                            cluster: c.clone(),
-                            manifest: m,
-                            damaged,
-                        })
-                    }
-                    Ok(m) => {
-                        tracing::warn!(target_name = %self.name, path = %path.display(), manifest_id = %m.id, "manifest id does not match its folder; skipping it")
-                    }
-                    Err(e) => {
-                        tracing::warn!(target_name = %self.name, path = %path.display(), error = %e, "skipping a set with an unreadable manifest")
-                    }
-                }
-            }
-        }
-        sets.sort_by(|a, b| b.manifest.id.cmp(&a.manifest.id).then(a.cluster.cmp(&b.cluster)));
-        Ok(sets)
-    }
 }
 
-impl FileTarget {
-    /// Removes this node's leftover temporary sets, and other nodes' once a day old.
-    fn remove_debris_in(&self, cluster_dir: &Path, node: &str) -> usize {
-        let Ok(entries) = std::fs::read_dir(cluster_dir) else {
-            return 0;
-        };
-        let mut removed = 0;
-        let now = chrono::Utc::now();
-        for entry in entries.flatten() {
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            let modified = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .map(chrono::DateTime::<chrono::Utc>::from);
-            if is_removable_debris(&name, node, modified, now) {
-                tracing::info!(target_name = %self.name, name = %name, "removing an incomplete set left by an earlier run");
-                fsutil::remove_dir_quietly(&entry.path());
-                removed += 1;
-            }
-        }
-        removed
-    }
-
-    /// `<root>/<cluster>/<id>`, refusing names that are not plain path components.
-    fn set_dir(&self, cluster: &str, id: &str) -> Result<PathBuf> {
-        if !safe_component(cluster) || !is_set_name(id) {
-            bail!("target '{}': {cluster:?}/{id:?} is not a valid set name", self.name);
-        }
-        Ok(self.root.join(cluster).join(id))
-    }
-}
-
-/// Directory entry names that are safe path components; others are skipped with a warning.
-fn read_names(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read '{}'", dir.display()))? {
+/// The entries of `dir` with usable names; `None` when it does not exist.
+fn read_entries(dir: &Path) -> Result<Option<Vec<Entry>>> {
+    let read = match std::fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => bail!("cannot read '{}': {e}", dir.display()),
+    };
+    let mut entries = Vec::new();
+    for entry in read {
         let entry = entry.with_context(|| format!("cannot read '{}'", dir.display()))?;
-        match entry.file_name().into_string() {
-            Ok(n) if safe_component(&n) && !n.starts_with('.') => names.push(n),
-            _ => tracing::debug!(dir = %dir.display(), "skipping an entry with an unusable name"),
+        let Ok(name) = entry.file_name().into_string() else {
+            tracing::debug!(dir = %dir.display(), "skipping an entry with an unusable name");
+            continue;
+        };
+        if !safe_component(&name) {
+            continue;
         }
+        let Ok(meta) = entry.metadata() else { continue };
+        let modified = meta.modified().ok().map(DateTime::<Utc>::from);
+        entries.push(if meta.is_dir() {
+            Entry::folder(&name, modified)
+        } else {
+            Entry::file(&name, Some(meta.len()), modified)
+        });
     }
-    Ok(names)
+    Ok(Some(entries))
 }
 
 #[async_trait]
-impl Target for FileTarget {
+impl ObjectStore for FileStore {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn describe(&self, path: &[&str]) -> String {
+        let joined = path.iter().fold(self.root.clone(), |p, s| p.join(s));
+        // Folders are the root, clusters and sets; files are in sets.
+        format!("file://{}{}", joined.display(), if path.len() < 3 { "/" } else { "" })
     }
 
     fn route(&self) -> String {
         format!("local directory '{}'", self.root.display())
     }
 
+    fn commit(&self) -> Commit {
+        Commit::Rename
+    }
+
+    fn reads_back(&self) -> bool {
+        self.verify == VerifyUpload::ReadBack
+    }
+
     async fn preflight(&self) -> Result<()> {
         self.check_root()
     }
 
-    fn describe(&self, cluster: &str, id: &str) -> String {
-        format!("file://{}/", self.root.join(cluster).join(id).display())
-    }
-
-    async fn begin_set(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
-        let (this, cluster, node, id) = (self.clone(), cluster.to_string(), node.to_string(), id.to_string());
-        tokio::task::spawn_blocking(move || this.begin_blocking(&cluster, &node, &id)).await?
-    }
-
-    async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
-        let copied = self.copy_growing(draft, name, file).await;
-        if copied.is_err() && safe_component(name) {
-            // The copy from staging in `finish_set` creates the file anew.
-            let _ = std::fs::remove_file(self.root.join(&draft.cluster).join(&draft.folder).join(name));
-        }
-        copied.with_context(|| format!("target '{}'", self.name))
-    }
-
-    async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        let (this, set, abort) = (self.clone(), set.clone(), abort.clone());
-        tokio::task::spawn_blocking(move || this.finish_blocking(&draft, &set, &abort)).await?
-    }
-
-    async fn discard(&self, draft: Draft) -> Result<()> {
-        let dir = self.root.join(&draft.cluster).join(&draft.folder);
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("target '{}': cannot remove '{}'", self.name, dir.display()))
-    }
-
-    async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
-        if !safe_component(name) {
-            bail!("target '{}': {name:?} is not a valid file name", self.name);
-        }
-        let path = self.set_dir(cluster, id)?.join(name);
-        let f = tokio::fs::File::open(&path)
-            .await
-            .with_context(|| format!("target '{}': cannot open '{}'", self.name, path.display()))?;
-        Ok(Box::pin(f))
-    }
-
-    async fn delete_set(&self, cluster: &str, id: &str) -> Result<()> {
-        let dir = self.set_dir(cluster, id)?;
-        // The manifest goes first, so that a deletion cut short never leaves a set that
-        // looks complete but lacks files.
-        match std::fs::remove_file(dir.join(MANIFEST)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => bail!(
-                "target '{}': cannot remove '{}': {e}",
-                self.name,
-                dir.join(MANIFEST).display()
-            ),
-        }
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("target '{}': cannot remove '{}'", self.name, dir.display()))
-    }
-
-    async fn list_all_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
-        let (this, cluster) = (self.clone(), cluster.map(str::to_string));
-        tokio::task::spawn_blocking(move || this.list_blocking(cluster.as_deref())).await?
-    }
-
-    async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize> {
-        if !safe_component(cluster) {
-            bail!("target '{}': {cluster:?} is not a valid cluster folder name", self.name);
-        }
+    async fn list(&self, folder: &[&str]) -> Result<Option<Vec<Entry>>> {
         self.check_root()?;
-        let (this, dir, node) = (self.clone(), self.root.join(cluster), node.to_string());
-        Ok(tokio::task::spawn_blocking(move || this.remove_debris_in(&dir, &node)).await?)
+        let dir = self.path(folder)?;
+        self.blocking(move |_| read_entries(&dir)).await
+    }
+
+    async fn make_folder(&self, folder: &[&str]) -> Result<()> {
+        self.check_root()?;
+        let dir = self.path(folder)?;
+        self.blocking(move |_| fsutil::create_private_dir(&dir)).await
+    }
+
+    async fn put(&self, path: &[&str], body: Body<'_>, _guard: Guard) -> Result<Put> {
+        let to = self.path(path)?;
+        match body {
+            Body::File { path: from, .. } => {
+                let from = from.to_path_buf();
+                self.blocking(move |s| {
+                    let (size, sha) = fsutil::copy_private(&from, &to, s.rate)?;
+                    Ok(Put::Stored {
+                        size,
+                        sha256: Some(sha),
+                    })
+                })
+                .await
+            }
+            Body::Bytes(bytes) => {
+                let bytes = bytes.to_vec();
+                self.blocking(move |_| {
+                    fsutil::write_private_file(&to, &bytes)?;
+                    Ok(Put::Stored {
+                        size: bytes.len() as u64,
+                        sha256: None,
+                    })
+                })
+                .await
+            }
+            Body::Growing(file) => {
+                let copied = self.copy_growing(&to, file).await;
+                if copied.is_err() {
+                    // A later copy from staging creates the file anew.
+                    let _ = std::fs::remove_file(&to);
+                }
+                copied.with_context(|| format!("target '{}'", self.name))
+            }
+        }
+    }
+
+    async fn get(&self, path: &[&str]) -> Result<Option<FileReader>> {
+        let p = self.path(path)?;
+        match tokio::fs::File::open(&p).await {
+            Ok(f) => Ok(Some(Box::pin(f))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => bail!("target '{}': cannot open '{}': {e}", self.name, p.display()),
+        }
+    }
+
+    async fn delete(&self, path: &[&str]) -> Result<()> {
+        let p = self.path(path)?;
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => bail!("target '{}': cannot remove '{}': {e}", self.name, p.display()),
+        }
+    }
+
+    async fn delete_folder(&self, folder: &[&str]) -> Result<()> {
+        let dir = self.path(folder)?;
+        self.blocking(move |_| match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => bail!("cannot remove '{}': {e}", dir.display()),
+        })
+        .await
+    }
+
+    async fn rename_folder(&self, from: &[&str], to: &[&str]) -> Result<Moved> {
+        let (from, to) = (self.path(from)?, self.path(to)?);
+        self.blocking(move |_| {
+            // Every file in it is on disk (each was fsynced); now its entries are, and after
+            // the rename the parent's.
+            fsutil::fsync_dir(&from)?;
+            match fsutil::rename_noreplace(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(Moved::Exists),
+                Err(e) => bail!("cannot rename '{}' to '{}': {e}", from.display(), to.display()),
+            }
+            if let Some(parent) = to.parent() {
+                fsutil::fsync_dir(parent)?;
+            }
+            Ok(Moved::Done)
+        })
+        .await
     }
 }

@@ -1,105 +1,104 @@
-//! A target in memory, for unit tests of what sits above [`Target`]: delivery, retention,
-//! restore. It keeps the contract the real kinds keep (a set is visible only once complete,
-//! never replaced, debris hidden) and fails on demand, for the faults no real server
-//! produces when asked: a refusal, a target that is down, an answer lost after the set
-//! landed, a delete refused. Built for `cargo test` only.
+//! Objects in memory, for unit tests of the set protocol ([`super::sets`]) and of what sits
+//! above [`super::Target`]: delivery, retention, restore. Either atomic step can be asked for
+//! ([`MemoryStore::renaming`], [`MemoryStore::in_place`]), and it fails on demand, for the
+//! faults no real server produces when asked: a target that is down, an answer lost after
+//! the commit, a delete refused. Built for `cargo test` only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
-use super::{
-    Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, SetExists, StagedSet, Target, listed_manifest, listed_set,
-    sort_newest_first,
-};
-use crate::growing::Follower;
+use super::objects::{Body, Commit, Entry, Guard, Moved, ObjectStore, Put};
+use super::{FileReader, SetStore};
 use crate::manifest::{MANIFEST, Manifest};
-use tokio_util::sync::CancellationToken;
 
 /// A fault the next calls meet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// Every write fails with this transport error (transient: worth a retry later).
     Down,
-    /// The next `finish_set` stores the set, then fails as if its answer were lost.
+    /// The next commit (rename, or the manifest written in place) takes effect, then fails
+    /// as if its answer were lost.
     LoseAnswer,
-    /// Every `delete_set` fails.
+    /// Every delete fails.
     RefuseDelete,
 }
 
+type Path = Vec<String>;
+
 #[derive(Default)]
 struct Store {
-    /// `(cluster, folder)` → files by name. A folder named by a set id holds a complete set.
-    folders: BTreeMap<(String, String), BTreeMap<String, Vec<u8>>>,
+    files: BTreeMap<Path, (Vec<u8>, DateTime<Utc>)>,
+    folders: BTreeSet<Path>,
     faults: Vec<Fault>,
     /// Every call, in order, for tests that look at what was asked.
     calls: Vec<String>,
 }
 
+impl Store {
+    fn exists(&self, folder: &[String]) -> bool {
+        folder.is_empty()
+            || self.folders.contains(folder)
+            || self
+                .files
+                .keys()
+                .any(|k| k.len() > folder.len() && k.starts_with(folder))
+    }
+}
+
 /// Clones share one store: a test keeps one, and hands another to the code under test.
 #[derive(Clone)]
-pub struct MemoryTarget {
+pub struct MemoryStore {
     name: String,
+    commit: Commit,
     store: Arc<Mutex<Store>>,
 }
 
-impl MemoryTarget {
-    pub fn new(name: &str) -> MemoryTarget {
-        MemoryTarget {
+/// A target in memory.
+pub type MemoryTarget = SetStore<MemoryStore>;
+
+fn owned(path: &[&str]) -> Path {
+    path.iter().map(|s| s.to_string()).collect()
+}
+
+impl MemoryStore {
+    /// A store whose sets are renamed into place, as on a directory or WebDAV.
+    pub fn renaming(name: &str) -> MemoryStore {
+        MemoryStore {
             name: name.to_string(),
-            store: Arc::new(Mutex::new(Store::default())),
+            commit: Commit::Rename,
+            store: Arc::default(),
         }
     }
 
-    pub fn fail(&self, fault: Fault) {
-        self.store.lock().unwrap().faults.push(fault);
+    /// A store without rename, as S3: sets are written in place, manifest last, and guarded
+    /// writes refuse a taken name.
+    pub fn in_place(name: &str) -> MemoryStore {
+        MemoryStore {
+            commit: Commit::ManifestLast,
+            ..MemoryStore::renaming(name)
+        }
     }
 
-    pub fn heal(&self) {
-        self.store.lock().unwrap().faults.clear();
-    }
-
-    /// The ids of the complete sets of `cluster`, oldest first.
-    pub fn ids(&self, cluster: &str) -> Vec<String> {
+    /// Every path, files and folders, for tests that look at what is left.
+    pub fn paths(&self) -> Vec<String> {
         let store = self.store.lock().unwrap();
-        store
-            .folders
-            .iter()
-            .filter(|((c, folder), files)| c == cluster && !folder.starts_with('.') && files.contains_key(MANIFEST))
-            .map(|((_, folder), _)| folder.clone())
-            .collect()
+        let folders = store.folders.iter().map(|f| format!("{}/", f.join("/")));
+        folders.chain(store.files.keys().map(|k| k.join("/"))).collect()
     }
 
-    /// Folders that are not complete sets (drafts, debris).
-    pub fn hidden(&self) -> Vec<String> {
-        let store = self.store.lock().unwrap();
-        store
-            .folders
-            .keys()
-            .filter(|(_, f)| f.starts_with('.'))
-            .map(|(_, f)| f.clone())
-            .collect()
-    }
-
-    pub fn calls(&self) -> Vec<String> {
-        self.store.lock().unwrap().calls.clone()
-    }
-
-    /// Puts a set there directly (another node's, an earlier run's).
-    pub fn insert(&self, cluster: &str, manifest: &Manifest) {
-        let mut files: BTreeMap<String, Vec<u8>> = manifest
-            .files
-            .iter()
-            .map(|f| (f.stored_name.clone(), vec![0u8; f.stored_size as usize]))
-            .collect();
-        files.insert(MANIFEST.to_string(), manifest.to_json().into_bytes());
+    /// Makes a file older by `hours`, as if written then.
+    pub fn age(&self, path: &[&str], hours: i64) {
         let mut store = self.store.lock().unwrap();
-        store.folders.insert((cluster.to_string(), manifest.id.clone()), files);
+        if let Some((_, t)) = store.files.get_mut(&owned(path)) {
+            *t -= chrono::TimeDelta::hours(hours);
+        }
     }
 
-    /// Records the call; fails if `fault` is set (`Down` fails every write).
+    /// Records the call; fails if the target is down and this is a write.
     fn enter(&self, call: String, write: bool) -> Result<()> {
         let mut store = self.store.lock().unwrap();
         store.calls.push(call);
@@ -122,168 +121,211 @@ impl MemoryTarget {
             None => false,
         }
     }
-}
 
-#[async_trait]
-impl Target for MemoryTarget {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn describe(&self, cluster: &str, id: &str) -> String {
-        format!("memory://{}/{cluster}/{id}/", self.name)
-    }
-
-    fn route(&self) -> String {
-        "in memory".into()
-    }
-
-    async fn preflight(&self) -> Result<()> {
-        self.enter("preflight".into(), true)
-    }
-
-    async fn begin_set(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
-        self.enter(format!("begin {id}"), true)?;
-        self.remove_debris(cluster, node).await?;
-        let mut store = self.store.lock().unwrap();
-        if store.folders.contains_key(&(cluster.to_string(), id.to_string())) {
-            bail!(SetExists {
-                target: self.name.clone(),
-                id: id.to_string(),
-                at: self.describe(cluster, id),
-            });
-        }
-        let folder = super::partial_name(id, node);
-        store
-            .folders
-            .insert((cluster.to_string(), folder.clone()), BTreeMap::new());
-        Ok(Draft::new(cluster, id, folder))
-    }
-
-    async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
-        self.enter(format!("put_growing {name}"), true)?;
-        let mut bytes = Vec::new();
-        let mut chunks = std::pin::pin!(file.range(0, u64::MAX, 64 * 1024));
-        use futures_util::StreamExt;
-        while let Some(chunk) = chunks.next().await {
-            bytes.extend_from_slice(&chunk?);
-        }
-        let sent = Sent {
-            name: name.to_string(),
-            size: bytes.len() as u64,
-            sha256: None,
-        };
-        let mut store = self.store.lock().unwrap();
-        let key = (draft.cluster.clone(), draft.folder.clone());
-        store
-            .folders
-            .get_mut(&key)
-            .ok_or_else(|| anyhow!("target '{}': the draft is gone", self.name))?
-            .insert(name.to_string(), bytes);
-        Ok(sent)
-    }
-
-    async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        self.enter(format!("finish {}", draft.id), true)?;
-        let mut files = BTreeMap::new();
-        for f in set.manifest.files_on(&self.name) {
-            files.insert(f.stored_name.clone(), std::fs::read(set.dir.join(&f.stored_name))?);
-        }
-        for (name, bytes) in set.closing_files()? {
-            files.insert(name.to_string(), bytes);
-        }
-        files.insert(MANIFEST.to_string(), set.manifest_json());
-        let mut store = self.store.lock().unwrap();
-        store.folders.remove(&(draft.cluster.clone(), draft.folder.clone()));
-        if abort.is_cancelled() {
-            bail!(
-                "target '{}': the run was stopped; the set was not moved into place",
-                self.name
-            );
-        }
-        let key = (draft.cluster.clone(), draft.id.clone());
-        if store.folders.contains_key(&key) {
-            bail!(SetExists {
-                target: self.name.clone(),
-                id: draft.id.clone(),
-                at: self.describe(&draft.cluster, &draft.id),
-            });
-        }
-        store.folders.insert(key, files);
-        drop(store);
+    fn lost_answer(&self) -> Result<()> {
         if self.take_fault(&Fault::LoseAnswer) {
             bail!(crate::targets::retry::TransportError::Transient(format!(
-                "target '{}': the answer to the final move was lost",
+                "target '{}': the answer to the commit was lost",
                 self.name
             )));
         }
         Ok(())
     }
 
-    async fn discard(&self, draft: Draft) -> Result<()> {
-        self.enter(format!("discard {}", draft.id), false)?;
-        let mut store = self.store.lock().unwrap();
-        store.folders.remove(&(draft.cluster, draft.folder));
-        Ok(())
-    }
-
-    async fn list_all_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
-        self.enter("list".into(), false)?;
-        let store = self.store.lock().unwrap();
-        let mut sets = Vec::new();
-        for ((c, folder), files) in &store.folders {
-            if cluster.is_some_and(|want| want != c) || folder.starts_with('.') {
-                continue;
-            }
-            let Some(body) = files.get(MANIFEST).filter(|b| b.len() as u64 <= MANIFEST_CAP) else {
-                continue;
-            };
-            let at = self.describe(c, folder);
-            let Some(m) = listed_manifest(&self.name, &at, folder, body) else {
-                continue;
-            };
-            sets.push(listed_set(&self.name, c, &at, m, |name| {
-                files.get(name).map(|b| Some(b.len() as u64))
-            }));
-        }
-        sort_newest_first(&mut sets);
-        Ok(sets)
-    }
-
-    async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
-        self.enter(format!("open {id}/{name}"), false)?;
-        let store = self.store.lock().unwrap();
-        let bytes = store
-            .folders
-            .get(&(cluster.to_string(), id.to_string()))
-            .and_then(|files| files.get(name))
-            .cloned()
-            .ok_or_else(|| anyhow!("target '{}': {id}/{name} not found", self.name))?;
-        Ok(Box::pin(std::io::Cursor::new(bytes)))
-    }
-
-    async fn delete_set(&self, cluster: &str, id: &str) -> Result<()> {
-        self.enter(format!("delete {id}"), true)?;
+    fn refuse_delete(&self, path: &[&str]) -> Result<()> {
         if self.store.lock().unwrap().faults.contains(&Fault::RefuseDelete) {
-            bail!("target '{}': DELETE '{id}': 403 Forbidden", self.name);
+            bail!("target '{}': DELETE '{}': 403 Forbidden", self.name, path.join("/"));
         }
-        let mut store = self.store.lock().unwrap();
-        store.folders.remove(&(cluster.to_string(), id.to_string()));
+        Ok(())
+    }
+}
+
+/// The test handles on a target in memory.
+impl SetStore<MemoryStore> {
+    /// A target in memory whose sets are renamed into place.
+    pub fn memory(name: &str) -> MemoryTarget {
+        SetStore::new(MemoryStore::renaming(name))
+    }
+
+    pub fn fail(&self, fault: Fault) {
+        self.objects().store.lock().unwrap().faults.push(fault);
+    }
+
+    pub fn heal(&self) {
+        self.objects().store.lock().unwrap().faults.clear();
+    }
+
+    /// The ids of the complete sets of `cluster`, oldest first.
+    pub fn ids(&self, cluster: &str) -> Vec<String> {
+        let store = self.objects().store.lock().unwrap();
+        store
+            .files
+            .keys()
+            .filter(|k| k.len() == 3 && k[0] == cluster && k[2] == MANIFEST && !k[1].starts_with('.'))
+            .map(|k| k[1].clone())
+            .collect()
+    }
+
+    /// Folders that are not complete sets (drafts, debris).
+    pub fn hidden(&self) -> Vec<String> {
+        let store = self.objects().store.lock().unwrap();
+        let folders = store.folders.iter().chain(store.files.keys());
+        let hidden: BTreeSet<String> = folders
+            .filter(|p| p.len() >= 2 && p[1].starts_with('.'))
+            .map(|p| p[1].clone())
+            .collect();
+        hidden.into_iter().collect()
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.objects().store.lock().unwrap().calls.clone()
+    }
+
+    /// Puts a set there directly (another node's, an earlier run's).
+    pub fn insert(&self, cluster: &str, manifest: &Manifest) {
+        let now = Utc::now();
+        let mut store = self.objects().store.lock().unwrap();
+        let at = |name: &str| owned(&[cluster, &manifest.id, name]);
+        for f in &manifest.files {
+            store
+                .files
+                .insert(at(&f.stored_name), (vec![0u8; f.stored_size as usize], now));
+        }
+        store.files.insert(at(MANIFEST), (manifest.to_json().into_bytes(), now));
+        store.folders.insert(owned(&[cluster, &manifest.id]));
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemoryStore {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn describe(&self, path: &[&str]) -> String {
+        format!("memory://{}/{}", self.name, path.join("/"))
+    }
+
+    fn route(&self) -> String {
+        "in memory".into()
+    }
+
+    fn commit(&self) -> Commit {
+        self.commit
+    }
+
+    async fn preflight(&self) -> Result<()> {
+        self.enter("preflight".into(), true)
+    }
+
+    async fn list(&self, folder: &[&str]) -> Result<Option<Vec<Entry>>> {
+        self.enter(format!("list {}", folder.join("/")), false)?;
+        let store = self.store.lock().unwrap();
+        let folder = owned(folder);
+        if !store.exists(&folder) {
+            return Ok(None);
+        }
+        let mut entries = BTreeMap::new();
+        for f in &store.folders {
+            if f.len() == folder.len() + 1 && f.starts_with(&folder) {
+                entries.insert(f[folder.len()].clone(), Entry::folder(&f[folder.len()], None));
+            }
+        }
+        for (k, (bytes, t)) in &store.files {
+            if k.len() == folder.len() + 1 && k.starts_with(&folder) {
+                let name = &k[folder.len()];
+                entries.insert(name.clone(), Entry::file(name, Some(bytes.len() as u64), Some(*t)));
+            } else if k.len() > folder.len() + 1 && k.starts_with(&folder) {
+                let name = &k[folder.len()];
+                entries.entry(name.clone()).or_insert_with(|| Entry::folder(name, None));
+            }
+        }
+        Ok(Some(entries.into_values().collect()))
+    }
+
+    async fn make_folder(&self, folder: &[&str]) -> Result<()> {
+        self.enter(format!("mkdir {}", folder.join("/")), true)?;
+        if self.commit == Commit::Rename {
+            self.store.lock().unwrap().folders.insert(owned(folder));
+        }
         Ok(())
     }
 
-    async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize> {
-        let mut store = self.store.lock().unwrap();
-        let now = chrono::Utc::now();
-        let debris: Vec<_> = store
-            .folders
-            .keys()
-            .filter(|(c, f)| c == cluster && super::is_removable_debris(f, node, Some(now), now))
-            .cloned()
-            .collect();
-        for key in &debris {
-            store.folders.remove(key);
+    async fn put(&self, path: &[&str], body: Body<'_>, guard: Guard) -> Result<Put> {
+        self.enter(format!("put {}", path.join("/")), true)?;
+        let bytes = match body {
+            Body::File { path, .. } => std::fs::read(path)?,
+            Body::Bytes(b) => b.to_vec(),
+            Body::Growing(file) => {
+                use futures_util::StreamExt;
+                let mut bytes = Vec::new();
+                let mut chunks = std::pin::pin!(file.range(0, u64::MAX, 64 * 1024));
+                while let Some(chunk) = chunks.next().await {
+                    bytes.extend_from_slice(&chunk?);
+                }
+                bytes
+            }
+        };
+        let size = bytes.len() as u64;
+        {
+            let mut store = self.store.lock().unwrap();
+            let key = owned(path);
+            if guard == Guard::NoReplace && store.files.contains_key(&key) {
+                return Ok(Put::Taken);
+            }
+            store.files.insert(key, (bytes, Utc::now()));
         }
-        Ok(debris.len())
+        if self.commit == Commit::ManifestLast && path.last() == Some(&MANIFEST) {
+            self.lost_answer()?;
+        }
+        Ok(Put::Stored { size, sha256: None })
+    }
+
+    async fn get(&self, path: &[&str]) -> Result<Option<FileReader>> {
+        self.enter(format!("get {}", path.join("/")), false)?;
+        let store = self.store.lock().unwrap();
+        Ok(store
+            .files
+            .get(&owned(path))
+            .map(|(b, _)| Box::pin(std::io::Cursor::new(b.clone())) as FileReader))
+    }
+
+    async fn delete(&self, path: &[&str]) -> Result<()> {
+        self.enter(format!("delete {}", path.join("/")), true)?;
+        self.refuse_delete(path)?;
+        self.store.lock().unwrap().files.remove(&owned(path));
+        Ok(())
+    }
+
+    async fn delete_folder(&self, folder: &[&str]) -> Result<()> {
+        self.enter(format!("rmdir {}", folder.join("/")), true)?;
+        self.refuse_delete(folder)?;
+        let folder = owned(folder);
+        let mut store = self.store.lock().unwrap();
+        store.files.retain(|k, _| !k.starts_with(&folder));
+        store.folders.retain(|f| !f.starts_with(&folder));
+        Ok(())
+    }
+
+    async fn rename_folder(&self, from: &[&str], to: &[&str]) -> Result<Moved> {
+        self.enter(format!("rename {}", to.join("/")), true)?;
+        {
+            let (from, to) = (owned(from), owned(to));
+            let mut store = self.store.lock().unwrap();
+            if store.exists(&to) {
+                return Ok(Moved::Exists);
+            }
+            let moving: Vec<Path> = store.files.keys().filter(|k| k.starts_with(&from)).cloned().collect();
+            for k in moving {
+                let v = store.files.remove(&k).expect("listed");
+                let mut nk = to.clone();
+                nk.extend_from_slice(&k[from.len()..]);
+                store.files.insert(nk, v);
+            }
+            store.folders.retain(|f| !f.starts_with(&from));
+            store.folders.insert(to);
+        }
+        self.lost_answer()?;
+        Ok(Moved::Done)
     }
 }

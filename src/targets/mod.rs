@@ -1,19 +1,20 @@
-//! Where backup sets are stored. Each kind implements [`Target`]; [`open`] picks the kind by
-//! URL scheme (`file://` → [`file`], `http(s)://` → [`webdav`], `s3://` → [`s3`]; the remote
-//! two share one HTTP transport, [`http`]). Every implementation stores a set atomically:
-//! `file://` and WebDAV under a hidden temporary name first, `manifest.json` last, then moved
-//! into place without replacing anything; S3, which cannot rename, under the final keys with
-//! `manifest.json` last, a set without one being debris.
+//! Where backup sets are stored. A kind of target ([`file`], [`webdav`], [`s3`]) implements
+//! only [`objects::ObjectStore`]: files in folders, and its one atomic step. [`sets`] writes
+//! the set protocol over it once ([`SetStore`]), and the rest of the program sees a
+//! [`Target`]: sets put, listed, read and removed whole. [`open`] picks the kind by URL scheme
+//! (`file://`, `http(s)://`, `s3://`); the remote two share one HTTP transport, [`http`].
 
 pub mod dns;
 pub mod file;
 pub mod http;
 #[cfg(test)]
 pub mod memory;
+pub mod objects;
 pub mod propfind;
 pub mod proxy;
 pub mod retry;
 pub mod s3;
+pub mod sets;
 pub mod webdav;
 
 use std::path::PathBuf;
@@ -21,7 +22,6 @@ use std::pin::Pin;
 
 use anyhow::{Result, bail};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,7 @@ pub use crate::manifest::{PARTIAL_MARK, is_set_name, safe_component};
 use crate::config::TargetSettings;
 use crate::growing::Follower;
 use crate::manifest::Manifest;
+pub use sets::SetStore;
 
 /// A complete set waiting in staging: its directory holds every file the manifest lists
 /// (under their stored names).
@@ -72,111 +73,9 @@ pub struct ListedSet {
     pub cluster: String,
     pub manifest: Manifest,
     /// What is wrong with it, when a file the manifest lists is missing or has another size
-    /// ([`size_damage`]); `None` for an intact set (as far as sizes tell: checksums need a
+    /// ([`sets::size_damage`]); `None` for an intact set (as far as sizes tell: checksums need a
     /// full read, which `fetch` and `verify` do).
     pub damaged: Option<String>,
-}
-
-/// What is wrong with a set, judged by the sizes the target reports: `found(stored_name)` is
-/// `None` when the file is absent, `Some(None)` when the target reports no size. `None` when
-/// every file the manifest lists is there at its recorded size.
-/// Only the files `target` holds count: a set split between targets on purpose is whole on
-/// each with its part.
-pub fn size_damage(manifest: &Manifest, target: &str, found: impl Fn(&str) -> Option<Option<u64>>) -> Option<String> {
-    let problems: Vec<String> = manifest
-        .files_on(target)
-        .filter_map(|f| match found(&f.stored_name) {
-            None => Some(format!("'{}' is missing", f.stored_name)),
-            Some(None) => Some(format!("'{}' has no size on the target", f.stored_name)),
-            Some(Some(n)) if n != f.stored_size => Some(format!(
-                "'{}' is {n} bytes, the manifest records {}",
-                f.stored_name, f.stored_size
-            )),
-            Some(Some(_)) => None,
-        })
-        .collect();
-    (!problems.is_empty()).then(|| problems.join("; "))
-}
-
-/// Checks, after an upload, that every file of `manifest` and each of `extra` (name, size)
-/// landed at its size: `size_of(name)` is the size the target reports, `shown(name)` how a
-/// message names the file there.
-pub fn check_sizes(
-    target: &str,
-    manifest: &Manifest,
-    extra: &[(&str, usize)],
-    size_of: impl Fn(&str) -> Option<u64>,
-    shown: impl Fn(&str) -> String,
-) -> Result<()> {
-    let expected = manifest
-        .files_on(target)
-        .map(|f| (f.stored_name.as_str(), f.stored_size))
-        .chain(extra.iter().map(|(n, s)| (*n, *s as u64)));
-    for (name, want) in expected {
-        let size = size_of(name);
-        if size != Some(want) {
-            bail!(
-                "target '{target}': {} has size {} but {want} bytes were sent",
-                shown(name),
-                size.map_or("unknown".to_string(), |s| s.to_string())
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Checks that `f`, read back from target `target` as `(size, SHA-256)`, is what was sent.
-pub fn check_read_back(target: &str, f: &crate::manifest::FileEntry, (n, sha): (u64, String)) -> Result<()> {
-    if n != f.stored_size || sha != f.stored_sha256 {
-        bail!(
-            "target '{target}': '{}' reads back as {n} bytes with SHA-256 {sha}, not what was sent",
-            f.stored_name
-        );
-    }
-    Ok(())
-}
-
-/// The manifest of set `id` as read from `at` on target `target`; `None`, with a warning,
-/// when it is unreadable or names another set (the set is then not listed).
-pub fn listed_manifest(target: &str, at: &str, id: &str, body: &[u8]) -> Option<Manifest> {
-    match Manifest::parse(body) {
-        Ok(m) if m.id == id => Some(m),
-        Ok(_) => {
-            tracing::warn!(target_name = %target, manifest = %at, "manifest id does not match its folder; skipping it");
-            None
-        }
-        Err(err) => {
-            tracing::warn!(target_name = %target, manifest = %at, error = %err, "skipping a set with an unreadable manifest");
-            None
-        }
-    }
-}
-
-/// A set of `cluster` found on target `target` at `at`, its damage judged by `found` (as
-/// in [`size_damage`]). The manifest goes last, so a set missing a file or with one of
-/// another size was damaged after it was stored: listed, marked, and warned about.
-pub fn listed_set(
-    target: &str,
-    cluster: &str,
-    at: &str,
-    manifest: Manifest,
-    found: impl Fn(&str) -> Option<Option<u64>>,
-) -> ListedSet {
-    let damaged = size_damage(&manifest, target, found);
-    if let Some(d) = &damaged {
-        tracing::warn!(target_name = %target, set = %at, damage = %d, "a damaged set");
-    }
-    ListedSet {
-        cluster: cluster.to_string(),
-        manifest,
-        damaged,
-    }
-}
-
-/// Orders sets as [`Target::list_all_sets`] returns them: newest first (ids are times),
-/// then by cluster.
-pub fn sort_newest_first(sets: &mut [ListedSet]) {
-    sets.sort_by(|a, b| b.manifest.id.cmp(&a.manifest.id).then(a.cluster.cmp(&b.cluster)));
 }
 
 /// A set being assembled on a target, under its hidden temporary name.
@@ -184,8 +83,11 @@ pub fn sort_newest_first(sets: &mut [ListedSet]) {
 pub struct Draft {
     pub cluster: String,
     pub id: String,
-    /// The temporary folder's name in the cluster folder ([`partial_name`]).
+    /// The folder its files go to in the cluster folder: a hidden temporary name
+    /// ([`sets::partial_name`]), or the set's id where files go under their final names.
     pub folder: String,
+    /// The marker naming the node writing, where files go under their final names.
+    pub marker: Option<String>,
     /// Files already uploaded into it.
     pub sent: Vec<Sent>,
 }
@@ -205,6 +107,7 @@ impl Draft {
             cluster: cluster.to_string(),
             id: id.to_string(),
             folder,
+            marker: None,
             sent: Vec::new(),
         }
     }
@@ -276,7 +179,7 @@ pub trait Target: Send + Sync {
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader>;
     /// Removes a complete set.
     async fn delete_set(&self, cluster: &str, id: &str) -> Result<()>;
-    /// Removes incomplete temporary sets in `cluster` (see [`is_removable_debris`]); returns
+    /// Removes incomplete temporary sets in `cluster` (see [`sets::is_removable_debris`]); returns
     /// how many went.
     async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize>;
 }
@@ -285,105 +188,8 @@ pub trait Target: Send + Sync {
 pub fn open(settings: &TargetSettings, rate: Option<u64>) -> Result<Box<dyn Target>> {
     use crate::config::TargetKind;
     Ok(match &settings.kind {
-        TargetKind::File(_) => Box::new(file::FileTarget::new(settings, rate)?),
-        TargetKind::WebDav(_) => Box::new(webdav::DavTarget::new(settings, rate)?),
-        TargetKind::S3(_) => Box::new(s3::S3Target::new(settings, rate)?),
+        TargetKind::File(_) => Box::new(SetStore::new(file::FileStore::new(settings, rate)?)),
+        TargetKind::WebDav(_) => Box::new(SetStore::new(webdav::DavStore::new(settings, rate)?)),
+        TargetKind::S3(_) => Box::new(SetStore::new(s3::S3Store::new(settings, rate)?)),
     })
-}
-
-/// Logs that `file` (`bytes` long) went to target `target`, and how fast since `started`;
-/// `what` is the message: how it was uploaded.
-pub fn log_upload(target: &str, file: &str, bytes: u64, started: std::time::Instant, what: &str) {
-    let secs = started.elapsed().as_secs_f64().max(1e-3);
-    tracing::info!(
-        target_name = %target, file = %file, bytes,
-        mib_per_s = format!("{:.1}", bytes as f64 / secs / 1048576.0), "{what}"
-    );
-}
-
-/// The hidden temporary name a set is assembled under: `.<id>.partial-<node>-<random>`.
-pub fn partial_name(id: &str, node: &str) -> String {
-    format!(".{id}{PARTIAL_MARK}{node}-{:08x}", rand::random::<u32>())
-}
-
-/// How old another node's temporary set must be before this node removes it: that node may
-/// still be uploading.
-pub const FOREIGN_DEBRIS_AGE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
-
-/// Should this node remove the entry `name` of a cluster folder as debris? Its own temporary
-/// sets always (it runs one backup at a time), other nodes' once a day old.
-pub fn is_removable_debris(name: &str, node: &str, modified: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
-    let Some(rest) = name.strip_prefix('.') else {
-        return false;
-    };
-    let Some(pos) = rest.find(PARTIAL_MARK) else {
-        return false;
-    };
-    let tail = &rest[pos + PARTIAL_MARK.len()..];
-    let Some((owner, _random)) = tail.rsplit_once('-') else {
-        return false;
-    };
-    owner == node || modified.is_some_and(|m| now - m >= FOREIGN_DEBRIS_AGE)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debris_rules() {
-        let now = Utc::now();
-        let old = Some(now - chrono::TimeDelta::hours(25));
-        let fresh = Some(now - chrono::TimeDelta::minutes(5));
-        let mine = partial_name("2026-11-25_023012", "master-0");
-        assert!(is_removable_debris(&mine, "master-0", fresh, now));
-        assert!(!is_removable_debris(&mine, "master-1", fresh, now));
-        assert!(!is_removable_debris(&mine, "master-1", None, now));
-        assert!(is_removable_debris(&mine, "master-1", old, now));
-        // Node names may contain '-'.
-        let dashed = partial_name("x", "ip-10-0-1-2");
-        assert!(is_removable_debris(&dashed, "ip-10-0-1-2", fresh, now));
-        assert!(!is_removable_debris(&dashed, "ip-10-0-1", fresh, now));
-        assert!(!is_removable_debris("2026-11-25_023012", "master-0", old, now));
-        assert!(!is_removable_debris(".hidden", "master-0", old, now));
-        assert!(is_set_name("2026-11-25_023012"));
-        assert!(!is_set_name(&mine));
-        assert!(!is_set_name(".."));
-    }
-
-    #[test]
-    fn size_damage_names_each_file_and_what_is_wrong() {
-        let m: Manifest = serde_json::from_value(serde_json::json!({
-            "format_version": 1, "id": "2026-11-25_023012", "created": "2026-11-25T02:30:12Z",
-            "cluster_name": "c", "trigger": "manual", "node": "n", "openshift": null,
-            "etcd": {"endpoint": "http://127.0.0.1:2379", "member_id": "1", "cluster_id": "2",
-                     "version": "3.5.0", "revision": 1, "db_size": 1},
-            "files": [{"name": "snapshot_2026-11-25_023012.db", "stored_name": "snapshot_2026-11-25_023012.db",
-                       "size": 2000, "sha256": "ab", "stored_size": 2000, "stored_sha256": "ab",
-                       "compression": "none", "encryption": "none"}],
-            "tool": {"name": "etcd-backupd", "version": "0"},
-        }))
-        .unwrap();
-        let f = &m.files[0];
-        let right = f.stored_size;
-        assert_eq!(size_damage(&m, "t", |_| Some(Some(right))), None);
-        assert_eq!(
-            size_damage(&m, "t", |_| None).unwrap(),
-            format!("'{}' is missing", f.stored_name)
-        );
-        assert_eq!(
-            size_damage(&m, "t", |_| Some(Some(right + 1))).unwrap(),
-            format!(
-                "'{}' is {} bytes, the manifest records {right}",
-                f.stored_name,
-                right + 1
-            )
-        );
-        assert!(size_damage(&m, "t", |_| Some(None)).unwrap().contains("no size"));
-        // A file held by another target on purpose is not missing here.
-        let mut split = m.clone();
-        split.files[0].targets = vec!["vault".into()];
-        assert_eq!(size_damage(&split, "t", |_| None), None);
-        assert!(size_damage(&split, "vault", |_| None).is_some());
-    }
 }

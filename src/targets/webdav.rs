@@ -1,13 +1,10 @@
-//! An HTTP/WebDAV server (`https://…` or `http://…`). A set is uploaded into the hidden
-//! collection `<cluster>/.<id>.partial-<node>-<random>/` (files streamed from staging with
-//! their `Content-Length`, `manifest.json` last), checked with `PROPFIND` (sizes, and with
-//! `verify_upload = "read-back"` the SHA-256 of every file read back), then `MOVE`d to
-//! `<cluster>/<id>/` with `Overwrite: F` and checked again there, so an existing set is never
-//! replaced and a cut upload never looks like a set.
+//! An HTTP/WebDAV server (`https://…` or `http://…`): files are `PUT` (streamed with their
+//! `Content-Length`, or chunked while they are written), folders are collections made with
+//! `MKCOL` and listed with `PROPFIND`, and the atomic step is `MOVE` with `Overwrite: F`, so
+//! an existing set is never replaced.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
@@ -15,17 +12,13 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
 use url::Url;
 
 pub use super::http::install_crypto_provider;
-use super::http::{Http, Refusal, counting_body, excerpt, is_loopback, read_capped, read_secret, size_and_sha256};
+use super::http::{Http, Refusal, counting_body, excerpt, is_loopback, read_capped, read_secret};
+use super::objects::{Body, Commit, Entry, Guard, Kind, Moved, ObjectStore, Put};
 use super::propfind::{self, DavEntry};
 use super::retry;
-use super::{
-    Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, StagedSet, Target, is_removable_debris, is_set_name,
-    partial_name, safe_component,
-};
+use super::{FileReader, safe_component};
 use crate::config::{TargetSettings, VerifyUpload};
 use crate::growing::Follower;
-use crate::manifest::{MANIFEST, Manifest};
-use tokio_util::sync::CancellationToken;
 
 /// The largest PROPFIND answer read; a server sending more is refused.
 const PROPFIND_CAP: u64 = 16 << 20;
@@ -39,7 +32,7 @@ enum Auth {
 }
 
 /// A WebDAV target. It holds secrets, so it has no `Debug`.
-pub struct DavTarget {
+pub struct DavStore {
     name: String,
     base: Url,
     /// The shared HTTP side: client, proxy, retries, idle timeout, rate, secrets.
@@ -48,8 +41,8 @@ pub struct DavTarget {
     verify: VerifyUpload,
 }
 
-impl DavTarget {
-    pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<DavTarget> {
+impl DavStore {
+    pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<DavStore> {
         let mut http = Http::new(settings, &settings.url, rate)?;
         let name = settings.name.clone();
         let crate::config::TargetKind::WebDav(dav) = &settings.kind else {
@@ -77,7 +70,7 @@ impl DavTarget {
         {
             bail!("target '{name}': credentials over plain http:// would cross the network in clear; use https://");
         }
-        Ok(DavTarget {
+        Ok(DavStore {
             name,
             base: settings.url.clone(),
             http,
@@ -248,115 +241,16 @@ impl DavTarget {
         .map(|_| ())
     }
 
-    async fn delete(&self, url: &Url) -> Result<()> {
+    async fn delete_url(&self, url: &Url) -> Result<()> {
         let ok = [StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND];
         self.call("DELETE", url, &ok, |_| Ok(self.request(Method::DELETE, url)))
             .await
             .map(|_| ())
     }
 
-    /// Removes a set folder so that it never looks complete while going: manifest first.
-    async fn delete_collection(&self, collection: &Url) -> Result<()> {
-        self.delete(&join(collection, MANIFEST)?).await?;
-        self.delete(collection).await
-    }
-
-    async fn get(&self, url: &Url) -> Result<Response> {
-        self.call("GET", url, &[StatusCode::OK], |_| Ok(self.request(Method::GET, url)))
-            .await
-    }
-
-    /// Streams a file back and returns its size and SHA-256.
-    async fn read_back(&self, url: &Url) -> Result<(u64, String)> {
-        let resp = self.get(url).await?;
-        let what = format!("target '{}': GET '{url}'", self.name);
-        size_and_sha256(resp, self.http.idle, &what).await
-    }
-
-    /// Removes this node's leftover temporary sets, and other nodes' once a day old.
-    async fn remove_debris_among(&self, cluster: &str, entries: &[DavEntry], node: &str) -> usize {
-        let now = chrono::Utc::now();
-        let mut count = 0;
-        for e in entries
-            .iter()
-            .filter(|e| is_removable_debris(&e.name, node, e.modified, now))
-        {
-            let removed = match self.url(&[cluster, &e.name], true) {
-                Ok(url) => self.delete(&url).await,
-                Err(err) => Err(err),
-            };
-            match removed {
-                Ok(()) => {
-                    count += 1;
-                    tracing::info!(target_name = %self.name, name = %e.name, "removed an incomplete set left by an earlier run")
-                }
-                Err(err) => {
-                    tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&err), "cannot remove an incomplete set")
-                }
-            }
-        }
-        count
-    }
-
-    /// Checks that every file of `manifest` is in `collection` with its stored size (and,
-    /// with `read_back`, its SHA-256); `extra` names more files that must be there.
-    async fn check_landed(
-        &self,
-        collection: &Url,
-        manifest: &Manifest,
-        extra: &[(&str, usize)],
-        read_back: bool,
-    ) -> Result<()> {
-        let landed = self
-            .children(collection)
-            .await?
-            .ok_or_else(|| anyhow!("target '{}': '{collection}' vanished", self.name))?;
-        super::check_sizes(
-            &self.name,
-            manifest,
-            extra,
-            |name| landed.iter().find(|e| e.name == name).and_then(|e| e.size),
-            |name| format!("'{name}' in '{collection}'"),
-        )?;
-        if read_back {
-            for f in manifest.files_on(&self.name) {
-                let got = self.read_back(&join(collection, &f.stored_name)?).await?;
-                super::check_read_back(&self.name, f, got)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn upload(&self, tmp: &Url, set: &StagedSet, draft: &Draft) -> Result<()> {
-        for f in set.manifest.files_on(&self.name) {
-            if draft.has(f) {
-                continue;
-            }
-            let started = Instant::now();
-            self.put_file(
-                &join(tmp, &f.stored_name)?,
-                &set.dir.join(&f.stored_name),
-                f.stored_size,
-            )
-            .await?;
-            super::log_upload(&self.name, &f.stored_name, f.stored_size, started, "uploaded");
-        }
-        // SHA256SUMS and the signature before the manifest: every visible set is signed.
-        let closing = set.closing_files()?;
-        for (name, bytes) in &closing {
-            self.put_bytes(&join(tmp, name)?, bytes).await?;
-        }
-        let sizes: Vec<(&str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
-        // Checked before the manifest goes up: the manifest is the last thing written.
-        self.check_landed(tmp, &set.manifest, &sizes, self.verify == VerifyUpload::ReadBack)
-            .await?;
-        self.put_bytes(&join(tmp, MANIFEST)?, &set.manifest_json()).await
-    }
-
-    /// `MOVE` without overwriting. When the answer to an earlier attempt was lost, the move
-    /// may have happened already: a 404/412 after a retry is success if the destination holds
-    /// exactly our manifest.
-    async fn move_no_overwrite(&self, from: &Url, to: &Url, manifest: &Manifest) -> Result<()> {
+    /// `MOVE` without overwriting. When the answer to an earlier attempt was lost, a 404 or
+    /// 412 may mean the move happened: the set protocol looks at the destination.
+    async fn move_no_overwrite(&self, from: &Url, to: &Url) -> Result<Moved> {
         let method = Method::from_bytes(b"MOVE").expect("valid method");
         let (resp, retried) = self
             .send_counted("MOVE", from, |_| {
@@ -367,116 +261,30 @@ impl DavTarget {
             })
             .await?;
         let status = resp.status();
-        if retried && (status == StatusCode::NOT_FOUND || status == StatusCode::PRECONDITION_FAILED) {
-            let url = join(to, MANIFEST)?;
-            let resp = self.send("GET", &url, |_| Ok(self.request(Method::GET, &url))).await?;
-            if resp.status() == StatusCode::OK {
-                let body = read_capped(resp, MANIFEST_CAP, self.http.idle, "GET manifest").await?;
-                if Manifest::parse(&body).ok().as_ref() == Some(manifest) {
-                    return Ok(());
-                }
-            }
-        }
-        if status == StatusCode::PRECONDITION_FAILED {
-            return Err(super::SetExists {
-                target: self.name.clone(),
-                id: manifest.id.clone(),
-                at: to.to_string(),
-            }
-            .into());
-        }
-        self.expect("MOVE", from, resp, &[StatusCode::CREATED, StatusCode::NO_CONTENT])
-            .await
-            .map(|_| ())
-    }
-}
-
-/// A file in a collection; the name must be a plain path component.
-fn join(collection: &Url, name: &str) -> Result<Url> {
-    if !safe_component(name) {
-        bail!("{name:?} is not a usable file name");
-    }
-    collection
-        .join(&percent_encode(name))
-        .map_err(|e| anyhow!("cannot build a URL for {name:?}: {e}"))
-}
-
-/// What must be escaped in one path segment (RFC 3986 pchar), and `%` itself.
-const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'/')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'[')
-    .add(b'\\')
-    .add(b']')
-    .add(b'^')
-    .add(b'`')
-    .add(b'{')
-    .add(b'|')
-    .add(b'}');
-
-fn percent_encode(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
-}
-
-#[async_trait]
-impl Target for DavTarget {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn describe(&self, cluster: &str, id: &str) -> String {
-        self.url(&[cluster, id], true)
-            .map(|u| u.to_string())
-            .unwrap_or_else(|_| format!("{}{cluster}/{id}/", self.base))
-    }
-
-    fn route(&self) -> String {
-        format!("{}, {}", self.base, self.http.proxy.describe())
-    }
-
-    async fn preflight(&self) -> Result<()> {
-        match self.propfind(&self.base, "0").await? {
-            Some(_) => Ok(()),
-            None => bail!(
-                "target '{}': '{}' does not exist on the server (404)",
-                self.name,
-                self.base
-            ),
+        let lost = retried && (status == StatusCode::NOT_FOUND || status == StatusCode::PRECONDITION_FAILED);
+        let outcome = if status == StatusCode::PRECONDITION_FAILED {
+            Ok(Moved::Exists)
+        } else {
+            self.expect("MOVE", from, resp, &[StatusCode::CREATED, StatusCode::NO_CONTENT])
+                .await
+                .map(|_| Moved::Done)
+        };
+        match (lost, outcome) {
+            (false, outcome) => outcome,
+            (true, Ok(_)) => Ok(Moved::Unsure(anyhow!(
+                "target '{}': MOVE '{from}' to '{to}': {status} after a retry, and the destination is not this set",
+                self.name
+            ))),
+            (true, Err(e)) => Ok(Moved::Unsure(e)),
         }
     }
 
-    async fn begin_set(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
-        let cluster_url = self.url(&[cluster], true)?;
-        self.mkcol(&cluster_url).await?;
-        let entries = self.children(&cluster_url).await?.unwrap_or_default();
-        self.remove_debris_among(cluster, &entries, node).await;
-        if entries.iter().any(|e| e.name == *id) {
-            return Err(super::SetExists {
-                target: self.name.clone(),
-                id: id.to_string(),
-                at: self.url(&[cluster, id], true)?.to_string(),
-            }
-            .into());
-        }
-        let folder = partial_name(id, node);
-        self.mkcol(&self.url(&[cluster, &folder], true)?).await?;
-        Ok(Draft::new(cluster, id, folder))
-    }
-
-    async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
-        let url = join(&self.url(&[&draft.cluster, &draft.folder], true)?, name)?;
-        let started = Instant::now();
-        // The length is not known yet: the body goes chunked, and ends only once the writer
-        // has verified the file.
-        let put = self.call("PUT", &url, &PUT_OK, |progress| {
+    /// `PUT` of a file still being written: the length is not known yet, so the body goes
+    /// chunked, and ends only once the writer has verified the file.
+    async fn put_growing(&self, url: &Url, file: Follower) -> Result<Put> {
+        let put = self.call("PUT", url, &PUT_OK, |progress| {
             Ok(self
-                .request(Method::PUT, &url)
+                .request(Method::PUT, url)
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .body(counting_body(
                     file.stream(1 << 20), // a staging block: one chunk header per MiB
@@ -493,106 +301,103 @@ impl Target for DavTarget {
             .finished()
             .await
             .ok_or_else(|| anyhow!("target '{}': PUT '{url}': {}", self.name, crate::growing::ABANDONED))?;
-        super::log_upload(&self.name, name, size, started, "uploaded while it was written");
-        Ok(Sent {
-            name: name.to_string(),
-            size,
-            sha256: None,
-        })
+        Ok(Put::Stored { size, sha256: None })
+    }
+}
+
+#[async_trait]
+impl ObjectStore for DavStore {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        let (cluster, id) = (&draft.cluster, &set.manifest.id);
-        let final_url = self.url(&[cluster, id], true)?;
-        let tmp = self.url(&[cluster, &draft.folder], true)?;
-        let uploaded = async {
-            self.upload(&tmp, set, &draft).await?;
-            if abort.is_cancelled() {
-                bail!("the run was stopped before the set was moved into place");
-            }
-            self.move_no_overwrite(&tmp, &final_url, &set.manifest).await
-        }
-        .await;
-        if let Err(e) = uploaded {
-            if let Err(d) = self.delete(&tmp).await {
-                tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&d), "cannot remove the incomplete upload");
-            }
-            return Err(e);
-        }
-        // A server whose MOVE is a copy (across devices, or an object store) may have moved
-        // part of it: check the set where it landed, and take it down if it is incomplete.
-        let json_len = set.manifest_json().len();
-        let closing = set.closing_files()?;
-        let mut sizes: Vec<(&str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
-        sizes.push((MANIFEST, json_len));
-        if let Err(e) = self.check_landed(&final_url, &set.manifest, &sizes, false).await {
-            if let Err(d) = self.delete_collection(&final_url).await {
-                tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&d), "cannot remove an incomplete set");
-            }
-            return Err(e.context("the set was incomplete after MOVE and has been removed"));
-        }
-        Ok(())
+    fn describe(&self, path: &[&str]) -> String {
+        // Folders are the root, clusters and sets; files are in sets.
+        self.url(path, path.len() < 3)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| format!("{}{}", self.base, path.join("/")))
     }
 
-    async fn discard(&self, draft: Draft) -> Result<()> {
-        self.delete(&self.url(&[&draft.cluster, &draft.folder], true)?).await
+    fn route(&self) -> String {
+        format!("{}, {}", self.base, self.http.proxy.describe())
     }
 
-    async fn list_all_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
-        let clusters: Vec<String> = match cluster {
-            Some(c) => vec![c.to_string()],
-            None => self
-                .children(&self.base)
-                .await?
-                .unwrap_or_default()
+    fn commit(&self) -> Commit {
+        Commit::Rename
+    }
+
+    fn reads_back(&self) -> bool {
+        self.verify == VerifyUpload::ReadBack
+    }
+
+    async fn preflight(&self) -> Result<()> {
+        match self.propfind(&self.base, "0").await? {
+            Some(_) => Ok(()),
+            None => bail!(
+                "target '{}': '{}' does not exist on the server (404)",
+                self.name,
+                self.base
+            ),
+        }
+    }
+
+    async fn list(&self, folder: &[&str]) -> Result<Option<Vec<Entry>>> {
+        let entries = self.children(&self.url(folder, true)?).await?;
+        Ok(entries.map(|entries| {
+            entries
                 .into_iter()
-                .filter(|e| e.is_collection && is_set_name(&e.name))
-                .map(|e| e.name)
-                .collect(),
-        };
-        let mut sets = Vec::new();
-        for c in clusters {
-            let Some(entries) = self.children(&self.url(&[&c], true)?).await? else {
-                continue;
-            };
-            for e in entries.into_iter().filter(|e| e.is_collection && is_set_name(&e.name)) {
-                let set_url = self.url(&[&c, &e.name], true)?;
-                let url = join(&set_url, MANIFEST)?;
-                let resp = self.send("GET", &url, |_| Ok(self.request(Method::GET, &url))).await?;
-                if resp.status() == StatusCode::NOT_FOUND {
-                    continue; // not a complete set
-                }
-                let resp = self.expect("GET", &url, resp, &[StatusCode::OK]).await?;
-                let what = format!("target '{}': GET '{url}'", self.name);
-                let body = read_capped(resp, MANIFEST_CAP, self.http.idle, &what).await?;
-                let Some(m) = super::listed_manifest(&self.name, url.as_str(), &e.name, &body) else {
-                    continue;
-                };
-                let landed = self.children(&set_url).await?.unwrap_or_default();
-                sets.push(super::listed_set(&self.name, &c, set_url.as_str(), m, |name| {
-                    landed.iter().find(|e| e.name == name).map(|e| e.size)
-                }));
+                .map(|e| Entry {
+                    name: e.name,
+                    kind: if e.is_collection { Kind::Folder } else { Kind::File },
+                    size: e.size,
+                    modified: e.modified,
+                })
+                .collect()
+        }))
+    }
+
+    async fn make_folder(&self, folder: &[&str]) -> Result<()> {
+        self.mkcol(&self.url(folder, true)?).await
+    }
+
+    async fn put(&self, path: &[&str], body: Body<'_>, _guard: Guard) -> Result<Put> {
+        let url = self.url(path, false)?;
+        match body {
+            Body::File { path, size } => {
+                self.put_file(&url, path, size).await?;
+                Ok(Put::Stored { size, sha256: None })
             }
+            Body::Bytes(bytes) => {
+                self.put_bytes(&url, bytes).await?;
+                Ok(Put::Stored {
+                    size: bytes.len() as u64,
+                    sha256: None,
+                })
+            }
+            Body::Growing(file) => self.put_growing(&url, file).await,
         }
-        super::sort_newest_first(&mut sets);
-        Ok(sets)
     }
 
-    async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
-        let url = self.url(&[cluster, id, name], false)?;
-        let resp = self.get(&url).await?;
-        Ok(super::http::reader(resp, self.name.clone(), self.http.idle))
-    }
-
-    async fn delete_set(&self, cluster: &str, id: &str) -> Result<()> {
-        if !is_set_name(id) {
-            bail!("target '{}': {id:?} is not a set name", self.name);
+    async fn get(&self, path: &[&str]) -> Result<Option<FileReader>> {
+        let url = self.url(path, false)?;
+        let resp = self.send("GET", &url, |_| Ok(self.request(Method::GET, &url))).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
         }
-        self.delete_collection(&self.url(&[cluster, id], true)?).await
+        let resp = self.expect("GET", &url, resp, &[StatusCode::OK]).await?;
+        Ok(Some(super::http::reader(resp, self.name.clone(), self.http.idle)))
     }
 
-    async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize> {
-        let entries = self.children(&self.url(&[cluster], true)?).await?.unwrap_or_default();
-        Ok(self.remove_debris_among(cluster, &entries, node).await)
+    async fn delete(&self, path: &[&str]) -> Result<()> {
+        self.delete_url(&self.url(path, false)?).await
+    }
+
+    async fn delete_folder(&self, folder: &[&str]) -> Result<()> {
+        self.delete_url(&self.url(folder, true)?).await
+    }
+
+    async fn rename_folder(&self, from: &[&str], to: &[&str]) -> Result<Moved> {
+        self.move_no_overwrite(&self.url(from, true)?, &self.url(to, true)?)
+            .await
     }
 }

@@ -3,26 +3,19 @@
 //! header (aws-sigv4) and sent on the same HTTP transport as WebDAV ([`super::http`]), so
 //! proxy rules, retries, idle timeouts and the rate limit are one implementation.
 //!
-//! S3 has no rename, so a set is written under its final keys `PREFIX/<cluster>/<id>/<file>`
-//! and is complete only once `manifest.json` exists, written last:
-//! 1. the marker object `<cluster>/<id>/.partial-<node>` goes up first: it names the node
-//!    assembling the set, so that debris (objects of a set without a manifest, and multipart
-//!    uploads under it) is removed like a WebDAV target's hidden folders: this node's at once,
-//!    another node's once nothing under the set has changed for a day;
-//! 2. every file, with `Content-MD5` (which buckets with Object Lock require) and
-//!    `If-None-Match: *` (where the server honours it, nothing is ever replaced); a file of
-//!    more than `part_size` ([`crate::config::DEFAULT_PART_SIZE`] unless set) goes as a multipart upload, [`PARTS_IN_FLIGHT`] parts at once,
-//!    each part read from its file twice (once for its MD5, once to send it: memory stays a
-//!    few chunks whatever the part size) and retried on its own; an upload that fails is
-//!    aborted;
-//! 3. `SHA256SUMS` (and the signature), the sizes checked with a listing (and with
-//!    `verify_upload = "read-back"` every file read back), then `manifest.json`, then the
-//!    marker is removed.
+//! S3 has no rename, so its atomic step is the manifest written last
+//! ([`super::objects::Commit::ManifestLast`], the protocol in [`super::sets`]). Every write
+//! carries `Content-MD5` (which buckets with Object Lock require) and, guarded,
+//! `If-None-Match: *` (where the server honours it, nothing is ever replaced); a file of more
+//! than `part_size` ([`crate::config::DEFAULT_PART_SIZE`] unless set) goes as a multipart
+//! upload, [`PARTS_IN_FLIGHT`] parts at once, each part read from its file twice (once for its
+//! MD5, once to send it: memory stays a few chunks whatever the part size) and retried on its
+//! own; an upload that fails is aborted. Listing multipart uploads is optional: a server that
+//! answers it with `501 Not Implemented` is warned about once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
@@ -34,14 +27,9 @@ use sha2::Digest;
 use url::Url;
 
 use super::http::{Http, Refusal, is_loopback, read_secret, size_and_sha256};
-use super::{
-    Draft, FOREIGN_DEBRIS_AGE, FileReader, ListedSet, MANIFEST_CAP, PARTIAL_MARK, Sent, StagedSet, Target, is_set_name,
-    safe_component,
-};
+use super::objects::{Body, Commit, Entry, Guard, Kind, Moved, ObjectStore, Put, Want};
+use super::{FileReader, safe_component};
 use crate::config::{TargetSettings, VerifyUpload};
-use crate::growing::Follower;
-use crate::manifest::{MANIFEST, Manifest};
-use tokio_util::sync::CancellationToken;
 
 mod multipart;
 mod sign;
@@ -60,7 +48,7 @@ const CHUNK: usize = 256 * 1024;
 const LIST_CAP: u64 = 16 << 20;
 
 /// An S3 target. It holds secrets, so it has no `Debug`.
-pub struct S3Target {
+pub struct S3Store {
     name: String,
     bucket: String,
     /// The key prefix: `""` or `a/b/`.
@@ -94,41 +82,7 @@ struct Upload {
     initiated: Option<DateTime<Utc>>,
 }
 
-/// What the bucket holds under one `<cluster>/<id>/`.
-#[derive(Debug, Default)]
-struct SetObjects {
-    /// Objects but the markers (`manifest.json` included).
-    files: Vec<Object>,
-    /// `.partial-<node>` markers: the node, and when it was written.
-    markers: Vec<(String, Object)>,
-    uploads: Vec<Upload>,
-}
-
-impl SetObjects {
-    fn has_manifest(&self) -> bool {
-        self.files.iter().any(|o| o.key.ends_with(&format!("/{MANIFEST}")))
-    }
-
-    /// When anything under the set last changed.
-    fn newest(&self) -> Option<DateTime<Utc>> {
-        let objects = self.files.iter().chain(self.markers.iter().map(|(_, o)| o));
-        objects
-            .map(|o| o.modified)
-            .chain(self.uploads.iter().map(|u| u.initiated))
-            .max()
-            .flatten()
-    }
-
-    /// Is this an incomplete set this node may remove: its own (it runs one backup at a
-    /// time), or anyone's once nothing under it has changed for a day?
-    fn is_debris(&self, node: &str, now: DateTime<Utc>) -> bool {
-        !self.has_manifest()
-            && (self.markers.iter().any(|(n, _)| n == node)
-                || self.newest().is_some_and(|t| now - t >= FOREIGN_DEBRIS_AGE))
-    }
-}
-
-/// One of S3's paged listings, for [`S3Target::list_paged`].
+/// One of S3's paged listings, for [`S3Store::list_paged`].
 struct Listing {
     op: &'static str,
     /// The root element of its answer.
@@ -176,14 +130,14 @@ const LIST_UPLOADS: Listing = Listing {
 };
 
 /// What a guarded write found.
-enum Put {
+enum Guarded {
     Stored,
     /// Another object is at the key (`If-None-Match` refused it).
     Taken,
 }
 
-impl S3Target {
-    pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<S3Target> {
+impl S3Store {
+    pub fn new(settings: &TargetSettings, rate: Option<u64>) -> Result<S3Store> {
         let name = settings.name.clone();
         let s3 = settings
             .s3()
@@ -204,7 +158,7 @@ impl S3Target {
         let secret = read_secret(&s3.secret_key_file, "secret_key_file", &name)?;
         http.add_secret(secret.clone());
         let part_size = s3.part_size.0;
-        Ok(S3Target {
+        Ok(S3Store {
             name,
             bucket,
             prefix,
@@ -419,31 +373,13 @@ impl S3Target {
         Ok(uploads)
     }
 
-    /// What the bucket holds under `<cluster>/`, by set id. Objects and uploads deeper or
-    /// shallower than `<cluster>/<id>/<name>`, or with unusable names, are not ours.
-    async fn sets_in(&self, cluster: &str) -> Result<BTreeMap<String, SetObjects>> {
-        let cluster_prefix = format!("{}/", self.key(&[cluster])?);
-        let (objects, _) = self.list_objects(&cluster_prefix, false).await?;
-        let uploads = self.list_uploads(&cluster_prefix).await?;
-        let mut sets: BTreeMap<String, SetObjects> = BTreeMap::new();
-        let split = |key: &str| -> Option<(String, String)> {
-            let rest = key.strip_prefix(&cluster_prefix)?;
-            let (id, name) = rest.split_once('/')?;
-            (safe_component(id) && safe_component(name)).then(|| (id.to_string(), name.to_string()))
-        };
-        for o in objects {
-            let Some((id, name)) = split(&o.key) else { continue };
-            let set = sets.entry(id).or_default();
-            match name.strip_prefix(PARTIAL_MARK) {
-                Some(node) => set.markers.push((node.to_string(), o)),
-                None => set.files.push(o),
-            }
-        }
-        for u in uploads {
-            let Some((id, _)) = split(&u.key) else { continue };
-            sets.entry(id).or_default().uploads.push(u);
-        }
-        Ok(sets)
+    /// The prefix of `folder`: `PREFIX/` for the root, `PREFIX/a/b/` below.
+    fn folder_prefix(&self, folder: &[&str]) -> Result<String> {
+        Ok(if folder.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}/", self.key(folder)?)
+        })
     }
 
     async fn delete_object(&self, key: &str) -> Result<()> {
@@ -466,73 +402,6 @@ impl S3Target {
         .map(|_| ())
     }
 
-    /// Removes an incomplete set: its uploads aborted, its objects deleted, its markers
-    /// last (so that a removal cut short still says whose set it was).
-    async fn remove_objects(&self, set: &SetObjects) -> Result<()> {
-        for u in &set.uploads {
-            self.abort_upload(&u.key, &u.id).await?;
-        }
-        for o in &set.files {
-            self.delete_object(&o.key).await?;
-        }
-        for (_, o) in &set.markers {
-            self.delete_object(&o.key).await?;
-        }
-        Ok(())
-    }
-
-    /// Removes the debris among `sets`: incomplete sets of this node, and others' once a
-    /// day old; in complete sets, markers and uploads left over the same way.
-    async fn remove_debris_among(&self, sets: &BTreeMap<String, SetObjects>, node: &str) -> usize {
-        let now = Utc::now();
-        let mut count = 0;
-        for (id, set) in sets {
-            let outcome = if set.is_debris(node, now) {
-                let r = self.remove_objects(set).await;
-                if r.is_ok() {
-                    count += 1;
-                    tracing::info!(target_name = %self.name, name = %id, "removed an incomplete set left by an earlier run");
-                }
-                r
-            } else if set.has_manifest() {
-                let own = set.markers.iter().any(|(n, _)| n == node);
-                let old = |t: Option<DateTime<Utc>>| t.is_some_and(|t| now - t >= FOREIGN_DEBRIS_AGE);
-                let leftover = SetObjects {
-                    files: Vec::new(),
-                    markers: set
-                        .markers
-                        .iter()
-                        .filter(|(n, o)| n == node || old(o.modified))
-                        .cloned()
-                        .collect(),
-                    uploads: set
-                        .uploads
-                        .iter()
-                        .filter(|u| own || old(u.initiated))
-                        .cloned()
-                        .collect(),
-                };
-                self.remove_objects(&leftover).await
-            } else {
-                Ok(())
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(target_name = %self.name, name = %id, error = %crate::error::one_line(&e), "cannot remove an incomplete set");
-            }
-        }
-        count
-    }
-
-    /// Removes what this node wrote of set `id` in `cluster` that is not complete: every
-    /// object under it when it has no manifest, else only the marker.
-    async fn clear(&self, cluster: &str, id: &str, marker: &str) -> Result<()> {
-        let sets = self.sets_in(cluster).await?;
-        match sets.get(id) {
-            Some(set) if !set.has_manifest() => self.remove_objects(set).await,
-            _ => self.delete_object(&self.key(&[cluster, id, marker])?).await,
-        }
-    }
-
     /// Does `key` hold exactly `size` bytes with this SHA-256 (read back to tell)?
     async fn holds(&self, key: &str, size: u64, sha256: &str) -> Result<bool> {
         let (n, sha) = self.read_back(key).await?;
@@ -552,106 +421,53 @@ impl S3Target {
         size_and_sha256(resp, self.http.idle, &what).await
     }
 
-    fn taken(&self, cluster: &str, id: &str) -> anyhow::Error {
-        super::SetExists {
-            target: self.name.clone(),
-            id: id.to_string(),
-            at: self.describe(cluster, id),
-        }
-        .into()
+    /// An unguarded write of a small object (the protocol's marker: only this node's own
+    /// can be at its key).
+    async fn put_plain(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        let md5: [u8; 16] = Md5::digest(bytes).into();
+        let url = self.url(key, &[]);
+        let headers = [("content-md5", b64(&md5))];
+        self.call("PutObject", &self.shown(key), &[StatusCode::OK], |_| {
+            self.signed_with(Method::PUT, &url, &headers, bytes)
+        })
+        .await
+        .map(|_| ())
     }
 
-    /// Checks that every file of `manifest` and each of `extra` (name, size) is under
-    /// `<cluster>/<id>/` at its size (and, with `read_back`, the SHA-256 of every file).
-    async fn check_landed(
-        &self,
-        cluster: &str,
-        manifest: &Manifest,
-        extra: &[(&str, usize)],
-        read_back: bool,
-    ) -> Result<()> {
-        let set_prefix = format!("{}/", self.key(&[cluster, &manifest.id])?);
-        let (landed, _) = self.list_objects(&set_prefix, false).await?;
-        super::check_sizes(
-            &self.name,
-            manifest,
-            extra,
-            |name| {
-                let key = format!("{set_prefix}{name}");
-                landed.iter().find(|o| o.key == key).and_then(|o| o.size)
-            },
-            |name| format!("'{}'", self.shown(&format!("{set_prefix}{name}"))),
-        )?;
-        if read_back {
-            for f in manifest.files_on(&self.name) {
-                let key = format!("{set_prefix}{}", f.stored_name);
-                super::check_read_back(&self.name, f, self.read_back(&key).await?)?;
-            }
+    /// Uploads `source` to `key` (guarded) and says what the protocol needs.
+    async fn put_from(&self, key: &str, source: Source, phase: &crate::progress::Phase) -> Result<Put> {
+        let (size, sha, put) = self.put_source(key, &source, phase).await?;
+        if let Guarded::Taken = put {
+            return Ok(Put::Taken);
         }
-        Ok(())
-    }
-
-    /// Uploads what the draft lacks, the closing files, checks, then the manifest.
-    async fn upload(&self, draft: &Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        let (cluster, id) = (&draft.cluster, &set.manifest.id);
-        for f in set.manifest.files_on(&self.name) {
-            if draft.has(f) {
-                continue;
-            }
-            let started = Instant::now();
-            let key = self.key(&[cluster, id, &f.stored_name])?;
-            let phase = crate::progress::Phase::start(
-                format!("upload to '{}': {}", self.name, f.stored_name),
-                Some(f.stored_size),
-            );
-            let (size, sha, put) = self
-                .put_source(&key, &Source::File(set.dir.join(&f.stored_name)), &phase)
-                .await?;
-            if let Put::Taken = put {
-                return Err(self.taken(cluster, id));
-            }
-            if size != f.stored_size || sha != f.stored_sha256 {
-                bail!(
-                    "target '{}': '{}' was sent as {size} bytes with SHA-256 {sha}, but the manifest records {} bytes with {}",
-                    self.name,
-                    f.stored_name,
-                    f.stored_size,
-                    f.stored_sha256
-                );
-            }
-            super::log_upload(&self.name, &f.stored_name, f.stored_size, started, "uploaded");
-        }
-        let closing = set.closing_files()?;
-        for (name, bytes) in &closing {
-            if let Put::Taken = self.put_bytes(&self.key(&[cluster, id, name])?, bytes).await? {
-                return Err(self.taken(cluster, id));
-            }
-        }
-        // Checked before the manifest goes up: the manifest is the last thing written.
-        let extra: Vec<(&str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
-        self.check_landed(cluster, &set.manifest, &extra, self.verify == VerifyUpload::ReadBack)
-            .await?;
-        if abort.is_cancelled() {
-            bail!("the run was stopped before the set's manifest was written");
-        }
-        match self
-            .put_bytes(&self.key(&[cluster, id, MANIFEST])?, &set.manifest_json())
-            .await?
+        if let Source::Growing(file) = &source
+            && file.finished().await != Some(size)
         {
-            Put::Stored => Ok(()),
-            Put::Taken => Err(self.taken(cluster, id)),
+            // The parts end only once the writer has verified the file; it did not.
+            bail!(
+                "target '{}': '{}': {}",
+                self.name,
+                self.shown(key),
+                crate::growing::ABANDONED
+            );
         }
+        Ok(Put::Stored {
+            size,
+            sha256: Some(sha),
+        })
     }
 }
 
 #[async_trait]
-impl Target for S3Target {
+impl ObjectStore for S3Store {
     fn name(&self) -> &str {
         &self.name
     }
 
-    fn describe(&self, cluster: &str, id: &str) -> String {
-        format!("s3://{}/{}{cluster}/{id}/", self.bucket, self.prefix)
+    fn describe(&self, path: &[&str]) -> String {
+        // Folders are the root, clusters and sets; files are in sets.
+        let slash = if path.len() < 3 && !path.is_empty() { "/" } else { "" };
+        format!("s3://{}/{}{}{slash}", self.bucket, self.prefix, path.join("/"))
     }
 
     fn route(&self) -> String {
@@ -662,6 +478,14 @@ impl Target for S3Target {
             self.base,
             self.http.proxy.describe()
         )
+    }
+
+    fn commit(&self) -> Commit {
+        Commit::ManifestLast
+    }
+
+    fn reads_back(&self) -> bool {
+        self.verify == VerifyUpload::ReadBack
     }
 
     async fn preflight(&self) -> Result<()> {
@@ -680,179 +504,135 @@ impl Target for S3Target {
         .map(|_| ())
     }
 
-    async fn begin_set(&self, cluster: &str, node: &str, id: &str) -> Result<Draft> {
-        let sets = self.sets_in(cluster).await?;
-        self.remove_debris_among(&sets, node).await;
-        if let Some(set) = sets.get(id)
-            && !set.is_debris(node, Utc::now())
-        {
-            // A complete set, or another node's upload of this id still in progress.
-            return Err(self.taken(cluster, id));
-        }
-        let folder = format!("{PARTIAL_MARK}{node}");
-        let marker = self.key(&[cluster, id, &folder])?;
-        let note = format!(
-            "etcd-backupd: set {id} is being stored by {node} since {}\n",
-            Utc::now().to_rfc3339()
-        );
-        // Not guarded: this node's own marker is the only one that may be there.
-        let md5: [u8; 16] = Md5::digest(note.as_bytes()).into();
-        let url = self.url(&marker, &[]);
-        let headers = [("content-md5", b64(&md5))];
-        self.call("PutObject", &self.shown(&marker), &[StatusCode::OK], |_| {
-            self.signed_with(Method::PUT, &url, &headers, note.as_bytes())
-        })
-        .await?;
-        // Another node that began the same id at the same moment: neither goes on.
-        let others = self.sets_in(cluster).await?;
-        if let Some(set) = others.get(id)
-            && (set.has_manifest() || set.markers.iter().any(|(n, _)| n != node))
-        {
-            if let Err(e) = self.delete_object(&marker).await {
-                tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&e), "cannot remove the upload marker");
-            }
-            return Err(self.taken(cluster, id));
-        }
-        Ok(Draft::new(cluster, id, folder))
+    async fn list(&self, folder: &[&str]) -> Result<Option<Vec<Entry>>> {
+        let prefix = self.folder_prefix(folder)?;
+        let (objects, prefixes) = self.list_objects(&prefix, true).await?;
+        let mut entries: Vec<Entry> = prefixes
+            .iter()
+            .filter_map(|p| p.strip_prefix(&prefix)?.strip_suffix('/'))
+            .filter(|name| safe_component(name))
+            .map(|name| Entry::folder(name, None))
+            .collect();
+        entries.extend(objects.iter().filter_map(|o| {
+            let name = o.key.strip_prefix(&prefix)?;
+            safe_component(name).then(|| Entry::file(name, o.size, o.modified))
+        }));
+        Ok(Some(entries))
     }
 
-    async fn put_growing(&self, draft: &Draft, name: &str, file: Follower) -> Result<Sent> {
-        let key = self.key(&[&draft.cluster, &draft.id, name])?;
-        let started = Instant::now();
-        let phase = file.progress();
-        let (size, sha, put) = self.put_source(&key, &Source::Growing(file.clone()), &phase).await?;
-        if let Put::Taken = put {
-            return Err(self.taken(&draft.cluster, &draft.id));
-        }
-        // The parts end only once the writer has verified the file; make sure it did.
-        if file.finished().await != Some(size) {
-            bail!(
-                "target '{}': '{}': {}",
-                self.name,
-                self.shown(&key),
-                crate::growing::ABANDONED
-            );
-        }
-        super::log_upload(&self.name, name, size, started, "uploaded while it was written");
-        Ok(Sent {
-            name: name.to_string(),
-            size,
-            sha256: Some(sha),
-        })
-    }
-
-    async fn finish_set(&self, draft: Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
-        let (cluster, id) = (&draft.cluster, &set.manifest.id);
-        let marker = self.key(&[cluster, id, &draft.folder])?;
-        if let Err(e) = self.upload(&draft, set, abort).await {
-            // Another set is there: only the marker is ours to take away.
-            let cleared = if e.downcast_ref::<super::SetExists>().is_some() {
-                self.delete_object(&marker).await
-            } else {
-                self.clear(cluster, id, &draft.folder).await
+    /// One listing of the whole tree: `<folder>/<sub>/<name>`.
+    async fn list_subfolders(&self, folder: &[&str], want: &Want) -> Result<Vec<(String, Vec<Entry>)>> {
+        let prefix = self.folder_prefix(folder)?;
+        let (objects, _) = self.list_objects(&prefix, false).await?;
+        let mut subs: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+        for o in &objects {
+            // Deeper or shallower keys, or unusable names, are not ours.
+            let Some((sub, name)) = o.key[prefix.len()..].split_once('/') else {
+                continue;
             };
-            if let Err(d) = cleared {
-                tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&d), "cannot remove the incomplete upload");
+            if safe_component(sub) && safe_component(name) && want(sub) {
+                subs.entry(sub.to_string())
+                    .or_default()
+                    .push(Entry::file(name, o.size, o.modified));
             }
-            return Err(e);
         }
-        // The set is complete with its manifest; a marker left behind is removed later.
-        if let Err(e) = self.delete_object(&marker).await {
-            tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&e), "cannot remove the upload marker of a stored set");
-        }
+        Ok(subs.into_iter().collect())
+    }
+
+    async fn make_folder(&self, _folder: &[&str]) -> Result<()> {
         Ok(())
     }
 
-    async fn discard(&self, draft: Draft) -> Result<()> {
-        self.clear(&draft.cluster, &draft.id, &draft.folder).await
-    }
-
-    async fn list_all_sets(&self, cluster: Option<&str>) -> Result<Vec<ListedSet>> {
-        let clusters: Vec<String> = match cluster {
-            Some(c) => vec![c.to_string()],
-            None => {
-                let (_, prefixes) = self.list_objects(&self.prefix, true).await?;
-                prefixes
-                    .iter()
-                    .filter_map(|p| p.strip_prefix(&self.prefix)?.strip_suffix('/'))
-                    .filter(|c| is_set_name(c))
-                    .map(str::to_string)
-                    .collect()
+    async fn put(&self, path: &[&str], body: Body<'_>, guard: Guard) -> Result<Put> {
+        let key = self.key(path)?;
+        let name = path.last().copied().unwrap_or_default();
+        match (body, guard) {
+            (Body::Bytes(bytes), Guard::Replace) => {
+                self.put_plain(&key, bytes).await?;
+                Ok(Put::Stored {
+                    size: bytes.len() as u64,
+                    sha256: Some(hex::encode(sha2::Sha256::digest(bytes))),
+                })
             }
-        };
-        let mut sets = Vec::new();
-        for c in clusters {
-            let cluster_prefix = format!("{}/", self.key(&[&c])?);
-            let (objects, _) = self.list_objects(&cluster_prefix, false).await?;
-            let mut by_id: BTreeMap<&str, Vec<&Object>> = BTreeMap::new();
-            for o in &objects {
-                if let Some((id, name)) = o.key[cluster_prefix.len()..].split_once('/')
-                    && safe_component(name)
-                {
-                    by_id.entry(id).or_default().push(o);
-                }
+            (Body::Bytes(bytes), Guard::NoReplace) => Ok(match self.put_bytes(&key, bytes).await? {
+                Guarded::Stored => Put::Stored {
+                    size: bytes.len() as u64,
+                    sha256: Some(hex::encode(sha2::Sha256::digest(bytes))),
+                },
+                Guarded::Taken => Put::Taken,
+            }),
+            (Body::File { path, size }, _) => {
+                let phase = crate::progress::Phase::start(format!("upload to '{}': {name}", self.name), Some(size));
+                self.put_from(&key, Source::File(path.to_path_buf()), &phase).await
             }
-            for (id, files) in by_id {
-                if !is_set_name(id) || !files.iter().any(|o| o.key.ends_with(&format!("/{MANIFEST}"))) {
-                    continue; // not a complete set
-                }
-                let key = self.key(&[&c, id, MANIFEST])?;
-                let shown = self.shown(&key);
-                let url = self.url(&key, &[]);
-                let (resp, _) = self
-                    .send("GetObject", &shown, |_| self.signed(Method::GET, &url, &[]))
-                    .await?;
-                if resp.status() == StatusCode::NOT_FOUND {
-                    continue; // removed since the listing
-                }
-                let resp = self.expect("GetObject", &shown, resp, &[StatusCode::OK]).await?;
-                let what = format!("target '{}': GetObject '{shown}'", self.name);
-                let body = self.http.read_capped(resp, MANIFEST_CAP, &what).await?;
-                let Some(m) = super::listed_manifest(&self.name, &shown, id, &body) else {
-                    continue;
-                };
-                let set_prefix = format!("{cluster_prefix}{id}/");
-                sets.push(super::listed_set(&self.name, &c, &self.describe(&c, id), m, |name| {
-                    files
-                        .iter()
-                        .find(|o| o.key.strip_prefix(&set_prefix) == Some(name))
-                        .map(|o| o.size)
-                }));
+            (Body::Growing(file), _) => {
+                let phase = file.progress();
+                self.put_from(&key, Source::Growing(file), &phase).await
             }
         }
-        super::sort_newest_first(&mut sets);
-        Ok(sets)
     }
 
-    async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
-        let key = self.key(&[cluster, id, name])?;
+    async fn get(&self, path: &[&str]) -> Result<Option<FileReader>> {
+        let key = self.key(path)?;
+        let shown = self.shown(&key);
         let url = self.url(&key, &[]);
-        let resp = self
-            .call("GetObject", &self.shown(&key), &[StatusCode::OK], |_| {
-                self.signed(Method::GET, &url, &[])
-            })
+        let (resp, _) = self
+            .send("GetObject", &shown, |_| self.signed(Method::GET, &url, &[]))
             .await?;
-        Ok(super::http::reader(resp, self.name.clone(), self.http.idle))
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = self.expect("GetObject", &shown, resp, &[StatusCode::OK]).await?;
+        Ok(Some(super::http::reader(resp, self.name.clone(), self.http.idle)))
     }
 
-    async fn delete_set(&self, cluster: &str, id: &str) -> Result<()> {
-        if !is_set_name(id) {
-            bail!("target '{}': {id:?} is not a set name", self.name);
-        }
-        let set_prefix = format!("{}/", self.key(&[cluster, id])?);
-        let (mut objects, _) = self.list_objects(&set_prefix, false).await?;
-        // The manifest first, so that a removal cut short never leaves a set that looks
-        // complete; a refused delete (a bucket policy, Object Lock) stops here.
-        objects.sort_by_key(|o| !o.key.ends_with(&format!("/{MANIFEST}")));
+    async fn delete(&self, path: &[&str]) -> Result<()> {
+        self.delete_object(&self.key(path)?).await
+    }
+
+    async fn delete_folder(&self, folder: &[&str]) -> Result<()> {
+        self.abort_uploads(folder, None).await?;
+        let prefix = self.folder_prefix(folder)?;
+        let (objects, _) = self.list_objects(&prefix, false).await?;
+        // A refused delete (a bucket policy, Object Lock) stops here.
         for o in &objects {
             self.delete_object(&o.key).await?;
         }
         Ok(())
     }
 
-    async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize> {
-        let sets = self.sets_in(cluster).await?;
-        Ok(self.remove_debris_among(&sets, node).await)
+    async fn rename_folder(&self, _from: &[&str], _to: &[&str]) -> Result<Moved> {
+        bail!("target '{}': S3 cannot rename; its sets are stored in place", self.name)
+    }
+
+    async fn uploads(&self, folder: &[&str]) -> Result<Vec<(String, Entry)>> {
+        let prefix = self.folder_prefix(folder)?;
+        let uploads = self.list_uploads(&prefix).await?;
+        Ok(uploads
+            .into_iter()
+            .filter_map(|u| {
+                let (sub, name) = u.key[prefix.len()..].split_once('/')?;
+                (safe_component(sub) && safe_component(name)).then(|| {
+                    let entry = Entry {
+                        name: name.to_string(),
+                        kind: Kind::Upload,
+                        size: None,
+                        modified: u.initiated,
+                    };
+                    (sub.to_string(), entry)
+                })
+            })
+            .collect())
+    }
+
+    async fn abort_uploads(&self, folder: &[&str], before: Option<DateTime<Utc>>) -> Result<()> {
+        let prefix = self.folder_prefix(folder)?;
+        for u in self.list_uploads(&prefix).await? {
+            if before.is_none_or(|b| u.initiated.is_some_and(|t| t < b)) {
+                self.abort_upload(&u.key, &u.id).await?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -897,37 +677,6 @@ mod tests {
         // Entities of a DTD are never expanded; a cut document is not a short listing.
         assert!(Xml::parse(b"<!DOCTYPE x [<!ENTITY a \"aaaa\">]><x>&a;</x>").is_err());
         assert!(Xml::parse(b"<ListBucketResult><Contents><Key>a</Key>").is_err());
-    }
-
-    #[test]
-    fn debris_is_this_nodes_at_once_and_others_after_a_day() {
-        let now = Utc::now();
-        let obj = |key: &str, age_h: i64| Object {
-            key: key.into(),
-            size: Some(1),
-            modified: Some(now - chrono::TimeDelta::hours(age_h)),
-        };
-        let set = |files: Vec<Object>, node: &str, age_h: i64| SetObjects {
-            files,
-            markers: vec![(node.into(), obj(&format!("c/1/.partial-{node}"), age_h))],
-            uploads: Vec::new(),
-        };
-        let fresh = set(vec![obj("c/1/snapshot.db", 0)], "ip-10-0-1-2", 0);
-        assert!(fresh.is_debris("ip-10-0-1-2", now));
-        assert!(!fresh.is_debris("ip-10-0-1", now), "another node's fresh upload stays");
-        let stale = set(vec![obj("c/1/snapshot.db", 30)], "m1", 30);
-        assert!(stale.is_debris("m0", now));
-        // Anything new under it (a part just stored, an upload begun) keeps it.
-        let mut busy = set(vec![obj("c/1/snapshot.db", 30)], "m1", 30);
-        busy.uploads.push(Upload {
-            key: "c/1/snapshot.db".into(),
-            id: "u".into(),
-            initiated: Some(now),
-        });
-        assert!(!busy.is_debris("m0", now));
-        // A complete set is never debris, marker or not.
-        let complete = set(vec![obj("c/1/manifest.json", 30)], "m0", 30);
-        assert!(!complete.is_debris("m0", now));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::growing::Follower;
 use crate::targets::http::{ERROR_CAP, Pacer, paced_body};
 
 use super::xml::{Xml, b64, complete_body, error_fields};
-use super::{CHUNK, MAX_PARTS, PARTS_IN_FLIGHT, Put, S3Target};
+use super::{CHUNK, Guarded, MAX_PARTS, PARTS_IN_FLIGHT, S3Store};
 
 /// Where the bytes of an upload come from.
 #[derive(Clone)]
@@ -105,7 +105,7 @@ impl Parts<'_> {
     }
 }
 
-impl S3Target {
+impl S3Store {
     /// The headers of a guarded write: `If-None-Match: *` unless the server refused it.
     pub(super) fn guard(&self) -> Vec<(&'static str, String)> {
         if self.conditional.load(Ordering::Relaxed) {
@@ -133,14 +133,14 @@ impl S3Target {
     }
 
     /// One PUT of the first `len` bytes of `source`, with their MD5 and SHA-256
-    /// ([`S3Target::put_guarded`]).
+    /// ([`S3Store::put_guarded`]).
     pub(super) async fn put_object(
         &self,
         key: &str,
         source: &Source,
         (len, md5, sha256): (u64, [u8; 16], &str),
         phase: &crate::progress::Phase,
-    ) -> Result<Put> {
+    ) -> Result<Guarded> {
         let pacer = self.http.pacer();
         self.put_guarded(key, len, md5, sha256, |url, headers, progress| {
             Ok(self
@@ -151,8 +151,8 @@ impl S3Target {
         .await
     }
 
-    /// A small object from memory ([`S3Target::put_guarded`]).
-    pub(super) async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<Put> {
+    /// A small object from memory ([`S3Store::put_guarded`]).
+    pub(super) async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<Guarded> {
         let md5: [u8; 16] = Md5::digest(bytes).into();
         let sha = hex::encode(Sha256::digest(bytes));
         self.put_guarded(key, bytes.len() as u64, md5, &sha, |url, headers, _| {
@@ -162,7 +162,7 @@ impl S3Target {
     }
 
     /// A `PutObject` of `len` bytes with this MD5 and SHA-256, guarded: a key already taken
-    /// is [`Put::Taken`] unless it holds exactly these bytes (an answer lost before a
+    /// is [`Guarded::Taken`] unless it holds exactly these bytes (an answer lost before a
     /// retry). `make` builds each attempt's signed request from its URL, headers and
     /// progress counter.
     pub(super) async fn put_guarded(
@@ -172,7 +172,7 @@ impl S3Target {
         md5: [u8; 16],
         sha256: &str,
         make: impl Fn(&Url, &[(&str, String)], Arc<AtomicU64>) -> Result<RequestBuilder>,
-    ) -> Result<Put> {
+    ) -> Result<Guarded> {
         let url = self.url(key, &[]);
         let shown = self.shown(key);
         loop {
@@ -186,13 +186,13 @@ impl S3Target {
             }
             if status == StatusCode::PRECONDITION_FAILED {
                 return Ok(if self.holds(key, len, sha256).await? {
-                    Put::Stored
+                    Guarded::Stored
                 } else {
-                    Put::Taken
+                    Guarded::Taken
                 });
             }
             self.expect("PutObject", &shown, resp, &[StatusCode::OK]).await?;
-            return Ok(Put::Stored);
+            return Ok(Guarded::Stored);
         }
     }
 
@@ -204,7 +204,7 @@ impl S3Target {
         key: &str,
         source: &Source,
         phase: &crate::progress::Phase,
-    ) -> Result<(u64, String, Put)> {
+    ) -> Result<(u64, String, Guarded)> {
         let mut whole = Sha256::new();
         let (n, md5) = source.digest(0, self.part_size, &mut whole).await?;
         if n < self.part_size {
@@ -227,7 +227,7 @@ impl S3Target {
             Err(e) => Err(e),
         };
         match done {
-            Ok((size, Put::Stored)) => Ok((size, sha, Put::Stored)),
+            Ok((size, Guarded::Stored)) => Ok((size, sha, Guarded::Stored)),
             other => {
                 if let Err(a) = self.abort_upload(key, &id).await {
                     tracing::warn!(target_name = %self.name, key = %key, error = %crate::error::one_line(&a), "cannot abort a failed multipart upload; the next run removes it");
@@ -265,7 +265,7 @@ impl S3Target {
         parts: &[(u32, String)],
         size: u64,
         sha256: &str,
-    ) -> Result<(u64, Put)> {
+    ) -> Result<(u64, Guarded)> {
         let url = self.url(key, &[("uploadId", id)]);
         let shown = self.shown(key);
         let body = complete_body(parts);
@@ -283,9 +283,9 @@ impl S3Target {
             }
             if status == StatusCode::PRECONDITION_FAILED || (retried && status == StatusCode::NOT_FOUND) {
                 let put = if self.holds(key, size, sha256).await? {
-                    Put::Stored
+                    Guarded::Stored
                 } else {
-                    Put::Taken
+                    Guarded::Taken
                 };
                 return Ok((size, put));
             }
@@ -298,14 +298,14 @@ impl S3Target {
             if let (Some(code), message) = error_fields(&answer) {
                 bail!("{what}: {code}: {}", self.http.scrub(message.unwrap_or_default()));
             }
-            return Ok((size, Put::Stored));
+            return Ok((size, Guarded::Stored));
         }
     }
 }
 
 /// One multipart upload being sent: where, from what, at which pace.
 struct Multipart<'a> {
-    target: &'a S3Target,
+    target: &'a S3Store,
     key: &'a str,
     /// Its UploadId.
     id: &'a str,

@@ -10,16 +10,16 @@ use aws_sigv4::http_request::{
 use reqwest::{Method, RequestBuilder};
 use url::Url;
 
-use super::S3Target;
+use super::S3Store;
 
-impl S3Target {
+impl S3Store {
     /// A request to `url` without a body, signed with SigV4 (in the `Authorization`
     /// header); `headers` are sent and signed.
     pub(super) fn signed(&self, method: Method, url: &Url, headers: &[(&str, String)]) -> Result<RequestBuilder> {
         self.sign(method, url, headers, SignableBody::Bytes(&[]))
     }
 
-    /// [`S3Target::signed`] for a body streamed from a file: its hash is not signed
+    /// [`S3Store::signed`] for a body streamed from a file: its hash is not signed
     /// (`UNSIGNED-PAYLOAD`), its `Content-MD5` (in `headers`) is, and the server checks that.
     pub(super) fn signed_stream(
         &self,
@@ -30,7 +30,7 @@ impl S3Target {
         self.sign(method, url, headers, SignableBody::UnsignedPayload)
     }
 
-    /// [`S3Target::signed`] with `body`, whose SHA-256 is signed too.
+    /// [`S3Store::signed`] with `body`, whose SHA-256 is signed too.
     pub(super) fn signed_with(
         &self,
         method: Method,
