@@ -3,6 +3,7 @@
 //! staging for all of them, `failed` only when no set was taken; and a record left partial or
 //! pending is settled to `ok` once a later delivery brings the set to every target.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -323,4 +324,103 @@ fn a_manual_backup_beside_a_running_daemon_loses_no_run_from_status() {
         .count();
     assert!(ended >= 2, "{text}");
     assert_eq!(by("schedule"), ended, "{runs:?}\n{text}");
+}
+
+/// Copies a folder tree (the previous release's sets into a target).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+/// A rolling update: nodes of the previous release and of this one share the election's
+/// records and the targets. Records and sets the previous release wrote
+/// (`tests/fixtures/previous-release`, made with its binary) are read by this one as they
+/// mean, and this release's run beside them changes none of them and deletes no set of theirs.
+#[test]
+fn records_and_sets_the_previous_release_wrote_are_read_and_kept() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/previous-release");
+    let records: BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(fixtures.join("records.json")).unwrap()).unwrap();
+    let etcd = Etcd::start();
+    etcd.fill(None, 20, 100);
+    for (key, value) in &records {
+        let out = crate::support::etcdctl(&etcd.endpoint)
+            .args(["put", key, value])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let w = Work::new();
+    copy_tree(&fixtures.join("target"), &w.target_root());
+    let old_ids = set_ids(&w);
+    assert_eq!(old_ids.len(), 2, "{old_ids:?}");
+    let cfg = w.write_config(
+        &etcd.endpoint,
+        None,
+        "\n[election]\nenabled = true\n[retention]\nkeep_last = 5\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 1\n",
+    );
+    let c = cfg.to_str().unwrap();
+
+    // The previous release's sets: listed whole, verified.
+    let r = run(&["list", "--json", "--config", c]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let listed: Vec<&str> = v["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["manifest"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "{v}");
+    assert!(
+        v["sets"].as_array().unwrap().iter().all(|s| s["damaged"].is_null()),
+        "{v}"
+    );
+    for id in &old_ids {
+        let r = run(&["verify", id, "--config", c]);
+        assert_eq!(r.code, 0, "{id}: {}", r.all());
+    }
+    // Its records: the cluster's last elected run, node-b's, read as the success it was.
+    let out = run(&["status", "--json", "--config", c]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let last = &v["cluster_last_run"];
+    assert_eq!(
+        (last["run"].as_str(), last["result"].as_str()),
+        (Some("manual-node-b-2026-12-07_215848"), Some("ok")),
+        "{v}"
+    );
+
+    // This release's run beside them: elected, stored, and nothing of theirs changed.
+    let r = backup(&cfg);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let ids = set_ids(&w);
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(old_ids.iter().all(|id| ids.contains(id)), "{ids:?}");
+    for (key, value) in &records {
+        if key == "/etcd-backupd/last" {
+            continue; // the newest run's, now this one's
+        }
+        let now = crate::support::etcd_get(&etcd.endpoint, key);
+        // A note of a set being published may have expired with its lease: never rewritten.
+        if key.contains("/publishing/") && now.is_none() {
+            continue;
+        }
+        assert_eq!(now.as_deref(), Some(value.as_str()), "{key} was changed");
+    }
+    let last: serde_json::Value =
+        serde_json::from_str(&crate::support::etcd_get(&etcd.endpoint, "/etcd-backupd/last").unwrap()).unwrap();
+    assert_eq!(last["result"], "ok", "{last}");
+    assert_eq!(last["node"], "node-a", "{last}");
+    // Retention by this release keeps what the policy keeps, theirs included.
+    let r = run(&["prune", "--config", c]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(set_ids(&w), ids);
 }
