@@ -818,6 +818,12 @@ mod tests {
         ]
     }
 
+    /// Nothing of set `id` is left on `t`: no file, no draft, no marker.
+    fn assert_nothing_of(t: &SetStore<MemoryStore>, id: &str) {
+        let paths = t.objects().paths();
+        assert!(paths.iter().all(|p| !p.contains(id)), "{paths:?}");
+    }
+
     async fn read_all(t: &SetStore<MemoryStore>, name: &str) -> Vec<u8> {
         let mut r = t.open_file("c", ID, name).await.unwrap();
         let mut out = Vec::new();
@@ -849,11 +855,7 @@ mod tests {
 
             t.delete_set("c", ID).await.unwrap();
             assert!(t.list_all_sets(None).await.unwrap().is_empty());
-            assert!(
-                t.objects().paths().iter().all(|p| !p.contains(ID)),
-                "{:?}",
-                t.objects().paths()
-            );
+            assert_nothing_of(&t, ID);
         }
     }
 
@@ -867,11 +869,7 @@ mod tests {
             let e = t.put_set("c", "n1", &set, &stopped).await.unwrap_err();
             assert!(format!("{e:#}").contains("stopped"), "{e:#}");
             assert!(t.list_all_sets(None).await.unwrap().is_empty());
-            assert!(
-                t.objects().paths().iter().all(|p| !p.contains(ID)),
-                "{:?}",
-                t.objects().paths()
-            );
+            assert_nothing_of(&t, ID);
         }
     }
 
@@ -920,11 +918,7 @@ mod tests {
                 // n1's next set removes its own draft.
                 assert_eq!(t.remove_debris("c", "n1").await.unwrap(), 1);
             }
-            assert!(
-                t.objects().paths().iter().all(|p| !p.contains(ID)),
-                "{:?}",
-                t.objects().paths()
-            );
+            assert_nothing_of(&t, ID);
             t.put_set("c", "n2", &set, &CancellationToken::new()).await.unwrap();
         }
     }

@@ -112,6 +112,19 @@ pub fn etcd35_dir() -> PathBuf {
 }
 
 /// `name` in `bin_dir`, or `name` alone (found in `PATH`, Debian's etcd 3.4) without one.
+/// The real etcdctl (of `bin_dir`, else the one on PATH) for `endpoints` (comma-separated),
+/// with the test's client certificate when `pki`: every test reaches etcd through this.
+pub fn etcdctl_at(bin_dir: Option<&Path>, endpoints: &str, pki: Option<&Pki>) -> Command {
+    let mut cmd = Command::new(etcd_tool(bin_dir, "etcdctl"));
+    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoints}"));
+    if let Some(p) = pki {
+        cmd.arg(format!("--cacert={}", p.ca.display()))
+            .arg(format!("--cert={}", p.client_cert.display()))
+            .arg(format!("--key={}", p.client_key.display()));
+    }
+    cmd
+}
+
 pub fn etcd_tool(bin_dir: Option<&Path>, name: &str) -> PathBuf {
     bin_dir.map_or_else(|| PathBuf::from(name), |d| d.join(name))
 }
@@ -247,15 +260,7 @@ impl Etcd {
     }
 
     pub fn etcdctl(&self, pki: Option<&Pki>) -> Command {
-        let mut cmd = Command::new(self.tool("etcdctl"));
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint));
-        if let Some(p) = pki {
-            cmd.arg(format!("--cacert={}", p.ca.display()))
-                .arg(format!("--cert={}", p.client_cert.display()))
-                .arg(format!("--key={}", p.client_key.display()));
-        }
-        cmd
+        etcdctl_at(self.bin_dir.as_deref(), &self.endpoint, pki)
     }
 
     pub fn put(&self, pki: Option<&Pki>, key: &str, value: &str) {
@@ -622,22 +627,12 @@ impl Work {
 
     /// Writes a config for a plain or TLS etcd and a local target; `extra` is appended.
     pub fn write_config(&self, endpoint: &str, pki: Option<&Pki>, extra: &str) -> PathBuf {
-        let tls = match pki {
-            Some(p) => format!(
-                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-                p.ca.display(),
-                p.client_cert.display(),
-                p.client_key.display()
-            ),
-            None => String::new(),
-        };
-        let text = format!(
-            "cluster_name = \"test\"\nnode_name = \"node-a\"\n\n[etcd]\nendpoints = [\"{endpoint}\"]\nconnect_timeout = \"3s\"\nrequest_timeout = \"10s\"\n{tls}\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n[[target]]\nname = \"local\"\nurl = \"file://{}\"\n{extra}",
-            self.staging().display(),
-            self.target_root().display()
-        );
-        std::fs::write(self.config(), text).unwrap();
-        self.config()
+        let mut c = Config::node("node-a", endpoint, &self.staging());
+        if let Some(p) = pki {
+            c = c.tls(p);
+        }
+        let url = format!("file://{}", self.target_root().display());
+        c.target("local", &url).tail(extra).write(&self.config())
     }
 
     /// Points `snapshot.static_resources_dir` of the written config at `dir`.
@@ -652,12 +647,9 @@ impl Work {
     /// Writes a config for a plain etcd with the given `[[target]]` blocks (and any other
     /// keys after them).
     pub fn write_config_targets(&self, endpoint: &str, targets: &str) -> PathBuf {
-        let text = format!(
-            "cluster_name = \"test\"\nnode_name = \"node-a\"\n\n[etcd]\nendpoints = [\"{endpoint}\"]\nconnect_timeout = \"3s\"\nrequest_timeout = \"10s\"\n\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n{targets}",
-            self.staging().display()
-        );
-        std::fs::write(self.config(), text).unwrap();
-        self.config()
+        Config::node("node-a", endpoint, &self.staging())
+            .tail(targets)
+            .write(&self.config())
     }
 
     /// [`Work::write_config_targets`] with one target: [`dav_target`] at `url`, `extra` after it.
@@ -749,6 +741,85 @@ impl Work {
 /// A `[[target]]` named `dav` at `url` (WebDAV), with `extra` lines after it.
 pub fn dav_target(url: &str, extra: &str) -> String {
     format!("[[target]]\nname = \"dav\"\nurl = \"{url}\"\n{extra}")
+}
+
+/// A test node's configuration, built as data and rendered by the `toml` crate: the one
+/// place that knows what every test config holds (cluster `test`, the node, its etcd with
+/// short timeouts, staging, no static resources). Tables are set key by key ([`Config::set`])
+/// or from a fragment ([`Config::merge`]); [`Config::tail`] appends TOML text after
+/// everything (its bare keys apply to the last table rendered: the last `[[target]]` when
+/// there is one).
+pub struct Config {
+    doc: toml::Table,
+    tail: String,
+}
+
+impl Config {
+    pub fn node(node: &str, endpoint: &str, staging: &Path) -> Config {
+        let mut c = Config {
+            doc: toml::Table::new(),
+            tail: String::new(),
+        };
+        c.doc.insert("cluster_name".into(), "test".into());
+        c.doc.insert("node_name".into(), node.into());
+        c.set("etcd", "endpoints", toml::Value::Array(vec![endpoint.into()]))
+            .set("etcd", "connect_timeout", "3s")
+            .set("etcd", "request_timeout", "10s")
+            .set("snapshot", "static_resources_dir", "")
+            .set("snapshot", "staging_dir", staging.display().to_string())
+    }
+
+    /// etcd over TLS with the test's client certificate.
+    pub fn tls(self, pki: &Pki) -> Config {
+        self.set("etcd", "ca_file", pki.ca.display().to_string())
+            .set("etcd", "cert_file", pki.client_cert.display().to_string())
+            .set("etcd", "key_file", pki.client_key.display().to_string())
+    }
+
+    pub fn set(mut self, table: &str, key: &str, value: impl Into<toml::Value>) -> Config {
+        let t = self
+            .doc
+            .entry(table)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t.as_table_mut().expect("a table").insert(key.into(), value.into());
+        self
+    }
+
+    /// The keys of `fragment` (TOML text) into `[table]`.
+    pub fn merge(mut self, table: &str, fragment: &str) -> Config {
+        let keys: toml::Table = toml::from_str(fragment).unwrap_or_else(|e| panic!("{fragment:?}: {e}"));
+        for (k, v) in keys {
+            self = self.set(table, &k, v);
+        }
+        self
+    }
+
+    /// A `[[target]]` with its name and URL.
+    pub fn target(mut self, name: &str, url: &str) -> Config {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), name.into());
+        t.insert("url".into(), url.into());
+        let targets = self
+            .doc
+            .entry("target")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        targets.as_array_mut().expect("an array").push(toml::Value::Table(t));
+        self
+    }
+
+    pub fn tail(mut self, text: &str) -> Config {
+        self.tail.push_str(text);
+        self
+    }
+
+    pub fn render(&self) -> String {
+        format!("{}\n{}", toml::to_string(&self.doc).unwrap(), self.tail)
+    }
+
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.render()).unwrap();
+        path.to_path_buf()
+    }
 }
 
 /// A `[[target]]` named `shared` on `w`'s file target: the one several nodes deliver to.
@@ -857,16 +928,15 @@ impl ScriptHost {
     /// A configuration of `w` for this host's etcd (TLS) with `snapshot.method = "script"`
     /// running `script`, with `snapshot_extra` in `[snapshot]` and `extra` at the end.
     pub fn config(&self, w: &Work, script: &Path, snapshot_extra: &str, extra: &str) -> PathBuf {
-        let cfg = w.write_config(&self.etcd.endpoint, Some(&self.pki), extra);
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            "[snapshot]\n",
-            &format!(
-                "[snapshot]\nmethod = \"script\"\nscript = \"{}\"\n{snapshot_extra}",
-                script.display()
-            ),
-        );
-        std::fs::write(&cfg, text).unwrap();
-        cfg
+        let url = format!("file://{}", w.target_root().display());
+        Config::node("node-a", &self.etcd.endpoint, &w.staging())
+            .tls(&self.pki)
+            .set("snapshot", "method", "script")
+            .set("snapshot", "script", script.display().to_string())
+            .merge("snapshot", snapshot_extra)
+            .target("local", &url)
+            .tail(extra)
+            .write(&w.config())
     }
 
     /// Puts a key through the TLS client port.
@@ -1066,9 +1136,7 @@ impl EtcdCluster {
     }
 
     pub fn etcdctl(&self) -> Command {
-        let mut cmd = Command::new(etcd_tool(self.bin_dir.as_deref(), "etcdctl"));
-        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.all()));
-        cmd
+        etcdctl_at(self.bin_dir.as_deref(), &self.all(), None)
     }
 
     /// [`Etcd::fill`] through the whole cluster.

@@ -11,8 +11,9 @@
 //! - delivery and retention logic without servers: a unit test in `src/delivery` against
 //!   `targets::memory`, not here.
 //!
-//! What to build it from: `common` (an `Etcd` on free ports, `Work`: a test's folders and
-//! configuration, `run`/`Proc`: the binary, `Pki`: certificates made in the test), `servers`
+//! What to build it from: `common` (an `Etcd` on free ports, `etcdctl_at`: the one etcdctl
+//! helper, `Config`: a test's configuration built as data, `Work`: a test's folders and its
+//! usual configurations, `run`/`Proc`: the binary, `Pki`: certificates made in the test), `servers`
 //! (Apache mod_dav, rclone, tinyproxy, moto, s3s-fs, the fault proxies) and `support` (a
 //! daemon's configuration per node, etcd read with the real etcdctl, what a folder holds).
 //! Wait for a condition (a file, a log line, a key), never a fixed time; a second backup

@@ -13,18 +13,19 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{Work, assert_sha256sums};
+use crate::common::{Config, Work, assert_sha256sums};
 
 /// A daemon's config for `node` (staging: `w.staging()` for node-a, else `staging-<node>`);
 /// `election` is the body of `[election]`; `extra` follows (targets, other tables).
 pub fn daemon_config(w: &Work, node: &str, endpoint: &str, cron: &str, election: &str, extra: &str) -> PathBuf {
-    let cfg = w.path().join(format!("{node}.toml"));
-    let text = format!(
-        "cluster_name = \"test\"\nnode_name = \"{node}\"\n\n[etcd]\nendpoints = [\"{endpoint}\"]\nconnect_timeout = \"2s\"\nrequest_timeout = \"10s\"\n\n[snapshot]\nstatic_resources_dir = \"\"\nstaging_dir = \"{}\"\n\n[schedule]\ncron = \"{cron}\"\ntimezone = \"UTC\"\njitter = \"0s\"\n\n[election]\n{election}\n\n{extra}",
-        staging_of(w, node).display()
-    );
-    std::fs::write(&cfg, text).unwrap();
-    cfg
+    Config::node(node, endpoint, &staging_of(w, node))
+        .set("etcd", "connect_timeout", "2s")
+        .set("schedule", "cron", cron)
+        .set("schedule", "timezone", "UTC")
+        .set("schedule", "jitter", "0s")
+        .merge("election", election)
+        .tail(extra)
+        .write(&w.path().join(format!("{node}.toml")))
 }
 
 pub fn staging_of(w: &Work, node: &str) -> PathBuf {
@@ -40,9 +41,7 @@ pub const NO_RETENTION: &str =
     "\n[retention]\nkeep_last = 0\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 0\n";
 
 pub fn etcdctl(endpoints: &str) -> Command {
-    let mut cmd = Command::new("etcdctl");
-    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoints}"));
-    cmd
+    crate::common::etcdctl_at(None, endpoints, None)
 }
 
 pub fn etcd_get(endpoints: &str, key: &str) -> Option<String> {
