@@ -122,7 +122,10 @@ fn read_entries(dir: &Path) -> Result<Option<Vec<Entry>>> {
         if !safe_component(&name) {
             continue;
         }
-        let Ok(meta) = entry.metadata() else { continue };
+        // Followed: a cluster or set folder may be a symbolic link.
+        let Ok(meta) = std::fs::metadata(entry.path()).or_else(|_| entry.metadata()) else {
+            continue;
+        };
         let modified = meta.modified().ok().map(DateTime::<Utc>::from);
         entries.push(if meta.is_dir() {
             Entry::folder(&name, modified)
@@ -158,19 +161,27 @@ impl ObjectStore for FileStore {
     }
 
     async fn preflight(&self) -> Result<()> {
-        self.check_root()
+        self.blocking(|s| s.check_root()).await
     }
 
+    // Every filesystem call runs off the async threads: a hung NFS mount must not stop the
+    // timeouts around it from firing.
     async fn list(&self, folder: &[&str]) -> Result<Option<Vec<Entry>>> {
-        self.check_root()?;
         let dir = self.path(folder)?;
-        self.blocking(move |_| read_entries(&dir)).await
+        self.blocking(move |s| {
+            s.check_root()?;
+            read_entries(&dir)
+        })
+        .await
     }
 
     async fn make_folder(&self, folder: &[&str]) -> Result<()> {
-        self.check_root()?;
         let dir = self.path(folder)?;
-        self.blocking(move |_| fsutil::create_private_dir(&dir)).await
+        self.blocking(move |s| {
+            s.check_root()?;
+            fsutil::create_private_dir(&dir)
+        })
+        .await
     }
 
     async fn put(&self, path: &[&str], body: Body<'_>, _guard: Guard) -> Result<Put> {
@@ -220,11 +231,12 @@ impl ObjectStore for FileStore {
 
     async fn delete(&self, path: &[&str]) -> Result<()> {
         let p = self.path(path)?;
-        match std::fs::remove_file(&p) {
+        self.blocking(move |_| match std::fs::remove_file(&p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => bail!("target '{}': cannot remove '{}': {e}", self.name, p.display()),
-        }
+            Err(e) => bail!("cannot remove '{}': {e}", p.display()),
+        })
+        .await
     }
 
     async fn delete_folder(&self, folder: &[&str]) -> Result<()> {

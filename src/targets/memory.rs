@@ -25,6 +25,9 @@ pub enum Fault {
     LoseAnswer,
     /// Every delete fails.
     RefuseDelete,
+    /// The next rename answers as one whose first answer was lost and whose retry failed
+    /// ([`Moved::Unsure`]): having moved the folder if it could.
+    Unsure,
 }
 
 type Path = Vec<String>;
@@ -311,9 +314,18 @@ impl ObjectStore for MemoryStore {
         self.enter(format!("rename {}", to.join("/")), true)?;
         {
             let (from, to) = (owned(from), owned(to));
+            let unsure = {
+                let mut store = self.store.lock().unwrap();
+                let at = store.faults.iter().position(|f| *f == Fault::Unsure);
+                at.map(|i| store.faults.remove(i)).is_some()
+            };
             let mut store = self.store.lock().unwrap();
             if store.exists(&to) {
-                return Ok(Moved::Exists);
+                return Ok(if unsure {
+                    Moved::Unsure(anyhow::anyhow!("target '{}': MOVE: 412 after a retry", self.name))
+                } else {
+                    Moved::Exists
+                });
             }
             let moving: Vec<Path> = store.files.keys().filter(|k| k.starts_with(&from)).cloned().collect();
             for k in moving {
@@ -324,6 +336,12 @@ impl ObjectStore for MemoryStore {
             }
             store.folders.retain(|f| !f.starts_with(&from));
             store.folders.insert(to);
+            if unsure {
+                return Ok(Moved::Unsure(anyhow::anyhow!(
+                    "target '{}': MOVE: 404 after a retry",
+                    self.name
+                )));
+            }
         }
         self.lost_answer()?;
         Ok(Moved::Done)

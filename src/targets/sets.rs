@@ -127,7 +127,10 @@ impl<S: ObjectStore> SetStore<S> {
         self.check_landed(folder, &set.manifest, &sizes, self.store.reads_back())
             .await?;
         if abort.is_cancelled() {
-            bail!("the run was stopped before the set's manifest was written");
+            bail!(
+                "target '{}': the run was stopped before the set's manifest was written",
+                self.name()
+            );
         }
         let json = set.manifest_json();
         self.put_checked(&[folder, &[MANIFEST]].concat(), Body::Bytes(&json), guard)
@@ -458,19 +461,20 @@ impl<S: ObjectStore> SetStore<S> {
         let moved = async {
             self.upload(&tmp, draft, set, abort).await?;
             if abort.is_cancelled() {
-                bail!("the run was stopped before the set was moved into place");
+                bail!(
+                    "target '{}': the run was stopped before the set was moved into place",
+                    self.name()
+                );
             }
             match self.store.rename_folder(&tmp, &[cluster, id]).await? {
                 Moved::Done => Ok(()),
                 Moved::Exists => Err(self.taken(cluster, id)),
-                Moved::Unsure(e) => {
-                    let there = self.read_manifest(&[cluster, id, MANIFEST]).await.ok().flatten();
-                    if there.is_some_and(|b| Manifest::parse(&b).ok().as_ref() == Some(&set.manifest)) {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                }
+                // Ours landed, or another set holds the id, or nothing says which.
+                Moved::Unsure(e) => match self.read_manifest(&[cluster, id, MANIFEST]).await.ok().flatten() {
+                    Some(b) if Manifest::parse(&b).ok().as_ref() == Some(&set.manifest) => Ok(()),
+                    Some(_) => Err(self.taken(cluster, id)),
+                    None => Err(e),
+                },
             }
         }
         .await;
@@ -625,6 +629,9 @@ impl<S: ObjectStore> Target for SetStore<S> {
     }
 
     async fn open_file(&self, cluster: &str, id: &str, name: &str) -> Result<FileReader> {
+        if !is_set_name(id) {
+            bail!("target '{}': {id:?} is not a set name", self.name());
+        }
         self.open(&[cluster, id, name]).await
     }
 
@@ -883,6 +890,25 @@ mod tests {
             let listed = t.list_sets(Some("c")).await.unwrap();
             assert_eq!(listed.len(), 1, "{:?}", t.objects().paths());
         }
+    }
+
+    #[tokio::test]
+    async fn a_rename_whose_answer_was_lost_is_judged_by_the_manifest_at_the_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = staged(dir.path(), ID);
+        // Ours landed: stored.
+        let t = SetStore::memory("t");
+        t.fail(Fault::Unsure);
+        t.put_set("c", "n1", &set, &CancellationToken::new()).await.unwrap();
+        assert_eq!(t.ids("c"), [ID]);
+        // Another set holds the id: that set only cannot go there.
+        let t = SetStore::memory("t");
+        let mut other = set.manifest.clone();
+        other.node = "n2".into();
+        t.insert("c", &other);
+        t.fail(Fault::Unsure);
+        let e = t.put_set("c", "n1", &set, &CancellationToken::new()).await.unwrap_err();
+        assert!(e.downcast_ref::<SetExists>().is_some(), "{e:#}");
     }
 
     #[tokio::test]

@@ -591,12 +591,15 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete_folder(&self, folder: &[&str]) -> Result<()> {
-        self.abort_uploads(folder, None).await?;
         let prefix = self.folder_prefix(folder)?;
         let (objects, _) = self.list_objects(&prefix, false).await?;
         // A refused delete (a bucket policy, Object Lock) stops here.
         for o in &objects {
             self.delete_object(&o.key).await?;
+        }
+        // Uploads last, and at best: the objects are gone whatever they do.
+        if let Err(e) = self.abort_uploads(folder, None).await {
+            tracing::warn!(target_name = %self.name, error = %crate::error::one_line(&e), "cannot abort the uploads left in a removed folder");
         }
         Ok(())
     }
@@ -628,7 +631,9 @@ impl ObjectStore for S3Store {
     async fn abort_uploads(&self, folder: &[&str], before: Option<DateTime<Utc>>) -> Result<()> {
         let prefix = self.folder_prefix(folder)?;
         for u in self.list_uploads(&prefix).await? {
-            if before.is_none_or(|b| u.initiated.is_some_and(|t| t < b)) {
+            // Only the folder's own files: deeper keys are not ours.
+            let own = u.key[prefix.len()..].split('/').count() == 1 && safe_component(&u.key[prefix.len()..]);
+            if own && before.is_none_or(|b| u.initiated.is_some_and(|t| t < b)) {
                 self.abort_upload(&u.key, &u.id).await?;
             }
         }
