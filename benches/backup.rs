@@ -1,5 +1,6 @@
 //! The backup benchmark: `cargo bench --bench backup [-- --size-gib 4] [--idle-secs 180]
-//! [--only plain,zstd] [--server-nice 19] [--runs 3]`.
+//! [--only plain,zstd] [--server-nice 19] [--runs 3] [--load grpc|gateway]`, or with
+//! `--gentle [--rounds 3]` only the comparison of issue 29 (see `backup/gentle.rs`).
 //!
 //! Starts a real etcd and Apache mod_dav (HTTPS, Basic auth; at nice 19, standing in for a
 //! remote server) on loopback, fills etcd with Kubernetes-like objects until its database
@@ -20,6 +21,8 @@
 #[path = "../tests/it/common.rs"]
 #[allow(dead_code)]
 mod common;
+#[path = "backup/gentle.rs"]
+mod gentle;
 #[path = "../tests/it/servers.rs"]
 #[allow(dead_code)]
 mod servers;
@@ -63,7 +66,22 @@ fn main() {
     // Put p99 over a few seconds varies by a third from run to run: each way runs this many
     // times and shows its median run.
     let runs = (flag("--runs").unwrap_or(3.0) as usize).max(1);
-    Bench::new(size_gib, only, server_nice, runs).run(idle_secs);
+    let load_kind = match args.iter().position(|a| a == "--load").and_then(|i| args.get(i + 1)) {
+        Some(k) if k == "gateway" => gentle::LoadKind::Gateway,
+        Some(k) if k == "grpc" => gentle::LoadKind::Grpc,
+        Some(k) => panic!("--load takes gateway or grpc, not {k}"),
+        // Issue 29's load for its own comparison; the benchmark's own for the full table.
+        None if args.iter().any(|a| a == "--gentle") => gentle::LoadKind::Gateway,
+        None => gentle::LoadKind::Grpc,
+    };
+    let mut bench = Bench::new(size_gib, only, server_nice, runs);
+    bench.load_kind = load_kind;
+    if args.iter().any(|a| a == "--gentle") {
+        let rounds = (flag("--rounds").unwrap_or(3.0) as usize).max(1);
+        bench.gentle(rounds);
+        return;
+    }
+    bench.run(idle_secs);
 }
 
 /// The snapshot stream read and thrown away: the source's limit (run as a child process so
@@ -176,6 +194,7 @@ struct Bench {
     /// How many times each way runs (see [`Bench::both`]).
     runs: usize,
     rt: tokio::runtime::Runtime,
+    load_kind: gentle::LoadKind,
 }
 
 struct Row {
@@ -188,6 +207,8 @@ struct Row {
     stored: Option<u64>,
     /// etcd's put latencies (sorted, ms) and their rate, over the whole operation.
     load: Load,
+    /// Each round's put p99 (ms) and rate under the load.
+    rounds: Vec<(f64, f64)>,
 }
 
 /// The put load's latencies while one way ran.
@@ -220,6 +241,7 @@ impl Bench {
             only,
             runs,
             rt,
+            load_kind: gentle::LoadKind::Grpc,
         }
     }
 
@@ -340,6 +362,7 @@ impl Bench {
             loaded: None,
             stored: None,
             load: quiet,
+            rounds: Vec::new(),
         });
 
         let local = self.w().join("etcdctl.db");
@@ -369,7 +392,16 @@ impl Bench {
         let recipient = age::x25519::Identity::generate().to_public().to_string();
         let shm = Path::new("/dev/shm").join(format!("etcd-backupd-bench-{}", std::process::id()));
         for (name, tag, extra) in [
-            ("etcd-backupd backup, plain", "plain", String::new()),
+            (
+                "etcd-backupd backup, plain (adaptive pace, the default)",
+                "plain",
+                String::new(),
+            ),
+            (
+                "etcd-backupd backup, plain, full speed (priority.etcd_latency_budget = \"off\")",
+                "plain-off",
+                "[priority]\netcd_latency_budget = \"off\"\n".to_string(),
+            ),
             (
                 "etcd-backupd backup, plain, nice 0 (no low priority)",
                 "plain-nice0",
@@ -466,6 +498,10 @@ impl Bench {
         quiet.sort_by(|a, b| a.wall.total_cmp(&b.wall));
         let mut quiet = quiet.swap_remove(quiet.len() / 2);
         quiet.rss_mib = peak;
+        let rounds = loaded
+            .iter()
+            .map(|(_, l)| (pct(&l.sorted_ms, 0.99), l.rate()))
+            .collect();
         loaded.sort_by(|a, b| pct(&a.1.sorted_ms, 0.99).total_cmp(&pct(&b.1.sorted_ms, 0.99)));
         let (loaded, load) = loaded.swap_remove(loaded.len() / 2);
         Row {
@@ -474,6 +510,7 @@ impl Bench {
             loaded: Some(loaded),
             stored: Some(bytes),
             load,
+            rounds,
         }
     }
 
@@ -623,7 +660,11 @@ impl Bench {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let endpoint = self.etcd.endpoint.clone();
         let s = stop.clone();
+        let kind = self.load_kind;
         let handle = self.rt.spawn(async move {
+            if kind == gentle::LoadKind::Gateway {
+                return Bench::gateway_load(endpoint, s).await;
+            }
             let client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
             let tasks: Vec<_> = (0..8)
                 .map(|w| {
@@ -678,7 +719,7 @@ struct Filled {
 
 fn print_table(rows: &[Row], snapshot_bytes: u64) {
     let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix)).unwrap();
-    let (naive, raw, etcdctl) = (find("naive"), find("raw"), find("etcdctl"));
+    let (naive, raw, etcdctl, alone) = (find("naive"), find("raw"), find("etcdctl"), find("no backup"));
     let wall = |m: Option<Measured>| m.map_or(0.0, |m| m.wall);
     println!(
         "snapshot: {:.0} MiB; machine: {} cores, {}\n",
@@ -687,15 +728,15 @@ fn print_table(rows: &[Row], snapshot_bytes: u64) {
         cpu_model()
     );
     println!(
-        "| way | quiet: wall s | vs naive | vs raw stream | CPU s | peak RSS MiB | stored MiB | under load: wall s | vs naive | put p50 ms | put p99 ms | put max ms | puts/s | p99 vs etcdctl | puts/s vs etcdctl |"
+        "| way | quiet: wall s | vs naive | vs raw stream | CPU s | peak RSS MiB | stored MiB | under load: wall s | vs naive | put p50 ms | put p99 ms | put max ms | puts/s | p99 vs etcdctl | p99 vs no backup | puts/s vs etcdctl |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let p99 = |l: &Load| pct(&l.sorted_ms, 0.99);
     let dash = || "–".to_string();
     for r in rows {
         let q = |f: &dyn Fn(&Measured) -> String| r.quiet.as_ref().map_or_else(dash, f);
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.2}× |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
             r.name,
             q(&|m| format!("{:.2}", m.wall)),
             q(&|m| format!("{:.2}×", m.wall / wall(naive.quiet))),
@@ -711,8 +752,15 @@ fn print_table(rows: &[Row], snapshot_bytes: u64) {
             r.load.sorted_ms.last().copied().unwrap_or(0.0),
             r.load.rate(),
             p99(&r.load) / p99(&etcdctl.load).max(1e-9),
+            p99(&r.load) / p99(&alone.load).max(1e-9),
             r.load.rate() / etcdctl.load.rate().max(1e-9),
         );
+    }
+    // Every round, not only the median: p99 varies by a third from run to run.
+    println!("\nevery round under the load (put p99 ms, puts/s):\n");
+    for r in rows.iter().filter(|r| !r.rounds.is_empty()) {
+        let rounds: Vec<String> = r.rounds.iter().map(|(p, n)| format!("{p:.2} ms, {n:.0}/s")).collect();
+        println!("- {}: {}", r.name, rounds.join("; "));
     }
 }
 

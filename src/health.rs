@@ -269,6 +269,7 @@ mod tests {
             id: Some("2026-12-07_023012".into()),
             bytes: Some(1),
             duration_s: 1.0,
+            pace: None,
             targets: vec![
                 TargetState {
                     name: "a".into(),

@@ -140,6 +140,18 @@ fn write_families(out: &mut Families, staging: &Path) -> fmt::Result {
             "Bytes stored by this node's last backup attempt.",
             last.bytes.unwrap_or(0),
         )?;
+        if let Some(p) = &last.pace {
+            out.gauge(
+                "etcd_backupd_last_snapshot_slowed_seconds",
+                "How long this node's last snapshot pull was held back to keep etcd's latency within priority.etcd_latency_budget.",
+                millis(p.slowed_s),
+            )?;
+            out.gauge(
+                "etcd_backupd_last_snapshot_etcd_latency_ratio",
+                "etcd's probe latency (median) during this node's last snapshot pull, over its latency before the pull.",
+                millis(p.during_p50_ms / p.baseline_ms.max(1e-3)),
+            )?;
+        }
     }
     let (pending, pending_bytes) = crate::staging::sets::pending(staging);
     out.gauge(

@@ -1,8 +1,8 @@
 //! Low priority for backup work: the I/O class (`ioprio_set`, idle or best-effort 7) and
 //! `nice` from `[priority]`, set on every thread of the process (both are per thread on
-//! Linux, and threads started later inherit them). The snapshot pull is never rate-limited
-//! (a long read transaction makes etcd's database grow); `upload_rate_limit` applies to
-//! what is written to targets.
+//! Linux, and threads started later inherit them). The snapshot pull is paced only by
+//! etcd's latency ([`crate::source::pace`], bounded: a long read transaction makes etcd's
+//! database grow); `upload_rate_limit` applies to what is written to targets.
 //!
 //! I/O priorities only take effect under the BFQ (or legacy CFQ) scheduler; RHCOS often uses
 //! `none` or `mq-deadline` on NVMe and virtio disks, so the scheduler of the staging disk is

@@ -123,6 +123,7 @@ pub(super) fn json(r: &BackupReport) -> serde_json::Value {
         "result": r.result().as_str(),
         "seconds": r.duration.as_secs_f64(),
         "snapshot_seconds": r.snapshot_duration.as_secs_f64(),
+        "pace": r.pace,
         "etcd": m.etcd,
         "forced": m.forced,
         "files": m.files,
@@ -165,6 +166,9 @@ pub(super) fn print_backup_summary(r: &BackupReport) -> Result<()> {
             secs,
             human((s.size as f64 / secs) as u64)
         )?;
+        if let Some(p) = &r.pace {
+            writeln!(out, "  pace      {}", p.describe())?;
+        }
     }
     for t in &r.targets {
         match &t.result {

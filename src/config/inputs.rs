@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{FreeSpace, HumanDuration, Rate, Size};
+use super::types::{FreeSpace, HumanDuration, LatencyBudget, Rate, Size};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -174,6 +174,8 @@ pub struct PriorityInputs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_nice: Option<i32>,
     pub upload_rate_limit: Rate,
+    /// How much slower etcd may answer while the snapshot is pulled (`source::pace`).
+    pub etcd_latency_budget: LatencyBudget,
 }
 
 impl Default for PriorityInputs {
@@ -183,6 +185,7 @@ impl Default for PriorityInputs {
             nice: 10,
             snapshot_nice: None,
             upload_rate_limit: Rate(None),
+            etcd_latency_budget: LatencyBudget::default(),
         }
     }
 }

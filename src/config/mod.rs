@@ -25,6 +25,7 @@ pub use inputs::{
 };
 use load::Merged;
 use types::HumanDuration;
+pub use types::LatencyBudget;
 
 /// The default main configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/etcd-backupd/config.toml";
@@ -979,6 +980,21 @@ url = "file:///srv/{node_name}"
         assert_eq!((s.priority.nice, s.priority.snapshot_nice), (10, None));
         let s = load(&format!("{MIN}[priority]\nsnapshot_nice = 0\n")).unwrap();
         assert_eq!((s.priority.nice, s.priority.snapshot_nice), (10, Some(0)));
+    }
+
+    #[test]
+    fn the_latency_budget_is_a_multiple_or_off() {
+        let budget = |v: &str| load(&format!("{MIN}[priority]\netcd_latency_budget = {v}\n"));
+        assert_eq!(load(MIN).unwrap().priority.etcd_latency_budget.multiple(), Some(1.5));
+        assert_eq!(budget("2").unwrap().priority.etcd_latency_budget.multiple(), Some(2.0));
+        assert_eq!(budget("\"off\"").unwrap().priority.etcd_latency_budget.multiple(), None);
+        for bad in ["1.0", "0.5", "\"fast\"", "\"1.5\""] {
+            let e = budget(bad).unwrap_err();
+            assert!(
+                e.starts_with("config.toml: priority.etcd_latency_budget: invalid latency budget"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -144,6 +144,63 @@ impl Serialize for Rate {
     }
 }
 
+/// `priority.etcd_latency_budget`: how much slower etcd may answer while the snapshot is
+/// pulled, as a multiple of its latency just before (`1.5`), or `"off"`: full speed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LatencyBudget {
+    Off,
+    Multiple(f64),
+}
+
+impl Default for LatencyBudget {
+    fn default() -> Self {
+        LatencyBudget::Multiple(DEFAULT_LATENCY_BUDGET)
+    }
+}
+
+/// The default budget: etcd's requests at most half again as slow as before the pull.
+pub const DEFAULT_LATENCY_BUDGET: f64 = 1.5;
+
+impl LatencyBudget {
+    pub fn multiple(self) -> Option<f64> {
+        match self {
+            LatencyBudget::Off => None,
+            LatencyBudget::Multiple(m) => Some(m),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LatencyBudget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let bad = |what: &str| {
+            de::Error::custom(format!(
+                "invalid latency budget {what}; write a multiple of etcd's latency before the pull such as 1.5 (at least 1.1), or \"off\""
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Text(t) if t.trim() == "off" => Ok(LatencyBudget::Off),
+            Raw::Number(m) if m.is_finite() && (1.1..=1000.0).contains(&m) => Ok(LatencyBudget::Multiple(m)),
+            Raw::Number(m) => Err(bad(&m.to_string())),
+            Raw::Text(t) => Err(bad(&format!("{t:?}"))),
+        }
+    }
+}
+
+impl Serialize for LatencyBudget {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LatencyBudget::Off => s.serialize_str("off"),
+            LatencyBudget::Multiple(m) => s.serialize_f64(*m),
+        }
+    }
+}
+
 /// How much free space staging needs before a backup: a multiple of the current DB size
 /// (`2x`, what the platform's own backup CronJob checks) or an absolute size.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -454,12 +454,14 @@ pub fn record(
         bytes: None,
         duration_s: t0.elapsed().as_secs_f64(),
         targets: Vec::new(),
+        pace: None,
     };
     match outcome {
         Ok(Outcome::Ran(r)) => {
             s.result = r.result();
             s.id = Some(r.manifest.id.clone());
             s.bytes = Some(r.manifest.total_stored_size());
+            s.pace = r.pace.clone();
             s.targets = r
                 .targets
                 .iter()

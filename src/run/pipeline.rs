@@ -70,11 +70,20 @@ pub struct TargetOutcome {
     pub result: Result<(), String>,
 }
 
+/// How the snapshot was taken: how long it took, and what pacing did.
+#[derive(Debug, Clone, Default)]
+pub struct Streamed {
+    pub duration: Duration,
+    pub pace: Option<crate::source::pace::PaceReport>,
+}
+
 #[derive(Debug)]
 pub struct BackupReport {
     pub manifest: Manifest,
     pub duration: Duration,
     pub snapshot_duration: Duration,
+    /// What pacing the snapshot pull did (`priority.etcd_latency_budget`).
+    pub pace: Option<crate::source::pace::PaceReport>,
     pub targets: Vec<TargetOutcome>,
     /// (run, id) of the sets this run's delivery pass brought to their last target,
     /// earlier runs' included.
@@ -382,7 +391,7 @@ impl Backup<'_> {
         early: BTreeMap<String, delivery::Early>,
         follow: FollowTx,
     ) -> Result<BackupReport> {
-        let (manifest, snapshot_duration) = match self.assemble(member, new, work.dir(), Some(follow)).await {
+        let (manifest, streamed) = match self.assemble(member, new, work.dir(), Some(follow)).await {
             Ok(r) => r,
             Err(e) => {
                 delivery::discard_drafts(self.opened, early).await;
@@ -435,7 +444,8 @@ impl Backup<'_> {
             targets: self.outcomes(&manifest.id, &results),
             manifest,
             duration: self.started.elapsed(),
-            snapshot_duration,
+            snapshot_duration: streamed.duration,
+            pace: streamed.pace,
             settled: delivery::settled(&results),
         })
     }
@@ -465,16 +475,16 @@ impl Backup<'_> {
         new: NewSet,
         work: &Path,
         follow: Option<FollowTx>,
-    ) -> Result<(Manifest, Duration)> {
+    ) -> Result<(Manifest, Streamed)> {
         let (settings, opts, status) = (self.settings, self.opts, self.status);
         let snap_started = Instant::now();
         let mut forced = opts.forced.clone();
         // The native method's own stream time (its uploads may take longer).
-        let mut snapshot_duration = None;
+        let mut streamed = None;
         let (id, created, files, stream_revision) = match settings.snapshot.method {
             SnapshotMethod::Native => {
-                let (files, revision, streamed) = self.take_native(member, &new.id, work, follow).await?;
-                snapshot_duration = Some(streamed);
+                let (files, revision, pulled) = self.take_native(member, &new.id, work, follow).await?;
+                streamed = Some(pulled);
                 (new.id, new.created, files, revision)
             }
             SnapshotMethod::Script => {
@@ -491,7 +501,10 @@ impl Backup<'_> {
                 (produced.ts, created, files, None)
             }
         };
-        let snapshot_duration = snapshot_duration.unwrap_or_else(|| snap_started.elapsed());
+        let streamed = streamed.unwrap_or_else(|| Streamed {
+            duration: snap_started.elapsed(),
+            pace: None,
+        });
         // Read from the archive as written, before it is sealed.
         let restore = {
             let (dir, plain) = (work.to_path_buf(), files.clone());
@@ -529,7 +542,7 @@ impl Backup<'_> {
         };
         // SHA256SUMS, the signature ([signing]), then manifest.json; flushed by the commit.
         crate::trust::signing::write_set_files(self.ctx.signer.as_ref(), work, &manifest)?;
-        Ok((manifest, snapshot_duration))
+        Ok((manifest, streamed))
     }
 
     /// The script method: the platform's script writes the set's files into `work`; a run
@@ -748,7 +761,7 @@ impl Backup<'_> {
         ts: &str,
         work: &Path,
         follow: Option<FollowTx>,
-    ) -> Result<(Vec<FileEntry>, Option<i64>, Duration)> {
+    ) -> Result<(Vec<FileEntry>, Option<i64>, Streamed)> {
         let (settings, seal, db_size) = (self.settings, &self.ctx.seal, self.status.db_size);
         let mut files = Vec::new();
         if let Some(root) = &settings.snapshot.static_resources_dir {
@@ -772,7 +785,9 @@ impl Backup<'_> {
             "backing up {ts}: streaming the snapshot from {}",
             member.shown()
         ));
-        let pending = snapshot::Pending::create(&work.join(&stored_name), seal)?.expecting(db_size);
+        let pending = snapshot::Pending::create(&work.join(&stored_name), seal)?
+            .expecting(db_size)
+            .paced(settings.priority.etcd_latency_budget.multiple());
         if let Some(tx) = follow {
             let _ = tx.send((pending.follower(), stored_name.clone()));
         }
@@ -803,6 +818,10 @@ impl Backup<'_> {
                 targets: Vec::new(),
             },
         );
+        let streamed = Streamed {
+            duration: streamed,
+            pace: taken.pace,
+        };
         Ok((files, taken.revision.filter(|r| *r > 0).or(before), streamed))
     }
 }

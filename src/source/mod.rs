@@ -3,6 +3,7 @@
 //! ([`static_resources`]); a platform set's file names are read by [`platform_set`]. Platform sets already on the node are imported by
 //! [`crate::run::import`].
 
+pub mod pace;
 pub mod platform_set;
 pub mod script;
 pub mod snapshot;

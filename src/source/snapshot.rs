@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
+use super::pace::{PaceReport, Pacer, Probe};
 use crate::envelope::{Seal, Sealer};
 use crate::etcd::Member;
 use crate::fsutil;
@@ -105,6 +106,8 @@ pub struct Taken {
     pub stored: Verified,
     /// The store revision the snapshot holds, from the stream's header.
     pub revision: Option<i64>,
+    /// What pacing did, when the pull was paced ([`super::pace`]).
+    pub pace: Option<PaceReport>,
 }
 
 /// A snapshot about to be streamed into `dest` (sealed as configured); its file can be
@@ -116,6 +119,8 @@ pub struct Pending {
     seal: Seal,
     /// The database size etcd reported, the stream's expected length (for progress).
     expected: Option<u64>,
+    /// `priority.etcd_latency_budget`'s multiple; `None`: full speed.
+    budget: Option<f64>,
 }
 
 impl Pending {
@@ -130,12 +135,20 @@ impl Pending {
             publisher,
             seal: seal.clone(),
             expected: None,
+            budget: None,
         })
     }
 
     /// Tells progress reports how long the stream should be (etcd's reported DB size).
     pub fn expecting(mut self, db_size: u64) -> Pending {
         self.expected = Some(db_size);
+        self
+    }
+
+    /// Paces the pull to keep etcd's latency within `budget` (a multiple of its latency
+    /// before the pull); `None`: full speed.
+    pub fn paced(mut self, budget: Option<f64>) -> Pending {
+        self.budget = budget;
         self
     }
 
@@ -154,10 +167,11 @@ impl Pending {
             publisher,
             seal,
             expected,
+            budget,
         } = self;
         let phase = crate::progress::Phase::start("snapshot", expected);
-        match stream_to(member, publisher, &part, seal, phase).await {
-            Ok((verified, stored, revision)) => {
+        match stream_to(member, publisher, &part, (seal, budget), phase).await {
+            Ok((verified, stored, revision, pace)) => {
                 std::fs::rename(&part, &dest)
                     .with_context(|| format!("cannot rename '{}' into place", part.display()))
                     .inspect_err(|_| {
@@ -171,6 +185,7 @@ impl Pending {
                     verified,
                     stored,
                     revision,
+                    pace,
                 })
             }
             Err(e) => {
@@ -186,13 +201,16 @@ pub async fn take(member: &Member, dest: &Path) -> Result<Taken> {
     Pending::create(dest, &Seal::default())?.stream(member).await
 }
 
+/// What a pull produced: the stream as sent, the file as stored, the revision, the pacing.
+type Pulled = (Verified, Verified, Option<i64>, Option<PaceReport>);
+
 async fn stream_to(
     member: &Member,
     publisher: Publisher,
     part: &Path,
-    seal: Seal,
+    (seal, budget): (Seal, Option<f64>),
     phase: crate::progress::Phase,
-) -> Result<(Verified, Verified, Option<i64>)> {
+) -> Result<Pulled> {
     let reach = member.snapshot_reach();
     let part = part.to_path_buf();
     let (done, result) = tokio::sync::oneshot::channel();
@@ -216,7 +234,7 @@ async fn stream_to(
                     .map_err(|e| anyhow!("cannot start the snapshot thread's runtime: {e}"))?;
                 let pulled = rt.block_on(async {
                     tokio::select! {
-                        pulled = pull(&reach, publisher, &part, &seal, &phase) => pulled,
+                        pulled = paced_pull(&reach, publisher, &part, &seal, budget, &phase) => pulled,
                         // The run was given up (its future dropped): stop pulling.
                         () = done.closed() => Err(anyhow!("snapshot abandoned")),
                     }
@@ -242,12 +260,58 @@ async fn stream_to(
 /// Pulls the stream into `publisher` (sealed as asked), verifying the trailer; only then is
 /// the file completed (fsync, and followers may finish). Returning an error drops the
 /// publisher unfinished, which fails every follower.
+/// [`pull`], paced by a probe of the same member when there is a budget: the probe's
+/// baseline is measured before the stream begins, and it paces until the stream ends.
+async fn paced_pull(
+    reach: &crate::etcd::SnapshotReach,
+    publisher: Publisher,
+    part: &Path,
+    seal: &Seal,
+    budget: Option<f64>,
+    phase: &crate::progress::Phase,
+) -> Result<Pulled> {
+    let pacer = Pacer::default();
+    let probe = match budget {
+        Some(b) => match reach.connect().await {
+            Ok(client) => Probe::start(&client, b, reach.request_timeout).await,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::one_line(&e), "cannot connect the latency probe; the snapshot is pulled at full speed");
+                None
+            }
+        },
+        None => None,
+    };
+    let Some(probe) = probe else {
+        let (verified, stored, revision) = pull(reach, publisher, part, seal, phase, &pacer).await?;
+        return Ok((verified, stored, revision, None));
+    };
+    let done = tokio_util::sync::CancellationToken::new();
+    let pulling = async {
+        let pulled = pull(reach, publisher, part, seal, phase, &pacer).await;
+        done.cancel();
+        pulled
+    };
+    let (pulled, report) = tokio::join!(pulling, probe.run(pacer.clone(), done.clone()));
+    let (verified, stored, revision) = pulled?;
+    if report.slowed_s > 0.0 {
+        tracing::info!(
+            slowed_s = format!("{:.1}", report.slowed_s),
+            baseline_ms = format!("{:.2}", report.baseline_ms),
+            during_p50_ms = format!("{:.2}", report.during_p50_ms),
+            "snapshot pull {}",
+            report.describe()
+        );
+    }
+    Ok((verified, stored, revision, Some(report)))
+}
+
 async fn pull(
     reach: &crate::etcd::SnapshotReach,
     publisher: Publisher,
     part: &Path,
     seal: &Seal,
     phase: &crate::progress::Phase,
+    pacer: &Pacer,
 ) -> Result<(Verified, Verified, Option<i64>)> {
     let shown = &reach.shown;
     let idle = reach.request_timeout;
@@ -290,6 +354,7 @@ async fn pull(
         phase.add(msg.blob().len() as u64);
         check.update(msg.blob());
         out.write_all(msg.blob()).map_err(cannot_write)?;
+        pacer.pulled(msg.blob().len()).await;
     }
     match last_remaining {
         None => bail!("etcd endpoint '{shown}': snapshot stream ended without data"),

@@ -243,6 +243,9 @@ pub struct RunState {
     pub bytes: Option<u64>,
     pub duration_s: f64,
     pub targets: Vec<TargetState>,
+    /// What pacing the snapshot pull did, when it was paced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace: Option<crate::source::pace::PaceReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -28,6 +28,7 @@ mod faults;
 mod guards;
 mod monitoring;
 mod oncall;
+mod pace;
 mod pipeline;
 mod props;
 mod proxy_env;

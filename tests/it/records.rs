@@ -251,9 +251,17 @@ async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_firs
         "{outage:?}\n{}",
         std::fs::read_to_string(&log).unwrap()
     );
+    // Visible on the target comes a moment before the daemon logs it stored (it checks the
+    // set where it landed first): wait for both.
+    let logged = |id: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("backup set stored") && l.contains(id))
+    };
     loop {
         let on = sets_on(&rclone.root());
-        if outage.iter().all(|id| on.contains(id)) {
+        if outage.iter().all(|id| on.contains(id) && logged(id)) {
             break;
         }
         assert!(

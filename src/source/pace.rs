@@ -1,0 +1,321 @@
+//! A gentle pull (`priority.etcd_latency_budget`): while the snapshot streams, a probe on a
+//! connection of its own reads one absent key from the same member every
+//! [`PROBE_EVERY`] (a linearizable count: the path every client request takes through the
+//! member, and nothing written), and a [`Controller`] paces the pull so that the probe's
+//! latency stays within the budget, a multiple of its latency before the pull began.
+//!
+//! - Nobody to yield to: when the store's revision moves by fewer than [`BUSY_WRITES_PER_S`]
+//!   a second, the pull goes at full speed, whatever the latency (its own cost hurts no one).
+//! - Bounded: the pull never goes slower than 1/[`MAX_SLOWDOWN`] of the fastest it went
+//!   unpaced, so it takes at most that many times as long, and etcd's read transaction (which
+//!   keeps freed pages from reuse while it lasts) stays open at most that many times as long.
+//! - Pausing the reader is enough: HTTP/2 flow control stops etcd's sender once the window
+//!   is full, so etcd sends no faster than the pull reads.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How often the probe asks.
+pub const PROBE_EVERY: Duration = Duration::from_millis(50);
+/// The slowest the pull goes, as a fraction of its unpaced speed: at most this many times
+/// as long as at full speed.
+pub const MAX_SLOWDOWN: f64 = 2.5;
+/// Writes a second under which the member counts as quiet.
+pub const BUSY_WRITES_PER_S: f64 = 5.0;
+/// Probes before the pull: their median is the baseline.
+const BASELINE_PROBES: usize = 10;
+/// The key the probe counts (absent: the answer is a header and a zero).
+const PROBE_KEY: &str = "/etcd-backupd-latency-probe";
+/// The slowest pace, whatever was measured (a pull that never went fast yet).
+const MIN_RATE: f64 = 4.0 * 1048576.0;
+
+/// What pacing did in one pull: in the run's record, its metrics and the log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PaceReport {
+    /// The budget, a multiple of `baseline_ms`.
+    pub budget: f64,
+    /// The probe's median latency before the pull (ms).
+    pub baseline_ms: f64,
+    /// The probe's median and 99th percentile during the pull (ms).
+    pub during_p50_ms: f64,
+    pub during_p99_ms: f64,
+    /// How long the pull was held back in all.
+    pub slowed_s: f64,
+    /// How many probes answered during the pull.
+    pub probes: usize,
+}
+
+impl PaceReport {
+    /// "slowed 3.1 s; etcd's latency 1.4x its 0.8 ms before", for the log and the summary.
+    pub fn describe(&self) -> String {
+        format!(
+            "slowed {:.1} s for etcd (probe latency p50 {:.2} ms, p99 {:.2} ms, {:.2} ms before; budget {}x)",
+            self.slowed_s, self.during_p50_ms, self.during_p99_ms, self.baseline_ms, self.budget
+        )
+    }
+}
+
+/// The pace as a function of what the probe and the pull report; no clock, no I/O.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    limit_ms: f64,
+    /// The cap, bytes/s; `None`: full speed.
+    rate: Option<f64>,
+    /// The fastest the pull went unpaced, bytes/s.
+    full_speed: f64,
+}
+
+impl Controller {
+    pub fn new(baseline_ms: f64, budget: f64) -> Controller {
+        Controller {
+            // A quarter of a millisecond is noise on any machine.
+            limit_ms: (baseline_ms * budget).max(baseline_ms + 0.25),
+            rate: None,
+            full_speed: 0.0,
+        }
+    }
+
+    /// The latency the pace keeps the probe under (ms).
+    pub fn limit_ms(&self) -> f64 {
+        self.limit_ms
+    }
+
+    /// One step: `latency_ms`, the probes' recent median; `speed`, what the pull did since
+    /// the last step (bytes/s); `busy`, whether anyone else writes. Returns the new cap.
+    pub fn step(&mut self, latency_ms: f64, speed: f64, busy: bool) -> Option<f64> {
+        if self.rate.is_none() {
+            self.full_speed = self.full_speed.max(speed);
+        }
+        let floor = (self.full_speed / MAX_SLOWDOWN).max(MIN_RATE);
+        if busy && latency_ms > self.limit_ms {
+            let from = self.rate.unwrap_or(self.full_speed.max(speed));
+            self.rate = Some((from * 0.7).max(floor));
+        } else if !busy || latency_ms < 0.8 * self.limit_ms {
+            self.rate = match self.rate {
+                Some(r) if r * 1.25 < self.full_speed => Some(r * 1.25),
+                _ => None,
+            };
+        }
+        self.rate
+    }
+}
+
+/// What the pull and the probe share.
+#[derive(Debug, Default)]
+struct Shared {
+    rate: Option<f64>,
+    pulled: u64,
+    slowed: Duration,
+}
+
+/// The pull's side: it reports what it read and waits as long as the pace asks.
+#[derive(Clone, Default)]
+pub struct Pacer {
+    shared: Arc<Mutex<Shared>>,
+    /// When the bytes read so far may all have been read, at the current cap.
+    due: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Pacer {
+    /// Counts `bytes` just read, and waits if the cap says so.
+    pub async fn pulled(&self, bytes: usize) {
+        let rate = {
+            let mut s = self.shared.lock().unwrap();
+            s.pulled += bytes as u64;
+            s.rate
+        };
+        let wait = {
+            let mut due = self.due.lock().unwrap();
+            match rate {
+                None => {
+                    *due = None;
+                    Duration::ZERO
+                }
+                Some(r) => {
+                    let now = Instant::now();
+                    let next = due.unwrap_or(now).max(now) + Duration::from_secs_f64(bytes as f64 / r);
+                    *due = Some(next);
+                    next.saturating_duration_since(now)
+                }
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+            self.shared.lock().unwrap().slowed += wait;
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.shared.lock().unwrap().pulled
+    }
+
+    fn set_rate(&self, rate: Option<f64>) {
+        self.shared.lock().unwrap().rate = rate;
+    }
+
+    fn slowed(&self) -> Duration {
+        self.shared.lock().unwrap().slowed
+    }
+}
+
+/// One probe: its latency (ms) and the store's revision, or `None` if it failed.
+async fn probe(kv: &mut etcd_client::KvClient, timeout: Duration) -> Option<(f64, i64)> {
+    let t = Instant::now();
+    let opts = etcd_client::GetOptions::new().with_count_only();
+    let resp = tokio::time::timeout(timeout, kv.get(PROBE_KEY, Some(opts)))
+        .await
+        .ok()?
+        .ok()?;
+    Some((t.elapsed().as_secs_f64() * 1000.0, resp.header()?.revision()))
+}
+
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(((s.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// The probe: measures the baseline, then paces `pacer` until `done` fires.
+pub struct Probe {
+    kv: etcd_client::KvClient,
+    budget: f64,
+    timeout: Duration,
+    baseline_ms: f64,
+}
+
+impl Probe {
+    /// Measures the baseline on `client`'s connection; `None` (with a warning: the pull then
+    /// goes at full speed) when the member does not answer the probe.
+    pub async fn start(client: &etcd_client::Client, budget: f64, timeout: Duration) -> Option<Probe> {
+        let mut kv = client.kv_client();
+        let mut lat = Vec::new();
+        for _ in 0..BASELINE_PROBES {
+            if let Some((ms, _)) = probe(&mut kv, timeout).await {
+                lat.push(ms);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if lat.len() < BASELINE_PROBES / 2 {
+            tracing::warn!("etcd does not answer the latency probe; the snapshot is pulled at full speed");
+            return None;
+        }
+        Some(Probe {
+            kv,
+            budget,
+            timeout,
+            baseline_ms: median(&lat),
+        })
+    }
+
+    /// Paces `pacer` until `done` fires; returns what it saw.
+    pub async fn run(mut self, pacer: Pacer, done: tokio_util::sync::CancellationToken) -> PaceReport {
+        let mut ctl = Controller::new(self.baseline_ms, self.budget);
+        let mut during = Vec::new();
+        let mut recent: Vec<f64> = Vec::new();
+        // (when, revision) of the last second's probes: the write rate.
+        let mut revisions: std::collections::VecDeque<(Instant, i64)> = Default::default();
+        let (mut last_at, mut last_bytes) = (Instant::now(), pacer.bytes());
+        loop {
+            tokio::select! {
+                () = done.cancelled() => break,
+                () = tokio::time::sleep(PROBE_EVERY) => {}
+            }
+            let Some((ms, rev)) = probe(&mut self.kv, self.timeout).await else {
+                // A probe that fails says nothing of latency: full speed, the safe side for
+                // the read transaction.
+                pacer.set_rate(None);
+                continue;
+            };
+            during.push(ms);
+            recent.push(ms);
+            if recent.len() > 3 {
+                recent.remove(0);
+            }
+            let now = Instant::now();
+            revisions.push_back((now, rev));
+            while revisions.len() > 2 && now - revisions[0].0 > Duration::from_secs(1) {
+                revisions.pop_front();
+            }
+            let (t0, r0) = revisions[0];
+            let span = (now - t0).as_secs_f64();
+            let busy = span > 0.0 && (rev - r0) as f64 / span >= BUSY_WRITES_PER_S;
+            let bytes = pacer.bytes();
+            let speed = (bytes - last_bytes) as f64 / (now - last_at).as_secs_f64().max(1e-3);
+            (last_at, last_bytes) = (now, bytes);
+            pacer.set_rate(ctl.step(median(&recent), speed, busy));
+        }
+        PaceReport {
+            budget: self.budget,
+            baseline_ms: self.baseline_ms,
+            during_p50_ms: median(&during),
+            during_p99_ms: percentile(&during, 0.99),
+            slowed_s: pacer.slowed().as_secs_f64(),
+            probes: during.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: f64 = 1048576.0;
+
+    #[test]
+    fn a_busy_member_over_budget_slows_the_pull_down_to_the_floor_and_no_further() {
+        let mut c = Controller::new(2.0, 1.5);
+        assert_eq!(c.limit_ms(), 3.0);
+        // Unpaced at 300 MiB/s while within the budget.
+        assert_eq!(c.step(2.5, 300.0 * MIB, true), None);
+        // Over it: slower, step by step, never under 1/MAX_SLOWDOWN of full speed.
+        let first = c.step(5.0, 300.0 * MIB, true).unwrap();
+        assert!(first < 300.0 * MIB);
+        let mut rate = first;
+        for _ in 0..50 {
+            let r = c.step(9.0, rate, true).unwrap();
+            assert!(r <= rate);
+            rate = r;
+        }
+        assert!((rate - 300.0 * MIB / MAX_SLOWDOWN).abs() < 1.0, "{}", rate / MIB);
+    }
+
+    #[test]
+    fn a_quiet_member_or_latency_back_in_budget_lets_the_pull_speed_up_again() {
+        let mut c = Controller::new(2.0, 1.5);
+        c.step(2.0, 200.0 * MIB, true);
+        let slow = c.step(6.0, 200.0 * MIB, true).unwrap();
+        // Within the budget with room: faster, then full speed.
+        let faster = c.step(2.0, slow, true).unwrap();
+        assert!(faster > slow);
+        let mut rate = Some(faster);
+        for _ in 0..20 {
+            rate = c.step(2.0, rate.unwrap_or(200.0 * MIB), true);
+        }
+        assert_eq!(rate, None);
+        // Nobody else writing: full speed whatever the latency.
+        let mut c = Controller::new(0.3, 1.5);
+        c.step(0.3, 200.0 * MIB, false);
+        assert_eq!(c.step(40.0, 200.0 * MIB, false), None);
+    }
+
+    #[test]
+    fn a_tiny_baseline_still_leaves_room_for_noise() {
+        assert_eq!(Controller::new(0.1, 1.5).limit_ms(), 0.35);
+    }
+
+    #[test]
+    fn percentiles_of_the_probes() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(median(&v), 3.0);
+        assert_eq!(percentile(&v, 0.99), 5.0);
+        assert_eq!(median(&[]), 0.0);
+    }
+}
