@@ -686,11 +686,7 @@ impl Bench {
                     })
                 })
                 .collect();
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await.unwrap());
-            }
-            all
+            gather(tasks).await
         });
         let started = Instant::now();
         while !(done() && started.elapsed() >= min) {
@@ -702,6 +698,15 @@ impl Bench {
         l.sort_by(f64::total_cmp);
         Load { sorted_ms: l, secs }
     }
+}
+
+/// Every client's latencies, once each has stopped.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<Vec<f64>>>) -> Vec<f64> {
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
 }
 
 /// Where each etcd-backupd run's log goes: `target/bench-logs/<way>-quiet-<n>.log` and `-loaded-<n>.log`.

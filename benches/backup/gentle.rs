@@ -62,11 +62,7 @@ impl Bench {
                 })
             })
             .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        all
+        super::gather(tasks).await
     }
 
     /// `cmd` under the load; its stdout kept (for `--json`).

@@ -985,7 +985,7 @@ url = "file:///srv/{node_name}"
     #[test]
     fn the_latency_budget_is_a_multiple_or_off() {
         let budget = |v: &str| load(&format!("{MIN}[priority]\netcd_latency_budget = {v}\n"));
-        assert_eq!(load(MIN).unwrap().priority.etcd_latency_budget.multiple(), Some(1.5));
+        assert_eq!(load(MIN).unwrap().priority.etcd_latency_budget.multiple(), Some(1.25));
         assert_eq!(budget("2").unwrap().priority.etcd_latency_budget.multiple(), Some(2.0));
         assert_eq!(budget("\"off\"").unwrap().priority.etcd_latency_budget.multiple(), None);
         for bad in ["1.0", "0.5", "\"fast\"", "\"1.5\""] {

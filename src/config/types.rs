@@ -158,8 +158,8 @@ impl Default for LatencyBudget {
     }
 }
 
-/// The default budget: etcd's requests at most half again as slow as before the pull.
-pub const DEFAULT_LATENCY_BUDGET: f64 = 1.5;
+/// The default budget: etcd's requests at most a quarter slower than before the pull.
+pub const DEFAULT_LATENCY_BUDGET: f64 = 1.25;
 
 impl LatencyBudget {
     pub fn multiple(self) -> Option<f64> {

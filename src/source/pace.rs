@@ -2,12 +2,13 @@
 //! connection of its own reads one absent key from the same member every
 //! [`PROBE_EVERY`] (a linearizable count: the path every client request takes through the
 //! member, and nothing written), and a [`Controller`] paces the pull so that the probe's
-//! latency stays within the budget, a multiple of its latency before the pull began.
+//! latency (the worst of its last three answers) stays within the budget, a multiple of its
+//! median latency before the pull began.
 //!
 //! - Nobody to yield to: when the store's revision moves by fewer than [`BUSY_WRITES_PER_S`]
 //!   a second, the pull goes at full speed, whatever the latency (its own cost hurts no one).
 //! - Bounded: the pull never goes slower than 1/[`MAX_SLOWDOWN`] of the fastest it went
-//!   unpaced, so it takes at most that many times as long, and etcd's read transaction (which
+//!   unpaced, so it takes at most about that many times as long, and etcd's read transaction (which
 //!   keeps freed pages from reuse while it lasts) stays open at most that many times as long.
 //! - Pausing the reader is enough: HTTP/2 flow control stops etcd's sender once the window
 //!   is full, so etcd sends no faster than the pull reads.
@@ -21,13 +22,17 @@ use serde::{Deserialize, Serialize};
 pub const PROBE_EVERY: Duration = Duration::from_millis(50);
 /// The slowest the pull goes, as a fraction of its unpaced speed: at most this many times
 /// as long as at full speed.
-pub const MAX_SLOWDOWN: f64 = 2.5;
+pub const MAX_SLOWDOWN: f64 = 2.25;
 /// Writes a second under which the member counts as quiet.
 pub const BUSY_WRITES_PER_S: f64 = 5.0;
 /// Probes before the pull: their median is the baseline.
 const BASELINE_PROBES: usize = 10;
 /// The key the probe counts (absent: the answer is a header and a zero).
 const PROBE_KEY: &str = "/etcd-backupd-latency-probe";
+/// The shortest wait the pacer sleeps for; shorter debts gather until they reach it.
+const MIN_WAIT: Duration = Duration::from_millis(5);
+/// How far behind its schedule the pull may be and still catch up at full speed.
+const CATCH_UP: Duration = Duration::from_millis(20);
 /// The slowest pace, whatever was measured (a pull that never went fast yet).
 const MIN_RATE: f64 = 4.0 * 1048576.0;
 
@@ -65,7 +70,13 @@ pub struct Controller {
     rate: Option<f64>,
     /// The fastest the pull went unpaced, bytes/s.
     full_speed: f64,
+    /// Steps taken unpaced so far: full speed is known only after [`WARM_UP_STEPS`].
+    unpaced_steps: u32,
 }
+
+/// Steps at full speed before the pace may first slow the pull: its full speed, which
+/// bounds the slowdown, is measured over them (the first moments of a stream are slower).
+pub const WARM_UP_STEPS: u32 = 6;
 
 impl Controller {
     pub fn new(baseline_ms: f64, budget: f64) -> Controller {
@@ -74,6 +85,7 @@ impl Controller {
             limit_ms: (baseline_ms * budget).max(baseline_ms + 0.25),
             rate: None,
             full_speed: 0.0,
+            unpaced_steps: 0,
         }
     }
 
@@ -82,19 +94,23 @@ impl Controller {
         self.limit_ms
     }
 
-    /// One step: `latency_ms`, the probes' recent median; `speed`, what the pull did since
+    /// One step: `latency_ms`, the probes' recent worst; `speed`, what the pull did since
     /// the last step (bytes/s); `busy`, whether anyone else writes. Returns the new cap.
     pub fn step(&mut self, latency_ms: f64, speed: f64, busy: bool) -> Option<f64> {
         if self.rate.is_none() {
             self.full_speed = self.full_speed.max(speed);
+            self.unpaced_steps += 1;
         }
         let floor = (self.full_speed / MAX_SLOWDOWN).max(MIN_RATE);
-        if busy && latency_ms > self.limit_ms {
+        if busy && latency_ms > self.limit_ms && self.unpaced_steps > WARM_UP_STEPS {
             let from = self.rate.unwrap_or(self.full_speed.max(speed));
             self.rate = Some((from * 0.7).max(floor));
-        } else if !busy || latency_ms < 0.8 * self.limit_ms {
+        } else if !busy {
+            self.rate = None;
+        } else if latency_ms < 0.8 * self.limit_ms {
+            // Down fast, up slowly: a moment of calm under a steady load is not the end of it.
             self.rate = match self.rate {
-                Some(r) if r * 1.25 < self.full_speed => Some(r * 1.25),
+                Some(r) if r * 1.05 < self.full_speed => Some(r * 1.05),
                 _ => None,
             };
         }
@@ -119,7 +135,10 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// Counts `bytes` just read, and waits if the cap says so.
+    /// Counts `bytes` just read, and waits if the cap says so. A message is 32 KiB: waits
+    /// are gathered until they reach [`MIN_WAIT`] (a timer rounds every wait up to the next
+    /// millisecond, which per message would slow the pull far more than asked), and time
+    /// overslept is made up by the next messages.
     pub async fn pulled(&self, bytes: usize) {
         let rate = {
             let mut s = self.shared.lock().unwrap();
@@ -135,15 +154,17 @@ impl Pacer {
                 }
                 Some(r) => {
                     let now = Instant::now();
-                    let next = due.unwrap_or(now).max(now) + Duration::from_secs_f64(bytes as f64 / r);
+                    let from = due.unwrap_or(now).max(now - CATCH_UP);
+                    let next = from + Duration::from_secs_f64(bytes as f64 / r);
                     *due = Some(next);
                     next.saturating_duration_since(now)
                 }
             }
         };
-        if !wait.is_zero() {
+        if wait >= MIN_WAIT {
+            let t = Instant::now();
             tokio::time::sleep(wait).await;
-            self.shared.lock().unwrap().slowed += wait;
+            self.shared.lock().unwrap().slowed += t.elapsed();
         }
     }
 
@@ -250,7 +271,9 @@ impl Probe {
             let bytes = pacer.bytes();
             let speed = (bytes - last_bytes) as f64 / (now - last_at).as_secs_f64().max(1e-3);
             (last_at, last_bytes) = (now, bytes);
-            pacer.set_rate(ctl.step(median(&recent), speed, busy));
+            // The worst of the last three: what the pull costs shows in etcd's tail first.
+            let worst = recent.iter().copied().fold(0.0, f64::max);
+            pacer.set_rate(ctl.step(worst, speed, busy));
         }
         PaceReport {
             budget: self.budget,
@@ -273,8 +296,12 @@ mod tests {
     fn a_busy_member_over_budget_slows_the_pull_down_to_the_floor_and_no_further() {
         let mut c = Controller::new(2.0, 1.5);
         assert_eq!(c.limit_ms(), 3.0);
-        // Unpaced at 300 MiB/s while within the budget.
+        // Unpaced at 300 MiB/s while within the budget; over it before full speed is known:
+        // still unpaced.
         assert_eq!(c.step(2.5, 300.0 * MIB, true), None);
+        for _ in 1..WARM_UP_STEPS {
+            assert_eq!(c.step(9.0, 100.0 * MIB, true), None);
+        }
         // Over it: slower, step by step, never under 1/MAX_SLOWDOWN of full speed.
         let first = c.step(5.0, 300.0 * MIB, true).unwrap();
         assert!(first < 300.0 * MIB);
@@ -290,19 +317,23 @@ mod tests {
     #[test]
     fn a_quiet_member_or_latency_back_in_budget_lets_the_pull_speed_up_again() {
         let mut c = Controller::new(2.0, 1.5);
-        c.step(2.0, 200.0 * MIB, true);
+        for _ in 0..WARM_UP_STEPS {
+            c.step(2.0, 200.0 * MIB, true);
+        }
         let slow = c.step(6.0, 200.0 * MIB, true).unwrap();
         // Within the budget with room: faster, then full speed.
         let faster = c.step(2.0, slow, true).unwrap();
         assert!(faster > slow);
         let mut rate = Some(faster);
-        for _ in 0..20 {
+        for _ in 0..100 {
             rate = c.step(2.0, rate.unwrap_or(200.0 * MIB), true);
         }
         assert_eq!(rate, None);
         // Nobody else writing: full speed whatever the latency.
         let mut c = Controller::new(0.3, 1.5);
-        c.step(0.3, 200.0 * MIB, false);
+        for _ in 0..WARM_UP_STEPS {
+            c.step(0.3, 200.0 * MIB, false);
+        }
         assert_eq!(c.step(40.0, 200.0 * MIB, false), None);
     }
 
