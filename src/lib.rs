@@ -15,8 +15,9 @@
 //!   [`run::import`] ships the platform's own local sets the same way.
 //! - [`etcd`]: a client bound to one configured member (no discovery), and
 //!   [`etcd::election`]: the run lock, run records and "one set per run" in etcd itself.
-//! - [`source`]: where a set's files come from: the native snapshot stream, the platform's
-//!   `cluster-backup.sh`, the static resources archive.
+//! - [`source`]: where a set's files come from: the native snapshot stream (paced by etcd's
+//!   latency, [`source::pace`]), the platform's `cluster-backup.sh`, the static resources
+//!   archive.
 //! - [`envelope`] (zstd, age) and [`trust`] (each node's signature of `manifest.json`; the
 //!   certificates' "restorable until"): the seal.
 //! - [`staging`]: the one owner of the staging directory: ours or not, its layout, its lock
