@@ -988,7 +988,8 @@ url = "file:///srv/{node_name}"
         assert_eq!(load(MIN).unwrap().priority.etcd_latency_budget.multiple(), Some(1.25));
         assert_eq!(budget("2").unwrap().priority.etcd_latency_budget.multiple(), Some(2.0));
         assert_eq!(budget("\"off\"").unwrap().priority.etcd_latency_budget.multiple(), None);
-        for bad in ["1.0", "0.5", "\"fast\"", "\"1.5\""] {
+        assert_eq!(budget("\"OFF\"").unwrap().priority.etcd_latency_budget.multiple(), None);
+        for bad in ["1.0", "0.5", "1001", "\"fast\"", "\"1.5\"", "true", "[]"] {
             let e = budget(bad).unwrap_err();
             assert!(
                 e.starts_with("config.toml: priority.etcd_latency_budget: invalid latency budget"),

@@ -177,17 +177,19 @@ impl<'de> Deserialize<'de> for LatencyBudget {
         enum Raw {
             Number(f64),
             Text(String),
+            Other(de::IgnoredAny),
         }
         let bad = |what: &str| {
             de::Error::custom(format!(
-                "invalid latency budget {what}; write a multiple of etcd's latency before the pull such as 1.5 (at least 1.1), or \"off\""
+                "invalid latency budget {what}; write a multiple of etcd's latency before the pull from 1.1 to 1000, such as 1.25, or \"off\""
             ))
         };
         match Raw::deserialize(d)? {
-            Raw::Text(t) if t.trim() == "off" => Ok(LatencyBudget::Off),
+            Raw::Text(t) if t.trim().eq_ignore_ascii_case("off") => Ok(LatencyBudget::Off),
             Raw::Number(m) if m.is_finite() && (1.1..=1000.0).contains(&m) => Ok(LatencyBudget::Multiple(m)),
             Raw::Number(m) => Err(bad(&m.to_string())),
             Raw::Text(t) => Err(bad(&format!("{t:?}"))),
+            Raw::Other(_) => Err(bad("(neither a number nor a string)")),
         }
     }
 }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 /// How often the probe asks.
 pub const PROBE_EVERY: Duration = Duration::from_millis(50);
@@ -29,6 +30,8 @@ pub const BUSY_WRITES_PER_S: f64 = 5.0;
 const BASELINE_PROBES: usize = 10;
 /// The longest the baseline may take.
 const BASELINE_MAX: Duration = Duration::from_secs(2);
+/// The longest the pull waits for the probe to connect and measure its baseline.
+pub const START_MAX: Duration = Duration::from_secs(3);
 /// The key the probe counts (absent: the answer is a header and a zero).
 const PROBE_KEY: &str = "/etcd-backupd-latency-probe";
 /// The shortest wait the pacer sleeps for; shorter debts gather until they reach it.
@@ -55,7 +58,8 @@ pub struct PaceReport {
 }
 
 impl PaceReport {
-    /// "slowed 3.1 s; etcd's latency 1.4x its 0.8 ms before", for the log and the summary.
+    /// "slowed 3.1 s for etcd (probe latency p50 …, p99 …, … before; budget 1.25x)", for the
+    /// log and the summary.
     pub fn describe(&self) -> String {
         format!(
             "slowed {:.1} s for etcd (probe latency p50 {:.2} ms, p99 {:.2} ms, {:.2} ms before; budget {}x)",
@@ -89,6 +93,12 @@ impl Controller {
             full_speed: 0.0,
             unpaced_steps: 0,
         }
+    }
+
+    /// Full speed again (a probe failed: nothing says the member is slow).
+    pub fn reset(&mut self) -> Option<f64> {
+        self.rate = None;
+        None
     }
 
     /// The latency the pace keeps the probe under (ms).
@@ -234,7 +244,6 @@ impl Probe {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if lat.len() < BASELINE_PROBES / 2 {
-            tracing::warn!("etcd does not answer the latency probe; the snapshot is pulled at full speed");
             return None;
         }
         Some(Probe {
@@ -245,8 +254,9 @@ impl Probe {
         })
     }
 
-    /// Paces `pacer` until `done` fires; returns what it saw.
-    pub async fn run(mut self, pacer: Pacer, done: tokio_util::sync::CancellationToken) -> PaceReport {
+    /// Paces `pacer` until `done` fires; returns what it saw (`None` when no probe answered
+    /// during the pull: nothing to report).
+    pub async fn run(mut self, pacer: Pacer, done: CancellationToken) -> Option<PaceReport> {
         let mut ctl = Controller::new(self.baseline_ms, self.budget);
         let mut during = Vec::new();
         let mut recent: Vec<f64> = Vec::new();
@@ -254,14 +264,19 @@ impl Probe {
         let mut revisions: std::collections::VecDeque<(Instant, i64)> = Default::default();
         let (mut last_at, mut last_bytes) = (Instant::now(), pacer.bytes());
         loop {
-            tokio::select! {
+            // The pull's end first, and a probe in flight never holds it up.
+            let answered = tokio::select! {
+                biased;
                 () = done.cancelled() => break,
-                () = tokio::time::sleep(PROBE_EVERY) => {}
-            }
-            let Some((ms, rev)) = probe(&mut self.kv, self.timeout).await else {
+                a = async {
+                    tokio::time::sleep(PROBE_EVERY).await;
+                    probe(&mut self.kv, self.timeout).await
+                } => a,
+            };
+            let Some((ms, rev)) = answered else {
                 // A probe that fails says nothing of latency: full speed, the safe side for
                 // the read transaction.
-                pacer.set_rate(None);
+                pacer.set_rate(ctl.reset());
                 continue;
             };
             during.push(ms);
@@ -284,15 +299,56 @@ impl Probe {
             let worst = recent.iter().copied().fold(0.0, f64::max);
             pacer.set_rate(ctl.step(worst, speed, busy));
         }
-        PaceReport {
+        (!during.is_empty()).then(|| PaceReport {
             budget: self.budget,
             baseline_ms: self.baseline_ms,
             during_p50_ms: median(&during),
             during_p99_ms: percentile(&during, 0.99),
             slowed_s: pacer.slowed().as_secs_f64(),
             probes: during.len(),
-        }
+        })
     }
+}
+
+/// The probe of a pull, running on the daemon's runtime (`rt`: not the pull's own thread,
+/// whose hashing and writing would delay the probe's answers): it connects on a connection
+/// of its own, measures the baseline, then paces `pacer` until `done` fires. Returns, once
+/// the baseline is known, the task that ends with the report; `None` (the pull then goes at
+/// full speed, said in the log) when the member cannot be probed within [`START_MAX`].
+pub async fn start_on(
+    rt: &tokio::runtime::Handle,
+    reach: crate::etcd::SnapshotReach,
+    budget: f64,
+    pacer: Pacer,
+    done: CancellationToken,
+) -> Option<tokio::task::JoinHandle<Option<PaceReport>>> {
+    let (ready, started) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let stop = done.clone();
+    let task = rt.spawn(async move {
+        let probe = match reach.connect().await {
+            Ok(client) => Probe::start(&client, budget, reach.request_timeout).await,
+            Err(e) => {
+                let _ = ready.send(Err(crate::error::one_line(&e)));
+                return None;
+            }
+        };
+        let Some(probe) = probe else {
+            let _ = ready.send(Err("etcd does not answer the latency probe".into()));
+            return None;
+        };
+        let _ = ready.send(Ok(()));
+        probe.run(pacer, stop).await
+    });
+    let why = match tokio::time::timeout(START_MAX, started).await {
+        Ok(Ok(Ok(()))) => return Some(task),
+        Ok(Ok(Err(why))) => why,
+        Ok(Err(_)) => "the probe ended".into(),
+        Err(_) => format!("no baseline within {} s", START_MAX.as_secs()),
+    };
+    done.cancel();
+    task.abort();
+    tracing::warn!(why = %why, "cannot probe etcd's latency; the snapshot is pulled at full speed");
+    None
 }
 
 #[cfg(test)]

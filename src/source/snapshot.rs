@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use super::pace::{PaceReport, Pacer, Probe};
+use super::pace::{PaceReport, Pacer};
 use crate::envelope::{Seal, Sealer};
 use crate::etcd::Member;
 use crate::fsutil;
@@ -212,6 +212,8 @@ async fn stream_to(
     phase: crate::progress::Phase,
 ) -> Result<Pulled> {
     let reach = member.snapshot_reach();
+    // The probe runs on the caller's runtime, not on the pull's thread.
+    let probe_rt = tokio::runtime::Handle::try_current().ok();
     let part = part.to_path_buf();
     let (done, result) = tokio::sync::oneshot::channel();
     let span = tracing::Span::current();
@@ -234,7 +236,7 @@ async fn stream_to(
                     .map_err(|e| anyhow!("cannot start the snapshot thread's runtime: {e}"))?;
                 let pulled = rt.block_on(async {
                     tokio::select! {
-                        pulled = paced_pull(&reach, publisher, &part, &seal, budget, &phase) => pulled,
+                        pulled = paced_pull(&reach, publisher, &part, &seal, (budget, probe_rt), &phase) => pulled,
                         // The run was given up (its future dropped): stop pulling.
                         () = done.closed() => Err(anyhow!("snapshot abandoned")),
                     }
@@ -257,54 +259,47 @@ async fn stream_to(
     result.await.map_err(|_| anyhow!("the snapshot thread failed"))?
 }
 
-/// Pulls the stream into `publisher` (sealed as asked), verifying the trailer; only then is
-/// the file completed (fsync, and followers may finish). Returning an error drops the
-/// publisher unfinished, which fails every follower.
-/// [`pull`], paced by a probe of the same member when there is a budget: the probe's
-/// baseline is measured before the stream begins, and it paces until the stream ends.
+/// [`pull`], paced by a probe of the same member when there is a budget and a runtime to
+/// probe from (`rt`, the daemon's): the probe's baseline is measured before the stream
+/// begins, and it paces until the stream ends.
 async fn paced_pull(
     reach: &crate::etcd::SnapshotReach,
     publisher: Publisher,
     part: &Path,
     seal: &Seal,
-    budget: Option<f64>,
+    (budget, rt): (Option<f64>, Option<tokio::runtime::Handle>),
     phase: &crate::progress::Phase,
 ) -> Result<Pulled> {
     let pacer = Pacer::default();
-    let probe = match budget {
-        Some(b) => match reach.connect().await {
-            Ok(client) => Probe::start(&client, b, reach.request_timeout).await,
-            Err(e) => {
-                tracing::warn!(error = %crate::error::one_line(&e), "cannot connect the latency probe; the snapshot is pulled at full speed");
-                None
-            }
-        },
+    let done = tokio_util::sync::CancellationToken::new();
+    // An abandoned pull (this future dropped) stops its probe too.
+    let _stop_probe = done.clone().drop_guard();
+    let probe = match (budget, rt) {
+        (Some(b), Some(rt)) => super::pace::start_on(&rt, reach.clone(), b, pacer.clone(), done.clone()).await,
+        _ => None,
+    };
+    let pulled = pull(reach, publisher, part, seal, phase, &pacer).await;
+    done.cancel();
+    let report = match probe {
+        Some(task) => task.await.ok().flatten(),
         None => None,
     };
-    let Some(probe) = probe else {
-        let (verified, stored, revision) = pull(reach, publisher, part, seal, phase, &pacer).await?;
-        return Ok((verified, stored, revision, None));
-    };
-    let done = tokio_util::sync::CancellationToken::new();
-    let pulling = async {
-        let pulled = pull(reach, publisher, part, seal, phase, &pacer).await;
-        done.cancel();
-        pulled
-    };
-    let (pulled, report) = tokio::join!(pulling, probe.run(pacer.clone(), done.clone()));
     let (verified, stored, revision) = pulled?;
-    if report.slowed_s > 0.0 {
+    if let Some(r) = report.as_ref().filter(|r| r.slowed_s > 0.0) {
         tracing::info!(
-            slowed_s = format!("{:.1}", report.slowed_s),
-            baseline_ms = format!("{:.2}", report.baseline_ms),
-            during_p50_ms = format!("{:.2}", report.during_p50_ms),
+            slowed_s = format!("{:.1}", r.slowed_s),
+            baseline_ms = format!("{:.2}", r.baseline_ms),
+            during_p50_ms = format!("{:.2}", r.during_p50_ms),
             "snapshot pull {}",
-            report.describe()
+            r.describe()
         );
     }
-    Ok((verified, stored, revision, Some(report)))
+    Ok((verified, stored, revision, report))
 }
 
+/// Pulls the stream into `publisher` (sealed as asked), verifying the trailer; only then is
+/// the file completed (fsync, and followers may finish). Returning an error drops the
+/// publisher unfinished, which fails every follower.
 async fn pull(
     reach: &crate::etcd::SnapshotReach,
     publisher: Publisher,
