@@ -227,6 +227,11 @@ impl Pace {
         }
     }
 
+    /// The cap, bytes/s.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
     /// Records `n` more bytes and returns how long to wait before sending them.
     pub fn delay_for(&mut self, n: usize) -> Duration {
         let started = *self.started.get_or_insert_with(Instant::now);

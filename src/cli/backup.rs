@@ -25,21 +25,20 @@ pub(super) struct Asked {
 /// makes its manual runs: one that finished in this same second would make this one look
 /// done already, so this run waits for the next second instead.
 async fn manual_run(settings: &Settings) -> run::RunKind {
-    let staging = &settings.snapshot.staging_dir;
+    // Read once: only a run of this node in this second can take the name.
+    let runs = crate::staging::state::State::load(&settings.snapshot.staging_dir).runs;
     loop {
+        let now = chrono::Utc::now();
         let kind = run::RunKind::Manual {
             node: settings.node_name.clone(),
-            at: chrono::Utc::now(),
+            at: now,
         };
         let name = kind.name();
-        if !crate::staging::state::State::load(staging)
-            .runs
-            .iter()
-            .any(|r| r.run == name)
-        {
+        if !runs.iter().any(|r| r.run == name) {
             return kind;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let rest = 1000 - u64::from(now.timestamp_subsec_millis().min(999));
+        tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
     }
 }
 
@@ -122,8 +121,8 @@ pub(super) fn json(r: &BackupReport) -> serde_json::Value {
         "cluster": m.cluster_name,
         "result": r.result().as_str(),
         "seconds": r.duration.as_secs_f64(),
-        "snapshot_seconds": r.snapshot_duration.as_secs_f64(),
-        "pace": r.pace,
+        "snapshot_seconds": r.snapshot.duration.as_secs_f64(),
+        "pace": r.snapshot.pace,
         "etcd": m.etcd,
         "forced": m.forced,
         "files": m.files,
@@ -158,7 +157,7 @@ pub(super) fn print_backup_summary(r: &BackupReport) -> Result<()> {
             f.sha256
         )?;
     }
-    let secs = r.snapshot_duration.as_secs_f64().max(1e-3);
+    let secs = r.snapshot.duration.as_secs_f64().max(1e-3);
     if let Some(s) = m.snapshot() {
         writeln!(
             out,
@@ -166,7 +165,7 @@ pub(super) fn print_backup_summary(r: &BackupReport) -> Result<()> {
             secs,
             human((s.size as f64 / secs) as u64)
         )?;
-        if let Some(p) = &r.pace {
+        if let Some(p) = &r.snapshot.pace {
             writeln!(out, "  pace      {}", p.describe())?;
         }
     }

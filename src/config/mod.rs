@@ -25,7 +25,6 @@ pub use inputs::{
 };
 use load::Merged;
 use types::HumanDuration;
-pub use types::LatencyBudget;
 
 /// The default main configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/etcd-backupd/config.toml";
@@ -317,18 +316,20 @@ impl Settings {
         )
     }
 
-    /// The seal of the static resources archive: `encryption.resources_recipients` (and its
-    /// file) when set, else the snapshot's ([`Settings::seal`]).
-    pub fn resources_seal(&self) -> anyhow::Result<crate::envelope::Seal> {
+    /// The seal of the static resources archive when it has recipients of its own
+    /// (`encryption.resources_recipients` and its file); `None`: the snapshot's
+    /// ([`Settings::seal`]), which the caller already has.
+    pub fn resources_seal(&self) -> anyhow::Result<Option<crate::envelope::Seal>> {
         let e = &self.encryption;
         if e.resources_recipients.is_empty() && e.resources_recipients_file.is_none() {
-            return self.seal();
+            return Ok(None);
         }
         self.seal_to(
             &e.resources_recipients,
             e.resources_recipients_file.as_deref(),
             "encryption.resources_recipients_file",
         )
+        .map(Some)
     }
 
     /// Compression, and `listed` recipients with those of the recipients `file` (`key`).

@@ -159,7 +159,7 @@ impl Default for LatencyBudget {
 }
 
 /// The default budget: etcd's requests at most a quarter slower than before the pull.
-pub const DEFAULT_LATENCY_BUDGET: f64 = 1.25;
+const DEFAULT_LATENCY_BUDGET: f64 = 1.25;
 
 impl LatencyBudget {
     pub fn multiple(self) -> Option<f64> {

@@ -31,9 +31,10 @@ impl RunContext {
 
     /// The same for a known cluster folder (an import pass, which may run without etcd).
     pub fn for_cluster(settings: &Settings, cluster: String) -> Result<RunContext> {
+        let seal = settings.seal()?;
         Ok(RunContext {
-            seal: settings.seal()?,
-            resources_seal: settings.resources_seal()?,
+            resources_seal: settings.resources_seal()?.unwrap_or_else(|| seal.clone()),
+            seal,
             signer: signing::signer(settings)?,
             cluster,
         })

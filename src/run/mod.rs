@@ -461,7 +461,7 @@ pub fn record(
             s.result = r.result();
             s.id = Some(r.manifest.id.clone());
             s.bytes = Some(r.manifest.total_stored_size());
-            s.pace = r.pace.clone();
+            s.pace = r.snapshot.pace.clone();
             s.targets = r
                 .targets
                 .iter()

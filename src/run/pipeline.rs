@@ -81,9 +81,8 @@ pub struct Streamed {
 pub struct BackupReport {
     pub manifest: Manifest,
     pub duration: Duration,
-    pub snapshot_duration: Duration,
-    /// What pacing the snapshot pull did (`priority.etcd_latency_budget`).
-    pub pace: Option<crate::source::pace::PaceReport>,
+    /// How the snapshot was taken (its pacing: `priority.etcd_latency_budget`).
+    pub snapshot: Streamed,
     pub targets: Vec<TargetOutcome>,
     /// (run, id) of the sets this run's delivery pass brought to their last target,
     /// earlier runs' included.
@@ -444,8 +443,7 @@ impl Backup<'_> {
             targets: self.outcomes(&manifest.id, &results),
             manifest,
             duration: self.started.elapsed(),
-            snapshot_duration: streamed.duration,
-            pace: streamed.pace,
+            snapshot: streamed,
             settled: delivery::settled(&results),
         })
     }

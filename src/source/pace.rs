@@ -36,8 +36,6 @@ pub const START_MAX: Duration = Duration::from_secs(3);
 const PROBE_KEY: &str = "/etcd-backupd-latency-probe";
 /// The shortest wait the pacer sleeps for; shorter debts gather until they reach it.
 const MIN_WAIT: Duration = Duration::from_millis(5);
-/// How far behind its schedule the pull may be and still catch up at full speed.
-const CATCH_UP: Duration = Duration::from_millis(20);
 /// The slowest pace, whatever was measured (a pull that never went fast yet).
 const MIN_RATE: f64 = 4.0 * 1048576.0;
 
@@ -133,7 +131,8 @@ impl Controller {
 /// What the pull and the probe share.
 #[derive(Debug, Default)]
 struct Shared {
-    rate: Option<f64>,
+    /// The pace at the current cap, from when it was set; `None`: full speed.
+    pace: Option<crate::fsutil::Pace>,
     pulled: u64,
     slowed: Duration,
 }
@@ -142,36 +141,18 @@ struct Shared {
 #[derive(Clone, Default)]
 pub struct Pacer {
     shared: Arc<Mutex<Shared>>,
-    /// When the bytes read so far may all have been read, at the current cap.
-    due: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Pacer {
     /// Counts `bytes` just read, and waits if the cap says so. A message is 32 KiB: waits
-    /// are gathered until they reach [`MIN_WAIT`] (a timer rounds every wait up to the next
-    /// millisecond, which per message would slow the pull far more than asked), and time
-    /// overslept is made up by the next messages.
+    /// under [`MIN_WAIT`] are left to gather (a timer rounds every wait up to the next
+    /// millisecond, which per message would slow the pull far more than asked); the pace
+    /// counts from when its cap was set, so time overslept is made up by the next messages.
     pub async fn pulled(&self, bytes: usize) {
-        let rate = {
+        let wait = {
             let mut s = self.shared.lock().unwrap();
             s.pulled += bytes as u64;
-            s.rate
-        };
-        let wait = {
-            let mut due = self.due.lock().unwrap();
-            match rate {
-                None => {
-                    *due = None;
-                    Duration::ZERO
-                }
-                Some(r) => {
-                    let now = Instant::now();
-                    let from = due.unwrap_or(now).max(now - CATCH_UP);
-                    let next = from + Duration::from_secs_f64(bytes as f64 / r);
-                    *due = Some(next);
-                    next.saturating_duration_since(now)
-                }
-            }
+            s.pace.as_mut().map_or(Duration::ZERO, |p| p.delay_for(bytes))
         };
         if wait >= MIN_WAIT {
             let t = Instant::now();
@@ -184,8 +165,14 @@ impl Pacer {
         self.shared.lock().unwrap().pulled
     }
 
+    /// A new cap (bytes/s), paced from now on; `None`: full speed.
     fn set_rate(&self, rate: Option<f64>) {
-        self.shared.lock().unwrap().rate = rate;
+        let mut s = self.shared.lock().unwrap();
+        let now = s.pace.as_ref().map(|p| p.rate());
+        let want = rate.map(|r| r as u64);
+        if now != want {
+            s.pace = want.map(crate::fsutil::Pace::new);
+        }
     }
 
     fn slowed(&self) -> Duration {

@@ -88,8 +88,15 @@ impl<S: ObjectStore> SetStore<S> {
     }
 
     /// Uploads what the draft lacks of `set` into `folder`, then the closing files, checks
-    /// what landed, and writes the manifest, last.
-    async fn upload(&self, folder: &[&str], draft: &Draft, set: &StagedSet, abort: &CancellationToken) -> Result<()> {
+    /// what landed, and writes the manifest, last. Returns the sizes of the files it wrote
+    /// besides the manifest's list (the closing files and the manifest itself).
+    async fn upload(
+        &self,
+        folder: &[&str],
+        draft: &Draft,
+        set: &StagedSet,
+        abort: &CancellationToken,
+    ) -> Result<Vec<(&'static str, usize)>> {
         let guard = self.guard();
         for f in set.manifest.files_on(self.name()) {
             if draft.has(f) {
@@ -122,7 +129,7 @@ impl<S: ObjectStore> SetStore<S> {
             self.put_checked(&[folder, &[*name]].concat(), Body::Bytes(bytes), guard)
                 .await?;
         }
-        let sizes: Vec<(&str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
+        let mut sizes: Vec<(&'static str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
         // Checked before the manifest goes: it is the last thing written.
         self.check_landed(folder, &set.manifest, &sizes, self.store.reads_back())
             .await?;
@@ -134,8 +141,9 @@ impl<S: ObjectStore> SetStore<S> {
         }
         let json = set.manifest_json();
         self.put_checked(&[folder, &[MANIFEST]].concat(), Body::Bytes(&json), guard)
-            .await
-            .map(|_| ())
+            .await?;
+        sizes.push((MANIFEST, json.len()));
+        Ok(sizes)
     }
 
     /// Checks that every file of `manifest` this target holds, and each of `extra` (name,
@@ -459,7 +467,7 @@ impl<S: ObjectStore> SetStore<S> {
         let (cluster, id) = (draft.cluster.as_str(), set.manifest.id.as_str());
         let tmp = [cluster, draft.folder.as_str()];
         let moved = async {
-            self.upload(&tmp, draft, set, abort).await?;
+            let sizes = self.upload(&tmp, draft, set, abort).await?;
             if abort.is_cancelled() {
                 bail!(
                     "target '{}': the run was stopped before the set was moved into place",
@@ -467,30 +475,29 @@ impl<S: ObjectStore> SetStore<S> {
                 );
             }
             match self.store.rename_folder(&tmp, &[cluster, id]).await? {
-                Moved::Done => Ok(()),
+                Moved::Done => Ok(sizes),
                 Moved::Exists => Err(self.taken(cluster, id)),
                 // Ours landed, or another set holds the id, or nothing says which.
                 Moved::Unsure(e) => match self.read_manifest(&[cluster, id, MANIFEST]).await.ok().flatten() {
-                    Some(b) if Manifest::parse(&b).ok().as_ref() == Some(&set.manifest) => Ok(()),
+                    Some(b) if Manifest::parse(&b).ok().as_ref() == Some(&set.manifest) => Ok(sizes),
                     Some(_) => Err(self.taken(cluster, id)),
                     None => Err(e),
                 },
             }
         }
         .await;
-        if let Err(e) = moved {
-            if let Err(d) = self.store.delete_folder(&tmp).await {
-                tracing::warn!(target_name = %self.name(), error = %crate::error::one_line(&d), "cannot remove the incomplete upload");
+        let sizes = match moved {
+            Ok(sizes) => sizes,
+            Err(e) => {
+                if let Err(d) = self.store.delete_folder(&tmp).await {
+                    tracing::warn!(target_name = %self.name(), error = %crate::error::one_line(&d), "cannot remove the incomplete upload");
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         // A server whose rename is a copy (across devices, or an object store behind WebDAV)
         // may have moved part of it: check the set where it landed, and take it down if it
         // is incomplete.
-        let json_len = set.manifest_json().len();
-        let closing = set.closing_files()?;
-        let mut sizes: Vec<(&str, usize)> = closing.iter().map(|(n, b)| (*n, b.len())).collect();
-        sizes.push((MANIFEST, json_len));
         if let Err(e) = self.check_landed(&[cluster, id], &set.manifest, &sizes, false).await {
             if let Err(d) = self.remove_set(cluster, id).await {
                 tracing::warn!(target_name = %self.name(), error = %crate::error::one_line(&d), "cannot remove an incomplete set");
