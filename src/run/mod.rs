@@ -142,6 +142,28 @@ pub async fn run_once(settings: &Settings, req: &Request, cancel: &CancellationT
     }
 }
 
+/// Runs `backup` until `opts.abort` fires. Until its delivery pass has ended it is dropped at
+/// once (`stopped` is the error: the set stays hidden or owed in staging); after that, the
+/// set's fate is known, so the backup ends by itself (it skips retention when stopped) and the
+/// run is recorded rather than leaving a stored set without a record.
+async fn until_stopped(
+    backup: impl std::future::Future<Output = Result<BackupReport>>,
+    opts: &BackupOptions,
+    stopped: impl FnOnce() -> anyhow::Error,
+) -> Result<BackupReport> {
+    tokio::pin!(backup);
+    tokio::select! {
+        r = &mut backup => r,
+        _ = opts.abort.cancelled() => {
+            if opts.delivered.load(std::sync::atomic::Ordering::SeqCst) {
+                backup.await
+            } else {
+                Err(stopped())
+            }
+        }
+    }
+}
+
 /// One run, once connected to this node's member.
 struct Run<'a> {
     settings: &'a Settings,
@@ -207,6 +229,7 @@ impl<'a> Run<'a> {
             force: self.req.force,
             deliver_by: self.req.deliver_by,
             abort,
+            delivered: Default::default(),
         }
     }
 
@@ -214,13 +237,10 @@ impl<'a> Run<'a> {
     async fn alone(mut self, forced: Vec<String>, cancel: &CancellationToken) -> Result<Outcome> {
         let abort = cancel.child_token();
         let opts = self.options(forced, None, abort.clone());
-        tokio::select! {
-            r = pipeline::run_backup(self.settings, &opts, &mut self.member) => r.map(|r| Outcome::Ran(Box::new(r))),
-            _ = cancel.cancelled() => {
-                abort.cancel();
-                Err(anyhow!(STOPPED))
-            }
-        }
+        let backup = pipeline::run_backup(self.settings, &opts, &mut self.member);
+        until_stopped(backup, &opts, || anyhow!(STOPPED))
+            .await
+            .map(|r| Outcome::Ran(Box::new(r)))
     }
 
     /// An elected run: the lock won (or the run found done or skipped), a second look at
@@ -296,10 +316,11 @@ impl<'a> Run<'a> {
             })
         };
         let opts = self.options(forced, Some(held), abort.clone());
-        let result = tokio::select! {
-            r = pipeline::run_backup(self.settings, &opts, &mut self.member) => r,
-            _ = abort.cancelled() => Err(anyhow!(if held.lost.is_cancelled() { LOCK_LOST } else { STOPPED })),
-        };
+        let backup = pipeline::run_backup(self.settings, &opts, &mut self.member);
+        let result = until_stopped(backup, &opts, || {
+            anyhow!(if held.lost.is_cancelled() { LOCK_LOST } else { STOPPED })
+        })
+        .await;
         watcher.abort();
         result
     }

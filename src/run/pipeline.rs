@@ -53,6 +53,10 @@ pub struct BackupOptions {
     /// Fired when the run must not publish any more sets (stopped, or the election lock
     /// may be lost): no set is moved into place after it.
     pub abort: tokio_util::sync::CancellationToken,
+    /// Set when the delivery pass has ended: from then on the set's fate is known, and a run
+    /// stopped after it still ends (retention skipped) so that it is recorded; dropping it
+    /// there would leave a stored set without its run's record.
+    pub delivered: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Whether the operator asked to back up despite the cluster-state checks (`backup --force`).
@@ -430,13 +434,17 @@ impl Backup<'_> {
             opts.deliver_by,
         )
         .await;
-        if !opts.abort.is_cancelled() {
-            // Bounded like the deliveries: retention never holds the next run back either.
-            crate::targets::retry::retries_until(
-                opts.deliver_by,
-                delivery::apply_retention(settings, &sets, self.opened, &results),
-            )
-            .await;
+        opts.delivered.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Bounded like the deliveries: retention never holds the next run back either, and a
+        // stop skips it (the next run applies it).
+        let retain = crate::targets::retry::retries_until(
+            opts.deliver_by,
+            delivery::apply_retention(settings, &sets, self.opened, &results),
+        );
+        tokio::select! {
+            biased;
+            _ = opts.abort.cancelled() => tracing::info!(backup_id = %manifest.id, "stopped after storing the set: retention is left to the next run"),
+            _ = retain => {}
         }
         sets::tidy(settings, &mut sets);
         Ok(BackupReport {

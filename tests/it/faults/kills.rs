@@ -1,5 +1,5 @@
 //! kill -9 in each phase: while etcd's snapshot streams, during the upload, around the final
-//! MOVE on WebDAV, and at pseudo-random moments of a whole run.
+//! MOVE on WebDAV, and at pseudo-random moments of a whole run; SIGTERM during retention.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -98,7 +98,12 @@ async fn sigkill_during_the_snapshot_leaves_nothing_and_the_next_run_completes()
     slow.rate.store(0, SeqCst);
     let mut d = daemon_every_5_s(&w, &slow.endpoint(), &extra, 2);
     let deadline = Instant::now() + Duration::from_secs(40);
-    while visible(&root).is_empty() {
+    // A run is complete once recorded: its set is visible a moment before.
+    let recorded = |root: &Path| {
+        let sets: BTreeSet<String> = visible(root).into_iter().collect();
+        !sets.is_empty() && sets.is_subset(&recorded_ids(&etcd_prefix(&etcd.endpoint, "/etcd-backupd/runs/")))
+    };
+    while !recorded(&root) {
         assert!(Instant::now() < deadline, "the next run did not complete: {}", d.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -354,4 +359,71 @@ fn sigkill_at_random_moments_never_leaves_a_visible_partial_set() {
     assert!(hidden(&root).is_empty(), "{:?}", entries(&root));
     assert!(w.staging_tmp_files().is_empty(), "{:?}", w.staging_tmp_files());
     assert!(w.staged().iter().all(|(_, p)| p.is_empty()), "{:?}", w.staged());
+}
+
+/// SIGTERM to `backup` (elected) once its set is stored, while retention removes an older one
+/// (the target's DELETE hangs): the run still ends at once and records its set, and retention
+/// is left to the next run (nothing removed, nothing half removed). Without this, a stop in
+/// that window left a stored set without its run's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_retention_records_the_stored_set_and_skips_retention() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 300, 500);
+    let rclone = Rclone::start();
+    let deletes = Arc::new(AtomicUsize::new(0));
+    let d = deletes.clone();
+    let fault = FaultProxy::start(rclone.url(), move |_, method, _, _| {
+        if method == "DELETE" {
+            d.fetch_add(1, SeqCst);
+            return Fault::Stall;
+        }
+        Fault::Forward
+    })
+    .await;
+    let w = Work::new();
+    let keep_one = "\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 1\n";
+    let cfg = w.write_dav_config(&etcd.endpoint, &fault.url(), keep_one);
+    let root = rclone.root().join("test");
+    let r = run_async(argv(&["backup"], &cfg), vec![]).await;
+    assert_eq!(r.code, 0, "{}", r.all());
+    let first = visible(&root);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // A new one-second set id for the second run.
+    while etcd_backupd::manifest::timestamp(chrono::Utc::now()) == first[0] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut p = Proc::spawn(
+        &["backup", "--config", cfg.to_str().unwrap()],
+        w.path().join("backup.log"),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while deletes.load(SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "retention never began: {}", p.log());
+        assert!(p.running(), "the run ended before retention: {}", p.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let code = tokio::task::block_in_place(|| p.stop(Duration::from_secs(5)));
+    assert_eq!(code, Some(0), "a stored set is a backup made: {}", p.log());
+    assert!(p.log().contains("retention is left to the next run"), "{}", p.log());
+
+    let sets = visible(&root);
+    assert_eq!(
+        sets.len(),
+        2,
+        "retention skipped, nothing removed: {:?}",
+        entries(&root)
+    );
+    for s in &sets {
+        assert_complete(&root.join(s));
+    }
+    let second = sets.iter().find(|s| **s != first[0]).unwrap();
+    let marks = etcd_prefix(&etcd.endpoint, "/etcd-backupd/runs/");
+    let rec = marks
+        .values()
+        .find(|m| m["id"].as_str() == Some(second.as_str()))
+        .unwrap_or_else(|| panic!("the stopped run's set has no record: {marks:?}"));
+    assert_eq!(rec["result"], "ok", "{rec}");
+    assert!(etcd_get(&etcd.endpoint, "/etcd-backupd/lock").is_none());
 }
