@@ -105,14 +105,16 @@ fn last_summary(staging: &std::path::Path) -> String {
 pub async fn run(config: PathBuf, initial: Settings, stop: CancellationToken) -> Result<()> {
     let tasks = tokio_util::task::TaskTracker::new();
     let staging = initial.snapshot.staging_dir.clone();
+    // The journal's writer stores its open segment on stop: it gets longer.
+    let grace = Duration::from_secs(if initial.journal.enabled { 10 } else { 2 });
     let result = serve(config, initial, &stop, &tasks).await;
     stop.cancel();
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("background tasks did not stop within 2 s");
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            "background tasks did not stop within {}",
+            humantime::format_duration(grace)
+        );
     }
     // After the heartbeat task ended: `status` says at once that no daemon runs.
     crate::heartbeat::stopped(&staging);
@@ -214,6 +216,11 @@ impl<'a> Daemon<'a> {
         // What is wrong with etcd or a target, said now rather than at the first run (once
         // etcd answered: after a boot the daemon waits for the etcd static pod).
         crate::probe::spawn(tasks, settings.clone(), "at start", stop.clone());
+        // The journal's writer runs beside the schedule, on whichever node wins its lock;
+        // it keeps the settings it started with (a reload does not restart it).
+        if settings.journal.enabled {
+            tasks.spawn(crate::journal::writer::run(settings.clone(), stop.clone()));
+        }
         let cv_changed = if schedule.is_some() {
             watch_cluster_version(tasks, &settings, stop.clone())
         } else {

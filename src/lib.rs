@@ -61,6 +61,7 @@ pub mod fsutil;
 pub mod growing;
 pub mod health;
 pub mod heartbeat;
+pub mod journal;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

@@ -20,6 +20,8 @@ pub(super) struct Allow {
 /// What `fetch` was asked for.
 pub(super) struct Request<'a> {
     pub(super) id: &'a str,
+    /// `--at`: the set is rolled forward along the journal to this moment.
+    pub(super) at: Option<&'a crate::restore::at::AtPlan>,
     pub(super) dir: &'a std::path::Path,
     pub(super) allow: Allow,
     /// `--force`: a non-empty DIR has its restore candidates removed first.
@@ -32,6 +34,7 @@ pub(super) struct Request<'a> {
 pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
     let Request {
         id,
+        at,
         dir,
         allow,
         force,
@@ -60,23 +63,12 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
     }
     let set_version = m.openshift.as_ref().and_then(|o| o.version.clone());
     let version_rule = version_rule(settings, m, set_version.as_deref(), allow.version_mismatch).await?;
-    let created = !dir.exists();
-    let replaced = restore::prepare_fetch_dir(dir, force)?;
-    let files = match restore::download(&located, dir, &replaced).await {
-        Ok(files) => files,
-        Err(e) => {
-            // download left no file; a directory this command made goes too.
-            if created {
-                let _ = std::fs::remove_dir(dir);
-            }
-            return Err(e);
-        }
-    };
+    let (files, replaced, reached) = lay_out(settings, &located, at, dir, force).await?;
     for p in &replaced {
         errln!("replaced {} (--force)", p.display());
     }
     if json {
-        let v = fetched_json(
+        let mut v = fetched_json(
             &located,
             &files,
             dir,
@@ -84,6 +76,9 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
             version_rule.as_deref(),
             &signature,
         );
+        if let Some(r) = &reached {
+            v["at"] = serde_json::to_value(r)?;
+        }
         return super::report::print(v, true);
     }
     let mut out = std::io::stdout().lock();
@@ -103,6 +98,21 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
     if let Some(rule) = &version_rule {
         writeln!(out, "  version check: {rule}")?;
     }
+    if let Some(r) = &reached {
+        writeln!(
+            out,
+            "  rolled forward to {}: revision {}{} ({} revisions from {} journal segments replayed on revision {} in {:.1} s)",
+            r.moment,
+            r.revision,
+            r.stamped
+                .map(|t| format!(", stamped {}", t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+                .unwrap_or_else(|| ", the set's own state".into()),
+            r.revisions_replayed,
+            r.segments,
+            r.base_revision,
+            r.seconds
+        )?;
+    }
     writeln!(out, "  signature: {}", signature.describe())?;
     if let Some(line) = expiry.line() {
         writeln!(out, "  certificates: {line}")?;
@@ -117,31 +127,78 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
             c.also.as_ref().map(|a| format!("; {a}")).unwrap_or_default()
         )?;
     }
-    // What the restore brings back, as the manifest recorded it.
+    writeln!(out, "  restores: {}", restores(m, reached.as_ref()))?;
+    writeln!(out, "next: {}", next_step(m, &files, dir))?;
+    Ok(())
+}
+
+/// The set's files laid out in `dir` (rolled forward to `at`'s moment when given), the
+/// files `--force` replaced, and what the roll-forward reached. On failure nothing of the set
+/// stays in `dir` (nor `dir`, when this made it).
+async fn lay_out(
+    settings: &Settings,
+    located: &crate::restore::Located,
+    at: Option<&crate::restore::at::AtPlan>,
+    dir: &std::path::Path,
+    force: bool,
+) -> Result<(Files, Vec<std::path::PathBuf>, Option<crate::restore::at::Reached>)> {
+    use crate::restore;
+    let created = !dir.exists();
+    let replaced = restore::prepare_fetch_dir(dir, force)?;
+    let mut files = match restore::download(located, dir, &replaced).await {
+        Ok(files) => files,
+        Err(e) => {
+            // download left no file; a directory this command made goes too.
+            if created {
+                let _ = std::fs::remove_dir(dir);
+            }
+            return Err(e);
+        }
+    };
+    let Some(at) = at else {
+        return Ok((files, replaced, None));
+    };
+    match restore::at::roll_forward(settings, located, at, dir, &mut files).await {
+        Ok(r) => Ok((files, replaced, Some(r))),
+        Err(e) => {
+            // The set alone is not the moment asked for: nothing stays that looks restorable.
+            for (_, p) in &files {
+                let _ = std::fs::remove_file(p);
+            }
+            if created {
+                let _ = std::fs::remove_dir(dir);
+            }
+            Err(e)
+        }
+    }
+}
+
+type Files = Vec<(crate::restore::CheckedFile, std::path::PathBuf)>;
+
+/// What the restore brings back: etcd's version and revision (the moment's, once rolled
+/// forward), and the static pod revisions the manifest recorded.
+fn restores(m: &crate::manifest::Manifest, reached: Option<&crate::restore::at::Reached>) -> String {
     let revisions: Vec<String> = m
         .restore
         .static_pod_revisions
         .iter()
         .map(|(c, n)| format!("{c}-pod-{n}"))
         .collect();
-    writeln!(
-        out,
-        "  restores: etcd {}{} at revision {}{}",
+    format!(
+        "etcd {}{} at revision {}{}",
         m.etcd.version,
         m.etcd
             .storage_version
             .as_deref()
             .map(|v| format!(" (storage version {v})"))
             .unwrap_or_default(),
-        m.etcd.revision,
+        reached.map(|r| r.revision).unwrap_or(m.etcd.revision),
         if revisions.is_empty() {
             String::new()
         } else {
             format!("; static pods {}", revisions.join(", "))
         }
-    )?;
-    writeln!(out, "next: {}", next_step(m, &files, dir))?;
-    Ok(())
+    )
 }
 
 /// The z-stream rule between the set and the running cluster: the rule that passed, `None`
@@ -311,8 +368,21 @@ pub(super) async fn run(settings: &Settings, args: &super::FetchArgs) -> Result<
         unrestorable_archive: args.allow_unrestorable_archive,
     };
     let to = crate::restore::fetch_dir(args.to.as_deref())?;
+    let at = match &args.at {
+        Some(m) => {
+            let moment = crate::journal::chain::Moment::parse(m).map_err(crate::error::Stop::Usage)?;
+            Some(crate::restore::at::plan(settings, args.target.as_deref(), moment).await?)
+        }
+        None => None,
+    };
+    let id = match (&at, &args.id) {
+        (Some(at), _) => at.plan.base.id.as_str(),
+        (None, Some(id)) => id.as_str(),
+        (None, None) => unreachable!("clap requires an id or --at"),
+    };
     let req = Request {
-        id: &args.id,
+        id,
+        at: at.as_ref(),
         dir: &to,
         allow,
         force: args.force,

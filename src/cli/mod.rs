@@ -258,8 +258,14 @@ fn print_machineconfig(settings: &Settings, command: &Command) -> Result<()> {
 /// `fetch`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct FetchArgs {
-    /// A set id (see `list`) or `latest`.
-    id: String,
+    /// A set id (see `list`) or `latest`; not with --at.
+    #[arg(required_unless_present = "at", conflicts_with = "at")]
+    id: Option<String>,
+    /// Restore the cluster as it was at this moment, from the journal (`[journal]`): an RFC
+    /// 3339 time (`2026-12-08T01:30:00Z`, or with an offset; the last revision stamped at or
+    /// before it) or `rev:N` (N included). Needs etcd's binaries (verify.bin_dir).
+    #[arg(long, value_name = "TIME|rev:N")]
+    at: Option<String>,
     /// Where to put the files; must be empty or missing. Default, on an OpenShift
     /// control-plane node only: /home/core/assets/backup (the platform's documented place).
     #[arg(long, value_name = "DIR")]

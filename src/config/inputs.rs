@@ -28,6 +28,7 @@ pub struct Inputs {
     pub retention: RetentionInputs,
     pub delivery: DeliveryInputs,
     pub metrics: MetricsInputs,
+    pub journal: JournalInputs,
     #[serde(rename = "target")]
     pub targets: Vec<TargetInputs>,
 }
@@ -131,6 +132,33 @@ impl Default for ElectionInputs {
             enabled: true,
             prefix: "/etcd-backupd".into(),
             lease_ttl: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[journal]`: the continuous journal of every revision between full sets (see
+/// [`crate::journal`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalInputs {
+    pub enabled: bool,
+    /// A segment is cut and stored once its first revision is this old: the journal's RPO.
+    pub segment_max_age: HumanDuration,
+    /// ... or once its records reach this size (before compression).
+    pub segment_max_bytes: Size,
+}
+
+impl Default for JournalInputs {
+    fn default() -> Self {
+        JournalInputs {
+            enabled: false,
+            // 10 s: the RPO goal is under 30 s, and a busy OpenShift cluster writes a
+            // few hundred revisions per second, so a segment holds a few thousand revisions;
+            // 8640 segments a day at most, each one object per target.
+            segment_max_age: HumanDuration(std::time::Duration::from_secs(10)),
+            // 16 MiB: a catching-up writer cuts here; well under every target's single-PUT
+            // limit and quick to read back.
+            segment_max_bytes: Size(16 << 20),
         }
     }
 }

@@ -20,8 +20,8 @@ use url::Url;
 
 pub use inputs::{
     CompressionInputs, DeliveryInputs, ElectionInputs, EncryptionInputs, GuardsInputs, ImportInputs, Inputs, IoClass,
-    MetricsInputs, PriorityInputs, RetentionInputs, ScheduleInputs, SetFile, SigningInputs, SnapshotMethod,
-    VerifyInputs, VerifyUpload,
+    JournalInputs, MetricsInputs, PriorityInputs, RetentionInputs, ScheduleInputs, SetFile, SigningInputs,
+    SnapshotMethod, VerifyInputs, VerifyUpload,
 };
 use load::Merged;
 use types::HumanDuration;
@@ -57,6 +57,7 @@ pub struct Settings {
     pub retention: RetentionInputs,
     pub delivery: DeliveryInputs,
     pub metrics: MetricsInputs,
+    pub journal: JournalInputs,
     pub import: ImportInputs,
     pub compression: CompressionInputs,
     pub encryption: EncryptionInputs,

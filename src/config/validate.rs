@@ -76,6 +76,7 @@ pub(super) fn validate(inputs: Inputs, m: &Merged) -> Result<Settings, String> {
         retention: inputs.retention,
         delivery: inputs.delivery,
         metrics: inputs.metrics,
+        journal: inputs.journal,
         import: inputs.import,
         compression: inputs.compression,
         encryption: inputs.encryption,
@@ -322,6 +323,34 @@ fn signing_settings(at: &At, inputs: &Inputs, staging_dir: &Path) -> Result<Opti
 
 /// `[schedule]` (the backup schedule, returned), `[election]` and `[priority]`: checked
 /// here so check-config catches them before the daemon.
+/// `[journal]`: one writer per cluster, elected through etcd; segment bounds in range.
+fn check_journal(at: &At, inputs: &Inputs) -> Result<(), String> {
+    let j = &inputs.journal;
+    if !j.enabled {
+        return Ok(());
+    }
+    if !inputs.election.enabled {
+        return Err(at.err(
+            "journal.enabled",
+            "needs election.enabled = true: the journal's one writer is elected through etcd",
+        ));
+    }
+    let age = j.segment_max_age.0;
+    if age < std::time::Duration::from_secs(1) || age > std::time::Duration::from_secs(600) {
+        return Err(at.err(
+            "journal.segment_max_age",
+            format!("{} is outside 1s..10m", j.segment_max_age),
+        ));
+    }
+    if !(64 << 10..=256 << 20).contains(&j.segment_max_bytes.0) {
+        return Err(at.err(
+            "journal.segment_max_bytes",
+            format!("{} is outside 64KiB..256MiB", j.segment_max_bytes),
+        ));
+    }
+    Ok(())
+}
+
 fn check_schedule_and_election(at: &At, inputs: &Inputs) -> Result<Option<Schedule>, String> {
     if chrono_tz::Tz::from_str(&inputs.schedule.timezone).is_err() {
         return Err(at.err(
@@ -350,6 +379,7 @@ fn check_schedule_and_election(at: &At, inputs: &Inputs) -> Result<Option<Schedu
     if inputs.election.lease_ttl.0.as_secs() < 2 {
         return Err(at.err("election.lease_ttl", "must be at least 2s"));
     }
+    check_journal(at, inputs)?;
     if !(-20..=19).contains(&inputs.priority.nice) {
         return Err(at.err("priority.nice", format!("{} is outside -20..19", inputs.priority.nice)));
     }

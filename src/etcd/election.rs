@@ -593,6 +593,46 @@ impl Election {
         }
     }
 
+    /// Takes the journal writer's lock (`<prefix>/journal/writer`) if no one holds it:
+    /// `Ok(None)` while another node's writer does. Held like a run's lock (renewed, `lost`
+    /// fires well before the lease can expire), so two writers never overlap for long.
+    pub async fn claim_journal(&mut self) -> Result<Option<Held>> {
+        let key = self.key("journal/writer");
+        let ttl = self.ttl.as_secs().max(2) as i64;
+        let lease = within(self.timeout, "lease grant", self.client.lease_grant(ttl, None))
+            .await?
+            .id();
+        let value = serde_json::to_vec(&LockValue {
+            node: self.node.clone(),
+            run: "journal".into(),
+        })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
+        let won = within(self.timeout, "txn on the journal lock", self.client.txn(txn))
+            .await
+            .map(|r| r.succeeded());
+        match won {
+            Ok(true) => match self.hold(lease, "journal").await {
+                Ok(held) => Ok(Some(held)),
+                Err(e) => {
+                    let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
+                    Err(e)
+                }
+            },
+            other => {
+                let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
+                other.map(|_| None)
+            }
+        }
+    }
+
+    /// The node whose journal writer holds the lock, if any.
+    pub async fn journal_writer(&mut self) -> Result<Option<String>> {
+        let key = self.key("journal/writer");
+        Ok(self.get_json::<LockValue>(&key).await?.map(|l| l.node))
+    }
+
     /// Gives the lock up at once (on failure or shutdown) so another node can take over.
     pub async fn release(&mut self, held: Held) {
         held.keepalive.abort();

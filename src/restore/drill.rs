@@ -76,14 +76,14 @@ pub(super) fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
 }
 
 /// The etcd tools a drill runs: `etcd`, and `etcdutl` (3.5+) or `etcdctl` (3.4) to restore.
-struct Tools {
+pub(super) struct Tools {
     etcd: PathBuf,
     restorer: PathBuf,
     is_etcdutl: bool,
 }
 
 impl Tools {
-    fn find(settings: &Settings) -> Result<Tools> {
+    pub(super) fn find(settings: &Settings) -> Result<Tools> {
         let etcd = find_tool(settings, "etcd").ok_or_else(|| {
             anyhow!("the restore drill needs the etcd binary (set verify.bin_dir, or put it in PATH)")
         })?;
@@ -104,7 +104,7 @@ impl Tools {
     }
 
     /// `snapshot restore` of `snapshot` into `data`, as the one member `drill` at `peer`.
-    async fn restore(&self, snapshot: &Path, data: &Path, peer: &str) -> Result<()> {
+    pub(super) async fn restore(&self, snapshot: &Path, data: &Path, peer: &str) -> Result<()> {
         let mut restore = Command::new(&self.restorer);
         if !self.is_etcdutl {
             restore.env("ETCDCTL_API", "3");
@@ -129,14 +129,14 @@ impl Tools {
         tokio::task::spawn_blocking(move || run_tool(&mut restore, &format!("{tool} snapshot restore"))).await?
     }
 
-    /// Starts etcd on the restored `data` (its log in `scratch`) and waits, up to 60 s, for
-    /// it to answer.
-    async fn serve(
+    /// Starts etcd on the restored `data` (its log in `scratch`, `extra` flags after the
+    /// usual ones) and waits, up to 60 s, for it to answer.
+    pub(super) async fn serve(
         &self,
         scratch: &Path,
         data: &Path,
-        peer: &str,
-        client: &str,
+        (peer, client): (&str, &str),
+        extra: &[&str],
     ) -> Result<(Throwaway, etcd_client::Client)> {
         let log = std::fs::File::create(scratch.join("etcd.log"))?;
         let child = Command::new(&self.etcd)
@@ -146,6 +146,7 @@ impl Tools {
             .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
             .arg("--initial-cluster")
             .arg(format!("drill={peer}"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -271,7 +272,7 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
     // Ended when the drill returns: it covers the restore and the throwaway etcd's start.
     let _phase = crate::progress::Phase::start("restore drill", None);
     tools.restore(&snapshot, &data, &peer).await?;
-    let (etcd, mut conn) = tools.serve(scratch.path(), &data, &peer, &client).await?;
+    let (etcd, mut conn) = tools.serve(scratch.path(), &data, (&peer, &client), &[]).await?;
     let serving = started.elapsed();
     let served = Served::read(&mut conn).await?;
     drop(etcd);

@@ -14,6 +14,7 @@
 //! [`fetch`] (lay it out), [`versions`] (which set a cluster may take), [`drill`] (restore
 //! it into a throwaway etcd).
 
+pub mod at;
 pub mod drill;
 pub mod fetch;
 pub mod locate;

@@ -182,7 +182,20 @@ pub trait Target: Send + Sync {
     /// Removes incomplete temporary sets in `cluster` (see [`sets::is_removable_debris`]); returns
     /// how many went.
     async fn remove_debris(&self, cluster: &str, node: &str) -> Result<usize>;
+    /// Writes the journal object `name` to `<cluster>/journal/` (see [`crate::journal`]),
+    /// replacing one of the same name; its content checks itself, so a torn write is found.
+    async fn put_journal(&self, cluster: &str, name: &str, bytes: &[u8]) -> Result<()>;
+    /// The files in `<cluster>/journal/` with the sizes the target reports; empty when
+    /// there is no journal.
+    async fn list_journal(&self, cluster: &str) -> Result<Vec<(String, Option<u64>)>>;
+    /// A journal object, at most `cap` bytes; `None` when it is gone.
+    async fn read_journal(&self, cluster: &str, name: &str, cap: u64) -> Result<Option<Vec<u8>>>;
+    /// Removes a journal object; fine if it is gone.
+    async fn delete_journal(&self, cluster: &str, name: &str) -> Result<()>;
 }
+
+/// The folder of a cluster's journal on a target (beside its sets; not a set name).
+pub const JOURNAL_FOLDER: &str = "journal";
 
 /// The target for `settings`, by its kind; `rate` caps what is written to it (bytes/s).
 pub fn open(settings: &TargetSettings, rate: Option<u64>) -> Result<Box<dyn Target>> {

@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{Body, Commit, Entry, Guard, Kind, Moved, ObjectStore, Put};
-use super::{Draft, FileReader, ListedSet, MANIFEST_CAP, Sent, SetExists, StagedSet, Target};
+use super::{Draft, FileReader, JOURNAL_FOLDER, ListedSet, MANIFEST_CAP, Sent, SetExists, StagedSet, Target};
 use crate::growing::Follower;
 use crate::manifest::{MANIFEST, Manifest, PARTIAL_MARK, is_set_name, safe_component};
 
@@ -657,6 +657,60 @@ impl<S: ObjectStore> Target for SetStore<S> {
             );
         }
         self.remove_debris_in(cluster, node).await
+    }
+
+    async fn put_journal(&self, cluster: &str, name: &str, bytes: &[u8]) -> Result<()> {
+        self.journal_path(cluster, name)?;
+        self.store.make_folder(&[cluster]).await?;
+        self.store.make_folder(&[cluster, JOURNAL_FOLDER]).await?;
+        self.store
+            .put(&[cluster, JOURNAL_FOLDER, name], Body::Bytes(bytes), Guard::Replace)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_journal(&self, cluster: &str) -> Result<Vec<(String, Option<u64>)>> {
+        self.journal_path(cluster, "x")?;
+        Ok(self
+            .store
+            .list(&[cluster, JOURNAL_FOLDER])
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.kind == Kind::File)
+            .map(|e| (e.name, e.size))
+            .collect())
+    }
+
+    async fn read_journal(&self, cluster: &str, name: &str, cap: u64) -> Result<Option<Vec<u8>>> {
+        self.journal_path(cluster, name)?;
+        let Some(reader) = self.store.get(&[cluster, JOURNAL_FOLDER, name]).await? else {
+            return Ok(None);
+        };
+        let mut body = Vec::new();
+        reader.take(cap + 1).read_to_end(&mut body).await?;
+        if body.len() as u64 > cap {
+            bail!(
+                "target '{}': journal object {name} is larger than {cap} bytes",
+                self.name()
+            );
+        }
+        Ok(Some(body))
+    }
+
+    async fn delete_journal(&self, cluster: &str, name: &str) -> Result<()> {
+        self.journal_path(cluster, name)?;
+        self.store.delete(&[cluster, JOURNAL_FOLDER, name]).await
+    }
+}
+
+impl<S: ObjectStore> SetStore<S> {
+    /// Refuses a cluster folder or journal object name that is not a plain name.
+    fn journal_path(&self, cluster: &str, name: &str) -> Result<()> {
+        if !safe_component(cluster) || !safe_component(name) {
+            bail!("target '{}': {cluster:?}/{name:?} is not a journal path", self.name());
+        }
+        Ok(())
     }
 }
 

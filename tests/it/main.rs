@@ -26,6 +26,7 @@ mod daemon;
 mod etcd35;
 mod faults;
 mod guards;
+mod journal;
 mod monitoring;
 mod oncall;
 mod pace;

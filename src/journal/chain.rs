@@ -1,0 +1,267 @@
+//! What the stored journal covers, from segment names alone, and which set and segments a
+//! moment needs. Pure: the tests are the documentation.
+//!
+//! A chain is a run of segments without a missing revision, starting at or before a full
+//! set's revision + 1. Segments may overlap (a writer that lost its lock stored one more, or
+//! two targets got different cuts): overlap is fine, the replay takes each revision once;
+//! a missing revision is a gap, which ends a chain.
+
+use chrono::{DateTime, Utc};
+
+use super::segment::Named;
+
+/// A stretch of the journal without a gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub first: i64,
+    pub last: i64,
+    /// Up to when it covers (the newest segment's `until`).
+    pub until: DateTime<Utc>,
+    /// Its segments in order, each adding revisions or time.
+    pub segments: Vec<Named>,
+}
+
+/// The spans of `segments` (from one target or several), oldest first.
+pub fn spans(mut segments: Vec<Named>) -> Vec<Span> {
+    segments.sort_by_key(|a| (a.first, a.last, a.until));
+    segments.dedup_by(|a, b| a.name == b.name);
+    let mut out: Vec<Span> = Vec::new();
+    for s in segments {
+        match out.last_mut() {
+            Some(span) if s.first <= span.last + 1 => {
+                if s.last > span.last || (s.last == span.last && s.until > span.until) {
+                    span.last = span.last.max(s.last);
+                    span.until = span.until.max(s.until);
+                    span.segments.push(s);
+                }
+            }
+            _ => out.push(Span {
+                first: s.first,
+                last: s.last,
+                until: s.until,
+                segments: vec![s],
+            }),
+        }
+    }
+    out
+}
+
+/// A moment to restore to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// The last revision stamped at or before this time.
+    Time(DateTime<Utc>),
+    /// This revision, included.
+    Revision(i64),
+}
+
+impl Moment {
+    /// `rev:N`, or an RFC 3339 time with `Z` or an offset.
+    pub fn parse(s: &str) -> Result<Moment, String> {
+        if let Some(n) = s.strip_prefix("rev:") {
+            return match n.parse::<i64>() {
+                Ok(n) if n > 0 => Ok(Moment::Revision(n)),
+                _ => Err(format!("--at {s:?}: rev:N needs a revision above 0")),
+            };
+        }
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| Moment::Time(t.with_timezone(&Utc)))
+            .map_err(|e| {
+                format!("--at {s:?}: not an RFC 3339 time with Z or an offset (2026-12-08T01:30:00Z) nor rev:N ({e})")
+            })
+    }
+}
+
+impl std::fmt::Display for Moment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Moment::Time(t) => write!(f, "{}", t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            Moment::Revision(n) => write!(f, "rev:{n}"),
+        }
+    }
+}
+
+/// A full set, as far as choosing one goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    pub id: String,
+    pub revision: i64,
+    pub created: DateTime<Utc>,
+}
+
+/// The set a moment starts from and the segments to replay on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub base: Base,
+    pub segments: Vec<Named>,
+}
+
+/// The newest set that, with one span, reaches `moment`; `Err` names what is covered.
+/// For a time, the segments run up to the first whose coverage reaches it (the replay then
+/// stops at the last revision stamped at or before it).
+pub fn plan(bases: &[Base], spans: &[Span], moment: Moment) -> Result<Plan, String> {
+    let mut bases: Vec<&Base> = bases.iter().collect();
+    bases.sort_by_key(|b| std::cmp::Reverse((b.revision, b.created)));
+    for base in bases {
+        let starts = |s: &&Span| s.first <= base.revision + 1 && s.last + 1 >= base.revision;
+        match moment {
+            Moment::Revision(n) if base.revision == n => {
+                return Ok(Plan {
+                    base: base.clone(),
+                    segments: Vec::new(),
+                });
+            }
+            Moment::Revision(n) if base.revision < n => {
+                if let Some(span) = spans.iter().find(|s| starts(s) && s.last >= n) {
+                    let segments = span
+                        .segments
+                        .iter()
+                        .filter(|g| g.last > base.revision && g.first <= n)
+                        .cloned()
+                        .collect();
+                    return Ok(Plan {
+                        base: base.clone(),
+                        segments,
+                    });
+                }
+            }
+            Moment::Time(t) if base.created <= t => {
+                if let Some(span) = spans.iter().find(|s| starts(s) && s.until >= t) {
+                    let mut segments = Vec::new();
+                    for g in span.segments.iter().filter(|g| g.last > base.revision || g.until >= t) {
+                        segments.push(g.clone());
+                        if g.until >= t {
+                            break;
+                        }
+                    }
+                    return Ok(Plan {
+                        base: base.clone(),
+                        segments,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Err(format!(
+        "{moment} is not covered by the journal; covered: {}",
+        coverage(spans)
+    ))
+}
+
+/// The spans for a human: `revisions 100..=2000 until 2026-12-08T02:00:00Z; ...`.
+pub fn coverage(spans: &[Span]) -> String {
+    if spans.is_empty() {
+        return "nothing (no journal segments)".into();
+    }
+    spans
+        .iter()
+        .map(|s| {
+            format!(
+                "revisions {}..={} until {}",
+                s.first,
+                s.last,
+                s.until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
+    }
+
+    fn seg(first: i64, last: i64, until: i64) -> Named {
+        Named {
+            name: super::super::segment::name_of(first, last, t(until)),
+            first,
+            last,
+            until: t(until),
+        }
+    }
+
+    fn base(revision: i64, created: i64) -> Base {
+        Base {
+            id: format!("set-{revision}"),
+            revision,
+            created: t(created),
+        }
+    }
+
+    #[test]
+    fn gaps_split_spans_and_overlaps_and_empty_segments_extend_them() {
+        let got = spans(vec![
+            seg(101, 110, 10),
+            seg(111, 110, 20), // idle: time moves on
+            seg(105, 112, 25), // a handover's overlap
+            seg(101, 110, 10), // the same segment from another target
+            seg(120, 130, 40), // after a gap
+        ]);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].first, got[0].last, got[0].until), (101, 112, t(25)));
+        assert_eq!(
+            got[0].segments.len(),
+            2,
+            "the idle segment adds nothing the overlap does not"
+        );
+        assert_eq!((got[1].first, got[1].last), (120, 130));
+    }
+
+    #[test]
+    fn a_moment_takes_the_newest_set_its_span_reaches() {
+        let sp = spans(vec![seg(101, 150, 10), seg(151, 200, 20), seg(201, 250, 30)]);
+        let bases = [base(100, 0), base(160, 12)];
+        let p = plan(&bases, &sp, Moment::Revision(220)).unwrap();
+        assert_eq!(p.base.revision, 160);
+        assert_eq!(p.segments.iter().map(|g| g.first).collect::<Vec<_>>(), [151, 201]);
+        let p = plan(&bases, &sp, Moment::Revision(155)).unwrap();
+        assert_eq!(p.base.revision, 100);
+        let p = plan(&bases, &sp, Moment::Revision(160)).unwrap();
+        assert!(p.segments.is_empty());
+        // A time: up to the first segment reaching it.
+        let p = plan(&bases, &sp, Moment::Time(t(15))).unwrap();
+        assert_eq!(p.base.revision, 160);
+        assert_eq!(p.segments.iter().map(|g| g.first).collect::<Vec<_>>(), [151]);
+        let p = plan(&bases, &sp, Moment::Time(t(5))).unwrap();
+        assert_eq!(p.base.revision, 100);
+        assert_eq!(p.segments.iter().map(|g| g.first).collect::<Vec<_>>(), [101]);
+    }
+
+    #[test]
+    fn moments_outside_the_coverage_or_in_a_gap_are_refused_naming_it() {
+        let sp = spans(vec![seg(101, 150, 10), seg(170, 200, 20)]);
+        let bases = [base(100, 0)];
+        for m in [
+            Moment::Revision(160),
+            Moment::Revision(99),
+            Moment::Revision(300),
+            Moment::Time(t(30)),
+        ] {
+            let e = plan(&bases, &sp, m).unwrap_err();
+            assert!(
+                e.contains("revisions 101..=150") && e.contains("revisions 170..=200"),
+                "{e}"
+            );
+        }
+        // The second span starts at no set.
+        assert!(plan(&bases, &sp, Moment::Revision(180)).is_err());
+        assert!(plan(&[base(100, 11)], &sp, Moment::Time(t(5))).is_err());
+    }
+
+    #[test]
+    fn moments_parse_from_rfc3339_or_a_revision() {
+        assert_eq!(Moment::parse("rev:42"), Ok(Moment::Revision(42)));
+        assert_eq!(
+            Moment::parse("2023-11-14T23:13:25+01:00"),
+            Ok(Moment::Time(DateTime::from_timestamp(1_700_000_005, 0).unwrap()))
+        );
+        for bad in ["rev:0", "rev:x", "2023-11-14 23:13:25", "yesterday"] {
+            assert!(Moment::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

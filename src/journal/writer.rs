@@ -1,0 +1,429 @@
+//! The journal writer: on the one node that holds `<prefix>/journal/writer`, a whole-keyspace
+//! watch from the revision after what the targets already hold, cut into segments by age and
+//! size, each stored on every target that holds snapshots.
+//!
+//! A term (one holding of the lock):
+//! 1. where to start: after the newest whole segment on any target (a torn newest one, left by
+//!    a writer killed mid-write, is removed first), else after the newest full set's revision;
+//!    with neither, the writer waits for the first set;
+//! 2. the watch, from that revision, no `prev_kv`, with progress requests each second so an
+//!    idle cluster's coverage moves on in time; each revision is stamped when received;
+//! 3. segments cut at `segment_max_age` after their first revision or at `segment_max_bytes`,
+//!    and (idle) every [`IDLE_CUT`]; stored by a separate task so that storing never stops
+//!    the watch from being drained; a target that fails keeps its segments in a bounded
+//!    backlog, retried at each cut;
+//! 4. SIGTERM seals and stores the open segment, then gives the lock up; a lost lock drops it
+//!    (the next writer starts after what is stored: no gap, and no revision written twice
+//!    except in an overlap the replay takes once).
+//!
+//! A compaction past the next revision to store (an outage longer than the compaction window)
+//! ends the chain: the writer says so and starts the next term after the newest set, whose
+//! revision the watch can still reach, or waits for the next set.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use chrono::{DateTime, Utc};
+use etcd_client::{EventType, WatchOptions};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::segment::{self, Op, Record};
+use crate::config::{SetFile, Settings};
+use crate::error::one_line;
+use crate::etcd::election::Election;
+use crate::targets::{self, Target};
+
+/// How often an idle writer stores an empty segment, moving the covered time on.
+pub const IDLE_CUT: Duration = Duration::from_secs(60);
+/// How long a failed term waits before the next.
+const RETRY: Duration = Duration::from_secs(5);
+/// The largest watch response the writer takes (a catching-up batch of up to 1000 large
+/// revisions): far above the client's 4 MiB default.
+const DECODE_LIMIT: usize = 512 << 20;
+/// The most a target that fails may have waiting; past it, its oldest segments are dropped
+/// (a gap on that target, said in the journal).
+const BACKLOG_MAX: usize = 256 << 20;
+/// The largest segment a reader takes (a segment's records are bounded by
+/// `segment_max_bytes`, at most 256 MiB, plus one revision).
+pub const SEGMENT_CAP: u64 = 1 << 30;
+
+/// Runs journal terms until `stop`; each term holds the writer's lock.
+pub async fn run(settings: Settings, stop: CancellationToken) {
+    let wait = settings.election.lease_ttl.0.max(RETRY);
+    while !stop.is_cancelled() {
+        let pause = match term(&settings, &stop).await {
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::NotWriter) => wait,
+            Ok(Ended::NoSet) => IDLE_CUT,
+            Err(e) => {
+                tracing::error!(error = %one_line(&e), "journal: the writer stopped; retrying");
+                RETRY
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// How a term ended without an error.
+enum Ended {
+    Stopped,
+    /// Another node's writer holds the lock.
+    NotWriter,
+    /// No full set yet: nothing to start a chain from.
+    NoSet,
+}
+
+/// The targets segments go to: those that hold the snapshot.
+fn holders(settings: &Settings) -> Vec<Box<dyn Target>> {
+    settings
+        .targets
+        .iter()
+        .filter(|t| t.files.contains(&SetFile::Snapshot))
+        .filter_map(|t| match targets::open(t, settings.priority.upload_rate_limit.0) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(target_name = %t.name, error = %one_line(&e), "journal: cannot open the target");
+                None
+            }
+        })
+        .collect()
+}
+
+async fn term(settings: &Settings, stop: &CancellationToken) -> Result<Ended> {
+    let (member, status) = crate::etcd::connect_first(&settings.etcd).await?;
+    let mut election = Election::of(member.client.clone(), settings);
+    let Some(held) = election.claim_journal().await? else {
+        return Ok(Ended::NotWriter);
+    };
+    // Sealed and signed as the snapshot is: a segment holds every Secret it changes.
+    let (seal, signer) = (settings.seal()?, crate::trust::signing::signer(settings)?);
+    let cluster = settings.cluster_folder(status.cluster_id);
+    let targets = holders(settings);
+    if targets.is_empty() {
+        election.release(held).await;
+        bail!("no target holding snapshots can be opened");
+    }
+    let start = match start_point(&targets, &cluster).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::info!("journal: no full set on any target yet; the journal starts after the first");
+            election.release(held).await;
+            return Ok(Ended::NoSet);
+        }
+        Err(e) => {
+            election.release(held).await;
+            return Err(e);
+        }
+    };
+    tracing::info!(revision = start.next, after = %start.after, "journal: writing");
+    let cluster_id = crate::etcd::hex_id(status.cluster_id);
+    let (tx, rx) = mpsc::channel(16);
+    let store = tokio::spawn(store_segments(targets, cluster, rx));
+    let mut w = Watching {
+        settings,
+        client: member.client.clone(),
+        seal,
+        signer,
+        cluster_id,
+        next: start.next,
+        from: Utc::now(),
+        covered: Utc::now(),
+        records: Vec::new(),
+        weight: 0,
+        ttls: HashMap::new(),
+        tx,
+    };
+    let ended = tokio::select! {
+        r = w.watch(stop) => r,
+        _ = held.lost.cancelled() => Err(anyhow!("the journal lock may be lost; another node's writer takes over")),
+    };
+    drop(w);
+    // The store task ends once every segment sent is stored (or kept, failing).
+    let _ = store.await;
+    election.release(held).await;
+    ended.map(|()| Ended::Stopped)
+}
+
+/// Where a term starts.
+struct Start {
+    next: i64,
+    after: String,
+}
+
+/// After the newest whole segment on any target, else after the newest full set.
+async fn start_point(targets: &[Box<dyn Target>], cluster: &str) -> Result<Option<Start>> {
+    let mut newest: Option<(i64, String)> = None;
+    for t in targets {
+        match newest_whole_segment(t.as_ref(), cluster).await {
+            Ok(Some(last)) if newest.as_ref().is_none_or(|(n, _)| last > *n) => {
+                newest = Some((last, format!("the newest segment on target '{}'", t.name())))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(target_name = %t.name(), error = %one_line(&e), "journal: cannot list the target's journal")
+            }
+        }
+    }
+    if let Some((last, after)) = newest {
+        return Ok(Some(Start { next: last + 1, after }));
+    }
+    let mut best: Option<(i64, String)> = None;
+    for t in targets {
+        match t.list_sets(Some(cluster)).await {
+            Ok(sets) => {
+                for s in sets {
+                    if best.as_ref().is_none_or(|(r, _)| s.manifest.etcd.revision > *r) {
+                        best = Some((s.manifest.etcd.revision, format!("set {}", s.manifest.id)));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(target_name = %t.name(), error = %one_line(&e), "journal: cannot list the target's sets")
+            }
+        }
+    }
+    Ok(best.map(|(rev, after)| Start { next: rev + 1, after }))
+}
+
+/// The last revision of `t`'s newest whole segment; a torn newest one is removed (a writer
+/// killed while writing it; its revisions are written again).
+async fn newest_whole_segment(t: &dyn Target, cluster: &str) -> Result<Option<i64>> {
+    let mut named: Vec<segment::Named> = t
+        .list_journal(cluster)
+        .await?
+        .into_iter()
+        .filter_map(|(n, _)| segment::parse_name(&n))
+        .collect();
+    named.sort_by_key(|n| (n.last, n.until));
+    while let Some(n) = named.pop() {
+        let Some(raw) = t.read_journal(cluster, &n.name, SEGMENT_CAP).await? else {
+            continue;
+        };
+        match segment::decode(&n.name, raw) {
+            Ok(_) => return Ok(Some(n.last)),
+            Err(e) => {
+                tracing::warn!(target_name = %t.name(), error = %one_line(&e), "journal: removing a broken segment; its revisions are written again");
+                t.delete_journal(cluster, &n.name).await?;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The open segment and what the watch has given.
+struct Watching<'a> {
+    settings: &'a Settings,
+    client: etcd_client::Client,
+    seal: crate::envelope::Seal,
+    signer: Option<crate::trust::signing::Signer>,
+    cluster_id: String,
+    /// The first revision of the open segment.
+    next: i64,
+    /// When the open segment's coverage begins.
+    from: DateTime<Utc>,
+    /// Up to when etcd is known to have no revision beyond the last received.
+    covered: DateTime<Utc>,
+    records: Vec<Record>,
+    weight: usize,
+    /// Granted TTLs of the leases seen (-1: expired when first asked).
+    ttls: HashMap<i64, i64>,
+    tx: mpsc::Sender<(String, Vec<u8>)>,
+}
+
+impl Watching<'_> {
+    async fn watch(&mut self, stop: &CancellationToken) -> Result<()> {
+        let opts = WatchOptions::new()
+            .with_all_keys()
+            .with_start_revision(self.next)
+            .with_progress_notify();
+        let mut wc = self.client.watch_client().max_decoding_message_size(DECODE_LIMIT);
+        let mut stream = wc.watch(vec![0u8], Some(opts)).await?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (age, max_bytes) = (
+            self.settings.journal.segment_max_age.0,
+            self.settings.journal.segment_max_bytes.0 as usize,
+        );
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    self.cut().await?;
+                    return Ok(());
+                }
+                msg = stream.message() => {
+                    let resp = msg?.ok_or_else(|| anyhow!("etcd closed the watch"))?;
+                    if resp.canceled() {
+                        if resp.compact_revision() > 0 {
+                            // Not stored and gone from etcd's history: the chain ends here.
+                            self.cut().await?;
+                            bail!(
+                                "etcd compacted revision {} before the journal stored it (compacted up to {}): the chain ends at revision {}; the next starts after the next full set",
+                                self.next_revision(),
+                                resp.compact_revision(),
+                                self.next_revision() - 1
+                            );
+                        }
+                        bail!("etcd cancelled the watch: {}", resp.cancel_reason());
+                    }
+                    self.take(&resp).await?;
+                    if self.weight >= max_bytes {
+                        self.cut().await?;
+                    }
+                }
+                _ = tick.tick() => {
+                    // The answer (a response without events) moves `covered` on.
+                    let _ = stream.request_progress().await;
+                    let old = self.records.first().is_some_and(|r| Utc::now() - r.at >= chrono::TimeDelta::from_std(age).unwrap_or_default());
+                    let idle = self.records.is_empty() && Utc::now() - self.from >= chrono::TimeDelta::from_std(IDLE_CUT).unwrap_or_default();
+                    if old || idle {
+                        self.cut().await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The revision after the last received.
+    fn next_revision(&self) -> i64 {
+        self.records.last().map(|r| r.rev + 1).unwrap_or(self.next)
+    }
+
+    /// Adds a watch response's revisions (each whole: no fragments were asked for).
+    async fn take(&mut self, resp: &etcd_client::WatchResponse) -> Result<()> {
+        let now = Utc::now();
+        let mut seen: HashSet<i64> = self.records.iter().flat_map(|r| r.leases.keys().copied()).collect();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let rev = kv.mod_revision();
+            let expected = self.next_revision();
+            if self.records.last().is_none_or(|r| r.rev != rev) {
+                if rev != expected {
+                    bail!("the watch skipped from revision {} to {rev}", expected - 1);
+                }
+                self.records.push(Record {
+                    rev,
+                    at: now,
+                    ops: Vec::new(),
+                    leases: BTreeMap::new(),
+                });
+                self.weight += 64;
+            }
+            let op = match ev.event_type() {
+                EventType::Put => {
+                    let lease = kv.lease();
+                    if lease != 0 && seen.insert(lease) {
+                        let ttl = self.lease_ttl(lease).await;
+                        if ttl > 0 {
+                            self.records.last_mut().expect("pushed").leases.insert(lease, ttl);
+                        }
+                    }
+                    Op::Put {
+                        key: kv.key().to_vec(),
+                        value: kv.value().to_vec(),
+                        lease,
+                        create: kv.create_revision(),
+                        version: kv.version(),
+                    }
+                }
+                EventType::Delete => Op::Delete { key: kv.key().to_vec() },
+            };
+            self.weight += match &op {
+                Op::Put { key, value, .. } => 64 + key.len() + value.len(),
+                Op::Delete { key } => 32 + key.len(),
+            };
+            self.records.last_mut().expect("pushed").ops.push(op);
+        }
+        // Every revision up to the header's has been sent: the coverage reaches now.
+        if resp.header().is_some_and(|h| h.revision() < self.next_revision()) {
+            self.covered = now;
+        }
+        Ok(())
+    }
+
+    /// A lease's granted TTL, asked once per lease (-1 once it had expired).
+    async fn lease_ttl(&mut self, lease: i64) -> i64 {
+        if let Some(t) = self.ttls.get(&lease) {
+            return *t;
+        }
+        let asked = tokio::time::timeout(
+            self.settings.etcd.request_timeout.0,
+            self.client.lease_time_to_live(lease, None),
+        )
+        .await;
+        let ttl = match asked {
+            Ok(Ok(r)) if r.ttl() > 0 => r.granted_ttl(),
+            _ => -1,
+        };
+        self.ttls.insert(lease, ttl);
+        ttl
+    }
+
+    /// Seals the open segment and hands it to the store task; the next begins after it.
+    async fn cut(&mut self) -> Result<()> {
+        let until = if self.records.is_empty() {
+            self.covered
+        } else {
+            self.covered.max(self.records.last().expect("not empty").at)
+        };
+        if self.records.is_empty() && until <= self.from {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut self.records);
+        let draft = segment::Draft {
+            cluster_id: self.cluster_id.clone(),
+            node: self.settings.node_name.clone(),
+            first: self.next,
+            from: self.from,
+            until,
+            records: &records,
+        };
+        let encoded = segment::encode(&draft, &self.seal, self.signer.as_ref())?;
+        self.next = records.last().map(|r| r.rev + 1).unwrap_or(self.next);
+        self.from = until;
+        self.weight = 0;
+        self.tx
+            .send(encoded)
+            .await
+            .map_err(|_| anyhow!("the journal's store task ended"))
+    }
+}
+
+/// Stores each segment on every target; a target that fails keeps its segments (bounded by
+/// [`BACKLOG_MAX`]) and gets them, in order, before the next.
+async fn store_segments(targets: Vec<Box<dyn Target>>, cluster: String, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
+    let mut backlog: Vec<Vec<(String, std::sync::Arc<Vec<u8>>)>> = vec![Vec::new(); targets.len()];
+    while let Some((name, bytes)) = rx.recv().await {
+        let bytes = std::sync::Arc::new(bytes);
+        let puts = targets.iter().zip(backlog.iter_mut()).map(|(t, waiting)| {
+            waiting.push((name.clone(), bytes.clone()));
+            let cluster = cluster.as_str();
+            async move {
+                while let Some((n, b)) = waiting.first() {
+                    match t.put_journal(cluster, n, b).await {
+                        Ok(()) => {
+                            tracing::debug!(target_name = %t.name(), segment = %n, "journal segment stored");
+                            waiting.remove(0);
+                        }
+                        Err(e) => {
+                            tracing::warn!(target_name = %t.name(), segment = %n, waiting = waiting.len(), error = %one_line(&e), "journal: the target cannot take a segment; kept to retry at the next cut");
+                            break;
+                        }
+                    }
+                }
+                let mut total: usize = waiting.iter().map(|(_, b)| b.len()).sum();
+                while total > BACKLOG_MAX && waiting.len() > 1 {
+                    let (n, b) = waiting.remove(0);
+                    total -= b.len();
+                    tracing::error!(target_name = %t.name(), segment = %n, "journal: dropped a segment the target could not take (backlog full): the target's chain has a gap");
+                }
+            }
+        });
+        futures_util::future::join_all(puts).await;
+    }
+}

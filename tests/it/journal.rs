@@ -1,0 +1,308 @@
+//! The continuous journal against real etcd (3.4 and 3.5): the daemon's writer stores every
+//! revision after a full set, and `fetch --at` restores the state at a moment key for key
+//! (value, create_revision, mod_revision, version, lease), checked against the live etcd's
+//! own history (`get --rev`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+
+use crate::common::{Etcd, Proc, Work, etcd_tool, etcd35_dir, file_target, free_port, run};
+use crate::support::{NO_RETENTION, daemon_config};
+
+/// A key as etcd holds it: value, create_revision, mod_revision, version, lease.
+type Held = BTreeMap<Vec<u8>, (Vec<u8>, i64, i64, i64, i64)>;
+
+async fn state(c: &mut Client, rev: Option<i64>) -> (i64, Held) {
+    let mut opts = GetOptions::new().with_all_keys();
+    if let Some(r) = rev {
+        opts = opts.with_revision(r);
+    }
+    let r = c.get(vec![0u8], Some(opts)).await.unwrap();
+    let held = r
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                (
+                    kv.value().to_vec(),
+                    kv.create_revision(),
+                    kv.mod_revision(),
+                    kv.version(),
+                    kv.lease(),
+                ),
+            )
+        })
+        .collect();
+    (r.header().unwrap().revision(), held)
+}
+
+async fn revision(c: &mut Client) -> i64 {
+    state(c, None).await.0
+}
+
+/// The daemon's config: a file target, the journal on with 1 s segments, no scheduled run
+/// in the test's time, `bin_dir` for the replay's etcd tools.
+fn journal_config(w: &Work, node: &str, endpoint: &str, bin_dir: Option<&Path>) -> PathBuf {
+    let mut extra = format!(
+        "{}{NO_RETENTION}\n[journal]\nenabled = true\nsegment_max_age = \"1s\"\n",
+        file_target(w)
+    );
+    if let Some(d) = bin_dir {
+        extra.push_str(&format!("\n[verify]\nbin_dir = \"{}\"\n", d.display()));
+    }
+    daemon_config(w, node, endpoint, "0 0 0 1 1 *", "lease_ttl = \"3s\"", &extra)
+}
+
+/// The segments on the file target: (first, last) of each.
+fn segments(w: &Work) -> Vec<(i64, i64)> {
+    let dir = w.target_root().join("test").join("journal");
+    let mut out: Vec<(i64, i64)> = std::fs::read_dir(dir)
+        .map(|es| {
+            es.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    let mut p = n.strip_suffix(".seg")?.split('-');
+                    Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Waits until the journal holds revision `rev` (a stored segment reaches it).
+async fn durable(w: &Work, rev: i64, d: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !segments(w).iter().any(|(_, last)| *last >= rev) {
+        assert!(
+            Instant::now() < deadline,
+            "revision {rev} never stored: {:?}\n{}",
+            segments(w),
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `fetch --at moment` into a fresh folder; the snapshot laid out, restored and read.
+async fn restored_at(cfg: &Path, w: &Work, moment: &str, bin_dir: Option<&Path>) -> (i64, Held) {
+    let dir = w.path().join(format!("at-{}", moment.replace([':', '+', '.'], "_")));
+    let r = run(&[
+        "fetch",
+        "--at",
+        moment,
+        "--to",
+        dir.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "fetch --at {moment}: {}", r.all());
+    assert!(r.stdout.contains("rolled forward to"), "{}", r.stdout);
+    let snaps: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "db"))
+        .collect();
+    assert_eq!(snaps.len(), 1, "exactly one snapshot for the restore script: {snaps:?}");
+    let peer = free_port();
+    let data = w.path().join(format!("data-{}", moment.replace([':', '+', '.'], "_")));
+    let restorer = if bin_dir.is_some() { "etcdutl" } else { "etcdctl" };
+    let out = std::process::Command::new(etcd_tool(bin_dir, restorer))
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore"])
+        .arg(&snaps[0])
+        .arg(format!("--data-dir={}", data.display()))
+        .args([
+            "--name=test0",
+            &format!("--initial-cluster=test0=http://127.0.0.1:{peer}"),
+        ])
+        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let etcd = match bin_dir {
+        Some(d) => Etcd::start_restored_in(d, &data, peer),
+        None => Etcd::start_restored(&data, peer),
+    };
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    state(&mut c, None).await
+}
+
+/// What the live etcd held at each moment the test will ask for.
+struct Moments {
+    /// (as given to --at, the revision it must reach).
+    asked: Vec<(String, i64)>,
+}
+
+/// Writes the cases the journal must carry, noting moments: plain puts and puts on a lease, a
+/// multi-op txn, a lease revoked with 300 keys in one revision, a delete (a moment on it),
+/// and times between segments (after a revision is stored, before the next is written).
+async fn workload(c: &mut Client, w: &Work, d: &Proc, m: &mut Moments) {
+    let lease = c.lease_grant(120, None).await.unwrap().id();
+    for i in 0..20 {
+        let opts = (i % 2 == 0).then(|| PutOptions::new().with_lease(lease));
+        c.put(format!("/app/k{i}"), format!("v{i}"), opts).await.unwrap();
+    }
+    c.put("/app/k3", "v3-again", None).await.unwrap();
+    let r = revision(c).await;
+    m.asked.push((format!("rev:{r}"), r));
+
+    // One revision, several ops.
+    let txn = Txn::new()
+        .when([Compare::version("/app/k1", CompareOp::Greater, 0)])
+        .and_then([
+            TxnOp::put("/app/t1", "a", None),
+            TxnOp::put("/app/k5", "changed in a txn", Some(PutOptions::new().with_lease(lease))),
+            TxnOp::delete("/app/k7", None),
+        ]);
+    assert!(c.txn(txn).await.unwrap().succeeded());
+    let r = revision(c).await;
+    durable(w, r, d).await;
+    // A time between segments: after `r` is stored, before anything later is written.
+    let t = Utc::now();
+    m.asked
+        .push((t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), r));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // A lease with 300 keys, revoked: one revision deletes them all.
+    let many = c.lease_grant(300, None).await.unwrap().id();
+    for i in 0..300 {
+        c.put(
+            format!("/events/e{i:03}"),
+            vec![b'x'; 200],
+            Some(PutOptions::new().with_lease(many)),
+        )
+        .await
+        .unwrap();
+    }
+    let before_revoke = revision(c).await;
+    m.asked.push((format!("rev:{before_revoke}"), before_revoke));
+    c.lease_revoke(many).await.unwrap();
+    let r = revision(c).await;
+    assert_eq!(r, before_revoke + 1, "the revoke is one revision");
+    m.asked.push((format!("rev:{r}"), r));
+
+    // A moment that falls on a delete, given as a time with an offset.
+    c.put("/app/late", "1", None).await.unwrap();
+    c.delete("/app/k2", None).await.unwrap();
+    let r = revision(c).await;
+    durable(w, r, d).await;
+    let t = Utc::now().with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap());
+    m.asked
+        .push((t.to_rfc3339_opts(chrono::SecondsFormat::Millis, false), r));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.put("/app/after", "not in the moment before", None).await.unwrap();
+}
+
+async fn journal_case(bin_dir: Option<PathBuf>) {
+    let bin = bin_dir.as_deref();
+    let etcd = match bin {
+        Some(d) => Etcd::start_in(d),
+        None => Etcd::start(),
+    };
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    for i in 0..50 {
+        c.put(format!("/base/{i}"), "before the set", None).await.unwrap();
+    }
+    let w = Work::new();
+    let cfg = journal_config(&w, "node-a", &etcd.endpoint, bin);
+    let r = run(&["backup", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let mut d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("journal: writing") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut m = Moments { asked: Vec::new() };
+    workload(&mut c, &w, &d, &mut m).await;
+    let last = revision(&mut c).await;
+    durable(&w, last, &d).await;
+    // SIGTERM stores the open segment; the rest is read from the target.
+    let code = tokio::task::block_in_place(|| d.stop(Duration::from_secs(15)));
+    assert_eq!(code, Some(0), "{}", d.log());
+
+    for (moment, rev) in &m.asked {
+        let (_, live) = state(&mut c, Some(*rev)).await;
+        let (got_rev, got) = restored_at(&cfg, &w, moment, bin).await;
+        assert_eq!(got_rev, *rev, "{moment}: the restored store's revision");
+        assert_eq!(got.len(), live.len(), "{moment}: key count");
+        let differ: Vec<String> = live
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(*v))
+            .take(3)
+            .map(|(k, v)| format!("{}: live {v:?}, restored {:?}", String::from_utf8_lossy(k), got.get(k)))
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "{moment} (revision {rev}): the restored state differs: {differ:?}"
+        );
+    }
+}
+
+/// etcd 3.4 (Debian's): every kind of change, each moment restored key for key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moment_restores_key_for_key_on_etcd_3_4() {
+    journal_case(None).await;
+}
+
+/// etcd 3.5: the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moment_restores_key_for_key_on_etcd_3_5() {
+    journal_case(Some(etcd35_dir())).await;
+}
+
+/// Moments the journal does not cover are refused (exit 1) naming what it covers; a
+/// malformed one is a usage error (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncovered_moments_are_refused_naming_the_coverage() {
+    let etcd = Etcd::start();
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    c.put("/a", "1", None).await.unwrap();
+    let w = Work::new();
+    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let r = run(&["backup", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let d = Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
+    c.put("/b", "2", None).await.unwrap();
+    let last = revision(&mut c).await;
+    durable(&w, last, &d).await;
+    let to = w.path().join("out");
+    let at = |m: &str| {
+        run(&[
+            "fetch",
+            "--at",
+            m,
+            "--to",
+            to.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+    };
+    let future: DateTime<Utc> = Utc::now() + chrono::TimeDelta::hours(1);
+    for m in [
+        format!("rev:{}", last + 100),
+        future.to_rfc3339(),
+        "2001-01-01T00:00:00Z".into(),
+    ] {
+        let r = at(&m);
+        assert_eq!(r.code, 1, "{m}: {}", r.all());
+        assert!(
+            r.stderr.contains("is not covered by the journal; covered: revisions"),
+            "{m}: {}",
+            r.stderr
+        );
+        assert!(!to.exists(), "nothing laid out for a refused moment");
+    }
+    let r = at("yesterday");
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("--at \"yesterday\""), "{}", r.stderr);
+    drop(d);
+}
