@@ -207,7 +207,38 @@ fn write_families(out: &mut Families, staging: &Path) -> fmt::Result {
         "reason",
         &skips,
     )?;
-    write_coverage(out, &state)
+    write_coverage(out, &state)?;
+    write_journal(out, &state)
+}
+
+/// The journal's writer on this node (absent where it never wrote): what a restore to a
+/// moment can reach. Alert on the newest across nodes (only the writer's moves).
+fn write_journal(out: &mut Families, state: &State) -> fmt::Result {
+    let Some(j) = &state.journal else {
+        return Ok(());
+    };
+    out.gauge(
+        "etcd_backupd_journal_writing",
+        "1 while this node's journal writer holds the lock and watches etcd.",
+        i64::from(j.writing),
+    )?;
+    out.gauge(
+        "etcd_backupd_journal_durable_timestamp_seconds",
+        "The newest moment the journal covers on every target holding snapshots, as this node's writer stored it (unix time; 0: none): fetch --at can restore up to here.",
+        j.durable_until.as_deref().and_then(unix).unwrap_or(0),
+    )?;
+    out.gauge(
+        "etcd_backupd_journal_durable_revision",
+        "The newest etcd revision the journal holds on every target holding snapshots, as this node's writer stored it.",
+        j.durable_revision,
+    )?;
+    let family = out.0.encode_descriptor(
+        "etcd_backupd_journal_chain_breaks",
+        "Journal chains this node's writer ended because etcd compacted revisions it had not stored (a restore cannot cross the break).",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(j.breaks_total).encode(family)
 }
 
 /// Coverage: what each target held when this node last listed it (after a run's retention),

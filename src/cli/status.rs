@@ -23,6 +23,8 @@ use crate::staging::state::State;
 struct FromEtcd {
     last: Option<RunRecord>,
     runner: Option<String>,
+    /// The node whose journal writer holds the lock.
+    journal_writer: Option<String>,
     beats: Vec<NodeBeat>,
     /// The cluster folder, the jitter's seed.
     cluster: Option<String>,
@@ -34,13 +36,23 @@ async fn from_etcd(settings: &Settings) -> FromEtcd {
         let (mut member, st) = crate::etcd::connect_first(&settings.etcd).await?;
         let mut e = crate::etcd::election::Election::of(member.client.clone(), settings);
         let (last, runner) = (e.last().await?, e.runner().await?);
+        let journal_writer = if settings.journal.enabled {
+            e.journal_writer().await?
+        } else {
+            None
+        };
         let beats = heartbeat::read_all(&mut member, &settings.election.prefix).await?;
-        Ok::<_, anyhow::Error>((last, runner, beats, settings.cluster_folder(st.cluster_id)))
+        Ok::<_, anyhow::Error>((
+            (last, runner, journal_writer),
+            beats,
+            settings.cluster_folder(st.cluster_id),
+        ))
     };
     match tokio::time::timeout(settings.etcd.connect_timeout.0 + settings.etcd.request_timeout.0, ask).await {
-        Ok(Ok((last, runner, beats, cluster))) => FromEtcd {
+        Ok(Ok(((last, runner, journal_writer), beats, cluster))) => FromEtcd {
             last,
             runner,
+            journal_writer,
             beats,
             cluster: Some(cluster),
             problem: None,
@@ -224,6 +236,9 @@ fn print_json(view: &View, cluster: bool) -> Result<()> {
     if cluster {
         v["nodes"] = serde_json::to_value(&etcd.beats)?;
     }
+    if settings.journal.enabled {
+        v["journal"] = serde_json::json!({"writer": etcd.journal_writer, "this_node": state.journal});
+    }
     super::report::print(v, verdict.level == Level::Ok)
 }
 
@@ -325,8 +340,51 @@ fn print_text(view: &View) -> Result<()> {
     if let Some(s) = &settings.backup_schedule {
         writeln!(out, "schedule    {}", s.describe())?;
     }
+    if settings.journal.enabled {
+        writeln!(out, "journal     {}", journal_line(settings, state, etcd, tz, now))?;
+    }
     drop(out);
     print_details(settings, state, etcd, staged, tz, now)
+}
+
+/// Who writes the journal, and how far this node's writer has stored it.
+fn journal_line(
+    settings: &Settings,
+    state: &State,
+    etcd: &FromEtcd,
+    tz: chrono_tz::Tz,
+    now: chrono::DateTime<Utc>,
+) -> String {
+    let who = match (&etcd.journal_writer, &etcd.problem) {
+        (Some(n), _) if *n == settings.node_name => "written by this node".to_string(),
+        (Some(n), _) => format!("written by {n}"),
+        (None, None) => "NO writer holds the journal lock".to_string(),
+        (None, Some(_)) => "writer unknown (etcd did not answer)".to_string(),
+    };
+    let Some(j) = &state.journal else {
+        return who;
+    };
+    let mut parts = vec![who];
+    if let Some(t) = j.durable_until.as_deref().and_then(clock::parse) {
+        let behind = (now - t).num_seconds();
+        parts.push(format!(
+            "durable up to {} (revision {}){}",
+            clock::show_with_age(t, tz, now),
+            j.durable_revision,
+            if j.writing && behind > 120 { "  BEHIND" } else { "" }
+        ));
+    }
+    if j.breaks_total > 0 {
+        parts.push(format!(
+            "{} chain break(s), last {}",
+            j.breaks_total,
+            j.last_break.as_deref().unwrap_or("unknown")
+        ));
+    }
+    if let Some(e) = &j.error {
+        parts.push(format!("error: {e}"));
+    }
+    parts.join("; ")
 }
 
 fn print_details(

@@ -33,6 +33,7 @@ use super::segment::{self, Op, Record};
 use crate::config::{SetFile, Settings};
 use crate::error::one_line;
 use crate::etcd::election::Election;
+use crate::staging::state::JournalState;
 use crate::targets::{self, Target};
 
 /// How often an idle writer stores an empty segment, moving the covered time on.
@@ -52,13 +53,35 @@ pub const SEGMENT_CAP: u64 = 1 << 30;
 /// Runs journal terms until `stop`; each term holds the writer's lock.
 pub async fn run(settings: Settings, stop: CancellationToken) {
     let wait = settings.election.lease_ttl.0.max(RETRY);
+    // The lowest revision a chain may start at: above a compaction that broke the last one.
+    let mut floor = 0;
     while !stop.is_cancelled() {
-        let pause = match term(&settings, &stop).await {
+        let ended = term(&settings, floor, &stop).await;
+        note(&settings, |j| j.writing = false);
+        let pause = match ended {
             Ok(Ended::Stopped) => return,
             Ok(Ended::NotWriter) => wait,
-            Ok(Ended::NoSet) => IDLE_CUT,
+            Ok(Ended::NoSet) => {
+                // Until a run records a set (or a minute passes: a set stored by hand).
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = next_set_recorded(&settings) => {}
+                    _ = tokio::time::sleep(IDLE_CUT) => {}
+                }
+                continue;
+            }
             Err(e) => {
-                tracing::error!(error = %one_line(&e), "journal: the writer stopped; retrying");
+                let why = one_line(&e);
+                if let Some(b) = e.downcast_ref::<Broken>() {
+                    floor = b.compacted + 1;
+                    note(&settings, |j| {
+                        j.breaks_total += 1;
+                        j.last_break = Some(format!("{}: {why}", now_text()));
+                    });
+                } else {
+                    note(&settings, |j| j.error = Some(why.clone()));
+                }
+                tracing::error!(error = %why, "journal: the writer stopped; retrying");
                 RETRY
             }
         };
@@ -67,6 +90,49 @@ pub async fn run(settings: Settings, stop: CancellationToken) {
             _ = tokio::time::sleep(pause) => {}
         }
     }
+}
+
+/// Returns when an elected run next records its result (`<prefix>/last` changes); never,
+/// when etcd cannot be watched.
+async fn next_set_recorded(settings: &Settings) {
+    let watched = async {
+        let (member, _) = crate::etcd::connect_first(&settings.etcd).await?;
+        let key = format!("{}/last", settings.election.prefix);
+        let mut stream = member.client.watch_client().watch(key, None).await?;
+        while let Some(resp) = stream.message().await? {
+            if !resp.events().is_empty() {
+                return Ok(());
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    if watched.await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// A chain broken by a compaction of revisions not yet stored.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "etcd compacted revision {next} before the journal stored it (compacted up to {compacted}): the chain ends at revision {}; the next starts after a full set taken since",
+    next - 1
+)]
+pub struct Broken {
+    pub next: i64,
+    pub compacted: i64,
+}
+
+/// Changes this node's journal state (in `state.json`, logging a failure) and rewrites the
+/// metrics textfile, if configured.
+fn note(settings: &Settings, change: impl FnOnce(&mut JournalState)) {
+    crate::staging::state::State::update_or_log(&settings.snapshot.staging_dir, |s| {
+        change(s.journal.get_or_insert_with(Default::default))
+    });
+    crate::metrics::refresh(settings);
+}
+
+fn now_text() -> String {
+    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// How a term ended without an error.
@@ -94,7 +160,7 @@ fn holders(settings: &Settings) -> Vec<Box<dyn Target>> {
         .collect()
 }
 
-async fn term(settings: &Settings, stop: &CancellationToken) -> Result<Ended> {
+async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Result<Ended> {
     let (member, status) = crate::etcd::connect_first(&settings.etcd).await?;
     let mut election = Election::of(member.client.clone(), settings);
     let Some(held) = election.claim_journal().await? else {
@@ -108,8 +174,16 @@ async fn term(settings: &Settings, stop: &CancellationToken) -> Result<Ended> {
         election.release(held).await;
         bail!("no target holding snapshots can be opened");
     }
-    let start = match start_point(&targets, &cluster).await {
+    let start = match start_point(&targets, &cluster, floor).await {
         Ok(Some(s)) => s,
+        Ok(None) if floor > 0 => {
+            tracing::error!(
+                floor,
+                "journal: the chain is broken and no full set was taken since; the journal starts again after the next set (take one now with `etcd-backupd backup`)"
+            );
+            election.release(held).await;
+            return Ok(Ended::NoSet);
+        }
         Ok(None) => {
             tracing::info!("journal: no full set on any target yet; the journal starts after the first");
             election.release(held).await;
@@ -121,9 +195,15 @@ async fn term(settings: &Settings, stop: &CancellationToken) -> Result<Ended> {
         }
     };
     tracing::info!(revision = start.next, after = %start.after, "journal: writing");
+    note(settings, |j| {
+        j.writing = true;
+        if start.new_chain {
+            j.chain_from = start.next;
+        }
+    });
     let cluster_id = crate::etcd::hex_id(status.cluster_id);
     let (tx, rx) = mpsc::channel(16);
-    let store = tokio::spawn(store_segments(targets, cluster, rx));
+    let store = tokio::spawn(store_segments(targets, cluster, rx, settings.clone()));
     let mut w = Watching {
         settings,
         client: member.client.clone(),
@@ -153,30 +233,42 @@ async fn term(settings: &Settings, stop: &CancellationToken) -> Result<Ended> {
 struct Start {
     next: i64,
     after: String,
+    /// After a set, not after stored segments.
+    new_chain: bool,
 }
 
-/// After the newest whole segment on any target, else after the newest full set.
-async fn start_point(targets: &[Box<dyn Target>], cluster: &str) -> Result<Option<Start>> {
-    let mut newest: Option<(i64, String)> = None;
+/// After the newest whole segment on any target (targets behind get the newer segments
+/// copied from one that has them), else after the newest full set; never below `floor`.
+async fn start_point(targets: &[Box<dyn Target>], cluster: &str, floor: i64) -> Result<Option<Start>> {
+    let mut newest: Vec<Option<i64>> = Vec::new();
     for t in targets {
-        match newest_whole_segment(t.as_ref(), cluster).await {
-            Ok(Some(last)) if newest.as_ref().is_none_or(|(n, _)| last > *n) => {
-                newest = Some((last, format!("the newest segment on target '{}'", t.name())))
-            }
-            Ok(_) => {}
+        newest.push(match newest_whole_segment(t.as_ref(), cluster).await {
+            Ok(last) => last,
             Err(e) => {
-                tracing::warn!(target_name = %t.name(), error = %one_line(&e), "journal: cannot list the target's journal")
+                tracing::warn!(target_name = %t.name(), error = %one_line(&e), "journal: cannot list the target's journal");
+                None
             }
-        }
+        });
     }
-    if let Some((last, after)) = newest {
-        return Ok(Some(Start { next: last + 1, after }));
+    if let Some((i, last)) = newest
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.map(|l| (i, l)))
+        .max_by_key(|(_, l)| *l)
+        && last + 1 >= floor
+    {
+        catch_up(targets, cluster, i, &newest).await;
+        return Ok(Some(Start {
+            next: last + 1,
+            after: format!("the newest segment on target '{}'", targets[i].name()),
+            new_chain: false,
+        }));
     }
     let mut best: Option<(i64, String)> = None;
     for t in targets {
         match t.list_sets(Some(cluster)).await {
             Ok(sets) => {
-                for s in sets {
+                for s in sets.iter().filter(|s| s.manifest.etcd.revision + 1 >= floor) {
                     if best.as_ref().is_none_or(|(r, _)| s.manifest.etcd.revision > *r) {
                         best = Some((s.manifest.etcd.revision, format!("set {}", s.manifest.id)));
                     }
@@ -187,7 +279,37 @@ async fn start_point(targets: &[Box<dyn Target>], cluster: &str) -> Result<Optio
             }
         }
     }
-    Ok(best.map(|(rev, after)| Start { next: rev + 1, after }))
+    Ok(best.map(|(rev, after)| Start {
+        next: rev + 1,
+        after,
+        new_chain: true,
+    }))
+}
+
+/// Copies to each target behind (an outage outlived the writer that kept its backlog) the
+/// segments target `from` has past that target's newest, so no target keeps a gap.
+async fn catch_up(targets: &[Box<dyn Target>], cluster: &str, from: usize, newest: &[Option<i64>]) {
+    let Ok(names) = targets[from].list_journal(cluster).await else {
+        return;
+    };
+    let mut named: Vec<segment::Named> = names.iter().filter_map(|(n, _)| segment::parse_name(n)).collect();
+    named.sort_by_key(|n| (n.first, n.last));
+    for (t, behind) in targets.iter().zip(newest) {
+        let Some(behind) = *behind else { continue };
+        for n in named.iter().filter(|n| n.last > behind) {
+            let copied = async {
+                let raw = targets[from]
+                    .read_journal(cluster, &n.name, SEGMENT_CAP)
+                    .await?
+                    .ok_or_else(|| anyhow!("gone"))?;
+                t.put_journal(cluster, &n.name, &raw).await
+            };
+            if let Err(e) = copied.await {
+                tracing::warn!(target_name = %t.name(), segment = %n.name, error = %one_line(&e), "journal: cannot copy a segment the target missed");
+                break;
+            }
+        }
+    }
 }
 
 /// The last revision of `t`'s newest whole segment; a torn newest one is removed (a writer
@@ -262,12 +384,11 @@ impl Watching<'_> {
                         if resp.compact_revision() > 0 {
                             // Not stored and gone from etcd's history: the chain ends here.
                             self.cut().await?;
-                            bail!(
-                                "etcd compacted revision {} before the journal stored it (compacted up to {}): the chain ends at revision {}; the next starts after the next full set",
-                                self.next_revision(),
-                                resp.compact_revision(),
-                                self.next_revision() - 1
-                            );
+                            return Err(Broken {
+                                next: self.next_revision(),
+                                compacted: resp.compact_revision(),
+                            }
+                            .into());
                         }
                         bail!("etcd cancelled the watch: {}", resp.cancel_reason());
                     }
@@ -396,7 +517,12 @@ impl Watching<'_> {
 
 /// Stores each segment on every target; a target that fails keeps its segments (bounded by
 /// [`BACKLOG_MAX`]) and gets them, in order, before the next.
-async fn store_segments(targets: Vec<Box<dyn Target>>, cluster: String, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
+async fn store_segments(
+    targets: Vec<Box<dyn Target>>,
+    cluster: String,
+    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+    settings: Settings,
+) {
     let mut backlog: Vec<Vec<(String, std::sync::Arc<Vec<u8>>)>> = vec![Vec::new(); targets.len()];
     while let Some((name, bytes)) = rx.recv().await {
         let bytes = std::sync::Arc::new(bytes);
@@ -425,5 +551,19 @@ async fn store_segments(targets: Vec<Box<dyn Target>>, cluster: String, mut rx: 
             }
         });
         futures_util::future::join_all(puts).await;
+        // Durable once on every target.
+        if backlog.iter().all(Vec::is_empty)
+            && let Some(n) = segment::parse_name(&name)
+        {
+            note(&settings, |j| {
+                j.durable_revision = j.durable_revision.max(n.last);
+                j.durable_until = Some(n.until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                j.error = None;
+            });
+        } else {
+            note(&settings, |j| {
+                j.error = Some("a target cannot take journal segments; they wait in memory".into())
+            });
+        }
     }
 }

@@ -60,6 +60,31 @@ pub struct State {
     /// What each target held when this node last listed it (after retention), by target name.
     #[serde(default)]
     pub targets: BTreeMap<String, TargetCoverage>,
+    /// The journal's writer on this node (see [`crate::journal::writer`]); absent on a node
+    /// whose writer never wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<JournalState>,
+}
+
+/// What this node's journal writer last did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JournalState {
+    /// Is this node's writer holding the lock and watching now?
+    pub writing: bool,
+    /// The first revision of the chain being written.
+    pub chain_from: i64,
+    /// The newest revision stored on every target holding snapshots, and the time it
+    /// covers up to (RFC 3339, UTC): the newest moment a restore can reach.
+    pub durable_revision: i64,
+    pub durable_until: Option<String>,
+    /// Chains ended by a break (a compaction past what was stored), since the state file
+    /// was created, and the newest break's reason.
+    pub breaks_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_break: Option<String>,
+    /// Why the writer last stopped or a target last failed; cleared by a stored segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The daemon's heartbeat.

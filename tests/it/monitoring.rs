@@ -146,6 +146,26 @@ fn exported_metric_names() -> BTreeSet<String> {
     run(&["verify", "latest", "--deep", "--config", cfg]);
     let text = std::fs::read_to_string(&textfile).unwrap();
     assert!(text.contains("etcd_backupd_last_drill_success"), "{text}");
+    // The journal's metrics come from its writer: a daemon with the journal on, until it has
+    // stored a segment (its metrics then join the textfile).
+    let with_journal = format!(
+        "{}\n[journal]\nenabled = true\nsegment_max_age = \"1s\"\n",
+        std::fs::read_to_string(cfg).unwrap()
+    );
+    std::fs::write(cfg, with_journal).unwrap();
+    etcd.put(None, "/after/the/set", "1");
+    let mut d = crate::common::Proc::daemon(Path::new(cfg), w.path().join("daemon.log"), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let durable = |t: &str| {
+        t.lines()
+            .any(|l| l.starts_with("etcd_backupd_journal_durable_revision ") && !l.ends_with(" 0"))
+    };
+    while !durable(&std::fs::read_to_string(&textfile).unwrap_or_default()) {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.stop(Duration::from_secs(15)), Some(0), "{}", d.log());
+    let text = std::fs::read_to_string(&textfile).unwrap();
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| l.split_whitespace().next().unwrap().to_string())
