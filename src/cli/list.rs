@@ -74,6 +74,7 @@ pub(super) async fn list(settings: &Settings, opts: Options<'_>) -> Result<()> {
             .cmp(&(a.created, &a.set.manifest.id))
             .then_with(|| position(settings, &a.target).cmp(&position(settings, &b.target)))
     });
+    let journal = journals(&chosen, &rows).await;
     let mut out = std::io::stdout().lock();
     if opts.json {
         drop(out);
@@ -82,6 +83,7 @@ pub(super) async fn list(settings: &Settings, opts: Options<'_>) -> Result<()> {
             ok: failed.is_empty(),
             sets: rows.iter().map(|r| JsonRow::of(r, now)).collect(),
             failed_targets: &failed,
+            journal: &journal,
         };
         super::report::print_typed(&doc)?;
         if !failed.is_empty() {
@@ -97,11 +99,97 @@ pub(super) async fn list(settings: &Settings, opts: Options<'_>) -> Result<()> {
         };
         out.write_all(text.as_bytes())?;
     }
+    for j in &journal {
+        out.write_all(journal_text(j, settings.time_zone()).as_bytes())?;
+    }
     drop(out);
     if !failed.is_empty() {
         bail!("cannot list target(s) {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// One target's journal, for `list`.
+#[derive(serde::Serialize)]
+struct TargetJournal {
+    target: String,
+    cluster: String,
+    coverage: Vec<crate::journal::chain::Coverage>,
+}
+
+/// The journal each chosen target holds for the clusters listed (nothing where it has none).
+async fn journals(chosen: &[&TargetSettings], rows: &[Row]) -> Vec<TargetJournal> {
+    use crate::journal::{chain, segment};
+    let mut out = Vec::new();
+    for t in chosen {
+        let Ok(target) = targets::open(t, None) else { continue };
+        let clusters: std::collections::BTreeSet<&str> = rows
+            .iter()
+            .filter(|r| r.target == t.name)
+            .map(|r| r.set.cluster.as_str())
+            .collect();
+        for c in clusters {
+            let named: Vec<segment::Named> = match target.list_journal(c).await {
+                Ok(n) => n.iter().filter_map(|(n, _)| segment::parse_name(n)).collect(),
+                Err(e) => {
+                    errln!(
+                        "target '{}': cannot list the journal: {}",
+                        t.name,
+                        crate::error::one_line(&e)
+                    );
+                    continue;
+                }
+            };
+            if named.is_empty() {
+                continue;
+            }
+            let bases: Vec<chain::Base> = rows
+                .iter()
+                .filter(|r| r.target == t.name && r.set.cluster == c && r.set.damaged.is_none())
+                .filter_map(|r| {
+                    Some(chain::Base {
+                        id: r.set.manifest.id.clone(),
+                        revision: r.set.manifest.etcd.revision,
+                        created: r.created?,
+                    })
+                })
+                .collect();
+            out.push(TargetJournal {
+                target: t.name.clone(),
+                cluster: c.to_string(),
+                coverage: chain::coverage_of(&chain::spans(named), &bases),
+            });
+        }
+    }
+    out
+}
+
+/// `journal on 'nfs' (cluster prod): from set X: revisions A..=B, to <time>` per stretch, gaps
+/// between them named.
+fn journal_text(j: &TargetJournal, tz: chrono_tz::Tz) -> String {
+    let mut text = format!("journal on target '{}' (cluster {}):\n", j.target, j.cluster);
+    let mut prev: Option<i64> = None;
+    for c in &j.coverage {
+        if let Some(p) = prev {
+            text.push_str(&format!(
+                "  gap: revisions {}..={} are not stored\n",
+                p + 1,
+                c.first - 1
+            ));
+        }
+        let from = match c.sets.first() {
+            Some(id) => format!("from set {id}"),
+            None => "from no set (cannot be restored)".into(),
+        };
+        text.push_str(&format!(
+            "  {from}: revisions {}..={}, any moment up to {}\n",
+            c.first,
+            c.last,
+            c.until.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z")
+        ));
+        prev = Some(c.last);
+    }
+    text
 }
 
 fn position(settings: &Settings, name: &str) -> usize {
@@ -169,6 +257,8 @@ struct ListDoc<'a> {
     /// One object per set and target.
     sets: Vec<JsonRow<'a>>,
     failed_targets: &'a [String],
+    /// What each target's journal covers (targets without one are left out).
+    journal: &'a [TargetJournal],
 }
 
 #[derive(serde::Serialize)]

@@ -101,6 +101,7 @@ pub(super) async fn prune(
                 "ok": report.errors.is_empty(),
                 "decisions": decisions,
                 "debris_removed": report.debris_removed,
+                "journal_segments_removed": report.segments_removed,
                 "errors": report.errors,
             }));
             continue;
@@ -116,6 +117,13 @@ pub(super) async fn prune(
         );
         for d in &report.decisions {
             outln!("  {}  {}", d.id, d.summary());
+        }
+        if report.segments_removed > 0 {
+            outln!(
+                "  {} {} journal segment(s) no kept set can use",
+                if dry_run { "would remove" } else { "removed" },
+                report.segments_removed
+            );
         }
         if report.debris_removed > 0 {
             outln!("  removed {} incomplete upload(s)", report.debris_removed);

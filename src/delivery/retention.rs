@@ -217,6 +217,8 @@ pub struct PruneReport {
     pub deleted: Vec<String>,
     pub errors: Vec<String>,
     pub debris_removed: usize,
+    /// Journal segments no kept set can use, removed (or, in a dry run, to remove).
+    pub segments_removed: usize,
 }
 
 impl PruneReport {
@@ -264,8 +266,16 @@ pub async fn prune_target(
         deleted: Vec::new(),
         errors: Vec::new(),
         debris_removed: 0,
+        segments_removed: 0,
     };
     if dry_run {
+        let kept: Vec<&str> = report
+            .decisions
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| d.id.as_str())
+            .collect();
+        report.segments_removed = prune_journal(target, cluster, Some(&kept), true).await.unwrap_or(0);
         return Ok(report);
     }
     // Oldest first: a prune cut short leaves the newer sets.
@@ -286,7 +296,48 @@ pub async fn prune_target(
         Ok(n) => report.debris_removed = n,
         Err(e) => report.errors.push(format!("debris: {}", crate::error::one_line(&e))),
     }
+    match prune_journal(target, cluster, None, false).await {
+        Ok(n) => report.segments_removed = n,
+        Err(e) => report.errors.push(format!("journal: {}", crate::error::one_line(&e))),
+    }
     Ok(report)
+}
+
+/// Removes the journal segments no set kept on `target` can use (see
+/// [`crate::journal::chain::unusable`]): the sets listed now, or only `kept` of them (a dry
+/// run's plan). Returns how many went (would go).
+async fn prune_journal(target: &dyn Target, cluster: &str, kept: Option<&[&str]>, dry_run: bool) -> Result<usize> {
+    let segments: Vec<_> = target
+        .list_journal(cluster)
+        .await?
+        .iter()
+        .filter_map(|(n, _)| crate::journal::segment::parse_name(n))
+        .collect();
+    if segments.is_empty() {
+        return Ok(0);
+    }
+    let revisions: Vec<i64> = target
+        .list_sets(Some(cluster))
+        .await?
+        .iter()
+        .filter(|s| kept.is_none_or(|k| k.contains(&s.manifest.id.as_str())))
+        .map(|s| s.manifest.etcd.revision)
+        .collect();
+    let unusable = crate::journal::chain::unusable(&segments, &revisions);
+    if dry_run {
+        return Ok(unusable.len());
+    }
+    for s in &unusable {
+        target.delete_journal(cluster, &s.name).await?;
+    }
+    if !unusable.is_empty() {
+        tracing::info!(
+            target_name = target.name(),
+            removed = unusable.len(),
+            "retention removed journal segments no kept set can use"
+        );
+    }
+    Ok(unusable.len())
 }
 
 #[cfg(test)]
@@ -565,6 +616,7 @@ mod tests {
         let now = at("2026-11-25T03:00:00Z");
         let decisions = plan_listed(&sets, "c", &policy(1, 0, 0, 0), now, Tz::UTC);
         let report = PruneReport {
+            segments_removed: 0,
             target: "t".into(),
             cluster: "c".into(),
             decisions,

@@ -46,6 +46,16 @@ pub fn spans(mut segments: Vec<Named>) -> Vec<Span> {
     out
 }
 
+/// The segments no kept set can use: those wholly at or before the oldest kept set's
+/// revision (a replay starts after its set's revision). None while no set is kept: a
+/// listing that found no set removes nothing.
+pub fn unusable(segments: &[Named], kept_revisions: &[i64]) -> Vec<Named> {
+    let Some(oldest) = kept_revisions.iter().min() else {
+        return Vec::new();
+    };
+    segments.iter().filter(|s| s.last <= *oldest).cloned().collect()
+}
+
 /// A moment to restore to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moment {
@@ -147,6 +157,37 @@ pub fn plan(bases: &[Base], spans: &[Span], moment: Moment) -> Result<Plan, Stri
         "{moment} is not covered by the journal; covered: {}",
         coverage(spans)
     ))
+}
+
+/// What a span covers for `list`: its range and end, and the sets it starts from (a moment
+/// in it restores from the newest of them at or before it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Coverage {
+    pub first: i64,
+    pub last: i64,
+    pub until: DateTime<Utc>,
+    pub sets: Vec<String>,
+}
+
+/// Each span with the sets it can start from; a span no set starts is listed too (its
+/// moments cannot be restored: `sets` is empty).
+pub fn coverage_of(spans: &[Span], bases: &[Base]) -> Vec<Coverage> {
+    spans
+        .iter()
+        .map(|s| {
+            let mut sets: Vec<&Base> = bases
+                .iter()
+                .filter(|b| s.first <= b.revision + 1 && b.revision <= s.last)
+                .collect();
+            sets.sort_by_key(|b| b.revision);
+            Coverage {
+                first: s.first,
+                last: s.last,
+                until: s.until,
+                sets: sets.into_iter().map(|b| b.id.clone()).collect(),
+            }
+        })
+        .collect()
 }
 
 /// The spans for a human: `revisions 100..=2000 until 2026-12-08T02:00:00Z; ...`.
@@ -251,6 +292,24 @@ mod tests {
         // The second span starts at no set.
         assert!(plan(&bases, &sp, Moment::Revision(180)).is_err());
         assert!(plan(&[base(100, 11)], &sp, Moment::Time(t(5))).is_err());
+    }
+
+    #[test]
+    fn coverage_names_the_sets_each_span_starts_from() {
+        let sp = spans(vec![seg(101, 150, 10), seg(170, 200, 20)]);
+        let c = coverage_of(&sp, &[base(100, 0), base(120, 5), base(300, 30)]);
+        assert_eq!(c[0].sets, ["set-100", "set-120"]);
+        assert!(c[1].sets.is_empty(), "a stretch after a gap with no set: {c:?}");
+    }
+
+    #[test]
+    fn retention_drops_only_what_no_kept_set_can_use() {
+        let segs = [seg(101, 150, 10), seg(151, 200, 20), seg(201, 250, 30)];
+        let names = |v: Vec<Named>| v.into_iter().map(|n| n.first).collect::<Vec<_>>();
+        assert_eq!(names(unusable(&segs, &[160, 230])), [101]);
+        assert_eq!(names(unusable(&segs, &[200])), [101, 151]);
+        assert_eq!(names(unusable(&segs, &[100])), Vec::<i64>::new());
+        assert!(unusable(&segs, &[]).is_empty(), "no set listed: nothing removed");
     }
 
     #[test]

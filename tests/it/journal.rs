@@ -443,3 +443,68 @@ async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
     assert_eq!(got_rev, again);
     assert!(got == live, "the new chain restores");
 }
+
+/// Retention keeps the chain of every kept set and removes the segments no kept set can use;
+/// `list` shows what the journal covers from which set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_kept_sets_chains_and_list_shows_the_coverage() {
+    let etcd = Etcd::start();
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    put_many(&mut c, "/base", 10).await;
+    let w = Work::new();
+    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    assert_eq!(run(&["backup", "--config", cfg.to_str().unwrap()]).code, 0);
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout).unwrap();
+    let first_set = listed["sets"][0]["manifest"]["etcd"]["revision"].as_i64().unwrap();
+    let d = Proc::daemon(&cfg, w.path().join("d.log"), &[]);
+    let first_stretch = put_many(&mut c, "/one", 20).await;
+    durable(&w, first_stretch, &d).await;
+    let list = run(&["list", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(list.code, 0, "{}", list.all());
+    assert!(
+        list.stdout.contains("journal on target 'shared' (cluster test):"),
+        "{}",
+        list.stdout
+    );
+    assert!(list.stdout.contains("  from set "), "{}", list.stdout);
+
+    // keep_last = 1: the second set's backup removes the first set and the segments only it
+    // could use.
+    let keep_one = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("keep_last = 0", "keep_last = 1")
+        .replace("min_keep = 0", "min_keep = 1");
+    std::fs::write(&cfg, keep_one).unwrap();
+    let r = run(&["backup", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let set_rev = revision(&mut c).await;
+    let after = put_many(&mut c, "/two", 20).await;
+    durable(&w, after, &d).await;
+    let r = run(&["prune", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let segs = segments(&w);
+    assert!(
+        segs.iter().all(|(first, _)| *first > first_set + 1),
+        "segments only the removed set could use remain (its chain began at {}): {segs:?}",
+        first_set + 1
+    );
+    assert!(
+        segs.iter().any(|(first, last)| *first <= set_rev && *last >= set_rev),
+        "{segs:?}"
+    );
+    let (_, live) = state(&mut c, Some(after)).await;
+    let (_, got) = restored_at(&cfg, &w, &format!("rev:{after}"), None).await;
+    assert!(got == live, "the kept set's chain restores");
+    let to = w.path().join("gone");
+    let r = run(&[
+        "fetch",
+        "--at",
+        &format!("rev:{}", first_stretch - 5),
+        "--to",
+        to.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "a moment only the removed set reached: {}", r.all());
+}
