@@ -395,7 +395,7 @@ impl<'a> Daemon<'a> {
                 l.manifest.id.clone(),
                 // The next backup comes first: a drill still running then is cut short.
                 tokio::select! {
-                    r = crate::restore::drill(settings, &l) => r,
+                    r = crate::restore::drill(settings, &l, None) => r,
                     _ = self.stop.cancelled() => Err(anyhow::anyhow!("stopped during the drill")),
                     _ = until(slot.map(|s| yield_before(s.start))) => {
                         Err(anyhow::anyhow!("cut short: the next scheduled backup is due"))

@@ -99,19 +99,7 @@ pub(super) async fn fetch(settings: &Settings, req: Request<'_>) -> Result<()> {
         writeln!(out, "  version check: {rule}")?;
     }
     if let Some(r) = &reached {
-        writeln!(
-            out,
-            "  rolled forward to {}: revision {}{} ({} revisions from {} journal segments replayed on revision {} in {:.1} s)",
-            r.moment,
-            r.revision,
-            r.stamped
-                .map(|t| format!(", stamped {}", t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-                .unwrap_or_else(|| ", the set's own state".into()),
-            r.revisions_replayed,
-            r.segments,
-            r.base_revision,
-            r.seconds
-        )?;
+        writeln!(out, "  {}", rolled_line(r))?;
     }
     writeln!(out, "  signature: {}", signature.describe())?;
     if let Some(line) = expiry.line() {
@@ -290,23 +278,49 @@ fn next_step(
     )
 }
 
-pub(super) async fn verify(
-    settings: &Settings,
-    id: &str,
-    deep: bool,
-    allow_unsigned: bool,
-    target: Option<&str>,
-    json: bool,
-    identity: Vec<String>,
-) -> Result<()> {
+/// What `verify` is asked.
+pub(super) struct VerifyRequest<'a> {
+    /// A set id or `latest`; `None` with `at`.
+    pub(super) id: Option<&'a str>,
+    pub(super) deep: bool,
+    /// `--at`: the drill rolls the set forward to this moment first (implies a deep verify).
+    pub(super) at: Option<&'a str>,
+    pub(super) allow_unsigned: bool,
+    pub(super) target: Option<&'a str>,
+    pub(super) json: bool,
+    pub(super) identity: Vec<String>,
+}
+
+pub(super) async fn verify(settings: &Settings, req: VerifyRequest<'_>) -> Result<()> {
     use crate::restore;
+    let VerifyRequest {
+        id,
+        deep,
+        at,
+        allow_unsigned,
+        target,
+        json,
+        identity,
+    } = req;
+    let at = match at {
+        Some(m) => {
+            let moment = crate::journal::chain::Moment::parse(m).map_err(crate::error::Stop::Usage)?;
+            Some(restore::at::plan(settings, target, moment).await?)
+        }
+        None => None,
+    };
+    let id = match (&at, id) {
+        (Some(at), _) => at.plan.base.id.as_str(),
+        (None, Some(id)) => id,
+        (None, None) => unreachable!("clap requires an id or --at"),
+    };
     let mut located = restore::locate(settings, target, id).await?;
     located.identity = identity;
     located.trust.allow_unsigned = allow_unsigned;
     let signature = restore::check_signature(&located).await?;
     let checked = restore::verify(&located).await?;
-    let drill = if deep {
-        let result = restore::drill(settings, &located).await;
+    let drill = if deep || at.is_some() {
+        let result = restore::drill(settings, &located, at.as_ref()).await;
         crate::run::remember_drill(settings, &located.manifest.id, &result);
         Some(result?)
     } else {
@@ -354,8 +368,27 @@ pub(super) async fn verify(
                 .map(|v| format!(", ClusterVersion {v}"))
                 .unwrap_or_default()
         )?;
+        if let Some(r) = &d.rolled_forward {
+            writeln!(out, "  {}", rolled_line(r))?;
+        }
     }
     Ok(())
+}
+
+/// What a roll-forward along the journal reached, in one line.
+fn rolled_line(r: &crate::restore::at::Reached) -> String {
+    format!(
+        "rolled forward to {}: revision {}{} ({} revisions from {} journal segments replayed on revision {} in {:.1} s)",
+        r.moment,
+        r.revision,
+        r.stamped
+            .map(|t| format!(", stamped {}", t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+            .unwrap_or_else(|| ", the set's own state".into()),
+        r.revisions_replayed,
+        r.segments,
+        r.base_revision,
+        r.seconds
+    )
 }
 
 /// `fetch`, as asked on the command line.

@@ -105,11 +105,16 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Verify a stored set without keeping it.
     Verify {
-        /// A set id (see `list`) or `latest`.
-        id: String,
+        /// A set id (see `list`) or `latest`; not with --at.
+        #[arg(required_unless_present = "at", conflicts_with = "at")]
+        id: Option<String>,
         /// Also restore it into a throwaway etcd on loopback (a restore drill).
         #[arg(long)]
         deep: bool,
+        /// Drill a restore to this moment (as `fetch --at`: an RFC 3339 time or rev:N): the
+        /// set the journal reaches it from, rolled forward, restored and opened. Implies --deep.
+        #[arg(long, value_name = "TIME|rev:N")]
+        at: Option<String>,
         /// Verify even when verify.allowed_signers is set and the set is unsigned or not
         /// signed by a listed key.
         #[arg(long)]
@@ -362,6 +367,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Verify {
             id,
             deep,
+            at,
             allow_unsigned,
             target,
             json,
@@ -375,16 +381,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else {
                 read_identities(identity)?
             };
-            fetch::verify(
-                &settings,
-                id,
-                *deep,
-                *allow_unsigned,
-                target.as_deref(),
-                *json,
+            let req = fetch::VerifyRequest {
+                id: id.as_deref(),
+                deep: *deep,
+                at: at.as_deref(),
+                allow_unsigned: *allow_unsigned,
+                target: target.as_deref(),
+                json: *json,
                 identity,
-            )
-            .await
+            };
+            fetch::verify(&settings, req).await
         }
         Command::Prune {
             dry_run,

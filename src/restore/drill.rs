@@ -34,6 +34,9 @@ pub struct Drill {
     pub target: String,
     /// The set's creation time (RFC 3339, UTC).
     pub set_created: String,
+    /// `verify --at`: the set was rolled forward along the journal to this moment first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_forward: Option<super::at::Reached>,
 }
 
 pub(super) fn find_tool(settings: &Settings, name: &str) -> Option<PathBuf> {
@@ -251,7 +254,7 @@ impl Served {
 
 /// The restore drill: fetch the set into a scratch directory, restore the snapshot with
 /// the etcd tooling, start a throwaway etcd on loopback, and read what it serves.
-pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
+pub async fn drill(settings: &Settings, located: &Located, at: Option<&super::at::AtPlan>) -> Result<Drill> {
     let started = Instant::now();
     let tools = Tools::find(settings)?;
     let scratch_parent = settings.verify.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -259,7 +262,11 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
         .prefix("etcd-backupd-drill-")
         .tempdir_in(&scratch_parent)
         .with_context(|| format!("verify.scratch_dir '{}'", scratch_parent.display()))?;
-    let files = download(located, scratch.path(), &[]).await?;
+    let mut files = download(located, scratch.path(), &[]).await?;
+    let rolled_forward = match at {
+        Some(at) => Some(super::at::roll_forward(settings, located, at, scratch.path(), &mut files).await?),
+        None => None,
+    };
     let snapshot = files
         .iter()
         .find(|(c, _)| c.kind() == Some(FileKind::Snapshot))
@@ -278,6 +285,15 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
     drop(etcd);
     let m = &located.manifest;
     served.check(m)?;
+    if let Some(r) = &rolled_forward
+        && served.revision != r.revision
+    {
+        bail!(
+            "the rolled-forward snapshot opens at revision {}, not the {} replayed",
+            served.revision,
+            r.revision
+        );
+    }
     Ok(Drill {
         id: m.id.clone(),
         etcd_version: served.etcd_version,
@@ -292,5 +308,6 @@ pub async fn drill(settings: &Settings, located: &Located) -> Result<Drill> {
         set_created: crate::delivery::retention::created_of(m)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .unwrap_or_else(|| m.created.clone()),
+        rolled_forward,
     })
 }

@@ -508,3 +508,125 @@ async fn retention_keeps_the_kept_sets_chains_and_list_shows_the_coverage() {
     ]);
     assert_eq!(r.code, 1, "a moment only the removed set reached: {}", r.all());
 }
+
+/// A WebDAV target refuses journal segments for a while (503): the writer keeps them,
+/// `status` says so, and once the target answers every segment is stored in order, without a
+/// gap; `verify --at` then drills a moment from inside the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_outage_delays_segments_and_loses_none() {
+    use crate::servers::{Fault, FaultProxy, Rclone};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let etcd = Etcd::start();
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    put_many(&mut c, "/base", 10).await;
+    let rclone = Rclone::start();
+    let down = Arc::new(AtomicBool::new(false));
+    let d = down.clone();
+    let proxy = FaultProxy::start(rclone.url(), move |_, method, path, _| {
+        if d.load(SeqCst) && method == "PUT" && path.contains("/journal/") {
+            return Fault::Respond(503, "down for maintenance".into());
+        }
+        Fault::Forward
+    })
+    .await;
+    let w = Work::new();
+    let extra = format!(
+        "{}{NO_RETENTION}\n[journal]\nenabled = true\nsegment_max_age = \"1s\"\n",
+        crate::common::dav_target(&proxy.url(), "retry_budget = \"2s\"\n")
+    );
+    let cfg = daemon_config(
+        &w,
+        "node-a",
+        &etcd.endpoint,
+        "0 0 0 1 1 *",
+        "lease_ttl = \"3s\"",
+        &extra,
+    );
+    assert_eq!(run(&["backup", "--config", cfg.to_str().unwrap()]).code, 0);
+    let set_rev = {
+        let listed: serde_json::Value =
+            serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout).unwrap();
+        listed["sets"][0]["manifest"]["etcd"]["revision"].as_i64().unwrap()
+    };
+    let dav_segments = || -> Vec<(i64, i64)> {
+        let dir = rclone.root().join("test").join("journal");
+        let mut v: Vec<(i64, i64)> = std::fs::read_dir(dir)
+            .map(|es| {
+                es.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        let mut p = n.strip_suffix(".seg")?.split('-');
+                        Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let daemon = Proc::daemon(&cfg, w.path().join("d.log"), &[]);
+    let before = put_many(&mut c, "/one", 10).await;
+    let wait_for = |rev: i64| {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let segs = &dav_segments;
+        let log = || daemon.log();
+        async move {
+            while !segs().iter().any(|(_, last)| *last >= rev) {
+                assert!(
+                    Instant::now() < deadline,
+                    "revision {rev} never stored: {:?}\n{}",
+                    segs(),
+                    log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(before).await;
+    down.store(true, SeqCst);
+    let during = put_many(&mut c, "/during", 30).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("journal: the target cannot take a segment") {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = run(&["status", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        st.stdout.contains("error: a target cannot take journal segments"),
+        "{}",
+        st.all()
+    );
+    assert!(
+        !dav_segments().iter().any(|(_, last)| *last >= during),
+        "stored while down?"
+    );
+    down.store(false, SeqCst);
+    let after = put_many(&mut c, "/after", 10).await;
+    wait_for(after).await;
+    let segs = dav_segments();
+    let mut next = None;
+    for (first, last) in segs.iter().filter(|(_, l)| *l > set_rev) {
+        if let Some(n) = next {
+            assert_eq!(*first, n, "a gap or a duplicate: {segs:?}");
+        }
+        next = Some(last + 1);
+    }
+    let r = run(&[
+        "verify",
+        "--at",
+        &format!("rev:{}", during - 5),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout.contains(&format!(
+            "rolled forward to rev:{}: revision {}",
+            during - 5,
+            during - 5
+        )),
+        "{}",
+        r.stdout
+    );
+}
