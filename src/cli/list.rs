@@ -170,12 +170,16 @@ fn journal_text(j: &TargetJournal, tz: chrono_tz::Tz) -> String {
     let mut text = format!("journal on target '{}' (cluster {}):\n", j.target, j.cluster);
     let mut prev: Option<i64> = None;
     for c in &j.coverage {
-        if let Some(p) = prev {
-            text.push_str(&format!(
+        match prev {
+            Some(p) if c.first > p + 1 => text.push_str(&format!(
                 "  gap: revisions {}..={} are not stored\n",
                 p + 1,
                 c.first - 1
-            ));
+            )),
+            Some(_) => text.push_str(
+                "  the chain ends here (an upgrade completed): later moments restore from a set taken since\n",
+            ),
+            None => {}
         }
         let from = match c.sets.first() {
             Some(id) => format!("from set {id}"),

@@ -439,6 +439,20 @@ impl Member {
     }
 }
 
+/// The version of a just-completed upgrade: the newest history entry, when `Completed` and
+/// not the install itself.
+pub fn completed_upgrade(cv: &serde_json::Value) -> Option<String> {
+    let history = cv.pointer("/status/history")?.as_array()?;
+    let newest = history.first()?;
+    if history.len() < 2 || newest.get("state").and_then(serde_json::Value::as_str) != Some("Completed") {
+        return None;
+    }
+    newest
+        .get("version")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string)
+}
+
 /// Reads the fields we need out of the ClusterVersion JSON; tolerant of missing ones.
 pub fn parse_cluster_version(raw: &[u8]) -> ClusterVersion {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else {

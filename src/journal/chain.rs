@@ -26,15 +26,19 @@ pub fn spans(mut segments: Vec<Named>) -> Vec<Span> {
     segments.sort_by_key(|a| (a.first, a.last, a.until));
     segments.dedup_by(|a, b| a.name == b.name);
     let mut out: Vec<Span> = Vec::new();
+    // The last span ended with its chain (a completed upgrade): the next starts anew.
+    let mut closed = false;
     for s in segments {
+        let ends = s.ends;
         match out.last_mut() {
-            Some(span) if s.first <= span.last + 1 => {
+            Some(span) if !closed && s.first <= span.last + 1 => {
                 if s.last > span.last || (s.last == span.last && s.until > span.until) {
                     span.last = span.last.max(s.last);
                     span.until = span.until.max(s.until);
                     span.segments.push(s);
                 }
             }
+            Some(span) if closed && s.last <= span.last => continue,
             _ => out.push(Span {
                 first: s.first,
                 last: s.last,
@@ -42,6 +46,7 @@ pub fn spans(mut segments: Vec<Named>) -> Vec<Span> {
                 segments: vec![s],
             }),
         }
+        closed = ends;
     }
     out
 }
@@ -223,6 +228,7 @@ mod tests {
             first,
             last,
             until: t(until),
+            ends: false,
         }
     }
 
@@ -292,6 +298,23 @@ mod tests {
         // The second span starts at no set.
         assert!(plan(&bases, &sp, Moment::Revision(180)).is_err());
         assert!(plan(&[base(100, 11)], &sp, Moment::Time(t(5))).is_err());
+    }
+
+    #[test]
+    fn a_chain_ended_by_an_upgrade_takes_no_set_from_before_it_past_it() {
+        let mut end = seg(151, 200, 20);
+        end.ends = true;
+        end.name = end.name.replace(".seg", "-end.seg");
+        let sp = spans(vec![seg(101, 150, 10), end, seg(201, 250, 30)]);
+        assert_eq!(sp.len(), 2, "{sp:?}");
+        let old = [base(100, 0)];
+        assert_eq!(plan(&old, &sp, Moment::Revision(190)).unwrap().base.revision, 100);
+        assert!(
+            plan(&old, &sp, Moment::Revision(210)).is_err(),
+            "past the upgrade from a set before it"
+        );
+        let after = [base(100, 0), base(205, 25)];
+        assert_eq!(plan(&after, &sp, Moment::Revision(210)).unwrap().base.revision, 205);
     }
 
     #[test]

@@ -98,6 +98,10 @@ pub struct Header {
     pub payload_sha256: String,
     pub compression: Compression,
     pub encryption: Encryption,
+    /// Why the chain ends after this segment (a completed upgrade: the static resources
+    /// of sets taken before it do not match the cluster after it); its name ends `-end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_chain: Option<String>,
     /// An SSH signature (the sets' namespace) over this header without this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
@@ -106,7 +110,11 @@ pub struct Header {
 impl Header {
     /// The object's name.
     pub fn name(&self) -> String {
-        name_of(self.first, self.last, self.until)
+        let name = name_of(self.first, self.last, self.until);
+        match self.ends_chain {
+            Some(_) => name.replace(SUFFIX, &format!("{END}{SUFFIX}")),
+            None => name,
+        }
     }
 
     /// The bytes the signature covers.
@@ -124,6 +132,9 @@ pub fn name_of(first: i64, last: i64, until: DateTime<Utc>) -> String {
     format!("{first:016}-{last:016}-{:013}{SUFFIX}", until.timestamp_millis())
 }
 
+/// The name's mark of a segment that ends its chain.
+const END: &str = "-end";
+
 /// What a segment's name claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Named {
@@ -131,11 +142,18 @@ pub struct Named {
     pub first: i64,
     pub last: i64,
     pub until: DateTime<Utc>,
+    /// The chain ends after it ([`Header::ends_chain`]).
+    pub ends: bool,
 }
 
 /// What a segment's name claims; `None` for a name that is not a segment's.
 pub fn parse_name(name: &str) -> Option<Named> {
-    let mut parts = name.strip_suffix(SUFFIX)?.split('-');
+    let stem = name.strip_suffix(SUFFIX)?;
+    let (stem, ends) = match stem.strip_suffix(END) {
+        Some(s) => (s, true),
+        None => (stem, false),
+    };
+    let mut parts = stem.split('-');
     let (a, b, c) = (parts.next()?, parts.next()?, parts.next()?);
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|c| c.is_ascii_digit());
     if parts.next().is_some() || !digits(a, 16) || !digits(b, 16) || !digits(c, 13) {
@@ -148,6 +166,7 @@ pub fn parse_name(name: &str) -> Option<Named> {
         first,
         last,
         until,
+        ends,
     })
 }
 
@@ -159,6 +178,7 @@ pub struct Draft<'a> {
     pub from: DateTime<Utc>,
     pub until: DateTime<Utc>,
     pub records: &'a [Record],
+    pub ends_chain: Option<String>,
 }
 
 /// The stored object for `draft`: its name and bytes.
@@ -184,6 +204,7 @@ pub fn encode(draft: &Draft, seal: &Seal, signer: Option<&Signer>) -> Result<(St
         payload_sha256: hex::encode(Sha256::digest(&payload)),
         compression: seal.compression(),
         encryption: seal.encryption(),
+        ends_chain: draft.ends_chain.clone(),
         signature: None,
     };
     if let Some(s) = signer {
@@ -323,6 +344,7 @@ mod tests {
             from: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             until: DateTime::from_timestamp(1_700_000_010, 0).unwrap(),
             records,
+            ends_chain: None,
         }
     }
 
@@ -347,6 +369,22 @@ mod tests {
             assert_eq!(stored.records(&[]).unwrap(), records);
             assert!(matches!(stored.signature(None), Verdict::Unsigned(_)));
         }
+    }
+
+    #[test]
+    fn a_segment_that_ends_its_chain_says_so_in_its_name() {
+        let records: Vec<Record> = (10..11).map(record).collect();
+        let d = Draft {
+            ends_chain: Some("upgrade to 4.16.2 completed".into()),
+            ..draft(&records)
+        };
+        let (name, bytes) = encode(&d, &Seal::default(), None).unwrap();
+        assert!(name.ends_with("-end.seg"), "{name}");
+        assert!(parse_name(&name).unwrap().ends);
+        assert_eq!(
+            decode(&name, bytes).unwrap().header.ends_chain.as_deref(),
+            Some("upgrade to 4.16.2 completed")
+        );
     }
 
     #[test]

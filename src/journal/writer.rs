@@ -92,6 +92,13 @@ pub async fn run(settings: Settings, stop: CancellationToken) {
     }
 }
 
+/// The version of the newest completed upgrade the ClusterVersion records (none on plain
+/// etcd).
+async fn completed_version(member: &mut crate::etcd::Member) -> Option<String> {
+    let raw = member.get(crate::etcd::CLUSTER_VERSION_KEY).await.ok()??;
+    crate::etcd::completed_upgrade(&serde_json::from_slice(&raw).ok()?)
+}
+
 /// Returns when an elected run next records its result (`<prefix>/last` changes); never,
 /// when etcd cannot be watched.
 async fn next_set_recorded(settings: &Settings) {
@@ -161,7 +168,7 @@ fn holders(settings: &Settings) -> Vec<Box<dyn Target>> {
 }
 
 async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Result<Ended> {
-    let (member, status) = crate::etcd::connect_first(&settings.etcd).await?;
+    let (mut member, status) = crate::etcd::connect_first(&settings.etcd).await?;
     let mut election = Election::of(member.client.clone(), settings);
     let Some(held) = election.claim_journal().await? else {
         return Ok(Ended::NotWriter);
@@ -216,6 +223,8 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Resu
         records: Vec::new(),
         weight: 0,
         ttls: HashMap::new(),
+        completed: completed_version(&mut member).await,
+        end_at: None,
         tx,
     };
     let ended = tokio::select! {
@@ -354,6 +363,11 @@ struct Watching<'a> {
     weight: usize,
     /// Granted TTLs of the leases seen (-1: expired when first asked).
     ttls: HashMap<i64, i64>,
+    /// The newest completed OpenShift upgrade known (from the ClusterVersion object).
+    completed: Option<String>,
+    /// The revision of an upgrade's completion and why: the segment is cut right after it,
+    /// ending the chain.
+    end_at: Option<(i64, String)>,
     tx: mpsc::Sender<(String, Vec<u8>)>,
 }
 
@@ -424,6 +438,9 @@ impl Watching<'_> {
             let rev = kv.mod_revision();
             let expected = self.next_revision();
             if self.records.last().is_none_or(|r| r.rev != rev) {
+                if let Some((_, why)) = self.end_at.take() {
+                    self.cut_with(Some(why)).await?;
+                }
                 if rev != expected {
                     bail!("the watch skipped from revision {} to {rev}", expected - 1);
                 }
@@ -437,6 +454,9 @@ impl Watching<'_> {
             }
             let op = match ev.event_type() {
                 EventType::Put => {
+                    if kv.key() == crate::etcd::CLUSTER_VERSION_KEY.as_bytes() {
+                        self.upgrade_completed(rev, kv.value());
+                    }
                     let lease = kv.lease();
                     if lease != 0 && seen.insert(lease) {
                         let ttl = self.lease_ttl(lease).await;
@@ -464,7 +484,28 @@ impl Watching<'_> {
         if resp.header().is_some_and(|h| h.revision() < self.next_revision()) {
             self.covered = now;
         }
+        if let Some((_, why)) = self.end_at.take() {
+            self.cut_with(Some(why)).await?;
+        }
         Ok(())
+    }
+
+    /// Notes a completed upgrade in the ClusterVersion written at `rev`: the chain ends
+    /// there, since the static resources of every set before it belong to the old version
+    /// (the after-upgrade set starts the next).
+    fn upgrade_completed(&mut self, rev: i64, raw: &[u8]) {
+        let Ok(cv) = serde_json::from_slice::<serde_json::Value>(raw) else {
+            return;
+        };
+        let Some(version) = crate::etcd::completed_upgrade(&cv) else {
+            return;
+        };
+        if self.completed.as_deref() == Some(version.as_str()) {
+            return;
+        }
+        tracing::info!(revision = rev, version = %version, "journal: an upgrade completed; the chain ends at its revision and the next starts after the after-upgrade set");
+        self.end_at = Some((rev, format!("upgrade to {version} completed at revision {rev}")));
+        self.completed = Some(version);
     }
 
     /// A lease's granted TTL, asked once per lease (-1 once it had expired).
@@ -487,6 +528,11 @@ impl Watching<'_> {
 
     /// Seals the open segment and hands it to the store task; the next begins after it.
     async fn cut(&mut self) -> Result<()> {
+        self.cut_with(None).await
+    }
+
+    /// [`Watching::cut`], the segment ending its chain when `ends` says why.
+    async fn cut_with(&mut self, ends: Option<String>) -> Result<()> {
         let until = if self.records.is_empty() {
             self.covered
         } else {
@@ -503,6 +549,7 @@ impl Watching<'_> {
             from: self.from,
             until,
             records: &records,
+            ends_chain: ends,
         };
         let encoded = segment::encode(&draft, &self.seal, self.signer.as_ref())?;
         self.next = records.last().map(|r| r.rev + 1).unwrap_or(self.next);

@@ -47,16 +47,7 @@ pub fn upgrade_in_progress(cv: &Value) -> Option<String> {
     None
 }
 
-/// The version of a just-completed upgrade: the newest history entry, when `Completed` and
-/// not the install itself.
-pub fn completed_upgrade(cv: &Value) -> Option<String> {
-    let history = cv.pointer("/status/history")?.as_array()?;
-    let newest = history.first()?;
-    if history.len() < 2 || newest.get("state").and_then(Value::as_str) != Some("Completed") {
-        return None;
-    }
-    newest.get("version").and_then(Value::as_str).map(str::to_string)
-}
+pub use crate::etcd::completed_upgrade;
 
 /// What a ClusterOperator's `Progressing` condition says, as `cluster-backup.sh` reads it:
 /// only exactly `False` lets it back up.

@@ -92,8 +92,13 @@ async fn durable(w: &Work, rev: i64, d: &Proc) {
 
 /// `fetch --at moment` into a fresh folder; the snapshot laid out, restored and read.
 async fn restored_at(cfg: &Path, w: &Work, moment: &str, bin_dir: Option<&Path>) -> (i64, Held) {
+    restored_at_with(cfg, w, moment, bin_dir, &[]).await
+}
+
+/// [`restored_at`] with more `fetch` options.
+async fn restored_at_with(cfg: &Path, w: &Work, moment: &str, bin_dir: Option<&Path>, extra: &[&str]) -> (i64, Held) {
     let dir = w.path().join(format!("at-{}", moment.replace([':', '+', '.'], "_")));
-    let r = run(&[
+    let mut args = vec![
         "fetch",
         "--at",
         moment,
@@ -101,7 +106,9 @@ async fn restored_at(cfg: &Path, w: &Work, moment: &str, bin_dir: Option<&Path>)
         dir.to_str().unwrap(),
         "--config",
         cfg.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let r = run(&args);
     assert_eq!(r.code, 0, "fetch --at {moment}: {}", r.all());
     assert!(r.stdout.contains("rolled forward to"), "{}", r.stdout);
     let snaps: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -629,4 +636,90 @@ async fn a_target_outage_delays_segments_and_loses_none() {
         "{}",
         r.stdout
     );
+}
+
+/// An OpenShift upgrade completing ends the chain at its revision (a set from before it
+/// pairs with the old static resources): a moment before it restores from the old set, one
+/// after it but before the after-upgrade set is refused, and one after that set restores
+/// from it (the daemon takes it by itself when the upgrade completes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_upgrade_ends_the_chain() {
+    use serde_json::json;
+    const CV: &str = "/kubernetes.io/config.openshift.io/clusterversions/version";
+    let cv = |desired: &str, history: serde_json::Value| {
+        json!({"spec": {"clusterID": "c"}, "status": {"desired": {"version": desired}, "history": history}}).to_string()
+    };
+    let etcd = Etcd::start();
+    crate::common::settle_operators(&etcd, None);
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    let old = json!([{"state": "Completed", "version": "4.15.4", "completionTime": "2026-02-01T00:00:00Z"},
+                     {"state": "Completed", "version": "4.15.3", "completionTime": "2026-01-01T00:00:00Z"}]);
+    c.put(CV, cv("4.15.4", old.clone()), None).await.unwrap();
+    put_many(&mut c, "/base", 10).await;
+    let w = Work::new();
+    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let r = run(&["backup", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let d = Proc::daemon(&cfg, w.path().join("d.log"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("journal: writing") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut partial = vec![json!({"state": "Partial", "version": "4.15.5", "completionTime": null})];
+    partial.extend(old.as_array().unwrap().iter().cloned());
+    c.put(CV, cv("4.15.5", json!(partial)), None).await.unwrap();
+    let during = put_many(&mut c, "/during", 10).await;
+    let mut done = vec![json!({"state": "Completed", "version": "4.15.5", "completionTime": "2026-11-01T00:00:00Z"})];
+    done.extend(old.as_array().unwrap().iter().cloned());
+    c.put(CV, cv("4.15.5", json!(done)), None).await.unwrap();
+    let upgraded = revision(&mut c).await;
+    // The daemon's after-upgrade run (a node new to the cluster also backs up after the
+    // upgrade it finds completed at its start, 4.15.4: that set is not this one).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let upgraded_set = || {
+        let listed: serde_json::Value =
+            serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout)
+                .unwrap_or_default();
+        listed["sets"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["manifest"]["openshift"]["version"] == "4.15.5"))
+    };
+    while !upgraded_set() {
+        assert!(Instant::now() < deadline, "no after-upgrade set: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = put_many(&mut c, "/after", 10).await;
+    durable(&w, after, &d).await;
+
+    let dir = w.target_root().join("test").join("journal");
+    let ends: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with("-end.seg"))
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert!(
+        ends[0].contains(&format!("-{upgraded:016}-")),
+        "the chain ends at the upgrade's revision {upgraded}: {ends:?}"
+    );
+    // Before the upgrade: the old set (of the old release: the version check is overridden).
+    for (rev, extra) in [(during, &["--allow-version-mismatch"][..]), (after, &[][..])] {
+        let (_, live) = state(&mut c, Some(rev)).await;
+        let (_, got) = restored_at_with(&cfg, &w, &format!("rev:{rev}"), None, extra).await;
+        assert!(got == live, "rev:{rev}");
+    }
+    // Between the upgrade and the after-upgrade set: no set pairs with it.
+    let to = w.path().join("between");
+    let r = run(&[
+        "fetch",
+        "--at",
+        &format!("rev:{}", upgraded + 1),
+        "--to",
+        to.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
 }
