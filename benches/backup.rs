@@ -1,6 +1,7 @@
 //! The backup benchmark: `cargo bench --bench backup [-- --size-gib 4] [--idle-secs 180]
 //! [--only plain,zstd] [--server-nice 19] [--runs 3] [--load grpc|gateway]`, or with
-//! `--gentle [--rounds 3]` only the comparison of issue 29 (see `backup/gentle.rs`).
+//! `--gentle [--rounds 3]` only the comparison of issue 29 (see `backup/gentle.rs`), or with
+//! `--journal [--rounds 3] [--secs 30]` the journal's cost and replay speed (`backup/journal.rs`).
 //!
 //! Starts a real etcd and Apache mod_dav (HTTPS, Basic auth; at nice 19, standing in for a
 //! remote server) on loopback, fills etcd with Kubernetes-like objects until its database
@@ -23,6 +24,8 @@
 mod common;
 #[path = "backup/gentle.rs"]
 mod gentle;
+#[path = "backup/journal.rs"]
+mod journal;
 #[path = "../tests/it/servers.rs"]
 #[allow(dead_code)]
 mod servers;
@@ -70,8 +73,9 @@ fn main() {
         Some(k) if k == "gateway" => gentle::LoadKind::Gateway,
         Some(k) if k == "grpc" => gentle::LoadKind::Grpc,
         Some(k) => panic!("--load takes gateway or grpc, not {k}"),
-        // Issue 29's load for its own comparison; the benchmark's own for the full table.
-        None if args.iter().any(|a| a == "--gentle") => gentle::LoadKind::Gateway,
+        // Issue 29's load for its own comparison (and the journal's); the benchmark's own for
+        // the full table.
+        None if args.iter().any(|a| a == "--gentle" || a == "--journal") => gentle::LoadKind::Gateway,
         None => gentle::LoadKind::Grpc,
     };
     let mut bench = Bench::new(size_gib, only, server_nice, runs);
@@ -79,6 +83,11 @@ fn main() {
     if args.iter().any(|a| a == "--gentle") {
         let rounds = (flag("--rounds").unwrap_or(3.0) as usize).max(1);
         bench.gentle(rounds);
+        return;
+    }
+    if args.iter().any(|a| a == "--journal") {
+        let rounds = (flag("--rounds").unwrap_or(3.0) as usize).max(1);
+        bench.journal(rounds, flag("--secs").unwrap_or(30.0));
         return;
     }
     bench.run(idle_secs);
