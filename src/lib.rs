@@ -31,7 +31,12 @@
 //!   manifest last, the one atomic step) is written once in [`targets::sets`] over
 //!   [`targets::objects::ObjectStore`] (files in folders); `file://`, HTTP/WebDAV and S3
 //!   implement only that ([`targets::s3`]: XML, signing and multipart in their own files).
-//! - [`restore`]: a folder per step: locate, verify, fetch, versions, drill.
+//! - [`journal`]: beside the run, the continuous journal: an elected writer in the daemon
+//!   stores every revision between full sets as self-checking segments on the targets
+//!   ([`journal::segment`]); [`journal::chain`] says what they cover and what a moment needs
+//!   (pure); [`journal::replay`] applies them to a restored store.
+//! - [`restore`]: a folder per step: locate, verify, fetch, versions, drill, and `at` (a
+//!   set rolled forward along the journal to a moment).
 //! - [`cli`]: a file per command; `main.rs` only parses, sets up [`logging`] (journald or
 //!   stderr, one rendering) and maps errors to exit codes ([`error`]).
 //! - [`metrics`]: Prometheus text, as a textfile-collector file and on `GET /metrics`.
@@ -43,9 +48,10 @@
 //!
 //! The imports form a layering, checked with `python3 ../shared/tools/modcycles.py src` (no
 //! cycles; a folder counts as one module), from the bottom up: the modules above; then
-//! [`targets`], [`source`], [`trust`], [`etcd`]; then [`staging`]; [`delivery`] (over
-//! staging); [`restore`] and [`metrics`] (over delivery); [`run`]; [`daemon`] and [`cli`] on
-//! top. The snapshot never waits on a target's retries: targets are probed side by side for
+//! [`targets`], [`source`], [`trust`], [`etcd`]; then [`staging`]; [`metrics`]; [`journal`]
+//! (over staging and metrics); [`delivery`] (over staging and the journal, whose segments
+//! retention prunes); [`restore`] (over delivery and the journal); [`run`]; [`daemon`] and
+//! [`cli`] on top. The snapshot never waits on a target's retries: targets are probed side by side for
 //! at most their `connect_timeout` (10 s at most), the early uploads are begun within
 //! 10 s, and a target not ready by then gets the staged set afterwards.
 

@@ -173,8 +173,11 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Resu
     let Some(held) = election.claim_journal().await? else {
         return Ok(Ended::NotWriter);
     };
-    // Sealed and signed as the snapshot is: a segment holds every Secret it changes.
-    let (seal, signer) = (settings.seal()?, crate::trust::signing::signer(settings)?);
+    // Sealed and signed as the snapshot is: a segment holds every Secret it changes. Always
+    // compressed (zstd level 1 when `compression.zstd_level` is off): records of Kubernetes
+    // objects shrink several times for little CPU, and a segment is small.
+    let (mut seal, signer) = (settings.seal()?, crate::trust::signing::signer(settings)?);
+    seal.zstd_level = Some(seal.zstd_level.unwrap_or(1));
     let cluster = settings.cluster_folder(status.cluster_id);
     let targets = holders(settings);
     if targets.is_empty() {

@@ -106,6 +106,19 @@ impl Tools {
         })
     }
 
+    /// Whether this etcd takes `flag` (its `--help` names it).
+    pub(super) fn etcd_takes(&self, flag: &str) -> bool {
+        Command::new(&self.etcd)
+            .arg("--help")
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| {
+                let text = [o.stdout, o.stderr].concat();
+                String::from_utf8_lossy(&text).contains(flag)
+            })
+            .unwrap_or(false)
+    }
+
     /// `snapshot restore` of `snapshot` into `data`, as the one member `drill` at `peer`.
     pub(super) async fn restore(&self, snapshot: &Path, data: &Path, peer: &str) -> Result<()> {
         let mut restore = Command::new(&self.restorer);
