@@ -61,7 +61,10 @@ impl Bench {
         let v: serde_json::Value = serde_json::from_slice(&state).ok()?;
         let j = &v["journal"];
         let until = chrono::DateTime::parse_from_rfc3339(j["durable_until"].as_str()?).ok()?;
-        Some((j["durable_revision"].as_i64()?, until.timestamp_millis() as f64 / 1000.0))
+        Some((
+            j["durable_revision"].as_i64()?,
+            until.timestamp_millis() as f64 / 1000.0,
+        ))
     }
 
     /// The segments on the server: (revisions, bytes).
@@ -87,7 +90,10 @@ impl Bench {
         let mut daemon = self.journal_daemon(cfg);
         let started = Instant::now();
         while self.durable().is_none() {
-            assert!(started.elapsed() < Duration::from_secs(60), "the journal never stored a segment");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the journal never stored a segment"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let mut lag = Vec::new();
@@ -148,7 +154,11 @@ impl Bench {
             let mean_rate = (a1.rate() + a2.rate()) / 2.0;
             let spread_p99 = (p99(&a1) - p99(&a2)).abs() / p99(&a1).min(p99(&a2)).max(1e-9);
             let spread_rate = (a1.rate() - a2.rate()).abs() / a1.rate().min(a2.rate()).max(1e-9);
-            for (way, l) in [("A1: the load alone", &a1), ("journal on", &j.load), ("A2: the load alone", &a2)] {
+            for (way, l) in [
+                ("A1: the load alone", &a1),
+                ("journal on", &j.load),
+                ("A2: the load alone", &a2),
+            ] {
                 let is_j = way == "journal on";
                 let mut lag = j.lag.clone();
                 lag.sort_by(f64::total_cmp);
@@ -159,10 +169,26 @@ impl Bench {
                     l.rate(),
                     p99(l) / mean_p99.max(1e-9),
                     l.rate() / mean_rate.max(1e-9),
-                    if is_j { format!("{:.0} %", spread_p99 * 100.0) } else { "–".into() },
-                    if is_j { format!("{:.0} %", spread_rate * 100.0) } else { "–".into() },
-                    if is_j { format!("{:.1}", pct(&lag, 0.5)) } else { "–".into() },
-                    if is_j { format!("{:.1}", lag.last().copied().unwrap_or(f64::NAN)) } else { "–".into() },
+                    if is_j {
+                        format!("{:.0} %", spread_p99 * 100.0)
+                    } else {
+                        "–".into()
+                    },
+                    if is_j {
+                        format!("{:.0} %", spread_rate * 100.0)
+                    } else {
+                        "–".into()
+                    },
+                    if is_j {
+                        format!("{:.1}", pct(&lag, 0.5))
+                    } else {
+                        "–".into()
+                    },
+                    if is_j {
+                        format!("{:.1}", lag.last().copied().unwrap_or(f64::NAN))
+                    } else {
+                        "–".into()
+                    },
                 );
             }
             last_round = Some(j);

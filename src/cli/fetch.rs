@@ -292,36 +292,46 @@ pub(super) struct VerifyRequest<'a> {
 }
 
 pub(super) async fn verify(settings: &Settings, req: VerifyRequest<'_>) -> Result<()> {
-    use crate::restore;
-    let VerifyRequest {
-        id,
-        deep,
-        at,
-        allow_unsigned,
-        target,
-        json,
-        identity,
-    } = req;
-    let at = match at {
-        Some(m) => {
-            let moment = crate::journal::chain::Moment::parse(m).map_err(crate::error::Stop::Usage)?;
-            Some(restore::at::plan(settings, target, moment).await?)
+    let moment = moment_of(req.at)?;
+    let mut excluded = Vec::new();
+    loop {
+        let at = match moment {
+            Some(m) => Some(crate::restore::at::plan(settings, req.target, m, &excluded).await?),
+            None => None,
+        };
+        match verify_once(settings, &req, at.as_ref()).await {
+            Err(ref e) if let Some(past) = e.downcast_ref::<crate::restore::at::PastMoment>() => {
+                tracing::info!("{past}; trying an older set");
+                excluded.push(past.id.clone());
+            }
+            done => return done,
         }
-        None => None,
-    };
-    let id = match (&at, id) {
+    }
+}
+
+async fn verify_once(
+    settings: &Settings,
+    req: &VerifyRequest<'_>,
+    at: Option<&crate::restore::at::AtPlan>,
+) -> Result<()> {
+    use crate::restore;
+    let id = match (at, req.id) {
         (Some(at), _) => at.plan.base.id.as_str(),
         (None, Some(id)) => id,
         (None, None) => unreachable!("clap requires an id or --at"),
     };
+    let (target, json) = (req.target, req.json);
     let mut located = restore::locate(settings, target, id).await?;
-    located.identity = identity;
-    located.trust.allow_unsigned = allow_unsigned;
+    located.identity = req.identity.clone();
+    located.trust.allow_unsigned = req.allow_unsigned;
     let signature = restore::check_signature(&located).await?;
     let checked = restore::verify(&located).await?;
-    let drill = if deep || at.is_some() {
-        let result = restore::drill(settings, &located, at.as_ref()).await;
-        crate::run::remember_drill(settings, &located.manifest.id, &result);
+    let drill = if req.deep || at.is_some() {
+        let result = restore::drill(settings, &located, at).await;
+        // A set found past the moment is no drill's result: an older set is tried.
+        if result.as_ref().err().is_none_or(|e| !e.is::<restore::at::PastMoment>()) {
+            crate::run::remember_drill(settings, &located.manifest.id, &result);
+        }
         Some(result?)
     } else {
         None
@@ -401,27 +411,40 @@ pub(super) async fn run(settings: &Settings, args: &super::FetchArgs) -> Result<
         unrestorable_archive: args.allow_unrestorable_archive,
     };
     let to = crate::restore::fetch_dir(args.to.as_deref())?;
-    let at = match &args.at {
-        Some(m) => {
-            let moment = crate::journal::chain::Moment::parse(m).map_err(crate::error::Stop::Usage)?;
-            Some(crate::restore::at::plan(settings, args.target.as_deref(), moment).await?)
+    let moment = moment_of(args.at.as_deref())?;
+    let mut excluded = Vec::new();
+    loop {
+        let at = match moment {
+            Some(m) => Some(crate::restore::at::plan(settings, args.target.as_deref(), m, &excluded).await?),
+            None => None,
+        };
+        let id = match (&at, &args.id) {
+            (Some(at), _) => at.plan.base.id.as_str(),
+            (None, Some(id)) => id.as_str(),
+            (None, None) => unreachable!("clap requires an id or --at"),
+        };
+        let req = Request {
+            id,
+            at: at.as_ref(),
+            dir: &to,
+            allow,
+            force: args.force,
+            target: args.target.as_deref(),
+            identity: identity.clone(),
+            json: args.json,
+        };
+        match fetch(settings, req).await {
+            Err(ref e) if let Some(past) = e.downcast_ref::<crate::restore::at::PastMoment>() => {
+                tracing::info!("{past}; trying an older set");
+                excluded.push(past.id.clone());
+            }
+            done => return done,
         }
-        None => None,
-    };
-    let id = match (&at, &args.id) {
-        (Some(at), _) => at.plan.base.id.as_str(),
-        (None, Some(id)) => id.as_str(),
-        (None, None) => unreachable!("clap requires an id or --at"),
-    };
-    let req = Request {
-        id,
-        at: at.as_ref(),
-        dir: &to,
-        allow,
-        force: args.force,
-        target: args.target.as_deref(),
-        identity,
-        json: args.json,
-    };
-    fetch(settings, req).await
+    }
+}
+
+/// `--at`'s moment, a usage error (exit 2) when malformed.
+fn moment_of(at: Option<&str>) -> Result<Option<crate::journal::chain::Moment>> {
+    at.map(|m| crate::journal::chain::Moment::parse(m).map_err(|e| crate::error::Stop::Usage(e).into()))
+        .transpose()
 }

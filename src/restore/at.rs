@@ -40,6 +40,16 @@ const REPLAY_ETCD_FLAGS: &[&str] = &[
     "8589934592",
 ];
 
+/// The set chosen for a moment already holds a later revision (its manifest recorded a
+/// lower one): an older set must be used (see [`plan`]'s `excluded`).
+#[derive(Debug, thiserror::Error)]
+#[error("set {id} already holds revision {held}, past the moment {moment}")]
+pub struct PastMoment {
+    pub id: String,
+    pub held: i64,
+    pub moment: String,
+}
+
 /// What a roll-forward reached.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reached {
@@ -65,8 +75,9 @@ pub struct AtPlan {
     sources: Vec<Box<dyn Target>>,
 }
 
-/// Plans `fetch --at`: refused (exit 1) when the journal does not cover `moment`.
-pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment) -> Result<AtPlan> {
+/// Plans `fetch --at`: refused (exit 1) when the journal does not cover `moment`. Sets in
+/// `excluded` are not considered (one found past the moment: [`PastMoment`]).
+pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment, excluded: &[String]) -> Result<AtPlan> {
     let mut chosen: Vec<&crate::config::TargetSettings> = settings
         .targets
         .iter()
@@ -97,6 +108,7 @@ pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment) -> 
     };
     let bases: Vec<Base> = sets
         .iter()
+        .filter(|s| !excluded.contains(&s.manifest.id))
         .filter_map(|s| {
             Some(Base {
                 id: s.manifest.id.clone(),
@@ -161,13 +173,15 @@ pub async fn roll_forward(
     let (etcd, conn) = tools.serve(scratch.path(), &data, (&peer, &client), &flags).await?;
     let mut replay = Replay::start(conn.clone()).await?;
     let base_revision = replay.revision();
+    let past = || PastMoment {
+        id: at.plan.base.id.clone(),
+        held: base_revision,
+        moment: at.moment.to_string(),
+    };
     if let Moment::Revision(n) = at.moment
         && base_revision > n
     {
-        bail!(
-            "set {} already holds revision {base_revision}, past {n}",
-            at.plan.base.id
-        );
+        return Err(past().into());
     }
     crate::notify::status("fetch --at: replaying the journal");
     'segments: for named in &at.plan.segments {
@@ -177,6 +191,11 @@ pub async fn roll_forward(
                 Moment::Time(t) => rec.at <= t,
             };
             if !within {
+                // The set's snapshot already holds a revision after the moment (an etcd 3.4
+                // set records the revision read just before its snapshot, which may be lower).
+                if rec.rev <= base_revision {
+                    return Err(past().into());
+                }
                 break 'segments;
             }
             replay.apply(&rec).await?;
