@@ -250,7 +250,10 @@ impl Bench {
         });
         let started = Instant::now();
         while self.durable().is_none_or(|(r, _)| r < last) {
-            assert!(started.elapsed() < Duration::from_secs(120), "the sizing pass never became durable");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the sizing pass never became durable"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         let _ = nix::sys::signal::kill(
