@@ -38,7 +38,9 @@ pub fn spans(mut segments: Vec<Named>) -> Vec<Span> {
                     span.segments.push(s);
                 }
             }
-            Some(span) if closed && s.last <= span.last => continue,
+            // A segment reaching back over a chain's end (an overlap) could carry a set from
+            // before the end past it: left out.
+            Some(span) if closed && s.first <= span.last => continue,
             _ => out.push(Span {
                 first: s.first,
                 last: s.last,
@@ -51,14 +53,36 @@ pub fn spans(mut segments: Vec<Named>) -> Vec<Span> {
     out
 }
 
-/// The segments no kept set can use: those wholly at or before the oldest kept set's
-/// revision (a replay starts after its set's revision). None while no set is kept: a
-/// listing that found no set removes nothing.
+/// The segments no kept set can use: those wholly before the oldest kept set's revision (a
+/// replay starts after its set's revision; the segment holding that revision stamps the set
+/// in time, so it stays). None while no set is kept: a listing that found no set removes
+/// nothing.
 pub fn unusable(segments: &[Named], kept_revisions: &[i64]) -> Vec<Named> {
     let Some(oldest) = kept_revisions.iter().min() else {
         return Vec::new();
     };
-    segments.iter().filter(|s| s.last <= *oldest).cloned().collect()
+    segments.iter().filter(|s| s.last < *oldest).cloned().collect()
+}
+
+/// The stretches of time a span covers: each segment's `(from, until]`, merged where they
+/// touch. A writer catching up (after a start or a handover) leaves a hole: it does not know
+/// when the revisions it catches up on were made.
+pub fn times(span: &Span) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    let mut out: Vec<(DateTime<Utc>, DateTime<Utc>)> = Vec::new();
+    let mut covered: Vec<(DateTime<Utc>, DateTime<Utc>)> = span
+        .segments
+        .iter()
+        .filter(|g| g.from < g.until)
+        .map(|g| (g.from, g.until))
+        .collect();
+    covered.sort();
+    for (from, until) in covered {
+        match out.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(until),
+            _ => out.push((from, until)),
+        }
+    }
+    out
 }
 
 /// A moment to restore to.
@@ -118,7 +142,8 @@ pub fn plan(bases: &[Base], spans: &[Span], moment: Moment) -> Result<Plan, Stri
     let mut bases: Vec<&Base> = bases.iter().collect();
     bases.sort_by_key(|b| std::cmp::Reverse((b.revision, b.created)));
     for base in bases {
-        let starts = |s: &&Span| s.first <= base.revision + 1 && s.last + 1 >= base.revision;
+        // The span holds the revision after the set's (or the set's own: its stamp).
+        let starts = |s: &&Span| s.first <= base.revision + 1 && s.last >= base.revision;
         match moment {
             Moment::Revision(n) if base.revision == n => {
                 return Ok(Plan {
@@ -141,14 +166,14 @@ pub fn plan(bases: &[Base], spans: &[Span], moment: Moment) -> Result<Plan, Stri
                 }
             }
             Moment::Time(t) if base.created <= t => {
-                if let Some(span) = spans.iter().find(|s| starts(s) && s.until >= t) {
-                    let mut segments = Vec::new();
-                    for g in span.segments.iter().filter(|g| g.last > base.revision || g.until >= t) {
-                        segments.push(g.clone());
-                        if g.until >= t {
-                            break;
-                        }
-                    }
+                // The segment whose time holds the moment, and every one before it from the
+                // set's revision on (that revision's own, to prove the set is not after t).
+                let found = spans.iter().filter(starts).find_map(|span| {
+                    let at = span.segments.iter().position(|g| g.from < t && t <= g.until)?;
+                    Some(&span.segments[..=at])
+                });
+                if let Some(upto) = found {
+                    let segments = upto.iter().filter(|g| g.last >= base.revision).cloned().collect();
                     return Ok(Plan {
                         base: base.clone(),
                         segments,
@@ -195,19 +220,29 @@ pub fn coverage_of(spans: &[Span], bases: &[Base]) -> Vec<Coverage> {
         .collect()
 }
 
-/// The spans for a human: `revisions 100..=2000 until 2026-12-08T02:00:00Z; ...`.
+/// The spans for a human: `revisions 100..=2000 (times 2026-12-08T01:00:00Z..02:00:00Z);
+/// ...`.
 pub fn coverage(spans: &[Span]) -> String {
     if spans.is_empty() {
         return "nothing (no journal segments)".into();
     }
+    let ts = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     spans
         .iter()
         .map(|s| {
+            let times: Vec<String> = times(s)
+                .into_iter()
+                .map(|(a, b)| format!("{}..{}", ts(a), ts(b)))
+                .collect();
             format!(
-                "revisions {}..={} until {}",
+                "revisions {}..={} (times {})",
                 s.first,
                 s.last,
-                s.until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                if times.is_empty() {
+                    "none".to_string()
+                } else {
+                    times.join(", ")
+                }
             )
         })
         .collect::<Vec<_>>()
@@ -222,11 +257,17 @@ mod tests {
         DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
     }
 
+    /// A segment covering the 10 s before `until` (a writer that keeps up).
     fn seg(first: i64, last: i64, until: i64) -> Named {
+        seg_from(first, last, until - 10, until)
+    }
+
+    fn seg_from(first: i64, last: i64, from: i64, until: i64) -> Named {
         Named {
-            name: super::super::segment::name_of(first, last, t(until)),
+            name: super::super::segment::name_of(first, last, t(from), t(until)),
             first,
             last,
+            from: t(from),
             until: t(until),
             ends: false,
         }
@@ -280,6 +321,25 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_catching_up_leaves_a_hole_in_time() {
+        // 151..=200 were caught up on by a new writer (no time known), then it kept up.
+        let sp = spans(vec![
+            seg_from(101, 150, 0, 10),
+            seg_from(151, 200, 25, 25),
+            seg_from(201, 250, 25, 30),
+        ]);
+        assert_eq!(sp.len(), 1);
+        assert_eq!(times(&sp[0]), [(t(0), t(10)), (t(25), t(30))]);
+        let bases = [base(100, 0)];
+        let e = plan(&bases, &sp, Moment::Time(t(20))).unwrap_err();
+        assert!(e.contains("times"), "{e}");
+        let p = plan(&bases, &sp, Moment::Time(t(28))).unwrap();
+        assert_eq!(p.segments.iter().map(|g| g.first).collect::<Vec<_>>(), [101, 151, 201]);
+        // Revisions need no time.
+        assert!(plan(&bases, &sp, Moment::Revision(170)).is_ok());
+    }
+
+    #[test]
     fn moments_outside_the_coverage_or_in_a_gap_are_refused_naming_it() {
         let sp = spans(vec![seg(101, 150, 10), seg(170, 200, 20)]);
         let bases = [base(100, 0)];
@@ -330,7 +390,12 @@ mod tests {
         let segs = [seg(101, 150, 10), seg(151, 200, 20), seg(201, 250, 30)];
         let names = |v: Vec<Named>| v.into_iter().map(|n| n.first).collect::<Vec<_>>();
         assert_eq!(names(unusable(&segs, &[160, 230])), [101]);
-        assert_eq!(names(unusable(&segs, &[200])), [101, 151]);
+        assert_eq!(
+            names(unusable(&segs, &[200])),
+            [101],
+            "the segment holding the set's revision stays"
+        );
+        assert_eq!(names(unusable(&segs, &[201])), [101, 151]);
         assert_eq!(names(unusable(&segs, &[100])), Vec::<i64>::new());
         assert!(unusable(&segs, &[]).is_empty(), "no set listed: nothing removed");
     }

@@ -1,9 +1,9 @@
 //! One stored piece of the journal: the revisions `first..=last`, each whole, in order, with
 //! the time the writer received it.
 //!
-//! A segment is one object, `<cluster>/journal/<first>-<last>-<until>.seg` (16-digit
-//! revisions, so names sort by revision; `until` in Unix milliseconds, so coverage in time is
-//! known from a listing), that checks itself: a magic line, a header line (JSON: the range,
+//! A segment is one object, `<cluster>/journal/<first>-<last>-<from>-<until>.seg` (16-digit
+//! revisions, so names sort by revision; the time it covers, `(from, until]`, in Unix
+//! milliseconds, so coverage in time is known from a listing), that checks itself: a magic line, a header line (JSON: the range,
 //! the times it covers, the payload's size and SHA-256, how it is sealed, and an SSH signature
 //! over the header without its signature), then the payload: the records as JSON lines,
 //! compressed and encrypted as the snapshot is. A torn write (a writer killed mid-upload on a
@@ -110,7 +110,7 @@ pub struct Header {
 impl Header {
     /// The object's name.
     pub fn name(&self) -> String {
-        let name = name_of(self.first, self.last, self.until);
+        let name = name_of(self.first, self.last, self.from, self.until);
         match self.ends_chain {
             Some(_) => name.replace(SUFFIX, &format!("{END}{SUFFIX}")),
             None => name,
@@ -127,9 +127,13 @@ impl Header {
     }
 }
 
-/// The name of the segment holding `first..=last` and covering time up to `until`.
-pub fn name_of(first: i64, last: i64, until: DateTime<Utc>) -> String {
-    format!("{first:016}-{last:016}-{:013}{SUFFIX}", until.timestamp_millis())
+/// The name of the segment holding `first..=last` and covering the time `(from, until]`.
+pub fn name_of(first: i64, last: i64, from: DateTime<Utc>, until: DateTime<Utc>) -> String {
+    format!(
+        "{first:016}-{last:016}-{:013}-{:013}{SUFFIX}",
+        from.timestamp_millis(),
+        until.timestamp_millis()
+    )
 }
 
 /// The name's mark of a segment that ends its chain.
@@ -141,6 +145,9 @@ pub struct Named {
     pub name: String,
     pub first: i64,
     pub last: i64,
+    /// The time it covers, `(from, until]`: empty (`from == until`) for a segment stored
+    /// while the writer was catching up, whose revisions' times are not known.
+    pub from: DateTime<Utc>,
     pub until: DateTime<Utc>,
     /// The chain ends after it ([`Header::ends_chain`]).
     pub ends: bool,
@@ -154,17 +161,19 @@ pub fn parse_name(name: &str) -> Option<Named> {
         None => (stem, false),
     };
     let mut parts = stem.split('-');
-    let (a, b, c) = (parts.next()?, parts.next()?, parts.next()?);
+    let (a, b, c, d) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|c| c.is_ascii_digit());
-    if parts.next().is_some() || !digits(a, 16) || !digits(b, 16) || !digits(c, 13) {
+    if parts.next().is_some() || !digits(a, 16) || !digits(b, 16) || !digits(c, 13) || !digits(d, 13) {
         return None;
     }
     let (first, last): (i64, i64) = (a.parse().ok()?, b.parse().ok()?);
-    let until = DateTime::from_timestamp_millis(c.parse().ok()?)?;
-    (first >= 1 && last >= first - 1).then(|| Named {
+    let from = DateTime::from_timestamp_millis(c.parse().ok()?)?;
+    let until = DateTime::from_timestamp_millis(d.parse().ok()?)?;
+    (first >= 1 && last >= first - 1 && from <= until).then(|| Named {
         name: name.to_string(),
         first,
         last,
+        from,
         until,
         ends,
     })
@@ -359,7 +368,10 @@ mod tests {
             },
         ] {
             let (name, bytes) = encode(&draft(&records), &seal, None).unwrap();
-            assert_eq!(name, "0000000000000010-0000000000000012-1700000010000.seg");
+            assert_eq!(
+                name,
+                "0000000000000010-0000000000000012-1700000000000-1700000010000.seg"
+            );
             let named = parse_name(&name).unwrap();
             assert_eq!(
                 (named.first, named.last, named.until.timestamp()),
@@ -405,10 +417,22 @@ mod tests {
         let n = altered.len();
         altered[n - 2] ^= 1;
         assert!(decode(&name, altered).unwrap_err().to_string().contains("SHA-256"));
-        let other = name_of(10, 12, DateTime::from_timestamp(1_700_000_010, 0).unwrap());
+        let other = name_of(
+            10,
+            12,
+            DateTime::from_timestamp(1_700_000_001, 0).unwrap(),
+            DateTime::from_timestamp(1_700_000_010, 0).unwrap(),
+        );
         assert!(decode(&other, bytes).unwrap_err().to_string().contains("header says"));
-        assert_eq!(parse_name("0000000000000010-0000000000000008-1700000010000.seg"), None);
-        assert_eq!(parse_name("0000000000000010-0000000000000012.seg"), None);
-        assert_eq!(parse_name("10-12-1700000010000.seg"), None);
+        assert_eq!(
+            parse_name("0000000000000010-0000000000000008-1700000000000-1700000010000.seg"),
+            None
+        );
+        assert_eq!(
+            parse_name("0000000000000010-0000000000000012-1700000010000-1700000000000.seg"),
+            None
+        );
+        assert_eq!(parse_name("0000000000000010-0000000000000012-1700000010000.seg"), None);
+        assert_eq!(parse_name("10-12-1700000000000-1700000010000.seg"), None);
     }
 }

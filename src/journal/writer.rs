@@ -9,7 +9,7 @@
 //! 2. the watch, from that revision, no `prev_kv`, with progress requests each second so an
 //!    idle cluster's coverage moves on in time; each revision is stamped when received;
 //! 3. segments cut at `segment_max_age` after their first revision or at `segment_max_bytes`,
-//!    and (idle) every [`IDLE_CUT`]; stored by a separate task so that storing never stops
+//!    and, idle, every [`IDLE_CUTS`] × `segment_max_age` (the covered time moves on); stored by a separate task so that storing never stops
 //!    the watch from being drained; a target that fails keeps its segments in a bounded
 //!    backlog, retried at each cut;
 //! 4. SIGTERM seals and stores the open segment, then gives the lock up; a lost lock drops it
@@ -20,7 +20,8 @@
 //! ends the chain: the writer says so and starts the next term after the newest set, whose
 //! revision the watch can still reach, or waits for the next set.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
@@ -36,8 +37,12 @@ use crate::etcd::election::Election;
 use crate::staging::state::JournalState;
 use crate::targets::{self, Target};
 
-/// How often an idle writer stores an empty segment, moving the covered time on.
-pub const IDLE_CUT: Duration = Duration::from_secs(60);
+/// An idle writer stores an empty segment (moving the covered time on) every this many
+/// `segment_max_age`s: 30 s by default, within the RPO goal, 2,880 objects a day.
+pub const IDLE_CUTS: u32 = 3;
+/// How long a writer with no set to start from waits before looking again (unless a run
+/// records one first).
+const NO_SET_POLL: Duration = Duration::from_secs(60);
 /// How long a failed term waits before the next.
 const RETRY: Duration = Duration::from_secs(5);
 /// The largest watch response the writer takes (a catching-up batch of up to 1000 large
@@ -66,7 +71,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = next_set_recorded(&settings) => {}
-                    _ = tokio::time::sleep(IDLE_CUT) => {}
+                    _ = tokio::time::sleep(NO_SET_POLL) => {}
                 }
                 continue;
             }
@@ -92,11 +97,20 @@ pub async fn run(settings: Settings, stop: CancellationToken) {
     }
 }
 
-/// The version of the newest completed upgrade the ClusterVersion records (none on plain
-/// etcd).
-async fn completed_version(member: &mut crate::etcd::Member) -> Option<String> {
-    let raw = member.get(crate::etcd::CLUSTER_VERSION_KEY).await.ok()??;
-    crate::etcd::completed_upgrade(&serde_json::from_slice(&raw).ok()?)
+/// The version of the newest completed upgrade the ClusterVersion records at `revision`
+/// (none on plain etcd); the current one when that revision is compacted.
+async fn completed_version(member: &mut crate::etcd::Member, revision: i64) -> Result<Option<String>> {
+    let key = crate::etcd::CLUSTER_VERSION_KEY;
+    let at = etcd_client::GetOptions::new().with_revision(revision.max(1));
+    let resp = match member.client.get(key, Some(at)).await {
+        Ok(r) => r,
+        Err(e) if e.to_string().contains("compacted") => member.client.get(key, None).await?,
+        Err(e) => return Err(anyhow!("etcd: reading the ClusterVersion: {e}")),
+    };
+    Ok(resp
+        .kvs()
+        .first()
+        .and_then(|kv| crate::etcd::completed_upgrade(&serde_json::from_slice(kv.value()).ok()?)))
 }
 
 /// Returns when an elected run next records its result (`<prefix>/last` changes); never,
@@ -121,7 +135,7 @@ async fn next_set_recorded(settings: &Settings) {
 /// A chain broken by a compaction of revisions not yet stored.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "etcd compacted revision {next} before the journal stored it (compacted up to {compacted}): the chain ends at revision {}; the next starts after a full set taken since",
+    "etcd compacted revision {next} before the journal stored it (compacted up to {compacted}): the chain ends at revision {}; a new one starts at the oldest revision etcd still has, restorable from the next full set",
     next - 1
 )]
 pub struct Broken {
@@ -186,14 +200,6 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Resu
     }
     let start = match start_point(&targets, &cluster, floor).await {
         Ok(Some(s)) => s,
-        Ok(None) if floor > 0 => {
-            tracing::error!(
-                floor,
-                "journal: the chain is broken and no full set was taken since; the journal starts again after the next set (take one now with `etcd-backupd backup`)"
-            );
-            election.release(held).await;
-            return Ok(Ended::NoSet);
-        }
         Ok(None) => {
             tracing::info!("journal: no full set on any target yet; the journal starts after the first");
             election.release(held).await;
@@ -212,6 +218,9 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Resu
         }
     });
     let cluster_id = crate::etcd::hex_id(status.cluster_id);
+    // The upgrade known at the revision before the first one written, so an upgrade that
+    // completed in what this term catches up on still ends the chain.
+    let completed = completed_version(&mut member, start.next - 1).await?;
     let (tx, rx) = mpsc::channel(16);
     let store = tokio::spawn(store_segments(targets, cluster, rx, settings.clone()));
     let mut w = Watching {
@@ -221,12 +230,14 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Resu
         signer,
         cluster_id,
         next: start.next,
+        // No time is covered until the watch has caught up (see `take`).
         from: Utc::now(),
         covered: Utc::now(),
+        synced: false,
         records: Vec::new(),
         weight: 0,
         ttls: HashMap::new(),
-        completed: completed_version(&mut member).await,
+        completed,
         end_at: None,
         tx,
     };
@@ -274,6 +285,15 @@ async fn start_point(targets: &[Box<dyn Target>], cluster: &str, floor: i64) -> 
             next: last + 1,
             after: format!("the newest segment on target '{}'", targets[i].name()),
             new_chain: false,
+        }));
+    }
+    if floor > 0 {
+        // After a break: at once from the oldest revision etcd still has, so a set taken
+        // from now on (or one already there past the break) restores any moment after it.
+        return Ok(Some(Start {
+            next: floor,
+            after: "a compaction that ended the last chain (a new chain)".into(),
+            new_chain: true,
         }));
     }
     let mut best: Option<(i64, String)> = None;
@@ -362,6 +382,9 @@ struct Watching<'a> {
     from: DateTime<Utc>,
     /// Up to when etcd is known to have no revision beyond the last received.
     covered: DateTime<Utc>,
+    /// Whether the watch has caught up once this term: before, revisions arrive later than
+    /// they were made, so no time is claimed for them.
+    synced: bool,
     records: Vec<Record>,
     weight: usize,
     /// Granted TTLs of the leases seen (-1: expired when first asked).
@@ -418,7 +441,7 @@ impl Watching<'_> {
                     // The answer (a response without events) moves `covered` on.
                     let _ = stream.request_progress().await;
                     let old = self.records.first().is_some_and(|r| Utc::now() - r.at >= chrono::TimeDelta::from_std(age).unwrap_or_default());
-                    let idle = self.records.is_empty() && Utc::now() - self.from >= chrono::TimeDelta::from_std(IDLE_CUT).unwrap_or_default();
+                    let idle = self.records.is_empty() && Utc::now() - self.from >= chrono::TimeDelta::from_std(age * IDLE_CUTS).unwrap_or_default();
                     if old || idle {
                         self.cut().await?;
                     }
@@ -483,8 +506,14 @@ impl Watching<'_> {
             };
             self.records.last_mut().expect("pushed").ops.push(op);
         }
-        // Every revision up to the header's has been sent: the coverage reaches now.
+        // Every revision up to the header's has been sent: the coverage reaches now. The
+        // first time in a term, coverage in time starts here: what was caught up on before
+        // happened at unknown times before now.
         if resp.header().is_some_and(|h| h.revision() < self.next_revision()) {
+            if !self.synced {
+                self.synced = true;
+                self.from = now;
+            }
             self.covered = now;
         }
         if let Some((_, why)) = self.end_at.take() {
@@ -536,11 +565,7 @@ impl Watching<'_> {
 
     /// [`Watching::cut`], the segment ending its chain when `ends` says why.
     async fn cut_with(&mut self, ends: Option<String>) -> Result<()> {
-        let until = if self.records.is_empty() {
-            self.covered
-        } else {
-            self.covered.max(self.records.last().expect("not empty").at)
-        };
+        let until = self.covered.max(self.from);
         if self.records.is_empty() && until <= self.from {
             return Ok(());
         }
@@ -565,55 +590,135 @@ impl Watching<'_> {
     }
 }
 
-/// Stores each segment on every target; a target that fails keeps its segments (bounded by
-/// [`BACKLOG_MAX`]) and gets them, in order, before the next.
+/// One target's segments waiting to be stored, oldest first, and the newest it stored.
+#[derive(Default)]
+struct Queue {
+    waiting: std::sync::Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
+    wake: tokio::sync::Notify,
+    stored: std::sync::Mutex<Option<segment::Named>>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+/// Stores each segment on every target, each target from its own queue and task, so that a
+/// slow or failing target holds neither the others nor the watch. A target that fails keeps
+/// its segments (bounded by [`BACKLOG_MAX`]: past it the oldest are dropped, a gap on that
+/// target) and retries every few seconds. The journal is durable up to the newest segment
+/// every target holds.
 async fn store_segments(
     targets: Vec<Box<dyn Target>>,
     cluster: String,
     mut rx: mpsc::Receiver<(String, Vec<u8>)>,
     settings: Settings,
 ) {
-    let mut backlog: Vec<Vec<(String, std::sync::Arc<Vec<u8>>)>> = vec![Vec::new(); targets.len()];
-    while let Some((name, bytes)) = rx.recv().await {
-        let bytes = std::sync::Arc::new(bytes);
-        let puts = targets.iter().zip(backlog.iter_mut()).map(|(t, waiting)| {
-            waiting.push((name.clone(), bytes.clone()));
-            let cluster = cluster.as_str();
-            async move {
-                while let Some((n, b)) = waiting.first() {
-                    match t.put_journal(cluster, n, b).await {
-                        Ok(()) => {
-                            tracing::debug!(target_name = %t.name(), segment = %n, "journal segment stored");
-                            waiting.remove(0);
-                        }
-                        Err(e) => {
-                            tracing::warn!(target_name = %t.name(), segment = %n, waiting = waiting.len(), error = %one_line(&e), "journal: the target cannot take a segment; kept to retry at the next cut");
-                            break;
-                        }
-                    }
-                }
-                let mut total: usize = waiting.iter().map(|(_, b)| b.len()).sum();
-                while total > BACKLOG_MAX && waiting.len() > 1 {
-                    let (n, b) = waiting.remove(0);
-                    total -= b.len();
-                    tracing::error!(target_name = %t.name(), segment = %n, "journal: dropped a segment the target could not take (backlog full): the target's chain has a gap");
+    let queues: Vec<Arc<Queue>> = targets.iter().map(|_| Arc::new(Queue::default())).collect();
+    let (changed_tx, mut changed) = mpsc::unbounded_channel::<()>();
+    let closed = CancellationToken::new();
+    let feeders: Vec<_> = targets
+        .into_iter()
+        .zip(queues.iter().cloned())
+        .map(|(t, q)| tokio::spawn(feed(t, cluster.clone(), q, closed.clone(), changed_tx.clone())))
+        .collect();
+    drop(changed_tx);
+    loop {
+        tokio::select! {
+            segment = rx.recv() => {
+                let Some((name, bytes)) = segment else { break };
+                let bytes = Arc::new(bytes);
+                for q in &queues {
+                    enqueue(q, &name, &bytes);
                 }
             }
-        });
-        futures_util::future::join_all(puts).await;
-        // Durable once on every target.
-        if backlog.iter().all(Vec::is_empty)
-            && let Some(n) = segment::parse_name(&name)
-        {
-            note(&settings, |j| {
-                j.durable_revision = j.durable_revision.max(n.last);
-                j.durable_until = Some(n.until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-                j.error = None;
-            });
-        } else {
-            note(&settings, |j| {
-                j.error = Some("a target cannot take journal segments; they wait in memory".into())
-            });
+            Some(()) = changed.recv() => note_durable(&settings, &queues),
         }
     }
+    // The term ended: each target stores what it can of what waits, then stops.
+    closed.cancel();
+    for f in feeders {
+        let _ = f.await;
+    }
+    note_durable(&settings, &queues);
+}
+
+/// Adds a segment to a target's queue, dropping the oldest past [`BACKLOG_MAX`].
+fn enqueue(q: &Queue, name: &str, bytes: &Arc<Vec<u8>>) {
+    let mut waiting = q.waiting.lock().expect("queue lock");
+    waiting.push_back((name.to_string(), bytes.clone()));
+    let mut total: usize = waiting.iter().map(|(_, b)| b.len()).sum();
+    while total > BACKLOG_MAX && waiting.len() > 1 {
+        let (n, b) = waiting.pop_front().expect("more than one");
+        total -= b.len();
+        tracing::error!(segment = %n, "journal: dropped a segment a target could not take (backlog full): that target's chain has a gap");
+    }
+    drop(waiting);
+    q.wake.notify_one();
+}
+
+/// Stores `q`'s segments on `t` in order until `closed` (then what is left, while it works).
+async fn feed(
+    t: Box<dyn Target>,
+    cluster: String,
+    q: Arc<Queue>,
+    closed: CancellationToken,
+    changed: mpsc::UnboundedSender<()>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    loop {
+        let next = q.waiting.lock().expect("queue lock").front().cloned();
+        let Some((name, bytes)) = next else {
+            if closed.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                _ = q.wake.notified() => {}
+                _ = closed.cancelled() => {}
+            }
+            continue;
+        };
+        match t.put_journal(&cluster, &name, &bytes).await {
+            Ok(()) => {
+                tracing::debug!(target_name = %t.name(), segment = %name, "journal segment stored");
+                q.waiting.lock().expect("queue lock").pop_front();
+                *q.stored.lock().expect("stored lock") = segment::parse_name(&name);
+                q.failing.store(false, SeqCst);
+            }
+            Err(e) => {
+                let waiting = q.waiting.lock().expect("queue lock").len();
+                if !q.failing.swap(true, SeqCst) {
+                    tracing::warn!(target_name = %t.name(), segment = %name, waiting, error = %one_line(&e), "journal: the target cannot take a segment; kept to retry");
+                }
+                let _ = changed.send(());
+                if closed.is_cancelled() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = closed.cancelled() => {}
+                }
+                continue;
+            }
+        }
+        let _ = changed.send(());
+    }
+}
+
+/// The journal's durable point in `state.json`: the newest segment every target holds.
+fn note_durable(settings: &Settings, queues: &[Arc<Queue>]) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let stored: Vec<Option<segment::Named>> = queues
+        .iter()
+        .map(|q| q.stored.lock().expect("stored lock").clone())
+        .collect();
+    let failing = queues.iter().any(|q| q.failing.load(SeqCst));
+    let durable = if stored.iter().all(Option::is_some) {
+        stored.into_iter().flatten().min_by_key(|n| (n.last, n.until))
+    } else {
+        None
+    };
+    note(settings, |j| {
+        if let Some(n) = durable.filter(|n| n.last >= j.durable_revision) {
+            j.durable_revision = n.last;
+            j.durable_until = Some(n.until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        }
+        j.error = failing.then(|| "a target cannot take journal segments; they wait in memory".into());
+    });
 }

@@ -40,10 +40,11 @@ const REPLAY_ETCD_FLAGS: &[&str] = &[
     "8589934592",
 ];
 
-/// The set chosen for a moment already holds a later revision (its manifest recorded a
-/// lower one): an older set must be used (see [`plan`]'s `excluded`).
+/// The set chosen for a moment holds a later revision (its manifest recorded a lower one),
+/// or nothing in the journal shows its revision was made by the moment: an older set must
+/// be used (see [`plan`]'s `excluded`).
 #[derive(Debug, thiserror::Error)]
-#[error("set {id} already holds revision {held}, past the moment {moment}")]
+#[error("set {id} (revision {held}) may hold changes made after {moment}")]
 pub struct PastMoment {
     pub id: String,
     pub held: i64,
@@ -171,8 +172,16 @@ pub async fn roll_forward(
         flags.push("--unsafe-no-fsync");
     }
     let (etcd, conn) = tools.serve(scratch.path(), &data, (&peer, &client), &flags).await?;
+    let snapshot_revision = tools.snapshot_revision(&files[pos].1).await?;
     let mut replay = Replay::start(conn.clone()).await?;
     let base_revision = replay.revision();
+    if base_revision != snapshot_revision {
+        // Something changed the throwaway store before the replay began (a lease that
+        // expired as it started): every revision after would land one off.
+        bail!(
+            "the throwaway etcd is at revision {base_revision}, not the snapshot's {snapshot_revision}: it changed the store before the replay; try again"
+        );
+    }
     let past = || PastMoment {
         id: at.plan.base.id.clone(),
         held: base_revision,
@@ -184,12 +193,16 @@ pub async fn roll_forward(
         return Err(past().into());
     }
     crate::notify::status("fetch --at: replaying the journal");
+    // A time moment needs proof that the set's own revision was made by then: a revision at
+    // or after it stamped at or before the moment.
+    let mut proven = matches!(at.moment, Moment::Revision(_));
     'segments: for named in &at.plan.segments {
         for rec in read_segment(located, at, &named.name).await? {
             let within = match at.moment {
                 Moment::Revision(n) => rec.rev <= n,
                 Moment::Time(t) => rec.at <= t,
             };
+            proven |= within && rec.rev >= base_revision;
             if !within {
                 // The set's snapshot already holds a revision after the moment (an etcd 3.4
                 // set records the revision read just before its snapshot, which may be lower).
@@ -200,6 +213,9 @@ pub async fn roll_forward(
             }
             replay.apply(&rec).await?;
         }
+    }
+    if !proven {
+        return Err(past().into());
     }
     if let Moment::Revision(n) = at.moment
         && replay.revision() != n

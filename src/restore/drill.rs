@@ -119,6 +119,28 @@ impl Tools {
             .unwrap_or(false)
     }
 
+    /// The store revision `snapshot` holds, as `snapshot status` reads it.
+    pub(super) async fn snapshot_revision(&self, snapshot: &Path) -> Result<i64> {
+        let mut cmd = Command::new(&self.restorer);
+        if !self.is_etcdutl {
+            cmd.env("ETCDCTL_API", "3");
+        }
+        cmd.args(["snapshot", "status", "-w", "json"])
+            .arg(snapshot)
+            .stdin(Stdio::null());
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+        if !out.status.success() {
+            bail!(
+                "snapshot status failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("snapshot status: not JSON")?;
+        v["revision"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("snapshot status: no revision"))
+    }
+
     /// `snapshot restore` of `snapshot` into `data`, as the one member `drill` at `peer`.
     pub(super) async fn restore(&self, snapshot: &Path, data: &Path, peer: &str) -> Result<()> {
         let mut restore = Command::new(&self.restorer);

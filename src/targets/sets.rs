@@ -293,10 +293,16 @@ impl InPlace {
 impl<S: ObjectStore> SetStore<S> {
     /// What each id of `cluster` holds (a [`Commit::ManifestLast`] target).
     async fn in_place(&self, cluster: &str) -> Result<BTreeMap<String, InPlace>> {
-        let listed = self.store.list_subfolders(&[cluster], &|_| true).await?;
+        // The journal's folder beside the sets is not a set (nor debris, however old).
+        let listed = self
+            .store
+            .list_subfolders(&[cluster], &|name| name != JOURNAL_FOLDER)
+            .await?;
         let mut sets: BTreeMap<String, Vec<Entry>> = listed.into_iter().collect();
         for (id, upload) in self.store.uploads(&[cluster]).await? {
-            sets.entry(id).or_default().push(upload);
+            if id != JOURNAL_FOLDER {
+                sets.entry(id).or_default().push(upload);
+            }
         }
         Ok(sets.into_iter().map(|(id, e)| (id, InPlace::of(e))).collect())
     }
@@ -970,6 +976,25 @@ mod tests {
         t.fail(Fault::Unsure);
         let e = t.put_set("c", "n1", &set, &CancellationToken::new()).await.unwrap_err();
         assert!(e.downcast_ref::<SetExists>().is_some(), "{e:#}");
+    }
+
+    #[tokio::test]
+    async fn the_journal_beside_the_sets_is_never_debris() {
+        for t in both() {
+            t.put_journal(
+                "c",
+                "0000000000000002-0000000000000003-1700000000000-1700000010000.seg",
+                b"x",
+            )
+            .await
+            .unwrap();
+            for p in t.objects().paths() {
+                let segments: Vec<&str> = p.split('/').collect();
+                t.objects().age(&segments, 48);
+            }
+            assert_eq!(t.remove_debris("c", "n2").await.unwrap(), 0);
+            assert_eq!(t.list_journal("c").await.unwrap().len(), 1, "{:?}", t.objects().paths());
+        }
     }
 
     #[tokio::test]

@@ -362,8 +362,9 @@ async fn a_killed_writer_is_replaced_without_a_gap_or_a_duplicate() {
     let before = put_many(&mut c, "/one", 40).await;
     durable(&w, before, &a).await;
     tokio::task::block_in_place(|| a.sigkill());
-    // Written while no node writes the journal.
+    // Written while no node writes the journal: their times are not known.
     let unwritten = put_many(&mut c, "/two", 40).await;
+    let in_the_hole = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !b.log().contains("journal: writing") {
         assert!(Instant::now() < deadline, "node-b never took over: {}", b.log());
@@ -385,6 +386,41 @@ async fn a_killed_writer_is_replaced_without_a_gap_or_a_duplicate() {
         assert_eq!(got_rev, rev);
         assert!(got == live, "rev:{rev}: the restored state differs");
     }
+    // A time while no node wrote is a hole: refused, naming the times covered.
+    let to = w.path().join("hole");
+    let r = run(&[
+        "fetch",
+        "--at",
+        &in_the_hole,
+        "--to",
+        to.to_str().unwrap(),
+        "--config",
+        cfg_b.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("(times "), "{}", r.stderr);
+    // A time once node-b keeps up restores what etcd held then (idle: stored within 3
+    // segment ages).
+    let at = Utc::now();
+    let now = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let dir = w.target_root().join("test").join("journal");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let covers = || {
+        std::fs::read_dir(&dir).unwrap().flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            etcd_backupd::journal::segment::parse_name(&n).is_some_and(|n| n.from < at && at <= n.until)
+        })
+    };
+    while !covers() {
+        assert!(Instant::now() < deadline, "{now} never covered: {}", b.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (got_rev, got) = restored_at(&cfg_b, &w, &now, None).await;
+    assert!(got_rev >= after, "{got_rev} < {after}");
+    assert!(
+        got == state(&mut c, Some(got_rev)).await.1,
+        "{now}: the restored state differs"
+    );
 }
 
 /// The daemon stopped while etcd compacts past what the journal stored: at its start the
@@ -412,7 +448,10 @@ async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
 
     let d = Proc::daemon(&cfg, w.path().join("d2.log"), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.log().contains("the next starts after a full set taken since") {
+    while !d
+        .log()
+        .contains("a new one starts at the oldest revision etcd still has")
+    {
         assert!(Instant::now() < deadline, "no chain break said: {}", d.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

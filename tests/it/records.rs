@@ -218,7 +218,8 @@ async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_firs
     let down = Arc::new(AtomicBool::new(true));
     let d = down.clone();
     // Every request answered 503 while the target is down: transient, retried within the
-    // default retry budget (3 minutes), which must never hold the next snapshot back.
+    // default retry budget (3 minutes), which must never hold the next snapshot back. Up to
+    // 4 runs fall in the outage: max_pending above them, so none is dropped by design.
     let fault = crate::servers::FaultProxy::start(rclone.url(), move |_, _, _, _| {
         if d.load(Ordering::SeqCst) {
             crate::servers::Fault::Respond(503, "down for maintenance".into())
@@ -231,7 +232,7 @@ async fn a_target_down_for_20_s_misses_no_snapshot_and_gets_the_sets_oldest_firs
     let cfg = w.write_config_targets(
         &etcd.endpoint,
         &format!(
-            "[schedule]\ncron = \"*/6 * * * * *\"\njitter = \"0s\"\n\n[[target]]\nname = \"dav\"\nurl = \"{}\"\n",
+            "[schedule]\ncron = \"*/6 * * * * *\"\njitter = \"0s\"\n\n[delivery]\nmax_pending = 10\n\n[[target]]\nname = \"dav\"\nurl = \"{}\"\n",
             fault.url()
         ),
     );
