@@ -290,6 +290,21 @@ impl Election {
         if let Some(l) = self.get_json::<LockValue>(&lock_key).await? {
             return Ok(Attempt::Taken(format!("node {} (run {})", l.node, l.run)));
         }
+        let done_key = self.key(&format!("runs/{run}"));
+        let unfinished = Compare::create_revision(done_key, CompareOp::Equal, 0);
+        match self.claim_key(&lock_key, run, Some(unfinished)).await? {
+            Some(held) => {
+                tracing::info!(run, node = %self.node, "won the election for this run");
+                Ok(Attempt::Won(held))
+            }
+            None => Ok(Attempt::Taken("another node, just now".into())),
+        }
+    }
+
+    /// Puts a lock at `key` (naming this node and `run`) on a new lease if the key is free
+    /// (and `also` holds), and holds it: `None` when another got there first. The lease is
+    /// revoked on every way out but a held lock.
+    async fn claim_key(&mut self, key: &str, run: &str, also: Option<Compare>) -> Result<Option<Held>> {
         let ttl = self.ttl.as_secs().max(2) as i64;
         let lease = within(self.timeout, "lease grant", self.client.lease_grant(ttl, None))
             .await?
@@ -298,32 +313,21 @@ impl Election {
             node: self.node.clone(),
             run: run.to_string(),
         })?;
-        let done_key = self.key(&format!("runs/{run}"));
+        let mut when = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
+        when.extend(also);
         let txn = Txn::new()
-            .when([
-                Compare::create_revision(lock_key.clone(), CompareOp::Equal, 0),
-                Compare::create_revision(done_key, CompareOp::Equal, 0),
-            ])
-            .and_then([TxnOp::put(lock_key, value, Some(PutOptions::new().with_lease(lease)))]);
-        let won = match within(self.timeout, "txn on the run lock", self.client.txn(txn)).await {
-            Ok(resp) => resp.succeeded(),
-            Err(e) => {
-                let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
-                return Err(e);
-            }
+            .when(when)
+            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
+        let won = within(self.timeout, "txn on a lock", self.client.txn(txn)).await;
+        let held = match won {
+            Ok(r) if r.succeeded() => self.hold(lease, run).await.map(Some),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
         };
-        if !won {
+        if !matches!(held, Ok(Some(_))) {
             let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
-            return Ok(Attempt::Taken("another node, just now".into()));
         }
-        tracing::info!(run, node = %self.node, "won the election for this run");
-        match self.hold(lease, run).await {
-            Ok(held) => Ok(Attempt::Won(held)),
-            Err(e) => {
-                let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
-                Err(e)
-            }
-        }
+        held
     }
 
     async fn hold(&mut self, lease: i64, run: &str) -> Result<Held> {
@@ -597,34 +601,12 @@ impl Election {
     /// `Ok(None)` while another node's writer does. Held like a run's lock (renewed, `lost`
     /// fires well before the lease can expire), so two writers never overlap for long.
     pub async fn claim_journal(&mut self) -> Result<Option<Held>> {
-        let key = self.key("journal/writer");
-        let ttl = self.ttl.as_secs().max(2) as i64;
-        let lease = within(self.timeout, "lease grant", self.client.lease_grant(ttl, None))
-            .await?
-            .id();
-        let value = serde_json::to_vec(&LockValue {
-            node: self.node.clone(),
-            run: "journal".into(),
-        })?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
-        let won = within(self.timeout, "txn on the journal lock", self.client.txn(txn))
-            .await
-            .map(|r| r.succeeded());
-        match won {
-            Ok(true) => match self.hold(lease, "journal").await {
-                Ok(held) => Ok(Some(held)),
-                Err(e) => {
-                    let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
-                    Err(e)
-                }
-            },
-            other => {
-                let _ = within(self.timeout, "lease revoke", self.client.lease_revoke(lease)).await;
-                other.map(|_| None)
-            }
+        // Read first: a node waiting for the lock costs etcd a read, not a lease grant.
+        if self.journal_writer().await?.is_some() {
+            return Ok(None);
         }
+        let key = self.key("journal/writer");
+        self.claim_key(&key, "journal", None).await
     }
 
     /// The node whose journal writer holds the lock, if any.

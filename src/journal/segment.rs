@@ -65,17 +65,16 @@ pub struct Record {
     pub leases: BTreeMap<i64, i64>,
 }
 
-impl Record {
-    /// Roughly what the record weighs, for cutting segments by size.
+/// Roughly what a record weighs before its ops, for cutting segments by size.
+pub const RECORD_WEIGHT: usize = 64;
+
+impl Op {
+    /// Roughly what the op weighs in a segment, for cutting segments by size.
     pub fn weight(&self) -> usize {
-        64 + self
-            .ops
-            .iter()
-            .map(|op| match op {
-                Op::Put { key, value, .. } => 64 + key.len() + value.len(),
-                Op::Delete { key } => 32 + key.len(),
-            })
-            .sum::<usize>()
+        match self {
+            Op::Put { key, value, .. } => 64 + key.len() + value.len(),
+            Op::Delete { key } => 32 + key.len(),
+        }
     }
 }
 

@@ -476,7 +476,7 @@ impl Watching<'_> {
                     ops: Vec::new(),
                     leases: BTreeMap::new(),
                 });
-                self.weight += 64;
+                self.weight += segment::RECORD_WEIGHT;
             }
             let op = match ev.event_type() {
                 EventType::Put => {
@@ -500,10 +500,7 @@ impl Watching<'_> {
                 }
                 EventType::Delete => Op::Delete { key: kv.key().to_vec() },
             };
-            self.weight += match &op {
-                Op::Put { key, value, .. } => 64 + key.len() + value.len(),
-                Op::Delete { key } => 32 + key.len(),
-            };
+            self.weight += op.weight();
             self.records.last_mut().expect("pushed").ops.push(op);
         }
         // Every revision up to the header's has been sent: the coverage reaches now. The

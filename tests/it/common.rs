@@ -148,21 +148,37 @@ impl Etcd {
         Etcd::spawn(pki, None, free_port())
     }
 
-    /// An etcd serving a data directory made by `snapshot restore --name test0
-    /// --initial-cluster test0=http://127.0.0.1:<peer>`.
-    pub fn start_restored(data: &Path, peer: u16) -> Etcd {
-        Etcd::spawn(None, Some(data), peer)
-    }
-
     /// An etcd from the binaries in `bin_dir` (e.g. [`etcd35_dir`]); its [`Etcd::etcdctl`]
     /// is the one in `bin_dir` too.
     pub fn start_in(bin_dir: &Path) -> Etcd {
         Etcd::spawn_in(Some(bin_dir), None, None, free_port())
     }
 
-    /// [`Etcd::start_restored`] with the binaries in `bin_dir`.
+    /// An etcd from the binaries in `bin_dir` serving a data directory made by `snapshot
+    /// restore --name test0 --initial-cluster test0=http://127.0.0.1:<peer>`.
     pub fn start_restored_in(bin_dir: &Path, data: &Path, peer: u16) -> Etcd {
         Etcd::spawn_in(Some(bin_dir), None, Some(data), peer)
+    }
+
+    /// `snapshot` restored into `data` (with `etcdutl` of `bin_dir`, else etcd 3.4's
+    /// `etcdctl` from `PATH`) and served by the etcd of the same place.
+    pub fn from_snapshot(bin_dir: Option<&Path>, snapshot: &Path, data: &Path) -> Etcd {
+        let peer = free_port();
+        let restorer = if bin_dir.is_some() { "etcdutl" } else { "etcdctl" };
+        let out = Command::new(etcd_tool(bin_dir, restorer))
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore"])
+            .arg(snapshot)
+            .arg(format!("--data-dir={}", data.display()))
+            .args([
+                "--name=test0",
+                &format!("--initial-cluster=test0=http://127.0.0.1:{peer}"),
+            ])
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Etcd::spawn_in(bin_dir, None, Some(data), peer)
     }
 
     /// The path of `name` (`etcd`, `etcdctl`, `etcdutl`) of this etcd's version.

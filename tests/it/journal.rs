@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
-use crate::common::{Etcd, Proc, Work, etcd_tool, etcd35_dir, file_target, free_port, run};
+use crate::common::{Etcd, Proc, Work, etcd35_dir, file_target, run};
 use crate::support::{NO_RETENTION, daemon_config};
 
 /// A key as etcd holds it: value, create_revision, mod_revision, version, lease.
@@ -60,18 +60,19 @@ fn journal_config(w: &Work, node: &str, endpoint: &str, bin_dir: Option<&Path>) 
 
 /// The segments on the file target: (first, last) of each.
 fn segments(w: &Work) -> Vec<(i64, i64)> {
-    let dir = w.target_root().join("test").join("journal");
+    segments_under(&w.target_root())
+}
+
+/// The segments of cluster `test` under a target's root, by their names.
+fn segments_under(root: &Path) -> Vec<(i64, i64)> {
+    let dir = root.join("test").join("journal");
     let mut out: Vec<(i64, i64)> = std::fs::read_dir(dir)
-        .map(|es| {
-            es.flatten()
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().to_string();
-                    let mut p = n.strip_suffix(".seg")?.split('-');
-                    Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| etcd_backupd::journal::segment::parse_name(&e.file_name().to_string_lossy()))
+        .map(|n| (n.first, n.last))
+        .collect();
     out.sort();
     out
 }
@@ -118,28 +119,23 @@ async fn restored_at_with(cfg: &Path, w: &Work, moment: &str, bin_dir: Option<&P
         .filter(|p| p.extension().is_some_and(|x| x == "db"))
         .collect();
     assert_eq!(snaps.len(), 1, "exactly one snapshot for the restore script: {snaps:?}");
-    let peer = free_port();
     let data = w.path().join(format!("data-{}", moment.replace([':', '+', '.'], "_")));
-    let restorer = if bin_dir.is_some() { "etcdutl" } else { "etcdctl" };
-    let out = std::process::Command::new(etcd_tool(bin_dir, restorer))
-        .env("ETCDCTL_API", "3")
-        .args(["snapshot", "restore"])
-        .arg(&snaps[0])
-        .arg(format!("--data-dir={}", data.display()))
-        .args([
-            "--name=test0",
-            &format!("--initial-cluster=test0=http://127.0.0.1:{peer}"),
-        ])
-        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let etcd = match bin_dir {
-        Some(d) => Etcd::start_restored_in(d, &data, peer),
-        None => Etcd::start_restored(&data, peer),
-    };
+    let etcd = Etcd::from_snapshot(bin_dir, &snaps[0], &data);
     let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
     state(&mut c, None).await
+}
+
+/// `fetch --at moment --to to` with `cfg`.
+fn fetch_at(cfg: &Path, to: &Path, moment: &str) -> crate::common::Run {
+    run(&[
+        "fetch",
+        "--at",
+        moment,
+        "--to",
+        to.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
 }
 
 /// What the live etcd held at each moment the test will ask for.
@@ -282,17 +278,7 @@ async fn uncovered_moments_are_refused_naming_the_coverage() {
     let last = revision(&mut c).await;
     durable(&w, last, &d).await;
     let to = w.path().join("out");
-    let at = |m: &str| {
-        run(&[
-            "fetch",
-            "--at",
-            m,
-            "--to",
-            to.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-        ])
-    };
+    let at = |m: &str| fetch_at(&cfg, &to, m);
     let future: DateTime<Utc> = Utc::now() + chrono::TimeDelta::hours(1);
     for m in [
         format!("rev:{}", last + 100),
@@ -388,15 +374,7 @@ async fn a_killed_writer_is_replaced_without_a_gap_or_a_duplicate() {
     }
     // A time while no node wrote is a hole: refused, naming the times covered.
     let to = w.path().join("hole");
-    let r = run(&[
-        "fetch",
-        "--at",
-        &in_the_hole,
-        "--to",
-        to.to_str().unwrap(),
-        "--config",
-        cfg_b.to_str().unwrap(),
-    ]);
+    let r = fetch_at(&cfg_b, &to, &in_the_hole);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("(times "), "{}", r.stderr);
     // A time once node-b keeps up restores what etcd held then (idle: stored within 3
@@ -463,15 +441,7 @@ async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
     durable(&w, again, &d).await;
 
     let to = w.path().join("refused");
-    let r = run(&[
-        "fetch",
-        "--at",
-        &format!("rev:{}", lost - 3),
-        "--to",
-        to.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let r = fetch_at(&cfg, &to, &format!("rev:{}", lost - 3));
     assert_eq!(r.code, 1, "{}", r.all());
     // Both stretches named: the old chain (up to at least what was stored) and the new one.
     let spans: Vec<&str> = r.stderr.split("revisions ").skip(1).collect();
@@ -543,15 +513,7 @@ async fn retention_keeps_the_kept_sets_chains_and_list_shows_the_coverage() {
     let (_, got) = restored_at(&cfg, &w, &format!("rev:{after}"), None).await;
     assert!(got == live, "the kept set's chain restores");
     let to = w.path().join("gone");
-    let r = run(&[
-        "fetch",
-        "--at",
-        &format!("rev:{}", first_stretch - 5),
-        "--to",
-        to.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let r = fetch_at(&cfg, &to, &format!("rev:{}", first_stretch - 5));
     assert_eq!(r.code, 1, "a moment only the removed set reached: {}", r.all());
 }
 
@@ -595,22 +557,7 @@ async fn a_target_outage_delays_segments_and_loses_none() {
             serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout).unwrap();
         listed["sets"][0]["manifest"]["etcd"]["revision"].as_i64().unwrap()
     };
-    let dav_segments = || -> Vec<(i64, i64)> {
-        let dir = rclone.root().join("test").join("journal");
-        let mut v: Vec<(i64, i64)> = std::fs::read_dir(dir)
-            .map(|es| {
-                es.flatten()
-                    .filter_map(|e| {
-                        let n = e.file_name().to_string_lossy().to_string();
-                        let mut p = n.strip_suffix(".seg")?.split('-');
-                        Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
+    let dav_segments = || segments_under(&rclone.root());
     let daemon = Proc::daemon(&cfg, w.path().join("d.log"), &[]);
     let before = put_many(&mut c, "/one", 10).await;
     let wait_for = |rev: i64| {
@@ -751,15 +698,7 @@ async fn a_completed_upgrade_ends_the_chain() {
     }
     // Between the upgrade and the after-upgrade set: no set pairs with it.
     let to = w.path().join("between");
-    let r = run(&[
-        "fetch",
-        "--at",
-        &format!("rev:{}", upgraded + 1),
-        "--to",
-        to.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let r = fetch_at(&cfg, &to, &format!("rev:{}", upgraded + 1));
     assert_eq!(r.code, 1, "{}", r.all());
 }
 

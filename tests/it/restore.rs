@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use etcd_backupd::manifest::{Manifest, Trigger};
 
-use crate::common::{
-    Etcd, Run, Work, argv, free_port, made_up_manifest, plain_file, run, run_async_plain, static_pod_fixture,
-};
+use crate::common::{Etcd, Run, Work, argv, made_up_manifest, plain_file, run, run_async_plain, static_pod_fixture};
 use crate::servers::{Apache, DAV_USER, Fault, FaultProxy, Rclone};
 use crate::webdav::backup_async;
 
@@ -342,21 +340,7 @@ async fn fetch_from_webdav_restores_and_tampering_or_a_version_mismatch_is_refus
 
     // Restored with etcdctl into a new etcd, the original keys are served.
     let data = w.path().join("restored");
-    let peer = free_port();
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["snapshot", "restore"])
-        .arg(dir.join(&snapshot))
-        .arg(format!("--data-dir={}", data.display()))
-        .args([
-            "--name=test0",
-            &format!("--initial-cluster=test0=http://127.0.0.1:{peer}"),
-        ])
-        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let restored = Etcd::start_restored(&data, peer);
+    let restored = Etcd::from_snapshot(None, &dir.join(&snapshot), &data);
     let out = restored
         .etcdctl(None)
         .args(["get", "--prefix", "/kubernetes.io/namespaces/", "--keys-only"])
