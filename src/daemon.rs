@@ -142,6 +142,7 @@ async fn serve(
             Wake::Drill => daemon.drill(slot).await,
             Wake::Deliver => daemon.deliver(slot).await,
             Wake::Upgrade(version) => daemon.run(RunKind::AfterUpgrade(version), slot).await,
+            Wake::ForJournal => daemon.for_journal(slot).await,
             Wake::Slot => {
                 if let Some(slot) = slot {
                     daemon.run(RunKind::Scheduled(slot.at), Some(slot)).await;
@@ -173,6 +174,8 @@ struct Daemon<'a> {
     /// The cluster folder, which seeds the jitter (and names imports without cluster_name).
     seed: String,
     cv_changed: std::sync::Arc<tokio::sync::Notify>,
+    /// The journal's writer asks here for a set at once (see [`crate::journal::writer`]).
+    journal_wants_set: std::sync::Arc<tokio::sync::Notify>,
     next_drill: Option<chrono::DateTime<Utc>>,
     next_import: tokio::time::Instant,
     delivery_backoff: Duration,
@@ -218,8 +221,10 @@ impl<'a> Daemon<'a> {
         crate::probe::spawn(tasks, settings.clone(), "at start", stop.clone());
         // The journal's writer runs beside the schedule, on whichever node wins its lock;
         // it keeps the settings it started with (a reload does not restart it).
+        let journal_wants_set = std::sync::Arc::new(tokio::sync::Notify::new());
         if settings.journal.enabled {
-            tasks.spawn(crate::journal::writer::run(settings.clone(), stop.clone()));
+            let wants = journal_wants_set.clone();
+            tasks.spawn(crate::journal::writer::run(settings.clone(), stop.clone(), wants));
         }
         let cv_changed = if schedule.is_some() {
             watch_cluster_version(tasks, &settings, stop.clone())
@@ -247,6 +252,7 @@ impl<'a> Daemon<'a> {
             rejected: None,
             seed,
             cv_changed,
+            journal_wants_set,
             next_import: now,
             after: Utc::now(),
             // Checked at start (an upgrade may have completed while the daemon was down),
@@ -319,10 +325,24 @@ impl<'a> Daemon<'a> {
                     // Checked right away on the next turn of this loop.
                     self.next_upgrade_check = tokio::time::Instant::now();
                 }
+                _ = self.journal_wants_set.notified() => return Wake::ForJournal,
                 _ = hup.recv() => return Wake::Reload,
                 _ = self.stop.cancelled() => return Wake::Stop,
             }
         }
+    }
+
+    /// The journal's writer on this node needs a set to start its new chain from: one is
+    /// taken now (elected, with the usual guards), unless this node takes no backups.
+    async fn for_journal(&mut self, slot: Option<crate::schedule::Slot>) {
+        if self.schedule.is_none() {
+            tracing::warn!(
+                "journal: the new chain needs a full set, but this node takes no backups (schedule.cron is empty); it starts with the next set taken elsewhere"
+            );
+            return;
+        }
+        tracing::info!("journal: taking a full set now to start the new chain");
+        self.run(RunKind::ForJournal(Utc::now()), slot).await;
     }
 
     /// SIGHUP: the new configuration replaces the old one only if it is valid throughout.
@@ -623,6 +643,8 @@ enum Wake {
     Deliver,
     Drill,
     Upgrade(String),
+    /// The journal's writer asked for a set.
+    ForJournal,
     Reload,
     Stop,
 }

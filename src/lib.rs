@@ -6,13 +6,14 @@
 //! schedule → guards → election → source → seal → staging commit → deliver → retain → record
 //!
 //! - [`daemon`]: the service loop as a small state machine (`Daemon`, one method per kind of
-//!   wake-up: reload, import, drill, deliver, run), its next wake-up a pure function of its
+//!   wake-up: reload, import, drill, deliver, run, a set the journal's writer asks for), its next wake-up a pure function of its
 //!   timers (`Due::next`), [`notify`] (sd_notify), the after-upgrade check.
 //! - [`run`]: one run as a value (`run::Request` says what was asked: its [`run::RunKind`],
 //!   which names it, election or not, force), walked through [`run::guards`], the election,
 //!   then [`run::pipeline`] (preflight, id, source, seal, staging commit, deliver, retain)
 //!   while the lock is held, then the typed record ([`outcome::Recorded`]);
-//!   [`run::import`] ships the platform's own local sets the same way.
+//!   [`run::import`] ships the platform's own local sets the same way, and [`run::rebase`]
+//!   (a drill host) stores a set derived from a set and its journal the same way.
 //! - [`etcd`]: a client bound to one configured member (no discovery), and
 //!   [`etcd::election`]: the run lock, run records and "one set per run" in etcd itself.
 //! - [`source`]: where a set's files come from: the native snapshot stream (paced by etcd's

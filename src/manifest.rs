@@ -13,9 +13,11 @@ pub const FORMAT_VERSION: u32 = 1;
 /// rolling update. Every other set keeps [`FORMAT_VERSION`].
 pub const SPLIT_FORMAT_VERSION: u32 = 2;
 
-/// The format version a manifest listing `files` is written with.
-pub fn format_version_of(files: &[FileEntry]) -> u32 {
-    if files.iter().any(|f| !f.targets.is_empty()) {
+/// The format version a manifest of a set started by `trigger` listing `files` is written
+/// with: a trigger or a layout an earlier release does not know takes the newer format, which
+/// that release skips rather than misreads.
+pub fn format_version_of(trigger: Trigger, files: &[FileEntry]) -> u32 {
+    if matches!(trigger, Trigger::Journal | Trigger::Derived) || files.iter().any(|f| !f.targets.is_empty()) {
         SPLIT_FORMAT_VERSION
     } else {
         FORMAT_VERSION
@@ -31,6 +33,12 @@ pub enum Trigger {
     Manual,
     /// A set the platform wrote on the node (e.g. before an upgrade), shipped as it is.
     Imported,
+    /// A set the journal's writer asked for at once: its chain broke, or ended at a change
+    /// of the static pod revisions, and no set started the next chain.
+    Journal,
+    /// Folded off the cluster from an earlier set and its journal (`rebase`): see
+    /// [`Manifest::derived`].
+    Derived,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +65,19 @@ pub struct Manifest {
     /// What a restore of this set depends on, read from its files at backup time.
     #[serde(flatten)]
     pub restore: RestoreFacts,
+    /// A derived set's origin (trigger `derived`); none for a set taken from etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<Derived>,
+}
+
+/// Where a derived set comes from: set `from_set` (at `from_revision`), with the journal's
+/// revisions after it replayed up to the set's own `etcd.revision`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Derived {
+    pub from_set: String,
+    pub from_revision: i64,
+    pub revisions_replayed: u64,
+    pub segments: usize,
 }
 
 /// Facts about restoring a set, from its static resources archive (see [`crate::trust::certs`]).
@@ -403,6 +424,7 @@ mod tests {
             tool: ToolInfo::this(),
             forced: Vec::new(),
             restore: RestoreFacts::default(),
+            derived: None,
         }
     }
 

@@ -29,6 +29,7 @@ mod fetch;
 pub mod generate;
 mod list;
 mod prune;
+mod rebase;
 pub mod render;
 pub mod report;
 mod status;
@@ -129,6 +130,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fold the journal into a new full set off the cluster (a drill host): the newest set
+    /// the moment starts from, rolled forward, verified, sealed, signed and stored as a set
+    /// marked `derived`.
+    Rebase(RebaseArgs),
     /// Apply retention now.
     Prune {
         /// Print the plan, delete nothing.
@@ -183,6 +188,7 @@ impl Command {
             | Command::List { json, .. }
             | Command::Fetch(FetchArgs { json, .. })
             | Command::Verify { json, .. }
+            | Command::Rebase(RebaseArgs { json, .. })
             | Command::Prune { json, .. }
             | Command::Status { json, .. }
             | Command::CheckConfig { json, .. } => *json,
@@ -198,6 +204,7 @@ impl Command {
             Command::List { .. } => "list",
             Command::Fetch(_) => "fetch",
             Command::Verify { .. } => "verify",
+            Command::Rebase(_) => "rebase",
             Command::Prune { .. } => "prune",
             Command::Status { .. } => "status",
             Command::CheckConfig { .. } => "check-config",
@@ -306,6 +313,27 @@ pub struct FetchArgs {
     target: Option<String>,
 }
 
+/// `rebase`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct RebaseArgs {
+    /// The moment to fold up to (as `fetch --at`: an RFC 3339 time or rev:N); default: the
+    /// newest revision the journal holds after the newest set.
+    #[arg(long, value_name = "TIME|rev:N")]
+    at: Option<String>,
+    /// Take a base set that is unsigned or not signed by a listed key.
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// age identity file (or SSH private key) for an encrypted set; repeat it for a set
+    /// whose archive is sealed to other keys (default: verify.identity_file).
+    #[arg(long, value_name = "FILE")]
+    identity: Vec<PathBuf>,
+    /// The target to read sets from (default: the first holding snapshots).
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
 fn load(cli: &Cli) -> Result<Settings> {
     let settings = Settings::load(&cli.config)?;
     settings.check_node_files()?;
@@ -392,6 +420,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             fetch::verify(&settings, req).await
         }
+        Command::Rebase(args) => rebase::run(&load(&cli)?, args).await,
         Command::Prune {
             dry_run,
             force,

@@ -417,6 +417,28 @@ pub async fn retry(
     abort: &CancellationToken,
     retry_until: Option<tokio::time::Instant>,
 ) -> Result<Retried> {
+    retry_with(settings, abort, retry_until, Retention::Apply).await
+}
+
+/// A delivery pass of what staging owes, with no retention: a host that stores sets it did
+/// not take from etcd (`rebase` on a drill host) leaves retention to the cluster's nodes.
+pub async fn deliver_staged(settings: &Settings, abort: &CancellationToken) -> Result<Retried> {
+    retry_with(settings, abort, None, Retention::Leave).await
+}
+
+/// Whether a delivery pass applies retention afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retention {
+    Apply,
+    Leave,
+}
+
+async fn retry_with(
+    settings: &Settings,
+    abort: &CancellationToken,
+    retry_until: Option<tokio::time::Instant>,
+    retention: Retention,
+) -> Result<Retried> {
     let staging = &settings.snapshot.staging_dir;
     let Some(_lock) = crate::staging::try_lock(staging)? else {
         return Ok(Retried {
@@ -461,7 +483,7 @@ pub async fn retry(
     if let Some(e) = records.as_mut() {
         e.settle_all(&settled(&results), None).await;
     }
-    if !abort.is_cancelled() {
+    if !abort.is_cancelled() && retention == Retention::Apply {
         crate::targets::retry::retries_until(retry_until, apply_retention(settings, &staged, &opened, &results)).await;
     }
     tidy(settings, &mut staged);

@@ -189,6 +189,19 @@ pub fn plan(bases: &[Base], spans: &[Span], moment: Moment) -> Result<Plan, Stri
     ))
 }
 
+/// The last revision of the chain the newest set starts (what `rebase` folds by default):
+/// none when no set starts one.
+pub fn newest_revision(bases: &[Base], spans: &[Span]) -> Option<i64> {
+    let mut bases: Vec<&Base> = bases.iter().collect();
+    bases.sort_by_key(|b| std::cmp::Reverse((b.revision, b.created)));
+    bases.iter().find_map(|b| {
+        spans
+            .iter()
+            .find(|s| s.first <= b.revision + 1 && s.last >= b.revision)
+            .map(|s| s.last)
+    })
+}
+
 /// What a span covers for `list`: its range and end, and the sets it starts from (a moment
 /// in it restores from the newest of them at or before it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -298,6 +311,18 @@ mod tests {
             "the idle segment adds nothing the overlap does not"
         );
         assert_eq!((got[1].first, got[1].last), (120, 130));
+    }
+
+    #[test]
+    fn the_newest_revision_is_the_end_of_the_newest_set_s_chain() {
+        // The newest set (300) starts no chain (after a gap): the one before it does.
+        let sp = spans(vec![seg(101, 150, 10), seg(151, 200, 20), seg(260, 280, 30)]);
+        assert_eq!(
+            newest_revision(&[base(100, 0), base(160, 12), base(300, 40)], &sp),
+            Some(200)
+        );
+        assert_eq!(newest_revision(&[base(259, 25)], &sp), Some(280));
+        assert_eq!(newest_revision(&[base(220, 25)], &sp), None);
     }
 
     #[test]

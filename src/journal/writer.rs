@@ -17,8 +17,12 @@
 //!    except in an overlap the replay takes once).
 //!
 //! A compaction past the next revision to store (an outage longer than the compaction window)
-//! ends the chain: the writer says so and starts the next term after the newest set, whose
-//! revision the watch can still reach, or waits for the next set.
+//! ends the chain: the writer says so and starts a new chain at once at the oldest revision
+//! etcd still has; when no set is as new as that, it asks the daemon for a full set at once
+//! (`journal-<time>` run). A completed upgrade ends the chain too (the after-upgrade set
+//! starts the next), and so does a change of the static pod revision directories, checked
+//! every 10 s on the writer's node (a set is asked for, so the next chain pairs with the new
+//! archive).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 use chrono::{DateTime, Utc};
 use etcd_client::{EventType, WatchOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::segment::{self, Op, Record};
@@ -43,6 +47,8 @@ pub const IDLE_CUTS: u32 = 3;
 /// How long a writer with no set to start from waits before looking again (unless a run
 /// records one first).
 const NO_SET_POLL: Duration = Duration::from_secs(60);
+/// How often the writer looks at the static pod revision directories.
+const PODS_CHECK: Duration = Duration::from_secs(10);
 /// How long a failed term waits before the next.
 const RETRY: Duration = Duration::from_secs(5);
 /// The largest watch response the writer takes (a catching-up batch of up to 1000 large
@@ -55,13 +61,14 @@ const BACKLOG_MAX: usize = 256 << 20;
 /// `segment_max_bytes`, at most 256 MiB, plus one revision).
 pub const SEGMENT_CAP: u64 = 1 << 30;
 
-/// Runs journal terms until `stop`; each term holds the writer's lock.
-pub async fn run(settings: Settings, stop: CancellationToken) {
+/// Runs journal terms until `stop`; each term holds the writer's lock. `wants_set` asks the
+/// daemon for a full set at once, when a new chain has none to start from.
+pub async fn run(settings: Settings, stop: CancellationToken, wants_set: Arc<Notify>) {
     let wait = settings.election.lease_ttl.0.max(RETRY);
     // The lowest revision a chain may start at: above a compaction that broke the last one.
     let mut floor = 0;
     while !stop.is_cancelled() {
-        let ended = term(&settings, floor, &stop).await;
+        let ended = term(&settings, floor, &stop, &wants_set).await;
         note(&settings, |j| j.writing = false);
         let pause = match ended {
             Ok(Ended::Stopped) => return,
@@ -104,7 +111,10 @@ async fn completed_version(member: &mut crate::etcd::Member, revision: i64) -> R
     let at = etcd_client::GetOptions::new().with_revision(revision.max(1));
     let resp = match member.client.get(key, Some(at)).await {
         Ok(r) => r,
-        Err(e) if e.to_string().contains("compacted") => member.client.get(key, None).await?,
+        // etcd answers a read below its compaction with OUT_OF_RANGE (mvcc's ErrCompacted).
+        Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::OutOfRange => {
+            member.client.get(key, None).await?
+        }
         Err(e) => return Err(anyhow!("etcd: reading the ClusterVersion: {e}")),
     };
     Ok(resp
@@ -135,7 +145,7 @@ async fn next_set_recorded(settings: &Settings) {
 /// A chain broken by a compaction of revisions not yet stored.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "etcd compacted revision {next} before the journal stored it (compacted up to {compacted}): the chain ends at revision {}; a new one starts at the oldest revision etcd still has, restorable from the next full set",
+    "etcd compacted revision {next} before the journal stored it (compacted up to {compacted}): the chain ends at revision {}; a new one starts at the oldest revision etcd still has, from a full set taken at once if none is as new",
     next - 1
 )]
 pub struct Broken {
@@ -165,6 +175,13 @@ enum Ended {
     NoSet,
 }
 
+/// The static pod revision directories a set taken now would archive; none without
+/// `snapshot.static_resources_dir` or when they cannot be read (the run says why).
+fn static_pod_revisions(settings: &Settings) -> Option<Vec<std::path::PathBuf>> {
+    let root = settings.snapshot.static_resources_dir.as_deref()?;
+    crate::source::static_resources::revision_dirs(root).ok()
+}
+
 /// The targets segments go to: those that hold the snapshot.
 fn holders(settings: &Settings) -> Vec<Box<dyn Target>> {
     settings
@@ -181,7 +198,7 @@ fn holders(settings: &Settings) -> Vec<Box<dyn Target>> {
         .collect()
 }
 
-async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Result<Ended> {
+async fn term(settings: &Settings, floor: i64, stop: &CancellationToken, wants_set: &Arc<Notify>) -> Result<Ended> {
     let (mut member, status) = crate::etcd::connect_first(&settings.etcd).await?;
     let mut election = Election::of(member.client.clone(), settings);
     let Some(held) = election.claim_journal().await? else {
@@ -211,6 +228,15 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Resu
         }
     };
     tracing::info!(revision = start.next, after = %start.after, "journal: writing");
+    if !start.has_set {
+        // A new chain after a break: no moment on it is restorable until a set at or after
+        // its first revision exists.
+        tracing::warn!(
+            revision = start.next,
+            "journal: no full set is as new as the new chain's start; asking for one now"
+        );
+        wants_set.notify_one();
+    }
     note(settings, |j| {
         j.writing = true;
         if start.new_chain {
@@ -239,6 +265,9 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken) -> Resu
         ttls: HashMap::new(),
         completed,
         end_at: None,
+        pods: static_pod_revisions(settings),
+        pods_checked: std::time::Instant::now(),
+        wants_set: wants_set.clone(),
         tx,
     };
     let ended = tokio::select! {
@@ -258,6 +287,8 @@ struct Start {
     after: String,
     /// After a set, not after stored segments.
     new_chain: bool,
+    /// Some set can start this chain (false: a chain after a break, older than every set).
+    has_set: bool,
 }
 
 /// After the newest whole segment on any target (targets behind get the newer segments
@@ -285,8 +316,10 @@ async fn start_point(targets: &[Box<dyn Target>], cluster: &str, floor: i64) -> 
             next: last + 1,
             after: format!("the newest segment on target '{}'", targets[i].name()),
             new_chain: false,
+            has_set: true,
         }));
     }
+    let best = newest_set(targets, cluster).await;
     if floor > 0 {
         // After a break: at once from the oldest revision etcd still has, so a set taken
         // from now on (or one already there past the break) restores any moment after it.
@@ -294,13 +327,24 @@ async fn start_point(targets: &[Box<dyn Target>], cluster: &str, floor: i64) -> 
             next: floor,
             after: "a compaction that ended the last chain (a new chain)".into(),
             new_chain: true,
+            has_set: best.is_some_and(|(rev, _)| rev + 1 >= floor),
         }));
     }
+    Ok(best.map(|(rev, after)| Start {
+        next: rev + 1,
+        after,
+        new_chain: true,
+        has_set: true,
+    }))
+}
+
+/// The newest full set's revision on any target, and its name.
+async fn newest_set(targets: &[Box<dyn Target>], cluster: &str) -> Option<(i64, String)> {
     let mut best: Option<(i64, String)> = None;
     for t in targets {
         match t.list_sets(Some(cluster)).await {
             Ok(sets) => {
-                for s in sets.iter().filter(|s| s.manifest.etcd.revision + 1 >= floor) {
+                for s in &sets {
                     if best.as_ref().is_none_or(|(r, _)| s.manifest.etcd.revision > *r) {
                         best = Some((s.manifest.etcd.revision, format!("set {}", s.manifest.id)));
                     }
@@ -311,11 +355,7 @@ async fn start_point(targets: &[Box<dyn Target>], cluster: &str, floor: i64) -> 
             }
         }
     }
-    Ok(best.map(|(rev, after)| Start {
-        next: rev + 1,
-        after,
-        new_chain: true,
-    }))
+    best
 }
 
 /// Copies to each target behind (an outage outlived the writer that kept its backlog) the
@@ -394,6 +434,11 @@ struct Watching<'a> {
     /// The revision of an upgrade's completion and why: the segment is cut right after it,
     /// ending the chain.
     end_at: Option<(i64, String)>,
+    /// This node's static pod revision directories (the archive a set would hold), when
+    /// `snapshot.static_resources_dir` is set and readable.
+    pods: Option<Vec<std::path::PathBuf>>,
+    pods_checked: std::time::Instant,
+    wants_set: Arc<Notify>,
     tx: mpsc::Sender<(String, Vec<u8>)>,
 }
 
@@ -445,6 +490,7 @@ impl Watching<'_> {
                     if old || idle {
                         self.cut().await?;
                     }
+                    self.check_static_pods().await?;
                 }
             }
         }
@@ -537,6 +583,41 @@ impl Watching<'_> {
         self.completed = Some(version);
     }
 
+    /// Every [`PODS_CHECK`]: a change of the static pod revision directories ends the chain at
+    /// the last revision received (a set's archive must match every moment restored with it)
+    /// and asks for a set at once, which starts the next chain with the new archive.
+    async fn check_static_pods(&mut self) -> Result<()> {
+        if self.pods_checked.elapsed() < PODS_CHECK {
+            return Ok(());
+        }
+        self.pods_checked = std::time::Instant::now();
+        let Some(now) = static_pod_revisions(self.settings) else {
+            return Ok(());
+        };
+        let Some(before) = self.pods.replace(now.clone()) else {
+            return Ok(());
+        };
+        if before == now {
+            return Ok(());
+        }
+        let show = |dirs: &[std::path::PathBuf]| {
+            dirs.iter()
+                .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let rev = self.next_revision() - 1;
+        let why = format!(
+            "static pod revisions changed at revision {rev} (from {} to {})",
+            show(&before),
+            show(&now)
+        );
+        tracing::info!(revision = rev, change = %why, "journal: the static pod revisions changed; the chain ends and a full set with the new archive starts the next");
+        self.cut_with(Some(why)).await?;
+        self.wants_set.notify_one();
+        Ok(())
+    }
+
     /// A lease's granted TTL, asked once per lease (-1 once it had expired).
     async fn lease_ttl(&mut self, lease: i64) -> i64 {
         if let Some(t) = self.ttls.get(&lease) {
@@ -563,7 +644,7 @@ impl Watching<'_> {
     /// [`Watching::cut`], the segment ending its chain when `ends` says why.
     async fn cut_with(&mut self, ends: Option<String>) -> Result<()> {
         let until = self.covered.max(self.from);
-        if self.records.is_empty() && until <= self.from {
+        if self.records.is_empty() && until <= self.from && ends.is_none() {
             return Ok(());
         }
         let records = std::mem::take(&mut self.records);

@@ -76,9 +76,18 @@ pub struct AtPlan {
     sources: Vec<Box<dyn Target>>,
 }
 
-/// Plans `fetch --at`: refused (exit 1) when the journal does not cover `moment`. Sets in
-/// `excluded` are not considered (one found past the moment: [`PastMoment`]).
-pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment, excluded: &[String]) -> Result<AtPlan> {
+/// What the targets holding snapshots have of the configured cluster: its sets (as bases)
+/// and the journal's spans.
+struct Survey {
+    cluster: String,
+    bases: Vec<Base>,
+    spans: Vec<chain::Span>,
+    sources: Vec<Box<dyn Target>>,
+}
+
+/// Sets are read from `target` (default: the first holding snapshots), segments from every
+/// target holding snapshots.
+async fn survey(settings: &Settings, target: Option<&str>, excluded: &[String]) -> Result<Survey> {
     let mut chosen: Vec<&crate::config::TargetSettings> = settings
         .targets
         .iter()
@@ -127,7 +136,23 @@ pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment, exc
             }
         }
     }
-    let spans = chain::spans(named);
+    Ok(Survey {
+        cluster,
+        bases,
+        spans: chain::spans(named),
+        sources,
+    })
+}
+
+/// Plans `fetch --at`: refused (exit 1) when the journal does not cover `moment`. Sets in
+/// `excluded` are not considered (one found past the moment: [`PastMoment`]).
+pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment, excluded: &[String]) -> Result<AtPlan> {
+    let Survey {
+        cluster,
+        bases,
+        spans,
+        sources,
+    } = survey(settings, target, excluded).await?;
     let plan = chain::plan(&bases, &spans, moment).map_err(|e| anyhow!("refusing --at: {e}"))?;
     Ok(AtPlan {
         moment,
@@ -135,6 +160,26 @@ pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment, exc
         cluster,
         sources,
     })
+}
+
+/// The newest moment the journal reaches from the newest set it starts from: the last
+/// revision of that set's chain.
+pub async fn newest(settings: &Settings, target: Option<&str>) -> Result<Moment> {
+    let s = survey(settings, target, &[]).await?;
+    chain::newest_revision(&s.bases, &s.spans)
+        .map(Moment::Revision)
+        .ok_or_else(|| {
+            anyhow!(
+                "no set of cluster {} starts a chain of the journal; covered: {}",
+                s.cluster,
+                chain::coverage(&s.spans)
+            )
+        })
+}
+
+/// The store revision a snapshot file holds, read by etcd's own tools (`verify.bin_dir`).
+pub async fn snapshot_revision(settings: &Settings, snapshot: &Path) -> Result<i64> {
+    Tools::find(settings)?.snapshot_revision(snapshot).await
 }
 
 /// Rolls the set laid out in `files` (fetched and checked) forward to the plan's moment:
@@ -291,6 +336,17 @@ async fn read_segment(located: &Located, at: &AtPlan, name: &str) -> Result<Vec<
             && !excused
         {
             bail!("refusing journal segment {name} on target '{}': {why}", t.name());
+        }
+        // A segment of another etcd cluster (a folder shared by mistake, a cluster restored
+        // under the same cluster_name) never replays onto this set's store.
+        let set_cluster = &located.manifest.etcd.cluster_id;
+        if set_cluster != "unknown" && stored.header.cluster_id != *set_cluster {
+            bail!(
+                "refusing journal segment {name} on target '{}': it is of etcd cluster {}, set {} of cluster {set_cluster}",
+                t.name(),
+                stored.header.cluster_id,
+                located.manifest.id
+            );
         }
         return stored.records(&located.identity);
     }

@@ -247,7 +247,7 @@ async fn stage(
             .map(|t| t.and_utc())
             .unwrap_or_else(|_| Utc::now());
         let m = Manifest {
-            format_version: manifest::format_version_of(&files),
+            format_version: manifest::format_version_of(Trigger::Imported, &files),
             id: id.clone(),
             created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             cluster_name: ctx.cluster.clone(),
@@ -269,6 +269,7 @@ async fn stage(
                 Vec::new()
             },
             restore,
+            derived: None,
         };
         // Signed as our own sets are ([signing]).
         crate::trust::signing::write_set_files(ctx.signer.as_ref(), work, &m)?;

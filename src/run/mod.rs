@@ -5,6 +5,7 @@ pub mod context;
 pub mod guards;
 pub mod import;
 pub mod pipeline;
+pub mod rebase;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -60,6 +61,9 @@ pub enum RunKind {
     AfterUpgrade(String),
     /// `backup` on this node at this time: `manual-<node>-<ts>`.
     Manual { node: String, at: chrono::DateTime<Utc> },
+    /// Asked for by the journal's writer at this time (a chain broke or ended with no set to
+    /// start the next): `journal-20261208T031500Z`.
+    ForJournal(chrono::DateTime<Utc>),
 }
 
 impl RunKind {
@@ -68,6 +72,7 @@ impl RunKind {
             RunKind::Scheduled(_) => Trigger::Schedule,
             RunKind::AfterUpgrade(_) => Trigger::AfterUpgrade,
             RunKind::Manual { .. } => Trigger::Manual,
+            RunKind::ForJournal(_) => Trigger::Journal,
         }
     }
 
@@ -76,6 +81,7 @@ impl RunKind {
             RunKind::Scheduled(at) => crate::etcd::election::run_key(*at),
             RunKind::AfterUpgrade(version) => format!("upgrade-{version}"),
             RunKind::Manual { node, at } => format!("manual-{node}-{}", crate::manifest::timestamp(*at)),
+            RunKind::ForJournal(at) => format!("journal-{}", crate::etcd::election::run_key(*at)),
         }
     }
 }

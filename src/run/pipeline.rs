@@ -519,7 +519,7 @@ impl Backup<'_> {
         let mut files = seal_files(self.ctx, work, files).await?;
         record_custody(self.settings, &self.names, &mut files);
         let manifest = Manifest {
-            format_version: manifest::format_version_of(&files),
+            format_version: manifest::format_version_of(opts.trigger, &files),
             id,
             created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             cluster_name: self.ctx.cluster.clone(),
@@ -545,6 +545,7 @@ impl Backup<'_> {
             tool: ToolInfo::this(),
             forced,
             restore,
+            derived: None,
         };
         // SHA256SUMS, the signature ([signing]), then manifest.json; flushed by the commit.
         crate::trust::signing::write_set_files(self.ctx.signer.as_ref(), work, &manifest)?;

@@ -377,6 +377,7 @@ pub fn made_up_manifest(
         tool: ToolInfo::this(),
         forced: Vec::new(),
         restore: Default::default(),
+        derived: None,
     }
 }
 

@@ -402,8 +402,9 @@ async fn a_killed_writer_is_replaced_without_a_gap_or_a_duplicate() {
 }
 
 /// The daemon stopped while etcd compacts past what the journal stored: at its start the
-/// chain ends (logged as an error, counted in status), a moment in the lost stretch is refused
-/// naming both stretches, and the journal starts again after the next set at once.
+/// chain ends (logged as an error, counted in status), a new chain starts at once, and, no set
+/// being as new as its start, the daemon takes one by itself (trigger `journal`); a moment in
+/// the lost stretch is refused naming both stretches, one on the new chain restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
     let etcd = Etcd::start();
@@ -435,8 +436,13 @@ async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
     }
     let st = run(&["status", "--config", cfg.to_str().unwrap()]);
     assert!(st.stdout.contains("1 chain break(s)"), "{}", st.all());
-    // A set now: the writer starts a new chain after it without waiting for a poll.
-    assert_eq!(run(&["backup", "--config", cfg.to_str().unwrap()]).code, 0);
+    // No set is as new as the new chain: the daemon takes one at once, by itself.
+    let fresh = journal_set(&cfg, &d).await;
+    assert!(
+        fresh["manifest"]["etcd"]["revision"].as_i64().unwrap() >= lost,
+        "the set starts the new chain: {fresh}"
+    );
+    assert!(d.log().contains("asking for one now"), "{}", d.log());
     let again = put_many(&mut c, "/again", 10).await;
     durable(&w, again, &d).await;
 
@@ -458,6 +464,101 @@ async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
     let (got_rev, got) = restored_at(&cfg, &w, &format!("rev:{again}"), None).await;
     assert_eq!(got_rev, again);
     assert!(got == live, "the new chain restores");
+}
+
+/// Waits (up to 60 s) for the set the daemon takes at the journal writer's request (trigger
+/// `journal`), as `list --json` shows it.
+async fn journal_set(cfg: &Path, d: &Proc) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed: serde_json::Value =
+            serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout)
+                .unwrap_or_default();
+        let found = listed["sets"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["manifest"]["trigger"] == "journal").cloned());
+        if let Some(set) = found {
+            return set;
+        }
+        assert!(Instant::now() < deadline, "no set taken for the journal: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The names of the segments ending a chain on the file target.
+fn chain_ends(w: &Work) -> Vec<String> {
+    let dir = w.target_root().join("test").join("journal");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with("-end.seg"))
+        .collect()
+}
+
+/// A new static pod revision on the writer's node (an operator rolled one out) ends the chain
+/// (a set's archive must match every moment restored with it) and the daemon takes a set at
+/// once: a moment before the change restores with the old set and its archive, one between
+/// the change and the new set is refused, one after restores with the new archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_static_pod_revision_ends_the_chain_and_a_set_starts_the_next() {
+    let etcd = Etcd::start();
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    put_many(&mut c, "/base", 10).await;
+    let w = Work::new();
+    let kube = w.path().join("kubernetes");
+    crate::common::static_pod_fixture(&kube, 3);
+    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "static_resources_dir = \"\"",
+        &format!("static_resources_dir = \"{}\"", kube.display()),
+    );
+    assert!(text.contains(&kube.display().to_string()), "{text}");
+    std::fs::write(&cfg, text).unwrap();
+    let r = run(&["backup", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let d = Proc::daemon(&cfg, w.path().join("d.log"), &[]);
+    let before = put_many(&mut c, "/before", 10).await;
+    durable(&w, before, &d).await;
+    assert!(chain_ends(&w).is_empty(), "{:?}", chain_ends(&w));
+
+    // The installer writes revision 4's manifests: every component moves on.
+    crate::common::static_pod_fixture(&kube, 4);
+    let fresh = journal_set(&cfg, &d).await;
+    let fresh_rev = fresh["manifest"]["etcd"]["revision"].as_i64().unwrap();
+    let after = put_many(&mut c, "/after", 10).await;
+    durable(&w, after, &d).await;
+    let ends = chain_ends(&w);
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    let end = etcd_backupd::journal::segment::parse_name(&ends[0]).unwrap().last;
+    assert!(
+        (before..fresh_rev).contains(&end),
+        "the chain ends at {end}, between {before} and the set at {fresh_rev}"
+    );
+    assert!(d.log().contains("static pod revisions changed"), "{}", d.log());
+
+    for (rev, pod) in [(before, "kube-apiserver-pod-3/"), (after, "kube-apiserver-pod-4/")] {
+        let (_, live) = state(&mut c, Some(rev)).await;
+        let (_, got) = restored_at(&cfg, &w, &format!("rev:{rev}"), None).await;
+        assert!(got == live, "rev:{rev}");
+        let dir = w.path().join(format!("at-rev_{rev}"));
+        let archive = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+            .expect("the archive laid out beside the snapshot");
+        let listing = std::process::Command::new("tar")
+            .arg("tzf")
+            .arg(&archive)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        assert!(listing.contains(pod), "rev:{rev} pairs with {pod}: {listing}");
+    }
+    // Between the end and the new set: no set pairs with it.
+    let r = fetch_at(&cfg, &w.path().join("between"), &format!("rev:{}", end + 1));
+    assert_eq!(r.code, 1, "{}", r.all());
 }
 
 /// Retention keeps the chain of every kept set and removes the segments no kept set can use;
@@ -678,13 +779,7 @@ async fn a_completed_upgrade_ends_the_chain() {
     let after = put_many(&mut c, "/after", 10).await;
     durable(&w, after, &d).await;
 
-    let dir = w.target_root().join("test").join("journal");
-    let ends: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with("-end.seg"))
-        .collect();
+    let ends = chain_ends(&w);
     assert_eq!(ends.len(), 1, "{ends:?}");
     assert!(
         ends[0].contains(&format!("-{upgraded:016}-")),
@@ -738,4 +833,96 @@ async fn a_set_past_the_moment_is_passed_over_for_an_older_one() {
     let (got_rev, got) = restored_at(&cfg, &w, &format!("rev:{moment}"), None).await;
     assert_eq!(got_rev, moment);
     assert!(got == live, "rev:{moment} restored from the older set");
+}
+
+/// `rebase` on a drill host (its own staging and signing key, no etcd of its own needed)
+/// folds the journal into a derived set: refused while the host would store it weaker than
+/// its base (unsigned), then stored on the target, marked `derived` with its base, at the
+/// newest revision the journal held; fetched alone it restores that state key for key
+/// (leases too), and a later moment is rolled forward from it, not from the base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebase_folds_the_journal_into_a_derived_set() {
+    let etcd = Etcd::start();
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    put_many(&mut c, "/base", 10).await;
+    let w = Work::new();
+    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let text = std::fs::read_to_string(&cfg).unwrap() + "\n[signing]\nenabled = true\n";
+    std::fs::write(&cfg, text).unwrap();
+    let r = run(&["backup", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let d = Proc::daemon(&cfg, w.path().join("d.log"), &[]);
+    put_many(&mut c, "/one", 30).await;
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    for i in 0..5 {
+        c.put(format!("/leased/{i}"), "x", Some(PutOptions::new().with_lease(lease)))
+            .await
+            .unwrap();
+    }
+    c.delete("/one/3", None).await.unwrap();
+    let folded = revision(&mut c).await;
+    durable(&w, folded, &d).await;
+
+    let drill = |signing: &str| {
+        let extra = format!("{}{NO_RETENTION}{signing}", file_target(&w));
+        daemon_config(&w, "drill", &etcd.endpoint, "", "enabled = false", &extra)
+    };
+    let unsigned = drill("");
+    let r = run(&["rebase", "--config", unsigned.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("is signed; a set derived from it must be too"),
+        "{}",
+        r.stderr
+    );
+    let host = drill("\n[signing]\nenabled = true\n");
+    let r = run(&["rebase", "--json", "--config", host.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let id = done["id"].as_str().unwrap().to_string();
+    let reached = done["reached"]["revision"].as_i64().unwrap();
+    assert!(reached >= folded, "the newest revision held: {done}");
+    assert_eq!(done["pending"], 0, "{done}");
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout).unwrap();
+    let sets = listed["sets"].as_array().unwrap();
+    let derived = sets
+        .iter()
+        .find(|s| s["manifest"]["id"] == id.as_str())
+        .expect("the derived set is listed");
+    let m = &derived["manifest"];
+    assert_eq!(m["trigger"], "derived", "{m}");
+    assert_eq!(m["node"], "drill", "{m}");
+    assert_eq!(m["etcd"]["revision"], reached, "{m}");
+    let base = sets.iter().find(|s| s["manifest"]["trigger"] == "manual").unwrap();
+    assert_eq!(m["derived"]["from_set"], base["manifest"]["id"], "{m}");
+
+    // Fetched as any set, with no journal: the state at the revision it was folded to.
+    let to = w.path().join("derived");
+    let r = run(&[
+        "fetch",
+        &id,
+        "--to",
+        to.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let snap = to.join(format!("snapshot_{id}.db"));
+    let restored = Etcd::from_snapshot(None, &snap, &w.path().join("data-derived"));
+    let mut rc = Client::connect([restored.endpoint.as_str()], None).await.unwrap();
+    let (got_rev, got) = state(&mut rc, None).await;
+    let (_, live) = state(&mut c, Some(reached)).await;
+    assert_eq!(got_rev, reached);
+    assert!(got == live, "the derived set holds the state at revision {reached}");
+    assert!(got.keys().any(|k| k.starts_with(b"/leased/")), "leased keys kept");
+
+    // A later moment starts from the derived set.
+    let later = put_many(&mut c, "/two", 10).await;
+    durable(&w, later, &d).await;
+    let dir = w.path().join("later");
+    let r = fetch_at(&cfg, &dir, &format!("rev:{later}"));
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains(&format!("fetched set {id} ")), "{}", r.stdout);
 }

@@ -1,0 +1,71 @@
+//! `rebase`: the journal folded into a derived set on a drill host ([`crate::run::rebase`]).
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+
+use crate::config::{Settings, read_identity};
+use crate::run::rebase::{Rebased, Request};
+
+/// `rebase`, as asked on the command line: the derived set, what it folded and where it is
+/// stored; exit 1 while a target still waits for it.
+pub(super) async fn run(settings: &Settings, args: &super::RebaseArgs) -> Result<()> {
+    let identity = if args.identity.is_empty() {
+        read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?
+            .into_iter()
+            .collect()
+    } else {
+        super::read_identities(&args.identity)?
+    };
+    let moment = args
+        .at
+        .as_deref()
+        .map(|m| crate::journal::chain::Moment::parse(m).map_err(crate::error::Stop::Usage))
+        .transpose()?;
+    let req = Request {
+        moment,
+        target: args.target.as_deref(),
+        identity,
+        allow_unsigned: args.allow_unsigned,
+    };
+    let abort = crate::daemon::cancel_on_signals();
+    let done = crate::run::rebase::rebase(settings, &req, &abort).await?;
+    if args.json {
+        super::report::print(serde_json::to_value(&done)?, done.pending == 0)?;
+    } else {
+        print(&done)?;
+    }
+    if done.pending > 0 {
+        bail!(
+            "derived set {} is not on every target yet: it waits in this host's staging, which the daemon here delivers on its next pass",
+            done.id
+        );
+    }
+    Ok(())
+}
+
+fn print(done: &Rebased) -> Result<()> {
+    let r = &done.reached;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "derived set {} from set {} (revision {}) + {} revisions from {} journal segments: revision {}{}, replayed in {:.1} s",
+        done.id,
+        r.base_id,
+        r.base_revision,
+        r.revisions_replayed,
+        r.segments,
+        r.revision,
+        r.stamped
+            .map(|t| format!(", stamped {}", t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+            .unwrap_or_default(),
+        r.seconds
+    )?;
+    writeln!(
+        out,
+        "stored on {} of {} target(s)",
+        done.delivered,
+        done.delivered + done.pending
+    )?;
+    Ok(())
+}
