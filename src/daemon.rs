@@ -141,7 +141,9 @@ async fn serve(
             Wake::Import => daemon.import(slot).await,
             Wake::Drill => daemon.drill(slot).await,
             Wake::Deliver => daemon.deliver(slot).await,
-            Wake::Upgrade(version) => daemon.run(RunKind::AfterUpgrade(version), slot).await,
+            Wake::Upgrade(version) => {
+                daemon.run(RunKind::AfterUpgrade(version), slot).await;
+            }
             Wake::ForJournal => daemon.for_journal(slot).await,
             Wake::Slot => {
                 if let Some(slot) = slot {
@@ -174,8 +176,8 @@ struct Daemon<'a> {
     /// The cluster folder, which seeds the jitter (and names imports without cluster_name).
     seed: String,
     cv_changed: std::sync::Arc<tokio::sync::Notify>,
-    /// The journal's writer asks here for a set at once (see [`crate::journal::writer`]).
-    journal_wants_set: std::sync::Arc<tokio::sync::Notify>,
+    /// The journal's writer asks here for a set (see [`crate::journal::writer::SetWanted`]).
+    journal_wants_set: std::sync::Arc<crate::journal::writer::SetWanted>,
     next_drill: Option<chrono::DateTime<Utc>>,
     next_import: tokio::time::Instant,
     delivery_backoff: Duration,
@@ -221,7 +223,7 @@ impl<'a> Daemon<'a> {
         crate::probe::spawn(tasks, settings.clone(), "at start", stop.clone());
         // The journal's writer runs beside the schedule, on whichever node wins its lock;
         // it keeps the settings it started with (a reload does not restart it).
-        let journal_wants_set = std::sync::Arc::new(tokio::sync::Notify::new());
+        let journal_wants_set = std::sync::Arc::new(crate::journal::writer::SetWanted::default());
         if settings.journal.enabled {
             let wants = journal_wants_set.clone();
             tasks.spawn(crate::journal::writer::run(settings.clone(), stop.clone(), wants));
@@ -325,7 +327,7 @@ impl<'a> Daemon<'a> {
                     // Checked right away on the next turn of this loop.
                     self.next_upgrade_check = tokio::time::Instant::now();
                 }
-                _ = self.journal_wants_set.notified() => return Wake::ForJournal,
+                _ = self.journal_wants_set.asked.notified() => return Wake::ForJournal,
                 _ = hup.recv() => return Wake::Reload,
                 _ = self.stop.cancelled() => return Wake::Stop,
             }
@@ -335,14 +337,23 @@ impl<'a> Daemon<'a> {
     /// The journal's writer on this node needs a set to start its new chain from: one is
     /// taken now (elected, with the usual guards), unless this node takes no backups.
     async fn for_journal(&mut self, slot: Option<crate::schedule::Slot>) {
+        // Met since it was asked (a set this daemon or another node took): nothing to do.
+        let Some(after) = self.journal_wants_set.after() else {
+            return;
+        };
         if self.schedule.is_none() {
             tracing::warn!(
                 "journal: the new chain needs a full set, but this node takes no backups (schedule.cron is empty); it starts with the next set taken elsewhere"
             );
             return;
         }
-        tracing::info!("journal: taking a full set now to start the new chain");
-        self.run(RunKind::ForJournal(Utc::now()), slot).await;
+        tracing::info!(
+            revision = after,
+            "journal: taking a full set now to start the new chain"
+        );
+        if let Some(rev) = self.run(RunKind::ForJournal(Utc::now()), slot).await {
+            self.journal_wants_set.met_by(rev);
+        }
     }
 
     /// SIGHUP: the new configuration replaces the old one only if it is valid throughout.
@@ -460,9 +471,9 @@ impl<'a> Daemon<'a> {
         };
     }
 
-    /// A backup run: scheduled (at `slot`), or after an upgrade; recorded in the node's
-    /// state.
-    async fn run(&mut self, kind: RunKind, slot: Option<crate::schedule::Slot>) {
+    /// A backup run: scheduled (at `slot`), after an upgrade, or for the journal; recorded in
+    /// the node's state. The revision of the set it took, if it took one.
+    async fn run(&mut self, kind: RunKind, slot: Option<crate::schedule::Slot>) -> Option<i64> {
         let (trigger, run) = (kind.trigger(), kind.name());
         let settings = &self.settings;
         let staging = settings.snapshot.staging_dir.clone();
@@ -493,8 +504,11 @@ impl<'a> Daemon<'a> {
         match &kind {
             // A skipped after-upgrade attempt is logged, but kept out of the history of
             // runs; a skipped or failed one is tried again, but not every 30 s.
-            RunKind::AfterUpgrade(_) if !took => {
-                self.next_upgrade_check = tokio::time::Instant::now() + UPGRADE_RETRY;
+            // The journal's writer asks again in a minute, the same way.
+            RunKind::AfterUpgrade(_) | RunKind::ForJournal(_) if !took => {
+                if matches!(kind, RunKind::AfterUpgrade(_)) {
+                    self.next_upgrade_check = tokio::time::Instant::now() + UPGRADE_RETRY;
+                }
                 if matches!(outcome, Ok(Outcome::Skipped(_))) {
                     State::update_or_log(&staging, |st| st.finished_running(&run));
                 } else {
@@ -521,6 +535,10 @@ impl<'a> Daemon<'a> {
         if let RunKind::Scheduled(at) = kind {
             // The next slot is computed from now: a run is never made up twice, never overlaps.
             self.after = at.max(Utc::now());
+        }
+        match outcome {
+            Ok(Outcome::Ran(r)) => Some(r.manifest.etcd.revision),
+            _ => None,
         }
     }
 }

@@ -13,11 +13,18 @@ pub const FORMAT_VERSION: u32 = 1;
 /// rolling update. Every other set keeps [`FORMAT_VERSION`].
 pub const SPLIT_FORMAT_VERSION: u32 = 2;
 
+/// The format of a set started by a trigger a release before the journal does not know
+/// (`journal`, `derived`): such a release skips it as a newer format rather than failing to
+/// read its trigger.
+pub const JOURNAL_FORMAT_VERSION: u32 = 3;
+
 /// The format version a manifest of a set started by `trigger` listing `files` is written
-/// with: a trigger or a layout an earlier release does not know takes the newer format, which
-/// that release skips rather than misreads.
+/// with: the oldest format that says what it holds, so an older release skips rather than
+/// misreads a set it cannot understand.
 pub fn format_version_of(trigger: Trigger, files: &[FileEntry]) -> u32 {
-    if matches!(trigger, Trigger::Journal | Trigger::Derived) || files.iter().any(|f| !f.targets.is_empty()) {
+    if matches!(trigger, Trigger::Journal | Trigger::Derived) {
+        JOURNAL_FORMAT_VERSION
+    } else if files.iter().any(|f| !f.targets.is_empty()) {
         SPLIT_FORMAT_VERSION
     } else {
         FORMAT_VERSION
@@ -218,7 +225,7 @@ impl Manifest {
     /// characters (they would reach a terminal through `list`).
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("invalid manifest.json: {e}"))?;
-        if !(FORMAT_VERSION..=SPLIT_FORMAT_VERSION).contains(&m.format_version) {
+        if !(FORMAT_VERSION..=JOURNAL_FORMAT_VERSION).contains(&m.format_version) {
             return Err(format!(
                 "manifest.json format_version {} is not supported",
                 m.format_version
@@ -466,6 +473,34 @@ mod tests {
                 "{path} = {bad:?} accepted"
             );
         }
+    }
+
+    /// Sets of the triggers a release before the journal does not know take format 3, which
+    /// that release skips as newer; every other set keeps the format it had, and a derived
+    /// set's origin reads back.
+    #[test]
+    fn new_triggers_take_a_format_older_releases_skip() {
+        let m = sample();
+        assert_eq!(format_version_of(Trigger::Manual, &m.files), FORMAT_VERSION);
+        assert_eq!(format_version_of(Trigger::Schedule, &m.files), FORMAT_VERSION);
+        assert_eq!(format_version_of(Trigger::Journal, &m.files), 3);
+        assert_eq!(format_version_of(Trigger::Derived, &m.files), 3);
+        assert!(
+            !m.to_json().contains("derived"),
+            "no derived key on a set taken from etcd"
+        );
+        let mut d = m.clone();
+        d.trigger = Trigger::Derived;
+        d.format_version = format_version_of(d.trigger, &d.files);
+        d.derived = Some(Derived {
+            from_set: "2026-11-24_023012".into(),
+            from_revision: 100,
+            revisions_replayed: 50,
+            segments: 2,
+        });
+        let json = d.to_json();
+        assert!(json.contains(r#""trigger": "derived""#), "{json}");
+        assert_eq!(Manifest::parse(json.as_bytes()).unwrap(), d);
     }
 
     /// The words manifests already on targets hold read back as the same words; a word

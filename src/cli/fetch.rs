@@ -444,7 +444,7 @@ pub(super) async fn run(settings: &Settings, args: &super::FetchArgs) -> Result<
 }
 
 /// `--at`'s moment, a usage error (exit 2) when malformed.
-fn moment_of(at: Option<&str>) -> Result<Option<crate::journal::chain::Moment>> {
+pub(super) fn moment_of(at: Option<&str>) -> Result<Option<crate::journal::chain::Moment>> {
     at.map(|m| crate::journal::chain::Moment::parse(m).map_err(|e| crate::error::Stop::Usage(e).into()))
         .transpose()
 }

@@ -37,6 +37,18 @@ mod status;
 use crate::config::read_identity;
 
 /// The texts of the `--identity` files, each checked as `read_identity` does.
+/// The identities `--identity` gave (repeatable), else `verify.identity_file`'s, if set.
+fn identities_or_configured(settings: &Settings, given: &[PathBuf]) -> Result<Vec<String>> {
+    if given.is_empty() {
+        return Ok(
+            read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?
+                .into_iter()
+                .collect(),
+        );
+    }
+    read_identities(given)
+}
+
 fn read_identities(paths: &[PathBuf]) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     for p in paths {
@@ -402,13 +414,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             identity,
         } => {
             let settings = load(&cli)?;
-            let identity = if identity.is_empty() {
-                read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?
-                    .into_iter()
-                    .collect()
-            } else {
-                read_identities(identity)?
-            };
+            let identity = identities_or_configured(&settings, identity)?;
             let req = fetch::VerifyRequest {
                 id: id.as_deref(),
                 deep: *deep,

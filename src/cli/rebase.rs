@@ -4,24 +4,14 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 
-use crate::config::{Settings, read_identity};
+use crate::config::Settings;
 use crate::run::rebase::{Rebased, Request};
 
 /// `rebase`, as asked on the command line: the derived set, what it folded and where it is
 /// stored; exit 1 while a target still waits for it.
 pub(super) async fn run(settings: &Settings, args: &super::RebaseArgs) -> Result<()> {
-    let identity = if args.identity.is_empty() {
-        read_identity(settings.verify.identity_file.as_deref(), "verify.identity_file")?
-            .into_iter()
-            .collect()
-    } else {
-        super::read_identities(&args.identity)?
-    };
-    let moment = args
-        .at
-        .as_deref()
-        .map(|m| crate::journal::chain::Moment::parse(m).map_err(crate::error::Stop::Usage))
-        .transpose()?;
+    let identity = super::identities_or_configured(settings, &args.identity)?;
+    let moment = super::fetch::moment_of(args.at.as_deref())?;
     let req = Request {
         moment,
         target: args.target.as_deref(),
@@ -37,7 +27,7 @@ pub(super) async fn run(settings: &Settings, args: &super::RebaseArgs) -> Result
     }
     if done.pending > 0 {
         bail!(
-            "derived set {} is not on every target yet: it waits in this host's staging, which the daemon here delivers on its next pass",
+            "derived set {} is not on every target yet: it waits in this host's staging; run rebase again to deliver it once the targets answer",
             done.id
         );
     }

@@ -47,6 +47,8 @@ pub const IDLE_CUTS: u32 = 3;
 /// How long a writer with no set to start from waits before looking again (unless a run
 /// records one first).
 const NO_SET_POLL: Duration = Duration::from_secs(60);
+/// How often the writer looks for a set it asked for (and asks again).
+const NEED_CHECK: Duration = Duration::from_secs(60);
 /// How often the writer looks at the static pod revision directories.
 const PODS_CHECK: Duration = Duration::from_secs(10);
 /// How long a failed term waits before the next.
@@ -61,14 +63,57 @@ const BACKLOG_MAX: usize = 256 << 20;
 /// `segment_max_bytes`, at most 256 MiB, plus one revision).
 pub const SEGMENT_CAP: u64 = 1 << 30;
 
-/// Runs journal terms until `stop`; each term holds the writer's lock. `wants_set` asks the
-/// daemon for a full set at once, when a new chain has none to start from.
-pub async fn run(settings: Settings, stop: CancellationToken, wants_set: Arc<Notify>) {
+/// A full set the journal needs: one at or after revision `after` starts its current chain
+/// (after a break, or after a chain ended at a static pod change). The writer sets it and
+/// asks the daemon ([`SetWanted::asked`]) until such a set exists, once a minute (a run
+/// the guards skip, say while the operators roll the new revision out, is asked again).
+#[derive(Default)]
+pub struct SetWanted {
+    after: std::sync::Mutex<Option<i64>>,
+    /// Signalled each time the writer asks.
+    pub asked: Notify,
+}
+
+impl SetWanted {
+    /// The revision a set must be at or after, while one is wanted.
+    pub fn after(&self) -> Option<i64> {
+        *self.after.lock().expect("not poisoned")
+    }
+
+    /// A set at or after `rev` is needed: ask for it now.
+    fn want(&self, rev: i64) {
+        let mut after = self.after.lock().expect("not poisoned");
+        *after = Some(after.map_or(rev, |a| a.max(rev)));
+        drop(after);
+        self.asked.notify_one();
+    }
+
+    /// A set at `rev` exists: the need is met if it was for `rev` or earlier.
+    pub fn met_by(&self, rev: i64) {
+        let mut after = self.after.lock().expect("not poisoned");
+        if after.is_some_and(|a| rev >= a) {
+            *after = None;
+        }
+    }
+}
+
+/// What one term leaves the next.
+#[derive(Default)]
+struct Carry {
+    /// The lowest revision a chain may start at: above a compaction that broke the last one.
+    floor: i64,
+    /// The static pod revision directories last seen: a change between terms (an etcd
+    /// rollout restarts this node's member and so the watch) still ends the chain.
+    pods: Option<Vec<std::path::PathBuf>>,
+}
+
+/// Runs journal terms until `stop`; each term holds the writer's lock. `wanted` asks the
+/// daemon for a full set when a new chain has none to start from.
+pub async fn run(settings: Settings, stop: CancellationToken, wanted: Arc<SetWanted>) {
     let wait = settings.election.lease_ttl.0.max(RETRY);
-    // The lowest revision a chain may start at: above a compaction that broke the last one.
-    let mut floor = 0;
+    let mut carry = Carry::default();
     while !stop.is_cancelled() {
-        let ended = term(&settings, floor, &stop, &wants_set).await;
+        let ended = term(&settings, &mut carry, &stop, &wanted).await;
         note(&settings, |j| j.writing = false);
         let pause = match ended {
             Ok(Ended::Stopped) => return,
@@ -85,7 +130,7 @@ pub async fn run(settings: Settings, stop: CancellationToken, wants_set: Arc<Not
             Err(e) => {
                 let why = one_line(&e);
                 if let Some(b) = e.downcast_ref::<Broken>() {
-                    floor = b.compacted + 1;
+                    carry.floor = b.compacted + 1;
                     note(&settings, |j| {
                         j.breaks_total += 1;
                         j.last_break = Some(format!("{}: {why}", now_text()));
@@ -198,7 +243,12 @@ fn holders(settings: &Settings) -> Vec<Box<dyn Target>> {
         .collect()
 }
 
-async fn term(settings: &Settings, floor: i64, stop: &CancellationToken, wants_set: &Arc<Notify>) -> Result<Ended> {
+async fn term(
+    settings: &Settings,
+    carry: &mut Carry,
+    stop: &CancellationToken,
+    wanted: &Arc<SetWanted>,
+) -> Result<Ended> {
     let (mut member, status) = crate::etcd::connect_first(&settings.etcd).await?;
     let mut election = Election::of(member.client.clone(), settings);
     let Some(held) = election.claim_journal().await? else {
@@ -215,7 +265,7 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken, wants_s
         election.release(held).await;
         bail!("no target holding snapshots can be opened");
     }
-    let start = match start_point(&targets, &cluster, floor).await {
+    let start = match start_point(&targets, &cluster, carry.floor).await {
         Ok(Some(s)) => s,
         Ok(None) => {
             tracing::info!("journal: no full set on any target yet; the journal starts after the first");
@@ -235,7 +285,7 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken, wants_s
             revision = start.next,
             "journal: no full set is as new as the new chain's start; asking for one now"
         );
-        wants_set.notify_one();
+        wanted.want(start.next);
     }
     note(settings, |j| {
         j.writing = true;
@@ -248,13 +298,14 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken, wants_s
     // completed in what this term catches up on still ends the chain.
     let completed = completed_version(&mut member, start.next - 1).await?;
     let (tx, rx) = mpsc::channel(16);
-    let store = tokio::spawn(store_segments(targets, cluster, rx, settings.clone()));
+    let store = tokio::spawn(store_segments(targets, cluster.clone(), rx, settings.clone()));
     let mut w = Watching {
         settings,
         client: member.client.clone(),
         seal,
         signer,
         cluster_id,
+        cluster,
         next: start.next,
         // No time is covered until the watch has caught up (see `take`).
         from: Utc::now(),
@@ -265,15 +316,18 @@ async fn term(settings: &Settings, floor: i64, stop: &CancellationToken, wants_s
         ttls: HashMap::new(),
         completed,
         end_at: None,
-        pods: static_pod_revisions(settings),
-        pods_checked: std::time::Instant::now(),
-        wants_set: wants_set.clone(),
+        // Compared with what the last term saw at this term's first check, at once.
+        pods: carry.pods.take().or_else(|| static_pod_revisions(settings)),
+        pods_checked: None,
+        need_checked: std::time::Instant::now(),
+        wanted: wanted.clone(),
         tx,
     };
     let ended = tokio::select! {
         r = w.watch(stop) => r,
         _ = held.lost.cancelled() => Err(anyhow!("the journal lock may be lost; another node's writer takes over")),
     };
+    carry.pods = w.pods.take();
     drop(w);
     // The store task ends once every segment sent is stored (or kept, failing).
     let _ = store.await;
@@ -416,6 +470,8 @@ struct Watching<'a> {
     seal: crate::envelope::Seal,
     signer: Option<crate::trust::signing::Signer>,
     cluster_id: String,
+    /// The cluster folder on the targets.
+    cluster: String,
     /// The first revision of the open segment.
     next: i64,
     /// When the open segment's coverage begins.
@@ -437,8 +493,11 @@ struct Watching<'a> {
     /// This node's static pod revision directories (the archive a set would hold), when
     /// `snapshot.static_resources_dir` is set and readable.
     pods: Option<Vec<std::path::PathBuf>>,
-    pods_checked: std::time::Instant,
-    wants_set: Arc<Notify>,
+    /// When they were last read (`None`: not yet this term).
+    pods_checked: Option<std::time::Instant>,
+    /// When a wanted set was last looked for.
+    need_checked: std::time::Instant,
+    wanted: Arc<SetWanted>,
     tx: mpsc::Sender<(String, Vec<u8>)>,
 }
 
@@ -450,6 +509,9 @@ impl Watching<'_> {
             .with_progress_notify();
         let mut wc = self.client.watch_client().max_decoding_message_size(DECODE_LIMIT);
         let mut stream = wc.watch(vec![0u8], Some(opts)).await?;
+        // A change since the last term (its member restarted by an etcd rollout) ends the
+        // chain where that term stopped, before anything of this term is written.
+        self.check_static_pods().await?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (age, max_bytes) = (
@@ -491,6 +553,7 @@ impl Watching<'_> {
                         self.cut().await?;
                     }
                     self.check_static_pods().await?;
+                    self.check_wanted_set().await;
                 }
             }
         }
@@ -587,10 +650,10 @@ impl Watching<'_> {
     /// the last revision received (a set's archive must match every moment restored with it)
     /// and asks for a set at once, which starts the next chain with the new archive.
     async fn check_static_pods(&mut self) -> Result<()> {
-        if self.pods_checked.elapsed() < PODS_CHECK {
+        if self.pods_checked.is_some_and(|t| t.elapsed() < PODS_CHECK) {
             return Ok(());
         }
-        self.pods_checked = std::time::Instant::now();
+        self.pods_checked = Some(std::time::Instant::now());
         let Some(now) = static_pod_revisions(self.settings) else {
             return Ok(());
         };
@@ -614,8 +677,28 @@ impl Watching<'_> {
         );
         tracing::info!(revision = rev, change = %why, "journal: the static pod revisions changed; the chain ends and a full set with the new archive starts the next");
         self.cut_with(Some(why)).await?;
-        self.wants_set.notify_one();
+        self.wanted.want(rev + 1);
         Ok(())
+    }
+
+    /// Every [`NEED_CHECK`] while a set is wanted: met once the targets hold a set at or after
+    /// the revision wanted; asked for again otherwise.
+    async fn check_wanted_set(&mut self) {
+        let Some(after) = self.wanted.after() else { return };
+        if self.need_checked.elapsed() < NEED_CHECK {
+            return;
+        }
+        self.need_checked = std::time::Instant::now();
+        match newest_set(&holders(self.settings), &self.cluster).await {
+            Some((rev, _)) if rev >= after => self.wanted.met_by(rev),
+            _ => {
+                tracing::info!(
+                    revision = after,
+                    "journal: still no full set as new as the chain's start; asking again"
+                );
+                self.wanted.want(after);
+            }
+        }
     }
 
     /// A lease's granted TTL, asked once per lease (-1 once it had expired).

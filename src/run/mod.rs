@@ -196,10 +196,16 @@ impl<'a> Run<'a> {
                     && req.trigger != Trigger::Manual
                     && e.is::<etcd::MemberDown>() =>
             {
+                // The journal's set is asked of the writer's node alone, again each minute.
+                let who = if req.trigger == Trigger::Journal {
+                    "the journal's writer asks again in a minute"
+                } else {
+                    "another node takes the run"
+                };
                 return Ok(Err(Skip::new(
                     SkipKind::Member,
                     format!(
-                        "this node's etcd member does not answer; another node takes the run ({})",
+                        "this node's etcd member does not answer; {who} ({})",
                         crate::error::one_line(&e)
                     ),
                 )));

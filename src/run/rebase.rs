@@ -7,8 +7,9 @@
 //! where it did), and the snapshot taken of the result verified again (etcd's SHA-256
 //! trailer, its revision read back by etcd's own tools: the moment's). It becomes a set of
 //! its own: trigger `derived`, the manifest saying from which set and up to which revision
-//! (`derived`), its id and creation time the moment's (the time the writer stamped the
-//! revision reached), the base set's static resources archive under the new set's
+//! (`derived`), its creation time the moment's (the time the writer stamped the revision
+//! reached) and its id that second or the next free one, the base set's static resources
+//! archive under the new set's
 //! timestamp, sealed to this host's recipients and signed with its key, committed to
 //! staging as every set is and delivered to every target. A moment later in the chain then
 //! replays only what follows it. Retention treats it as any set; the cluster's nodes keep
@@ -49,15 +50,22 @@ pub struct Rebased {
 }
 
 /// Folds the journal up to the moment into a new set, then delivers it (no retention).
+/// A derived set an earlier `rebase` could not deliver is delivered first. SIGINT or
+/// SIGTERM (`abort`) stops it; before the commit, nothing of the new set is left.
 pub async fn rebase(settings: &Settings, req: &Request<'_>, abort: &CancellationToken) -> Result<Rebased> {
+    crate::delivery::deliver_staged(settings, abort).await?;
     let moment = match req.moment {
         Some(m) => m,
         None => at::newest(settings, req.target).await?,
     };
     let mut excluded = Vec::new();
-    let id = loop {
+    let (reached, id, cluster) = loop {
         let plan = at::plan(settings, req.target, moment, &excluded).await?;
-        match fold(settings, req, &plan).await {
+        let folded = tokio::select! {
+            r = fold(settings, req, &plan) => r,
+            _ = abort.cancelled() => bail!("stopped; nothing of the derived set is kept"),
+        };
+        match folded {
             Err(ref e) if let Some(past) = e.downcast_ref::<PastMoment>() => {
                 tracing::info!("{past}; trying an older set");
                 excluded.push(past.id.clone());
@@ -65,24 +73,48 @@ pub async fn rebase(settings: &Settings, req: &Request<'_>, abort: &Cancellation
             other => break other?,
         }
     };
-    let (reached, id) = id;
-    let retried = crate::delivery::deliver_staged(settings, abort).await?;
-    let pending = crate::staging::sets::scan(&settings.snapshot.staging_dir)
-        .iter()
-        .filter(|s| s.id() == id)
-        .map(|s| s.pending.len())
-        .sum();
-    tracing::info!(backup_id = %id, delivered = retried.delivered, pending, "rebase: the derived set is delivered");
+    crate::delivery::deliver_staged(settings, abort).await?;
+    // What the targets say, not what staging still holds (a set staging gave up on is gone
+    // from it, but on no target).
+    let mut delivered = 0;
+    for t in &settings.targets {
+        let held = match crate::targets::open(t, None) {
+            Ok(target) => target
+                .list_sets(Some(&cluster))
+                .await
+                .map(|sets| sets.iter().any(|s| s.manifest.id == id)),
+            Err(e) => Err(e),
+        };
+        match held {
+            Ok(true) => delivered += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(target_name = %t.name, error = %crate::error::one_line(&e), "rebase: cannot list the target")
+            }
+        }
+    }
+    let pending = settings.targets.len() - delivered;
+    tracing::info!(backup_id = %id, delivered, pending, "rebase: the derived set is delivered");
     Ok(Rebased {
         id,
         reached,
-        delivered: settings.targets.len() - pending,
+        delivered,
         pending,
     })
 }
 
-/// Makes the derived set from `plan` and commits it to staging: what was reached, its id.
-async fn fold(settings: &Settings, req: &Request<'_>, plan: &AtPlan) -> Result<(Reached, String)> {
+/// Makes the derived set from `plan` and commits it to staging: what was reached, its id
+/// and its cluster folder.
+async fn fold(settings: &Settings, req: &Request<'_>, plan: &AtPlan) -> Result<(Reached, String, String)> {
+    let base = &plan.plan.base;
+    if plan.plan.segments.is_empty() || matches!(plan.moment, Moment::Revision(n) if n <= base.revision) {
+        bail!(
+            "nothing to fold: the journal holds no revision after set {} (revision {}) up to {}",
+            base.id,
+            base.revision,
+            plan.moment
+        );
+    }
     let Some(staging) = crate::staging::try_lock(&settings.snapshot.staging_dir)? else {
         bail!("staging is busy (a run or delivery pass of this host holds it); try again");
     };
@@ -105,17 +137,7 @@ async fn fold(settings: &Settings, req: &Request<'_>, plan: &AtPlan) -> Result<(
     let created = reached
         .stamped
         .ok_or_else(|| anyhow!("the revision reached has no time"))?;
-    let id = manifest::timestamp(created);
-    if staging.holds(&id)
-        || located
-            .target
-            .list_sets(Some(&located.cluster))
-            .await?
-            .iter()
-            .any(|s| s.manifest.id == id)
-    {
-        bail!("a set with id {id} exists already: the moment is folded");
-    }
+    let id = derived_id(&staging, &located, &reached, created).await?;
     let plain = lay_out_files(work.dir(), &files, &id)?;
     let snapshot = plain
         .iter()
@@ -174,7 +196,41 @@ async fn fold(settings: &Settings, req: &Request<'_>, plan: &AtPlan) -> Result<(
         backup_id = %id, base = %base.id, revision = reached.revision,
         revisions = reached.revisions_replayed, "rebase: derived set staged"
     );
-    Ok((reached, id))
+    Ok((reached, id, located.cluster.clone()))
+}
+
+/// The id of the derived set: its moment's second (`%F_%H%M%S`), or the first free second
+/// after it when a set has that id (ids name sets one a second; the base set itself when
+/// the moment follows it closely). Refused when this moment is folded already, on the
+/// target or waiting in staging.
+async fn derived_id(
+    staging: &crate::staging::Locked,
+    located: &crate::restore::Located,
+    reached: &Reached,
+    created: chrono::DateTime<chrono::Utc>,
+) -> Result<String> {
+    let stored = located.target.list_sets(Some(&located.cluster)).await?;
+    let staged = crate::staging::sets::scan(staging.root());
+    let folded = |m: &Manifest| m.derived.is_some() && m.etcd.revision == reached.revision;
+    if let Some(s) = stored.iter().find(|s| folded(&s.manifest)) {
+        bail!(
+            "set {} holds this moment (revision {}) folded already",
+            s.manifest.id,
+            reached.revision
+        );
+    }
+    if let Some(s) = staged.iter().find(|s| folded(&s.set.manifest)) {
+        bail!(
+            "set {} holds this moment (revision {}) folded already and still waits in this host's staging for a target; run rebase again once the targets answer",
+            s.id(),
+            reached.revision
+        );
+    }
+    let taken = |id: &str| staging.holds(id) || stored.iter().any(|s| s.manifest.id == id);
+    (0..3600)
+        .map(|s| manifest::timestamp(created + chrono::TimeDelta::seconds(s)))
+        .find(|id| !taken(id))
+        .ok_or_else(|| anyhow!("no free set id in the hour after {created}"))
 }
 
 /// A derived set is never weaker than its base: sealed if the base was, signed if the base

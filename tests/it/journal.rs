@@ -437,7 +437,7 @@ async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
     let st = run(&["status", "--config", cfg.to_str().unwrap()]);
     assert!(st.stdout.contains("1 chain break(s)"), "{}", st.all());
     // No set is as new as the new chain: the daemon takes one at once, by itself.
-    let fresh = journal_set(&cfg, &d).await;
+    let fresh = journal_set(&cfg, &d, Duration::from_secs(60)).await;
     assert!(
         fresh["manifest"]["etcd"]["revision"].as_i64().unwrap() >= lost,
         "the set starts the new chain: {fresh}"
@@ -466,10 +466,10 @@ async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
     assert!(got == live, "the new chain restores");
 }
 
-/// Waits (up to 60 s) for the set the daemon takes at the journal writer's request (trigger
-/// `journal`), as `list --json` shows it.
-async fn journal_set(cfg: &Path, d: &Proc) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Waits (up to `within`) for the set the daemon takes at the journal writer's request
+/// (trigger `journal`), as `list --json` shows it.
+async fn journal_set(cfg: &Path, d: &Proc, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
     loop {
         let listed: serde_json::Value =
             serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout)
@@ -497,9 +497,11 @@ fn chain_ends(w: &Work) -> Vec<String> {
 }
 
 /// A new static pod revision on the writer's node (an operator rolled one out) ends the chain
-/// (a set's archive must match every moment restored with it) and the daemon takes a set at
-/// once: a moment before the change restores with the old set and its archive, one between
-/// the change and the new set is refused, one after restores with the new archive.
+/// (a set's archive must match every moment restored with it) and the daemon is asked for a
+/// set: while the operator still rolls it out the guard skips that run, and the writer asks
+/// again a minute later, when it goes. A moment before the change restores with the old set
+/// and its archive, one between the change and the new set is refused, one after restores
+/// with the new archive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_static_pod_revision_ends_the_chain_and_a_set_starts_the_next() {
     let etcd = Etcd::start();
@@ -522,9 +524,21 @@ async fn a_new_static_pod_revision_ends_the_chain_and_a_set_starts_the_next() {
     durable(&w, before, &d).await;
     assert!(chain_ends(&w).is_empty(), "{:?}", chain_ends(&w));
 
-    // The installer writes revision 4's manifests: every component moves on.
+    // The installer writes revision 4's manifests while the operator says it progresses.
+    crate::common::put_operator(&etcd, None, "kube-apiserver", Some("True"));
     crate::common::static_pod_fixture(&kube, 4);
-    let fresh = journal_set(&cfg, &d).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("ClusterOperator kube-apiserver") {
+        assert!(
+            Instant::now() < deadline,
+            "the journal's run was not skipped: {}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    crate::common::put_operator(&etcd, None, "kube-apiserver", Some("False"));
+    let fresh = journal_set(&cfg, &d, Duration::from_secs(100)).await;
+    assert!(d.log().contains("asking again"), "{}", d.log());
     let fresh_rev = fresh["manifest"]["etcd"]["revision"].as_i64().unwrap();
     let after = put_many(&mut c, "/after", 10).await;
     durable(&w, after, &d).await;
@@ -876,6 +890,21 @@ async fn rebase_folds_the_journal_into_a_derived_set() {
         r.stderr
     );
     let host = drill("\n[signing]\nenabled = true\n");
+    // Nothing after the set up to its own revision: refused before anything is fetched.
+    let base_rev = {
+        let listed: serde_json::Value =
+            serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout).unwrap();
+        listed["sets"][0]["manifest"]["etcd"]["revision"].as_i64().unwrap()
+    };
+    let r = run(&[
+        "rebase",
+        "--at",
+        &format!("rev:{base_rev}"),
+        "--config",
+        host.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("nothing to fold"), "{}", r.stderr);
     let r = run(&["rebase", "--json", "--config", host.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
     let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
