@@ -443,8 +443,12 @@ impl<'a> Daemon<'a> {
     async fn deliver(&mut self, slot: Option<crate::schedule::Slot>) {
         notify::status("delivering pending backup sets");
         let settings = &self.settings;
-        // Never past the next run's start: the snapshot comes first.
-        let retried = crate::delivery::retry(settings, &self.stop, slot.map(|s| yield_before(s.start))).await;
+        // Never past the next run's start: the snapshot comes first. A host that takes no
+        // backups (a drill host delivering a derived set) leaves retention to the nodes that do.
+        let retried = match slot {
+            Some(slot) => crate::delivery::retry(settings, &self.stop, Some(yield_before(slot.start))).await,
+            None => crate::delivery::deliver_staged(settings, &self.stop).await,
+        };
         self.next_delivery = match retried {
             Ok(r) if r.pending == 0 => {
                 tracing::info!(delivered = r.delivered, "every pending backup set is delivered");
