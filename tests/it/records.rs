@@ -433,3 +433,44 @@ fn records_and_sets_the_previous_release_wrote_are_read_and_kept() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(set_ids(&w), ids);
 }
+
+/// A daemon that takes no backups (an empty `schedule.cron`: a drill host delivering a set
+/// `rebase` derived) delivers what its staging owes and applies no retention, whatever its
+/// `[retention]` says: pruning stays with the nodes that back up.
+#[test]
+fn a_daemon_without_a_schedule_delivers_but_never_prunes() {
+    let etcd = Etcd::start();
+    etcd.fill(None, 50, 100);
+    let w = Work::new();
+    let cfg = w.write_config(&etcd.endpoint, None, crate::support::NO_RETENTION);
+    for _ in 0..2 {
+        let r = backup(&cfg);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    // The target's root gone for a while (an unmounted share): the third set waits in staging.
+    let away = w.path().join("target-away");
+    std::fs::rename(w.target_root(), &away).unwrap();
+    let blocked = backup(&cfg);
+    assert_eq!(blocked.code, 1, "{}", blocked.all());
+    std::fs::rename(&away, w.target_root()).unwrap();
+    let before = set_ids(&w);
+    assert_eq!(before.len(), 2, "{before:?}");
+    // Retention that would keep only the newest set, were it applied.
+    let keep_one = "[schedule]\ncron = \"\"\n[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_keep = 1\n";
+    let cfg = w.write_config(&etcd.endpoint, None, keep_one);
+    let mut d = crate::common::Proc::daemon(&cfg, w.path().join("daemon.log"), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("every pending backup set is delivered") {
+        assert!(std::time::Instant::now() < deadline, "not delivered: {}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = set_ids(&w);
+    assert_eq!(
+        after.len(),
+        3,
+        "the pending set delivered, none pruned: {after:?}\n{}",
+        d.log()
+    );
+    assert!(before.iter().all(|id| after.contains(id)), "{before:?} {after:?}");
+    assert_eq!(d.stop(Duration::from_secs(10)), Some(0), "{}", d.log());
+}
