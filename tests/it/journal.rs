@@ -314,6 +314,17 @@ fn assert_contiguous(w: &Work, from: i64, to: i64) {
     assert!(next.is_some_and(|n| n > to), "revisions up to {to} stored: {segs:?}");
 }
 
+/// A test's start: an etcd holding 10 keys, a client of it, the test's folders and node-a's
+/// journal configuration ([`journal_config`]).
+async fn started() -> (Etcd, Client, Work, PathBuf) {
+    let etcd = Etcd::start();
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    put_many(&mut c, "/base", 10).await;
+    let w = Work::new();
+    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    (etcd, c, w, cfg)
+}
+
 async fn put_many(c: &mut Client, prefix: &str, n: usize) -> i64 {
     for i in 0..n {
         c.put(format!("{prefix}/{i}"), format!("{i}"), None).await.unwrap();
@@ -407,11 +418,7 @@ async fn a_killed_writer_is_replaced_without_a_gap_or_a_duplicate() {
 /// the lost stretch is refused naming both stretches, one on the new chain restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_past_the_stored_revisions_ends_the_chain() {
-    let etcd = Etcd::start();
-    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
-    put_many(&mut c, "/base", 10).await;
-    let w = Work::new();
-    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let (_etcd, mut c, w, cfg) = started().await;
     assert_eq!(run(&["backup", "--config", cfg.to_str().unwrap()]).code, 0);
     let mut d = Proc::daemon(&cfg, w.path().join("d1.log"), &[]);
     let stored = put_many(&mut c, "/one", 10).await;
@@ -579,11 +586,7 @@ async fn a_new_static_pod_revision_ends_the_chain_and_a_set_starts_the_next() {
 /// `list` shows what the journal covers from which set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_the_kept_sets_chains_and_list_shows_the_coverage() {
-    let etcd = Etcd::start();
-    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
-    put_many(&mut c, "/base", 10).await;
-    let w = Work::new();
-    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let (_etcd, mut c, w, cfg) = started().await;
     assert_eq!(run(&["backup", "--config", cfg.to_str().unwrap()]).code, 0);
     let listed: serde_json::Value =
         serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout).unwrap();
@@ -805,10 +808,32 @@ async fn a_completed_upgrade_ends_the_chain() {
         let (_, got) = restored_at_with(&cfg, &w, &format!("rev:{rev}"), None, extra).await;
         assert!(got == live, "rev:{rev}");
     }
-    // Between the upgrade and the after-upgrade set: no set pairs with it.
-    let to = w.path().join("between");
-    let r = fetch_at(&cfg, &to, &format!("rev:{}", upgraded + 1));
-    assert_eq!(r.code, 1, "{}", r.all());
+    // After the upgrade: only from the after-upgrade set, at its revision or later; a moment
+    // between the upgrade and that set (when the run wrote before its snapshot) pairs with no
+    // set.
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["list", "--json", "--config", cfg.to_str().unwrap()]).stdout).unwrap();
+    let new_set = listed["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["manifest"]["openshift"]["version"] == "4.15.5")
+        .unwrap()["manifest"]
+        .clone();
+    let new_rev = new_set["etcd"]["revision"].as_i64().unwrap();
+    assert!(new_rev > upgraded, "{new_set}");
+    for n in upgraded + 1..new_rev {
+        let r = fetch_at(&cfg, &w.path().join(format!("between-{n}")), &format!("rev:{n}"));
+        assert_eq!(r.code, 1, "rev:{n}: {}", r.all());
+    }
+    let r = fetch_at(&cfg, &w.path().join("from-new"), &format!("rev:{new_rev}"));
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout
+            .contains(&format!("fetched set {} ", new_set["id"].as_str().unwrap())),
+        "{}",
+        r.stdout
+    );
 }
 
 /// An etcd 3.4 set records the revision read just before its snapshot, which can be lower
@@ -817,11 +842,7 @@ async fn a_completed_upgrade_ends_the_chain() {
 /// already past the moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_past_the_moment_is_passed_over_for_an_older_one() {
-    let etcd = Etcd::start();
-    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
-    put_many(&mut c, "/base", 10).await;
-    let w = Work::new();
-    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let (_etcd, mut c, w, cfg) = started().await;
     assert_eq!(run(&["backup", "--config", cfg.to_str().unwrap()]).code, 0);
     let d = Proc::daemon(&cfg, w.path().join("d.log"), &[]);
     put_many(&mut c, "/one", 20).await;
@@ -856,11 +877,7 @@ async fn a_set_past_the_moment_is_passed_over_for_an_older_one() {
 /// (leases too), and a later moment is rolled forward from it, not from the base.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebase_folds_the_journal_into_a_derived_set() {
-    let etcd = Etcd::start();
-    let mut c = Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
-    put_many(&mut c, "/base", 10).await;
-    let w = Work::new();
-    let cfg = journal_config(&w, "node-a", &etcd.endpoint, None);
+    let (etcd, mut c, w, cfg) = started().await;
     let text = std::fs::read_to_string(&cfg).unwrap() + "\n[signing]\nenabled = true\n";
     std::fs::write(&cfg, text).unwrap();
     let r = run(&["backup", "--config", cfg.to_str().unwrap()]);
