@@ -292,20 +292,12 @@ pub(super) struct VerifyRequest<'a> {
 }
 
 pub(super) async fn verify(settings: &Settings, req: VerifyRequest<'_>) -> Result<()> {
-    let moment = moment_of(req.at)?;
-    let mut excluded = Vec::new();
-    loop {
-        let at = match moment {
-            Some(m) => Some(crate::restore::at::plan(settings, req.target, m, &excluded).await?),
-            None => None,
-        };
-        match verify_once(settings, &req, at.as_ref()).await {
-            Err(ref e) if let Some(past) = e.downcast_ref::<crate::restore::at::PastMoment>() => {
-                tracing::info!("{past}; trying an older set");
-                excluded.push(past.id.clone());
-            }
-            done => return done,
+    match moment_of(req.at)? {
+        Some(m) => {
+            let once = async |at: &crate::restore::at::AtPlan| verify_once(settings, &req, Some(at)).await;
+            crate::restore::at::from_a_set_before(settings, req.target, m, once).await
         }
+        None => verify_once(settings, &req, None).await,
     }
 }
 
@@ -386,7 +378,7 @@ async fn verify_once(
 }
 
 /// What a roll-forward along the journal reached, in one line.
-fn rolled_line(r: &crate::restore::at::Reached) -> String {
+pub(super) fn rolled_line(r: &crate::restore::at::Reached) -> String {
     format!(
         "rolled forward to {}: revision {}{} ({} revisions from {} journal segments replayed on revision {} in {:.1} s)",
         r.moment,
@@ -411,21 +403,15 @@ pub(super) async fn run(settings: &Settings, args: &super::FetchArgs) -> Result<
         unrestorable_archive: args.allow_unrestorable_archive,
     };
     let to = crate::restore::fetch_dir(args.to.as_deref())?;
-    let moment = moment_of(args.at.as_deref())?;
-    let mut excluded = Vec::new();
-    loop {
-        let at = match moment {
-            Some(m) => Some(crate::restore::at::plan(settings, args.target.as_deref(), m, &excluded).await?),
-            None => None,
-        };
-        let id = match (&at, &args.id) {
+    let once = async |at: Option<&crate::restore::at::AtPlan>| {
+        let id = match (at, &args.id) {
             (Some(at), _) => at.plan.base.id.as_str(),
             (None, Some(id)) => id.as_str(),
             (None, None) => unreachable!("clap requires an id or --at"),
         };
         let req = Request {
             id,
-            at: at.as_ref(),
+            at,
             dir: &to,
             allow,
             force: args.force,
@@ -433,13 +419,14 @@ pub(super) async fn run(settings: &Settings, args: &super::FetchArgs) -> Result<
             identity: identity.clone(),
             json: args.json,
         };
-        match fetch(settings, req).await {
-            Err(ref e) if let Some(past) = e.downcast_ref::<crate::restore::at::PastMoment>() => {
-                tracing::info!("{past}; trying an older set");
-                excluded.push(past.id.clone());
-            }
-            done => return done,
+        fetch(settings, req).await
+    };
+    match moment_of(args.at.as_deref())? {
+        Some(m) => {
+            let target = args.target.as_deref();
+            crate::restore::at::from_a_set_before(settings, target, m, async |at| once(Some(at)).await).await
         }
+        None => once(None).await,
     }
 }
 

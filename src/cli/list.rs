@@ -177,7 +177,7 @@ fn journal_text(j: &TargetJournal, tz: chrono_tz::Tz) -> String {
                 c.first - 1
             )),
             Some(_) => text.push_str(
-                "  the chain ends here (an upgrade completed): later moments restore from a set taken since\n",
+                "  the chain ends here (an upgrade completed, or the static pod revisions changed): later moments restore from a set taken since\n",
             ),
             None => {}
         }

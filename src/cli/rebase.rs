@@ -35,22 +35,9 @@ pub(super) async fn run(settings: &Settings, args: &super::RebaseArgs) -> Result
 }
 
 fn print(done: &Rebased) -> Result<()> {
-    let r = &done.reached;
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "derived set {} from set {} (revision {}) + {} revisions from {} journal segments: revision {}{}, replayed in {:.1} s",
-        done.id,
-        r.base_id,
-        r.base_revision,
-        r.revisions_replayed,
-        r.segments,
-        r.revision,
-        r.stamped
-            .map(|t| format!(", stamped {}", t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-            .unwrap_or_default(),
-        r.seconds
-    )?;
+    writeln!(out, "derived set {} from set {}", done.id, done.reached.base_id)?;
+    writeln!(out, "  {}", super::fetch::rolled_line(&done.reached))?;
     writeln!(
         out,
         "stored on {} of {} target(s)",

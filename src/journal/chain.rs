@@ -21,6 +21,14 @@ pub struct Span {
     pub segments: Vec<Named>,
 }
 
+impl Span {
+    /// Whether a set at `revision` starts this span: it holds the revision after the set's
+    /// (or the set's own, which stamps it in time).
+    pub fn starts_from(&self, revision: i64) -> bool {
+        self.first <= revision + 1 && self.last >= revision
+    }
+}
+
 /// The spans of `segments` (from one target or several), oldest first.
 pub fn spans(mut segments: Vec<Named>) -> Vec<Span> {
     segments.sort_by_key(|a| (a.first, a.last, a.until));
@@ -142,8 +150,7 @@ pub fn plan(bases: &[Base], spans: &[Span], moment: Moment) -> Result<Plan, Stri
     let mut bases: Vec<&Base> = bases.iter().collect();
     bases.sort_by_key(|b| std::cmp::Reverse((b.revision, b.created)));
     for base in bases {
-        // The span holds the revision after the set's (or the set's own: its stamp).
-        let starts = |s: &&Span| s.first <= base.revision + 1 && s.last >= base.revision;
+        let starts = |s: &&Span| s.starts_from(base.revision);
         match moment {
             Moment::Revision(n) if base.revision == n => {
                 return Ok(Plan {
@@ -193,10 +200,7 @@ pub fn plan(bases: &[Base], spans: &[Span], moment: Moment) -> Result<Plan, Stri
 /// none when the newest set starts none.
 pub fn newest_revision(bases: &[Base], spans: &[Span]) -> Option<i64> {
     let newest = bases.iter().max_by_key(|b| (b.revision, b.created))?;
-    spans
-        .iter()
-        .find(|s| s.first <= newest.revision + 1 && s.last >= newest.revision)
-        .map(|s| s.last)
+    spans.iter().find(|s| s.starts_from(newest.revision)).map(|s| s.last)
 }
 
 /// What a span covers for `list`: its range and end, and the sets it starts from (a moment
@@ -215,10 +219,7 @@ pub fn coverage_of(spans: &[Span], bases: &[Base]) -> Vec<Coverage> {
     spans
         .iter()
         .map(|s| {
-            let mut sets: Vec<&Base> = bases
-                .iter()
-                .filter(|b| s.first <= b.revision + 1 && b.revision <= s.last)
-                .collect();
+            let mut sets: Vec<&Base> = bases.iter().filter(|b| s.starts_from(b.revision)).collect();
             sets.sort_by_key(|b| b.revision);
             Coverage {
                 first: s.first,

@@ -97,8 +97,9 @@ pub struct Header {
     pub payload_sha256: String,
     pub compression: Compression,
     pub encryption: Encryption,
-    /// Why the chain ends after this segment (a completed upgrade: the static resources
-    /// of sets taken before it do not match the cluster after it); its name ends `-end`.
+    /// Why the chain ends after this segment (a completed upgrade or a change of the static
+    /// pod revisions: the static resources of sets taken before it do not match the cluster
+    /// after it); its name ends `-end`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ends_chain: Option<String>,
     /// An SSH signature (the sets' namespace) over this header without this field.

@@ -487,9 +487,9 @@ struct Watching<'a> {
     ttls: HashMap<i64, i64>,
     /// The newest completed OpenShift upgrade known (from the ClusterVersion object).
     completed: Option<String>,
-    /// The revision of an upgrade's completion and why: the segment is cut right after it,
-    /// ending the chain.
-    end_at: Option<(i64, String)>,
+    /// Why the chain ends at the revision just received (an upgrade completed in it): the
+    /// segment is cut right after it.
+    end_at: Option<String>,
     /// This node's static pod revision directories (the archive a set would hold), when
     /// `snapshot.static_resources_dir` is set and readable.
     pods: Option<Vec<std::path::PathBuf>>,
@@ -573,7 +573,7 @@ impl Watching<'_> {
             let rev = kv.mod_revision();
             let expected = self.next_revision();
             if self.records.last().is_none_or(|r| r.rev != rev) {
-                if let Some((_, why)) = self.end_at.take() {
+                if let Some(why) = self.end_at.take() {
                     self.cut_with(Some(why)).await?;
                 }
                 if rev != expected {
@@ -622,7 +622,7 @@ impl Watching<'_> {
             }
             self.covered = now;
         }
-        if let Some((_, why)) = self.end_at.take() {
+        if let Some(why) = self.end_at.take() {
             self.cut_with(Some(why)).await?;
         }
         Ok(())
@@ -642,7 +642,7 @@ impl Watching<'_> {
             return;
         }
         tracing::info!(revision = rev, version = %version, "journal: an upgrade completed; the chain ends at its revision and the next starts after the after-upgrade set");
-        self.end_at = Some((rev, format!("upgrade to {version} completed at revision {rev}")));
+        self.end_at = Some(format!("upgrade to {version} completed at revision {rev}"));
         self.completed = Some(version);
     }
 
@@ -780,6 +780,9 @@ async fn store_segments(
         .map(|(t, q)| tokio::spawn(feed(t, cluster.clone(), q, closed.clone(), changed_tx.clone())))
         .collect();
     drop(changed_tx);
+    // What was last written to `state.json`: each target's stored segment signals, but the
+    // durable point moves only when the slowest target stores one.
+    let mut noted = None;
     loop {
         tokio::select! {
             segment = rx.recv() => {
@@ -789,7 +792,7 @@ async fn store_segments(
                     enqueue(q, &name, &bytes);
                 }
             }
-            Some(()) = changed.recv() => note_durable(&settings, &queues),
+            Some(()) = changed.recv() => note_durable(&settings, &queues, &mut noted),
         }
     }
     // The term ended: each target stores what it can of what waits, then stops.
@@ -797,7 +800,7 @@ async fn store_segments(
     for f in feeders {
         let _ = f.await;
     }
-    note_durable(&settings, &queues);
+    note_durable(&settings, &queues, &mut noted);
 }
 
 /// Adds a segment to a target's queue, dropping the oldest past [`BACKLOG_MAX`].
@@ -862,8 +865,13 @@ async fn feed(
     }
 }
 
+/// The journal's durable point and whether a target fails, as last written by
+/// [`note_durable`].
+type Durable = (Option<(i64, DateTime<Utc>)>, bool);
+
 /// The journal's durable point in `state.json`: the newest segment every target holds.
-fn note_durable(settings: &Settings, queues: &[Arc<Queue>]) {
+/// Written only when it (or whether a target fails) changed since `noted`.
+fn note_durable(settings: &Settings, queues: &[Arc<Queue>], noted: &mut Option<Durable>) {
     use std::sync::atomic::Ordering::SeqCst;
     let stored: Vec<Option<segment::Named>> = queues
         .iter()
@@ -871,14 +879,17 @@ fn note_durable(settings: &Settings, queues: &[Arc<Queue>]) {
         .collect();
     let failing = queues.iter().any(|q| q.failing.load(SeqCst));
     let durable = if stored.iter().all(Option::is_some) {
-        stored.into_iter().flatten().min_by_key(|n| (n.last, n.until))
+        stored.into_iter().flatten().map(|n| (n.last, n.until)).min()
     } else {
         None
     };
+    if noted.replace((durable, failing)) == Some((durable, failing)) {
+        return;
+    }
     note(settings, |j| {
-        if let Some(n) = durable.filter(|n| n.last >= j.durable_revision) {
-            j.durable_revision = n.last;
-            j.durable_until = Some(n.until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        if let Some((last, until)) = durable.filter(|(last, _)| *last >= j.durable_revision) {
+            j.durable_revision = last;
+            j.durable_until = Some(until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         }
         j.error = failing.then(|| "a target cannot take journal segments; they wait in memory".into());
     });

@@ -162,6 +162,28 @@ pub async fn plan(settings: &Settings, target: Option<&str>, moment: Moment, exc
     })
 }
 
+/// Runs `attempt` on the plan for `moment`, and again on a plan from an older set each time
+/// the set chosen turns out to hold changes made after the moment ([`PastMoment`]): the one
+/// loop `fetch --at`, `verify --at` and `rebase` share.
+pub async fn from_a_set_before<T>(
+    settings: &Settings,
+    target: Option<&str>,
+    moment: Moment,
+    mut attempt: impl AsyncFnMut(&AtPlan) -> Result<T>,
+) -> Result<T> {
+    let mut excluded = Vec::new();
+    loop {
+        let at = plan(settings, target, moment, &excluded).await?;
+        match attempt(&at).await {
+            Err(ref e) if let Some(past) = e.downcast_ref::<PastMoment>() => {
+                tracing::info!("{past}; trying an older set");
+                excluded.push(past.id.clone());
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The newest moment the journal reaches from the newest set it starts from: the last
 /// revision of that set's chain.
 pub async fn newest(settings: &Settings, target: Option<&str>) -> Result<Moment> {
@@ -177,9 +199,18 @@ pub async fn newest(settings: &Settings, target: Option<&str>) -> Result<Moment>
         })
 }
 
-/// The store revision a snapshot file holds, read by etcd's own tools (`verify.bin_dir`).
-pub async fn snapshot_revision(settings: &Settings, snapshot: &Path) -> Result<i64> {
-    Tools::find(settings)?.snapshot_revision(snapshot).await
+/// The rolled-forward snapshot checked as a set's is before anything uses it: etcd's SHA-256
+/// trailer, and the revision etcd's own tools read from it, the one replayed to.
+async fn check_rolled(tools: &Tools, path: &Path, revision: i64) -> Result<()> {
+    let trailer = path.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::source::snapshot::verify_file(&trailer))
+        .await?
+        .context("the rolled-forward snapshot")?;
+    let held = tools.snapshot_revision(path).await?;
+    if held != revision {
+        bail!("the rolled-forward snapshot holds revision {held}, not the {revision} replayed to");
+    }
+    Ok(())
 }
 
 /// Rolls the set laid out in `files` (fetched and checked) forward to the plan's moment:
@@ -227,6 +258,54 @@ pub async fn roll_forward(
             "the throwaway etcd is at revision {base_revision}, not the snapshot's {snapshot_revision}: it changed the store before the replay; try again"
         );
     }
+    replay_to_moment(located, at, &mut replay, base_revision).await?;
+    let reached_at = replay.at;
+    let name = format!(
+        "snapshot_{}.db",
+        crate::manifest::timestamp(reached_at.unwrap_or(at.plan.base.created))
+    );
+    let (size, sha256) = save_snapshot(conn, &dir.join(&name)).await?;
+    drop(etcd);
+    if let Err(e) = check_rolled(&tools, &dir.join(&name), replay.revision()).await {
+        let _ = std::fs::remove_file(dir.join(&name));
+        return Err(e);
+    }
+    let old = files.remove(pos);
+    if old.1 != dir.join(&name) {
+        std::fs::remove_file(&old.1).with_context(|| format!("cannot remove '{}'", old.1.display()))?;
+    }
+    let reached = Reached {
+        moment: at.moment.to_string(),
+        revision: replay.revision(),
+        stamped: reached_at,
+        base_id: at.plan.base.id.clone(),
+        base_revision,
+        revisions_replayed: replay.applied,
+        segments: at.plan.segments.len(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    files.insert(
+        pos,
+        (
+            CheckedFile {
+                name: name.clone(),
+                size,
+                sha256,
+                also: Some(format!(
+                    "set {}'s snapshot rolled forward from revision {base_revision} to {} by etcd, with its SHA-256 trailer",
+                    at.plan.base.id, reached.revision
+                )),
+            },
+            dir.join(&name),
+        ),
+    );
+    Ok(reached)
+}
+
+/// Replays the plan's segments on `replay` (at the set's `base_revision`) up to the moment:
+/// [`PastMoment`] when the set turns out to hold a revision past it, or nothing shows the
+/// set's revision was made by a time moment.
+async fn replay_to_moment(located: &Located, at: &AtPlan, replay: &mut Replay, base_revision: i64) -> Result<()> {
     let past = || PastMoment {
         id: at.plan.base.id.clone(),
         held: base_revision,
@@ -267,43 +346,7 @@ pub async fn roll_forward(
     {
         bail!("the journal ends at revision {} before {n}", replay.revision());
     }
-    let reached_at = replay.at;
-    let name = format!(
-        "snapshot_{}.db",
-        crate::manifest::timestamp(reached_at.unwrap_or(at.plan.base.created))
-    );
-    let (size, sha256) = save_snapshot(conn, &dir.join(&name)).await?;
-    drop(etcd);
-    let old = files.remove(pos);
-    if old.1 != dir.join(&name) {
-        std::fs::remove_file(&old.1).with_context(|| format!("cannot remove '{}'", old.1.display()))?;
-    }
-    let reached = Reached {
-        moment: at.moment.to_string(),
-        revision: replay.revision(),
-        stamped: reached_at,
-        base_id: at.plan.base.id.clone(),
-        base_revision,
-        revisions_replayed: replay.applied,
-        segments: at.plan.segments.len(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    files.insert(
-        pos,
-        (
-            CheckedFile {
-                name: name.clone(),
-                size,
-                sha256,
-                also: Some(format!(
-                    "set {}'s snapshot rolled forward from revision {base_revision} to {} by etcd, with its SHA-256 trailer",
-                    at.plan.base.id, reached.revision
-                )),
-            },
-            dir.join(&name),
-        ),
-    );
-    Ok(reached)
+    Ok(())
 }
 
 /// The records of segment `name`, from the set's target first, then the others holding

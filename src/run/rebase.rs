@@ -4,8 +4,8 @@
 //! On a drill host (it has etcd's binaries and the identities): the newest set a moment
 //! starts from is fetched and checked as `fetch` does, rolled forward along the journal to the
 //! moment ([`crate::restore::at::roll_forward`], which checks each replayed revision lands
-//! where it did), and the snapshot taken of the result verified again (etcd's SHA-256
-//! trailer, its revision read back by etcd's own tools: the moment's). It becomes a set of
+//! where it did, then the snapshot taken of the result: etcd's SHA-256 trailer, and its
+//! revision read back by etcd's own tools). It becomes a set of
 //! its own: trigger `derived`, the manifest saying from which set and up to which revision
 //! (`derived`), its creation time the moment's (the time the writer stamped the revision
 //! reached) and its id that second or the next free one, the base set's static resources
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::journal::chain::Moment;
 use crate::manifest::{self, Derived, Encryption, FileKind, Manifest, Trigger};
-use crate::restore::at::{self, AtPlan, PastMoment, Reached};
+use crate::restore::at::{self, AtPlan, Reached};
 use crate::run::context::RunContext;
 use crate::trust::signing::Verdict;
 
@@ -58,21 +58,13 @@ pub async fn rebase(settings: &Settings, req: &Request<'_>, abort: &Cancellation
         Some(m) => m,
         None => at::newest(settings, req.target).await?,
     };
-    let mut excluded = Vec::new();
-    let (reached, id, cluster) = loop {
-        let plan = at::plan(settings, req.target, moment, &excluded).await?;
-        let folded = tokio::select! {
-            r = fold(settings, req, &plan) => r,
+    let fold_once = async |plan: &AtPlan| {
+        tokio::select! {
+            r = fold(settings, req, plan) => r,
             _ = abort.cancelled() => bail!("stopped; nothing of the derived set is kept"),
-        };
-        match folded {
-            Err(ref e) if let Some(past) = e.downcast_ref::<PastMoment>() => {
-                tracing::info!("{past}; trying an older set");
-                excluded.push(past.id.clone());
-            }
-            other => break other?,
         }
     };
+    let (reached, id, cluster) = at::from_a_set_before(settings, req.target, moment, fold_once).await?;
     crate::delivery::deliver_staged(settings, abort).await?;
     // What the targets say, not what staging still holds (a set staging gave up on is gone
     // from it, but on no target).
@@ -144,18 +136,6 @@ async fn fold(settings: &Settings, req: &Request<'_>, plan: &AtPlan) -> Result<(
         .find(|f| f.kind() == Some(FileKind::Snapshot))
         .cloned()
         .ok_or_else(|| anyhow!("no snapshot"))?;
-    let path = work.dir().join(&snapshot.name);
-    let trailer = path.clone();
-    tokio::task::spawn_blocking(move || crate::source::snapshot::verify_file(&trailer))
-        .await?
-        .context("the derived snapshot")?;
-    let revision = at::snapshot_revision(settings, &path).await?;
-    if revision != reached.revision {
-        bail!(
-            "the derived snapshot holds revision {revision}, not the {} replayed to",
-            reached.revision
-        );
-    }
     let restore = {
         let (dir, plain) = (work.dir().to_path_buf(), plain.clone());
         tokio::task::spawn_blocking(move || crate::trust::certs::facts_of_set(&dir, &plain)).await?
