@@ -100,31 +100,22 @@ pub async fn rebase(settings: &Settings, req: &Request<'_>, abort: &Cancellation
 async fn fold(settings: &Settings, req: &Request<'_>, plan: &AtPlan) -> Result<(Reached, String, String)> {
     let base = &plan.plan.base;
     if plan.plan.segments.is_empty() || matches!(plan.moment, Moment::Revision(n) if n <= base.revision) {
-        bail!(
-            "nothing to fold: the journal holds no revision after set {} (revision {}) up to {}",
-            base.id,
-            base.revision,
-            plan.moment
-        );
+        return Err(nothing_to_fold(base, plan.moment));
     }
     let Some(staging) = crate::staging::try_lock(&settings.snapshot.staging_dir)? else {
         bail!("staging is busy (a run or delivery pass of this host holds it); try again");
     };
-    let mut located = crate::restore::locate(settings, req.target, &plan.plan.base.id).await?;
+    let mut located = crate::restore::locate(settings, req.target, &base.id).await?;
     located.identity = req.identity.clone();
     located.trust.allow_unsigned = req.allow_unsigned;
     let ctx = RunContext::for_cluster(settings, located.cluster.clone())?;
     let verdict = crate::restore::check_signature(&located).await?;
     refuse_weaker(&located, &verdict, &ctx)?;
-    let work = staging.begin(&format!("rebase-{}", plan.plan.base.id))?;
+    let work = staging.begin(&format!("rebase-{}", base.id))?;
     let mut files = crate::restore::download(&located, work.dir(), &[]).await?;
     let reached = at::roll_forward(settings, &located, plan, work.dir(), &mut files).await?;
     if reached.revisions_replayed == 0 {
-        bail!(
-            "nothing to fold: the journal holds no revision after set {} up to {}",
-            reached.base_id,
-            reached.moment
-        );
+        return Err(nothing_to_fold(base, plan.moment));
     }
     let created = reached
         .stamped
@@ -211,6 +202,16 @@ async fn derived_id(
         .map(|s| manifest::timestamp(created + chrono::TimeDelta::seconds(s)))
         .find(|id| !taken(id))
         .ok_or_else(|| anyhow!("no free set id in the hour after {created}"))
+}
+
+/// The journal holds no revision after `base` up to `moment` (a time moment can find that
+/// only once replayed).
+fn nothing_to_fold(base: &crate::journal::chain::Base, moment: Moment) -> anyhow::Error {
+    anyhow!(
+        "nothing to fold: the journal holds no revision after set {} (revision {}) up to {moment}",
+        base.id,
+        base.revision
+    )
 }
 
 /// A derived set is never weaker than its base: sealed if the base was, signed if the base
