@@ -128,17 +128,8 @@ pub enum Command {
         /// set the journal reaches it from, rolled forward, restored and opened. Implies --deep.
         #[arg(long, value_name = "TIME|rev:N")]
         at: Option<String>,
-        /// Verify even when verify.allowed_signers is set and the set is unsigned or not
-        /// signed by a listed key.
-        #[arg(long)]
-        allow_unsigned: bool,
-        /// age identity file (or SSH private key) for an encrypted set; must not be
-        /// group/other readable. Repeat it for a set whose archive is sealed to other keys.
-        #[arg(long, value_name = "FILE")]
-        identity: Vec<PathBuf>,
-        /// The target to read (default: the first).
-        #[arg(long, value_name = "NAME")]
-        target: Option<String>,
+        #[command(flatten)]
+        reading: Reading,
         #[arg(long)]
         json: bool,
     },
@@ -325,6 +316,25 @@ pub struct FetchArgs {
     target: Option<String>,
 }
 
+/// How `verify` and `rebase` read a stored set: from which target, with which keys, and
+/// whether they take one not signed as required.
+#[derive(Debug, clap::Args)]
+pub struct Reading {
+    /// Take the set even when verify.allowed_signers is set and it is unsigned or not
+    /// signed by a listed key.
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// age identity file (or SSH private key) for an encrypted set; must not be
+    /// group/other readable. Repeat it for a set whose archive is sealed to other keys
+    /// (default: verify.identity_file).
+    #[arg(long, value_name = "FILE")]
+    identity: Vec<PathBuf>,
+    /// The target to read (default: the first; with the journal, the first holding
+    /// snapshots).
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+}
+
 /// `rebase`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct RebaseArgs {
@@ -332,16 +342,8 @@ pub struct RebaseArgs {
     /// newest revision the journal holds after the newest set.
     #[arg(long, value_name = "TIME|rev:N")]
     at: Option<String>,
-    /// Take a base set that is unsigned or not signed by a listed key.
-    #[arg(long)]
-    allow_unsigned: bool,
-    /// age identity file (or SSH private key) for an encrypted set; repeat it for a set
-    /// whose archive is sealed to other keys (default: verify.identity_file).
-    #[arg(long, value_name = "FILE")]
-    identity: Vec<PathBuf>,
-    /// The target to read sets from (default: the first holding snapshots).
-    #[arg(long, value_name = "NAME")]
-    target: Option<String>,
+    #[command(flatten)]
+    reading: Reading,
     #[arg(long)]
     json: bool,
 }
@@ -408,19 +410,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             id,
             deep,
             at,
-            allow_unsigned,
-            target,
+            reading,
             json,
-            identity,
         } => {
             let settings = load(&cli)?;
-            let identity = identities_or_configured(&settings, identity)?;
+            let identity = identities_or_configured(&settings, &reading.identity)?;
             let req = fetch::VerifyRequest {
                 id: id.as_deref(),
                 deep: *deep,
                 at: at.as_deref(),
-                allow_unsigned: *allow_unsigned,
-                target: target.as_deref(),
+                allow_unsigned: reading.allow_unsigned,
+                target: reading.target.as_deref(),
                 json: *json,
                 identity,
             };

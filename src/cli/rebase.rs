@@ -10,13 +10,13 @@ use crate::run::rebase::{Rebased, Request};
 /// `rebase`, as asked on the command line: the derived set, what it folded and where it is
 /// stored; exit 1 while a target still waits for it.
 pub(super) async fn run(settings: &Settings, args: &super::RebaseArgs) -> Result<()> {
-    let identity = super::identities_or_configured(settings, &args.identity)?;
+    let identity = super::identities_or_configured(settings, &args.reading.identity)?;
     let moment = super::fetch::moment_of(args.at.as_deref())?;
     let req = Request {
         moment,
-        target: args.target.as_deref(),
+        target: args.reading.target.as_deref(),
         identity,
-        allow_unsigned: args.allow_unsigned,
+        allow_unsigned: args.reading.allow_unsigned,
     };
     let abort = crate::daemon::cancel_on_signals();
     let done = crate::run::rebase::rebase(settings, &req, &abort).await?;
